@@ -1,0 +1,155 @@
+"""Every private torch API graphopt uses, imported here and feature-detected.
+
+graphopt runs on torch 2.11 (the GPU machines) through 2.13 (the CPU machines). Nothing else in the
+package imports ``torch._...`` where this module can do it instead, so a change in torch's internals
+is mended in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch
+
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+# --- Dynamo / AOTAutograd / Inductor entry points -------------------------------------------------
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
+from torch._dynamo.backends.registry import register_backend, lookup_backend  # noqa: E402
+from torch._functorch.partitioners import (  # noqa: E402
+    default_partition,
+    min_cut_rematerialization_partition,
+)
+from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner  # noqa: E402
+from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402
+
+try:
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+except ImportError:  # pragma: no cover - torch older than the supported range
+    CustomPartitionerFn = None  # type: ignore[assignment]
+
+PartitionerBase = CustomPartitionerFn if CustomPartitionerFn is not None else object
+HAS_CUSTOM_PARTITIONER = CustomPartitionerFn is not None and hasattr(
+    torch._inductor.config, "custom_partitioner_fn")
+
+
+def inductor_config():
+    """torch._inductor.config, for ``patch`` only: graphopt never assigns torch's global config."""
+    return torch._inductor.config
+
+
+def functorch_config():
+    return torch._functorch.config
+
+
+def core_aten_decompositions() -> dict:
+    from torch._decomp import core_aten_decompositions as table
+    return table()
+
+
+def inductor_decompositions() -> dict:
+    from torch._inductor.decomposition import select_decomp_table
+    return select_decomp_table()
+
+
+def compile_id() -> str | None:
+    """Dynamo's id of the frame being compiled, e.g. '0/1', or None outside a compile."""
+    from torch._guards import CompileContext
+    cid = CompileContext.current_compile_id()
+    return None if cid is None else str(cid)
+
+
+def trace_structured(name: str, payload: Callable[[], str], encoding: str = "string") -> None:
+    """A tlparse artifact; silently nothing where structured tracing is unavailable."""
+    try:
+        from torch._logging import trace_structured as emit
+    except ImportError:  # pragma: no cover
+        return
+    emit("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload)
+
+
+def fake_tensor_mode_of(gm: torch.fx.GraphModule):
+    """The FakeTensorMode that produced ``node.meta['val']`` in ``gm``, or None."""
+    from torch._guards import detect_fake_mode
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def is_symbolic(value: Any) -> bool:
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def hint_int(value: Any, fallback: int = 8192) -> int:
+    """A concrete int for a possibly symbolic size (its hint), for cost estimates only."""
+    if isinstance(value, int):
+        return value
+    from torch.fx.experimental.symbolic_shapes import hint_int as _hint
+    try:
+        return int(_hint(value, fallback=fallback))
+    except TypeError:  # older signature without fallback
+        return int(_hint(value))
+
+
+def functional_collectives_ops():
+    """The ``_c10d_functional`` op namespace (all_reduce, reduce_scatter_tensor, wait_tensor, ...)."""
+    import torch.distributed._functional_collectives  # noqa: F401  registers the ops
+    return torch.ops._c10d_functional
+
+
+def symmetric_memory():
+    """``torch.distributed._symmetric_memory`` or None where this build lacks it."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError:
+        return None
+    return symm_mem
+
+
+def resolve_process_group(group):
+    """A ProcessGroup from None (WORLD), a group, or a group name as functional collectives carry."""
+    import torch.distributed as dist
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, str):
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        return _resolve_process_group(group)
+    return group
+
+
+def group_name(group) -> str:
+    """The registered name functional collectives use to refer to ``group``."""
+    group = resolve_process_group(group)
+    return group.group_name
+
+
+def saved_tensors_hooks():
+    return torch.autograd.graph.saved_tensors_hooks
+
+
+@functools.lru_cache(maxsize=None)
+def print_readable_kwargs() -> dict:
+    params = inspect.signature(torch.fx.GraphModule.print_readable).parameters
+    kwargs = {"print_output": False}
+    if "include_stride" in params:
+        kwargs["include_stride"] = True
+    if "include_device" in params:
+        kwargs["include_device"] = True
+    return kwargs
+
+
+def readable_code(gm: torch.fx.GraphModule) -> str:
+    """The graph as Python with shape, dtype, stride and device annotations on every line."""
+    try:
+        return gm.print_readable(**print_readable_kwargs())
+    except Exception:  # a graph whose meta is incomplete still gets a plain listing
+        return gm.code
+
+
+@contextlib.contextmanager
+def inductor_config_patch(**changes):
+    with torch._inductor.config.patch(**changes):
+        yield

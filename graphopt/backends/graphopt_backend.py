@@ -1,0 +1,143 @@
+"""The backend: runs the pipeline of ``graphopt.passes.pipeline`` around AOTAutograd and codegen.
+
+``torch.compile(model, backend="graphopt")`` and ``torch.compile(model, backend=graphopt.backend(
+codegen="eager"))`` both land in :func:`compile_graph`. With codegen "inductor" the graph goes
+through ``compile_fx``: graphopt's partitioner is installed as Inductor's ``custom_partitioner_fn``
+(its ``uuid()`` covers graphopt's config and source, so Inductor's caches stay correct) and the
+forward/backward passes run in front of ``compile_fx_inner``. With codegen "eager" the same stages
+run around ``aot_autograd`` and the graphs execute as plain FX code.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from graphopt import _compat, config
+from graphopt.config import ConfigSnapshot
+from graphopt.debug.dump import GraphRecorder
+from graphopt.passes.manager import PassContext, run_stage
+from graphopt.passes.pipeline import PIPELINE, graphopt_partitioner, uses_graphopt_partitioner
+
+log = logging.getLogger("graphopt.backend")
+
+_graph_counter = itertools.count()
+
+
+def backend(**overrides: Any):
+    """A torch.compile backend with flags fixed for it: ``backend=graphopt.backend(codegen="eager")``."""
+    config.snapshot(**overrides)  # an unknown or ill-typed flag fails here, not at the first call
+    return functools.partial(compile_graph, **overrides)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides: Any):
+    """Compile one Dynamo graph: pre-grad passes, AOTAutograd + joint passes, partition, codegen."""
+    cfg = config.snapshot(**overrides)
+    graph_id = _graph_id()
+    recorder = GraphRecorder(graph_id, _rank_dump_dir(cfg.dump_dir), cfg.describe())
+    state = _CompileState(cfg, graph_id, recorder, list(example_inputs))
+    gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
+    recorder.finish()
+    if cfg.codegen == "inductor":
+        return _compile_inductor(gm, example_inputs, state)
+    return _compile_eager(gm, example_inputs, state)
+
+
+class _CompileState:
+    def __init__(self, cfg: ConfigSnapshot, graph_id: str, recorder: GraphRecorder, example_inputs):
+        self.config = cfg
+        self.graph_id = graph_id
+        self.recorder = recorder
+        self.example_inputs = example_inputs
+
+    def context(self, stage: str, example_inputs=None, **extra) -> PassContext:
+        return PassContext(stage, self.config, self.graph_id,
+                           list(example_inputs if example_inputs is not None else self.example_inputs),
+                           self.recorder, extra)
+
+    def run_graph_stage(self, stage: str, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+        gm = run_stage(stage, PIPELINE[stage], gm, self.context(stage, example_inputs))
+        self.recorder.finish()
+        return gm
+
+
+class GraphoptPartitioner(_compat.PartitionerBase):
+    """Joint passes, then the partition (graphopt's planner or torch's min-cut).
+
+    Installed as Inductor's ``custom_partitioner_fn`` and as AOTAutograd's ``partition_fn``."""
+
+    def __init__(self, state: _CompileState):
+        self.state = state
+
+    def __call__(self, joint: fx.GraphModule, joint_inputs, **kwargs):
+        state = self.state
+        joint = run_stage("joint", PIPELINE["joint"], joint, state.context("joint", joint_inputs))
+        kwargs.pop("compiler", None)
+        if uses_graphopt_partitioner(state.config):
+            ctx = state.context("partition", joint_inputs)
+            fw, bw = graphopt_partitioner()(joint, joint_inputs, ctx, **kwargs)
+        else:
+            fw, bw = _compat.min_cut_rematerialization_partition(
+                joint, joint_inputs, compiler="inductor", **kwargs)
+        state.recorder.finish()
+        return fw, bw
+
+    def uuid(self) -> str:
+        return hashlib.sha256((self.state.config.digest() + config.source_digest()).encode()).hexdigest()
+
+
+def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
+    def inner_compile(graph: fx.GraphModule, inputs, **kwargs):
+        stage = ("backward" if kwargs.get("is_backward")
+                 else "inference" if kwargs.get("is_inference") else "forward")
+        graph = state.run_graph_stage(stage, graph, inputs)
+        return _compat.compile_fx_inner(graph, inputs, **kwargs)
+
+    patches = {}
+    if _compat.HAS_CUSTOM_PARTITIONER:
+        patches["custom_partitioner_fn"] = GraphoptPartitioner(state)
+    elif PIPELINE["joint"] or uses_graphopt_partitioner(state.config):  # pragma: no cover
+        raise RuntimeError(
+            f"torch {torch.__version__} has no inductor custom_partitioner_fn, which graphopt needs "
+            "for its joint passes; use torch>=2.11 or graphopt.config.codegen='eager'")
+    return _compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+
+
+def _compile_eager(gm: fx.GraphModule, example_inputs, state: _CompileState):
+    def stage_compiler(stage: str):
+        def compile_stage(graph: fx.GraphModule, inputs):
+            graph = state.run_graph_stage(stage, graph, inputs)
+            return _compat.make_boxed_func(graph.forward)
+        return compile_stage
+
+    compiler = _compat.aot_autograd(
+        fw_compiler=stage_compiler("forward"),
+        bw_compiler=stage_compiler("backward"),
+        inference_compiler=stage_compiler("inference"),
+        partition_fn=GraphoptPartitioner(state),
+        decompositions=_compat.core_aten_decompositions(),
+        keep_inference_input_mutations=True,
+    )
+    return compiler(gm, example_inputs)
+
+
+def _graph_id() -> str:
+    compile_id = _compat.compile_id()
+    suffix = compile_id.replace("/", "_").replace(" ", "") if compile_id else "x"
+    return f"graph_{next(_graph_counter):03d}_{suffix}"
+
+
+def _rank_dump_dir(dump_dir: str | None) -> str | None:
+    if not dump_dir:
+        return None
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return os.path.join(dump_dir, f"rank{dist.get_rank()}")
+    return dump_dir

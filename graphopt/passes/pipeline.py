@@ -1,0 +1,65 @@
+"""The pipeline, in order, in one place.
+
+    dynamo FX graph (torch IR)
+      -> pre_grad:  shard_attention
+      -> AOTAutograd joint graph
+      -> joint:     overlap_matmul_allreduce
+      -> partition: plan_rematerialization (memory_budget / offload set) or torch's min-cut
+      -> forward / backward: offload_activations
+      -> codegen: Inductor or eager
+
+A graph with no backward (inference) runs the joint and forward passes on its single graph.
+Passes are loaded when first enabled, so ``import graphopt`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch.fx as fx
+
+from graphopt.passes.manager import GraphPass, PassContext, PassResult
+
+
+def _load(path: str) -> Callable[[fx.GraphModule, PassContext], PassResult]:
+    module_name, attr = path.split(":")
+
+    def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return getattr(importlib.import_module(module_name), attr)(gm, ctx)
+
+    run.__qualname__ = path
+    return run
+
+
+SHARD_ATTENTION = GraphPass(
+    "shard_attention", _load("graphopt.passes.shard_attention:shard_attention"),
+    enabled=lambda c: c.sequence_parallel_attention,
+    doc="SDPA / decomposed attention -> graphopt::sp_attention over the sequence-parallel group")
+OVERLAP_MATMUL_ALLREDUCE = GraphPass(
+    "overlap_matmul_allreduce",
+    _load("graphopt.passes.overlap_matmul_allreduce:overlap_matmul_allreduce"),
+    enabled=lambda c: c.overlap_matmul_allreduce,
+    doc="mm -> all_reduce / reduce_scatter, all_gather -> mm  ->  overlapped graphopt:: ops")
+OFFLOAD_ACTIVATIONS = GraphPass(
+    "offload_activations", _load("graphopt.passes.offload_activations:offload_activations"),
+    enabled=lambda c: c.offload_activations,
+    doc="saved activations chosen by the plan -> offload / reload / wait ops")
+
+PIPELINE: dict[str, list[GraphPass]] = {
+    "pre_grad": [SHARD_ATTENTION],
+    "joint": [OVERLAP_MATMUL_ALLREDUCE],
+    "forward": [OFFLOAD_ACTIVATIONS],
+    "backward": [OFFLOAD_ACTIVATIONS],
+    "inference": [OVERLAP_MATMUL_ALLREDUCE],
+}
+
+
+def uses_graphopt_partitioner(config) -> bool:
+    """The planner replaces torch's min-cut when a budget or offload asks for a joint plan."""
+    return config.memory_budget is not None or config.offload_activations
+
+
+def graphopt_partitioner():
+    from graphopt.passes.plan_rematerialization import partition_with_plan
+    return partition_with_plan
