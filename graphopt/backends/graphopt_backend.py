@@ -56,11 +56,12 @@ class _CompileState:
         self.graph_id = graph_id
         self.recorder = recorder
         self.example_inputs = example_inputs
+        self.shared: dict[str, Any] = {}
 
     def context(self, stage: str, example_inputs=None, **extra) -> PassContext:
         return PassContext(stage, self.config, self.graph_id,
                            list(example_inputs if example_inputs is not None else self.example_inputs),
-                           self.recorder, extra)
+                           self.recorder, extra, self.shared)
 
     def run_graph_stage(self, stage: str, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         gm = run_stage(stage, PIPELINE[stage], gm, self.context(stage, example_inputs))

@@ -44,6 +44,9 @@ class PassContext:
     example_inputs: list[Any] = dataclasses.field(default_factory=list)
     recorder: Any = None  # graphopt.debug.dump.GraphRecorder
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # One dict shared by every stage of one compiled graph: how a plan made at partition time
+    # (for example which saved tensors to offload) reaches the forward and backward passes.
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,61 @@
+"""What the planners assume about the machine: GEMM throughput and link bandwidths.
+
+Defaults are figures measured on the lent H100/H200 machines (../shared/GPU.md); ``python -m
+graphopt calibrate`` measures the current machine and writes a JSON profile that
+``graphopt.config.device_profile`` (or ``GRAPHOPT_DEVICE_PROFILE``) points at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    matmul_tflops: float        # dense bf16/fp16 GEMM, large shapes
+    matmul_tflops_fp32: float   # fp32 GEMM (TF32 off)
+    hbm_gbps: float             # device memory bandwidth, bytes read + written
+    allreduce_bus_gbps: float   # NCCL all-reduce bus bandwidth between GPUs of one host
+    p2p_gbps: float             # one-direction peer-to-peer copy bandwidth
+    host_link_gbps: float       # pinned host <-> device copy, each way
+    kernel_launch_s: float = 5e-6
+    collective_latency_s: float = 15e-6
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+H200 = DeviceProfile("H200", matmul_tflops=790.0, matmul_tflops_fp32=50.0, hbm_gbps=4300.0,
+                     allreduce_bus_gbps=285.0, p2p_gbps=350.0, host_link_gbps=55.0)
+H100 = DeviceProfile("H100", matmul_tflops=780.0, matmul_tflops_fp32=50.0, hbm_gbps=3000.0,
+                     allreduce_bus_gbps=329.0, p2p_gbps=350.0, host_link_gbps=55.0)
+# CPU: only so that plans made in CPU tests have sane relative costs.
+CPU = DeviceProfile("cpu", matmul_tflops=0.2, matmul_tflops_fp32=0.1, hbm_gbps=20.0,
+                    allreduce_bus_gbps=5.0, p2p_gbps=5.0, host_link_gbps=20.0,
+                    kernel_launch_s=2e-6, collective_latency_s=50e-6)
+
+
+def load_profile(path: str) -> DeviceProfile:
+    with open(path) as handle:
+        data = json.load(handle)
+    fields = {f.name for f in dataclasses.fields(DeviceProfile)}
+    unknown = set(data) - fields
+    if unknown:
+        raise ValueError(f"device profile {path} has unknown keys {sorted(unknown)}; "
+                         "regenerate it with `python -m graphopt calibrate`")
+    return DeviceProfile(**data)
+
+
+def current_profile(config=None) -> DeviceProfile:
+    """The profile named by ``config.device_profile``, else a default for the visible device."""
+    path = getattr(config, "device_profile", None) if config is not None else None
+    if path:
+        return load_profile(path)
+    import torch
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return H200 if "H200" in name else H100
+    return CPU
