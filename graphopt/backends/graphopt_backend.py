@@ -123,7 +123,8 @@ def _compile_eager(gm: fx.GraphModule, example_inputs, state: _CompileState):
         bw_compiler=stage_compiler("backward"),
         inference_compiler=stage_compiler("inference"),
         partition_fn=GraphoptPartitioner(state),
-        decompositions=_compat.core_aten_decompositions(),
+        # No decomposition table: the graphs keep aten ops as autograd produced them (as
+        # aot_eager does). torch's core-aten table gave wrong Llama gradients on torch 2.13 CPU.
         keep_inference_input_mutations=True,
     )
     return compiler(gm, example_inputs)

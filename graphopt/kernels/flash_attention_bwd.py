@@ -1,0 +1,371 @@
+"""Flash-attention backward over one key block, from the final (merged) output and log-sum-exp.
+
+Bound (per batch*query-head, Sq queries over Sk keys, head dim D, b bytes per element):
+  FLOPs  14 * Sq * Sk * D     (dk/dv kernel: s, dp, dv, dk = 8; dq kernel: s, dp, dq = 6; the
+                              forward's 4 make 3.5x the forward), halved by causal block skipping
+  bytes  b * D * (4 * Sq * ceil(Sk / BLOCK_N) + 4 * Sk * ceil(Sq / BLOCK_M) + 2 * Sq + 2 * Sk)
+         + 8 * Sq * (ceil(Sk / BLOCK_N) + ceil(Sq / BLOCK_M))  -- compute-bound at long lengths.
+
+With P = exp(S * scale - lse) recomputed block by block (never stored):
+  dV = P^T dO        dP = dO V^T        dS = P * (dP - delta),  delta = rowsum(dO * O)
+  dK = scale * dS^T Q                   dQ = scale * dS K
+Two kernels, no atomics: one program per key block accumulates dK, dV over the query blocks (and
+over the GROUP query heads sharing that key/value head, which sums grouped-query gradients in
+registers); one program per query block accumulates dQ over the key blocks, optionally adding into
+a float32 buffer that collects dQ over ring steps. The causal diagonal and ragged edges are the
+only masked blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from graphopt.kernels.flash_attention_fwd import (
+    INTERPRET_BLOCK_M,
+    INTERPRET_BLOCK_N,
+    LOG2E,
+    dot_precision,
+    head_dim_padded,
+    interpreting,
+    seq_bucket,
+)
+
+DELTA_BLOCK_M = 64
+
+
+@triton.jit
+def _delta_kernel(Out, DOut, Delta,
+                  stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+                  num_heads, seqlen_q,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_heads).to(tl.int64)
+    head = (pid_bh % num_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_dm
+                 + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom,
+                       k_pos, start_m, stop_m, seqlen_q, q_offset, qk_scale_log2,
+                       offs_m, offs_d,
+                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for block_start in range(start_m, stop_m, BLOCK_M):
+        rows = block_start + offs_m
+        q_ptrs = q_head + rows[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = do_head + rows[:, None] * stride_dom + offs_d[None, :]
+        if MASKED:
+            row_ok = rows < seqlen_q
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+            lse = tl.load(lse_head + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_head + rows, mask=row_ok, other=0.0)
+        else:
+            if HEAD_DIM != HEAD_DIM_PAD:
+                q = tl.load(q_ptrs, mask=d_ok, other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok, other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            lse = tl.load(lse_head + rows)
+            delta = tl.load(delta_head + rows)
+        # A row that sees no key at all has lse = -inf: shift it by +inf so its p is 0.
+        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        p_t = tl.exp2(s_t - lse_log2[None, :])
+        if MASKED and CAUSAL:
+            p_t = tl.where(k_pos[:, None] <= (q_offset + rows)[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
+                           stride_qb, stride_qh, stride_qm,
+                           stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn,
+                           stride_dob, stride_doh, stride_dom,
+                           stride_dkb, stride_dkh, stride_dkn,
+                           stride_dvb, stride_dvh, stride_dvn,
+                           stride_lb, stride_lh,
+                           num_kv_heads, group, seqlen_q, seqlen_k, q_offset, k_offset,
+                           qk_scale_log2, scale, SEQ_BUCKET,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                           CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_kv_heads).to(tl.int64)
+    kv_head = (pid_bh % num_kv_heads).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_pos = k_offset + offs_n
+
+    # Query rows [lo, mid) straddle the causal diagonal of this key block, rows [mid, full_stop)
+    # see all of it, rows [tail, seqlen_q) are the ragged last query block.
+    full_stop = (seqlen_q // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        first_key_pos = k_offset + pid_n * BLOCK_N
+        first_row = tl.minimum(tl.maximum(first_key_pos - q_offset, 0), seqlen_q)
+        all_visible_row = tl.minimum(tl.maximum(first_key_pos + BLOCK_N - 1 - q_offset, 0),
+                                     seqlen_q)
+        lo = (first_row // BLOCK_M) * BLOCK_M
+        mid = tl.maximum(lo, tl.minimum(tl.cdiv(all_visible_row, BLOCK_M) * BLOCK_M, full_stop))
+    else:
+        lo = 0
+        mid = 0
+    tail = tl.maximum(mid, full_stop)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    for g in range(0, group):
+        head = kv_head * group + g
+        q_head = Q + batch * stride_qb + head * stride_qh
+        do_head = DOut + batch * stride_dob + head * stride_doh
+        lse_head = Lse + batch * stride_lb + head * stride_lh
+        delta_head = Delta + (batch * num_kv_heads * group + head) * seqlen_q
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, k_pos,
+            lo, mid, seqlen_q, q_offset, qk_scale_log2, offs_m, offs_d, BLOCK_M, HEAD_DIM,
+            HEAD_DIM_PAD, CAUSAL, True, DOT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, k_pos,
+            mid, full_stop, seqlen_q, q_offset, qk_scale_log2, offs_m, offs_d, BLOCK_M, HEAD_DIM,
+            HEAD_DIM_PAD, CAUSAL, False, DOT_PRECISION)
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom, k_pos,
+            tail, seqlen_q, seqlen_q, q_offset, qk_scale_log2, offs_m, offs_d, BLOCK_M, HEAD_DIM,
+            HEAD_DIM_PAD, CAUSAL, True, DOT_PRECISION)
+
+    dk = dk * scale
+    tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn,
+                   q_pos, start_n, stop_n, seqlen_k, k_offset, qk_scale_log2, offs_n, offs_d,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for block_start in range(start_n, stop_n, BLOCK_N):
+        cols = block_start + offs_n
+        k_ptrs = k_head + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_head + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+            kv_ok = d_ok
+            if MASKED:
+                kv_ok = kv_ok & (cols[:, None] < seqlen_k)
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.exp2(s - lse_log2[:, None])
+        if MASKED:
+            allowed = cols[None, :] < seqlen_k
+            if CAUSAL:
+                allowed = allowed & ((k_offset + cols)[None, :] <= q_pos[:, None])
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
+                         stride_qb, stride_qh, stride_qm,
+                         stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn,
+                         stride_dob, stride_doh, stride_dom,
+                         stride_dqb, stride_dqh, stride_dqm,
+                         stride_lb, stride_lh,
+                         num_heads, group, seqlen_q, seqlen_k, q_offset, k_offset,
+                         qk_scale_log2, scale, SEQ_BUCKET,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_heads).to(tl.int64)
+    head = (pid_bh % num_heads).to(tl.int64)
+    kv_head = head // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < seqlen_q
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(Lse + batch * stride_lb + head * stride_lh + offs_m, mask=row_ok,
+                  other=float("inf"))
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    k_head = K + batch * stride_kb + kv_head * stride_kh
+    v_head = V + batch * stride_vb + kv_head * stride_vh
+    q_pos = q_offset + offs_m
+
+    if CAUSAL:
+        first_row_pos = q_offset + pid_m * BLOCK_M
+        stop = tl.minimum(tl.maximum(first_row_pos + BLOCK_M - k_offset, 0), seqlen_k)
+        full_stop = tl.minimum(tl.maximum(first_row_pos + 1 - k_offset, 0), seqlen_k)
+    else:
+        stop = seqlen_k
+        full_stop = seqlen_k
+    full_stop = (full_stop // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, q_pos,
+                        0, full_stop, seqlen_k, k_offset, qk_scale_log2, offs_n, offs_d,
+                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, DOT_PRECISION)
+    dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, q_pos,
+                        full_stop, stop, seqlen_k, k_offset, qk_scale_log2, offs_n, offs_d,
+                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, DOT_PRECISION)
+    dq = dq * scale
+
+    dq_ptrs = (DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm
+               + offs_d[None, :])
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=mask, other=0.0)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+_TUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "DOT_PRECISION"]
+
+_dkdv_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ],
+    key=_TUNE_KEY,
+)(_flash_bwd_dkdv_kernel)
+
+# The dq kernel may add into DQ in place, so tuning runs restore it between trials.
+_dq_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ],
+    key=_TUNE_KEY + ["ACCUMULATE"],
+    restore_value=["DQ"],
+)(_flash_bwd_dq_kernel)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda and not interpreting()
+
+
+def flash_attention_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """rowsum(dout * out) in float32, [B, H, Sq] (contiguous)."""
+    out, dout = _unit_last_stride(out), _unit_last_stride(dout)
+    batch, heads, seqlen_q, head_dim = out.shape
+    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=out.device)
+    if delta.numel() == 0:
+        return delta
+    grid = (triton.cdiv(seqlen_q, DELTA_BLOCK_M), batch * heads)
+    _delta_kernel[grid](out, dout, delta, out.stride(0), out.stride(1), out.stride(2),
+                        dout.stride(0), dout.stride(1), dout.stride(2), heads, seqlen_q,
+                        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim),
+                        BLOCK_M=DELTA_BLOCK_M)
+    return delta
+
+
+def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool,
+                             q_offset: int = 0, k_offset: int = 0, delta=None, dq_acc=None):
+    """Launches the backward kernels; see graphopt.ops.attention.attention_block_backward."""
+    q, k, v, dout = (_unit_last_stride(x) for x in (q, k, v, dout))
+    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    if delta is None:
+        delta = flash_attention_delta(out, dout)
+    else:
+        delta = delta.float().contiguous()
+    accumulate = dq_acc is not None
+    grad_dtype = torch.float32 if accumulate else k.dtype
+    dq = dq_acc if accumulate else torch.empty_like(q)
+    if accumulate and dq.stride(-1) != 1:
+        raise ValueError("dq_acc needs a unit stride in its last dimension")
+    dk = torch.empty(k.shape, dtype=grad_dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=grad_dtype, device=v.device)
+    if batch * heads_q == 0 or seqlen_q == 0 or seqlen_k == 0:
+        if not accumulate:
+            dq.zero_()
+        return dq, dk.zero_(), dv.zero_()
+
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), CAUSAL=bool(causal),
+                  DOT_PRECISION=dot_precision(q.dtype))
+    scalars = (seqlen_q, seqlen_k, q_offset, k_offset, scale * LOG2E, scale,
+               seq_bucket(seqlen_q, seqlen_k))
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv,
+                 q.stride(0), q.stride(1), q.stride(2),
+                 k.stride(0), k.stride(1), k.stride(2),
+                 v.stride(0), v.stride(1), v.stride(2),
+                 dout.stride(0), dout.stride(1), dout.stride(2),
+                 dk.stride(0), dk.stride(1), dk.stride(2),
+                 dv.stride(0), dv.stride(1), dv.stride(2),
+                 lse.stride(0), lse.stride(1),
+                 heads_kv, group) + scalars
+    dq_args = (q, k, v, dout, lse, delta, dq,
+               q.stride(0), q.stride(1), q.stride(2),
+               k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2),
+               dout.stride(0), dout.stride(1), dout.stride(2),
+               dq.stride(0), dq.stride(1), dq.stride(2),
+               lse.stride(0), lse.stride(1),
+               heads_q, group) + scalars
+    if _on_gpu(q):
+        _dkdv_tuned[lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * heads_kv)](
+            *dkdv_args, **common)
+        _dq_tuned[lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)](
+            *dq_args, **common, ACCUMULATE=accumulate)
+    else:
+        blocks = dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
+        _flash_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, INTERPRET_BLOCK_N), batch * heads_kv)](
+            *dkdv_args, **common, **blocks)
+        _flash_bwd_dq_kernel[(triton.cdiv(seqlen_q, INTERPRET_BLOCK_M), batch * heads_q)](
+            *dq_args, **common, ACCUMULATE=accumulate, **blocks)
+    return dq, dk, dv

@@ -1,0 +1,234 @@
+"""Flash-attention forward over one key block: out, log-sum-exp, sequence offsets, grouped heads.
+
+Bound (per batch*query-head, Sq queries over Sk keys, head dim D, b bytes per element):
+  FLOPs  4 * Sq * Sk * D        (q k^T and p v), halved by causal block skipping when the block
+                                lies on the diagonal
+  bytes  b * D * (2 * Sq + 2 * Sk * ceil(Sq / BLOCK_M)) + 4 * Sq   (q, out once; k, v once per
+                                query block; lse) -- compute-bound for Sq, Sk >~ 1K on H100/H200.
+
+Each program owns BLOCK_M query rows of one (batch, query head) and walks the key blocks its rows
+may see, keeping the running row max m, the running sum l of exp(s - m) and the unnormalised output
+in registers (online softmax, base 2). Key blocks wholly visible to every row of the program run
+without masks; the blocks on the causal diagonal and the ragged last block run with masks.
+Query head h reads key/value head h // group (grouped-query attention, no K/V copies).
+
+ACCUMULATE merges the result into an existing float32 (out, lse) pair in place:
+  lse = logaddexp(lse_acc, lse_blk);  out = out_acc * exp(lse_acc - lse) + out_blk * exp(lse_blk - lse)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Blocks used under the Triton interpreter and for CPU tensors (the smallest tl.dot accepts).
+INTERPRET_BLOCK_M = 16
+INTERPRET_BLOCK_N = 16
+
+
+@triton.jit
+def _attend_key_blocks(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
+                       q_pos, start_n, stop_n, seqlen_k, k_offset, qk_scale_log2,
+                       offs_n, offs_d,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for block_start in range(start_n, stop_n, BLOCK_N):
+        cols = block_start + offs_n
+        kv_ok = d_ok
+        if MASKED:
+            kv_ok = kv_ok & (cols[:, None] < seqlen_k)
+        k_ptrs = k_head + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_head + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        if MASKED:
+            allowed = cols[None, :] < seqlen_k
+            if CAUSAL:
+                allowed = allowed & ((k_offset + cols)[None, :] <= q_pos[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        alpha = tl.exp2(m_i - m_new_safe)
+        p = tl.exp2(s - m_new_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, Out, Lse,
+                      stride_qb, stride_qh, stride_qm,
+                      stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn,
+                      stride_ob, stride_oh, stride_om,
+                      stride_lb, stride_lh,
+                      num_heads, group, seqlen_q, seqlen_k, q_offset, k_offset,
+                      qk_scale_log2, SEQ_BUCKET,
+                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                      CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if CAUSAL:
+        # Diagonal-heavy query blocks first, so the longest programs do not start last.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_heads).to(tl.int64)
+    head = (pid_bh % num_heads).to(tl.int64)
+    kv_head = head // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_pos = q_offset + offs_m
+
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+    k_head = K + batch * stride_kb + kv_head * stride_kh
+    v_head = V + batch * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # Keys [0, full_stop) are visible to every row of this block; [full_stop, stop) need masks.
+    if CAUSAL:
+        first_row_pos = q_offset + pid_m * BLOCK_M
+        stop = tl.minimum(tl.maximum(first_row_pos + BLOCK_M - k_offset, 0), seqlen_k)
+        full_stop = tl.minimum(tl.maximum(first_row_pos + 1 - k_offset, 0), seqlen_k)
+    else:
+        stop = seqlen_k
+        full_stop = seqlen_k
+    full_stop = (full_stop // BLOCK_N) * BLOCK_N
+
+    acc, m_i, l_i = _attend_key_blocks(
+        acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, 0, full_stop, seqlen_k,
+        k_offset, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
+        False, DOT_PRECISION)
+    acc, m_i, l_i = _attend_key_blocks(
+        acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, full_stop, stop, seqlen_k,
+        k_offset, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
+        True, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    out = acc / l_safe[:, None]
+
+    o_ptrs = (Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om
+              + offs_d[None, :])
+    lse_ptrs = Lse + batch * stride_lb + head * stride_lh + offs_m
+    o_mask = row_ok[:, None] & d_ok
+    if ACCUMULATE:
+        lse_old = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
+        out_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        top = tl.maximum(lse_old, lse)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        w_old = tl.exp(lse_old - top_safe)
+        w_new = tl.exp(lse - top_safe)
+        total = w_old + w_new
+        any_seen = total > 0.0
+        total_safe = tl.where(any_seen, total, 1.0)
+        lse = tl.where(any_seen, top_safe + tl.log(total_safe), float("-inf"))
+        out = (out_old * (w_old / total_safe)[:, None]) + out * (w_new / total_safe)[:, None]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+def _hopper_configs():
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    ]
+
+
+# Accumulate mode rewrites Out/Lse in place, so tuning runs restore them between trials.
+_flash_fwd_tuned = triton.autotune(
+    configs=_hopper_configs(),
+    key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "ACCUMULATE", "DOT_PRECISION"],
+    restore_value=["Out", "Lse"],
+)(_flash_fwd_kernel)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def head_dim_padded(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get full-precision products; half types use the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """Autotuning key for lengths: one tuning per power of two up to 8K, one beyond."""
+    return min(triton.next_power_of_2(max(seqlen_q, seqlen_k)), 8192)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: int = 0,
+                            k_offset: int = 0, out_acc=None, lse_acc=None):
+    """Launches the forward kernel; see graphopt.ops.attention.attention_block_forward."""
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    accumulate = out_acc is not None
+    if accumulate:
+        out, lse = out_acc, lse_acc
+        if out.stride(-1) != 1 or lse.stride(-1) != 1:
+            raise ValueError("out_acc and lse_acc need a unit stride in their last dimension")
+    else:
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if seqlen_q == 0 or batch * heads_q == 0:
+        return out, lse
+    args = (q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, q_offset, k_offset, scale * LOG2E,
+            seq_bucket(seqlen_q, seqlen_k))
+    meta = dict(HEAD_DIM=head_dim,
+                HEAD_DIM_PAD=head_dim_padded(head_dim), CAUSAL=bool(causal),
+                ACCUMULATE=accumulate, DOT_PRECISION=dot_precision(q.dtype))
+    if q.is_cuda and not interpreting():
+        grid = lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)  # noqa: E731
+        _flash_fwd_tuned[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(seqlen_q, INTERPRET_BLOCK_M), batch * heads_q)
+        _flash_fwd_kernel[grid](*args, **meta, BLOCK_M=INTERPRET_BLOCK_M,
+                                BLOCK_N=INTERPRET_BLOCK_N)
+    return out, lse

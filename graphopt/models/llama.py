@@ -1,0 +1,211 @@
+"""A Llama-style reference model: RMSNorm, RoPE, GQA attention through SDPA, SwiGLU MLP.
+
+The demo, tests and benchmarks compile it. Attention heads are read from the projections' local
+width (``view(B, S, -1, head_dim)``), so the same code runs unsharded and under DTensor tensor
+parallelism (:func:`parallelize_llama`), where each rank holds ``n_heads / tp`` heads and the
+row-parallel projections end in the all-reduce that the overlap pass targets.
+
+Position ids are explicit so that a rank holding a slice of the sequence (sequence-parallel
+attention) applies RoPE at the slice's global positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    dim: int = 256
+    n_layers: int = 2
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 512
+    vocab_size: int = 512
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads "
+                             f"{self.n_kv_heads}; GQA shares each key/value head by a whole group")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LlamaConfig":
+        """Small enough for CPU tests: 2 layers, dim 64, 4 query heads sharing 2 key/value heads."""
+        values = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=128,
+                      max_seq_len=1024)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def llama2_7b(cls, **overrides) -> "LlamaConfig":
+        values = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                      vocab_size=32000, max_seq_len=131072)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def llama3_8b(cls, **overrides) -> "LlamaConfig":
+        values = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      vocab_size=128256, max_seq_len=131072, rope_theta=500000.0)
+        values.update(overrides)
+        return cls(**values)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float):
+    """cos/sin of shape [B, S, head_dim/2] for the given (global) positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                             dtype=torch.float32) / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, S, H, D] by the position's angle."""
+    x32 = x.float().unflatten(-1, (-1, 2))
+    even, odd = x32[..., 0], x32[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab]; position_ids [B, S] (global), default 0..S-1."""
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        cos, sin = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+
+def llama_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def parallelize_llama(model: Llama, tp_mesh, sequence_parallel: bool = False) -> Llama:
+    """Megatron-style tensor parallelism through DTensor: column-parallel q/k/v and w1/w3,
+    row-parallel wo and w2 (whose outputs are all-reduced, or reduce-scattered with
+    ``sequence_parallel=True``, where norms run on sequence shards)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+
+    tp = tp_mesh.size()
+    cfg = model.cfg
+    if cfg.n_kv_heads % tp or cfg.n_heads % tp:
+        raise ValueError(f"tensor-parallel degree {tp} must divide n_heads {cfg.n_heads} and "
+                         f"n_kv_heads {cfg.n_kv_heads}; choose a degree that divides both")
+    if cfg.ffn_dim % tp:
+        raise ValueError(f"tensor-parallel degree {tp} must divide ffn_dim {cfg.ffn_dim}")
+    for block in model.layers:
+        if sequence_parallel:
+            plan = {
+                "attention_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(input_layouts=(Shard(1), Replicate(), Replicate()),
+                                                desired_input_layouts=(Replicate(), Replicate(),
+                                                                       Replicate())),
+                "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
+                                                   desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            }
+        else:
+            plan = {
+                "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(),
+            }
+        parallelize_module(block, tp_mesh, plan)
+    return model
