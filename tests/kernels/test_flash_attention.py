@@ -1,0 +1,177 @@
+"""The Triton flash-attention kernels, run by the Triton interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is imported, and other test files import triton first,
+so ``test_kernels_under_the_triton_interpreter`` runs the ``interpreted`` tests of this file in a
+fresh Python with the variable set; in this process they are skipped. (Run with TRITON_INTERPRET=1
+already set, the interpreted tests run here directly and the launcher is skipped.)
+"""
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of the launcher test")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already under the interpreter")
+def test_kernels_under_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
+         str(pathlib.Path(__file__))],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+def plain_attention(q, k, v, scale, causal, q_offset=0, k_offset=0):
+    """float64 attention with repeated K/V; rows with no visible key give out 0, lse -inf."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if causal:
+        q_pos = torch.arange(q.shape[2]) + q_offset
+        k_pos = torch.arange(k.shape[2]) + k_offset
+        s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads_q, seqlen_q, head_dim), (batch, heads_kv, seqlen_k, head_dim),
+              (batch, heads_kv, seqlen_k, head_dim)]
+    return [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+
+
+def tolerance(dtype):
+    return dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+
+
+def assert_lse_close(actual, expected):
+    assert actual.dtype == torch.float32
+    assert torch.equal(torch.isneginf(actual), torch.isneginf(expected))
+    finite = ~torch.isneginf(expected)
+    torch.testing.assert_close(actual.double()[finite], expected[finite], atol=2e-5, rtol=2e-5)
+
+
+def check_forward_and_backward(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype,
+                               causal, q_offset, k_offset, seed=0):
+    from graphopt.ops.attention import attention_block_backward, attention_block_forward
+    q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, seed)
+    scale = 1.0 / math.sqrt(head_dim)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    out_ref, lse_ref = plain_attention(qd, kd, vd, scale, causal, q_offset, k_offset)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    grads_ref = torch.autograd.grad(out_ref, (qd, kd, vd), dout.double())
+
+    out, lse = attention_block_forward(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
+                                       k_offset=k_offset, impl="triton")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), out_ref.detach(), **tolerance(dtype))
+    assert_lse_close(lse, lse_ref.detach())
+
+    # The backward gets the exact out/lse, so its error is the kernel's own.
+    grads = attention_block_backward(q, k, v, out_ref.detach().to(dtype), lse_ref.float(), dout,
+                                     scale=scale, causal=causal, q_offset=q_offset,
+                                     k_offset=k_offset, impl="triton")
+    grad_tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for grad, grad_ref, like in zip(grads, grads_ref, (q, k, v)):
+        assert grad.dtype == dtype and grad.shape == like.shape
+        torch.testing.assert_close(grad.double(), grad_ref, **grad_tol)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, causal, q_offset, k_offset", [
+        (1, 4, 2, 37, 45, 64, torch.float32, True, 8, 0),     # GQA, ragged, causal with offset
+        (2, 2, 2, 20, 33, 32, torch.float16, False, 0, 0),    # Sq != Sk, fp16
+        (1, 2, 1, 33, 21, 96, torch.float32, True, 0, 12),    # head dim padded to 128
+        (1, 1, 1, 32, 32, 128, torch.float16, True, 0, 0),    # block-aligned diagonal
+        (1, 2, 1, 18, 16, 16, torch.float32, True, 0, 5),     # first rows see no key at all
+    ])
+def test_interpreted_kernels_match_float64(batch, heads_q, heads_kv, seqlen_q, seqlen_k,
+                                           head_dim, dtype, causal, q_offset, k_offset):
+    check_forward_and_backward(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype,
+                               causal, q_offset, k_offset)
+
+
+@interpreted
+@settings(max_examples=8, deadline=None)
+@given(heads_kv=st.integers(1, 2), group=st.sampled_from([1, 3]), seqlen_q=st.integers(1, 40),
+       seqlen_k=st.integers(1, 40), head_dim=st.sampled_from([16, 32]), causal=st.booleans(),
+       q_offset=st.integers(0, 24), k_offset=st.integers(0, 24))
+def test_interpreted_kernels_over_shapes(heads_kv, group, seqlen_q, seqlen_k, head_dim, causal,
+                                         q_offset, k_offset):
+    check_forward_and_backward(1, heads_kv * group, heads_kv, seqlen_q, seqlen_k, head_dim,
+                               torch.float32, causal, q_offset, k_offset)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_ring_steps_merge_and_accumulate_gradients(dtype):
+    """Key blocks merged in the kernel give full attention; block gradients sum to full ones."""
+    from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
+                                        attention_delta)
+    q, k, v = make_qkv(1, 4, 2, 24, 40, 32, dtype, seed=3)
+    q_offset, scale = 16, 0.2
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    out_ref, lse_ref = plain_attention(qd, kd, vd, scale, True, q_offset)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad(out_ref, (qd, kd, vd), dout.double())
+
+    blocks = [(17, 40), (0, 17)]
+    out_acc = torch.zeros(q.shape, dtype=torch.float32)
+    lse_acc = torch.full(q.shape[:3], float("-inf"))
+    for start, stop in blocks:
+        attention_block_forward(q, k[:, :, start:stop], v[:, :, start:stop], scale=scale,
+                                causal=True, q_offset=q_offset, k_offset=start, out_acc=out_acc,
+                                lse_acc=lse_acc, impl="triton")
+    torch.testing.assert_close(out_acc.double(), out_ref.detach(), **tolerance(dtype))
+    assert_lse_close(lse_acc, lse_ref.detach())
+
+    out = out_acc.to(dtype)
+    delta = attention_delta(out, dout, impl="triton")
+    torch.testing.assert_close(delta, (out.float() * dout.float()).sum(-1), atol=1e-5, rtol=1e-5)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32)
+    dks, dvs = {}, {}
+    for start, stop in blocks:
+        dq, dks[start], dvs[start] = attention_block_backward(
+            q, k[:, :, start:stop], v[:, :, start:stop], out, lse_acc, dout, scale=scale,
+            causal=True, q_offset=q_offset, k_offset=start, delta=delta, dq_acc=dq_acc,
+            impl="triton")
+        assert dq is dq_acc and dks[start].dtype == torch.float32
+    grad_tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dq_acc.double(), dq_ref, **grad_tol)
+    torch.testing.assert_close(torch.cat([dks[0], dks[17]], 2).double(), dk_ref, **grad_tol)
+    torch.testing.assert_close(torch.cat([dvs[0], dvs[17]], 2).double(), dv_ref, **grad_tol)
+
+
+@interpreted
+def test_interpreted_kernels_agree_with_the_reference_path():
+    from graphopt.ops.attention import attention_block_backward, attention_block_forward
+    q, k, v = make_qkv(2, 2, 1, 19, 26, 16, torch.float32, seed=7)
+    kwargs = dict(scale=0.3, causal=True, q_offset=10, k_offset=3)
+    fwd = {impl: attention_block_forward(q, k, v, impl=impl, **kwargs)
+           for impl in ("triton", "reference")}
+    torch.testing.assert_close(fwd["triton"][0], fwd["reference"][0], atol=1e-5, rtol=1e-5)
+    out, lse = fwd["reference"]
+    dout = torch.randn_like(q)
+    bwd = {impl: attention_block_backward(q, k, v, out, lse, dout, impl=impl, **kwargs)
+           for impl in ("triton", "reference")}
+    for a, b in zip(bwd["triton"], bwd["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
