@@ -1,0 +1,136 @@
+"""The step schedule of sequence-parallel attention: which rank computes which block, and when.
+
+Rank r of P holds the contiguous query/key/value chunk r of a sequence. Attention over the whole
+sequence is the set of blocks (i, j): queries of chunk i against keys/values of chunk j. Causal
+attention needs the blocks j <= i: P diagonal blocks (half a block of work each, masked) and
+P(P-1)/2 full off-diagonal blocks. Left where they fall (the plain ring), rank r computes r + 1/2
+units of work while rank 0 computes 1/2, and the step count is P.
+
+Every step here has one ``shift`` d: each rank r sends to (r + d) % P and receives from
+(r - d) % P, so a step is one P2P exchange, and what travels is the sender's own data (nothing is
+forwarded), so every transfer can start a step ahead of its use. The balanced causal schedule
+(DISTFLASHATTN) pairs the blocks at distance d (i - j = d, P - d of them) with those at distance
+P - d (d of them): one step of P blocks, one per rank.
+
+    distance d, rank i >= d   "owner":  receives k/v of chunk i - d, computes (q_i, kv_{i-d})
+    distance P-d, rank j < d  "helper": receives q of chunk j - d + P, computes it against its own
+                                        k/v, sends (out, lse) back (the owner merges in float32)
+
+For P even, distance P/2 has only P/2 blocks: each is split by query rows, the owner computing the
+first half and the helper the second. Steps: 1 + ceil((P - 1) / 2) + (1 if P is even, the split
+step) -- about P/2 + 1 -- and every rank does (P + 1) / 2 blocks of work, where the ring's busiest
+rank does P - 1/2. Non-causal attention is the plain ring (every rank does P blocks, balanced).
+
+The backward pass runs the same steps: the owner of a block receives k/v again and returns
+dk/dv partials; a helper receives (q, dout, lse, delta) and returns dq partials.
+
+``build_schedule`` is a pure function of (P, causal, load_balance); ``work_per_rank`` and
+``blocks_covered`` let tests check a schedule without running it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from fractions import Fraction
+
+DIAGONAL = "diagonal"  # own queries against own keys/values (masked when causal)
+OWNER = "owner"        # own queries (``rows`` of them) against the k/v received from the source
+HELPER = "helper"      # the source's queries (``rows`` of them) against own k/v; result goes back
+IDLE = "idle"
+
+ALL_ROWS = (Fraction(0), Fraction(1))
+FIRST_HALF = (Fraction(0), Fraction(1, 2))
+SECOND_HALF = (Fraction(1, 2), Fraction(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What one rank computes in one step. ``rows`` are fractions of a chunk's query rows."""
+
+    kind: str
+    rows: tuple[Fraction, Fraction] = ALL_ROWS
+
+    def row_range(self, chunk_len: int) -> tuple[int, int]:
+        """The rows as [start, stop) indices into a chunk of ``chunk_len`` queries."""
+        start, stop = self.rows
+        return int(start * chunk_len), int(stop * chunk_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One exchange: rank r sends to (r + shift) % P, receives from (r - shift) % P, computes."""
+
+    shift: int
+    tasks: tuple[Task, ...]  # one per rank
+
+    def source(self, rank: int) -> int:
+        return (rank - self.shift) % len(self.tasks)
+
+    def destination(self, rank: int) -> int:
+        return (rank + self.shift) % len(self.tasks)
+
+
+@functools.lru_cache(maxsize=None)
+def build_schedule(world_size: int, causal: bool, load_balance: bool = True) -> tuple[Step, ...]:
+    """The steps of attention over ``world_size`` contiguous chunks (step 0 is the diagonal)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    p = world_size
+    steps = [Step(0, tuple(Task(DIAGONAL) for _ in range(p)))]
+    if not causal:
+        steps += [Step(d, tuple(Task(OWNER) for _ in range(p))) for d in range(1, p)]
+    elif not load_balance:
+        steps += [Step(d, tuple(Task(OWNER) if r >= d else Task(IDLE) for r in range(p)))
+                  for d in range(1, p)]
+    else:
+        for d in range(1, (p + 1) // 2):
+            steps.append(Step(d, tuple(Task(OWNER) if r >= d else Task(HELPER) for r in range(p))))
+        if p % 2 == 0 and p > 1:
+            half = p // 2
+            steps.append(Step(half, tuple(Task(OWNER, FIRST_HALF) if r >= half
+                                          else Task(HELPER, SECOND_HALF) for r in range(p))))
+    return tuple(steps)
+
+
+def computed_block(step: Step, rank: int) -> tuple[int, int, tuple[Fraction, Fraction]] | None:
+    """(query chunk, key chunk, query rows) that ``rank`` computes in ``step``; None when idle."""
+    task = step.tasks[rank]
+    if task.kind == DIAGONAL:
+        return rank, rank, task.rows
+    if task.kind == OWNER:
+        return rank, step.source(rank), task.rows
+    if task.kind == HELPER:
+        return step.source(rank), rank, task.rows
+    return None
+
+
+def block_work(query_chunk: int, key_chunk: int, rows: tuple[Fraction, Fraction],
+               causal: bool) -> Fraction:
+    """Work of a block in units of one full chunk x chunk block (a causal diagonal is 1/2)."""
+    start, stop = rows
+    if causal and query_chunk == key_chunk:
+        return (stop * stop - start * start) / 2
+    return stop - start
+
+
+def work_per_rank(schedule: tuple[Step, ...], causal: bool) -> list[Fraction]:
+    """Total block work each rank computes over the schedule."""
+    work = [Fraction(0)] * len(schedule[0].tasks)
+    for step in schedule:
+        for rank in range(len(step.tasks)):
+            block = computed_block(step, rank)
+            if block is not None:
+                work[rank] += block_work(*block, causal)
+    return work
+
+
+def blocks_covered(schedule: tuple[Step, ...]) -> dict[tuple[int, int], list[tuple[Fraction, Fraction]]]:
+    """For each (query chunk, key chunk), the query-row ranges computed for it, in step order."""
+    covered: dict[tuple[int, int], list[tuple[Fraction, Fraction]]] = {}
+    for step in schedule:
+        for rank in range(len(step.tasks)):
+            block = computed_block(step, rank)
+            if block is not None:
+                covered.setdefault(block[:2], []).append(block[2])
+    return covered
