@@ -30,8 +30,11 @@ from graphopt.kernels.flash_attention_fwd import (
     LOG2E,
     dot_precision,
     head_dim_padded,
+    dtype_family,
     interpreting,
+    launch,
     seq_bucket,
+    tuned_by_dtype,
 )
 
 DELTA_BLOCK_M = 64
@@ -266,27 +269,26 @@ def _flash_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
-_TUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "DOT_PRECISION"]
+_TUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL"]
 
-_dkdv_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    ],
-    key=_TUNE_KEY,
-)(_flash_bwd_dkdv_kernel)
+# Hopper configs for bf16/fp16 first, then float32; the first of each is the default when
+# AUTOTUNE is off.
+_dkdv_tuned = tuned_by_dtype(
+    _flash_bwd_dkdv_kernel,
+    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)],
+    [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)],
+    key=_TUNE_KEY)
 
 # The dq kernel may add into DQ in place, so tuning runs restore it between trials.
-_dq_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    ],
-    key=_TUNE_KEY + ["ACCUMULATE"],
-    restore_value=["DQ"],
-)(_flash_bwd_dq_kernel)
+_dq_tuned = tuned_by_dtype(
+    _flash_bwd_dq_kernel,
+    [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)],
+    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    key=_TUNE_KEY + ["ACCUMULATE"], restore_value=["DQ"])
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -358,10 +360,11 @@ def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
                lse.stride(0), lse.stride(1),
                heads_q, group) + scalars
     if _on_gpu(q):
-        _dkdv_tuned[lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * heads_kv)](
-            *dkdv_args, **common)
-        _dq_tuned[lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)](
-            *dq_args, **common, ACCUMULATE=accumulate)
+        family = dtype_family(q.dtype)
+        key_blocks = lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * heads_kv)  # noqa
+        query_blocks = lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)  # noqa
+        launch(_dkdv_tuned[family], key_blocks, dkdv_args, common)
+        launch(_dq_tuned[family], query_blocks, dq_args, dict(common, ACCUMULATE=accumulate))
     else:
         blocks = dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
         _flash_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, INTERPRET_BLOCK_N), batch * heads_kv)](

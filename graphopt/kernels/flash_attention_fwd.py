@@ -27,6 +27,10 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# On GPUs, pick block sizes by timing the configs below (once per tuning key); False launches the
+# first config untimed, which keeps tests that compile many shapes quick.
+AUTOTUNE = True
+
 # Blocks used under the Triton interpreter and for CPU tensors (the smallest tl.dot accepts).
 INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = 16
@@ -158,21 +162,42 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse,
     tl.store(lse_ptrs, lse, mask=row_ok)
 
 
-def _hopper_configs():
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    ]
+# Hopper (H100/H200) configs for bf16/fp16; the first entry is the default when AUTOTUNE is off.
+HALF_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+]
+# float32 tiles take twice the registers and shared memory (and full-precision dots).
+FP32_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+
+
+def tuned_by_dtype(kernel, half_configs, fp32_configs, key, restore_value=()):
+    """One autotuner per tile-size family: {"half": ..., "fp32": ...}."""
+    return {family: triton.autotune(configs=configs, key=key,
+                                    restore_value=list(restore_value))(kernel)
+            for family, configs in (("half", half_configs), ("fp32", fp32_configs))}
+
+
+def dtype_family(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
 
 
 # Accumulate mode rewrites Out/Lse in place, so tuning runs restore them between trials.
-_flash_fwd_tuned = triton.autotune(
-    configs=_hopper_configs(),
-    key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "ACCUMULATE", "DOT_PRECISION"],
-    restore_value=["Out", "Lse"],
-)(_flash_fwd_kernel)
+_flash_fwd_tuned = tuned_by_dtype(
+    _flash_fwd_kernel, HALF_CONFIGS, FP32_CONFIGS,
+    key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "ACCUMULATE"], restore_value=["Out", "Lse"])
+
+
+def launch(tuned, grid, args, meta) -> None:
+    """Runs an autotuned kernel, or its first config when AUTOTUNE is off."""
+    if AUTOTUNE:
+        tuned[grid](*args, **meta)
+        return
+    config = tuned.configs[0]
+    tuned.fn[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
 
 
 def interpreting() -> bool:
@@ -225,8 +250,8 @@ def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: in
                 HEAD_DIM_PAD=head_dim_padded(head_dim), CAUSAL=bool(causal),
                 ACCUMULATE=accumulate, DOT_PRECISION=dot_precision(q.dtype))
     if q.is_cuda and not interpreting():
-        grid = lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)  # noqa: E731
-        _flash_fwd_tuned[grid](*args, **meta)
+        query_blocks = lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)  # noqa
+        launch(_flash_fwd_tuned[dtype_family(q.dtype)], query_blocks, args, meta)
     else:
         grid = (triton.cdiv(seqlen_q, INTERPRET_BLOCK_M), batch * heads_q)
         _flash_fwd_kernel[grid](*args, **meta, BLOCK_M=INTERPRET_BLOCK_M,
