@@ -255,7 +255,8 @@ def _source_digest_cached() -> str:
     return digest.hexdigest()
 
 
-def _help() -> str:
+def describe_flags() -> str:
+    """Every flag with its default and comment, grouped by pass (`python -m graphopt flags`)."""
     lines = []
     group = None
     for flag in _FLAGS.values():

@@ -91,7 +91,17 @@ class GraphoptPartitioner(_compat.PartitionerBase):
         return fw, bw
 
     def uuid(self) -> str:
-        return hashlib.sha256((self.state.config.digest() + config.source_digest()).encode()).hexdigest()
+        """Covers graphopt's config, its source and the device profile the planners read."""
+        digest = hashlib.sha256((self.state.config.digest() + config.source_digest()).encode())
+        if self.state.config.device_profile:
+            with open(self.state.config.device_profile, "rb") as handle:
+                digest.update(handle.read())
+        return digest.hexdigest()
+
+    def __reduce__(self):
+        # Inductor hashes its config by pickling it: pickle to the uuid, so that equal
+        # configurations share cache entries and different ones never do.
+        return (str, (f"GraphoptPartitioner:{self.uuid()}",))
 
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
@@ -108,6 +118,9 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
         raise RuntimeError(
             f"torch {torch.__version__} has no inductor custom_partitioner_fn, which graphopt needs "
             "for its joint passes; use torch>=2.11 or graphopt.config.codegen='eager'")
+    if state.config.dump_dir:
+        # A cache hit skips the stages after pre_grad; a dump is asked for to see them all.
+        patches["force_disable_caches"] = True
     return _compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
 

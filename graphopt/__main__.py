@@ -1,0 +1,34 @@
+"""``python -m graphopt {demo,calibrate,flags}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m graphopt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="compile the reference Llama with the passes on, check it against eager, "
+                     "print what each pass did and write the dump")
+    from graphopt import demo as demo_module
+    demo_module.add_arguments(demo)
+    calibrate = commands.add_parser(
+        "calibrate", help="measure GEMM TFLOP/s and HBM/NVLink/PCIe bandwidth; write a device "
+                          "profile for the planners", add_help=False)
+    calibrate.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_parser("flags", help="list every config flag with its default and comment")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return 0 if demo_module.run_demo(demo_module.options_from_args(args)) else 1
+    if args.command == "calibrate":
+        from graphopt.analysis.calibrate import main as calibrate_main
+        return calibrate_main(args.rest)
+    from graphopt import config
+    print(config.describe_flags())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
