@@ -153,3 +153,41 @@ def readable_code(gm: torch.fx.GraphModule) -> str:
 def inductor_config_patch(**changes):
     with torch._inductor.config.patch(**changes):
         yield
+
+
+# --- partitioner internals (plan_rematerialization) -----------------------------------------------
+
+def checkpoint_policy():
+    """torch.utils.checkpoint.CheckpointPolicy (MUST_SAVE, PREFER_SAVE, MUST_RECOMPUTE, PREFER_RECOMPUTE)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy
+
+
+def extract_fwd_bwd_modules(joint_module, saved_values, saved_sym_nodes, *, num_fwd_outputs,
+                            static_lifetime_input_nodes=None):
+    """torch's own forward/backward extraction for a chosen saved set (the backward recomputes
+    whatever it needs that is not saved)."""
+    from torch._functorch.partitioners import _extract_fwd_bwd_modules
+    from torch.utils._ordered_set import OrderedSet
+    params = inspect.signature(_extract_fwd_bwd_modules).parameters
+    kwargs = {"num_fwd_outputs": num_fwd_outputs}
+    if "static_lifetime_input_nodes" in params:
+        kwargs["static_lifetime_input_nodes"] = OrderedSet(static_lifetime_input_nodes or ())
+    return _extract_fwd_bwd_modules(joint_module, list(saved_values), list(saved_sym_nodes), **kwargs)
+
+
+def activation_memory_budget_patch(fraction: float):
+    """Context manager setting torch's own activation_memory_budget (the baseline in bench/remat.py)."""
+    return torch._functorch.config.patch(activation_memory_budget=fraction)
+
+
+def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] | None:
+    """Positions of the forward graph's outputs that AOTAutograd saves for the backward.
+
+    Read from the output descriptors AOTAutograd attaches (``meta["desc"]``); None where this torch
+    does not attach them (the caller then needs the names from the partitioner)."""
+    output = next(iter(fw_gm.graph.find_nodes(op="output")))
+    descs = output.meta.get("desc")
+    if not isinstance(descs, (list, tuple)) or len(descs) != len(output.args[0]):
+        return None
+    return [i for i, desc in enumerate(descs) if type(desc).__name__ == "SavedForBackwardsAOTOutput"]

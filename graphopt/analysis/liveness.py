@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from graphopt.analysis.cost_model import is_view, tensor_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,3 +28,133 @@ class SavedTensor:
     fw_time_after_s: float          # estimated forward compute time after it is produced
     bw_time_before_s: float         # estimated backward compute time before its first use
     recompute_time_s: float | None  # None if it cannot be recomputed
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One op of a schedule: it allocates ``nbytes`` for ``key`` and reads ``inputs``.
+
+    ``storage`` names the allocation the output lives in: its own key, or the storage of the input
+    it is a view of. Keys are unique over the whole schedule ("f:x" for x in forward, "b:x" for x
+    computed or recomputed in backward, "t:x" for a backward input such as a tangent)."""
+
+    key: str
+    nbytes: int
+    storage: str
+    inputs: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Timeline:
+    """Bytes live after every step of a schedule (inputs to the graph not counted)."""
+
+    labels: list[str]
+    live_bytes: list[int]
+    boundary: int  # index of the first backward step (len(labels) when there is none)
+
+    @property
+    def peak(self) -> int:
+        return max(self.live_bytes, default=0)
+
+    @property
+    def peak_index(self) -> int:
+        return max(range(len(self.live_bytes)), key=self.live_bytes.__getitem__, default=0)
+
+    @property
+    def peak_label(self) -> str:
+        return self.labels[self.peak_index] if self.labels else ""
+
+    def to_json(self) -> dict:
+        return {"peak": self.peak, "peak_at": self.peak_label, "boundary": self.boundary,
+                "steps": len(self.labels)}
+
+
+def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[str, int] | None = None,
+             boundary: int | None = None) -> Timeline:
+    """Run a schedule over a memory counter.
+
+    An op's output storage is allocated when the op runs and freed right after the last step that
+    reads any tensor living in it; storages in ``pinned`` (forward outputs the user holds) stay to
+    the end (``pinned`` names keys; their storages are kept). ``preloaded`` storages exist before the first step (bytes by key) and are freed at
+    their last use like the others. The bytes after a step include the step's inputs and output, so
+    the peak is the high-water mark an allocator without fragmentation would see."""
+    storage_of: dict[str, str] = {}
+    size: dict[str, int] = dict(preloaded or {})
+    for key in size:
+        storage_of[key] = key
+    for step in steps:
+        storage_of[step.key] = storage_of.get(step.storage, step.storage)
+        if storage_of[step.key] == step.key:
+            size[step.key] = step.nbytes
+    last_use: dict[str, int] = {}
+    for index, step in enumerate(steps):
+        for name in (step.key, *step.inputs):
+            storage = storage_of.get(name)
+            if storage is not None:
+                last_use[storage] = index
+    pinned_storages = {storage_of.get(key, key) for key in pinned}
+    frees: dict[int, list[str]] = {}
+    for storage, index in last_use.items():
+        if storage not in pinned_storages:
+            frees.setdefault(index, []).append(storage)
+    live = sum(size.get(key, 0) for key in (preloaded or {}))
+    labels, live_bytes = [], []
+    for index, step in enumerate(steps):
+        if storage_of[step.key] == step.key:
+            live += size[step.key]
+        labels.append(step.key)
+        live_bytes.append(live)
+        for storage in frees.get(index, ()):
+            live -= size.get(storage, 0)
+    return Timeline(labels, live_bytes, len(steps) if boundary is None else boundary)
+
+
+def output_nodes(gm: fx.GraphModule) -> list:
+    """The flat list of what ``gm`` returns (nodes, or constants / None)."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    return list(pytree.tree_leaves(output.args[0]))
+
+
+def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> list[Step]:
+    """Steps of the call_function nodes of ``gm``; ``key_of`` maps node names to schedule keys
+    (placeholders are looked up there and are free when absent)."""
+    steps = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        key = f"{prefix}{node.name}"
+        key_of[node.name] = key
+        inputs = tuple(key_of.get(i.name, f"in:{i.name}") for i in node.all_input_nodes)
+        if is_view(node) and inputs:
+            storage = inputs[0]
+            nbytes = 0
+        else:
+            storage = key
+            nbytes = 0 if isinstance(node.meta.get("val"), (tuple, list)) else tensor_nbytes(
+                node.meta.get("val"))
+        steps.append(Step(key, nbytes, storage, inputs))
+    return steps
+
+
+def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int) -> Timeline:
+    """Bytes live over forward then backward of a partitioned graph pair.
+
+    Graph inputs (parameters, user inputs) are not counted. Saved tensors live from their
+    production in forward to their last use in backward; the forward's own outputs (held by the
+    caller) and the gradients (returned) live to the end. Tangents appear when backward starts."""
+    fw_keys: dict[str, str] = {}
+    steps = _graph_steps(fw_gm, "f:", fw_keys)
+    fw_outputs = output_nodes(fw_gm)
+    pinned = {fw_keys[n.name] for n in fw_outputs[:num_fwd_outputs]
+              if isinstance(n, fx.Node) and n.name in fw_keys}
+    boundary = len(steps)
+    bw_keys: dict[str, str] = {}
+    for node in bw_gm.graph.find_nodes(op="placeholder"):
+        if node.name in fw_keys:
+            bw_keys[node.name] = fw_keys[node.name]
+        elif "tangents" in node.name:
+            bw_keys[node.name] = f"t:{node.name}"
+            steps.append(Step(f"t:{node.name}", tensor_nbytes(node.meta.get("val")), f"t:{node.name}", ()))
+    steps += _graph_steps(bw_gm, "b:", bw_keys)
+    pinned |= {bw_keys[n.name] for n in output_nodes(bw_gm) if isinstance(n, fx.Node) and n.name in bw_keys}
+    return simulate(steps, pinned, boundary=boundary)

@@ -1,0 +1,284 @@
+"""FLOPs, bytes and roofline time of aten ops in an FX graph.
+
+Shapes may be symbolic: every count is a sympy expression over the graph's size symbols, and is
+turned into a number with the symbols' hints (the sizes Dynamo saw). The time of an op is its
+roofline on a :class:`~graphopt.analysis.device_profile.DeviceProfile`::
+
+    time = launch + max(flops / matmul_rate(dtype), bytes / hbm_bandwidth)
+
+Compute-bound ops (GEMMs, attention) use the GEMM rate; everything else is charged memory traffic
+only (pointwise FLOPs are never the bound on these machines). The model ranks recompute choices; it
+is not a simulator, so it ignores fusion and caching (a fused chain of pointwise ops costs less
+than the sum this model gives it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+
+from graphopt import _compat
+from graphopt.analysis.device_profile import DeviceProfile
+
+log = logging.getLogger("graphopt.analysis.cost_model")
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+    """FLOPs and bytes moved by one node, as sympy expressions over size symbols."""
+
+    flops: sympy.Expr
+    bytes: sympy.Expr
+    compute_bound: bool  # charged at the GEMM rate (True) or as memory traffic only
+
+    def evaluate(self, hints: dict | None = None) -> tuple[float, float]:
+        return evaluate(self.flops, hints), evaluate(self.bytes, hints)
+
+
+def to_sympy(value: Any) -> sympy.Expr:
+    """An int or SymInt as a sympy expression."""
+    if isinstance(value, bool):
+        return sympy.Integer(int(value))
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    if isinstance(value, float):
+        return sympy.Float(value)
+    raise TypeError(f"cannot turn {type(value).__name__} {value!r} into a size expression")
+
+
+def numel_expr(value: torch.Tensor) -> sympy.Expr:
+    return sympy.Mul(*[to_sympy(s) for s in value.shape]) if value.dim() else sympy.Integer(1)
+
+
+def nbytes_expr(value: Any) -> sympy.Expr:
+    """Bytes of a tensor (or of every tensor in a tuple/list), 0 for anything else."""
+    if isinstance(value, torch.Tensor):
+        return numel_expr(value) * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sympy.Add(*[nbytes_expr(v) for v in value]) if value else sympy.Integer(0)
+    return sympy.Integer(0)
+
+
+def hints_for(expr: sympy.Expr, values: Any = None) -> dict:
+    """Hints of the free symbols of ``expr`` from the ShapeEnv that made ``values``."""
+    hints = {}
+    env = _shape_env(values)
+    for symbol in expr.free_symbols:
+        hint = None
+        if env is not None:
+            hint = env.var_to_val.get(symbol)
+        hints[symbol] = int(hint) if hint is not None else _FALLBACK_HINT
+    return hints
+
+
+_FALLBACK_HINT = 8192
+
+
+def _shape_env(values: Any):
+    for value in values if isinstance(values, (list, tuple)) else [values]:
+        if isinstance(value, torch.Tensor):
+            for size in value.shape:
+                if isinstance(size, torch.SymInt):
+                    return size.node.shape_env
+    return None
+
+
+def evaluate(expr: sympy.Expr, hints: dict | None = None) -> float:
+    """A number for ``expr``: its free symbols replaced by ``hints`` (or a fallback of 8192)."""
+    if not expr.free_symbols:
+        return float(expr)
+    hints = dict(hints or {})
+    for symbol in expr.free_symbols:
+        hints.setdefault(symbol, _FALLBACK_HINT)
+    return float(expr.subs(hints))
+
+
+# --- FLOP formulas, as data: op -> function(node, out) returning a sympy expression ------------------
+
+def _val(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+
+
+def _shape(arg: Any) -> list[sympy.Expr]:
+    return [to_sympy(s) for s in _val(arg).shape]
+
+
+def _mm_flops(node: fx.Node, out: Any) -> sympy.Expr:
+    (m, k), n = _shape(node.args[0]), _shape(node.args[1])[1]
+    return 2 * m * k * n
+
+
+def _addmm_flops(node: fx.Node, out: Any) -> sympy.Expr:
+    (m, k), n = _shape(node.args[1]), _shape(node.args[2])[1]
+    return 2 * m * k * n + m * n
+
+
+def _bmm_flops(node: fx.Node, out: Any) -> sympy.Expr:
+    b, m, k = _shape(node.args[0])
+    return 2 * b * m * k * _shape(node.args[1])[2]
+
+
+def _baddbmm_flops(node: fx.Node, out: Any) -> sympy.Expr:
+    b, m, k = _shape(node.args[1])
+    n = _shape(node.args[2])[2]
+    return 2 * b * m * k * n + b * m * n
+
+
+def _conv_flops(node: fx.Node, out: Any) -> sympy.Expr:
+    weight = _shape(node.args[1])
+    out_numel = numel_expr(out if isinstance(out, torch.Tensor) else out[0])
+    # weight [C_out, C_in / groups, *kernel]: every output element reads C_in/groups * kernel inputs
+    return 2 * out_numel * sympy.Mul(*weight[1:])
+
+
+def _attention_flops(node: fx.Node, out: Any, backward: bool) -> sympy.Expr:
+    q, k = _shape(node.args[0]), _shape(node.args[1])
+    batch_heads = sympy.Mul(*q[:-2])
+    seq_q, head_dim, seq_k = q[-2], q[-1], k[-2]
+    causal = _is_causal(node)
+    flops = 4 * batch_heads * seq_q * seq_k * head_dim
+    if causal:
+        flops = flops / 2
+    return flops * sympy.Rational(5, 2) if backward else flops
+
+
+def _is_causal(node: fx.Node) -> bool:
+    if node.kwargs.get("is_causal") is True:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == "is_causal" and i < len(node.args):
+            return bool(node.args[i])
+    return False
+
+
+_ATTENTION_FORWARD = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                      "_flash_attention_forward", "_efficient_attention_forward",
+                      "scaled_dot_product_attention")
+_ATTENTION_BACKWARD = tuple(f"{name}_backward" for name in _ATTENTION_FORWARD) + (
+    "_flash_attention_backward", "_efficient_attention_backward")
+
+FLOP_FORMULAS: dict[Any, Callable[[fx.Node, Any], sympy.Expr]] = {
+    aten.mm.default: _mm_flops,
+    aten.addmm.default: _addmm_flops,
+    aten.bmm.default: _bmm_flops,
+    aten.baddbmm.default: _baddbmm_flops,
+    aten.convolution.default: _conv_flops,
+}
+
+# Ops whose output shares storage with an input: no bytes moved, no new memory.
+_VIEW_LIKE = {aten._unsafe_view.default, aten.alias.default}
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    packet = getattr(target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+
+
+def is_attention(node: fx.Node) -> bool:
+    """aten SDPA / flash / efficient / cudnn attention (forward or backward), or a graphopt:: attention op."""
+    if node.op != "call_function":
+        return False
+    name = op_name(node)
+    namespace = getattr(node.target, "namespace", "")
+    if namespace == "graphopt" and "attention" in name:
+        return True
+    return name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD
+
+
+def is_view(node: fx.Node) -> bool:
+    """The output aliases an input (a view in the schema, or a known view-like op)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _VIEW_LIKE:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def op_cost(node: fx.Node) -> OpCost:
+    """FLOPs and bytes of one call_function node (zero for placeholders, views and outputs)."""
+    zero = sympy.Integer(0)
+    if node.op != "call_function" or is_view(node):
+        return OpCost(zero, zero, False)
+    out = node.meta.get("val")
+    moved = nbytes_expr(out) + sympy.Add(*[nbytes_expr(_val(a)) for a in node.all_input_nodes])
+    formula = FLOP_FORMULAS.get(node.target)
+    if formula is not None:
+        return OpCost(formula(node, out), moved, True)
+    if is_attention(node) and node.args and isinstance(_val(node.args[0]), torch.Tensor):
+        backward = op_name(node) in _ATTENTION_BACKWARD
+        return OpCost(_attention_flops(node, out, backward), moved, True)
+    elements = numel_expr(out) if isinstance(out, torch.Tensor) else zero
+    return OpCost(elements, moved, False)
+
+
+def matmul_rate(profile: DeviceProfile, dtype: torch.dtype | None) -> float:
+    """FLOP/s of a large GEMM in this dtype on ``profile``."""
+    if dtype in (torch.float32, torch.float64):
+        return profile.matmul_tflops_fp32 * 1e12
+    return profile.matmul_tflops * 1e12
+
+
+def roofline_time(cost: OpCost, profile: DeviceProfile, dtype: torch.dtype | None = None,
+                  hints: dict | None = None) -> float:
+    flops, moved = cost.evaluate(hints)
+    if flops == 0 and moved == 0:
+        return 0.0
+    memory_s = moved / (profile.hbm_gbps * 1e9)
+    compute_s = flops / matmul_rate(profile, dtype) if cost.compute_bound else 0.0
+    return profile.kernel_launch_s + max(memory_s, compute_s)
+
+
+def node_time(node: fx.Node, profile: DeviceProfile) -> float:
+    """Roofline seconds of one node, sizes evaluated with their hints."""
+    cost = op_cost(node)
+    out = node.meta.get("val")
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    dtype = first.dtype if isinstance(first, torch.Tensor) else None
+    values = [out] + [_val(a) for a in node.all_input_nodes]
+    hints = hints_for(cost.flops + cost.bytes, [v for v in values if isinstance(v, torch.Tensor)])
+    return roofline_time(cost, profile, dtype, hints)
+
+
+def graph_times(gm: fx.GraphModule, profile: DeviceProfile) -> dict[str, float]:
+    """Seconds per node name for every node of ``gm``."""
+    return {node.name: node_time(node, profile) for node in gm.graph.nodes}
+
+
+def tensor_nbytes(value: Any) -> int:
+    """Concrete bytes of a meta value (hints for symbolic sizes); tuples summed."""
+    if isinstance(value, torch.Tensor):
+        numel = 1
+        for size in value.shape:
+            numel *= _compat.hint_int(size)
+        return numel * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_nbytes(v) for v in value)
+    return 0
+
+
+def total_flops(gm: fx.GraphModule) -> float:
+    """FLOPs of the whole graph, sizes evaluated with their hints."""
+    total = []
+    for node in gm.graph.nodes:
+        cost = op_cost(node)
+        total.append(evaluate(cost.flops, hints_for(cost.flops, node.meta.get("val"))))
+    return math.fsum(total)

@@ -1,0 +1,395 @@
+"""Which activations to save, recompute or offload so that the peak stays under a byte budget.
+
+Two stages, both deterministic (every loop walks the joint graph's order; no timing is measured):
+
+1. ``min_cut_saved``: the runtime-optimal saved set when only cheap ops (views, pointwise) may be
+   recomputed -- a minimum s-t cut in networkx over the forward nodes (capacity = bytes), with
+   expensive and non-recomputable nodes tied to the source and every node the backward reads
+   tied to the sink. This is the plan a budget of 1.0 gives.
+2. ``plan_under_budget``: each saved tensor of that plan is a candidate with options (keep,
+   recompute from the nearest saved tensors, offload a fraction to host). An exact
+   multiple-choice knapsack DP over bytes freed (bucketed) gives, for every reduction level, the
+   cheapest set of options under an additive model. Every member of that budget-independent
+   family is then scored with the liveness simulation of the real schedule (forward, then backward
+   with recomputation inserted just before first use) and the cheapest member whose simulated
+   peak fits the budget wins. Because the family does not depend on the budget, a larger budget
+   chooses from a superset and never pays more recompute time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterable
+
+import networkx as nx
+
+from graphopt.analysis.liveness import Step, Timeline, simulate
+
+log = logging.getLogger("graphopt.analysis.remat_solver")
+
+INFINITE = float("inf")
+
+
+@dataclasses.dataclass
+class JointGraph:
+    """The joint forward+backward graph as the solver sees it (no torch objects).
+
+    ``order`` holds every node but the output, in the joint graph's order. ``role`` is "primal"
+    (forward input, always available, free to save), "tangent", "fw" (needed by the forward
+    outputs) or "bw" (everything else). ``view_of`` names the input a view aliases."""
+
+    order: list[str]
+    inputs: dict[str, tuple[str, ...]]
+    role: dict[str, str]
+    nbytes: dict[str, int]          # bytes the node allocates (0 for views and tuples)
+    logical_bytes: dict[str, int]   # bytes of the node's value, views included
+    view_of: dict[str, str]
+    time_s: dict[str, float]        # roofline time of the node
+    recomputable: dict[str, bool]   # False: collectives, attention, random, effects, MUST_SAVE
+    cheap: set[str]                 # recomputed freely by the min-cut (views, pointwise)
+    must_recompute: set[str]        # MUST_RECOMPUTE tags: never saved
+    symbolic: set[str]              # SymInt values: saved, never counted
+    fw_outputs: list[str]
+    bw_outputs: list[str]
+    shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)   # tensors only
+    dtypes: dict[str, object] = dataclasses.field(default_factory=dict)  # tensors only
+
+    def __post_init__(self) -> None:
+        self.position = {name: i for i, name in enumerate(self.order)}
+        self.users: dict[str, list[str]] = {name: [] for name in self.order}
+        for name in self.order:
+            for source in self.inputs[name]:
+                self.users[source].append(name)
+
+    def is_forward(self, name: str) -> bool:
+        return self.role[name] in ("fw", "primal")
+
+    def bw_needed(self) -> list[str]:
+        """Forward nodes the backward reads (or returns), in order."""
+        needed = {i for n in self.order if self.role[n] == "bw" for i in self.inputs[n]
+                  if self.is_forward(i)}
+        needed |= {o for o in self.bw_outputs if self.is_forward(o)}
+        return [n for n in self.order if n in needed]
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way to treat a saved tensor: keep it, recompute it, or offload a fraction ``alpha``."""
+
+    kind: str            # "keep", "recompute" or "offload"
+    bytes_freed: int     # device bytes freed at the forward/backward boundary (additive estimate)
+    cost_s: float        # recompute time, or exposed transfer time
+    alpha: float = 0.0
+    host_bytes: int = 0
+
+
+KEEP = Option("keep", 0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str
+    nbytes: int
+    options: tuple[Option, ...]  # options[0] is always KEEP
+
+
+@dataclasses.dataclass
+class Plan:
+    saved: list[str]                 # forward nodes the backward receives, forward order
+    recomputed: list[str]            # forward nodes recomputed in backward, forward order
+    offloaded: dict[str, float]      # saved node -> fraction offloaded to host
+    timeline: Timeline
+    recompute_time_s: float          # all recomputation in backward (cheap min-cut part included)
+    exposed_offload_s: float
+    budget: int
+    feasible: bool
+    choices: dict[str, Option] = dataclasses.field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return self.timeline.peak
+
+    @property
+    def cost_s(self) -> float:
+        return self.recompute_time_s + self.exposed_offload_s
+
+
+# --- stage 1: min-cut -----------------------------------------------------------------------------
+
+def min_cut_saved(graph: JointGraph) -> list[str]:
+    """The minimal-bytes saved set when only ``graph.cheap`` nodes may be recomputed."""
+    needed = set(graph.bw_needed())
+    flow = nx.DiGraph()
+    flow.add_node("source")
+    flow.add_node("sink")
+    for name in graph.order:
+        if not graph.is_forward(name):
+            continue
+        if name in graph.symbolic:
+            continue
+        capacity = 0 if graph.role[name] == "primal" else graph.logical_bytes[name]
+        if name in graph.must_recompute:
+            capacity = INFINITE
+        flow.add_edge(f"{name}_in", f"{name}_out", capacity=capacity)
+        recompute_allowed = graph.role[name] == "primal" or (
+            graph.recomputable[name] and (name in graph.cheap or name in graph.must_recompute))
+        if not recompute_allowed:
+            flow.add_edge("source", f"{name}_in", capacity=INFINITE)
+        if graph.role[name] == "primal":
+            flow.add_edge("source", f"{name}_in", capacity=INFINITE)
+        for source in graph.inputs[name]:
+            if graph.is_forward(source) and source not in graph.symbolic:
+                flow.add_edge(f"{source}_out", f"{name}_in", capacity=INFINITE)
+        if name in needed:
+            flow.add_edge(f"{name}_out", "sink", capacity=INFINITE)
+    if not needed:
+        return []
+    try:
+        _, (reachable, _) = nx.minimum_cut(flow, "source", "sink")
+    except nx.NetworkXUnbounded:
+        raise RuntimeError(
+            "the rematerialization min-cut found no finite cut: a value the backward needs is "
+            "tagged MUST_RECOMPUTE but depends on a value that cannot be recomputed; remove that "
+            "tag or mark the value MUST_SAVE") from None
+    saved = [n for n in graph.order if f"{n}_in" in reachable and f"{n}_out" not in reachable
+             and f"{n}_in" in flow]
+    return saved + [n for n in graph.order if n in graph.symbolic and n in needed]
+
+
+# --- the schedule a plan implies ------------------------------------------------------------------
+
+def recompute_closure(graph: JointGraph, saved: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(saved, recomputed) once every forward value the backward reads is available.
+
+    A value the backward needs that is not saved is recomputed from its inputs, recursively; a
+    primal or a value that cannot be recomputed on that path is saved instead."""
+    saved_set = set(saved)
+    recomputed: set[str] = set()
+    stack = list(reversed(graph.bw_needed()))
+    while stack:
+        name = stack.pop()
+        if name in saved_set or name in recomputed:
+            continue
+        if (graph.role[name] == "primal" or name in graph.symbolic
+                or not graph.recomputable[name]):
+            saved_set.add(name)
+            continue
+        recomputed.add(name)
+        stack.extend(i for i in graph.inputs[name] if graph.is_forward(i))
+    order = graph.order
+    return [n for n in order if n in saved_set], [n for n in order if n in recomputed]
+
+
+def backward_order(graph: JointGraph, recomputed: Iterable[str]) -> list[str]:
+    """Backward nodes in order, each recomputed forward node placed just before its first reader."""
+    recomputed = set(recomputed)
+    emitted: set[str] = set()
+    schedule: list[str] = []
+    for name in graph.order:
+        if graph.role[name] != "bw":
+            continue
+        pending, stack = set(), [name]
+        while stack:
+            node = stack.pop()
+            if node in pending or node in emitted:
+                continue
+            pending.add(node)
+            stack.extend(i for i in graph.inputs[node] if i in recomputed or graph.role[i] == "bw")
+        for node in sorted(pending, key=graph.position.__getitem__):
+            emitted.add(node)
+            schedule.append(node)
+    return schedule
+
+
+def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
+               offloaded: dict[str, int] | None = None) -> tuple[list[Step], set[str], int]:
+    """Steps of forward then backward, the keys that stay live to the end, and the boundary.
+
+    ``offloaded`` maps saved tensors to the device bytes an offload frees: marker steps "o:x"
+    (after the last forward reader) and "r:x" (before the first backward reader) bound the interval
+    in which those bytes are on the host; ``_with_offloads`` subtracts them there."""
+    offloaded = offloaded or {}
+    steps: list[Step] = []
+    forward = [n for n in graph.order if graph.role[n] == "fw"]
+    last_fw_reader: dict[str, str] = {}
+    for name in forward:
+        for source in graph.inputs[name]:
+            last_fw_reader[source] = name
+    for name in forward:
+        steps.append(_step(graph, name, "f:", lambda i: f"f:{i}"))
+        for source in offloaded:
+            if last_fw_reader.get(source, source) == name:
+                steps.append(Step(f"o:{source}", 0, f"f:{source}", (f"f:{source}",)))
+    boundary = len(steps)
+    for name in graph.order:
+        if graph.role[name] == "tangent":
+            steps.append(Step(f"t:{name}", graph.nbytes[name], f"t:{name}", ()))
+    recomputed_set = set(recomputed)
+    reloaded: set[str] = set()
+
+    def key(source: str) -> str:
+        if source in recomputed_set or graph.role[source] == "bw":
+            return f"b:{source}"
+        if graph.role[source] == "tangent":
+            return f"t:{source}"
+        return f"f:{source}"
+
+    for name in backward_order(graph, recomputed):
+        for source in graph.inputs[name]:
+            if source in offloaded and source not in reloaded:
+                reloaded.add(source)
+                steps.append(Step(f"r:{source}", 0, f"f:{source}", (f"f:{source}",)))
+        steps.append(_step(graph, name, "b:", key))
+    pinned = {f"f:{n}" for n in graph.fw_outputs if graph.role.get(n) == "fw"}
+    pinned |= {key(n) for n in graph.bw_outputs if n in graph.role and graph.role[n] != "primal"}
+    return steps, pinned, boundary
+
+
+def _step(graph: JointGraph, name: str, prefix: str, key) -> Step:
+    inputs = tuple(key(i) for i in graph.inputs[name] if graph.role[i] != "primal")
+    base = graph.view_of.get(name)
+    if base is not None and graph.role[base] != "primal":
+        return Step(prefix + name, 0, key(base), inputs)
+    if base is not None:
+        return Step(prefix + name, 0, f"in:{base}", inputs)
+    return Step(prefix + name, graph.nbytes[name], prefix + name, inputs)
+
+
+def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Option] | None = None,
+             budget: int = 0, choices: dict[str, Option] | None = None) -> Plan:
+    """The plan that saves ``saved`` (plus what correctness forces), simulated."""
+    offloaded = offloaded or {}
+    saved, recomputed = recompute_closure(graph, saved)
+    live_offloads = {n: o for n, o in offloaded.items() if n in saved}
+    steps, pinned, boundary = plan_steps(
+        graph, saved, recomputed, {n: _offload_bytes(graph, n, o) for n, o in live_offloads.items()})
+    timeline = simulate(steps, pinned, boundary=boundary)
+    if live_offloads:
+        timeline = _with_offloads(timeline, steps, graph, live_offloads)
+    return Plan(saved=saved, recomputed=recomputed,
+                offloaded={n: o.alpha for n, o in live_offloads.items()}, timeline=timeline,
+                recompute_time_s=sum(graph.time_s[n] for n in recomputed),
+                exposed_offload_s=sum(o.cost_s for o in live_offloads.values()),
+                budget=budget, feasible=timeline.peak <= budget, choices=dict(choices or {}))
+
+
+def _offload_bytes(graph: JointGraph, name: str, option: Option) -> int:
+    return min(option.bytes_freed, graph.nbytes[name])
+
+
+def _with_offloads(timeline: Timeline, steps: list[Step], graph: JointGraph,
+                   offloaded: dict[str, Option]) -> Timeline:
+    """Subtract offloaded bytes while they are on the host: from the offload step ("o:x") to
+    the reload step ("r:x"), which ``plan_steps`` placed around the host interval."""
+    position = {step.key: i for i, step in enumerate(steps)}
+    adjusted = list(timeline.live_bytes)
+    for name, option in offloaded.items():
+        start = position.get(f"o:{name}", position.get(f"f:{name}", 0))
+        end = position.get(f"r:{name}", len(steps))
+        freed = _offload_bytes(graph, name, option)
+        for i in range(start, end):
+            adjusted[i] -= freed
+    return Timeline(timeline.labels, adjusted, timeline.boundary)
+
+
+# --- stage 2: the choice under the budget -----------------------------------------------------------
+
+def candidates(graph: JointGraph, base_saved: list[str],
+               offload_options: dict[str, list[Option]] | None = None) -> list[Candidate]:
+    """Every saved tensor of the base plan that can be freed, with its options."""
+    offload_options = offload_options or {}
+    base_set = set(base_saved)
+    _, base_recomputed = recompute_closure(graph, base_saved)
+    available = base_set | set(base_recomputed)
+    result = []
+    for name in base_saved:
+        if graph.role[name] != "fw" or name in graph.symbolic:
+            continue
+        freed = graph.nbytes[name]
+        options = [KEEP]
+        if graph.recomputable[name]:
+            chain, extra = _chain(graph, name, available)
+            options.append(Option("recompute", max(freed - extra, 0),
+                                  sum(graph.time_s[n] for n in chain)))
+        options += offload_options.get(name, [])
+        if len(options) > 1 and freed > 0:
+            result.append(Candidate(name, freed, tuple(options)))
+    return result
+
+
+def _chain(graph: JointGraph, name: str, available: set[str]) -> tuple[list[str], int]:
+    """Nodes recomputed to rebuild ``name`` when everything in ``available`` is at hand, and the
+    bytes of values that cannot be recomputed on the way (they must then be saved)."""
+    chain, extra, stack, seen = [], 0, [name], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node != name and (node in available or graph.role[node] == "primal"
+                             or node in graph.symbolic):
+            continue
+        if not graph.recomputable[node]:
+            extra += graph.nbytes[node]
+            continue
+        chain.append(node)
+        stack.extend(i for i in graph.inputs[node] if graph.is_forward(i))
+    return chain, extra
+
+
+def knapsack_family(items: list[Candidate], buckets: int = 256) -> list[dict[str, Option]]:
+    """For every level r of bytes freed (in ``buckets`` steps), the cheapest choice of one option
+    per candidate that frees at least r under the additive model (exact multiple-choice DP)."""
+    total = sum(max(o.bytes_freed for o in c.options) for c in items)
+    if total <= 0:
+        return [{}]
+    unit = max(1, -(-total // buckets))
+    best = [0.0] + [INFINITE] * buckets
+    picks: list[list[int]] = []
+    for item in items:
+        new = list(best)
+        pick = [0] * (buckets + 1)
+        for index, option in enumerate(item.options[1:], start=1):
+            gain = option.bytes_freed // unit
+            for level in range(buckets + 1):
+                before = best[max(level - gain, 0)]
+                if before + option.cost_s < new[level]:
+                    new[level] = before + option.cost_s
+                    pick[level] = index
+        best = new
+        picks.append(pick)
+    family, seen = [], set()
+    for level in range(buckets + 1):
+        if best[level] == INFINITE:
+            break
+        choice, remaining = {}, level
+        for item, pick in zip(reversed(items), reversed(picks)):
+            index = pick[remaining]
+            if index:
+                option = item.options[index]
+                choice[item.name] = option
+                remaining = max(remaining - option.bytes_freed // unit, 0)
+        key = tuple(sorted((n, o.kind, o.alpha) for n, o in choice.items()))
+        if key not in seen:
+            seen.add(key)
+            family.append(choice)
+    return family
+
+
+def plan_under_budget(graph: JointGraph, budget: int, base_saved: list[str],
+                      offload_options: dict[str, list[Option]] | None = None,
+                      buckets: int = 256) -> tuple[Plan, list[Plan]]:
+    """The cheapest plan of the family whose simulated peak fits ``budget`` (or, when none fits,
+    the one with the lowest peak, marked infeasible), and every plan scored."""
+    items = candidates(graph, base_saved, offload_options)
+    scored = []
+    for choice in knapsack_family(items, buckets):
+        freed = {n for n, o in choice.items() if o.kind == "recompute"}
+        offloads = {n: o for n, o in choice.items() if o.kind == "offload"}
+        saved = [n for n in base_saved if n not in freed]
+        scored.append(evaluate(graph, saved, offloads, budget, choice))
+    fitting = [p for p in scored if p.feasible]
+    if fitting:
+        return min(fitting, key=lambda p: p.cost_s), scored
+    return min(scored, key=lambda p: (p.peak, p.cost_s)), scored

@@ -1,0 +1,392 @@
+"""plan_rematerialization: partition the joint graph so that peak memory fits a byte budget.
+
+Replaces torch's ``min_cut_rematerialization_partition`` when ``config.memory_budget`` is set or
+``config.offload_activations`` is on. The rewrite, on a joint graph::
+
+    before (joint)                              after (forward, backward)
+      h  = mm(x, w1)                              fw: h = mm(x, w1); a = relu(h); y = mm(a, w2)
+      a  = relu(h)                                    return y, (x, w1, w2)      # h, a not saved
+      y  = mm(a, w2)                              bw: h = mm(x, w1); a = relu(h) # recomputed just
+      ga = mm(g, w2.t()); gh = ga * (h > 0)           ga = mm(g, w2.t())         #   before first use
+      ...                                             gh = ga * (h > 0) ...
+
+Which values are saved comes from ``graphopt.analysis.remat_solver``: the runtime-optimal min-cut
+first (cheap ops recomputed for free), then the cheapest keep / recompute / offload choice whose
+simulated peak (``graphopt.analysis.liveness``: forward, then backward in the order this module
+emits it) fits the budget. The graphs themselves are cut by torch's own extraction for that saved
+set, and the backward is reordered so every recomputed value is produced right before its first
+reader (the order the simulation assumed).
+
+Budget: bytes ("40GiB", "512MiB", 4e10) bound the activation peak of the graph -- every tensor the
+graph allocates in forward and backward (saved activations, transients, tangents, gradients),
+not its inputs (parameters, user inputs). A fraction f in (0, 1] scales the saved set of the
+min-cut plan (torch's runtime-optimal plan, f = 1): budget = peak(min-cut) - (1 - f) * saved(min-cut),
+so 0.5 asks for a peak lower by half of what the min-cut plan saves.
+
+Safe because recomputation replays the same deterministic ops on the same inputs. Never
+recomputed: collectives (``_c10d_functional``) and every ``graphopt::`` op (they may communicate),
+attention (aten SDPA / flash / efficient / cudnn, graphopt attention), random ops, ops with
+effects or mutation, and values tagged MUST_SAVE; values tagged MUST_RECOMPUTE are never saved.
+When no plan fits the budget, the lowest-peak plan is used and the refusal says by how much it
+misses; numerics are never changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt import _compat
+from graphopt.analysis import cost_model, liveness, memory_plot, remat_solver
+from graphopt.analysis.device_profile import current_profile
+from graphopt.analysis.remat_solver import JointGraph, Option, Plan
+from graphopt.passes.manager import PassContext
+
+log = logging.getLogger("graphopt.passes.plan_rematerialization")
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+# Ops the min-cut may recompute for free besides views and pointwise ops: cheap reductions and copies.
+CHEAP_OPS = {
+    torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.dim, torch.ops.aten.amax.default,
+    torch.ops.aten.amin.default, torch.ops.aten._to_copy.default, torch.ops.aten.clone.default,
+    torch.ops.aten.cat.default, torch.ops.aten.full.default, torch.ops.aten.arange.start_step,
+    torch.ops.aten.arange.default, torch.ops.aten.scalar_tensor.default,
+}
+# Namespaces whose ops communicate or whose cost/effects the planner cannot see.
+NEVER_RECOMPUTE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_dtensor", "graphopt")
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def parse_budget(value: Any) -> tuple[str, float]:
+    """("fraction", f) or ("bytes", n) from a memory_budget flag value."""
+    if isinstance(value, bool):
+        raise BudgetError(f"memory_budget={value!r} is not a budget; give bytes ('40GiB') or a fraction (0.5)")
+    if isinstance(value, (int, float)):
+        number = float(value)
+        if 0 < number <= 1 and isinstance(value, float):
+            return "fraction", number
+        if number > 1:
+            return "bytes", number
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if match:
+            number, unit = float(match.group(1)), match.group(2).lower()
+            if not unit:
+                return parse_budget(number if number <= 1 else int(number))
+            if unit in _UNITS:
+                return "bytes", number * _UNITS[unit]
+    raise BudgetError(
+        f"memory_budget={value!r} is not understood; give bytes as '40GiB', '512MiB' or an int, "
+        "or a fraction in (0, 1] of the activation peak of torch's min-cut plan, e.g. 0.5")
+
+
+def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext,
+                        **partition_kwargs) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Partition ``joint_gm`` into forward and backward under ``ctx.config.memory_budget``."""
+    num_fwd_outputs = partition_kwargs["num_fwd_outputs"]
+    static_indices = set(partition_kwargs.get("static_lifetime_input_indices") or ())
+    joint_gm.graph.eliminate_dead_code()
+    joint_gm.recompile()
+    profile = current_profile(ctx.config)
+    graph = build_joint_graph(joint_gm, num_fwd_outputs, profile)
+    if not graph.bw_outputs or not any(graph.role[n] == "bw" for n in graph.order):
+        log.info("[%s] no backward in the joint graph; nothing to plan", ctx.graph_id)
+        return _compat.default_partition(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                         static_lifetime_input_indices=sorted(static_indices))
+
+    base_saved = remat_solver.min_cut_saved(graph)
+    base = remat_solver.evaluate(graph, base_saved)
+    budget = _budget_bytes(ctx.config.memory_budget, base.peak,
+                           sum(graph.nbytes[n] for n in base.saved if graph.role[n] == "fw"))
+    offload = _offload_options(graph, base, profile, ctx) if ctx.config.offload_activations else {}
+    refusals = []
+    if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
+        plan, scored = remat_solver.plan_under_budget(graph, base.peak, base_saved, offload)
+        plan = min((p for p in scored if p.cost_s <= base.cost_s + 1e-12),
+                   key=lambda p: (p.peak, p.cost_s), default=base)
+    else:
+        plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
+        if not plan.feasible:
+            refusals.append(
+                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak is "
+                f"{_fmt(plan.peak)} (recompute everything recomputable{', offload' if offload else ''}); "
+                "using it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
+
+    fw_gm, bw_gm = _extract(joint_gm, graph, plan, num_fwd_outputs, static_indices)
+    realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs)
+    summary = _summary(graph, base, plan, budget, realized, len(scored), refusals)
+    ctx.shared["remat_plan"] = summary
+    if ctx.config.offload_activations:
+        ctx.shared["offload_plan"] = dict(plan.offloaded)
+    _record(ctx, graph, base, plan, summary)
+    for reason in refusals:
+        log.warning("[%s] plan_rematerialization: %s", ctx.graph_id, reason)
+    log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), recompute %.3f ms, saved %d, "
+             "recomputed %d, offloaded %d", ctx.graph_id, _fmt(base.peak), _fmt(plan.peak),
+             _fmt(budget) if budget is not None else "-", plan.recompute_time_s * 1e3, len(plan.saved),
+             len(plan.recomputed), len(plan.offloaded))
+    return fw_gm, bw_gm
+
+
+def _budget_bytes(value: Any, base_peak: int, base_saved: int) -> int | None:
+    """A fraction f keeps f of the min-cut plan's saved bytes at its peak: budget = peak - (1-f) saved."""
+    if value is None:
+        return None
+    kind, number = parse_budget(value)
+    return int(base_peak - (1.0 - number) * base_saved) if kind == "fraction" else int(number)
+
+
+# --- the joint graph as the solver sees it ----------------------------------------------------------
+
+def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile) -> JointGraph:
+    nodes = [n for n in joint_gm.graph.nodes if n.op != "output"]
+    outputs = liveness.output_nodes(joint_gm)
+    fw_outputs = [o for o in outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
+    bw_outputs = [o for o in outputs[num_fwd_outputs:] if isinstance(o, fx.Node)]
+    tangent_dependent = set()
+    for node in nodes:
+        if _is_backward_input(node) or any(i in tangent_dependent for i in node.all_input_nodes):
+            tangent_dependent.add(node)
+    forward_seeds = fw_outputs + [n for n in nodes if n.op == "call_function" and not n.users
+                                  and n not in tangent_dependent]
+    forward = _ancestors(forward_seeds)
+    policy = _compat.checkpoint_policy()
+    role, inputs, nbytes, logical, view_of, times, recomputable = {}, {}, {}, {}, {}, {}, {}
+    cheap, must_recompute, symbolic = set(), set(), set()
+    shapes, dtypes = {}, {}
+    for node in nodes:
+        name = node.name
+        inputs[name] = tuple(i.name for i in node.all_input_nodes)
+        value = node.meta.get("val")
+        if node.op == "placeholder":
+            role[name] = "tangent" if _is_backward_input(node) else "primal"
+        else:
+            role[name] = "fw" if node in forward else "bw"
+        logical[name] = cost_model.tensor_nbytes(value)
+        if isinstance(value, torch.Tensor):
+            shapes[name] = tuple(_compat.hint_int(s) for s in value.shape)
+            dtypes[name] = value.dtype
+        nbytes[name] = 0 if isinstance(value, (tuple, list)) else logical[name]
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            symbolic.add(name)
+        if cost_model.is_view(node) and node.all_input_nodes:
+            view_of[name] = node.all_input_nodes[0].name
+            nbytes[name] = 0
+        times[name] = cost_model.node_time(node, profile) if node.op == "call_function" else 0.0
+        tag = node.meta.get("recompute")
+        recomputable[name] = node.op == "call_function" and _recomputable(node) and tag != policy.MUST_SAVE
+        if tag == policy.MUST_RECOMPUTE and recomputable[name]:
+            must_recompute.add(name)
+        if recomputable[name] and (cost_model.is_view(node) or _is_cheap(node)
+                                   or tag == policy.PREFER_RECOMPUTE):
+            cheap.add(name)
+    return JointGraph(order=[n.name for n in nodes], inputs=inputs, role=role, nbytes=nbytes,
+                      logical_bytes=logical, view_of=view_of, time_s=times, recomputable=recomputable,
+                      cheap=cheap, must_recompute=must_recompute, symbolic=symbolic,
+                      fw_outputs=[o.name for o in fw_outputs], bw_outputs=[o.name for o in bw_outputs],
+                      shapes=shapes, dtypes=dtypes)
+
+
+def _is_backward_input(node: fx.Node) -> bool:
+    return node.op == "placeholder" and ("tangents" in node.target or "bwd_seed" in node.target
+                                         or "bwd_base_offset" in node.target)
+
+
+def _ancestors(seeds: list[fx.Node]) -> set[fx.Node]:
+    seen, stack = set(), list(seeds)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _recomputable(node: fx.Node) -> bool:
+    """Replaying this op in backward gives the same values and has no other effect."""
+    target = node.target
+    if target is operator.getitem:
+        parent = node.args[0]
+        return isinstance(parent, fx.Node) and parent.op == "call_function" and _recomputable(parent)
+    if not isinstance(target, torch._ops.OpOverload):
+        return False  # higher-order ops (with_effects, auto_functionalized, ...) and Python callables
+    if target.namespace in NEVER_RECOMPUTE_NAMESPACES or cost_model.is_attention(node):
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
+        return False
+    return True
+
+
+def _is_cheap(node: fx.Node) -> bool:
+    target = node.target
+    if target is operator.getitem:
+        return True
+    return target in CHEAP_OPS or (isinstance(target, torch._ops.OpOverload)
+                                   and torch.Tag.pointwise in target.tags)
+
+
+# --- offload options (issue 7's model) --------------------------------------------------------------
+
+def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None = None) -> list:
+    """``liveness.SavedTensor`` for every saved activation of ``plan`` (primals and SymInts left out)."""
+    times = times or graph.time_s
+    forward = [n for n in graph.order if graph.role[n] == "fw"]
+    backward = remat_solver.backward_order(graph, plan.recomputed)
+    fw_pos = {n: i for i, n in enumerate(forward)}
+    fw_after, running = {}, sum(times[n] for n in forward)
+    for name in forward:
+        running -= times[name]
+        fw_after[name] = running
+    first_use, bw_before, elapsed = {}, {}, 0.0
+    for index, name in enumerate(backward):
+        for source in graph.inputs[name]:
+            if source not in first_use:
+                first_use[source], bw_before[source] = index, elapsed
+        elapsed += times[name]
+    available = set(plan.saved) | set(plan.recomputed)
+    result = []
+    for name in plan.saved:
+        if graph.role[name] != "fw" or name in graph.symbolic or graph.nbytes[name] == 0:
+            continue
+        chain = remat_solver._chain(graph, name, available)[0] if graph.recomputable[name] else None
+        result.append(liveness.SavedTensor(
+            name=name, nbytes=graph.nbytes[name], shape=graph.shapes[name], dtype=graph.dtypes[name],
+            fw_index=fw_pos[name], bw_index=first_use.get(name, len(backward)),
+            fw_time_after_s=fw_after[name], bw_time_before_s=bw_before.get(name, elapsed),
+            recompute_time_s=None if chain is None else sum(times[n] for n in chain)))
+    return result
+
+
+def _offload_options(graph: JointGraph, base: Plan, profile, ctx: PassContext) -> dict[str, list[Option]]:
+    try:
+        from graphopt.analysis import offload_model
+    except ImportError:
+        log.info("[%s] graphopt.analysis.offload_model is not available; planning keep/recompute only",
+                 ctx.graph_id)
+        return {}
+    saved = saved_tensors(graph, base)
+    options = offload_model.offload_options(saved, profile, ctx.config)
+    return {name: [Option("offload", o.device_bytes_freed, o.exposed_time_s, o.alpha, o.host_bytes)
+                   for o in choices if o.device_bytes_freed > 0]
+            for name, choices in sorted(options.items())}
+
+
+# --- cutting the graphs -----------------------------------------------------------------------------
+
+def _extract(joint_gm: fx.GraphModule, graph: JointGraph, plan: Plan, num_fwd_outputs: int,
+             static_indices: set[int]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    by_name = {n.name: n for n in joint_gm.graph.nodes}
+    saved_values = [by_name[n] for n in plan.saved if n not in graph.symbolic]
+    saved_sym = [by_name[n] for n in plan.saved if n in graph.symbolic]
+    primals = [n for n in joint_gm.graph.find_nodes(op="placeholder") if graph.role[n.name] == "primal"]
+    static = [p for i, p in enumerate(primals) if i in static_indices]
+    fw_gm, bw_gm = _compat.extract_fwd_bwd_modules(
+        joint_gm, saved_values, saved_sym, num_fwd_outputs=num_fwd_outputs,
+        static_lifetime_input_nodes=static)
+    return fw_gm, reorder_backward(bw_gm, set(plan.recomputed))
+
+
+def reorder_backward(bw_gm: fx.GraphModule, recomputed: set[str]) -> fx.GraphModule:
+    """Emit backward nodes in order, each recomputed node just before its first reader (the order
+    ``remat_solver.backward_order`` simulates), so recomputed values do not all live at once."""
+    old_nodes = list(bw_gm.graph.nodes)
+    position = {node: i for i, node in enumerate(old_nodes)}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in bw_gm.graph.find_nodes(op="placeholder"):
+        env[node] = graph.node_copy(node, env.__getitem__)
+
+    def emit(root: fx.Node) -> None:
+        pending, stack = set(), [root]
+        while stack:
+            node = stack.pop()
+            if node in pending or node in env:
+                continue
+            pending.add(node)
+            stack.extend(node.all_input_nodes)
+        for node in sorted(pending, key=position.__getitem__):
+            env[node] = graph.node_copy(node, env.__getitem__)
+
+    for node in old_nodes:
+        if node.op not in ("placeholder", "output") and node.name not in recomputed:
+            emit(node)
+    for node in old_nodes:
+        if node.op == "output":
+            emit(node)
+    return fx.GraphModule(bw_gm, graph)
+
+
+# --- what the dump shows ------------------------------------------------------------------------------
+
+def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, realized, family: int,
+             refusals: list[str]) -> dict[str, Any]:
+    base_recomputed = set(base.recomputed)
+    rows = []
+    for name in plan.saved:
+        if graph.role[name] == "fw" and graph.nbytes[name]:
+            rows.append({"tensor": name, "action": "offload" if name in plan.offloaded else "save",
+                         "bytes": graph.nbytes[name], "alpha": plan.offloaded.get(name, 0.0),
+                         "recompute_s": None})
+    for name in plan.recomputed:
+        rows.append({"tensor": name, "action": "recompute" if name not in base_recomputed
+                     else "recompute (min-cut)", "bytes": graph.nbytes[name], "alpha": 0.0,
+                     "recompute_s": graph.time_s[name]})
+    return {
+        "budget_bytes": budget,
+        "feasible": plan.feasible if budget is not None else True,
+        "planned_peak_bytes": plan.peak,
+        "realized_peak_bytes": realized.peak,
+        "min_cut_peak_bytes": base.peak,
+        "saved_bytes": sum(graph.nbytes[n] for n in plan.saved if graph.role[n] == "fw"),
+        "min_cut_saved_bytes": sum(graph.nbytes[n] for n in base.saved if graph.role[n] == "fw"),
+        "recompute_time_s": plan.recompute_time_s,
+        "extra_recompute_time_s": plan.recompute_time_s - base.recompute_time_s,
+        "exposed_offload_s": plan.exposed_offload_s,
+        "saved": list(plan.saved),
+        "recomputed": list(plan.recomputed),
+        "offloaded": dict(plan.offloaded),
+        "plans_scored": family,
+        "peak_at": plan.timeline.peak_label,
+        "refusals": list(refusals),
+        "table": rows,
+    }
+
+
+def _record(ctx: PassContext, graph: JointGraph, base: Plan, plan: Plan, summary: dict) -> None:
+    recorder = ctx.recorder
+    if recorder is None:
+        return
+    note = {k: v for k, v in summary.items() if k not in ("saved", "recomputed", "table")}
+    note["table"] = summary["table"]
+    recorder.note("remat_plan", note)
+    if recorder.folder is None:
+        return
+    svg = memory_plot.timeline_svg(
+        [("min-cut plan (torch's default)", base.timeline), ("graphopt plan", plan.timeline)],
+        budget=summary["budget_bytes"], title=f"{ctx.graph_id}: bytes live over forward + backward")
+    with open(os.path.join(recorder.folder, "remat_memory.svg"), "w") as handle:
+        handle.write(svg)
+    with open(os.path.join(recorder.folder, "remat_plan.md"), "w") as handle:
+        handle.write(memory_plot.plan_table_markdown(summary))
+    recorder.note("remat_files", ["remat_memory.svg", "remat_plan.md"])
+
+
+def _fmt(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
