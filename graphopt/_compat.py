@@ -155,6 +155,53 @@ def inductor_config_patch(**changes):
         yield
 
 
+def mark_must_save(node: torch.fx.Node) -> None:
+    """Tag a joint-graph node so the partitioner saves it and never recomputes it in backward.
+
+    The same tag torch's partitioner gives every ``_c10d_functional`` collective; graphopt ops that
+    contain a collective need it (recomputing them would run the collective again on one side).
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+    node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def fake_process_group(rank: int, world_size: int) -> None:
+    """Initialise torch.distributed with the in-process fake backend (graph tests, no peers)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
+def mark_side_effectful(op) -> None:
+    """Keep FX dead-code elimination from dropping ``op`` (an OpOverload) even if its output is unused."""
+    from torch.fx import node as fx_node
+    fx_node._side_effectful_functions.add(op)
+
+
+def symmetric_tensor(shape, dtype, device, group_name: str):
+    """A symmetric-memory tensor, its rendezvous handle and every rank's view of it (peer tensors).
+
+    Feature-detected across torch versions: ``get_remote_tensor`` (newer) or ``get_buffer`` at the
+    tensor's offset inside its allocation (older). Never uses multicast.
+    """
+    symm_mem = symmetric_memory()
+    if symm_mem is None:
+        raise RuntimeError(f"torch {torch.__version__} has no distributed._symmetric_memory; "
+                           "use the chunked runtime (graphopt.config.overlap_mode='chunked')")
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        with contextlib.suppress(Exception):
+            symm_mem.enable_symm_mem_for_group(group_name)
+    local = symm_mem.empty(*shape, dtype=dtype, device=device)
+    handle = symm_mem.rendezvous(local, group_name)
+    if hasattr(handle, "get_remote_tensor"):
+        peers = [handle.get_remote_tensor(r, local.size(), dtype) for r in range(handle.world_size)]
+    else:
+        offset = (local.data_ptr() - handle.buffer_ptrs[handle.rank]) // local.element_size()
+        peers = [handle.get_buffer(r, list(local.size()), dtype, offset)
+                 for r in range(handle.world_size)]
+    return local, handle, peers
+
+
 # --- partitioner internals (plan_rematerialization) -----------------------------------------------
 
 def checkpoint_policy():
@@ -190,4 +237,4 @@ def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] 
     descs = output.meta.get("desc")
     if not isinstance(descs, (list, tuple)) or len(descs) != len(output.args[0]):
         return None
-    return [i for i, desc in enumerate(descs) if type(desc).__name__ == "SavedForBackwardsAOTOutput"]
+    return [i for i, desc in enumerate(descs) if type(desc).__name__.startswith("SavedForBackwards")]
