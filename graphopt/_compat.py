@@ -238,3 +238,4 @@ def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] 
     if not isinstance(descs, (list, tuple)) or len(descs) != len(output.args[0]):
         return None
     return [i for i, desc in enumerate(descs) if type(desc).__name__.startswith("SavedForBackwards")]
+

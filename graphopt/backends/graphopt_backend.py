@@ -43,6 +43,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
     graph_id = _graph_id()
     recorder = GraphRecorder(graph_id, _rank_dump_dir(cfg.dump_dir), cfg.describe())
     state = _CompileState(cfg, graph_id, recorder, list(example_inputs))
+    log.info("[%s] compiling %d nodes, codegen %s, passes on: %s", graph_id, len(gm.graph.nodes),
+             cfg.codegen, ", ".join(p.name for stage in PIPELINE.values() for p in stage
+                                    if p.enabled(cfg)) or "none")
     gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
     recorder.finish()
     if cfg.codegen == "inductor":

@@ -79,6 +79,7 @@ def lint(gm: fx.GraphModule, pass_name: str) -> None:
 def run_stage(stage: str, passes: list[GraphPass], gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Run the passes of one stage in order; every pass is timed, recorded and dumped."""
     recorder = ctx.recorder
+    log.debug("[%s] stage %s: %d nodes", ctx.graph_id, stage, len(gm.graph.nodes))
     if recorder is not None:
         recorder.stage(stage, gm)
     for graph_pass in passes:

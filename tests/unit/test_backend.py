@@ -128,3 +128,20 @@ def test_inductor_codegen_with_every_pass_off_equals_inductor():
     inductor = torch.compile(model, backend="inductor")(x)
     torch.testing.assert_close(ours, inductor, rtol=0, atol=0)
     _check_forward_backward(model, torch.compile(model, backend="graphopt"), x)
+
+
+def test_torch_logs_shows_graphopt_and_structured_trace_has_the_graphs(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import torch, graphopt\n"
+              "m = torch.nn.Linear(4, 4)\n"
+              "torch.compile(m, backend=graphopt.backend(codegen='eager'))(torch.randn(2, 4)).sum().backward()\n")
+    env = dict(__import__("os").environ, TORCH_LOGS="+graphopt", TORCH_TRACE=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "compiling" in run.stderr
+    assert "stage backward" in run.stderr
+    trace = "".join(p.read_text() for p in tmp_path.iterdir())
+    assert "graphopt_graph_000_0_0_forward" in trace
