@@ -1,0 +1,175 @@
+"""How much of each saved activation the host link can move without the step waiting for it.
+
+Every offloaded activation crosses the host link twice: device -> host after it is produced in the
+forward, host -> device before its first use in the backward. All offloads share one D2H queue and
+all reloads one H2D queue (``host_link_gbps`` each way, from the device profile), so a tensor's
+window is what the tensors ahead of it in the same queue leave free:
+
+    forward  (D2H, in production order): copies start when the tensor exists and must end by the
+             end of the forward (the last wait point), else the forward stalls by the overrun;
+    backward (H2D, in order of first use): copies start when the backward starts and must end by
+             the tensor's first use, else the backward stalls there.
+
+``hidden_fractions`` gives each tensor the fraction alpha of its bytes (its last tokens, see
+``graphopt.ops.offload``) that fits the windows when the queues are filled greedily -- earlier
+tensors first in each queue. ``offload_options`` prices alphas for every tensor with the other
+tensors at their hidden fraction: exposed time is the stall the two queues add, simulated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+from graphopt.analysis.device_profile import DeviceProfile
+
+log = logging.getLogger("graphopt.analysis.offload_model")
+
+# Fractions the options offer besides each tensor's hidden fraction.
+OPTION_ALPHAS = (0.25, 0.5, 0.75, 1.0)
+# Stall (seconds) below which an option counts as hidden: rounding of the queue simulation.
+HIDDEN_TOLERANCE_S = 1e-7
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadOption:
+    """Offload the fraction ``alpha`` of one saved tensor's bytes to host memory."""
+
+    alpha: float
+    device_bytes_freed: int
+    host_bytes: int
+    exposed_time_s: float
+
+
+def transfer_time_s(nbytes: float, profile: DeviceProfile) -> float:
+    """One copy over the host link: launch latency plus bytes at ``host_link_gbps``."""
+    if nbytes <= 0:
+        return 0.0
+    return profile.kernel_launch_s + nbytes / (profile.host_link_gbps * 1e9)
+
+
+def _d2h_order(saved) -> list:
+    return sorted(saved, key=lambda t: (t.fw_index, t.name))
+
+
+def _h2d_order(saved) -> list:
+    return sorted(saved, key=lambda t: (t.bw_time_before_s, t.bw_index, t.name))
+
+
+def queue_stall_s(saved: Sequence, alphas: dict[str, float], profile: DeviceProfile) -> tuple[float, float]:
+    """(forward stall, backward stall) of offloading ``alphas[name]`` of every tensor.
+
+    Forward times are measured back from the end of the forward (a tensor is produced at
+    ``-fw_time_after_s``); backward times from its start. Both queues are FIFO."""
+    link_free = float("-inf")
+    for tensor in _d2h_order(saved):
+        nbytes = alphas.get(tensor.name, 0.0) * tensor.nbytes
+        if nbytes > 0:
+            link_free = max(link_free, -tensor.fw_time_after_s) + transfer_time_s(nbytes, profile)
+    forward_stall = max(0.0, link_free)
+    link_free, backward_stall = 0.0, 0.0
+    for tensor in _h2d_order(saved):
+        nbytes = alphas.get(tensor.name, 0.0) * tensor.nbytes
+        if nbytes > 0:
+            link_free += transfer_time_s(nbytes, profile)
+            late = link_free - (tensor.bw_time_before_s + backward_stall)
+            backward_stall += max(0.0, late)
+    return forward_stall, backward_stall
+
+
+def hidden_fractions(saved: Sequence, profile: DeviceProfile) -> dict[str, float]:
+    """Per tensor, the largest fraction both queues hide, filling each queue earliest-first."""
+    rate = profile.host_link_gbps * 1e9
+    forward_cap: dict[str, float] = {}
+    link_free = float("-inf")
+    for tensor in _d2h_order(saved):
+        start = max(link_free, -tensor.fw_time_after_s) + profile.kernel_launch_s
+        alpha = _fraction(-start * rate, tensor.nbytes)
+        forward_cap[tensor.name] = alpha
+        if alpha > 0:
+            link_free = start + alpha * tensor.nbytes / rate
+    hidden: dict[str, float] = {}
+    link_free = 0.0
+    for tensor in _h2d_order(saved):
+        start = link_free + profile.kernel_launch_s
+        alpha = min(forward_cap[tensor.name], _fraction((tensor.bw_time_before_s - start) * rate,
+                                                        tensor.nbytes))
+        hidden[tensor.name] = alpha
+        if alpha > 0:
+            link_free = start + alpha * tensor.nbytes / rate
+    return hidden
+
+
+def _fraction(window_bytes: float, nbytes: int) -> float:
+    if nbytes <= 0 or window_bytes <= 0:
+        return 0.0
+    return min(1.0, window_bytes / nbytes)
+
+
+def offload_options(saved: Sequence, profile: DeviceProfile, config=None) -> dict[str, list[OffloadOption]]:
+    """Offload choices per saved tensor, priced by the shared D2H / H2D queues.
+
+    Each tensor gets its hidden fraction (exposed time ~0) and the fractions of ``OPTION_ALPHAS``
+    above it, each with the stall it adds when every other tensor offloads its hidden fraction.
+    Options needing more host memory than ``config.offload_host_capacity`` are left out."""
+    capacity = host_capacity_bytes(config)
+    hidden = hidden_fractions(saved, profile)
+    base_forward, base_backward = queue_stall_s(saved, hidden, profile)
+    options: dict[str, list[OffloadOption]] = {}
+    for tensor in saved:
+        alphas = sorted({a for a in OPTION_ALPHAS if a > hidden[tensor.name]}
+                        | ({hidden[tensor.name]} if hidden[tensor.name] > 0 else set()))
+        choices = []
+        for alpha in alphas:
+            nbytes = int(alpha * tensor.nbytes)
+            if capacity is not None and nbytes > capacity:
+                continue
+            forward, backward = queue_stall_s(saved, {**hidden, tensor.name: alpha}, profile)
+            exposed = max(0.0, forward - base_forward) + max(0.0, backward - base_backward)
+            choices.append(OffloadOption(alpha, nbytes, nbytes, exposed))
+        options[tensor.name] = choices
+    return options
+
+
+def hidden_plan(saved: Sequence, options: dict[str, list[OffloadOption]], capacity: int | None,
+                min_bytes: int = 0) -> dict[str, float]:
+    """{name: alpha}: per tensor the largest option whose exposed time is negligible, earliest
+    produced first while the host capacity lasts (deterministic: every rank makes the same plan)."""
+    plan: dict[str, float] = {}
+    used = 0
+    for tensor in _d2h_order(saved):
+        hidden = [o for o in options.get(tensor.name, ())
+                  if o.exposed_time_s <= HIDDEN_TOLERANCE_S and o.host_bytes >= max(min_bytes, 1)]
+        if not hidden:
+            continue
+        best = max(hidden, key=lambda o: o.alpha)
+        if capacity is not None and used + best.host_bytes > capacity:
+            continue
+        plan[tensor.name] = best.alpha
+        used += best.host_bytes
+    return plan
+
+
+def host_capacity_bytes(config) -> int | None:
+    """``config.offload_host_capacity`` in bytes ('64GiB', '500MB', 1e9), or None for no limit."""
+    value = getattr(config, "offload_host_capacity", None) if config is not None else None
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = value.strip()
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9,
+             "MB": 10**6, "KB": 10**3, "B": 1}
+    for unit, scale in units.items():
+        if text.upper().endswith(unit):
+            number = text[:-len(unit)].strip()
+            try:
+                return int(float(number) * scale)
+            except ValueError:
+                break
+    try:
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"graphopt.config.offload_host_capacity={value!r} is not a size; write "
+                         "bytes (4e10) or a number with a unit ('64GiB', '500MB')") from None

@@ -1,0 +1,491 @@
+"""Offload saved activations to pinned host memory, overlapped, and reload them ahead of use (Memo).
+
+Runs on the partitioned graphs: the forward stage rewrites what the forward saves, the backward
+stage rewrites how the backward gets it back. The plan ``ctx.shared["offload_plan"]`` =
+{saved name: alpha} comes from the joint planner (plan_rematerialization); without one (and without
+a memory budget) this pass plans itself with ``offload_model.offload_options``: it offloads what the
+host link hides. Forward outputs saved for backward and the backward's placeholders carry the same
+names, in the same order.
+
+Forward, for a saved ``x`` offloaded with fraction alpha (alpha of its last tokens go to the host)::
+
+    before                              after
+    x = producer(...)                   x = producer(...)
+                                        t = graphopt.offload(x, pool, size, offset, kept_numel, stride)
+    ... forward compute ...             ... forward compute covering the copy (cost model) ...
+                                        x_kept = graphopt.offload_wait(t, x, pool, offset, kept_numel, stride)
+    return (out, ..., x, ...)           return (out, ..., x_kept, ...)     # x's memory is free
+
+Backward::
+
+    before                              after
+    x = placeholder                     x_kept = placeholder
+                                        ... backward compute ...
+                                        r = graphopt.reload(x_kept, pool, size, offset, numel)
+                                        ... enough backward compute to hide the copy, no more ...
+    y = first_use(x)                    x = graphopt.reload_wait(r, pool, offset, shape, stride)
+                                        y = first_use(x)
+
+Placement: the forward waits after the first node by which the D2H queue (all offloads, in
+production order, at the profile's host-link bandwidth) has finished the copy -- and after the
+last forward use of ``x`` and its views. The backward issues each reload as late as the H2D queue
+(in order of first use, each copy due at its first use) allows, so reloaded memory is not held
+longer than needed to hide the copy.
+
+Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
+planned here, the pool allocated once and reused every step, within
+``config.offload_host_capacity`` (minus what other compiled graphs' plans reserved).
+
+Refused (left in device memory, with a reason): names the forward does not save; tensors whose
+memory stays alive anyway (views of graph inputs, memory shared with another output or saved
+tensor); tensors with symbolic sizes or memory that is not dense; fractions below one token row;
+tensors beyond the host capacity. Under Inductor the backward's placeholders must be rewritten
+before AOTAutograd lowers the backward, so the forward stage needs the backward graph
+(``ctx.shared["backward_graph"]``, put there by the partitioner); without it the pass refuses.
+If the backward's placeholders do not match what the forward rewrote, the pass raises: the
+forward already returns the kept parts, and running the backward unchanged would be wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphopt import _compat
+from graphopt.analysis import offload_model
+from graphopt.analysis.cost_model import graph_times, is_view
+from graphopt.analysis.device_profile import current_profile
+from graphopt.analysis.liveness import SavedTensor
+from graphopt.ops import offload as offload_ops
+from graphopt.passes.manager import PassContext, PassResult
+
+log = logging.getLogger("graphopt.passes.offload_activations")
+
+_OPS = torch.ops.graphopt
+
+PLAN_KEY = "offload_plan"
+REWRITE_KEY = "offload_rewrite"
+BACKWARD_GRAPH_KEY = "backward_graph"
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one offloaded activation lives: its pool bytes and how it is split."""
+
+    name: str
+    offset: int            # byte offset in the pool
+    numel: int             # elements of the activation's dense memory
+    kept_numel: int        # leading elements (whole token rows) that stay on the device
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def host_bytes(self) -> int:
+        return (self.numel - self.kept_numel) * self.dtype.itemsize
+
+    @property
+    def alpha(self) -> float:
+        return (self.numel - self.kept_numel) / self.numel
+
+
+@dataclasses.dataclass
+class ForwardRewrite:
+    """What the forward stage did, for the backward stage of the same compiled graph."""
+
+    pool: str
+    pool_nbytes: int
+    saved_order: list[str]                 # names of the forward's saved outputs, in order
+    slots: dict[str, Slot]
+    original_vals: dict[str, Any]          # name -> the activation's meta["val"] before the rewrite
+    kept_vals: dict[str, Any]              # name -> the kept part's meta["val"]
+
+
+def offload_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    if ctx.stage == "forward":
+        return _rewrite_forward(gm, ctx)
+    if ctx.stage == "backward":
+        return _rewrite_backward(gm, ctx)
+    return PassResult(gm, False, refusals=[f"stage {ctx.stage!r} saves no activations for a backward"])
+
+
+# --- forward ---------------------------------------------------------------------------------------
+
+def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    outputs = list(output.args[0])
+    plan = ctx.shared.get(PLAN_KEY)
+    saved_positions = _saved_positions(gm, outputs, plan)
+    if saved_positions is None:
+        return PassResult(gm, False, refusals=[
+            "cannot tell the forward's saved activations from its outputs: this torch attaches no "
+            "output descriptors and the partitioner wrote no ctx.shared['offload_plan']"])
+    saved_order = [outputs[i].name for i in saved_positions]
+    bw_gm = ctx.shared.get(BACKWARD_GRAPH_KEY)
+    if ctx.config.codegen == "inductor" and bw_gm is None:
+        return PassResult(gm, False, refusals=[
+            "under Inductor the backward's placeholders must change before AOTAutograd lowers the "
+            "backward, but the partitioner left no ctx.shared['backward_graph']; use a partitioner "
+            "that shares it (plan_rematerialization) or codegen='eager'"])
+    mismatch = _backward_mismatch(bw_gm, saved_order) if bw_gm is not None else None
+    if mismatch:
+        return PassResult(gm, False, refusals=[mismatch])
+
+    refusals: list[str] = []
+    candidates = _offloadable(gm, outputs, saved_positions, refusals)
+    profile = current_profile(ctx.config)
+    fw_times = graph_times(gm, profile)
+    if plan is None:
+        if ctx.config.memory_budget is not None:
+            return PassResult(gm, False, refusals=[
+                "memory_budget is set but the partitioner wrote no ctx.shared['offload_plan']; the "
+                "joint planner decides offload under a budget -- check plan_rematerialization"])
+        plan = _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order)
+        ctx.shared[PLAN_KEY] = plan
+    pool = f"{ctx.graph_id}"
+    slots = _assign_slots(plan, candidates, saved_order, pool, ctx, refusals)
+    if not slots:
+        return PassResult(gm, False, refusals=refusals or ["the plan offloads nothing"],
+                          stats={"planned": len(plan)})
+    pool_nbytes = max(s.offset + s.host_bytes for s in slots.values())
+    offload_ops.reserve_host_bytes(pool, pool_nbytes)
+
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    waits = _place_forward_waits(gm, slots, candidates, fw_times, profile, order)
+    original_vals, kept_vals = {}, {}
+    for name, slot in slots.items():
+        node = candidates[name].node
+        with gm.graph.inserting_after(node):
+            ticket = gm.graph.call_function(
+                _OPS.offload.default, (node, pool, pool_nbytes, slot.offset, slot.kept_numel,
+                                       list(slot.stride)))
+        ticket.meta["val"] = node.meta["val"].new_empty(0)
+        with gm.graph.inserting_before(waits[name]):
+            kept = gm.graph.call_function(
+                _OPS.offload_wait.default, (ticket, node, pool, slot.offset, slot.kept_numel,
+                                            list(slot.stride)))
+        kept.meta["val"] = node.meta["val"].new_empty(slot.kept_numel)
+        outputs[candidates[name].position] = kept
+        original_vals[name] = node.meta["val"]
+        kept_vals[name] = kept.meta["val"]
+    output.args = (tuple(outputs),) + tuple(output.args[1:])
+    rewrite = ForwardRewrite(pool, pool_nbytes, saved_order, slots, original_vals, kept_vals)
+    ctx.shared[REWRITE_KEY] = rewrite
+    if bw_gm is not None:
+        _retype_backward_inputs(bw_gm, rewrite)
+    gm.graph.lint()
+    offloaded = sum(s.host_bytes for s in slots.values())
+    saved_bytes = sum(c.nbytes for c in candidates.values())
+    log.info("[%s] offloading %d of %d saved activations, %d bytes to pool %s", ctx.graph_id,
+             len(slots), len(saved_order), offloaded, pool)
+    return PassResult(gm, True, matched=len(slots), refusals=refusals, stats={
+        "offloaded": len(slots), "offloaded_bytes": offloaded, "candidate_bytes": saved_bytes,
+        "pool_bytes": pool_nbytes, "alphas": {n: round(s.alpha, 4) for n, s in slots.items()}})
+
+
+def _saved_positions(gm: fx.GraphModule, outputs: list, plan: dict | None) -> list[int] | None:
+    positions = _compat.saved_for_backward_output_indices(gm)
+    if positions is not None:
+        return positions
+    if plan is None:
+        return None
+    # Without descriptors: the planned names, where each is returned exactly once.
+    names = [o.name if isinstance(o, fx.Node) else None for o in outputs]
+    return [i for i, name in enumerate(names) if name in plan and names.count(name) == 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    node: fx.Node
+    position: int          # index among the forward's outputs
+    nbytes: int
+    last_forward_use: int  # graph index of the last forward node that reads its memory
+
+
+def _offloadable(gm: fx.GraphModule, outputs: list, saved_positions: list[int],
+                 refusals: list[str]) -> dict[str, _Candidate]:
+    """Saved activations whose device memory is freed when the forward stops holding them."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    roots_of_outputs: dict[fx.Node, int] = {}
+    for value in outputs:
+        if isinstance(value, fx.Node):
+            root = _alias_root(value)
+            roots_of_outputs[root] = roots_of_outputs.get(root, 0) + 1
+    candidates = {}
+    inputs = []
+    for position in saved_positions:
+        node = outputs[position]
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue  # a saved SymInt
+        if _alias_root(node).op != "call_function":
+            inputs.append(node.name)
+            continue
+        reason = _why_not_offloadable(node, val, roots_of_outputs)
+        if reason:
+            refusals.append(f"{node.name}: {reason}")
+            continue
+        family = _alias_family(_alias_root(node))
+        last_use = max((order[user] for member in family for user in member.users
+                        if user.op != "output"), default=order[node])
+        candidates[node.name] = _Candidate(node, position, val.numel() * val.element_size(),
+                                           max(last_use, order[node]))
+    if inputs:
+        refusals.append(f"{len(inputs)} saved tensors are graph inputs (parameters, user inputs) or "
+                        f"their views, which stay alive anyway: {', '.join(inputs[:4])}"
+                        + (", ..." if len(inputs) > 4 else ""))
+    return candidates
+
+
+def _why_not_offloadable(node: fx.Node, val: torch.Tensor, roots_of_outputs: dict) -> str | None:
+    root = _alias_root(node)
+    if roots_of_outputs.get(root, 0) > 1:
+        return (f"its memory ({root.name}) is also returned or saved through another output; "
+                "offloading one of them frees nothing")
+    if any(_compat.is_symbolic(s) for s in (*val.shape, *val.stride(), val.storage_offset())):
+        return "symbolic size; the offload pool plans static slots (mark the dimension static)"
+    if val.numel() == 0:
+        return "empty"
+    root_val = root.meta.get("val")
+    if (not isinstance(root_val, torch.Tensor) or root_val.numel() != val.numel()
+            or val.storage_offset() != 0 or not _is_dense(val)):
+        return "it covers only part of its memory or is not dense; offloading it would free nothing"
+    return None
+
+
+def _alias_root(node: fx.Node) -> fx.Node:
+    """The node that allocated ``node``'s memory (through views; getitem picks a distinct tensor)."""
+    while (node.op == "call_function" and node.target is not operator.getitem and is_view(node)
+           and node.args and isinstance(node.args[0], fx.Node)):
+        node = node.args[0]
+    return node
+
+
+def _alias_family(root: fx.Node) -> list[fx.Node]:
+    family, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        family.append(node)
+        stack.extend(u for u in node.users if u.op == "call_function" and u.target is not operator.getitem
+                     and is_view(u) and u.args and u.args[0] is node)
+    return family
+
+
+def _is_dense(val: torch.Tensor) -> bool:
+    dims = sorted((d for d in range(val.dim()) if val.shape[d] != 1), key=lambda d: val.stride()[d])
+    expected = 1
+    for d in dims:
+        if val.stride()[d] != expected:
+            return False
+        expected *= val.shape[d]
+    return True
+
+
+def _row_numel(val: torch.Tensor) -> tuple[int, int]:
+    """(rows, elements per row) along the outermost memory dimension (the token dim of [B, S, ...])."""
+    dims = [d for d in range(val.dim()) if val.shape[d] != 1]
+    if not dims:
+        return 1, 1
+    outer = max(dims, key=lambda d: val.stride()[d])
+    return int(val.shape[outer]), int(val.stride()[outer])
+
+
+def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order) -> dict[str, float]:
+    """The plan without a joint planner: per tensor the fraction the host link hides."""
+    saved = _saved_tensors(gm, bw_gm, candidates, fw_times, profile)
+    options = offload_model.offload_options(saved, profile, ctx.config)
+    capacity = offload_model.host_capacity_bytes(ctx.config)
+    if capacity is not None:
+        capacity = max(0, capacity - offload_ops.reserved_host_bytes(exclude=ctx.graph_id))
+    return offload_model.hidden_plan(saved, options, capacity)
+
+
+def _saved_tensors(gm, bw_gm, candidates, fw_times, profile) -> list[SavedTensor]:
+    """SavedTensor descriptions of the candidates, timed with the cost model.
+
+    Without the backward graph, the backward compute before a tensor's first use is estimated as
+    twice the forward compute after its production (backward mirrors forward at ~2x the FLOPs)."""
+    nodes = list(gm.graph.nodes)
+    finish, forward_s = {}, 0.0
+    for node in nodes:
+        forward_s += fw_times.get(node.name, 0.0)
+        finish[node.name] = forward_s
+    first_use_start, first_use_index = {}, {}
+    if bw_gm is not None:
+        bw_times = graph_times(bw_gm, profile)
+        elapsed = 0.0
+        for index, node in enumerate(bw_gm.graph.nodes):
+            for arg in node.all_input_nodes:
+                if arg.op == "placeholder" and arg.name not in first_use_start:
+                    first_use_start[arg.name] = elapsed
+                    first_use_index[arg.name] = index
+            elapsed += bw_times.get(node.name, 0.0)
+    saved = []
+    for name, candidate in candidates.items():
+        val = candidate.node.meta["val"]
+        after = forward_s - finish[name]
+        saved.append(SavedTensor(
+            name=name, nbytes=candidate.nbytes, shape=tuple(int(s) for s in val.shape),
+            dtype=val.dtype, fw_index=nodes.index(candidate.node),
+            bw_index=first_use_index.get(name, -1),
+            fw_time_after_s=after, bw_time_before_s=first_use_start.get(name, 2.0 * after),
+            recompute_time_s=None))
+    return saved
+
+
+def _assign_slots(plan: dict[str, float], candidates: dict[str, _Candidate], saved_order: list[str],
+                  pool: str, ctx: PassContext, refusals: list[str]) -> dict[str, Slot]:
+    capacity = offload_model.host_capacity_bytes(ctx.config)
+    if capacity is not None:
+        capacity -= offload_ops.reserved_host_bytes(exclude=pool)
+    slots: dict[str, Slot] = {}
+    offset = 0
+    for name in saved_order:  # the forward's order: every rank assigns the same offsets
+        alpha = float(plan.get(name, 0.0))
+        if alpha <= 0:
+            continue
+        candidate = candidates.get(name)
+        if candidate is None:
+            if not any(r.startswith(f"{name}:") for r in refusals):
+                refusals.append(f"{name}: planned for offload but not among the forward's saved "
+                                "activations (the partitioner's names do not match the graph)")
+            continue
+        val = candidate.node.meta["val"]
+        rows, row_numel = _row_numel(val)
+        offloaded_rows = min(rows, round(min(alpha, 1.0) * rows))
+        if offloaded_rows == 0:
+            refusals.append(f"{name}: alpha {alpha:.3f} is less than one of its {rows} token rows")
+            continue
+        slot = Slot(name, offset, val.numel(), (rows - offloaded_rows) * row_numel,
+                    tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride()), val.dtype)
+        if capacity is not None and offset + slot.host_bytes > capacity:
+            refusals.append(f"{name}: {slot.host_bytes} more host bytes exceed "
+                            f"offload_host_capacity ({capacity} left for this graph)")
+            continue
+        slots[name] = slot
+        offset += -(-slot.host_bytes // offload_ops.SLOT_ALIGNMENT) * offload_ops.SLOT_ALIGNMENT
+    for name in plan:
+        if name not in saved_order and name not in candidates:
+            refusals.append(f"{name}: planned for offload but the forward does not save it")
+    return slots
+
+
+def _place_forward_waits(gm, slots, candidates, fw_times, profile, order) -> dict[str, fx.Node]:
+    """Per offloaded tensor, the node before which the forward waits for its copy."""
+    nodes = list(gm.graph.nodes)
+    start, elapsed = [], 0.0
+    for node in nodes:
+        start.append(elapsed)
+        elapsed += fw_times.get(node.name, 0.0)
+    output = nodes[-1]
+    link_free = 0.0
+    waits = {}
+    for name in sorted(slots, key=lambda n: order[candidates[n].node]):
+        produced_at = order[candidates[name].node]
+        begin = max(link_free, start[produced_at] + fw_times.get(name, 0.0))
+        link_free = begin + offload_model.transfer_time_s(slots[name].host_bytes, profile)
+        earliest = candidates[name].last_forward_use + 1
+        index = next((i for i in range(earliest, len(nodes) - 1) if start[i] >= link_free),
+                     len(nodes) - 1)
+        waits[name] = nodes[index] if index < len(nodes) - 1 else output
+    return waits
+
+
+def _retype_backward_inputs(bw_gm: fx.GraphModule, rewrite: ForwardRewrite) -> None:
+    """The backward receives the kept parts now: its placeholders say so (AOTAutograd reads them)."""
+    placeholders = _saved_placeholders(bw_gm, rewrite.saved_order)
+    for name in rewrite.slots:
+        placeholders[name].meta["val"] = rewrite.kept_vals[name]
+
+
+def _backward_mismatch(bw_gm: fx.GraphModule, saved_order: list[str]) -> str | None:
+    """Why the backward's leading placeholders are not the forward's saved outputs, or None."""
+    names = [p.name for p in bw_gm.graph.find_nodes(op="placeholder")][:len(saved_order)]
+    for index, expected in enumerate(saved_order):
+        found = names[index] if index < len(names) else "missing"
+        if found != expected:
+            return (f"the backward's input {index} is {found} but the forward saves {expected} there; "
+                    "the partitioner must name the backward's placeholders after the forward's saved "
+                    "outputs, in order")
+    return None
+
+
+def _saved_placeholders(bw_gm: fx.GraphModule, saved_order: list[str]) -> dict[str, fx.Node]:
+    mismatch = _backward_mismatch(bw_gm, saved_order)
+    if mismatch:
+        raise RuntimeError(
+            f"offload_activations: {mismatch}. The forward already returns kept parts, so this graph "
+            "cannot run; switch graphopt.config.offload_activations off and report it")
+    placeholders = list(bw_gm.graph.find_nodes(op="placeholder"))[:len(saved_order)]
+    return {p.name: p for p in placeholders}
+
+
+# --- backward --------------------------------------------------------------------------------------
+
+def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    rewrite: ForwardRewrite | None = ctx.shared.get(REWRITE_KEY)
+    if rewrite is None:
+        return PassResult(gm, False, refusals=["the forward stage offloaded nothing"])
+    placeholders = _saved_placeholders(gm, rewrite.saved_order)
+    for name in rewrite.slots:  # the cost model reads the shapes the backward computes with
+        placeholders[name].meta["val"] = rewrite.original_vals[name]
+    profile = current_profile(ctx.config)
+    nodes = list(gm.graph.nodes)
+    times = graph_times(gm, profile)
+    start, elapsed = {}, 0.0
+    for node in nodes:
+        start[node] = elapsed
+        elapsed += times.get(node.name, 0.0)
+    first_use = {}
+    for name in rewrite.slots:
+        users = [u for u in placeholders[name].users]
+        if users:
+            first_use[name] = min(users, key=nodes.index)
+    compute = [n for n in nodes if n.op not in ("placeholder", "output")]
+    issue = _place_reloads(rewrite, first_use, start, compute, profile)
+    for name in sorted(first_use, key=lambda n: nodes.index(first_use[n])):
+        slot = rewrite.slots[name]
+        placeholder = placeholders[name]
+        placeholder.meta["val"] = rewrite.kept_vals[name]
+        with gm.graph.inserting_before(issue[name]):
+            ticket = gm.graph.call_function(
+                _OPS.reload.default, (placeholder, rewrite.pool, rewrite.pool_nbytes, slot.offset,
+                                      slot.numel))
+        ticket.meta["val"] = rewrite.kept_vals[name].new_empty(0)
+        with gm.graph.inserting_before(first_use[name]):
+            value = gm.graph.call_function(
+                _OPS.reload_wait.default, (ticket, rewrite.pool, slot.offset, list(slot.shape),
+                                           list(slot.stride)))
+        value.meta["val"] = rewrite.original_vals[name]
+        placeholder.replace_all_uses_with(value, delete_user_cb=lambda user: user is not ticket)
+    for name in rewrite.slots:
+        if name not in first_use:
+            placeholders[name].meta["val"] = rewrite.kept_vals[name]
+    gm.graph.lint()
+    return PassResult(gm, True, matched=len(first_use), stats={
+        "reloaded": len(first_use),
+        "reloaded_bytes": sum(rewrite.slots[n].host_bytes for n in first_use)})
+
+
+def _place_reloads(rewrite, first_use, start, compute, profile) -> dict[str, fx.Node]:
+    """As late as the H2D queue allows: walking back from the last first use, each copy must end
+    by its first use and before the next copy starts; it is issued before the last compute node
+    that starts no later than the copy must."""
+    issue = {}
+    next_start = float("inf")
+    for name in sorted(first_use, key=lambda n: start[first_use[n]], reverse=True):
+        due = min(start[first_use[name]], next_start)
+        begin = due - offload_model.transfer_time_s(rewrite.slots[name].host_bytes, profile)
+        anchor = compute[0]
+        for node in compute:
+            if start[node] > begin or node is first_use[name]:
+                break
+            anchor = node
+        issue[name] = anchor
+        next_start = begin
+    return issue
