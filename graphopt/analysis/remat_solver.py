@@ -50,6 +50,7 @@ class JointGraph:
     cheap: set[str]                 # recomputed freely by the min-cut (views, pointwise)
     must_recompute: set[str]        # MUST_RECOMPUTE tags: never saved
     symbolic: set[str]              # SymInt values: saved, never counted
+    tuples: set[str]                # multi-output nodes: never saved whole (their getitems are)
     fw_outputs: list[str]
     bw_outputs: list[str]
     shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)   # tensors only
@@ -129,7 +130,7 @@ def min_cut_saved(graph: JointGraph) -> list[str]:
         if name in graph.symbolic:
             continue
         capacity = 0 if graph.role[name] == "primal" else graph.logical_bytes[name]
-        if name in graph.must_recompute:
+        if name in graph.must_recompute or name in graph.tuples:
             capacity = INFINITE
         flow.add_edge(f"{name}_in", f"{name}_out", capacity=capacity)
         recompute_allowed = graph.role[name] == "primal" or (
@@ -171,6 +172,14 @@ def recompute_closure(graph: JointGraph, saved: Iterable[str]) -> tuple[list[str
         name = stack.pop()
         if name in saved_set or name in recomputed:
             continue
+        if name in graph.tuples and graph.recomputable[name]:
+            recomputed.add(name)
+            stack.extend(i for i in graph.inputs[name] if graph.is_forward(i))
+            continue
+        if name in graph.tuples:
+            raise RuntimeError(
+                f"the backward reads multi-output node {name} whole, and it cannot be recomputed; "
+                "graphopt's planner saves only single tensors. Report this graph (dump_dir) to graphopt")
         if (graph.role[name] == "primal" or name in graph.symbolic
                 or not graph.recomputable[name]):
             saved_set.add(name)

@@ -161,9 +161,11 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile) -
     forward_seeds = fw_outputs + [n for n in nodes if n.op == "call_function" and not n.users
                                   and n not in tangent_dependent]
     forward = _ancestors(forward_seeds)
+    # an output of a forward multi-output op belongs to the forward even when only backward reads it
+    forward |= {n for n in nodes if n.target is operator.getitem and n.args[0] in forward}
     policy = _compat.checkpoint_policy()
     role, inputs, nbytes, logical, view_of, times, recomputable = {}, {}, {}, {}, {}, {}, {}
-    cheap, must_recompute, symbolic = set(), set(), set()
+    cheap, must_recompute, symbolic, tuples = set(), set(), set(), set()
     shapes, dtypes = {}, {}
     for node in nodes:
         name = node.name
@@ -177,7 +179,10 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile) -
         if isinstance(value, torch.Tensor):
             shapes[name] = tuple(_compat.hint_int(s) for s in value.shape)
             dtypes[name] = value.dtype
-        nbytes[name] = 0 if isinstance(value, (tuple, list)) else logical[name]
+        nbytes[name] = logical[name]
+        if isinstance(value, (tuple, list)):
+            tuples.add(name)
+            nbytes[name] = 0
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             symbolic.add(name)
         if cost_model.is_view(node) and node.all_input_nodes:
@@ -193,7 +198,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile) -
             cheap.add(name)
     return JointGraph(order=[n.name for n in nodes], inputs=inputs, role=role, nbytes=nbytes,
                       logical_bytes=logical, view_of=view_of, time_s=times, recomputable=recomputable,
-                      cheap=cheap, must_recompute=must_recompute, symbolic=symbolic,
+                      cheap=cheap, must_recompute=must_recompute, symbolic=symbolic, tuples=tuples,
                       fw_outputs=[o.name for o in fw_outputs], bw_outputs=[o.name for o in bw_outputs],
                       shapes=shapes, dtypes=dtypes)
 
