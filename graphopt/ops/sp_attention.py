@@ -282,7 +282,8 @@ def _sp_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool
 @_sp_attention_op.register_fake
 def _(q, k, v, scale, causal, group_name, load_balance):
     _check_inputs(q, k, v)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    # The real outputs are contiguous whatever the strides of q (q is often a transposed view).
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("graphopt::sp_attention_backward", mutates_args=())
@@ -295,7 +296,7 @@ def _sp_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
 
 @_sp_attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, dlse, scale, causal, group_name, load_balance):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
