@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import graphopt
-from graphopt.debug.dump import clear_compile_summaries, compile_summaries
+from graphopt.debug.dump import clear_compile_summaries, compile_summaries, write_index
 from graphopt.distributed.launch import spawn
 from graphopt.models.llama import Llama, LlamaConfig, llama_loss, parallelize_llama
 
@@ -164,7 +164,7 @@ def _print_report(results: list[dict], opts: DemoOptions) -> bool:
             print(f"  rank {result['rank']} {part['model']:<18} logits max err "
                   f"{part['logits_max_error']:.2e}  grad max err {part['grad_max_error']:.2e}  "
                   f"{'OK' if part['ok'] else 'MISMATCH'}  ({part['seconds']} s)")
-    print(f"\nDump: {os.path.abspath(opts.dump_dir)}/*/index.html")
+    print(f"\nDump: {os.path.join(opts.dump_dir, 'index.html')}")
     return all_ok
 
 
@@ -175,6 +175,7 @@ def run_demo(opts: DemoOptions) -> bool:
     print(f"graphopt demo: reference Llama, {opts.world_size} ranks over {opts.backend}, "
           f"codegen {opts.codegen}, sequence {opts.seq_len} x batch {opts.batch}")
     results = spawn(_demo_rank, opts.world_size, opts, backend=opts.backend)
+    write_index(opts.dump_dir)
     return _print_report(results, opts)
 
 

@@ -41,7 +41,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
     """Compile one Dynamo graph: pre-grad passes, AOTAutograd + joint passes, partition, codegen."""
     cfg = config.snapshot(**overrides)
     graph_id = _graph_id()
-    recorder = GraphRecorder(graph_id, _rank_dump_dir(cfg.dump_dir), cfg.describe())
+    recorder = GraphRecorder(graph_id, _rank_dump_dir(cfg.dump_dir), cfg.describe(),
+                             index_root=cfg.dump_dir)
     state = _CompileState(cfg, graph_id, recorder, list(example_inputs))
     log.info("[%s] compiling %d nodes, codegen %s, passes on: %s", graph_id, len(gm.graph.nodes),
              cfg.codegen, ", ".join(p.name for stage in PIPELINE.values() for p in stage

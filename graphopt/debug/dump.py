@@ -52,10 +52,11 @@ class Snapshot:
 class GraphRecorder:
     """Records the stages and passes of one compiled graph; writes files when a folder is given."""
 
-    def __init__(self, graph_id: str, dump_dir: str | None, config_description: dict[str, Any]):
+    def __init__(self, graph_id: str, dump_dir: str | None, config_description: dict[str, Any],
+                 index_root: str | None = None):
         self.graph_id = graph_id
         self.folder = os.path.join(dump_dir, graph_id) if dump_dir else None
-        self.dump_dir = dump_dir
+        self.index_root = index_root or dump_dir  # where the top index.html goes
         self.summary: dict[str, Any] = {"graph": graph_id, "config": config_description,
                                         "stages": [], "passes": []}
         self._step = 0
@@ -114,7 +115,7 @@ class GraphRecorder:
             handle.write(page)
         with open(os.path.join(self.folder, "summary.json"), "w") as handle:
             json.dump(self.summary, handle, indent=1, default=repr)
-        write_index(self.dump_dir)
+        write_index(self.index_root)
         log.info("graphopt dump of %s written to %s", self.graph_id, self.folder)
 
 
@@ -139,7 +140,7 @@ def _graph_page(summary: dict[str, Any], code: dict[int, tuple[str, str]]) -> st
     parts = [f"<html><head><meta charset='utf-8'><title>{esc(summary['graph'])}</title>",
              f"<style>{_STYLE}</style></head><body>",
              f"<h1>graphopt: {esc(summary['graph'])}</h1>",
-             "<p><a href='../index.html'>all graphs</a> &middot; <a href='summary.json'>summary.json</a></p>",
+             "<p><a href='summary.json'>summary.json</a></p>",
              "<h2>Passes</h2><table class='stats'><tr><th>stage</th><th>pass</th><th>matched</th>"
              "<th>modified</th><th>ms</th><th>stats</th></tr>"]
     for i, entry in enumerate(summary["passes"]):
@@ -183,23 +184,27 @@ def _graph_page(summary: dict[str, Any], code: dict[int, tuple[str, str]]) -> st
 
 
 def write_index(dump_dir: str) -> None:
-    """The top page: every graph in the folder, and which passes fired in each."""
+    """The top page: every graph below ``dump_dir`` (rank folders included), and which passes
+    fired in each. Written atomically, since several ranks may finish at once."""
     rows = []
-    for name in sorted(os.listdir(dump_dir)):
-        path = os.path.join(dump_dir, name, "summary.json")
-        if not os.path.exists(path):
+    for folder, _, files in sorted(os.walk(dump_dir)):
+        if "summary.json" not in files:
             continue
-        with open(path) as handle:
+        with open(os.path.join(folder, "summary.json")) as handle:
             summary = json.load(handle)
+        name = os.path.relpath(folder, dump_dir)
         fired = [f"{p['pass']} ({p['matched']})" for p in summary["passes"] if p.get("modified")]
         idle = [p["pass"] for p in summary["passes"] if p.get("ran") and not p.get("modified")]
+        stages = ", ".join(s["stage"] for s in summary["stages"])
         rows.append(
             f"<tr><td><a href='{html.escape(name)}/index.html'>{html.escape(name)}</a></td>"
             f"<td class='{'fired' if fired else 'idle'}'>{html.escape(', '.join(fired) or 'none')}</td>"
-            f"<td class='idle'>{html.escape(', '.join(idle))}</td></tr>")
+            f"<td class='idle'>{html.escape(', '.join(idle))}</td><td>{html.escape(stages)}</td></tr>")
     page = (f"<html><head><meta charset='utf-8'><title>graphopt dump</title><style>{_STYLE}</style>"
             "</head><body><h1>graphopt dump</h1><table class='stats'><tr><th>graph</th>"
-            "<th>passes that rewrote it (sites)</th><th>passes that ran and changed nothing</th></tr>"
-            + "".join(rows) + "</table></body></html>")
-    with open(os.path.join(dump_dir, "index.html"), "w") as handle:
+            "<th>passes that rewrote it (sites)</th><th>passes that ran and changed nothing</th>"
+            "<th>stages</th></tr>" + "".join(rows) + "</table></body></html>")
+    tmp = os.path.join(dump_dir, f".index.html.{os.getpid()}")
+    with open(tmp, "w") as handle:
         handle.write(page)
+    os.replace(tmp, os.path.join(dump_dir, "index.html"))
