@@ -2,9 +2,9 @@
 
 A workspace holds, on every rank of a group, at the same shape:
 - ``partial``: the rank's un-reduced GEMM output [M, N] (the kernel's GEMM CTAs write tiles here);
-- ``flags``: one int32 per output tile; a GEMM CTA publishes tile t by storing the current epoch
-  into ``flags[t]`` with release semantics, a communication CTA on any rank waits (acquire) until
-  the peer's flag equals the epoch, then reads the peer's tile;
+- ``flags``: [P, tiles] int32; when rank p's GEMM CTA has written tile t it stores the current epoch
+  into ``flags[p][t]`` of EVERY rank (release, system scope); a communication CTA waits on its own
+  rank's copy (acquire, a local poll) until all P entries equal the epoch, then reads the tiles;
 - ``epoch``: a device int32 bumped on the stream before every call, so flags never need resetting
   and no host value changes between calls (CUDA-graph safe: no host sync, no new allocation);
 - ``partial_ptrs`` / ``flag_ptrs``: device arrays of every rank's base pointers (peer P2P mappings).

@@ -5,15 +5,19 @@ One persistent kernel, two kinds of CTAs:
     GEMM CTAs (pid < NUM_GEMM_CTAS), for every output tile in production order:
         acc = A[rows, :] @ B[:, cols]                       (fp32 accumulate)
         partial[rows, cols] = acc                           (this rank's symmetric buffer)
-        barrier (all threads' stores issued); flags[tile] = epoch   (release, system scope)
+        barrier (all threads' stores issued)
+        for p in ranks: flags_p[rank][tile] = epoch         (release, system scope: a push)
     communication CTAs (the rest), for every tile this rank owns, in the same order:
-        for p in ranks: wait until flags_p[tile] == epoch   (acquire, system scope)
+        for p in ranks: wait until flags[p][tile] == epoch  (acquire, on local memory)
         out[tile] = sum over p = 0 .. P-1 of partial_p[tile] (fp32, fixed rank order)
 
 All-reduce: every rank owns every tile (one-shot all-reduce), so the result is bitwise identical on
 all ranks (same operands, same order). Reduce-scatter: rank r owns the tile rows of block r; the
 GEMM CTAs produce tile rows interleaved across blocks (block 0 row 0, block 1 row 0, ..., block 0
-row 1, ...) so every rank's communication CTAs get work from the first tiles on.
+row 1, ...) so every rank's communication CTAs get work from the first tiles on. Tiles are walked
+GROUP_M tile rows at a time, column by column (the usual L2 swizzle), and the consumers follow the
+same order. Flags are pushed to the consumer's memory so that waiting is a local poll, not a round
+trip over NVLink per tile and peer.
 
 Bounds (per rank, M x N x K, P ranks, s bytes per element):
     GEMM: 2 M N K FLOP, (M K + K N) s bytes read (plus re-reads), M N s written to ``partial``;
@@ -32,23 +36,25 @@ import torch
 import triton
 import triton.language as tl
 
+from graphopt import _compat
+
 BLOCK_M = 128
 BLOCK_N = 256
 BLOCK_K = 64
 NUM_WARPS = 8
 NUM_STAGES = 3
+GROUP_M = 8  # tile rows walked together, column by column, so concurrent tiles share B in L2
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit
-def _tile_row_of(row_seq, tiles_m, WORLD: tl.constexpr, SCATTER: tl.constexpr):
-    """The tile row produced at position ``row_seq`` (interleaved across rank blocks for RS)."""
-    if SCATTER:
-        rows_per_block = tiles_m // WORLD
-        return (row_seq % WORLD) * rows_per_block + row_seq // WORLD
-    else:
-        return row_seq
+def _grouped(seq, rows, cols, GROUP: tl.constexpr):
+    """(row, col) of position ``seq`` when GROUP rows are walked column by column (L2 reuse of B)."""
+    width = GROUP * cols
+    first = (seq // width) * GROUP
+    size = tl.minimum(rows - first, GROUP)
+    return first + (seq % width) % size, (seq % width) // size
 
 
 @triton.jit
@@ -56,17 +62,22 @@ def _matmul_tile_signal_kernel(
     a_ptr, b_ptr, partial_ptr, out_ptr, partial_ptrs, flag_ptrs, flags_ptr, epoch_ptr,
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
     RANK: tl.constexpr, WORLD: tl.constexpr, SCATTER: tl.constexpr, DTYPE: tl.constexpr,
-    NUM_GEMM_CTAS: tl.constexpr, NUM_COMM_CTAS: tl.constexpr,
+    NUM_GEMM_CTAS: tl.constexpr, NUM_COMM_CTAS: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     epoch = tl.load(epoch_ptr)
     tiles_m = M // BLOCK_M
     tiles_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tiles_m * tiles_n
+    rows_per_block = tiles_m // WORLD
     if pid < NUM_GEMM_CTAS:
-        for seq in range(pid, tiles_m * tiles_n, NUM_GEMM_CTAS):
-            tile_row = _tile_row_of(seq // tiles_n, tiles_m, WORLD, SCATTER)
-            tile_col = seq % tiles_n
+        for seq in range(pid, num_tiles, NUM_GEMM_CTAS):
+            row_seq, tile_col = _grouped(seq, tiles_m, tiles_n, GROUP_M)
+            if SCATTER:  # interleave the rank blocks: every rank's tiles come out from the start
+                tile_row = (row_seq % WORLD) * rows_per_block + row_seq // WORLD
+            else:
+                tile_row = row_seq
             offs_m = (tile_row * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             offs_n = (tile_col * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             offs_k = tl.arange(0, BLOCK_K)
@@ -83,21 +94,24 @@ def _matmul_tile_signal_kernel(
             tile = offs_m[:, None] * N + offs_n[None, :]
             tl.store(partial_ptr + tile, acc.to(DTYPE), mask=offs_n[None, :] < N)
             tl.debug_barrier()  # every thread's stores are issued before the flag is released
-            tl.atomic_xchg(flags_ptr + tile_row * tiles_n + tile_col, epoch, sem="release",
-                           scope="sys")
-    else:
-        owned_rows = tiles_m // WORLD if SCATTER else tiles_m
-        first_row = RANK * owned_rows if SCATTER else 0
-        for q in range(pid - NUM_GEMM_CTAS, owned_rows * tiles_n, NUM_COMM_CTAS):
-            tile_row = first_row + q // tiles_n
-            tile_col = q % tiles_n
-            flag_index = tile_row * tiles_n + tile_col
+            # Push "tile ready" into every rank's flag array (slot RANK): consumers poll locally.
             for peer in tl.static_range(WORLD):
                 peer_flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-                seen = tl.atomic_add(peer_flags + flag_index, 0, sem="acquire", scope="sys")
+                tl.atomic_xchg(peer_flags + RANK * num_tiles + tile_row * tiles_n + tile_col, epoch,
+                               sem="release", scope="sys")
+    else:
+        owned_rows = rows_per_block if SCATTER else tiles_m
+        first_row = RANK * rows_per_block if SCATTER else 0
+        for q in range(pid - NUM_GEMM_CTAS, owned_rows * tiles_n, NUM_COMM_CTAS):
+            # The producers' order restricted to this rank's tiles.
+            own_row, tile_col = _grouped(q, owned_rows, tiles_n, GROUP_M // WORLD if SCATTER else GROUP_M)
+            tile_row = first_row + own_row
+            for source in tl.static_range(WORLD):
+                flag = flags_ptr + source * num_tiles + tile_row * tiles_n + tile_col
+                seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
                 while seen < epoch:
-                    seen = tl.atomic_add(peer_flags + flag_index, 0, sem="acquire", scope="sys")
-            tl.debug_barrier()  # the acquire above orders every thread's reads below
+                    seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+            tl.debug_barrier()  # the acquires above order every thread's reads below
             offs_m = (tile_row * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             offs_n = (tile_col * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             tile = offs_m[:, None] * N + offs_n[None, :]
@@ -115,7 +129,7 @@ def num_sms(device: torch.device) -> int:
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, group_name: str, comm_sms: int, scatter: bool,
-            workspace=None) -> torch.Tensor:
+            workspace=None, group_m: int = GROUP_M) -> torch.Tensor:
     from graphopt.distributed import symm_mem
 
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
@@ -127,7 +141,9 @@ def _launch(a: torch.Tensor, b: torch.Tensor, group_name: str, comm_sms: int, sc
     n = b.shape[1]
     tiles_m, tiles_n = m // BLOCK_M, triton.cdiv(n, BLOCK_N)
     if workspace is None:
-        workspace = symm_mem.tile_workspace(group_name, m, n, a.dtype, a.device, tiles_m * tiles_n)
+        world = _compat.resolve_process_group(group_name).size()
+        workspace = symm_mem.tile_workspace(group_name, m, n, a.dtype, a.device,
+                                            world * tiles_m * tiles_n)
     world = workspace.world_size
     if m % (BLOCK_M * (world if scatter else 1)):
         raise ValueError(f"M={m} must be a multiple of {BLOCK_M}{' x world size' if scatter else ''} "
@@ -141,7 +157,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, group_name: str, comm_sms: int, sc
         a, b, workspace.partial, out, workspace.partial_ptrs, workspace.flag_ptrs, workspace.flags,
         epoch, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         RANK=workspace.rank, WORLD=world, SCATTER=scatter, DTYPE=_TL_DTYPES[a.dtype],
-        NUM_GEMM_CTAS=sms - comm_sms, NUM_COMM_CTAS=comm_sms,
+        NUM_GEMM_CTAS=sms - comm_sms, NUM_COMM_CTAS=comm_sms, GROUP_M=max(group_m, world),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out
