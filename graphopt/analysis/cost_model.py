@@ -23,7 +23,6 @@ import sympy
 import torch
 import torch.fx as fx
 
-from graphopt import _compat
 from graphopt.analysis.device_profile import DeviceProfile
 
 log = logging.getLogger("graphopt.analysis.cost_model")
@@ -73,12 +72,23 @@ def hints_for(expr: sympy.Expr, values: Any = None) -> dict:
     """Hints of the free symbols of ``expr`` from the ShapeEnv that made ``values``."""
     hints = {}
     env = _shape_env(values)
+    known = {}
+    if env is not None:  # renamed backed_var_to_val in newer torch
+        known = getattr(env, "backed_var_to_val", None) or env.var_to_val
     for symbol in expr.free_symbols:
-        hint = None
-        if env is not None:
-            hint = env.var_to_val.get(symbol)
+        hint = known.get(symbol)
         hints[symbol] = int(hint) if hint is not None else _FALLBACK_HINT
     return hints
+
+
+def size_hint(size: Any) -> int:
+    """A concrete int for a possibly symbolic size: its hint, else 8192 (estimates only)."""
+    if isinstance(size, int):
+        return size
+    hint = size.node.hint
+    if hint is not None:
+        return int(hint)
+    return int(evaluate(size.node.expr, hints_for(size.node.expr, None)))
 
 
 _FALLBACK_HINT = 8192
@@ -268,7 +278,7 @@ def tensor_nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         numel = 1
         for size in value.shape:
-            numel *= _compat.hint_int(size)
+            numel *= size_hint(size)
         return numel * value.element_size()
     if isinstance(value, (tuple, list)):
         return sum(tensor_nbytes(v) for v in value)

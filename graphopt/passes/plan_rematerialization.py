@@ -177,7 +177,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile) -
             role[name] = "fw" if node in forward else "bw"
         logical[name] = cost_model.tensor_nbytes(value)
         if isinstance(value, torch.Tensor):
-            shapes[name] = tuple(_compat.hint_int(s) for s in value.shape)
+            shapes[name] = tuple(cost_model.size_hint(s) for s in value.shape)
             dtypes[name] = value.dtype
         nbytes[name] = logical[name]
         if isinstance(value, (tuple, list)):
@@ -300,12 +300,17 @@ def _extract(joint_gm: fx.GraphModule, graph: JointGraph, plan: Plan, num_fwd_ou
     fw_gm, bw_gm = _compat.extract_fwd_bwd_modules(
         joint_gm, saved_values, saved_sym, num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_nodes=static)
-    return fw_gm, reorder_backward(bw_gm, set(plan.recomputed))
+    forward = {n for n in graph.order if graph.role[n] == "fw"}
+    return fw_gm, reorder_backward(bw_gm, forward)
 
 
-def reorder_backward(bw_gm: fx.GraphModule, recomputed: set[str]) -> fx.GraphModule:
-    """Emit backward nodes in order, each recomputed node just before its first reader (the order
-    ``remat_solver.backward_order`` simulates), so recomputed values do not all live at once."""
+def reorder_backward(bw_gm: fx.GraphModule, forward: set[str]) -> fx.GraphModule:
+    """Emit backward nodes in order, each recomputed forward node just before its first reader (the
+    order ``remat_solver.backward_order`` simulates), so recomputed values do not all live at once.
+
+    Forward nodes that no backward node reads are dropped: torch's extraction keeps ops that FX
+    counts as impure (random ops) when their inputs happen to be recomputable, and running them
+    again would waste time (their results are never used)."""
     old_nodes = list(bw_gm.graph.nodes)
     position = {node: i for i, node in enumerate(old_nodes)}
     graph = fx.Graph()
@@ -325,7 +330,7 @@ def reorder_backward(bw_gm: fx.GraphModule, recomputed: set[str]) -> fx.GraphMod
             env[node] = graph.node_copy(node, env.__getitem__)
 
     for node in old_nodes:
-        if node.op not in ("placeholder", "output") and node.name not in recomputed:
+        if node.op not in ("placeholder", "output") and node.name not in forward:
             emit(node)
     for node in old_nodes:
         if node.op == "output":

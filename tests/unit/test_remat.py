@@ -1,0 +1,293 @@
+"""plan_rematerialization: numerics, peak under budget, monotone cost, what is never recomputed."""
+
+import functools
+import os
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+import graphopt
+from graphopt import _compat
+from graphopt.analysis import cost_model
+from graphopt.debug.dump import compile_summaries
+from graphopt.passes.manager import PassContext
+from graphopt.passes.plan_rematerialization import BudgetError, parse_budget, partition_with_plan
+
+
+def _nop(gm, _inputs):
+    return _compat.make_boxed_func(gm.forward)
+
+
+def capture_joint(fn, *args):
+    """The AOTAutograd joint graph of ``fn`` and the partition kwargs AOTAutograd passes."""
+    captured = {}
+
+    def partition(joint, joint_inputs, **kwargs):
+        captured.update(joint=joint, inputs=joint_inputs, kwargs=kwargs)
+        return _compat.default_partition(joint, joint_inputs, **kwargs)
+
+    backend = _compat.aot_autograd(fw_compiler=_nop, bw_compiler=_nop, partition_fn=partition,
+                                   decompositions=_compat.core_aten_decompositions())
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend)(*args)
+    return captured
+
+
+def plan(captured, budget, **flags):
+    ctx = PassContext("partition", graphopt.config.snapshot(memory_budget=budget, **flags), "test")
+    fw, bw = partition_with_plan(captured["joint"], captured["inputs"], ctx, **captured["kwargs"])
+    return fw, bw, ctx
+
+
+def mlp(depth: int, width: int, hidden: int) -> nn.Module:
+    torch.manual_seed(depth * 1000 + width)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width),
+                                         nn.LayerNorm(width)) for _ in range(depth)])
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block with SDPA attention."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        a = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                       v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+def _targets(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _recomputed_ops(captured, ctx):
+    by_name = {n.name: n for n in captured["joint"].graph.nodes}
+    return [by_name[n] for n in ctx.shared["remat_plan"]["recomputed"]]
+
+
+# --- numerics and the budget -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [1.0, 0.3, "300KiB"])
+def test_mlp_numerics_equal_eager_under_every_budget(budget):
+    model = mlp(3, 32, 128)
+    x = torch.randn(256, 32, requires_grad=True)
+    model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad(), x.grad.zero_()
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", memory_budget=budget))
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, model(x))
+    for got, ref in zip([p.grad for p in model.parameters()] + [x.grad], want):
+        torch.testing.assert_close(got, ref)
+    summary = compile_summaries()[-1]["notes"]["remat_plan"]
+    assert summary["planned_peak_bytes"] == summary["realized_peak_bytes"]
+    if summary["feasible"]:
+        assert summary["planned_peak_bytes"] <= summary["budget_bytes"]
+
+
+def test_lower_budget_recomputes_more_and_fits():
+    captured = capture_joint(mlp(4, 32, 256), torch.randn(512, 32, requires_grad=True))
+    full = plan(captured, 1.0)[2].shared["remat_plan"]
+    half = plan(captured, 0.5)[2].shared["remat_plan"]
+    assert full["planned_peak_bytes"] == full["min_cut_peak_bytes"]
+    assert half["feasible"] and half["planned_peak_bytes"] <= half["budget_bytes"]
+    assert half["planned_peak_bytes"] < full["planned_peak_bytes"]
+    assert half["recompute_time_s"] > full["recompute_time_s"]
+    assert len(half["recomputed"]) > len(full["recomputed"])
+
+
+def test_infeasible_budget_takes_the_lowest_peak_and_says_why():
+    captured = capture_joint(mlp(2, 16, 64), torch.randn(64, 16, requires_grad=True))
+    summary = plan(captured, 1000)[2].shared["remat_plan"]
+    assert not summary["feasible"]
+    assert "no plan fits the budget" in summary["refusals"][0]
+
+
+@settings(max_examples=8, deadline=None)
+@given(depth=st.integers(1, 3), hidden=st.sampled_from([64, 128, 256]), transformer=st.booleans(),
+       fractions=st.lists(st.floats(0.05, 1.0), min_size=2, max_size=4, unique=True))
+def test_more_budget_never_means_more_recompute_time(depth, hidden, transformer, fractions):
+    torch.manual_seed(depth)
+    if transformer:
+        model = nn.Sequential(*[Block(32, 4) for _ in range(depth)])
+        x = torch.randn(2, hidden // 2, 32, requires_grad=True)
+    else:
+        model = mlp(depth, 32, hidden)
+        x = torch.randn(256, 32, requires_grad=True)
+    captured = capture_joint(model, x)
+    results = []
+    for fraction in sorted(fractions):
+        summary = plan(captured, fraction)[2].shared["remat_plan"]
+        assert summary["planned_peak_bytes"] == summary["realized_peak_bytes"]
+        if summary["feasible"]:
+            assert summary["planned_peak_bytes"] <= summary["budget_bytes"]
+        results.append(summary)
+    for smaller, larger in zip(results, results[1:]):
+        if smaller["feasible"]:
+            assert larger["feasible"]
+            assert larger["recompute_time_s"] <= smaller["recompute_time_s"] + 1e-15
+
+
+def test_plan_is_deterministic():
+    captured = capture_joint(nn.Sequential(Block(32, 4), Block(32, 4)),
+                             torch.randn(2, 64, 32, requires_grad=True))
+    first = plan(captured, 0.4)
+    second = plan(captured, 0.4)
+    assert first[2].shared["remat_plan"] == second[2].shared["remat_plan"]
+    assert first[0].code == second[0].code and first[1].code == second[1].code
+
+
+# --- what is never recomputed ------------------------------------------------------------------------
+
+def test_attention_is_never_recomputed():
+    model = nn.Sequential(Block(32, 4), Block(32, 4))
+    captured = capture_joint(model, torch.randn(2, 64, 32, requires_grad=True))
+    fw, bw, ctx = plan(captured, 0.05)
+    assert any(cost_model.is_attention(n) for n in captured["joint"].graph.nodes)
+    assert not [n for n in _recomputed_ops(captured, ctx) if cost_model.is_attention(n)]
+    forward_attention = [t for t in _targets(bw) if "attention" in t and "backward" not in t]
+    assert not forward_attention, forward_attention
+
+
+def test_random_ops_are_never_recomputed():
+    model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Dropout(0.3), nn.Linear(128, 32))
+    captured = capture_joint(model, torch.randn(128, 32, requires_grad=True))
+    _, bw, ctx = plan(captured, 0.05)
+    seeded = [n for n in captured["joint"].graph.nodes if n.op == "call_function"
+              and isinstance(n.target, torch._ops.OpOverload)
+              and torch.Tag.nondeterministic_seeded in n.target.tags]
+    assert seeded, "the dropout should put a random op in the joint graph"
+    recomputed = {n.name for n in _recomputed_ops(captured, ctx)}
+    assert not recomputed & {n.name for n in seeded}
+    assert not {n.name for n in bw.graph.nodes} & {n.name for n in seeded}
+
+
+def _collective_fn(group_name, x, w):
+    funcol = _compat.functional_collectives_ops()
+    h = (x @ w).sin()
+    reduced = funcol.wait_tensor(funcol.all_reduce(h, "sum", group_name))
+    return ((reduced * 2).cos() @ w.t()).square().sum()
+
+
+def test_collectives_are_never_recomputed_and_numerics_hold():
+    import torch.distributed as dist
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        fn = functools.partial(_collective_fn, _compat.group_name(None))
+        x = torch.randn(64, 32, requires_grad=True)
+        w = torch.randn(32, 64, requires_grad=True)
+        captured = capture_joint(fn, x, w)
+        _, bw, ctx = plan(captured, 0.05)
+        forward_collectives = {n.name for n in captured["joint"].graph.nodes
+                               if "c10d_functional" in str(n.target) and not n.name.endswith("_1")}
+        assert forward_collectives == {"all_reduce", "wait_tensor"}
+        assert not forward_collectives & {n.name for n in bw.graph.nodes}
+        assert "mm" in ctx.shared["remat_plan"]["recomputed"], "the budget should force recomputation"
+        fn(x, w).backward()
+        want = (x.grad.clone(), w.grad.clone())
+        x.grad, w.grad = None, None
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend=graphopt.backend(codegen="eager", memory_budget=0.05))
+        compiled(x, w).backward()
+        torch.testing.assert_close((x.grad, w.grad), want)
+    finally:
+        dist.destroy_process_group()
+
+
+# --- user checkpoint tags ----------------------------------------------------------------------------
+
+def _tagged(policy_for_mm, x, w1, w2):
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return policy_for_mm if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) \
+            else _compat.checkpoint_policy().PREFER_RECOMPUTE
+
+    def body(x):
+        return ((x @ w1).relu() @ w2).tanh()
+
+    return checkpoint(body, x, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, policy)).sum()
+
+
+def _tag_case(policy, budget):
+    x = torch.randn(128, 32, requires_grad=True)
+    w1, w2 = torch.randn(32, 128, requires_grad=True), torch.randn(128, 32, requires_grad=True)
+    captured = capture_joint(functools.partial(_tagged, policy), x, w1, w2)
+    tags = {n.name: n.meta.get("recompute") for n in captured["joint"].graph.nodes}
+    assert policy in tags.values(), "selective checkpointing should tag the joint graph"
+    return captured, plan(captured, budget)
+
+
+def test_must_save_tag_is_never_recomputed_even_under_a_tiny_budget():
+    policy = _compat.checkpoint_policy()
+    captured, (_, _, ctx) = _tag_case(policy.MUST_SAVE, 0.01)
+    mm_names = {n.name for n in captured["joint"].graph.nodes if n.meta.get("recompute") == policy.MUST_SAVE}
+    assert not mm_names & set(ctx.shared["remat_plan"]["recomputed"])
+
+
+def test_must_recompute_tag_is_never_saved_even_with_the_whole_budget():
+    policy = _compat.checkpoint_policy()
+    captured, (_, _, ctx) = _tag_case(policy.MUST_RECOMPUTE, 1.0)
+    forced = {n.name for n in captured["joint"].graph.nodes
+              if n.meta.get("recompute") == policy.MUST_RECOMPUTE and "mm" in str(n.target)}
+    assert forced and not forced & set(ctx.shared["remat_plan"]["saved"])
+    assert forced & set(ctx.shared["remat_plan"]["recomputed"])
+
+
+# --- joint plan with offload, dump, budget parsing -----------------------------------------------------
+
+def test_offload_options_enter_the_plan(monkeypatch):
+    offload_model = pytest.importorskip("graphopt.analysis.offload_model")
+    seen = {}
+
+    def fake_options(saved, profile, config):
+        seen["saved"] = saved
+        return {t.name: [offload_model.OffloadOption(1.0, t.nbytes, t.nbytes, 0.0)] for t in saved}
+
+    monkeypatch.setattr(offload_model, "offload_options", fake_options)
+    captured = capture_joint(mlp(3, 32, 256), torch.randn(512, 32, requires_grad=True))
+    _, _, ctx = plan(captured, 0.5, offload_activations=True)
+    assert seen["saved"] and all(t.fw_index >= 0 and t.nbytes > 0 for t in seen["saved"])
+    assert ctx.shared["offload_plan"], "free offloads should be chosen over recomputation"
+    assert set(ctx.shared["offload_plan"]) <= set(ctx.shared["remat_plan"]["saved"])
+    assert ctx.shared["remat_plan"]["feasible"]
+
+
+def test_dump_has_the_memory_picture_and_the_table(tmp_path):
+    model = mlp(2, 32, 128)
+    with graphopt.config.patch(dump_dir=str(tmp_path)):
+        compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", memory_budget=0.5))
+        compiled(torch.randn(128, 32, requires_grad=True)).sum().backward()
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    svg = ElementTree.parse(folder / "remat_memory.svg").getroot()
+    assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 2
+    table = (folder / "remat_plan.md").read_text()
+    assert "| tensor | action | size |" in table and "save" in table
+    assert "remat_plan" in compile_summaries()[-1]["notes"]
+    assert os.path.exists(folder / "summary.json")
+
+
+def test_parse_budget():
+    assert parse_budget("40GiB") == ("bytes", 40 * 2**30)
+    assert parse_budget("512MiB") == ("bytes", 512 * 2**20)
+    assert parse_budget(4e10) == ("bytes", 4e10)
+    assert parse_budget(0.5) == ("fraction", 0.5)
+    assert parse_budget("0.5") == ("fraction", 0.5)
+    assert parse_budget(1 << 20) == ("bytes", float(1 << 20))
+    for bad in ("lots", -1, 0.0, True):
+        with pytest.raises(BudgetError, match="memory_budget"):
+            parse_budget(bad)
