@@ -48,8 +48,8 @@ from graphopt import _compat
 
 log = logging.getLogger("graphopt.ops.offload")
 
-__all__ = ["SLOT_ALIGNMENT", "HostPool", "pool_stats", "reserve_host_bytes", "release_pool",
-           "reserved_host_bytes", "offload", "offload_wait", "reload", "reload_wait"]
+__all__ = ["SLOT_ALIGNMENT", "HostPool", "pool_stats", "release_pool", "offload", "offload_wait",
+           "reload", "reload_wait"]
 
 SLOT_ALIGNMENT = 512  # bytes; every slot starts at a multiple, so any dtype view of a slot is aligned
 
@@ -87,19 +87,8 @@ class _Slot:
 
 _POOLS: dict[str, HostPool] = {}
 _SLOTS: dict[tuple[str, int], _Slot] = {}
-_RESERVED: dict[str, int] = {}
 _STREAMS: dict[torch.device, tuple] = {}
 _STATS = {"pool_allocations": 0, "host_bytes": 0}
-
-
-def reserve_host_bytes(pool: str, nbytes: int) -> None:
-    """Record that plan ``pool`` will hold ``nbytes`` of host memory (host-capacity accounting)."""
-    _RESERVED[pool] = nbytes
-
-
-def reserved_host_bytes(exclude: str | None = None) -> int:
-    """Host bytes planned by every live plan except ``exclude``."""
-    return sum(n for name, n in _RESERVED.items() if name != exclude)
 
 
 def release_pool(pool: str) -> None:
@@ -107,7 +96,6 @@ def release_pool(pool: str) -> None:
     buffer = _POOLS.pop(pool, None)
     if buffer is not None:
         _STATS["host_bytes"] -= buffer.buffer.numel()
-    _RESERVED.pop(pool, None)
     for key in [key for key in _SLOTS if key[0] == pool]:
         del _SLOTS[key]
 

@@ -34,7 +34,8 @@ longer than needed to hide the copy.
 
 Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
 planned here, the pool allocated once and reused every step, within
-``config.offload_host_capacity`` (minus what other compiled graphs' plans reserved).
+``config.offload_host_capacity`` (per compiled graph: a model split by graph breaks gets one pool
+per graph, each within the capacity).
 
 Refused (left in device memory, with a reason): names the forward does not save; tensors whose
 memory stays alive anyway (views of graph inputs, memory shared with another output or saved
@@ -153,7 +154,6 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False, refusals=refusals or ["the plan offloads nothing"],
                           stats={"planned": len(plan)})
     pool_nbytes = max(s.offset + s.host_bytes for s in slots.values())
-    offload_ops.reserve_host_bytes(pool, pool_nbytes)
 
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     waits = _place_forward_waits(gm, slots, candidates, fw_times, profile, order)
@@ -299,10 +299,7 @@ def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order) -> 
     """The plan without a joint planner: per tensor the fraction the host link hides."""
     saved = _saved_tensors(gm, bw_gm, candidates, fw_times, profile)
     options = offload_model.offload_options(saved, profile, ctx.config)
-    capacity = offload_model.host_capacity_bytes(ctx.config)
-    if capacity is not None:
-        capacity = max(0, capacity - offload_ops.reserved_host_bytes(exclude=ctx.graph_id))
-    return offload_model.hidden_plan(saved, options, capacity)
+    return offload_model.hidden_plan(saved, options, offload_model.host_capacity_bytes(ctx.config))
 
 
 def _saved_tensors(gm, bw_gm, candidates, fw_times, profile) -> list[SavedTensor]:
@@ -341,8 +338,6 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile) -> list[SavedTensor
 def _assign_slots(plan: dict[str, float], candidates: dict[str, _Candidate], saved_order: list[str],
                   pool: str, ctx: PassContext, refusals: list[str]) -> dict[str, Slot]:
     capacity = offload_model.host_capacity_bytes(ctx.config)
-    if capacity is not None:
-        capacity -= offload_ops.reserved_host_bytes(exclude=pool)
     slots: dict[str, Slot] = {}
     offset = 0
     for name in saved_order:  # the forward's order: every rank assigns the same offsets
@@ -365,7 +360,7 @@ def _assign_slots(plan: dict[str, float], candidates: dict[str, _Candidate], sav
                     tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride()), val.dtype)
         if capacity is not None and offset + slot.host_bytes > capacity:
             refusals.append(f"{name}: {slot.host_bytes} more host bytes exceed "
-                            f"offload_host_capacity ({capacity} left for this graph)")
+                            f"offload_host_capacity ({capacity - offset} left for this graph)")
             continue
         slots[name] = slot
         offset += -(-slot.host_bytes // offload_ops.SLOT_ALIGNMENT) * offload_ops.SLOT_ALIGNMENT

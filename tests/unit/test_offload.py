@@ -1,0 +1,310 @@
+"""offload_activations + graphopt::offload / reload ops on CPU: placement, numerics, static pool."""
+
+import copy
+import itertools
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import given, settings, strategies as st
+
+import graphopt
+from graphopt import _compat, config
+from graphopt.models.llama import Llama, LlamaConfig
+from graphopt.ops import offload as offload_ops
+from graphopt.passes.manager import PassContext, run_stage
+from graphopt.passes.pipeline import OFFLOAD_ACTIVATIONS
+
+OPS = torch.ops.graphopt
+_graph_ids = itertools.count()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny graphs: one intra-op thread is faster on a shared CI machine than oversubscribing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Compiled:
+    """AOTAutograd with torch's min-cut partition, then the offload pass on forward and backward.
+
+    The plan is given (``ctx.shared["offload_plan"]``) or left to the pass; the partitioner shares
+    the backward graph as plan_rematerialization does."""
+
+    def __init__(self, model, plan=None, run_pass=True, **flags):
+        self.shared = {} if plan is None else {"offload_plan": dict(plan)}
+        self.graphs = {}
+        self.results = {}
+        self.graph_id = f"test_offload_{next(_graph_ids)}"
+        cfg = config.snapshot(codegen="eager", offload_activations=run_pass, **flags)
+
+        def partition(joint, inputs, **kwargs):
+            fw, bw = _compat.min_cut_rematerialization_partition(joint, inputs, **kwargs)
+            self.shared["backward_graph"] = bw
+            return fw, bw
+
+        def stage(name):
+            def compile_stage(gm, inputs):
+                ctx = PassContext(name, cfg, self.graph_id, list(inputs), None, {}, self.shared)
+                passes = [OFFLOAD_ACTIVATIONS] if run_pass else []
+                self.graphs[name] = run_stage(name, passes, gm, ctx)
+                return _compat.make_boxed_func(self.graphs[name].forward)
+            return compile_stage
+
+        backend = _compat.aot_autograd(fw_compiler=stage("forward"), bw_compiler=stage("backward"),
+                                       partition_fn=partition,
+                                       decompositions=_compat.core_aten_decompositions())
+        torch._dynamo.reset()
+        self.module = torch.compile(model, backend=backend)
+
+    def step(self, tokens):
+        loss = self.module(tokens).float().pow(2).mean()
+        loss.backward()
+        return loss.detach()
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig.tiny(**overrides))
+
+
+def micro(**overrides):
+    """Smaller than tiny: for tests that compile many times or run many steps."""
+    return tiny(**{"dim": 32, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64, "vocab_size": 64,
+                   **overrides})
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def calls(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op.default]
+
+
+# --- the ops ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kept_rows", [0, 2, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_ops_round_trip_through_the_pool(kept_rows, layout):
+    x = torch.randn(8, 5, 6) if layout == "contiguous" else torch.randn(5, 8, 6).transpose(0, 1)
+    row = max(x.stride())
+    pool = f"roundtrip_{kept_rows}_{layout}"
+    ticket = OPS.offload(x, pool, 4096, 512, kept_rows * row, list(x.stride()))
+    kept = OPS.offload_wait(ticket, x, pool, 512, kept_rows * row, list(x.stride()))
+    assert kept.numel() == kept_rows * row
+    back = OPS.reload_wait(OPS.reload(kept, pool, 4096, 512, x.numel()), pool, 512,
+                           list(x.shape), list(x.stride()))
+    assert back.stride() == x.stride() and torch.equal(back, x)
+    offload_ops.release_pool(pool)
+
+
+def test_ops_fake_impls_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(4, 6, dtype=torch.bfloat16)
+        ticket = OPS.offload(x, "fake", 1024, 0, 12, [6, 1])
+        kept = OPS.offload_wait(ticket, x, "fake", 0, 12, [6, 1])
+        back = OPS.reload_wait(OPS.reload(kept, "fake", 1024, 0, 24), "fake", 0, [4, 6], [6, 1])
+    assert ticket.numel() == 0 and kept.shape == (12,) and back.shape == (4, 6)
+    assert back.dtype == torch.bfloat16
+
+
+def test_second_forward_in_flight_is_refused_not_corrupted():
+    x = torch.randn(4, 4)
+    kept = OPS.offload_wait(OPS.offload(x, "inflight", 1024, 0, 0, [4, 1]), x, "inflight", 0, 0, [4, 1])
+    with pytest.raises(RuntimeError, match="backward has not run"):
+        OPS.offload(x, "inflight", 1024, 0, 0, [4, 1])
+    del kept  # the first forward's graph is gone: the slot is free again
+    OPS.offload(x, "inflight", 1024, 0, 0, [4, 1])
+    offload_ops.release_pool("inflight")
+
+
+# --- the pass: placement ---------------------------------------------------------------------------
+
+def test_offload_right_after_producer_and_reload_right_before_first_use():
+    model = tiny(n_layers=1)
+    compiled = Compiled(model, plan={"mm_3": 1.0, "add_6": 0.5})
+    compiled.step(torch.randint(0, 128, (1, 32)))
+    fw, bw = compiled.graphs["forward"], compiled.graphs["backward"]
+    offloads = calls(fw, OPS.offload)
+    assert sorted(n.args[0].name for n in offloads) == ["add_6", "mm_3"]
+    fw_order = {n: i for i, n in enumerate(fw.graph.nodes)}
+    output = next(iter(fw.graph.find_nodes(op="output")))
+    for offload in offloads:
+        produced = offload.args[0]
+        assert offload.prev is produced  # copy starts as soon as the value exists
+        wait = next(u for u in offload.users if u.target is OPS.offload_wait.default)
+        other_uses = [u for u in produced.users if u not in (offload, wait)]
+        assert all(fw_order[u] < fw_order[wait] for u in other_uses)
+        assert wait in output.args[0] and produced not in output.args[0]
+    placeholders = {p.name: p for p in bw.graph.find_nodes(op="placeholder")}
+    bw_order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    for name in ("mm_3", "add_6"):
+        (reload,) = placeholders[name].users  # only the reload reads the kept part
+        assert reload.target is OPS.reload.default
+        (wait,) = reload.users
+        first_use = min(wait.users, key=bw_order.__getitem__)
+        assert wait.next is first_use or wait.next.target is OPS.reload_wait.default
+        assert bw_order[reload] < bw_order[wait]
+    half = next(n for n in offloads if n.args[0].name == "add_6")
+    total = half.args[0].meta["val"].numel()
+    assert half.args[4] == total // 2  # alpha 0.5 keeps the first half of the token rows
+
+
+def test_reload_is_issued_before_first_use_by_the_cost_model():
+    # A long backward before the first use: the reload is issued ahead of it, not at the top.
+    model = tiny(n_layers=3)
+    compiled = Compiled(model, plan={"embedding": 1.0})
+    compiled.step(torch.randint(0, 128, (1, 64)))
+    bw = compiled.graphs["backward"]
+    nodes = list(bw.graph.nodes)
+    (reload,) = calls(bw, OPS.reload)
+    (wait,) = calls(bw, OPS.reload_wait)
+    compute = [n for n in nodes if n.op == "call_function"]
+    assert 0 < compute.index(reload) < compute.index(wait)
+
+
+def _partitioned(layers=1, seq=32):
+    compiled = Compiled(tiny(n_layers=layers), run_pass=False)
+    compiled.step(torch.randint(0, 128, (1, seq)))
+    return compiled.graphs["forward"], compiled.graphs["backward"]
+
+
+def _run_forward_pass(fw, bw, plan, **flags):
+    from graphopt.passes.offload_activations import offload_activations
+    cfg = config.snapshot(codegen="eager", offload_activations=True, **flags)
+    shared = {"offload_plan": plan, "backward_graph": bw}
+    ctx = PassContext("forward", cfg, f"test_offload_{next(_graph_ids)}", [], None, {}, shared)
+    return offload_activations(fw, ctx)
+
+
+def test_refusals_name_the_reason():
+    fw, bw = _partitioned()
+    result = _run_forward_pass(fw, bw, {"primals_3": 1.0, "no_such_tensor": 1.0, "mm_3": 0.001})
+    assert not result.modified and not calls(fw, OPS.offload)
+    text = "\n".join(result.refusals)
+    assert "graph inputs" in text and "primals_3" in text
+    assert "no_such_tensor: planned for offload but the forward does not save it" in text
+    assert "mm_3: alpha 0.001 is less than one of its 32 token rows" in text
+
+
+def test_host_capacity_is_a_constraint():
+    fw, bw = _partitioned()
+    result = _run_forward_pass(fw, bw, {"mm_3": 1.0, "add_6": 1.0}, offload_host_capacity=10000)
+    assert result.modified and result.stats["pool_bytes"] <= 10000
+    assert any("offload_host_capacity" in r for r in result.refusals)
+
+
+def test_mismatched_backward_names_are_refused_before_any_change():
+    fw, bw = _partitioned()
+    code = fw.code
+    placeholders = list(bw.graph.find_nodes(op="placeholder"))
+    placeholders[0].name, placeholders[1].name = "renamed_a", "renamed_b"
+    result = _run_forward_pass(fw, bw, {"mm_3": 1.0})
+    assert not result.modified and fw.code == code
+    assert any("must name the backward's placeholders" in r for r in result.refusals)
+
+
+# --- the pass: numerics ----------------------------------------------------------------------------
+
+_PLAIN: dict = {}
+
+
+def _plain_run(layers, seq, tokens):
+    """Gradients and saved-tensor names of the graph without the pass (cached per shape)."""
+    if (layers, seq) not in _PLAIN:
+        model = micro(n_layers=layers)
+        reference = Compiled(model, run_pass=False)
+        reference.step(tokens)
+        names = [p.name for p in reference.graphs["backward"].graph.find_nodes(op="placeholder")
+                 if "tangents" not in p.name and not p.name.startswith("primals")]
+        _PLAIN[layers, seq] = grads(model), names
+    return _PLAIN[layers, seq]
+
+
+@settings(max_examples=6, deadline=None)
+@given(layers=st.integers(1, 2), seq=st.sampled_from([16, 48]), alpha=st.sampled_from([0.25, 0.5, 1.0]),
+       capacity=st.sampled_from([None, 12_000]))
+def test_gradients_equal_the_graph_without_offload(layers, seq, alpha, capacity):
+    tokens = torch.randint(0, 64, (1, seq), generator=torch.Generator().manual_seed(seq))
+    plain_grads, names = _plain_run(layers, seq, tokens)
+    offloaded = micro(n_layers=layers)
+    compiled = Compiled(offloaded, plan={n: alpha for n in names}, offload_host_capacity=capacity)
+    compiled.step(tokens)
+    offloads = calls(compiled.graphs["forward"], OPS.offload)
+    assert offloads
+    if alpha < 1.0:
+        assert any(n.args[4] > 0 for n in offloads)  # token fractions stay on the device
+    if capacity is not None:
+        assert offloads[0].args[2] <= capacity  # the pool's size
+    for g_plain, g_off in zip(plain_grads, grads(offloaded)):
+        torch.testing.assert_close(g_off, g_plain, rtol=0, atol=0)
+
+
+def test_backend_matches_eager():
+    model = tiny(n_layers=2)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", offload_activations=True))
+    tokens = torch.randint(0, 128, (1, 64))
+    for _ in range(2):
+        model.zero_grad()
+        reference.zero_grad()
+        compiled(tokens).float().pow(2).mean().backward()
+        reference(tokens).float().pow(2).mean().backward()
+        for g, r in zip(grads(model), grads(reference)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_hundred_steps_keep_pool_and_memory_flat():
+    import gc
+    model = micro(n_layers=1)
+    compiled = Compiled(model, plan=None)
+    tokens = torch.randint(0, 64, (1, 16))
+    for _ in range(3):
+        model.zero_grad(set_to_none=False)
+        compiled.step(tokens)
+    assert calls(compiled.graphs["forward"], OPS.offload), "the self-made plan offloads something"
+    first = offload_ops.pool_stats()
+    gc.collect()
+    tensors_before = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    for _ in range(100):
+        model.zero_grad(set_to_none=False)
+        compiled.step(tokens)
+    gc.collect()
+    tensors_after = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    last = offload_ops.pool_stats()
+    assert last["pool_allocations"] == first["pool_allocations"]
+    assert last["host_bytes"] == first["host_bytes"]
+    assert last["slots"] == first["slots"] and last["reloads_in_flight"] == 0
+    assert tensors_after <= tensors_before
+
+
+# --- Inductor ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_inductor_keeps_the_ops_and_the_numerics(monkeypatch):
+    import graphopt.passes.plan_rematerialization as remat
+    partition = remat.partition_with_plan
+
+    def sharing_backward(joint, inputs, ctx, **kwargs):  # until the planner shares it itself
+        fw, bw = partition(joint, inputs, ctx, **kwargs)
+        ctx.shared.setdefault("backward_graph", bw)
+        return fw, bw
+
+    monkeypatch.setattr(remat, "partition_with_plan", sharing_backward)
+    model = tiny(n_layers=1)
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="inductor", offload_activations=True))
+    tokens = torch.randint(0, 128, (1, 64))
+    before = offload_ops.pool_stats()["pool_allocations"]
+    compiled(tokens).float().pow(2).mean().backward()
+    reference(tokens).float().pow(2).mean().backward()
+    assert offload_ops.pool_stats()["pool_allocations"] == before + 1  # the ops ran
+    for g, r in zip(grads(model), grads(reference)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

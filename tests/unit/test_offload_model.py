@@ -1,0 +1,98 @@
+"""The offload cost model: windows, the shared D2H / H2D queues, options and the hidden plan."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from graphopt import config
+from graphopt.analysis import offload_model
+from graphopt.analysis.device_profile import DeviceProfile
+from graphopt.analysis.liveness import SavedTensor
+
+# 1 GB/s and no launch latency: 1e6 bytes take exactly 1 ms.
+LINK = DeviceProfile("test", matmul_tflops=1.0, matmul_tflops_fp32=1.0, hbm_gbps=100.0,
+                     allreduce_bus_gbps=1.0, p2p_gbps=1.0, host_link_gbps=1.0, kernel_launch_s=0.0)
+
+
+def saved(name, nbytes, fw_index, after_ms, before_ms):
+    return SavedTensor(name=name, nbytes=nbytes, shape=(nbytes // 2,), dtype=torch.bfloat16,
+                       fw_index=fw_index, bw_index=0, fw_time_after_s=after_ms * 1e-3,
+                       bw_time_before_s=before_ms * 1e-3, recompute_time_s=None)
+
+
+def test_one_tensor_is_hidden_up_to_its_window():
+    wide = [saved("x", 1_000_000, 0, after_ms=5, before_ms=5)]
+    assert offload_model.hidden_fractions(wide, LINK) == {"x": 1.0}
+    narrow = [saved("x", 1_000_000, 0, after_ms=5, before_ms=0.25)]  # reload window 0.25 ms
+    assert offload_model.hidden_fractions(narrow, LINK)["x"] == pytest.approx(0.25)
+
+
+def test_tensors_share_the_link_instead_of_each_using_the_whole_window():
+    # Two 1 MB tensors produced together, 1.5 ms of forward left: the D2H queue holds 1.5 MB, not 2.
+    pair = [saved("a", 1_000_000, 0, after_ms=1.5, before_ms=10),
+            saved("b", 1_000_000, 1, after_ms=1.5, before_ms=10)]
+    hidden = offload_model.hidden_fractions(pair, LINK)
+    assert hidden["a"] == pytest.approx(1.0)
+    assert hidden["b"] == pytest.approx(0.5)
+    assert sum(hidden.values()) * 1e6 <= 1.5e6 + 1
+
+
+def test_exposed_time_is_the_queue_overrun():
+    pair = [saved("a", 1_000_000, 0, after_ms=1.5, before_ms=10),
+            saved("b", 1_000_000, 1, after_ms=1.5, before_ms=10)]
+    options = offload_model.offload_options(pair, LINK)
+    by_alpha = {o.alpha: o for o in options["b"]}
+    assert by_alpha[0.5].exposed_time_s == pytest.approx(0.0, abs=1e-9)
+    assert by_alpha[1.0].exposed_time_s == pytest.approx(0.5e-3)  # 0.5 MB more behind a full link
+    assert by_alpha[1.0].device_bytes_freed == by_alpha[1.0].host_bytes == 1_000_000
+
+
+def test_reload_queue_orders_by_first_use():
+    # Both are needed 1 ms into the backward; together they need 2 ms of the H2D link.
+    pair = [saved("a", 1_000_000, 0, after_ms=10, before_ms=1.0),
+            saved("b", 1_000_000, 1, after_ms=10, before_ms=1.0)]
+    forward, backward = offload_model.queue_stall_s(pair, {"a": 1.0, "b": 1.0}, LINK)
+    assert forward == 0.0
+    assert backward == pytest.approx(1e-3)
+
+
+def test_host_capacity_limits_options_and_plan():
+    tensors = [saved(f"t{i}", 1_000_000, i, after_ms=100, before_ms=100) for i in range(4)]
+    with config.patch(offload_host_capacity="2.5MB"):
+        snap = config.snapshot()
+        options = offload_model.offload_options(tensors, LINK, snap)
+        plan = offload_model.hidden_plan(tensors, options, offload_model.host_capacity_bytes(snap))
+    assert plan == {"t0": 1.0, "t1": 1.0}  # earliest produced first, the third would exceed 2.5 MB
+
+
+def test_host_capacity_parsing():
+    assert offload_model.host_capacity_bytes(config.snapshot(offload_host_capacity="64GiB")) == 64 * 2**30
+    assert offload_model.host_capacity_bytes(config.snapshot(offload_host_capacity=1000)) == 1000
+    assert offload_model.host_capacity_bytes(config.snapshot()) is None
+    with pytest.raises(ValueError, match="offload_host_capacity"):
+        offload_model.host_capacity_bytes(config.snapshot(offload_host_capacity="lots"))
+
+
+tensor_lists = st.lists(
+    st.tuples(st.integers(1, 4_000_000), st.floats(0.0, 8.0), st.floats(0.0, 16.0)),
+    min_size=1, max_size=8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(tensor_lists)
+def test_hidden_plan_adds_no_stall_and_options_grow_with_alpha(specs):
+    tensors = [saved(f"t{i}", n, i, after_ms=a, before_ms=b) for i, (n, a, b) in enumerate(specs)]
+    options = offload_model.offload_options(tensors, LINK)
+    plan = offload_model.hidden_plan(tensors, options, None)
+    forward, backward = offload_model.queue_stall_s(tensors, plan, LINK)
+    assert forward + backward <= 1e-6
+    for name, choices in options.items():
+        alphas = [o.alpha for o in choices]
+        assert alphas == sorted(alphas) and all(0 < a <= 1 for a in alphas)
+        exposed = [o.exposed_time_s for o in choices]
+        assert all(x <= y + 1e-12 for x, y in zip(exposed, exposed[1:]))
+    # deterministic: the same input gives the same plan (every rank plans alike)
+    again = [dataclasses.replace(t) for t in reversed(tensors)]
+    assert offload_model.hidden_plan(again, offload_model.offload_options(again, LINK), None) == plan
