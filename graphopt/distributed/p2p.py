@@ -14,14 +14,11 @@ pairs a send on one rank with a receive on its peer, so the per-pair message ord
 
 from __future__ import annotations
 
-import logging
+import functools
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger("graphopt.distributed.p2p")
-
 
 class Transfer:
     """Sends and receives in flight; ``wait()`` before reading a receive buffer."""
@@ -64,3 +61,9 @@ class Exchanger:
         for tensor in tensors:
             tensor.record_stream(self._stream)
         return Transfer(works, tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def exchanger_for(group: dist.ProcessGroup, device: torch.device) -> Exchanger:
+    """One exchanger (and one communication stream) per group and device."""
+    return Exchanger(group, device)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from graphopt import _compat
-from graphopt.distributed.p2p import Exchanger
+from graphopt.distributed.p2p import exchanger_for
 from graphopt.distributed.sp_schedule import DIAGONAL, HELPER, OWNER, Step, build_schedule
 from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
                                     attention_delta, merge_attention_blocks)
@@ -68,12 +68,16 @@ def _rows(x: Tensor, start: int, stop: int) -> Tensor:
 class _Runner:
     """Walks a schedule: inputs of step t + 1 travel while step t computes."""
 
-    def __init__(self, q: Tensor, group: dist.ProcessGroup, causal: bool, load_balance: bool):
+    def __init__(self, q: Tensor, group: dist.ProcessGroup, causal: bool, load_balance: bool,
+                 diagonal_last: bool = False):
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.chunk = q.shape[2]
-        self.schedule = build_schedule(self.world, causal, load_balance)
-        self.exchanger = Exchanger(group, q.device)
+        schedule = build_schedule(self.world, causal, load_balance)
+        # The diagonal needs no transfer: first, it hides the first step's inputs; last, it hides
+        # the last step's returned partials (the backward's float32 dk/dv, the larger transfer).
+        self.schedule = schedule[1:] + schedule[:1] if diagonal_last else schedule
+        self.exchanger = exchanger_for(group, q.device)
 
     def offset(self, chunk_rank: int, row_start: int = 0) -> int:
         return chunk_rank * self.chunk + row_start
@@ -193,7 +197,7 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     if dist.get_world_size(group) == 1:
         return attention_block_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
                                         delta=delta)
-    run = _Runner(q, group, causal, load_balance)
+    run = _Runner(q, group, causal, load_balance, diagonal_last=True)
     rank = run.rank
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
