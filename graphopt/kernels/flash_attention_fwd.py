@@ -25,11 +25,19 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Constants read inside kernels must be constexpr globals.
+LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 
-# On GPUs, pick block sizes by timing the configs below (once per tuning key); False launches the
-# first config untimed, which keeps tests that compile many shapes quick.
+# On GPUs, pick block sizes by timing the configs below (once per tuning key); False launches
+# config number UNTUNED_CONFIG (the first by default) untimed, which keeps tests that compile many
+# shapes quick and lets a warm-up compile each config in its own process.
 AUTOTUNE = True
+UNTUNED_CONFIG = 0
+
+# Lengths, offsets and head counts vary from call to call (ring steps, GQA) and need no alignment:
+# specialising on them (== 1, % 16 == 0) would only multiply compilations.
+UNSPECIALIZED = ["group", "seqlen_q", "seqlen_k", "q_offset", "k_offset", "SEQ_BUCKET"]
 
 # Blocks used under the Triton interpreter and for CPU tensors (the smallest tl.dot accepts).
 INTERPRET_BLOCK_M = 16
@@ -79,7 +87,7 @@ def _attend_key_blocks(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED + ["num_heads"])
 def _flash_fwd_kernel(Q, K, V, Out, Lse,
                       stride_qb, stride_qh, stride_qm,
                       stride_kb, stride_kh, stride_kn,
@@ -162,12 +170,12 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse,
     tl.store(lse_ptrs, lse, mask=row_ok)
 
 
-# Hopper (H100/H200) configs for bf16/fp16; the first entry is the default when AUTOTUNE is off.
+# Hopper (H100/H200) configs for bf16/fp16. At D = 128 none spills registers (ptxas, sm_90a).
 HALF_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
 ]
 # float32 tiles take twice the registers and shared memory (and full-precision dots).
 FP32_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
@@ -191,11 +199,11 @@ _flash_fwd_tuned = tuned_by_dtype(
 
 
 def launch(tuned, grid, args, meta) -> None:
-    """Runs an autotuned kernel, or its first config when AUTOTUNE is off."""
+    """Runs an autotuned kernel, or one fixed config of it when AUTOTUNE is off."""
     if AUTOTUNE:
         tuned[grid](*args, **meta)
         return
-    config = tuned.configs[0]
+    config = tuned.configs[min(UNTUNED_CONFIG, len(tuned.configs) - 1)]
     tuned.fn[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                   num_stages=config.num_stages)
 
@@ -204,13 +212,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def on_gpu(x: torch.Tensor) -> bool:
+    """Compiled kernels (autotuned, Hopper tiles); otherwise the interpreter's small tiles."""
+    return x.is_cuda and not interpreting()
+
+
 def head_dim_padded(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get full-precision products; half types use the tensor cores as they are.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, on_gpu: bool) -> str:
+    """Half types use the tensor cores as they are; float32 gets float32-accurate products: three
+    tf32 passes on the GPU (plain float32 FMAs spill and compile for minutes), exact under the
+    interpreter."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if on_gpu else "ieee"
 
 
 def seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
@@ -248,8 +265,8 @@ def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: in
             seq_bucket(seqlen_q, seqlen_k))
     meta = dict(HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=head_dim_padded(head_dim), CAUSAL=bool(causal),
-                ACCUMULATE=accumulate, DOT_PRECISION=dot_precision(q.dtype))
-    if q.is_cuda and not interpreting():
+                ACCUMULATE=accumulate, DOT_PRECISION=dot_precision(q.dtype, on_gpu(q)))
+    if on_gpu(q):
         query_blocks = lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)  # noqa
         launch(_flash_fwd_tuned[dtype_family(q.dtype)], query_blocks, args, meta)
     else:
