@@ -63,6 +63,7 @@ class OpSpec:
     params: tuple[str, ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
     ignored_kwargs: tuple[str, ...] = ()  # keyword arguments that do not change the values
+    varargs: bool = False  # the last param also takes sizes given one by one: x.view(B, H, S, D)
 
     def bind(self, node: fx.Node) -> Optional[dict[str, Any]]:
         """The node's arguments by parameter name, or None when the node is not this op."""
@@ -70,17 +71,22 @@ class OpSpec:
                 or (node.op == "call_method" and node.target in self.methods)):
             return None
         kwargs = {k: v for k, v in node.kwargs.items() if k not in self.ignored_kwargs}
-        if len(node.args) > len(self.params) or any(k not in self.params for k in kwargs):
+        args = tuple(node.args)
+        if self.varargs and len(args) >= len(self.params) and not (
+                len(args) == len(self.params) and isinstance(args[-1], (tuple, list))):
+            args = args[:len(self.params) - 1] + (args[len(self.params) - 1:],)
+        if len(args) > len(self.params) or any(k not in self.params for k in kwargs):
             return None
         bound = dict(self.defaults)
-        bound.update(zip(self.params, node.args))
+        bound.update(zip(self.params, args))
         bound.update(kwargs)
         return bound if all(p in bound for p in self.params) else None
 
 
-def _spec(name, functions=(), methods=(), params=(), ignored_kwargs=(), **defaults) -> OpSpec:
+def _spec(name, functions=(), methods=(), params=(), ignored_kwargs=(), varargs=False,
+          **defaults) -> OpSpec:
     return OpSpec(name, tuple(functions), tuple(methods), tuple(params), tuple(defaults.items()),
-                  tuple(ignored_kwargs))
+                  tuple(ignored_kwargs), varargs)
 
 
 _FACTORY_KWARGS = ("device", "dtype", "layout", "pin_memory", "requires_grad")
@@ -98,7 +104,7 @@ SOFTMAX = _spec("softmax", [F.softmax, torch.softmax], ["softmax"], ("input", "d
 DROPOUT = _spec("dropout", [F.dropout, torch.dropout], ["dropout"], ("input", "p", "training"),
                 p=0.5, training=True)
 TRANSPOSE = _spec("transpose", [torch.transpose], ["transpose"], ("input", "dim0", "dim1"))
-PERMUTE = _spec("permute", [torch.permute], ["permute"], ("input", "dims"))
+PERMUTE = _spec("permute", [torch.permute], ["permute"], ("input", "dims"), varargs=True)
 MUL = _spec("mul", [operator.mul, torch.mul], ["mul", "__mul__"], ("input", "other"))
 DIV = _spec("div", [operator.truediv, torch.div], ["div", "__truediv__"], ("input", "other"))
 ADD = _spec("add", [operator.add, torch.add], ["add", "__add__"], ("input", "other"))
@@ -110,14 +116,14 @@ REPEAT_INTERLEAVE = _spec("repeat_interleave", [torch.repeat_interleave], ["repe
                           ("input", "repeats", "dim"), dim=None)
 UNSQUEEZE = _spec("unsqueeze", [torch.unsqueeze], ["unsqueeze"], ("input", "dim"))
 GETITEM = _spec("getitem", [operator.getitem], params=("input", "index"))
-EXPAND = _spec("expand", methods=["expand"], params=("input", "size"))
-RESHAPE = _spec("reshape", [torch.reshape], ["reshape", "view"], ("input", "shape"))
+EXPAND = _spec("expand", methods=["expand"], params=("input", "size"), varargs=True)
+RESHAPE = _spec("reshape", [torch.reshape], ["reshape", "view"], ("input", "shape"), varargs=True)
 FLATTEN = _spec("flatten", [torch.flatten], ["flatten"], ("input", "start_dim", "end_dim"),
                 start_dim=0, end_dim=-1)
 
 # Mask constructions, from their leaves up: (op, input kind, condition) -> kind of the result.
 FULL = _spec("full", [torch.full], params=("size", "fill_value"), ignored_kwargs=_FACTORY_KWARGS)
-ONES = _spec("ones", [torch.ones], params=("size",), ignored_kwargs=_FACTORY_KWARGS)
+ONES = _spec("ones", [torch.ones], params=("size",), ignored_kwargs=_FACTORY_KWARGS, varargs=True)
 TRIU = _spec("triu", [torch.triu], ["triu"], ("input", "diagonal"), diagonal=0)
 TRIL = _spec("tril", [torch.tril], ["tril"], ("input", "diagonal"), diagonal=0)
 LOGICAL_NOT = _spec("logical_not", [torch.logical_not, operator.invert],

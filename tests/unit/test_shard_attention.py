@@ -1,0 +1,246 @@
+"""shard_attention on Dynamo graphs: which attentions become graphopt::sp_attention, which stay.
+
+A one-process gloo group makes sp_attention plain attention over the local sequence, so every
+rewritten graph is also checked numerically against the original module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import graphopt
+import graphopt.ops.sp_attention  # noqa: F401  registers graphopt::sp_attention
+from graphopt.distributed.launch import free_port
+from graphopt.passes.manager import PassContext
+from graphopt.passes.shard_attention import shard_attention
+
+SP_ATTENTION = torch.ops.graphopt.sp_attention.default
+B, H, HKV, S, D = 2, 4, 2, 8, 16
+
+
+def _capture(fn, *args):
+    """(Dynamo's FX graph of fn, its example inputs)."""
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    return captured[0]
+
+
+def _run_pass(fn, *args):
+    gm, inputs = _capture(fn, *args)
+    ctx = PassContext("pre_grad", graphopt.config.snapshot(sequence_parallel_attention=True), "t")
+    result = shard_attention(gm, ctx)
+    result.graph_module.recompile()
+    return result, inputs
+
+
+def _targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def _sp_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target is SP_ATTENTION]
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()
+
+
+def _qkv(hkv=HKV, dtype=torch.float32, s_k=S):
+    torch.manual_seed(0)
+    return (torch.randn(B, H, S, D, dtype=dtype), torch.randn(B, hkv, s_k, D, dtype=dtype),
+            torch.randn(B, hkv, s_k, D, dtype=dtype))
+
+
+def _check_rewritten(fn, args, *, causal, scale, kv_heads, atol=1e-5):
+    result, inputs = _run_pass(fn, *args)
+    gm = result.graph_module
+    assert result.modified and result.matched == 1 and not result.refusals
+    (node,) = _sp_nodes(gm)
+    assert node.args[3] == pytest.approx(scale) and node.args[4] is causal
+    assert node.args[1].meta["example_value"].shape[1] == kv_heads  # only Hkv heads travel
+    assert "val" in node.meta and "example_value" in node.meta
+    torch.testing.assert_close(gm(*inputs)[0], fn(*args), atol=atol, rtol=1e-4)
+    return gm
+
+
+# --- scaled_dot_product_attention -----------------------------------------------------------------
+
+def _sdpa_gqa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def _sdpa_repeat_interleave(q, k, v):
+    k, v = k.repeat_interleave(H // HKV, dim=1), torch.repeat_interleave(v, H // HKV, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _sdpa_expand(q, k, v):
+    def repeat(x):
+        return x[:, :, None].expand(B, HKV, H // HKV, S, D).reshape(B, H, S, D)
+    return F.scaled_dot_product_attention(q, repeat(k), repeat(v), is_causal=True)
+
+
+def _sdpa_noncausal_scaled(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
+
+
+@pytest.mark.parametrize("fn, causal, scale", [
+    (_sdpa_gqa, True, 1 / math.sqrt(D)),
+    (_sdpa_repeat_interleave, True, 1 / math.sqrt(D)),
+    (_sdpa_expand, True, 1 / math.sqrt(D)),
+    (_sdpa_noncausal_scaled, False, 0.3),
+])
+def test_sdpa_becomes_sp_attention(one_rank_group, fn, causal, scale):
+    gm = _check_rewritten(fn, _qkv(), causal=causal, scale=scale, kv_heads=HKV)
+    targets = _targets(gm)
+    assert F.scaled_dot_product_attention not in targets
+    assert not {"repeat_interleave", "expand", torch.repeat_interleave} & set(targets)
+
+
+# --- the decomposed pattern -------------------------------------------------------------------------
+
+def _llama_style(q, k, v):  # fp32 softmax, additive triu(-inf) mask, scale by division
+    mask = torch.full((S, S), float("-inf"), device=q.device).triu(1)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D) + mask
+    return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v)
+
+
+def _masked_fill_bool(q, k, v):  # boolean keep-mask inverted, scale on q, Tensor.softmax
+    keep = torch.tril(torch.ones(S, S, dtype=torch.bool, device=q.device))
+    scores = (q * 0.25) @ k.mT
+    return scores.masked_fill(~keep[None, None], float("-inf")).softmax(-1) @ v
+
+
+def _upcast_everything(q, k, v):  # bf16 inputs computed in fp32 end to end: output stays fp32
+    mask = torch.ones(S, S, device=q.device).tril()
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * (1 / math.sqrt(D))
+    probs = torch.softmax(scores.masked_fill(mask == 0, float("-inf")), dim=-1)
+    return torch.matmul(probs, v.float())
+
+
+def _noncausal_decomposed(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
+
+
+@pytest.mark.parametrize("fn, causal, scale, dtype, atol", [
+    (_llama_style, True, 1 / math.sqrt(D), torch.float32, 1e-5),
+    (_masked_fill_bool, True, 0.25, torch.float32, 1e-5),
+    (_upcast_everything, True, 1 / math.sqrt(D), torch.bfloat16, 1e-2),
+    (_noncausal_decomposed, False, 0.5, torch.float32, 1e-5),
+])
+def test_decomposed_attention_becomes_sp_attention(one_rank_group, fn, causal, scale, dtype, atol):
+    gm = _check_rewritten(fn, _qkv(hkv=H, dtype=dtype), causal=causal, scale=scale, kv_heads=H,
+                          atol=atol)
+    targets = _targets(gm)
+    assert not {F.softmax, torch.softmax, "softmax", torch.matmul, "masked_fill", torch.triu,
+                torch.full, "triu", "float"} & set(targets)
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0]
+    assert out.meta["example_value"].dtype == fn(*_qkv(hkv=H, dtype=dtype)).dtype
+
+
+# --- refusals: the graph is left exactly as it was ---------------------------------------------
+
+def _sdpa_dropout(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
+
+
+def _sdpa_mask(q, k, v):
+    mask = torch.ones(S, S, dtype=torch.bool).tril(-1)  # not a plain causal mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _decomposed_input_mask(q, k, v, mask):
+    scores = q @ k.transpose(-2, -1) + mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _decomposed_sliding_window(q, k, v):
+    mask = torch.full((S, S), float("-inf")).triu(2)  # one extra diagonal: not causal
+    return torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1) @ v
+
+
+def _decomposed_dropout(q, k, v):
+    mask = torch.full((S, S), float("-inf")).triu(1)
+    probs = F.dropout(torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1), p=0.2, training=True)
+    return probs @ v
+
+
+def _probs_returned(q, k, v):
+    probs = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+    return probs @ v, probs
+
+
+def _cross_attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("fn, extra, reason", [
+    (_sdpa_dropout, (), "dropout_p=0.1"),
+    (_sdpa_mask, (), "attn_mask"),
+    (_decomposed_input_mask, (torch.zeros(S, S),), "cannot be proven causal"),
+    (_decomposed_sliding_window, (), "cannot be proven causal"),
+    (_decomposed_dropout, (), "dropout"),
+    (_probs_returned, (), "used outside"),
+])
+def test_unprovable_attention_is_left_alone_with_a_reason(one_rank_group, fn, extra, reason):
+    args = _qkv(hkv=H) + extra
+    gm, _ = _capture(fn, *args)
+    before = gm.code
+    ctx = PassContext("pre_grad", graphopt.config.snapshot(sequence_parallel_attention=True), "t")
+    result = shard_attention(gm, ctx)
+    assert not result.modified and result.matched == 0
+    assert len(result.refusals) == 1 and reason in result.refusals[0], result.refusals
+    assert gm.code == before
+
+
+def test_cross_attention_is_refused(one_rank_group):
+    result, _ = _run_pass(_cross_attention, *_qkv(hkv=H, s_k=2 * S))
+    assert not result.modified and "key length" in result.refusals[0]
+
+
+def test_matmuls_that_are_not_attention_are_not_candidates(one_rank_group):
+    result, _ = _run_pass(lambda a, b: torch.matmul(torch.relu(a @ b), b), torch.randn(4, 4),
+                          torch.randn(4, 4))
+    assert not result.modified and not result.refusals
+
+
+# --- through the backend ---------------------------------------------------------------------------
+
+def test_llama_through_the_backend_replaces_every_layer(one_rank_group):
+    """Compiled with the pass on a one-rank group: same logits and gradients as eager."""
+    from graphopt.debug.dump import compile_summaries
+    from graphopt.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.tiny())
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    expected = model(tokens)
+    expected.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager",
+                                                            sequence_parallel_attention=True))
+    logits = compiled(tokens)
+    logits.square().mean().backward()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4)
+    passes = [p for s in compile_summaries() for p in s["passes"] if p["pass"] == "shard_attention"]
+    assert sum(p["matched"] for p in passes) == model.cfg.n_layers
