@@ -139,6 +139,7 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     refusals: list[str] = []
     candidates = _offloadable(gm, outputs, saved_positions, refusals)
+    activation_bytes = _activation_bytes(outputs, saved_positions)
     profile = current_profile(ctx.config)
     fw_times = graph_times(gm, profile)
     if plan is None:
@@ -152,7 +153,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     slots = _assign_slots(plan, candidates, saved_order, pool, ctx, refusals)
     if not slots:
         return PassResult(gm, False, refusals=refusals or ["the plan offloads nothing"],
-                          stats={"planned": len(plan)})
+                          stats={"planned": len(plan), "offloaded_bytes": 0,
+                                 "activation_bytes": activation_bytes})
     pool_nbytes = max(s.offset + s.host_bytes for s in slots.values())
 
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -185,7 +187,19 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
              len(slots), len(saved_order), offloaded, pool)
     return PassResult(gm, True, matched=len(slots), refusals=refusals, stats={
         "offloaded": len(slots), "offloaded_bytes": offloaded, "candidate_bytes": saved_bytes,
+        "activation_bytes": activation_bytes,
         "pool_bytes": pool_nbytes, "alphas": {n: round(s.alpha, 4) for n, s in slots.items()}})
+
+
+def _activation_bytes(outputs: list, saved_positions: list[int]) -> int:
+    """Device bytes of the saved activations (each allocation once; graph inputs excluded)."""
+    roots = {}
+    for position in saved_positions:
+        root = _alias_root(outputs[position])
+        val = root.meta.get("val")
+        if root.op == "call_function" and isinstance(val, torch.Tensor):
+            roots[root] = val.numel() * val.element_size()
+    return int(sum(_compat.hint_int(n) for n in roots.values()))
 
 
 def _saved_positions(gm: fx.GraphModule, outputs: list, plan: dict | None) -> list[int] | None:

@@ -1,0 +1,451 @@
+"""Activation offload: peak memory and step time against the alternatives a user would pick.
+
+One training step (forward + loss + backward) of the reference Llama at 7B dimensions (dim 4096,
+32 heads, ffn 11008, vocab 32000), a few layers, bf16, batch 1, per sequence length S:
+
+  eager          PyTorch eager, nothing saved off the device (the baseline a user has)
+  save_on_cpu    eager under torch.autograd.graph.save_on_cpu(pin_memory=True)
+  compiled       graphopt, eager codegen, offload off (torch's min-cut partition)
+  offload        graphopt, eager codegen, offload_activations=True (joint plan + this pass)
+  remat          graphopt, eager codegen, memory_budget = the activation peak offload reached
+                 (graphopt's rematerialization planner only: remat at equal peak)
+
+Overheads are ratios of median step times measured in the same run: offload vs compiled (same
+code generator, offload off). Offloaded fraction = bytes the pass sent to the host / bytes of the
+saved activations (the pass's own stats). Also written: a memory timeline of one step (allocator
+trace, offload vs compiled) and a transfer/compute overlap timeline (torch.profiler CUDA events).
+
+Targets: S >= 64K: >= 50% of activation bytes off the device at <= 3% step-time overhead;
+S = 8K: >= 90% of what the transfer window hides (the model's hidden fraction) at <= 3% overhead;
+offload faster than remat at equal peak.
+
+    python bench/offload.py --out $OUT                 # GPU
+    python bench/offload.py --out /tmp/o --tiny        # CPU smoke run (tiny model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import graphopt
+from graphopt import _compat
+from graphopt.debug.dump import clear_compile_summaries, compile_summaries
+from graphopt.models.llama import Llama, LlamaConfig, llama_loss
+
+TARGET_FRACTION_LONG = 0.50
+TARGET_OVERHEAD = 0.03
+TARGET_HIDDEN_SHARE_8K = 0.90
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seqs", default="8192,32768,65536")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--time-limit-s", type=float, default=170.0,
+                        help="skip what is left (and say so) past this many seconds")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run with LlamaConfig.tiny")
+    return parser.parse_args(argv)
+
+
+class Clock:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn):
+        self.sync()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def make_step(model, tokens, targets, context=None):
+    def step():
+        model.zero_grad(set_to_none=True)
+        if context is None:
+            loss = llama_loss(model(tokens), targets)
+            loss.backward()
+        else:
+            with context():
+                loss = llama_loss(model(tokens), targets)
+            loss.backward()
+    return step
+
+
+def measure(step, clock, iters):
+    step()  # compile / warm-up
+    step()
+    clock.sync()
+    cuda = clock.cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    times = [clock.time(step) for _ in range(iters)]
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    return {"times_s": times, "median_s": statistics.median(times), "peak_bytes": peak,
+            "peak_over_base_bytes": peak - base, "base_bytes": base}
+
+
+def offload_stats():
+    """The offload pass's forward stats of the graphs compiled since the last clear."""
+    found = {"offloaded_bytes": 0, "activation_bytes": 0, "pool_bytes": 0, "offloaded": 0}
+    for summary in compile_summaries():
+        for entry in summary["passes"]:
+            if entry.get("pass") == "offload_activations" and entry.get("stage") == "forward":
+                stats = entry.get("stats") or {}
+                for key in found:
+                    found[key] += int(stats.get(key, 0) or 0)
+        notes = summary.get("notes") or {}
+        if "remat_plan" in notes:
+            found["remat_plan"] = notes["remat_plan"]
+    return found
+
+
+def run_variant(name, model, tokens, targets, clock, iters, backend=None, context=None,
+                forward_only=False):
+    torch._dynamo.reset()
+    clear_compile_summaries()
+    module = model if backend is None else torch.compile(model, backend=backend, dynamic=False)
+    begin = time.perf_counter()
+    result = measure(make_step(module, tokens, targets, context), clock, iters)
+    if forward_only:  # the forward alone: the window the device -> host copies must fit in
+        result["forward_s"] = statistics.median(
+            clock.time(lambda: llama_loss(module(tokens), targets)) for _ in range(iters))
+    result["wall_s"] = time.perf_counter() - begin
+    if backend is not None:
+        result["pass"] = offload_stats()
+    print(f"  {name:12s} {result['median_s'] * 1e3:9.2f} ms  peak {result['peak_bytes'] / 2**30:7.2f} GiB "
+          f"({result['wall_s']:.1f} s)", flush=True)
+    return result
+
+
+def host_link_gbps(device):
+    """Measured pinned host <-> device copy bandwidth (GB/s, each way) on 1 GiB."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(2**30, dtype=torch.uint8, device=device)
+    clock = Clock(device)
+    for _ in range(2):
+        host.copy_(dev, non_blocking=True)
+        dev.copy_(host, non_blocking=True)
+    d2h = statistics.median(clock.time(lambda: host.copy_(dev, non_blocking=True)) for _ in range(3))
+    h2d = statistics.median(clock.time(lambda: dev.copy_(host, non_blocking=True)) for _ in range(3))
+    return {"d2h": 2**30 / d2h / 1e9, "h2d": 2**30 / h2d / 1e9}
+
+
+def memory_timeline(step, clock):
+    """Bytes allocated after every allocator event of one step (CUDA only)."""
+    if not clock.cuda:
+        return []
+    step()
+    clock.sync()
+    _compat.record_cuda_memory_history(True)
+    base = torch.cuda.memory_allocated()
+    step()
+    clock.sync()
+    trace = _compat.cuda_memory_trace()
+    _compat.record_cuda_memory_history(False)
+    live, points = base, []
+    for event in trace:
+        if event.get("action") == "alloc":
+            live += event.get("size", 0)
+        elif event.get("action") == "free_completed":
+            live -= event.get("size", 0)
+        else:
+            continue
+        points.append(live)
+    return points
+
+
+def overlap_timeline(step, clock, folder):
+    """CUDA kernels and copies of one step, by stream, from torch.profiler."""
+    if not clock.cuda:
+        return {"events": [], "summary": {}}
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    clock.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        clock.sync()
+    path = os.path.join(folder, "offload_trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as handle:
+        trace = json.load(handle)
+    os.remove(path)
+    events = []
+    for event in trace.get("traceEvents", []):
+        category = event.get("cat", "")
+        if category not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in event:
+            continue
+        name = event.get("name", "")
+        kind = ("d2h" if "DtoH" in name else "h2d" if "HtoD" in name else
+                "copy" if category != "kernel" else "compute")
+        events.append({"kind": kind, "stream": event.get("args", {}).get("stream"),
+                       "start_us": float(event["ts"]), "dur_us": float(event["dur"])})
+    return {"events": events, "summary": summarize_overlap(events)}
+
+
+def _union(intervals):
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _covered(start, end, union):
+    return sum(max(0.0, min(end, b) - max(start, a)) for a, b in union)
+
+
+def summarize_overlap(events):
+    compute = _union([(e["start_us"], e["start_us"] + e["dur_us"]) for e in events if e["kind"] == "compute"])
+    out = {}
+    for kind in ("d2h", "h2d"):
+        copies = [(e["start_us"], e["start_us"] + e["dur_us"]) for e in events if e["kind"] == kind]
+        total = sum(b - a for a, b in copies)
+        hidden = sum(_covered(a, b, compute) for a, b in copies)
+        out[kind] = {"copies": len(copies), "busy_ms": total / 1e3,
+                     "under_compute_fraction": hidden / total if total else None}
+    if compute:
+        out["step_span_ms"] = (compute[-1][1] - compute[0][0]) / 1e3
+        out["compute_busy_ms"] = sum(b - a for a, b in compute) / 1e3
+    return out
+
+
+def svg_lines(series, title, y_label):
+    width, height, margin = 900, 340, 60
+    top = max([max(p) for _, p in series if p] + [1])
+    lines = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+             "font-family='sans-serif' font-size='12'>",
+             f"<text x='{margin}' y='20'>{title}</text>",
+             f"<line x1='{margin}' y1='{height - margin}' x2='{width - margin}' y2='{height - margin}' stroke='#444'/>",
+             f"<line x1='{margin}' y1='{margin}' x2='{margin}' y2='{height - margin}' stroke='#444'/>",
+             f"<text x='5' y='{margin - 5}'>{top / 2**30:.1f} {y_label}</text>",
+             f"<text x='{width - margin - 180}' y='{height - margin + 30}'>fraction of the step's allocator events</text>"]
+    colors = ("#d62728", "#1f77b4", "#2ca02c")
+    for index, (label, points) in enumerate(series):
+        if not points:
+            continue
+        step = max(1, len(points) // 2000)
+        sampled = points[::step]
+        coords = " ".join(f"{margin + i / max(1, len(sampled) - 1) * (width - 2 * margin):.1f},"
+                          f"{height - margin - p / top * (height - 2 * margin):.1f}"
+                          for i, p in enumerate(sampled))
+        color = colors[index % len(colors)]
+        lines.append(f"<polyline fill='none' stroke='{color}' stroke-width='1.2' points='{coords}'/>")
+        lines.append(f"<text x='{width - margin - 170}' y='{margin + 16 * index}' fill='{color}'>"
+                     f"{label}: peak {max(points) / 2**30:.2f} GiB</text>")
+    lines.append("</svg>")
+    return "\n".join(lines)
+
+
+def svg_overlap(events, title):
+    width, lane_h, margin = 1000, 28, 90
+    if not events:
+        return f"<svg xmlns='http://www.w3.org/2000/svg' width='400' height='40'><text y='20'>{title}: no CUDA events</text></svg>"
+    begin = min(e["start_us"] for e in events)
+    end = max(e["start_us"] + e["dur_us"] for e in events)
+    lanes = ["compute", "d2h", "h2d"]
+    colors = {"compute": "#7f7f7f", "d2h": "#d62728", "h2d": "#1f77b4", "copy": "#bbbbbb"}
+    height = margin + lane_h * len(lanes) + 40
+    scale = (width - margin - 20) / max(1.0, end - begin)
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+             "font-family='sans-serif' font-size='12'>", f"<text x='10' y='20'>{title}</text>"]
+    for row, lane in enumerate(lanes):
+        y = margin + row * lane_h
+        parts.append(f"<text x='10' y='{y + 16}'>{lane}</text>")
+        for event in events:
+            if (event["kind"] if event["kind"] != "copy" else "compute") != lane:
+                continue
+            x = margin + (event["start_us"] - begin) * scale
+            w = max(0.5, event["dur_us"] * scale)
+            parts.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.2f}' height='{lane_h - 6}' "
+                         f"fill='{colors[event['kind']]}'/>")
+    parts.append(f"<text x='{margin}' y='{height - 10}'>0 .. {(end - begin) / 1e3:.1f} ms</text></svg>")
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.tiny:
+        cfg = LlamaConfig.tiny(n_layers=args.layers)
+        seqs = [64, 128]
+    else:
+        cfg = LlamaConfig.llama2_7b(n_layers=args.layers)
+        seqs = [int(s) for s in args.seqs.split(",")]
+    clock = Clock(device)
+    link = host_link_gbps(device)
+    results = {"host_link_gbps": link,"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "triton": _triton_version(), "layers": args.layers,
+               "dim": cfg.dim, "heads": cfg.n_heads, "ffn": cfg.ffn_dim, "vocab": cfg.vocab_size,
+               "dtype": str(dtype), "remat_baseline": "graphopt memory_budget (plan_rematerialization)",
+               "runs": {}, "skipped": []}
+    torch.manual_seed(0)
+    model = Llama(cfg).to(device=device, dtype=dtype)
+    for seq in seqs:
+        if time.perf_counter() - started > args.time_limit_s:
+            results["skipped"].append(f"S={seq}: time limit")
+            continue
+        print(f"S={seq}", flush=True)
+        tokens = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+        targets = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+        run = results["runs"][str(seq)] = {}
+        pin = device.type == "cuda"
+        run["eager"] = run_variant("eager", model, tokens, targets, clock, args.iters)
+        run["save_on_cpu"] = run_variant(
+            "save_on_cpu", model, tokens, targets, clock, args.iters,
+            context=lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))
+        run["compiled"] = run_variant("compiled", model, tokens, targets, clock, args.iters,
+                                      backend=graphopt.backend(codegen="eager"), forward_only=True)
+        run["offload"] = run_variant("offload", model, tokens, targets, clock, args.iters,
+                                     backend=graphopt.backend(codegen="eager", offload_activations=True))
+        if time.perf_counter() - started < args.time_limit_s:
+            budget = max(1, run["offload"]["peak_over_base_bytes"]) if pin else 0.9
+            run["remat_budget"] = budget
+            run["remat"] = run_variant("remat", model, tokens, targets, clock, args.iters,
+                                       backend=graphopt.backend(codegen="eager", memory_budget=budget))
+        else:
+            results["skipped"].append(f"S={seq}: remat at equal peak (time limit)")
+    longest = max(results["runs"], key=int, default=None)
+    if longest is not None and device.type == "cuda":
+        seq = int(longest)
+        tokens = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+        targets = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=graphopt.backend(codegen="eager"), dynamic=False)
+        plain_points = memory_timeline(make_step(compiled, tokens, targets), clock)
+        torch._dynamo.reset()
+        offloaded = torch.compile(model, backend=graphopt.backend(codegen="eager", offload_activations=True),
+                                  dynamic=False)
+        off_step = make_step(offloaded, tokens, targets)
+        off_points = memory_timeline(off_step, clock)
+        with open(os.path.join(args.out, "offload_memory.svg"), "w") as handle:
+            handle.write(svg_lines([("no offload (compiled)", plain_points), ("offload", off_points)],
+                                   f"device bytes allocated over one step, S={seq}", "GiB"))
+        overlap = overlap_timeline(off_step, clock, args.out)
+        results["overlap_long"] = overlap["summary"]
+        with open(os.path.join(args.out, "offload_overlap.svg"), "w") as handle:
+            handle.write(svg_overlap(overlap["events"], f"CUDA streams during one offload step, S={seq}"))
+    results["summary"] = summarize(results)
+    results["total_wall_s"] = time.perf_counter() - started
+    with open(os.path.join(args.out, "offload.json"), "w") as handle:
+        json.dump(results, handle, indent=1, default=str)
+    with open(os.path.join(args.out, "offload.md"), "w") as handle:
+        handle.write(markdown(results))
+    print(markdown(results))
+
+
+def summarize(results):
+    summary = {"targets": {"fraction_long_min": TARGET_FRACTION_LONG, "overhead_max": TARGET_OVERHEAD,
+                           "hidden_share_8k_min": TARGET_HIDDEN_SHARE_8K,
+                           "offload_vs_remat_at_equal_peak": "< 1.0"}}
+    rows = {}
+    for seq, run in results["runs"].items():
+        stats = run["offload"].get("pass", {})
+        fraction = stats["offloaded_bytes"] / stats["activation_bytes"] if stats.get("activation_bytes") else 0.0
+        rows[seq] = {
+            "offloaded_fraction": fraction,
+            "overhead_vs_compiled": run["offload"]["median_s"] / run["compiled"]["median_s"] - 1,
+            "hideable_fraction": hideable(results, run, stats),
+            "overhead_vs_eager": run["offload"]["median_s"] / run["eager"]["median_s"] - 1,
+            "save_on_cpu_overhead_vs_eager": run["save_on_cpu"]["median_s"] / run["eager"]["median_s"] - 1,
+            "peak_ratio_vs_compiled": _ratio(run["offload"]["peak_bytes"], run["compiled"]["peak_bytes"]),
+            "peak_ratio_save_on_cpu_vs_eager": _ratio(run["save_on_cpu"]["peak_bytes"], run["eager"]["peak_bytes"]),
+        }
+        if "remat" in run:
+            rows[seq]["offload_time_vs_remat"] = run["offload"]["median_s"] / run["remat"]["median_s"]
+            rows[seq]["remat_peak_vs_offload_peak"] = _ratio(run["remat"]["peak_bytes"], run["offload"]["peak_bytes"])
+    summary["per_seq"] = rows
+    if rows:
+        longest, shortest = max(rows, key=int), min(rows, key=int)
+        summary["seq_long"] = int(longest)
+        summary["offloaded_fraction_long"] = rows[longest]["offloaded_fraction"]
+        summary["overhead_long"] = rows[longest]["overhead_vs_compiled"]
+        summary["seq_short"] = int(shortest)
+        summary["offloaded_fraction_8k"] = rows[shortest]["offloaded_fraction"]
+        summary["overhead_8k"] = rows[shortest]["overhead_vs_compiled"]
+        if rows[shortest]["hideable_fraction"]:
+            summary["share_of_hideable_8k"] = (rows[shortest]["offloaded_fraction"]
+                                               / rows[shortest]["hideable_fraction"])
+    return summary
+
+
+def hideable(results, run, stats):
+    """The transfer window's limit: bytes the D2H link moves during the forward / activation bytes."""
+    link = results.get("host_link_gbps")
+    if not link or not stats.get("activation_bytes") or "forward_s" not in run["compiled"]:
+        return None
+    return min(1.0, run["compiled"]["forward_s"] * link["d2h"] * 1e9 / stats["activation_bytes"])
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def markdown(results):
+    lines = [f"# Activation offload ({results['device']}, torch {results['torch']}, triton {results['triton']})",
+             "",
+             f"Llama {results['layers']} layers at dim {results['dim']}, {results['heads']} heads, ffn "
+             f"{results['ffn']}, vocab {results['vocab']}, {results['dtype']}, B=1. Median step time "
+             "(forward+loss+backward) and peak torch.cuda.max_memory_allocated. Remat baseline: "
+             f"{results['remat_baseline']} at the activation peak the offload run reached.", "",
+             "| S | variant | step ms | peak GiB | offloaded / activation bytes |",
+             "| --- | --- | --- | --- | --- |"]
+    for seq, run in results["runs"].items():
+        for name, row in run.items():
+            if not isinstance(row, dict):
+                continue
+            stats = row.get("pass") or {}
+            share = (f"{stats['offloaded_bytes'] / 2**30:.2f} / {stats['activation_bytes'] / 2**30:.2f} GiB"
+                     if name == "offload" and stats.get("activation_bytes") else "")
+            lines.append(f"| {seq} | {name} | {row['median_s'] * 1e3:.1f} | {row['peak_bytes'] / 2**30:.2f} | {share} |")
+    summary = results.get("summary", {})
+    lines += ["", "Summary (targets: >= 50% offloaded at S >= 64K with <= 3% overhead; at 8K >= 90% of "
+              "what the transfer window hides at <= 3%; faster than remat at equal peak):", "",
+              "```", json.dumps({k: v for k, v in summary.items() if k != "per_seq"}, indent=1), "```", ""]
+    for seq, row in summary.get("per_seq", {}).items():
+        lines.append(f"- S={seq}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in row.items()))
+    if results.get("overlap_long"):
+        lines += ["", f"Overlap at the longest S: `{json.dumps(results['overlap_long'])}`"]
+    if results.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(results["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
