@@ -239,3 +239,24 @@ def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] 
         return None
     return [i for i, desc in enumerate(descs) if type(desc).__name__.startswith("SavedForBackwards")]
 
+
+# --- torch.utils.checkpoint regions under torch.compile (shard_attention) -------------------------
+
+def checkpoint_regions(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
+    """The bodies of ``torch.utils.checkpoint`` regions Dynamo recorded in ``gm`` (any depth)."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    bodies = []
+    for owner in (m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in owner.graph.nodes:
+            if node.op == "call_function" and node.target is hop and node.args[0].op == "get_attr":
+                bodies.append(owner.get_submodule(node.args[0].target))
+    return bodies
+
+
+def checkpoint_region_context_fn(body: torch.fx.GraphModule):
+    """The ``context_fn`` (selective-checkpoint policy) of a region's body; None for plain AC."""
+    return body.meta.get("_checkpoint_context_fn")
+
+
+def set_checkpoint_region_context_fn(body: torch.fx.GraphModule, context_fn) -> None:
+    body.meta["_checkpoint_context_fn"] = context_fn

@@ -477,12 +477,9 @@ def _internal_used_outside(site: Site) -> Optional[fx.Node]:
     return next((node for node in site.internal if any(u not in members for u in node.users)), None)
 
 
-def shard_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Replace every provably-equivalent attention with graphopt::sp_attention over sp_group."""
-    import graphopt.ops.sp_attention  # noqa: F401  registers graphopt::sp_attention
-
+def _find_sites(graph: fx.Graph) -> tuple[list[Site], list[str]]:
     sites, refusals = [], []
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
         for matcher in MATCHERS:
@@ -494,23 +491,56 @@ def shard_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if site is not None:
                 sites.append(site)
                 break
-    if sites and not (dist.is_available() and dist.is_initialized()):
+    return sites, refusals
+
+
+def shard_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Replace every provably-equivalent attention with graphopt::sp_attention over sp_group.
+
+    Subgraphs of higher-order ops (the body of a ``torch.utils.checkpoint`` region) are rewritten
+    too. A plain checkpoint region that now holds the op gets ``checkpoint_context_fn`` as its
+    policy (recompute everything but attention's (out, lse)), so the backward never runs attention
+    forward; a region with the user's own policy keeps it (noted in the stats).
+    """
+    from graphopt.ops.sp_attention import checkpoint_context_fn
+
+    modules = [m for _, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
+    found = [(module, *_find_sites(module.graph)) for module in modules]
+    refusals = [reason for _, _, reasons in found for reason in reasons]
+    if any(sites for _, sites, _ in found) and not (dist.is_available() and dist.is_initialized()):
         refusals += [f"{s.anchor.name}: torch.distributed is not initialised; call "
                      "torch.distributed.init_process_group before running the compiled model"
-                     for s in sites]
-        sites = []
-    group_name = _compat.group_name(ctx.config.sp_group) if sites else ""
-    replaced = 0
-    for site in sites:
-        outside = _internal_used_outside(site)
-        if outside is not None:
-            refusals.append(f"{site.anchor.name}: {outside.name} (an intermediate of the attention) "
-                            "is used outside it; the sharded op does not produce it")
+                     for _, sites, _ in found for s in sites]
+        found = []
+    group_name = _compat.group_name(ctx.config.sp_group) if found else ""
+    replaced, rewritten = 0, []
+    for module, sites, _ in found:
+        changed = False
+        for site in sites:
+            outside = _internal_used_outside(site)
+            if outside is not None:
+                refusals.append(f"{site.anchor.name}: {outside.name} (an intermediate of the "
+                                "attention) is used outside it; the sharded op does not produce it")
+                continue
+            _rewrite(module, site, group_name, ctx.config.sp_load_balance)
+            changed = True
+            replaced += 1
+        if changed:
+            module.graph.lint()
+            rewritten.append(module)
+            if module is not gm:
+                module.recompile()
+    stats = {"replaced": replaced, "refused": len(refusals)}
+    for body in _compat.checkpoint_regions(gm):
+        if not any(m is body for m in rewritten):
             continue
-        _rewrite(gm, site, group_name, ctx.config.sp_load_balance)
-        replaced += 1
-    if replaced:
-        gm.graph.lint()
+        if _compat.checkpoint_region_context_fn(body) is None:
+            _compat.set_checkpoint_region_context_fn(body, checkpoint_context_fn)
+            stats["checkpoint_regions_saving_attention"] = stats.get(
+                "checkpoint_regions_saving_attention", 0) + 1
+        else:
+            stats.setdefault("checkpoint_regions_with_user_policy", []).append(
+                "a user context_fn decides whether graphopt.sp_attention is recomputed; make it "
+                "return MUST_SAVE for it (graphopt.ops.sp_attention.checkpoint_policy)")
     log.debug("replaced %d attention(s), refused %d", replaced, len(refusals))
-    return PassResult(gm, modified=replaced > 0, matched=replaced,
-                      stats={"replaced": replaced, "refused": len(refusals)}, refusals=refusals)
+    return PassResult(gm, modified=replaced > 0, matched=replaced, stats=stats, refusals=refusals)

@@ -244,3 +244,51 @@ def test_llama_through_the_backend_replaces_every_layer(one_rank_group):
         torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4)
     passes = [p for s in compile_summaries() for p in s["passes"] if p["pass"] == "shard_attention"]
     assert sum(p["matched"] for p in passes) == model.cfg.n_layers
+
+
+@pytest.mark.parametrize("context_fn", ["plain", "graphopt_policy"])
+def test_checkpointed_region_is_rewritten_and_attention_not_recomputed(one_rank_group, context_fn):
+    """Inside torch.utils.checkpoint (a higher-order op's subgraph) the pass rewrites too, and the
+    recomputed region reuses (out, lse): no block forward runs during backward, for a plain
+    checkpoint (the pass gives it the policy) as for one with checkpoint_context_fn."""
+    from torch.utils.checkpoint import checkpoint
+
+    import graphopt.ops.sp_attention as sp
+    from graphopt.debug.dump import compile_summaries
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(D, 3 * D)
+
+    def layer(x):
+        q, k, v = proj(x).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).sin()
+
+    def model(x):
+        if context_fn == "plain":
+            return checkpoint(layer, x, use_reentrant=False)
+        return checkpoint(layer, x, use_reentrant=False, context_fn=sp.checkpoint_context_fn)
+
+    x = torch.randn(B, H, S, D, requires_grad=True)
+    layer(x).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    calls = []
+    original = sp.attention_block_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    sp.attention_block_forward = counted
+    try:
+        compiled = torch.compile(model, backend=graphopt.backend(
+            codegen="eager", sequence_parallel_attention=True))
+        out = compiled(x)
+        in_forward = len(calls)
+        out.sum().backward()
+    finally:
+        sp.attention_block_forward = original
+    assert in_forward == 1 and len(calls) == in_forward
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-4)
+    passes = [p for s in compile_summaries() for p in s["passes"] if p["pass"] == "shard_attention"]
+    assert sum(p["matched"] for p in passes) == 1
