@@ -26,6 +26,7 @@ offload faster than remat at equal peak.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -38,6 +39,7 @@ import graphopt
 from graphopt import _compat
 from graphopt.debug.dump import clear_compile_summaries, compile_summaries
 from graphopt.models.llama import Llama, LlamaConfig, llama_loss
+from graphopt.ops import offload as offload_ops
 
 TARGET_FRACTION_LONG = 0.50
 TARGET_OVERHEAD = 0.03
@@ -48,7 +50,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seqs", default="8192,32768,65536")
+    parser.add_argument("--seqs", default="8192,65536,32768")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--time-limit-s", type=float, default=170.0,
                         help="skip what is left (and say so) past this many seconds")
@@ -92,8 +94,7 @@ def make_step(model, tokens, targets, context=None):
 
 
 def measure(step, clock, iters):
-    step()  # compile / warm-up
-    step()
+    step()  # compile, pool allocation, warm-up
     clock.sync()
     cuda = clock.cuda
     if cuda:
@@ -123,10 +124,19 @@ def offload_stats():
 def run_variant(name, model, tokens, targets, clock, iters, backend=None, context=None,
                 forward_only=False):
     torch._dynamo.reset()
+    offload_ops.release_pools()
+    gc.collect()
+    if clock.cuda:
+        torch.cuda.empty_cache()
     clear_compile_summaries()
     module = model if backend is None else torch.compile(model, backend=backend, dynamic=False)
     begin = time.perf_counter()
-    result = measure(make_step(module, tokens, targets, context), clock, iters)
+    try:
+        result = measure(make_step(module, tokens, targets, context), clock, iters)
+    except torch.OutOfMemoryError as error:
+        print(f"  {name:12s} out of memory", flush=True)
+        return {"oom": str(error).splitlines()[0], "median_s": float("nan"), "peak_bytes": 0,
+                "peak_over_base_bytes": 0}
     if forward_only:  # the forward alone: the window the device -> host copies must fit in
         result["forward_s"] = statistics.median(
             clock.time(lambda: llama_loss(module(tokens), targets)) for _ in range(iters))
@@ -338,6 +348,7 @@ def main(argv=None):
         tokens = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
         targets = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
         torch._dynamo.reset()
+        offload_ops.release_pools()
         compiled = torch.compile(model, backend=graphopt.backend(codegen="eager"), dynamic=False)
         plain_points = memory_timeline(make_step(compiled, tokens, targets), clock)
         torch._dynamo.reset()

@@ -48,7 +48,7 @@ from graphopt import _compat
 
 log = logging.getLogger("graphopt.ops.offload")
 
-__all__ = ["SLOT_ALIGNMENT", "HostPool", "pool_stats", "release_pool", "offload", "offload_wait",
+__all__ = ["SLOT_ALIGNMENT", "HostPool", "pool_stats", "release_pool", "release_pools", "offload", "offload_wait",
            "reload", "reload_wait"]
 
 SLOT_ALIGNMENT = 512  # bytes; every slot starts at a multiple, so any dtype view of a slot is aligned
@@ -98,6 +98,13 @@ def release_pool(pool: str) -> None:
         _STATS["host_bytes"] -= buffer.buffer.numel()
     for key in [key for key in _SLOTS if key[0] == pool]:
         del _SLOTS[key]
+
+
+def release_pools() -> None:
+    """Free every plan's pool and slots (for example between benchmark runs)."""
+    for pool in list(_POOLS):
+        release_pool(pool)
+    _SLOTS.clear()
 
 
 def pool_stats() -> dict[str, int]:
