@@ -240,6 +240,19 @@ def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] 
     return [i for i, desc in enumerate(descs) if type(desc).__name__.startswith("SavedForBackwards")]
 
 
+
+def record_cuda_memory_history(enabled: bool, max_entries: int = 200_000) -> None:
+    """Start (or stop) the CUDA caching allocator's record of allocations and frees."""
+    torch.cuda.memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
+
+
+def cuda_memory_trace() -> list[dict]:
+    """The recorded allocator events of the current device: dicts with 'action' and 'size'."""
+    snapshot = torch.cuda.memory._snapshot()
+    traces = snapshot.get("device_traces") or [[]]
+    return list(traces[torch.cuda.current_device()] if len(traces) > 1 else traces[0])
+
+
 # --- torch.utils.checkpoint regions under torch.compile (shard_attention) -------------------------
 
 def checkpoint_regions(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
