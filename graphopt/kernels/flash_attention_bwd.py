@@ -1,8 +1,9 @@
 """Flash-attention backward over one key block, from the final (merged) output and log-sum-exp.
 
 Bound (per batch*query-head, Sq queries over Sk keys, head dim D, b bytes per element):
-  FLOPs  14 * Sq * Sk * D     (dk/dv kernel: s, dp, dv, dk = 8; dq kernel: s, dp, dq = 6; the
-                              forward's 4 make 3.5x the forward), halved by causal block skipping
+  FLOPs  14 * Sq * Sk * D     (dk/dv kernel: s, dp, dv, dk = 8; dq kernel: s, dp, dq = 6), i.e.
+                              3.5x the forward (FlashAttention's fused backward does 2.5x but adds
+                              dq with atomics); halved by causal block skipping
   bytes  b * D * (4 * Sq * ceil(Sk / BLOCK_N) + 4 * Sk * ceil(Sq / BLOCK_M) + 2 * Sq + 2 * Sk)
          + 8 * Sq * (ceil(Sk / BLOCK_N) + ceil(Sq / BLOCK_M))  -- compute-bound at long lengths.
 
@@ -18,8 +19,6 @@ skipped in both.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -30,9 +29,10 @@ from graphopt.kernels.flash_attention_fwd import (
     LOG2E,
     LOG2E_IN_KERNEL,
     UNSPECIALIZED,
+    check_supported,
     dot_precision,
-    head_dim_padded,
     dtype_family,
+    head_dim_padded,
     launch,
     on_gpu,
     seq_bucket,
@@ -288,7 +288,9 @@ def flash_attention_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor
 def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool,
                              q_offset: int = 0, k_offset: int = 0, delta=None, dq_acc=None):
     """Launches the backward kernels; see graphopt.ops.attention.attention_block_backward."""
+    check_supported(q, k, v, dout)
     q, k, v, dout = (_unit_last_stride(x) for x in (q, k, v, dout))
+    lse = lse.float()
     lse = lse if lse.stride(-1) == 1 else lse.contiguous()
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]

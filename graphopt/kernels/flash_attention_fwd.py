@@ -239,9 +239,27 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+def check_supported(*tensors: torch.Tensor) -> None:
+    """Raises for inputs the kernels do not handle, naming the way out."""
+    dtypes = {x.dtype for x in tensors}
+    if len(dtypes) != 1 or not dtypes <= set(SUPPORTED_DTYPES):
+        raise ValueError(
+            f"the Triton flash-attention kernels take q, k, v of one dtype among float16, bfloat16, "
+            f"float32; got {sorted(str(d) for d in dtypes)}; cast them, or pass impl='reference'")
+    if tensors[0].shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim {tensors[0].shape[-1]} is above the {MAX_HEAD_DIM} the Triton kernels' tiles "
+            "are sized for; pass impl='reference' (or split the heads)")
+
+
 def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: int = 0,
                             k_offset: int = 0, out_acc=None, lse_acc=None):
     """Launches the forward kernel; see graphopt.ops.attention.attention_block_forward."""
+    check_supported(q, k, v)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]

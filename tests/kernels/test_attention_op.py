@@ -184,3 +184,12 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="float32"):
         attention_block_forward(q, k, v, scale=1.0, causal=False, out_acc=torch.zeros(q.shape,
                                 dtype=torch.float16), lse_acc=torch.zeros(q.shape[:3]))
+
+
+def test_triton_path_refuses_what_its_kernels_do_not_handle():
+    q, k, v = make_qkv(1, 2, 1, 4, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="impl='reference'"):
+        attention_block_forward(q, k, v, scale=1.0, causal=False, impl="triton")
+    q, k, v = make_qkv(1, 2, 1, 4, 4, 160)
+    with pytest.raises(ValueError, match="head dim 160"):
+        attention_block_forward(q, k, v, scale=1.0, causal=False, impl="triton")
