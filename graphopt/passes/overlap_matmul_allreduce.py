@@ -31,7 +31,9 @@ Safe when (checked per site, else the site is left unchanged and the reason is a
 ``PassResult.refusals``):
 - the reduction is "sum"; the group name resolves to a process group (its size is known);
 - the GEMM output and every reshape between it and the collective have exactly one user (nothing
-  else reads the un-reduced partial sums), and the collective's only user is its wait_tensor;
+  else reads the un-reduced partial sums; ``copy(partial, reduced)``, which Dynamo emits for an
+  in-place ``dist.all_reduce(y)``, reads the reduced value and is rewired to the fused result), and
+  the collective's only user is its wait_tensor;
 - the reshapes keep the last (N) dimension, so the GEMM rows map onto the collective's rows;
 - addmm has alpha = beta = 1; operands are floating point of one dtype;
 - for reduce-scatter / all-gather along dim d: the split/cat is exactly the "move dim d to the
@@ -102,6 +104,7 @@ class Match:
     gathered: Optional[fx.Node] = None         # all-gather: the node other users read
     anchor: Optional[fx.Node] = None           # all-gather: the fused op goes right before it
     tile_layout_ok: bool = False
+    copies: list[fx.Node] = dataclasses.field(default_factory=list)  # copy(partial, reduced) aliases
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -223,7 +226,12 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
     wait = _wait_of(node)
     if isinstance(wait, str):
         return wait
-    if not _single_user(source):
+    # dist.all_reduce(y) traced by Dynamo: y = copy(y, wait(all_reduce(y))) -- the copy is the
+    # reduced value in y's place, so it is a user of the result, not of the partial sums.
+    copies = [user for user in source.users
+              if user.target is aten.copy.default and user.args[:2] == (source, wait)
+              and _val(user).shape == _val(wait).shape and _val(user).dtype == _val(wait).dtype]
+    if set(source.users) - set(copies) != {node}:
         return f"{node.name}: its input {source.name} has other users"
     layout: list[fx.Node] = []
     dim = 0
@@ -237,7 +245,7 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
             if not _single_user(source):
                 return f"{node.name}: {source.name} has other users"
     gemm, reshapes = _reshape_chain_up(source) if source.target in RESHAPES else (source, [])
-    if gemm.target not in pattern.gemms or not _single_user(gemm):
+    if gemm.target not in pattern.gemms or (reshapes or layout) and not _single_user(gemm):
         return (f"{node.name}: its input is not produced by a single-user "
                 f"{'/'.join(str(g) for g in pattern.gemms)}")
     problem = _dtype_problem(gemm)
@@ -248,7 +256,7 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
     if shape[-1] != _val(gemm).shape[-1]:
         return f"{node.name}: the reshapes between {gemm.name} and the collective change the last dim"
     match = Match(pattern, gemm, node, wait, group_name, world, m, n, k, _val(gemm), reshapes, layout,
-                  dim)
+                  dim, copies=copies)
     if pattern.kind == "reduce_scatter":
         if not all(isinstance(s, int) for s in shape):
             return f"{node.name}: symbolic output shape {shape}; the scatter layout needs static sizes"
@@ -322,8 +330,10 @@ def _rewrite_all_reduce(gm: fx.GraphModule, match: Match, choice: overlap_cost.O
         result = fused
         for reshape in match.reshapes:
             result = _call(gm, reshape.target, (result, *reshape.args[1:]), reshape.kwargs)
+    for alias in match.copies:
+        alias.replace_all_uses_with(result)
     match.wait.replace_all_uses_with(result)
-    _erase(gm, [match.gemm, *match.reshapes, match.collective, match.wait])
+    _erase(gm, [match.gemm, *match.reshapes, match.collective, match.wait, *match.copies])
 
 
 def _rewrite_reduce_scatter(gm: fx.GraphModule, match: Match,
@@ -337,7 +347,7 @@ def _rewrite_reduce_scatter(gm: fx.GraphModule, match: Match,
                        choice.comm_sms))
         _compat.mark_must_save(fused)
     match.wait.replace_all_uses_with(fused)
-    _erase(gm, [match.gemm, *match.reshapes, *match.layout, match.collective, match.wait])
+    _erase(gm, [match.gemm, *match.reshapes, *match.layout, match.collective, match.wait, *match.copies])
 
 
 def _rewrite_all_gather(gm: fx.GraphModule, match: Match, choice: overlap_cost.OverlapChoice) -> None:

@@ -119,6 +119,21 @@ def _group():
     return _compat.group_name(None)
 
 
+def test_in_place_dist_all_reduce_traced_by_dynamo_is_fused(tmp_path):
+    def in_place(x, w):
+        partial = x @ w
+        dist.all_reduce(partial)
+        return partial.relu()
+
+    _compile_and_run(_functional(in_place), tmp_path)
+    joint = _stage_code(tmp_path, "joint.overlap_matmul_allreduce")
+    assert joint.count("graphopt.matmul_all_reduce.default(") == 1
+    assert "aten.copy.default(mm" not in joint
+    # the backward all-reduce of relu's gradient has no GEMM producer and stays as it is
+    entry = _last_pass_summary()
+    assert any("threshold_backward has other users" in refusal for refusal in entry["refusals"])
+
+
 def test_inference_graph_is_rewritten(tmp_path):
     import torch.distributed._functional_collectives as funcol
     module = _functional(lambda x, w: funcol.wait_tensor(funcol.all_reduce(x @ w, "sum", _group())))
