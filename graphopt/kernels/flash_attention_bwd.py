@@ -254,7 +254,8 @@ _dkdv_tuned = tuned_by_dtype(
      triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
      triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2)],
     [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)],
-    key=_TUNE_KEY)
+    key=_TUNE_KEY,
+    small_head_configs=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3)])
 
 # The dq kernel may add into DQ in place, so tuning runs restore it between trials.
 _dq_tuned = tuned_by_dtype(
@@ -263,7 +264,8 @@ _dq_tuned = tuned_by_dtype(
      triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
      triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)],
     [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
-    key=_TUNE_KEY + ["ACCUMULATE"], restore_value=["DQ"])
+    key=_TUNE_KEY + ["ACCUMULATE"], restore_value=["DQ"],
+    small_head_configs=[triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2)])
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:

@@ -177,15 +177,31 @@ HALF_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
 ]
+# Larger tiles that fit only small heads (at D = 128 they spill or overflow shared memory).
+SMALL_HEAD_DIM = 64
+HALF_CONFIGS_SMALL_HEAD = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+]
 # float32 tiles take twice the registers and shared memory (and full-precision dots).
 FP32_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
 
 
-def tuned_by_dtype(kernel, half_configs, fp32_configs, key, restore_value=()):
-    """One autotuner per tile-size family: {"half": ..., "fp32": ...}."""
-    return {family: triton.autotune(configs=configs, key=key,
-                                    restore_value=list(restore_value))(kernel)
-            for family, configs in (("half", half_configs), ("fp32", fp32_configs))}
+def tuned_by_dtype(kernel, half_configs, fp32_configs, key, restore_value=(),
+                   small_head_configs=()):
+    """One autotuner per tile-size family: {"half": ..., "fp32": ...}; ``small_head_configs``
+    join the half family for head dims up to SMALL_HEAD_DIM."""
+    small_head_configs = list(small_head_configs)
+
+    def drop_large_tiles_for_large_heads(configs, named_args, **kwargs):
+        if kwargs.get("HEAD_DIM_PAD", SMALL_HEAD_DIM) <= SMALL_HEAD_DIM:
+            return configs
+        return [c for c in configs if all(c is not small for small in small_head_configs)]
+
+    return {family: triton.autotune(
+                configs=configs, key=key, restore_value=list(restore_value),
+                prune_configs_by={"early_config_prune": drop_large_tiles_for_large_heads})(kernel)
+            for family, configs in (("half", half_configs + small_head_configs),
+                                    ("fp32", fp32_configs))}
 
 
 def dtype_family(dtype: torch.dtype) -> str:
@@ -195,7 +211,8 @@ def dtype_family(dtype: torch.dtype) -> str:
 # Accumulate mode rewrites Out/Lse in place, so tuning runs restore them between trials.
 _flash_fwd_tuned = tuned_by_dtype(
     _flash_fwd_kernel, HALF_CONFIGS, FP32_CONFIGS,
-    key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "ACCUMULATE"], restore_value=["Out", "Lse"])
+    key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "ACCUMULATE"], restore_value=["Out", "Lse"],
+    small_head_configs=HALF_CONFIGS_SMALL_HEAD)
 
 
 def launch(tuned, grid, args, meta) -> None:
@@ -203,7 +220,8 @@ def launch(tuned, grid, args, meta) -> None:
     if AUTOTUNE:
         tuned[grid](*args, **meta)
         return
-    config = tuned.configs[min(UNTUNED_CONFIG, len(tuned.configs) - 1)]
+    configs = tuned.early_config_prune(tuned.configs, {}, **meta)
+    config = configs[min(UNTUNED_CONFIG, len(configs) - 1)]
     tuned.fn[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                   num_stages=config.num_stages)
 
