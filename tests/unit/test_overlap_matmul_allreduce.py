@@ -237,3 +237,17 @@ def test_tile_kernel_gemm_and_flags_under_triton_interpreter():
     done = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], capture_output=True, text=True,
                           timeout=240, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fused_op_compiles_through_inductor_and_keeps_one_call_per_graph(tmp_path):
+    torch._dynamo.reset()
+    module = _tensor_parallel(sequence_parallel=False)
+    compiled = torch.compile(module, backend=graphopt.backend(
+        codegen="inductor", overlap_matmul_allreduce=True, overlap_mode="chunked",
+        dump_dir=str(tmp_path)))
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    compiled(x).sum().backward()
+    forward, backward = _stage_code(tmp_path, "forward"), _stage_code(tmp_path, "backward")
+    assert forward.count("graphopt.matmul_all_reduce.default(") == 1
+    assert backward.count("graphopt.matmul_all_reduce.default(") == 1
