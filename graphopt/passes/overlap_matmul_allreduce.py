@@ -68,8 +68,8 @@ c10d = _compat.functional_collectives_ops()
 
 STAGES = ("joint", "inference")
 RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default)
-# Nodes computing a weight operand from parameters that may move up to the insertion point.
 SPLITS = (aten.split_with_sizes.default, aten.split.Tensor)
+# Nodes computing a weight operand from parameters that may move up to the insertion point.
 HOISTABLE = RESHAPES + (aten.permute.default, aten.t.default, aten.transpose.int)
 
 
@@ -230,6 +230,7 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
     # reduced value in y's place, so it is a user of the result, not of the partial sums.
     copies = [user for user in source.users
               if user.target is aten.copy.default and user.args[:2] == (source, wait)
+              and isinstance(_val(user), torch.Tensor) and isinstance(_val(wait), torch.Tensor)
               and _val(user).shape == _val(wait).shape and _val(user).dtype == _val(wait).dtype]
     if set(source.users) - set(copies) != {node}:
         return f"{node.name}: its input {source.name} has other users"
