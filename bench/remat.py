@@ -98,13 +98,15 @@ def measure(name: str, fraction, compiled, model, tokens, targets, device: str, 
         times.append(time.perf_counter() - t0)
     row = {"variant": name, "fraction": fraction, "base_bytes": base, "peak_bytes": peak,
            "step_ms": statistics.median(times) * 1e3, "step_ms_all": [t * 1e3 for t in times],
-           "compile_s": compile_s, "loss": float(loss)}
+           "compile_s": compile_s, "loss": float(loss.detach())}
     plans = [s["notes"]["remat_plan"] for s in compile_summaries() if "remat_plan" in s.get("notes", {})]
     if plans:
         plan = plans[-1]
         row.update(budget_bytes=base + plan["budget_bytes"], planned_peak_bytes=base + plan["planned_peak_bytes"],
                    plan_feasible=plan["feasible"], plan_recompute_ms=plan["recompute_time_s"] * 1e3,
-                   plan_saved_bytes=plan["saved_bytes"], min_cut_saved_bytes=plan["min_cut_saved_bytes"])
+                   plan_saved_bytes=plan["saved_bytes"], min_cut_saved_bytes=plan["min_cut_saved_bytes"],
+                   min_cut_planned_peak_bytes=base + plan["min_cut_peak_bytes"],
+                   plan_peak_at=plan["peak_at"], plans_scored=plan["plans_scored"])
     return row
 
 

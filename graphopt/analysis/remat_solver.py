@@ -58,6 +58,10 @@ class JointGraph:
 
     def __post_init__(self) -> None:
         self.position = {name: i for i, name in enumerate(self.order)}
+        self.tangent_dependent: set[str] = set()
+        for name in self.order:
+            if self.role[name] == "tangent" or any(i in self.tangent_dependent for i in self.inputs[name]):
+                self.tangent_dependent.add(name)
         self.users: dict[str, list[str]] = {name: [] for name in self.order}
         for name in self.order:
             for source in self.inputs[name]:
@@ -191,14 +195,15 @@ def recompute_closure(graph: JointGraph, saved: Iterable[str]) -> tuple[list[str
 
 
 def backward_order(graph: JointGraph, recomputed: Iterable[str]) -> list[str]:
-    """Backward nodes in order, each recomputed forward node placed just before its first reader."""
+    """The backward as the autograd engine would run it: the nodes that read a gradient
+    (tangent) in order, every other node -- recomputed forward values, and backward values that
+    depend only on forward ones -- placed just before its first reader."""
     recomputed = set(recomputed)
     emitted: set[str] = set()
     schedule: list[str] = []
-    for name in graph.order:
-        if graph.role[name] != "bw":
-            continue
-        pending, stack = set(), [name]
+
+    def emit(root: str) -> None:
+        pending, stack = set(), [root]
         while stack:
             node = stack.pop()
             if node in pending or node in emitted:
@@ -208,6 +213,13 @@ def backward_order(graph: JointGraph, recomputed: Iterable[str]) -> list[str]:
         for node in sorted(pending, key=graph.position.__getitem__):
             emitted.add(node)
             schedule.append(node)
+
+    for name in graph.order:
+        if graph.role[name] == "bw" and name in graph.tangent_dependent:
+            emit(name)
+    for name in graph.bw_outputs:
+        if name in graph.role and (graph.role[name] == "bw" or name in recomputed):
+            emit(name)
     return schedule
 
 

@@ -300,23 +300,30 @@ def _extract(joint_gm: fx.GraphModule, graph: JointGraph, plan: Plan, num_fwd_ou
     fw_gm, bw_gm = _compat.extract_fwd_bwd_modules(
         joint_gm, saved_values, saved_sym, num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_nodes=static)
-    forward = {n for n in graph.order if graph.role[n] == "fw"}
-    return fw_gm, reorder_backward(bw_gm, forward)
+    return fw_gm, reorder_backward(bw_gm)
 
 
-def reorder_backward(bw_gm: fx.GraphModule, forward: set[str]) -> fx.GraphModule:
-    """Emit backward nodes in order, each recomputed forward node just before its first reader (the
-    order ``remat_solver.backward_order`` simulates), so recomputed values do not all live at once.
+def reorder_backward(bw_gm: fx.GraphModule) -> fx.GraphModule:
+    """Run the backward as the autograd engine would (the order ``remat_solver.backward_order``
+    simulates): nodes that read a gradient in order, every other node -- recomputed forward values
+    and gradient-independent backward values -- just before its first reader, so recomputed
+    values do not all live at once.
 
-    Forward nodes that no backward node reads are dropped: torch's extraction keeps ops that FX
-    counts as impure (random ops) when their inputs happen to be recomputable, and running them
-    again would waste time (their results are never used)."""
+    Nodes no output needs are dropped: torch's extraction keeps ops that FX counts as impure
+    (random ops) when their inputs happen to be recomputable, and running them again would only
+    waste time."""
     old_nodes = list(bw_gm.graph.nodes)
     position = {node: i for i, node in enumerate(old_nodes)}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for node in bw_gm.graph.find_nodes(op="placeholder"):
-        env[node] = graph.node_copy(node, env.__getitem__)
+    gradient_dependent: set[fx.Node] = set()
+    for node in old_nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node, env.__getitem__)
+            if _is_backward_input(node):
+                gradient_dependent.add(node)
+        elif any(i in gradient_dependent for i in node.all_input_nodes):
+            gradient_dependent.add(node)
 
     def emit(root: fx.Node) -> None:
         pending, stack = set(), [root]
@@ -330,7 +337,7 @@ def reorder_backward(bw_gm: fx.GraphModule, forward: set[str]) -> fx.GraphModule
             env[node] = graph.node_copy(node, env.__getitem__)
 
     for node in old_nodes:
-        if node.op not in ("placeholder", "output") and node.name not in forward:
+        if node.op == "call_function" and node in gradient_dependent:
             emit(node)
     for node in old_nodes:
         if node.op == "output":
