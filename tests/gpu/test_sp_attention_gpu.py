@@ -20,7 +20,7 @@ def _errors(rank: int, world: int, causal: bool, load_balance: bool, hkv: int) -
     q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, hkv, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(1, hkv, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-    dout = torch.randn_like(q)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # same on all ranks
     chunk = slice(rank * seq // world, (rank + 1) * seq // world)
 
     def attend(inputs, grad):
