@@ -149,6 +149,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, group_name: str, comm_sms: int, sc
         raise ValueError(f"M={m} must be a multiple of {BLOCK_M}{' x world size' if scatter else ''} "
                          "for the tile kernel; the cost model picks the chunked runtime otherwise")
     out = a.new_empty(m // world if scatter else m, n)
+    # One program per SM on CUDA; under the Triton interpreter (CPU tensors) four GEMM programs.
     sms = num_sms(a.device) if a.is_cuda else comm_sms + 4
     comm_sms = max(1, min(comm_sms, sms - 1))
     workspace.barrier()
