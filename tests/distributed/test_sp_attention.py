@@ -128,9 +128,6 @@ def _run_op_checks(rank: int, world: int, cases: list[dict]) -> dict:
                 without_policy=without_policy)
 
 
-@pytest.fixture(scope="module")
-def op_checks():
-    return spawn(_run_op_checks, WORLD, _grid_cases(), timeout_s=400)
 
 
 def _grid_cases() -> list[dict]:
@@ -216,9 +213,24 @@ def _run_llama_checks(rank: int, world: int) -> dict:
     return results
 
 
+def _run_all_checks(rank: int, world: int, cases: list[dict]) -> dict:
+    return {"op": _run_op_checks(rank, world, cases), "llama": _run_llama_checks(rank, world)}
+
+
 @pytest.fixture(scope="module")
-def llama_checks():
-    return spawn(_run_llama_checks, WORLD, timeout_s=400)
+def checks():
+    """One spawn for the whole file (starting 4 processes costs more than the checks)."""
+    return spawn(_run_all_checks, WORLD, _grid_cases(), timeout_s=600)
+
+
+@pytest.fixture
+def op_checks(checks):
+    return [rank["op"] for rank in checks]
+
+
+@pytest.fixture
+def llama_checks(checks):
+    return [rank["llama"] for rank in checks]
 
 
 def test_compiled_llama_on_shards_matches_full_sequence(llama_checks):
