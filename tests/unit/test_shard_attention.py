@@ -215,6 +215,17 @@ def test_cross_attention_is_refused(one_rank_group):
     assert not result.modified and "key length" in result.refusals[0]
 
 
+def test_sequence_that_does_not_split_evenly_names_the_fix(one_rank_group):
+    from graphopt.distributed.sharding import (SequenceNotDivisibleError, chunk_bounds,
+                                               shard_sequence)
+    with pytest.raises(SequenceNotDivisibleError, match="length 1000 is not divisible by the "
+                       "sequence-parallel world size 3; pad the batch by 2 tokens to 1002"):
+        chunk_bounds(1000, 3, 0)
+    assert chunk_bounds(12, 3, 2) == (8, 12)
+    tokens, positions = shard_sequence(torch.arange(10).reshape(2, 5))  # one rank: everything
+    assert tokens.shape == (2, 5) and positions.tolist() == [list(range(5))] * 2
+
+
 def test_matmuls_that_are_not_attention_are_not_candidates(one_rank_group):
     result, _ = _run_pass(lambda a, b: torch.matmul(torch.relu(a @ b), b), torch.randn(4, 4),
                           torch.randn(4, 4))
@@ -223,8 +234,23 @@ def test_matmuls_that_are_not_attention_are_not_candidates(one_rank_group):
 
 # --- through the backend ---------------------------------------------------------------------------
 
-def test_llama_through_the_backend_replaces_every_layer(one_rank_group):
-    """Compiled with the pass on a one-rank group: same logits and gradients as eager."""
+def _count_block_forwards(monkeypatch) -> list:
+    import graphopt.ops.sp_attention as sp
+    calls, original = [], sp.attention_block_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "attention_block_forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("memory_budget", [None, 0.3])
+def test_llama_through_the_backend_replaces_every_layer(one_rank_group, monkeypatch,
+                                                        memory_budget):
+    """Compiled with the pass on a one-rank group: same logits and gradients as eager; with
+    graphopt's rematerialization planner too, and neither backward runs attention forward."""
     from graphopt.debug.dump import compile_summaries
     from graphopt.models.llama import Llama, LlamaConfig
 
@@ -235,10 +261,13 @@ def test_llama_through_the_backend_replaces_every_layer(one_rank_group):
     expected.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager",
-                                                            sequence_parallel_attention=True))
+    compiled = torch.compile(model, backend=graphopt.backend(
+        codegen="eager", sequence_parallel_attention=True, memory_budget=memory_budget))
+    calls = _count_block_forwards(monkeypatch)
     logits = compiled(tokens)
+    in_forward = len(calls)
     logits.square().mean().backward()
+    assert in_forward == model.cfg.n_layers and len(calls) == in_forward
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4)
