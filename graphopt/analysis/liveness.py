@@ -136,12 +136,15 @@ def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> lis
     return steps
 
 
-def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int) -> Timeline:
+def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int,
+                         hold_backward_inputs: bool = False) -> Timeline:
     """Bytes live over forward then backward of a partitioned graph pair.
 
     Graph inputs (parameters, user inputs) are not counted. Saved tensors live from their
-    production in forward to their last use in backward; the forward's own outputs (held by the
-    caller) and the gradients (returned) live to the end. Tangents appear when backward starts."""
+    production in forward to their last use in backward (to the end of backward with
+    ``hold_backward_inputs``, where the runtime holds the backward's argument list); the forward's
+    own outputs (held by the caller) and the gradients (returned) live to the end. Tangents appear
+    when backward starts."""
     fw_keys: dict[str, str] = {}
     steps = _graph_steps(fw_gm, "f:", fw_keys)
     fw_outputs = output_nodes(fw_gm)
@@ -157,4 +160,6 @@ def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_o
             steps.append(Step(f"t:{node.name}", tensor_nbytes(node.meta.get("val")), f"t:{node.name}", ()))
     steps += _graph_steps(bw_gm, "b:", bw_keys)
     pinned |= {bw_keys[n.name] for n in output_nodes(bw_gm) if isinstance(n, fx.Node) and n.name in bw_keys}
+    if hold_backward_inputs:
+        pinned |= {bw_keys[n.name] for n in bw_gm.graph.find_nodes(op="placeholder") if n.name in bw_keys}
     return simulate(steps, pinned, boundary=boundary)

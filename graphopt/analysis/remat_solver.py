@@ -55,6 +55,9 @@ class JointGraph:
     bw_outputs: list[str]
     shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)   # tensors only
     dtypes: dict[str, object] = dataclasses.field(default_factory=dict)  # tensors only
+    # The runtime keeps the backward's inputs (saved tensors, tangents) until the backward returns
+    # (eager codegen's boxed call holds its argument list); Inductor frees each at its last use.
+    hold_backward_inputs: bool = False
 
     def __post_init__(self) -> None:
         self.position = {name: i for i, name in enumerate(self.order)}
@@ -264,6 +267,9 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
         steps.append(_step(graph, name, "b:", key))
     pinned = {f"f:{n}" for n in graph.fw_outputs if graph.role.get(n) == "fw"}
     pinned |= {key(n) for n in graph.bw_outputs if n in graph.role and graph.role[n] != "primal"}
+    if graph.hold_backward_inputs:
+        pinned |= {f"f:{n}" for n in saved if graph.role[n] == "fw"}
+        pinned |= {f"t:{n}" for n in graph.order if graph.role[n] == "tangent"}
     return steps, pinned, boundary
 
 

@@ -21,7 +21,9 @@ Budget: bytes ("40GiB", "512MiB", 4e10) bound the activation peak of the graph -
 graph allocates in forward and backward (saved activations, transients, tangents, gradients),
 not its inputs (parameters, user inputs). A fraction f in (0, 1] scales the saved set of the
 min-cut plan (torch's runtime-optimal plan, f = 1): budget = peak(min-cut) - (1 - f) * saved(min-cut),
-so 0.5 asks for a peak lower by half of what the min-cut plan saves.
+so 0.5 asks for a peak lower by half of what the min-cut plan saves. With codegen "eager" the
+simulation keeps the backward's inputs until it returns (the boxed FX call holds its argument
+list); with Inductor each is freed at its last use.
 
 Safe because recomputation replays the same deterministic ops on the same inputs. Never
 recomputed: collectives (``_c10d_functional``) and every ``graphopt::`` op (they may communicate),
@@ -99,7 +101,8 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     joint_gm.graph.eliminate_dead_code()
     joint_gm.recompile()
     profile = current_profile(ctx.config)
-    graph = build_joint_graph(joint_gm, num_fwd_outputs, profile)
+    hold = ctx.config.codegen == "eager"  # the boxed FX call keeps backward inputs to the end
+    graph = build_joint_graph(joint_gm, num_fwd_outputs, profile, hold_backward_inputs=hold)
     if not graph.bw_outputs or not any(graph.role[n] == "bw" for n in graph.order):
         log.info("[%s] no backward in the joint graph; nothing to plan", ctx.graph_id)
         return _compat.default_partition(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -124,7 +127,7 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
                 "using it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
 
     fw_gm, bw_gm = _extract(joint_gm, graph, plan, num_fwd_outputs, static_indices)
-    realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs)
+    realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs, hold_backward_inputs=hold)
     summary = _summary(graph, base, plan, budget, realized, len(scored), refusals)
     ctx.shared["remat_plan"] = summary
     if ctx.config.offload_activations:
@@ -149,7 +152,8 @@ def _budget_bytes(value: Any, base_peak: int, base_saved: int) -> int | None:
 
 # --- the joint graph as the solver sees it ----------------------------------------------------------
 
-def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile) -> JointGraph:
+def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
+                      hold_backward_inputs: bool = False) -> JointGraph:
     nodes = [n for n in joint_gm.graph.nodes if n.op != "output"]
     outputs = liveness.output_nodes(joint_gm)
     fw_outputs = [o for o in outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
@@ -200,7 +204,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile) -
                       logical_bytes=logical, view_of=view_of, time_s=times, recomputable=recomputable,
                       cheap=cheap, must_recompute=must_recompute, symbolic=symbolic, tuples=tuples,
                       fw_outputs=[o.name for o in fw_outputs], bw_outputs=[o.name for o in bw_outputs],
-                      shapes=shapes, dtypes=dtypes)
+                      shapes=shapes, dtypes=dtypes, hold_backward_inputs=hold_backward_inputs)
 
 
 def _is_backward_input(node: fx.Node) -> bool:

@@ -52,7 +52,11 @@ def test_partitioned_timeline_counts_saved_tensors_until_their_backward_use():
     w = torch.randn(32, 128, requires_grad=True)
     f(x, w).backward()
     timeline = partitioned_timeline(graphs["fw"], graphs["bw"], graphs["n"])
+    held = partitioned_timeline(graphs["fw"], graphs["bw"], graphs["n"], hold_backward_inputs=True)
     act = 64 * 128 * 4
+    # held saved tensors never leave before the end, so the held timeline is never below
+    assert all(h >= t for h, t in zip(held.live_bytes, timeline.live_bytes))
+    assert held.live_bytes[-1] >= timeline.live_bytes[-1] + act
     # forward holds mm and relu at once; the peak is at least the relu output saved plus grads
     assert timeline.boundary < len(timeline.labels)
     assert timeline.peak >= act + 32 * 128 * 4
