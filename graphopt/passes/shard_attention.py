@@ -28,6 +28,10 @@ mask that is not an in-graph causal mask of the scores' shape (a mask tensor fro
 buffer cannot be proven causal); query and key lengths that differ (cross attention, KV caches);
 inputs that are not 4-D [B, H, S, D]; attention probabilities used outside the attention; a
 non-constant scale; torch.distributed not initialised.
+
+Attention inside ``torch.utils.checkpoint`` regions (higher-order-op subgraphs) is rewritten too; a
+plain region that now holds the op gets graphopt's checkpoint policy, so recomputing the region
+reuses the op's saved (out, lse) instead of running distributed attention again.
 """
 
 from __future__ import annotations
@@ -512,7 +516,8 @@ def shard_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                      "torch.distributed.init_process_group before running the compiled model"
                      for _, sites, _ in found for s in sites]
         found = []
-    group_name = _compat.group_name(ctx.config.sp_group) if found else ""
+    has_sites = any(sites for _, sites, _ in found)
+    group_name = _compat.group_name(ctx.config.sp_group) if has_sites else ""
     replaced, rewritten = 0, []
     for module, sites, _ in found:
         changed = False

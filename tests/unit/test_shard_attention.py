@@ -80,6 +80,14 @@ def _check_rewritten(fn, args, *, causal, scale, kv_heads, atol=1e-5):
     return gm
 
 
+def test_without_torch_distributed_attention_is_left_alone():
+    """Runs before the module's process group exists (file order)."""
+    if dist.is_initialized():
+        pytest.skip("a process group from another test module is still initialised")
+    result, _ = _run_pass(_sdpa_gqa, *_qkv())
+    assert not result.modified and "init_process_group" in result.refusals[0]
+
+
 # --- scaled_dot_product_attention -----------------------------------------------------------------
 
 def _sdpa_gqa(q, k, v):
@@ -321,3 +329,23 @@ def test_checkpointed_region_is_rewritten_and_attention_not_recomputed(one_rank_
     torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-4)
     passes = [p for s in compile_summaries() for p in s["passes"] if p["pass"] == "shard_attention"]
     assert sum(p["matched"] for p in passes) == 1
+
+
+@pytest.mark.slow
+def test_llama_through_inductor(one_rank_group):
+    """The rewritten graph also compiles through Inductor (the custom op stays an extern call)."""
+    from graphopt.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.tiny(n_layers=1))
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 16))
+    expected = model(tokens)
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, backend=graphopt.backend(sequence_parallel_attention=True))
+    logits = compiled(tokens)
+    logits.sum().backward()
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], atol=1e-4, rtol=1e-4)
