@@ -351,8 +351,11 @@ def _match_decomposed(node: fx.Node) -> Optional[Site]:
         if spec in (MUL, ADD) and not _has_shape(chain, scores_val) and _has_shape(other, scores_val):
             chain, other = other, chain
         if spec in (MUL, DIV):
-            if not isinstance(other, (int, float)):
-                raise Refused(f"{where}: scores are scaled by a tensor, not a constant")
+            if not isinstance(other, (int, float)) or other <= 0:
+                # A tensor scale is not provably uniform; a non-positive one turns a -inf mask
+                # applied before it into +inf or nan.
+                raise Refused(f"{where}: scores are scaled by {getattr(other, 'name', other)!r}, "
+                              "not a positive constant")
             scale *= dict(SCORE_SCALES)[spec](float(other))
         else:
             use = next((u for u in MASK_USES if u[0] is spec and u[2](args)), None)
@@ -371,7 +374,7 @@ def _match_decomposed(node: fx.Node) -> Optional[Site]:
     internal.append(scores)
     q, key_t = qk["input"], qk["other"]
     spec, args = _bind_any(q, (MUL,))
-    if spec is not None and isinstance(args["other"], (int, float)):
+    if spec is not None and isinstance(args["other"], (int, float)) and args["other"] > 0:
         scale *= float(args["other"])
         q = args["input"]
     k = _untranspose(key_t)

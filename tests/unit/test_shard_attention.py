@@ -190,6 +190,11 @@ def _decomposed_dropout(q, k, v):
     return probs @ v
 
 
+def _scaled_by_tensor(q, k, v):
+    scores = (q @ k.transpose(-2, -1)) * q.new_tensor(0.5)
+    return torch.softmax(scores, dim=-1) @ v
+
+
 def _probs_returned(q, k, v):
     probs = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
     return probs @ v, probs
@@ -206,6 +211,7 @@ def _cross_attention(q, k, v):
     (_decomposed_sliding_window, (), "cannot be proven causal"),
     (_decomposed_dropout, (), "dropout"),
     (_probs_returned, (), "used outside"),
+    (_scaled_by_tensor, (), "not a positive constant"),
 ])
 def test_unprovable_attention_is_left_alone_with_a_reason(one_rank_group, fn, extra, reason):
     args = _qkv(hkv=H) + extra
