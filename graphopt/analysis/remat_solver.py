@@ -336,7 +336,7 @@ def candidates(graph: JointGraph, base_saved: list[str],
         freed = graph.nbytes[name]
         options = [KEEP]
         if graph.recomputable[name]:
-            chain, extra = _chain(graph, name, available)
+            chain, extra = recompute_chain(graph, name, available)
             options.append(Option("recompute", max(freed - extra, 0),
                                   sum(graph.time_s[n] for n in chain)))
         options += offload_options.get(name, [])
@@ -345,7 +345,7 @@ def candidates(graph: JointGraph, base_saved: list[str],
     return result
 
 
-def _chain(graph: JointGraph, name: str, available: set[str]) -> tuple[list[str], int]:
+def recompute_chain(graph: JointGraph, name: str, available: set[str]) -> tuple[list[str], int]:
     """Nodes recomputed to rebuild ``name`` when everything in ``available`` is at hand, and the
     bytes of values that cannot be recomputed on the way (they must then be saved)."""
     chain, extra, stack, seen = [], 0, [name], set()

@@ -269,7 +269,7 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
     for name in plan.saved:
         if graph.role[name] != "fw" or name in graph.symbolic or graph.nbytes[name] == 0:
             continue
-        chain = remat_solver._chain(graph, name, available)[0] if graph.recomputable[name] else None
+        chain = remat_solver.recompute_chain(graph, name, available)[0] if graph.recomputable[name] else None
         result.append(liveness.SavedTensor(
             name=name, nbytes=graph.nbytes[name], shape=graph.shapes[name], dtype=graph.dtypes[name],
             fw_index=fw_pos[name], bw_index=first_use.get(name, len(backward)),

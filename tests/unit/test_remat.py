@@ -291,3 +291,41 @@ def test_parse_budget():
     for bad in ("lots", -1, 0.0, True):
         with pytest.raises(BudgetError, match="memory_budget"):
             parse_budget(bad)
+
+
+def test_dynamic_shapes_plan_and_numerics():
+    model = mlp(2, 32, 128)
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", memory_budget=0.5),
+                             dynamic=True)
+    for rows in (64, 96):
+        x = torch.randn(rows, 32, requires_grad=True)
+        out = compiled(x)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, model(x))
+    summary = compile_summaries()[-1]["notes"]["remat_plan"]
+    assert summary["planned_peak_bytes"] == summary["realized_peak_bytes"]
+
+
+_PLAN_IN_A_FRESH_PROCESS = """
+import json, sys
+sys.path.insert(0, {folder!r})
+import torch
+import test_remat as t
+captured = t.capture_joint(torch.nn.Sequential(t.Block(32, 4), t.Block(32, 4)),
+                           torch.randn(2, 64, 32, requires_grad=True))
+summary = t.plan(captured, 0.4)[2].shared["remat_plan"]
+print(json.dumps({{k: summary[k] for k in ("saved", "recomputed", "planned_peak_bytes")}}))
+"""
+
+
+def test_every_process_makes_the_same_plan():
+    """Ranks are separate processes with their own hash seeds: the plan must not depend on them."""
+    import json
+    import subprocess
+    import sys
+    code = _PLAN_IN_A_FRESH_PROCESS.format(folder=os.path.dirname(os.path.abspath(__file__)))
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2")]
+    outputs = [json.loads(run.communicate(timeout=120)[0].strip().splitlines()[-1]) for run in runs]
+    assert outputs[0] == outputs[1]
+    assert outputs[0]["recomputed"], "the budget should make the plan recompute something"
