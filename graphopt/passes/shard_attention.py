@@ -102,7 +102,6 @@ SDPA = _spec("scaled_dot_product_attention", [F.scaled_dot_product_attention],
              attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
 MATMUL = _spec("matmul", [torch.matmul, operator.matmul], ["matmul", "__matmul__"],
                ("input", "other"))
-BMM = _spec("bmm", [torch.bmm], ["bmm"], ("input", "other"))
 SOFTMAX = _spec("softmax", [F.softmax, torch.softmax], ["softmax"], ("input", "dim", "dtype"),
                 dtype=None)
 DROPOUT = _spec("dropout", [F.dropout, torch.dropout], ["dropout"], ("input", "p", "training"),

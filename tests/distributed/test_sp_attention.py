@@ -1,8 +1,9 @@
-"""graphop::sp_attention and the shard_attention pass over gloo: every rank's chunk of the output
+"""graphopt::sp_attention and the shard_attention pass over gloo: every rank's chunk of the output
 and every gradient equal single-process attention (and the reference Llama) over the full sequence.
 
-Each test is one spawn of 4 processes; world sizes 2, 3 and 4 run inside it on subgroups of the
-first P ranks (ranks outside a subgroup sit that case out), so P is drawn like any other parameter.
+One spawn of 4 processes runs every check of this file (the ``checks`` fixture); world sizes 2, 3
+and 4 run inside it on subgroups of the first P ranks (ranks outside a subgroup sit that case out),
+so P is drawn like any other parameter.
 """
 
 from __future__ import annotations
@@ -126,8 +127,6 @@ def _run_op_checks(rank: int, world: int, cases: list[dict]) -> dict:
     sp.attention_block_forward = original
     return dict(errors=errors, examples=examples, with_policy=with_policy,
                 without_policy=without_policy)
-
-
 
 
 def _grid_cases() -> list[dict]:
