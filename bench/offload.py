@@ -55,6 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--time-limit-s", type=float, default=170.0,
                         help="skip what is left (and say so) past this many seconds")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run with LlamaConfig.tiny")
+    parser.add_argument("--resummarize", metavar="JSON",
+                        help="recompute summary and Markdown of an earlier run's offload.json into --out")
     return parser.parse_args(argv)
 
 
@@ -300,6 +302,10 @@ def svg_overlap(events, title):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.resummarize:
+        with open(args.resummarize) as handle:
+            results = json.load(handle)
+        return write_results(results, args.out)
     started = time.perf_counter()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -363,11 +369,15 @@ def main(argv=None):
         results["overlap_long"] = overlap["summary"]
         with open(os.path.join(args.out, "offload_overlap.svg"), "w") as handle:
             handle.write(svg_overlap(overlap["events"], f"CUDA streams during one offload step, S={seq}"))
-    results["summary"] = summarize(results)
     results["total_wall_s"] = time.perf_counter() - started
-    with open(os.path.join(args.out, "offload.json"), "w") as handle:
+    write_results(results, args.out)
+
+
+def write_results(results, folder):
+    results["summary"] = summarize(results)
+    with open(os.path.join(folder, "offload.json"), "w") as handle:
         json.dump(results, handle, indent=1, default=str)
-    with open(os.path.join(args.out, "offload.md"), "w") as handle:
+    with open(os.path.join(folder, "offload.md"), "w") as handle:
         handle.write(markdown(results))
     print(markdown(results))
 
@@ -380,8 +390,11 @@ def summarize(results):
     for seq, run in results["runs"].items():
         stats = run["offload"].get("pass", {})
         fraction = stats["offloaded_bytes"] / stats["activation_bytes"] if stats.get("activation_bytes") else 0.0
+        planned = planner_saved_bytes(stats)
         rows[seq] = {
             "offloaded_fraction": fraction,
+            "planner_saved_bytes": planned,
+            "offloaded_fraction_of_planner_saved": stats["offloaded_bytes"] / planned if planned else None,
             "overhead_vs_compiled": run["offload"]["median_s"] / run["compiled"]["median_s"] - 1,
             "hideable_fraction": hideable(results, run, stats),
             "overhead_vs_eager": run["offload"]["median_s"] / run["eager"]["median_s"] - 1,
@@ -397,14 +410,25 @@ def summarize(results):
         longest, shortest = max(rows, key=int), min(rows, key=int)
         summary["seq_long"] = int(longest)
         summary["offloaded_fraction_long"] = rows[longest]["offloaded_fraction"]
+        summary["offloaded_fraction_long_of_planner_saved"] = rows[longest]["offloaded_fraction_of_planner_saved"]
         summary["overhead_long"] = rows[longest]["overhead_vs_compiled"]
         summary["seq_short"] = int(shortest)
         summary["offloaded_fraction_8k"] = rows[shortest]["offloaded_fraction"]
+        summary["offloaded_fraction_8k_of_planner_saved"] = rows[shortest]["offloaded_fraction_of_planner_saved"]
         summary["overhead_8k"] = rows[shortest]["overhead_vs_compiled"]
         if rows[shortest]["hideable_fraction"]:
             summary["share_of_hideable_8k"] = (rows[shortest]["offloaded_fraction"]
                                                / rows[shortest]["hideable_fraction"])
     return summary
+
+
+def planner_saved_bytes(stats):
+    """Bytes of the saved tensors the joint planner priced (kept or offloaded): its table.
+
+    The planner leaves out tensors saved through a view (their bytes count as the view's base),
+    so this is the part of the saved activations that offload was offered."""
+    plan = stats.get("remat_plan") or {}
+    return sum(row["bytes"] for row in plan.get("table", ()) if row["action"] in ("save", "offload"))
 
 
 def hideable(results, run, stats):
@@ -443,11 +467,47 @@ def markdown(results):
     for seq, row in summary.get("per_seq", {}).items():
         lines.append(f"- S={seq}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in row.items()))
+    lines += ["", *shortfalls(summary)]
     if results.get("overlap_long"):
         lines += ["", f"Overlap at the longest S: `{json.dumps(results['overlap_long'])}`"]
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(results["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+def shortfalls(summary):
+    """Where a target is missed, what the measured numbers say about why."""
+    notes = []
+    for tag, seq_key in (("long", "seq_long"), ("8k", "seq_short")):
+        fraction = summary.get(f"offloaded_fraction_{tag}")
+        of_planned = summary.get(f"offloaded_fraction_{tag}_of_planner_saved")
+        row = summary.get("per_seq", {}).get(str(summary.get(seq_key)), {})
+        if fraction is None:
+            continue
+        if tag == "long" and fraction < TARGET_FRACTION_LONG and of_planned:
+            notes.append(
+                f"- S={summary[seq_key]}: {fraction:.0%} of the saved bytes went to the host, short of "
+                f"{TARGET_FRACTION_LONG:.0%}. The joint planner offered offload only for "
+                f"{row['planner_saved_bytes'] / 2**30:.2f} GiB of the saved set (tensors saved through a "
+                "view -- q/k/v after RoPE, the w1/w3 outputs -- are not priced by "
+                f"plan_rematerialization.saved_tensors); of those it offloaded {of_planned:.0%}.")
+        if tag == "8k" and summary.get("share_of_hideable_8k") is not None \
+                and summary["share_of_hideable_8k"] < TARGET_HIDDEN_SHARE_8K:
+            notes.append(
+                f"- S={summary[seq_key]}: offloaded {fraction:.0%} of the saved bytes while the forward's "
+                f"D2H window could carry {row['hideable_fraction']:.0%} "
+                f"({summary['share_of_hideable_8k']:.0%} of it): same cause, the candidates were "
+                f"{of_planned:.0%} offloaded.")
+        overhead = summary.get(f"overhead_{tag}")
+        if overhead is not None and overhead > TARGET_OVERHEAD:
+            notes.append(f"- S={summary[seq_key]}: overhead {overhead:.1%} vs the {TARGET_OVERHEAD:.0%} target "
+                         "(median of the measured steps; see times_s in the JSON).")
+    for seq, row in summary.get("per_seq", {}).items():
+        ratio = row.get("offload_time_vs_remat")
+        if ratio is not None and ratio >= 1.0:
+            notes.append(f"- S={seq}: offload is not faster than remat at equal peak "
+                         f"({ratio:.3f}x its step time): recomputation is cheap at this length.")
+    return ["Where targets are missed:", *notes] if notes else []
 
 
 def _triton_version():
