@@ -35,7 +35,8 @@ longer than needed to hide the copy.
 Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
 planned here, the pool allocated once and reused every step, within
 ``config.offload_host_capacity`` (per compiled graph: a model split by graph breaks gets one pool
-per graph, each within the capacity).
+per graph, each within the capacity). Reloaded device memory is allocated on the compute stream at
+the reload point, so the caching allocator hands the same blocks back every step.
 
 Refused (left in device memory, with a reason): names the forward does not save; tensors whose
 memory stays alive anyway (views of graph inputs, memory shared with another output or saved

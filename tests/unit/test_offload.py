@@ -227,7 +227,7 @@ def _plain_run(layers, seq, tokens):
     return _PLAIN[layers, seq]
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(layers=st.integers(1, 2), seq=st.sampled_from([16, 48]), alpha=st.sampled_from([0.25, 0.5, 1.0]),
        capacity=st.sampled_from([None, 12_000]))
 def test_gradients_equal_the_graph_without_offload(layers, seq, alpha, capacity):
