@@ -273,3 +273,15 @@ def checkpoint_region_context_fn(body: torch.fx.GraphModule):
 
 def set_checkpoint_region_context_fn(body: torch.fx.GraphModule, context_fn) -> None:
     body.meta["_checkpoint_context_fn"] = context_fn
+
+
+def cleanup_recompute_tags(joint_module):
+    """torch's pass that saves the boundary between consecutive checkpointed regions (their last
+    output becomes MUST_SAVE), so a plan recomputes one region at a time, as min-cut does."""
+    from torch._functorch import partitioners
+    cleanup = getattr(partitioners, "cleanup_recompute_tags", None)
+    if cleanup is None:  # pragma: no cover - older torch
+        return joint_module
+    if "is_default_partition" in inspect.signature(cleanup).parameters:
+        return cleanup(joint_module, is_default_partition=False)
+    return cleanup(joint_module)

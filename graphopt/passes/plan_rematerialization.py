@@ -100,6 +100,7 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     static_indices = set(partition_kwargs.get("static_lifetime_input_indices") or ())
     joint_gm.graph.eliminate_dead_code()
     joint_gm.recompile()
+    joint_gm = _compat.cleanup_recompute_tags(joint_gm)
     profile = current_profile(ctx.config)
     hold = ctx.config.codegen == "eager"  # the boxed FX call keeps backward inputs to the end
     graph = build_joint_graph(joint_gm, num_fwd_outputs, profile, hold_backward_inputs=hold)

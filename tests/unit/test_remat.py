@@ -348,3 +348,22 @@ def test_inductor_codegen_matches_eager_and_records_the_plan():
     summary = next(c for c in compile_summaries() if "notes" in c)["notes"]["remat_plan"]
     assert any(row["action"] == "recompute" for row in summary["table"])
     assert summary["planned_peak_bytes"] < summary["min_cut_peak_bytes"]
+
+
+def _full_ac(blocks, x):
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return x.square().sum()
+
+
+def test_full_activation_checkpointing_recomputes_region_by_region():
+    blocks = nn.ModuleList(mlp(1, 32, 128) for _ in range(3))
+    captured = capture_joint(functools.partial(_full_ac, blocks), torch.randn(256, 32, requires_grad=True))
+    policy = _compat.checkpoint_policy()
+    _, bw, ctx = plan(captured, 1.0)
+    summary = ctx.shared["remat_plan"]
+    boundaries = {n.name for n in captured["joint"].graph.nodes if n.meta.get("recompute") == policy.MUST_SAVE}
+    assert boundaries, "consecutive checkpointed regions should meet at a saved tensor"
+    assert boundaries & set(summary["saved"])
+    assert summary["recomputed"], "the checkpointed regions are recomputed in backward"
