@@ -135,8 +135,9 @@ def summarize(rows: list[dict]) -> dict:
     Our step time is compared with torch's interpolated at our measured peak; where our peak is
     below every torch point, with torch's point of the lowest peak above ours -- torch would need
     at least that time to go lower, so the ratio is an upper bound ("bound" in the row)."""
-    ours = [r for r in rows if r["variant"] == "graphopt"]
-    theirs = [(r["peak_bytes"], r["step_ms"]) for r in rows if r["variant"] == "torch_budget"]
+    measured = [r for r in rows if r["peak_bytes"] > 0]  # no peak without CUDA (smoke runs)
+    ours = [r for r in measured if r["variant"] == "graphopt"]
+    theirs = [(r["peak_bytes"], r["step_ms"]) for r in measured if r["variant"] == "torch_budget"]
     over = [r["peak_bytes"] / r["budget_bytes"] for r in ours if r.get("budget_bytes")]
     ratios, outside = [], []
     for r in ours:
