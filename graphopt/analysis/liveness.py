@@ -7,6 +7,7 @@ rematerialization planner and the offload model (issue 7) exchange lists of them
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx as fx
@@ -36,12 +37,15 @@ class Step:
 
     ``storage`` names the allocation the output lives in: its own key, or the storage of the input
     it is a view of. Keys are unique over the whole schedule ("f:x" for x in forward, "b:x" for x
-    computed or recomputed in backward, "t:x" for a backward input such as a tangent)."""
+    computed or recomputed in backward, "t:x" for a backward input such as a tangent). An op with
+    several outputs allocates them all when it runs (``outputs``, storages "key#0", "key#1", ...);
+    its getitems live in those storages, and an output nobody reads is freed right away."""
 
     key: str
     nbytes: int
     storage: str
     inputs: tuple[str, ...]
+    outputs: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -83,12 +87,16 @@ def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[
     for key in size:
         storage_of[key] = key
     for step in steps:
+        for index, nbytes in enumerate(step.outputs):
+            storage_of[f"{step.key}#{index}"] = f"{step.key}#{index}"
+            size[f"{step.key}#{index}"] = nbytes
         storage_of[step.key] = storage_of.get(step.storage, step.storage)
         if storage_of[step.key] == step.key:
             size[step.key] = step.nbytes
     last_use: dict[str, int] = {}
     for index, step in enumerate(steps):
-        for name in (step.key, *step.inputs):
+        owned = [f"{step.key}#{i}" for i in range(len(step.outputs))]
+        for name in (step.key, *step.inputs, *owned):
             storage = storage_of.get(name)
             if storage is not None:
                 last_use[storage] = index
@@ -102,6 +110,7 @@ def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[
     for index, step in enumerate(steps):
         if storage_of[step.key] == step.key:
             live += size[step.key]
+        live += sum(step.outputs)
         labels.append(step.key)
         live_bytes.append(live)
         for storage in frees.get(index, ()):
@@ -125,15 +134,27 @@ def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> lis
         key = f"{prefix}{node.name}"
         key_of[node.name] = key
         inputs = tuple(key_of.get(i.name, f"in:{i.name}") for i in node.all_input_nodes)
-        if is_view(node) and inputs:
-            storage = inputs[0]
-            nbytes = 0
+        value = node.meta.get("val")
+        parent = tuple_parent(node)
+        if isinstance(value, (tuple, list)):
+            steps.append(Step(key, 0, key, inputs, tuple(tensor_nbytes(v) for v in value)))
+        elif parent is not None and parent.name in key_of:
+            steps.append(Step(key, 0, f"{key_of[parent.name]}#{node.args[1]}", inputs))
+        elif is_view(node) and inputs:
+            steps.append(Step(key, 0, inputs[0], inputs))
         else:
-            storage = key
-            nbytes = 0 if isinstance(node.meta.get("val"), (tuple, list)) else tensor_nbytes(
-                node.meta.get("val"))
-        steps.append(Step(key, nbytes, storage, inputs))
+            steps.append(Step(key, tensor_nbytes(value), key, inputs))
     return steps
+
+
+def tuple_parent(node: fx.Node) -> fx.Node | None:
+    """The multi-output node ``node`` takes an element of (``operator.getitem``), or None."""
+    if node.target is not operator.getitem or not isinstance(node.args[1], int):
+        return None
+    parent = node.args[0]
+    if isinstance(parent, fx.Node) and isinstance(parent.meta.get("val"), (tuple, list)):
+        return parent
+    return None
 
 
 def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int,

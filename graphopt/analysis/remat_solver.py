@@ -58,6 +58,8 @@ class JointGraph:
     # The runtime keeps the backward's inputs (saved tensors, tangents) until the backward returns
     # (eager codegen's boxed call holds its argument list); Inductor frees each at its last use.
     hold_backward_inputs: bool = False
+    tuple_outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # bytes per output
+    getitem_of: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # -> (tuple, index)
 
     def __post_init__(self) -> None:
         self.position = {name: i for i, name in enumerate(self.order)}
@@ -275,6 +277,11 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
 
 def _step(graph: JointGraph, name: str, prefix: str, key) -> Step:
     inputs = tuple(key(i) for i in graph.inputs[name] if graph.role[i] != "primal")
+    if name in graph.tuple_outputs:
+        return Step(prefix + name, 0, prefix + name, inputs, graph.tuple_outputs[name])
+    if name in graph.getitem_of:
+        parent, index = graph.getitem_of[name]
+        return Step(prefix + name, 0, f"{key(parent)}#{index}", inputs)
     base = graph.view_of.get(name)
     if base is not None and graph.role[base] != "primal":
         return Step(prefix + name, 0, key(base), inputs)

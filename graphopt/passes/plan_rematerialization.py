@@ -171,7 +171,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
     policy = _compat.checkpoint_policy()
     role, inputs, nbytes, logical, view_of, times, recomputable = {}, {}, {}, {}, {}, {}, {}
     cheap, must_recompute, symbolic, tuples = set(), set(), set(), set()
-    shapes, dtypes = {}, {}
+    shapes, dtypes, tuple_outputs, getitem_of = {}, {}, {}, {}
     for node in nodes:
         name = node.name
         inputs[name] = tuple(i.name for i in node.all_input_nodes)
@@ -188,6 +188,10 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
         if isinstance(value, (tuple, list)):
             tuples.add(name)
             nbytes[name] = 0
+            tuple_outputs[name] = tuple(cost_model.tensor_nbytes(v) for v in value)
+        parent = liveness.tuple_parent(node)
+        if parent is not None:
+            getitem_of[name] = (parent.name, node.args[1])
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             symbolic.add(name)
         if cost_model.is_view(node) and node.all_input_nodes:
@@ -205,7 +209,8 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                       logical_bytes=logical, view_of=view_of, time_s=times, recomputable=recomputable,
                       cheap=cheap, must_recompute=must_recompute, symbolic=symbolic, tuples=tuples,
                       fw_outputs=[o.name for o in fw_outputs], bw_outputs=[o.name for o in bw_outputs],
-                      shapes=shapes, dtypes=dtypes, hold_backward_inputs=hold_backward_inputs)
+                      shapes=shapes, dtypes=dtypes, hold_backward_inputs=hold_backward_inputs,
+                      tuple_outputs=tuple_outputs, getitem_of=getitem_of)
 
 
 def _is_backward_input(node: fx.Node) -> bool:

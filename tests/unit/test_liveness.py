@@ -61,3 +61,13 @@ def test_partitioned_timeline_counts_saved_tensors_until_their_backward_use():
     assert timeline.boundary < len(timeline.labels)
     assert timeline.peak >= act + 32 * 128 * 4
     assert timeline.live_bytes[timeline.boundary - 1] >= act  # saved activations live at the boundary
+
+
+def test_multi_output_op_allocates_every_output_when_it_runs():
+    steps = [Step("op", 0, "op", (), outputs=(100, 10, 1)),
+             Step("g0", 0, "op#0", ("op",)), Step("g2", 0, "op#2", ("op",)),
+             Step("use", 5, "use", ("g0",))]
+    timeline = simulate(steps, pinned={"g2"})
+    # all three outputs exist after the op; op#1 has no reader and goes at once; op#0 lives
+    # until "use" reads g0; g2 is pinned
+    assert timeline.live_bytes == [111, 101, 101, 106]
