@@ -123,9 +123,9 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
         plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
         if not plan.feasible:
             refusals.append(
-                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak is "
-                f"{_fmt(plan.peak)} (recompute everything recomputable{', offload' if offload else ''}); "
-                "using it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
+                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak of the "
+                f"{len(scored)} plans tried is {_fmt(plan.peak)} (at {plan.timeline.peak_label}); using "
+                "it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
 
     fw_gm, bw_gm = _extract(joint_gm, graph, plan, num_fwd_outputs, static_indices)
     realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs, hold_backward_inputs=hold)
