@@ -1,8 +1,8 @@
 """Flash-attention forward over one key block: out, log-sum-exp, sequence offsets, grouped heads.
 
 Bound (per batch*query-head, Sq queries over Sk keys, head dim D, b bytes per element):
-  FLOPs  4 * Sq * Sk * D        (q k^T and p v), halved by causal block skipping when the block
-                                lies on the diagonal
+  FLOPs  4 * Sq * Sk * D        (q k^T and p v); about halved when causal on a diagonal block
+                                (key blocks above the diagonal are skipped, not masked)
   bytes  b * D * (2 * Sq + 2 * Sk * ceil(Sq / BLOCK_M)) + 4 * Sq   (q, out once; k, v once per
                                 query block; lse) -- compute-bound for Sq, Sk >~ 1K on H100/H200.
 

@@ -187,7 +187,7 @@ def attention_delta(out: Tensor, dout: Tensor, *, impl: Optional[str] = None) ->
     return (dout.float() * out.float()).sum(-1)
 
 
-def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor], lse: Tensor,
                              dout: Tensor, *, scale: float, causal: bool, q_offset: int = 0,
                              k_offset: int = 0, delta: Optional[Tensor] = None,
                              dq_acc: Optional[Tensor] = None,
@@ -195,11 +195,14 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     """Gradients of one key block: (dq, dk, dv); dk, dv [B, Hkv, Sk, D] summed over query groups.
 
     ``out`` and ``lse`` are the final (merged over all key blocks) output and log-sum-exp; ``delta``
-    (from ``attention_delta``) can be computed once and passed to every block. With ``dq_acc``
+    (from ``attention_delta``) can be computed once and passed to every block, and then ``out`` may
+    be None (it enters only through delta). With ``dq_acc``
     (float32, q's shape) dq is added into it and returned, and dk, dv come back in float32;
     otherwise dq, dk, dv have q's / k's dtype.
     """
     _check_shapes(q, k, v)
+    if out is None and delta is None:
+        raise ValueError("attention_block_backward needs out (or delta = attention_delta(out, dout))")
     if dq_acc is not None and (dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape):
         raise ValueError(
             f"dq_acc must be float32 with q's shape {tuple(q.shape)}; got {dq_acc.dtype} "

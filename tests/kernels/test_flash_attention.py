@@ -175,3 +175,28 @@ def test_interpreted_kernels_agree_with_the_reference_path():
            for impl in ("triton", "reference")}
     for a, b in zip(bwd["triton"], bwd["reference"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_interpreted_kernels_accept_row_views():
+    """Ring schedules hand the kernels row slices of q, the accumulators, lse and delta."""
+    from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
+                                        attention_delta)
+    q, k, v = make_qkv(1, 4, 2, 40, 24, 16, torch.float32, seed=11)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12))
+    rows = slice(8, 30)
+    kwargs = dict(scale=0.25, causal=True, q_offset=8 + 20, k_offset=16)
+    results = {}
+    for impl in ("triton", "reference"):
+        out_acc = torch.zeros(q.shape)
+        lse_acc = torch.full(q.shape[:3], float("-inf"))
+        attention_block_forward(q[:, :, rows], k, v, out_acc=out_acc[:, :, rows],
+                                lse_acc=lse_acc[:, :, rows], impl=impl, **kwargs)
+        delta = attention_delta(out_acc, dout, impl=impl)
+        dq_acc = torch.zeros(q.shape)
+        _, dk, dv = attention_block_backward(
+            q[:, :, rows], k, v, None, lse_acc[:, :, rows], dout[:, :, rows],
+            delta=delta[:, :, rows], dq_acc=dq_acc[:, :, rows], impl=impl, **kwargs)
+        results[impl] = (out_acc, lse_acc, dq_acc, dk, dv)
+    for a, b in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
