@@ -13,7 +13,8 @@ Two stages, both deterministic (every loop walks the joint graph's order; no tim
    family is then scored with the liveness simulation of the real schedule (forward, then backward
    with recomputation inserted just before first use) and the cheapest member whose simulated
    peak fits the budget wins. Because the family does not depend on the budget, a larger budget
-   chooses from a superset and never pays more recompute time.
+   chooses from a superset and never pays more recompute time. With offload options the family
+   also holds the DP's choices over each kind of option alone (see ``plan_under_budget``).
 """
 
 from __future__ import annotations
@@ -417,8 +418,21 @@ def plan_under_budget(graph: JointGraph, budget: int, base_saved: list[str],
     """The cheapest plan of the family whose simulated peak fits ``budget`` (or, when none fits,
     the one with the lowest peak, marked infeasible), and every plan scored."""
     items = candidates(graph, base_saved, offload_options)
-    scored = []
-    for choice in knapsack_family(items, buckets):
+    # The additive model cannot tell where the peak is: an offload frees bytes only while the
+    # tensor is on the host, a recomputation until its first backward use. So the family holds the
+    # DP's choices over every option and over each kind alone -- still independent of the budget.
+    families = [knapsack_family(items, buckets)]
+    kinds = sorted({o.kind for c in items for o in c.options[1:]})
+    for kind in kinds if len(kinds) > 1 else ():
+        only = [Candidate(c.name, c.nbytes, (KEEP, *[o for o in c.options[1:] if o.kind == kind]))
+                for c in items]
+        families.append(knapsack_family([c for c in only if len(c.options) > 1], buckets))
+    scored, seen = [], set()
+    for choice in (choice for family in families for choice in family):
+        key = tuple(sorted((n, o.kind, o.alpha) for n, o in choice.items()))
+        if key in seen:
+            continue
+        seen.add(key)
         freed = {n for n, o in choice.items() if o.kind == "recompute"}
         offloads = {n: o for n, o in choice.items() if o.kind == "offload"}
         saved = [n for n in base_saved if n not in freed]
