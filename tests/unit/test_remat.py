@@ -367,3 +367,15 @@ def test_full_activation_checkpointing_recomputes_region_by_region():
     assert boundaries, "consecutive checkpointed regions should meet at a saved tensor"
     assert boundaries & set(summary["saved"])
     assert summary["recomputed"], "the checkpointed regions are recomputed in backward"
+
+
+def test_free_offloads_that_miss_the_peak_do_not_crowd_out_recomputation(monkeypatch):
+    """With eager codegen the backward holds its inputs to the end, so a reloaded tensor is back on
+    the device at the late-backward peak: offloading cannot meet the budget there, recomputing can."""
+    offload_model = pytest.importorskip("graphopt.analysis.offload_model")
+    monkeypatch.setattr(offload_model, "offload_options", lambda saved, profile, config: {
+        t.name: [offload_model.OffloadOption(1.0, t.nbytes, t.nbytes, 0.0)] for t in saved})
+    captured = capture_joint(mlp(3, 32, 256), torch.randn(512, 32, requires_grad=True))
+    summary = plan(captured, 0.5, codegen="eager", offload_activations=True)[2].shared["remat_plan"]
+    assert summary["peak_at"].startswith("b:")
+    assert summary["feasible"] and summary["planned_peak_bytes"] <= summary["budget_bytes"]
