@@ -193,3 +193,14 @@ def test_triton_path_refuses_what_its_kernels_do_not_handle():
     q, k, v = make_qkv(1, 2, 1, 4, 4, 160)
     with pytest.raises(ValueError, match="head dim 160"):
         attention_block_forward(q, k, v, scale=1.0, causal=False, impl="triton")
+
+
+def test_block_ops_pass_opcheck():
+    q, k, v = make_qkv(1, 4, 2, 6, 9, 8, seed=6)
+    torch.library.opcheck(torch.ops.graphopt.attention_block_forward,
+                          (q, k, v, 0.5, True, 3, 0))
+    out, lse = attention_block_forward(q, k, v, scale=0.5, causal=True, q_offset=3)
+    dout = torch.randn_like(q)
+    for delta in (None, attention_delta(out, dout)):
+        torch.library.opcheck(torch.ops.graphopt.attention_block_backward,
+                              (q, k, v, out, lse, dout, delta, 0.5, True, 3, 0))
