@@ -65,6 +65,26 @@ def _rows(x: Tensor, start: int, stop: int) -> Tensor:
     return x[:, :, start:stop]
 
 
+_CHECKED_CHUNKS: set[tuple[str, int]] = set()
+
+
+def _check_equal_chunks(group: dist.ProcessGroup, chunk: int, device: torch.device) -> None:
+    """Every rank must hold the same number of positions; checked once per group and length."""
+    key = (group.group_name, chunk)
+    if key in _CHECKED_CHUNKS:
+        return
+    bounds = torch.tensor([chunk, -chunk], device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+    longest, shortest = int(bounds[0]), -int(bounds[1])
+    if longest != shortest:
+        raise ValueError(
+            f"sequence-parallel ranks hold chunks of different lengths ({shortest} to {longest} "
+            f"positions; this rank {chunk}): every rank needs S/P positions of one sequence. Shard "
+            "the batch with graphopt.distributed.sharding.shard_sequence (it names the padding when "
+            "S is not divisible by P)")
+    _CHECKED_CHUNKS.add(key)
+
+
 class _Runner:
     """Walks a schedule: inputs of step t + 1 travel while step t computes."""
 
@@ -73,6 +93,7 @@ class _Runner:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.chunk = q.shape[2]
+        _check_equal_chunks(group, self.chunk, q.device)
         schedule = build_schedule(self.world, causal, load_balance)
         # The diagonal needs no transfer: first, it hides the first step's inputs; last, it hides
         # the last step's returned partials (the backward's float32 dk/dv, the larger transfer).

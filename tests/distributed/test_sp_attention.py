@@ -114,9 +114,8 @@ def _forwards_in_backward(rank: int, group, context_fn) -> tuple[int, int]:
     return in_forward, len(calls) - in_forward
 
 
-def _run_op_checks(rank: int, world: int, cases: list[dict]) -> dict:
+def _run_op_checks(rank: int, groups, cases: list[dict]) -> dict:
     import graphopt.ops.sp_attention as sp
-    groups = _subgroups()
     errors = [_op_case(rank, groups[case["world"]], case["world"], case)
               for case in cases if rank < case["world"]]
     examples = _hypothesis_cases(rank, groups)
@@ -190,11 +189,10 @@ def _llama_case(rank: int, group, model, tokens, weights, full_logits, full_grad
                 backward_forwards=in_backward, scale=full_logits.abs().max().item())
 
 
-def _run_llama_checks(rank: int, world: int) -> dict:
+def _run_llama_checks(rank: int, groups) -> dict:
     import graphopt.ops.sp_attention as sp
     from graphopt.models.llama import Llama, LlamaConfig
 
-    groups = _subgroups()
     torch.manual_seed(0)
     model = Llama(LlamaConfig.tiny())
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 24))  # 24 splits over 2, 3 and 4 ranks
@@ -212,8 +210,20 @@ def _run_llama_checks(rank: int, world: int) -> dict:
     return results
 
 
+def _unequal_chunks(rank: int, group) -> str:
+    from graphopt.ops.sp_attention import sp_attention
+    q = torch.randn(1, 2, 4 + rank, 8)  # rank 1 holds one more position than rank 0
+    try:
+        sp_attention(q, q, q, causal=True, group=group)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
 def _run_all_checks(rank: int, world: int, cases: list[dict]) -> dict:
-    return {"op": _run_op_checks(rank, world, cases), "llama": _run_llama_checks(rank, world)}
+    groups = _subgroups()  # once: every rank must create the same groups in the same order
+    return {"op": _run_op_checks(rank, groups, cases), "llama": _run_llama_checks(rank, groups),
+            "unequal": _unequal_chunks(rank, groups[2]) if rank < 2 else None}
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +257,10 @@ def test_compiled_llama_backward_never_runs_attention_forward(llama_checks):
     for results in llama_checks:
         for result in results.values():
             assert result["forwards"] > 0 and result["backward_forwards"] == 0, result
+
+
+
+def test_unequal_chunks_are_an_error_that_names_the_fix(checks):
+    messages = [rank["unequal"] for rank in checks[:2]]
+    assert all("chunks of different lengths (4 to 5" in m and "shard_sequence" in m
+               for m in messages), messages
