@@ -19,12 +19,14 @@ def main(argv: list[str] | None = None) -> int:
                           "profile for the planners", add_help=False)
     calibrate.add_argument("rest", nargs=argparse.REMAINDER)
     commands.add_parser("flags", help="list every config flag with its default and comment")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "calibrate":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         return 0 if demo_module.run_demo(demo_module.options_from_args(args)) else 1
     if args.command == "calibrate":
         from graphopt.analysis.calibrate import main as calibrate_main
-        return calibrate_main(args.rest)
+        return calibrate_main(args.rest + rest)
     from graphopt import config
     print(config.describe_flags())
     return 0

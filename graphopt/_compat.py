@@ -87,11 +87,15 @@ def hint_int(value: Any, fallback: int = 8192) -> int:
     """A concrete int for a possibly symbolic size (its hint), for cost estimates only."""
     if isinstance(value, int):
         return value
-    from torch.fx.experimental.symbolic_shapes import hint_int as _hint
-    try:
-        return int(_hint(value, fallback=fallback))
-    except TypeError:  # older signature without fallback
-        return int(_hint(value))
+    node = getattr(value, "node", None)
+    if node is not None and node.hint is not None:
+        return int(node.hint)
+    if node is not None:  # unbacked or hint-less: ask the shape env, else the fallback
+        try:
+            return int(node.shape_env.size_hint(node.expr, allow_none=False))
+        except Exception:
+            return fallback
+    return int(value)
 
 
 def functional_collectives_ops():

@@ -113,8 +113,11 @@ class GraphRecorder:
         page = _graph_page(self.summary, self._code)
         with open(os.path.join(self.folder, "index.html"), "w") as handle:
             handle.write(page)
-        with open(os.path.join(self.folder, "summary.json"), "w") as handle:
+        # Atomic: another rank's write_index may be reading it right now.
+        tmp = os.path.join(self.folder, f".summary.json.{os.getpid()}")
+        with open(tmp, "w") as handle:
             json.dump(self.summary, handle, indent=1, default=repr)
+        os.replace(tmp, os.path.join(self.folder, "summary.json"))
         write_index(self.index_root)
         log.info("graphopt dump of %s written to %s", self.graph_id, self.folder)
 

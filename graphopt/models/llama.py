@@ -188,9 +188,9 @@ def parallelize_llama(model: Llama, tp_mesh, sequence_parallel: bool = False) ->
         if sequence_parallel:
             plan = {
                 "attention_norm": SequenceParallel(),
-                "attention": PrepareModuleInput(input_layouts=(Shard(1), Replicate(), Replicate()),
-                                                desired_input_layouts=(Replicate(), Replicate(),
-                                                                       Replicate())),
+                # cos/sin stay plain tensors: the projections' outputs are local tensors.
+                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                desired_input_layouts=(Replicate(), None, None)),
                 "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
                 "attention.wv": ColwiseParallel(),
                 "attention.wo": RowwiseParallel(output_layouts=Shard(1)),

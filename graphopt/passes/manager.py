@@ -70,7 +70,8 @@ def lint(gm: fx.GraphModule, pass_name: str) -> None:
     except Exception as err:
         raise PassFailedLint(f"pass {pass_name!r} left an ill-formed graph: {err}") from err
     for node in gm.graph.nodes:
-        if node.op == "call_function" and "val" not in node.meta and node.users:
+        has_meta = "val" in node.meta or "example_value" in node.meta  # Dynamo graphs: example_value
+        if node.op == "call_function" and not has_meta and node.users:
             raise PassFailedLint(
                 f"pass {pass_name!r} created node {node.name} ({node.target}) without meta['val']; "
                 "set it (e.g. from the op's fake implementation) so later passes see shapes")

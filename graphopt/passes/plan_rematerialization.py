@@ -133,6 +133,9 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     ctx.shared["remat_plan"] = summary
     if ctx.config.offload_activations:
         ctx.shared["offload_plan"] = dict(plan.offloaded)
+        # Inductor reads the backward's placeholders before the backward stage runs, so the
+        # forward stage of offload_activations rewrites both graphs; it finds the backward here.
+        ctx.shared["backward_graph"] = bw_gm
     _record(ctx, graph, base, plan, summary)
     for reason in refusals:
         log.warning("[%s] plan_rematerialization: %s", ctx.graph_id, reason)
