@@ -92,7 +92,7 @@ def test_hidden_plan_adds_no_stall_and_options_grow_with_alpha(specs):
         alphas = [o.alpha for o in choices]
         assert alphas == sorted(alphas) and all(0 < a <= 1 for a in alphas)
         exposed = [o.exposed_time_s for o in choices]
-        assert all(x <= y + 1e-12 for x, y in zip(exposed, exposed[1:]))
+        assert all(x <= y + 1e-8 + 1e-6 * abs(y) for x, y in zip(exposed, exposed[1:]))
     # deterministic: the same input gives the same plan (every rank plans alike)
     again = [dataclasses.replace(t) for t in reversed(tensors)]
     assert offload_model.hidden_plan(again, offload_model.offload_options(again, LINK), None) == plan
