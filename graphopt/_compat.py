@@ -18,7 +18,7 @@ TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].spli
 
 # --- Dynamo / AOTAutograd / Inductor entry points -------------------------------------------------
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from torch._dynamo.backends.registry import register_backend, lookup_backend  # noqa: E402
+from torch._dynamo.backends.registry import register_backend  # noqa: E402
 from torch._functorch.partitioners import (  # noqa: E402
     default_partition,
     min_cut_rematerialization_partition,
@@ -49,11 +49,6 @@ def functorch_config():
 def core_aten_decompositions() -> dict:
     from torch._decomp import core_aten_decompositions as table
     return table()
-
-
-def inductor_decompositions() -> dict:
-    from torch._inductor.decomposition import select_decomp_table
-    return select_decomp_table()
 
 
 def compile_id() -> str | None:
@@ -128,10 +123,6 @@ def group_name(group) -> str:
     """The registered name functional collectives use to refer to ``group``."""
     group = resolve_process_group(group)
     return group.group_name
-
-
-def saved_tensors_hooks():
-    return torch.autograd.graph.saved_tensors_hooks
 
 
 @functools.lru_cache(maxsize=None)

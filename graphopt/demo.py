@@ -73,23 +73,16 @@ def _sequence_parallel_part(rank, world, opts, cfg, device, reference, tokens, t
     loss.backward()
     chunk = tokens.shape[1] // world
     expected = ref_logits[:, rank * chunk:(rank + 1) * chunk]
-    grad_error = 0.0
+    grad_error, ok_grads = 0.0, True
     for name, param in model.named_parameters():
         grad = param.grad.detach().clone()
         dist.all_reduce(grad)
         grad_error = max(grad_error, _max_error(grad, ref_grads[name]))
+        ok_grads &= torch.allclose(grad, ref_grads[name], **_tolerance(device))
     ok_logits = torch.allclose(logits.float(), expected.float(), **_tolerance(device))
-    ok_grads = all(torch.allclose(_summed_grad(p), ref_grads[n], **_tolerance(device))
-                   for n, p in model.named_parameters())
     return {"model": "sequence-parallel", "flags": {k: v for k, v in flags.items() if k != "dump_dir"},
             "logits_max_error": _max_error(logits, expected), "grad_max_error": grad_error,
             "ok": ok_logits and ok_grads}
-
-
-def _summed_grad(param: torch.nn.Parameter) -> torch.Tensor:
-    grad = param.grad.detach().clone()
-    dist.all_reduce(grad)
-    return grad
 
 
 def _tensor_parallel_part(rank, world, opts, cfg, device, reference, tokens, targets,
