@@ -13,6 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attention_reference import plain_attention
+
 from graphopt.ops.attention import (
     attention_block_backward,
     attention_block_forward,
@@ -21,21 +23,6 @@ from graphopt.ops.attention import (
 )
 
 TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-def plain_attention(q, k, v, scale, causal, q_offset=0, k_offset=0):
-    """float64 attention with repeated K/V; rows with no visible key give out 0, lse -inf."""
-    group = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(group, 1)
-    v = v.double().repeat_interleave(group, 1)
-    s = q.double() @ k.transpose(-1, -2) * scale
-    if causal:
-        q_pos = torch.arange(q.shape[2]) + q_offset
-        k_pos = torch.arange(k.shape[2]) + k_offset
-        s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return p @ v, lse
 
 
 def make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype=torch.float32, seed=0):

@@ -17,6 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attention_reference import plain_attention
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -34,21 +36,6 @@ def test_kernels_under_the_triton_interpreter():
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
-
-
-def plain_attention(q, k, v, scale, causal, q_offset=0, k_offset=0):
-    """float64 attention with repeated K/V; rows with no visible key give out 0, lse -inf."""
-    group = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(group, 1)
-    v = v.double().repeat_interleave(group, 1)
-    s = q.double() @ k.transpose(-1, -2) * scale
-    if causal:
-        q_pos = torch.arange(q.shape[2]) + q_offset
-        k_pos = torch.arange(k.shape[2]) + k_offset
-        s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return p @ v, lse
 
 
 def make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, seed=0):

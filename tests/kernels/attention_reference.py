@@ -1,0 +1,18 @@
+"""The float64 attention both kernel test files compare against (independent of graphopt's code)."""
+
+import torch
+
+
+def plain_attention(q, k, v, scale, causal, q_offset=0, k_offset=0):
+    """float64 attention with repeated K/V; rows with no visible key give out 0, lse -inf."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if causal:
+        q_pos = torch.arange(q.shape[2]) + q_offset
+        k_pos = torch.arange(k.shape[2]) + k_offset
+        s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v, lse
