@@ -155,17 +155,82 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, vocab]; position_ids [B, S] (global), default 0..S-1."""
+        return self.output(self.hidden(tokens, position_ids))
+
+    def hidden(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> the normed last hidden state [B, S, dim] (the output projection's input)."""
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         cos, sin = rope_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        return self.norm(h)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
+             chunks: int | None = None) -> torch.Tensor:
+        """Mean next-token cross entropy. ``chunks=None`` is ``llama_loss(self(tokens), targets)``;
+        ``chunks=N`` computes the output projection and the loss N token chunks at a time
+        (:func:`chunked_output_loss`), so no [B*S, vocab] tensor exists."""
+        if chunks is None:
+            return llama_loss(self(tokens, position_ids), targets)
+        return chunked_output_loss(self.hidden(tokens, position_ids), self.output.weight, targets, chunks)
 
 
 def llama_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def chunked_output_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunks: int,
+                        ignore_index: int = -100) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` (mean over targets that are not
+    ``ignore_index``) without ever holding the [tokens, vocab] logits.
+
+    The forward walks the tokens in ``chunks`` pieces; for each it computes the logits, the fp32
+    log-softmax, the loss terms and at once the gradient of the loss with respect to that piece
+    (softmax - one-hot) / count, which it multiplies into the gradients of ``hidden`` (this piece's
+    rows) and ``weight`` (accumulated with addmm in the weight's dtype, one rounding per piece).
+    The backward only scales those two tensors by the incoming gradient, so nothing of size
+    vocab is saved or recomputed: the peak of the loss is a few [tokens / chunks, vocab] fp32
+    tensors instead of several [tokens, vocab] ones. hidden [..., dim], weight [vocab, dim],
+    targets [...] (the leading sizes of ``hidden``)."""
+    if chunks < 1:
+        raise ValueError(f"chunks={chunks} must be a positive number of token chunks")
+    flat_hidden, flat_targets = hidden.flatten(0, -2), targets.flatten()
+    if flat_hidden.shape[0] != flat_targets.shape[0]:
+        raise ValueError(f"hidden has {flat_hidden.shape[0]} tokens but targets {flat_targets.shape[0]}; "
+                         "targets must have the leading sizes of hidden")
+    chunk = -(-flat_hidden.shape[0] // chunks)
+    return _ChunkedOutputLoss.apply(flat_hidden, weight, flat_targets, chunk, ignore_index)
+
+
+class _ChunkedOutputLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, ignore_index: int):
+        valid = targets != ignore_index
+        scale = 1.0 / valid.sum()  # mean over the counted targets, as cross_entropy's mean
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight)
+        grad_pieces = []
+        for start in range(0, hidden.shape[0], chunk):
+            piece, piece_targets = hidden[start:start + chunk], targets[start:start + chunk]
+            piece_valid = valid[start:start + chunk]
+            log_probs = torch.log_softmax(F.linear(piece, weight).float(), dim=-1)
+            safe_targets = torch.where(piece_valid, piece_targets, 0).unsqueeze(1)
+            picked = log_probs.gather(1, safe_targets).squeeze(1)
+            loss = loss - torch.where(piece_valid, picked, 0.0).sum()
+            # d loss / d logits = (softmax - one_hot(target)) * scale on counted rows, 0 elsewhere
+            grad_logits = log_probs.exp().scatter_add(1, safe_targets, -torch.ones_like(log_probs[:, :1]))
+            grad_logits = (grad_logits * (piece_valid.unsqueeze(1) * scale)).to(hidden.dtype)
+            grad_pieces.append(grad_logits @ weight)
+            grad_weight = torch.addmm(grad_weight, grad_logits.t(), piece)
+        ctx.save_for_backward(torch.cat(grad_pieces), grad_weight)
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 def parallelize_llama(model: Llama, tp_mesh, sequence_parallel: bool = False) -> Llama:
