@@ -273,6 +273,80 @@ def graph_times(gm: fx.GraphModule, profile: DeviceProfile) -> dict[str, float]:
     return {node.name: node_time(node, profile) for node in gm.graph.nodes}
 
 
+# --- kernel workspaces: memory a kernel takes from the caching allocator and gives back before it
+# returns. No graph value holds it, yet it counts in the measured peak of the step that runs it.
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _sizes(arg: Any) -> list[int]:
+    return [size_hint(s) for s in _val(arg).shape]
+
+
+def _flash_backward_workspace(node: fx.Node, heads_first: bool) -> int:
+    """FlashAttention-2 backward: an fp32 dq accumulator [B, S_q (to 128), H, D (to 32, or 64
+    above 128)] and softmax_d [B, H, S_q (to 128)] fp32; with fewer key/value heads than query
+    heads (GQA), dk and dv at every query head, summed over each group afterwards."""
+    query, key = _sizes(node.args[1]), _sizes(node.args[2])
+    if heads_first:
+        query, key = [query[0], query[2], query[1], query[3]], [key[0], key[2], key[1], key[3]]
+    batch, seq_q, heads, head_dim = query
+    seq_q_rounded = _round_up(seq_q, 128)
+    dim_rounded = _round_up(head_dim, 32 if head_dim <= 128 else 64)
+    workspace = 4 * batch * seq_q_rounded * heads * dim_rounded + 4 * batch * heads * seq_q_rounded
+    if key[2] != heads:
+        workspace += 2 * batch * key[1] * heads * head_dim * _val(node.args[1]).element_size()
+    return workspace
+
+
+def _efficient_backward_workspace(node: fx.Node, heads_first: bool) -> int:
+    """Memory-efficient attention backward with a low-precision output: the gradient of the
+    queries accumulated in fp32 (its key/value accumulators, when used, are not modelled)."""
+    query = _val(node.args[1])
+    if query.dtype == torch.float32:
+        return 0
+    return 4 * math.prod(_sizes(node.args[1]))
+
+
+def _embedding_backward_workspace(node: fx.Node) -> int:
+    """CUDA embedding backward over more than 3072 indices: the indices sorted (with their
+    positions and segment bookkeeping, int64) and one partial sum per segment in the accumulation
+    dtype (fp32 for bf16/fp16), at most one row per index."""
+    grad, indices = _val(node.args[0]), _val(node.args[1])
+    if grad.device.type != "cuda":
+        return 0
+    count = math.prod(_sizes(node.args[1]))
+    if count <= 3072:
+        return 0
+    width = size_hint(grad.shape[-1])
+    accumulate = 8 if grad.dtype == torch.float64 else 4
+    return count * width * accumulate + 6 * count * indices.element_size()
+
+
+WORKSPACE_FORMULAS: dict[str, Callable[[fx.Node], int]] = {
+    "_scaled_dot_product_flash_attention_backward": lambda n: _flash_backward_workspace(n, True),
+    "_flash_attention_backward": lambda n: _flash_backward_workspace(n, False),
+    "_scaled_dot_product_efficient_attention_backward": lambda n: _efficient_backward_workspace(n, True),
+    "_efficient_attention_backward": lambda n: _efficient_backward_workspace(n, False),
+    "embedding_dense_backward": _embedding_backward_workspace,
+}
+
+
+def workspace_bytes(node: fx.Node) -> int:
+    """Bytes the kernel of ``node`` allocates for itself while it runs (0 when none is known).
+
+    cuBLAS's workspace is not counted: torch allocates it once per handle and keeps it, so it is
+    part of the memory in use before a step, not of the step's peak."""
+    if node.op != "call_function":
+        return 0
+    formula = WORKSPACE_FORMULAS.get(op_name(node))
+    if formula is None or not all(isinstance(_val(a), torch.Tensor) for a in node.args[:3]
+                                  if isinstance(a, fx.Node)):
+        return 0
+    return int(formula(node))
+
+
 def tensor_nbytes(value: Any) -> int:
     """Concrete bytes of a meta value (hints for symbolic sizes); tuples summed."""
     if isinstance(value, torch.Tensor):

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.analysis.cost_model import is_view, tensor_nbytes
+from graphopt.analysis.cost_model import is_view, tensor_nbytes, workspace_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +39,15 @@ class Step:
     it is a view of. Keys are unique over the whole schedule ("f:x" for x in forward, "b:x" for x
     computed or recomputed in backward, "t:x" for a backward input such as a tangent). An op with
     several outputs allocates them all when it runs (``outputs``, storages "key#0", "key#1", ...);
-    its getitems live in those storages, and an output nobody reads is freed right away."""
+    its getitems live in those storages, and an output nobody reads is freed right away.
+    ``workspace`` bytes live only while the op runs (a kernel's own scratch memory)."""
 
     key: str
     nbytes: int
     storage: str
     inputs: tuple[str, ...]
     outputs: tuple[int, ...] = ()
+    workspace: int = 0
 
 
 @dataclasses.dataclass
@@ -112,7 +114,7 @@ def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[
             live += size[step.key]
         live += sum(step.outputs)
         labels.append(step.key)
-        live_bytes.append(live)
+        live_bytes.append(live + step.workspace)
         for storage in frees.get(index, ()):
             live -= size.get(storage, 0)
     return Timeline(labels, live_bytes, len(steps) if boundary is None else boundary)
@@ -137,13 +139,14 @@ def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> lis
         value = node.meta.get("val")
         parent = tuple_parent(node)
         if isinstance(value, (tuple, list)):
-            steps.append(Step(key, 0, key, inputs, tuple(tensor_nbytes(v) for v in value)))
+            steps.append(Step(key, 0, key, inputs, tuple(tensor_nbytes(v) for v in value),
+                              workspace_bytes(node)))
         elif parent is not None and parent.name in key_of:
             steps.append(Step(key, 0, f"{key_of[parent.name]}#{node.args[1]}", inputs))
         elif is_view(node) and inputs:
             steps.append(Step(key, 0, inputs[0], inputs))
         else:
-            steps.append(Step(key, tensor_nbytes(value), key, inputs))
+            steps.append(Step(key, tensor_nbytes(value), key, inputs, workspace=workspace_bytes(node)))
     return steps
 
 

@@ -61,6 +61,7 @@ class JointGraph:
     hold_backward_inputs: bool = False
     tuple_outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # bytes per output
     getitem_of: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # -> (tuple, index)
+    workspace: dict[str, int] = dataclasses.field(default_factory=dict)  # kernel scratch bytes while it runs
 
     def __post_init__(self) -> None:
         self.position = {name: i for i, name in enumerate(self.order)}
@@ -279,7 +280,8 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
 def _step(graph: JointGraph, name: str, prefix: str, key) -> Step:
     inputs = tuple(key(i) for i in graph.inputs[name] if graph.role[i] != "primal")
     if name in graph.tuple_outputs:
-        return Step(prefix + name, 0, prefix + name, inputs, graph.tuple_outputs[name])
+        return Step(prefix + name, 0, prefix + name, inputs, graph.tuple_outputs[name],
+                    graph.workspace.get(name, 0))
     if name in graph.getitem_of:
         parent, index = graph.getitem_of[name]
         return Step(prefix + name, 0, f"{key(parent)}#{index}", inputs)
@@ -288,7 +290,8 @@ def _step(graph: JointGraph, name: str, prefix: str, key) -> Step:
         return Step(prefix + name, 0, key(base), inputs)
     if base is not None:
         return Step(prefix + name, 0, f"in:{base}", inputs)
-    return Step(prefix + name, graph.nbytes[name], prefix + name, inputs)
+    return Step(prefix + name, graph.nbytes[name], prefix + name, inputs,
+                workspace=graph.workspace.get(name, 0))
 
 
 def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Option] | None = None,

@@ -213,7 +213,9 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                       cheap=cheap, must_recompute=must_recompute, symbolic=symbolic, tuples=tuples,
                       fw_outputs=[o.name for o in fw_outputs], bw_outputs=[o.name for o in bw_outputs],
                       shapes=shapes, dtypes=dtypes, hold_backward_inputs=hold_backward_inputs,
-                      tuple_outputs=tuple_outputs, getitem_of=getitem_of)
+                      tuple_outputs=tuple_outputs, getitem_of=getitem_of,
+                      workspace={n.name: cost_model.workspace_bytes(n) for n in nodes
+                                 if cost_model.workspace_bytes(n)})
 
 
 def _is_backward_input(node: fx.Node) -> bool:
@@ -379,6 +381,8 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
         "planned_peak_bytes": plan.peak,
         "realized_peak_bytes": realized.peak,
         "min_cut_peak_bytes": base.peak,
+        "planned_forward_end_bytes": plan.timeline.live_bytes[plan.timeline.boundary - 1]
+        if plan.timeline.boundary else 0,
         "saved_bytes": sum(graph.nbytes[n] for n in plan.saved if graph.role[n] == "fw"),
         "min_cut_saved_bytes": sum(graph.nbytes[n] for n in base.saved if graph.role[n] == "fw"),
         "recompute_time_s": plan.recompute_time_s,

@@ -81,3 +81,49 @@ def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
     assert profile.matmul_tflops > 0 and profile.hbm_gbps > 0
     assert json.loads(out.read_text())["name"].startswith("cpu")
     assert "matmul_tflops" in capsys.readouterr().out
+
+
+def _fake_cuda_graph(fn, *shapes_and_dtypes):
+    """``fn`` traced on fake CUDA tensors (no GPU needed): the graph's call_function nodes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        args = [torch.empty(shape, dtype=dtype, device="cuda") if dtype.is_floating_point
+                else torch.zeros(shape, dtype=dtype, device="cuda") for shape, dtype in shapes_and_dtypes]
+        gm = make_fx(fn)(*args)
+    return [n for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _flash_backward(q, k):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, 0.0, True)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        out[0], q, k, k, out[0], out[1], out[2], out[3], q.shape[2], k.shape[2], 0.0, True, out[6], out[7])
+
+
+def test_flash_backward_workspace_is_its_fp32_dq_accumulator():
+    batch, heads, seq, head_dim = 2, 8, 1000, 128
+    nodes = _fake_cuda_graph(_flash_backward, ((batch, heads, seq, head_dim), torch.bfloat16),
+                             ((batch, heads, seq, head_dim), torch.bfloat16))
+    forward, backward = [n for n in nodes if "flash_attention" in str(n.target)]
+    assert cost_model.workspace_bytes(forward) == 0
+    rounded = 1024  # the sequence to a multiple of 128
+    assert cost_model.workspace_bytes(backward) == 4 * batch * rounded * heads * head_dim + 4 * batch * heads * rounded
+
+
+def test_flash_backward_workspace_with_grouped_keys_adds_expanded_dk_dv():
+    nodes = _fake_cuda_graph(_flash_backward, ((1, 8, 256, 64), torch.bfloat16), ((1, 2, 256, 64), torch.bfloat16))
+    backward = [n for n in nodes if "backward" in str(n.target)][0]
+    dq = 4 * 256 * 8 * 64 + 4 * 8 * 256
+    assert cost_model.workspace_bytes(backward) == dq + 2 * 256 * 8 * 64 * 2
+
+
+def test_embedding_backward_workspace_only_for_many_indices_on_cuda():
+    def embedding_backward(grad, indices):
+        return torch.ops.aten.embedding_dense_backward(grad, indices, 1000, -1, False)
+
+    many, = _fake_cuda_graph(embedding_backward, ((8192, 64), torch.bfloat16), ((8192,), torch.int64))
+    few, = _fake_cuda_graph(embedding_backward, ((100, 64), torch.bfloat16), ((100,), torch.int64))
+    assert cost_model.workspace_bytes(many) == 8192 * 64 * 4 + 6 * 8192 * 8
+    assert cost_model.workspace_bytes(few) == 0
+    cpu = make_fx(embedding_backward)(torch.randn(8192, 64), torch.zeros(8192, dtype=torch.int64))
+    assert not [n for n in cpu.graph.nodes if cost_model.workspace_bytes(n)]

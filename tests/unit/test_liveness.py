@@ -71,3 +71,8 @@ def test_multi_output_op_allocates_every_output_when_it_runs():
     # all three outputs exist after the op; op#1 has no reader and goes at once; op#0 lives
     # until "use" reads g0; g2 is pinned
     assert timeline.live_bytes == [111, 101, 101, 106]
+
+
+def test_workspace_is_live_only_during_its_step():
+    steps = [Step("a", 100, "a", ()), Step("b", 10, "b", ("a",), workspace=1000), Step("c", 1, "c", ("b",))]
+    assert simulate(steps).live_bytes == [100, 1110, 11]

@@ -379,3 +379,26 @@ def test_free_offloads_that_miss_the_peak_do_not_crowd_out_recomputation(monkeyp
     summary = plan(captured, 0.5, codegen="eager", offload_activations=True)[2].shared["remat_plan"]
     assert summary["peak_at"].startswith("b:")
     assert summary["feasible"] and summary["planned_peak_bytes"] <= summary["budget_bytes"]
+
+
+# --- what the peak holds besides graph values ---------------------------------------------------------
+
+def test_kernel_workspace_counts_in_the_planned_and_realized_peak(monkeypatch):
+    """A kernel's scratch memory is live while it runs: a budget that the min-cut plan meets
+    without it must make the planner recompute more once the attention backward's workspace is
+    known, and the realized timeline of the cut graphs must see the same peak."""
+    model = nn.Sequential(Block(32, 4), Block(32, 4))
+    captured = capture_joint(model, torch.randn(2, 128, 32, requires_grad=True))
+    without = plan(captured, 1.0)[2].shared["remat_plan"]
+    backward = next(n for n in captured["joint"].graph.nodes
+                    if cost_model.is_attention(n) and "backward" in cost_model.op_name(n))
+    workspace = without["min_cut_peak_bytes"] // 2
+    monkeypatch.setitem(cost_model.WORKSPACE_FORMULAS, cost_model.op_name(backward), lambda n: workspace)
+    with_workspace = plan(captured, 1.0)[2].shared["remat_plan"]
+    assert with_workspace["min_cut_peak_bytes"] > without["min_cut_peak_bytes"]
+    assert with_workspace["peak_at"].startswith("b:") and "attention" in with_workspace["peak_at"]
+    assert with_workspace["realized_peak_bytes"] == with_workspace["planned_peak_bytes"]
+    summary = plan(captured, without["min_cut_peak_bytes"])[2].shared["remat_plan"]
+    assert summary["feasible"] and summary["planned_peak_bytes"] <= without["min_cut_peak_bytes"]
+    assert summary["realized_peak_bytes"] == summary["planned_peak_bytes"]
+    assert summary["recompute_time_s"] > without["recompute_time_s"]
