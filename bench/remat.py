@@ -1,44 +1,103 @@
 """Rematerialization under a budget: graphopt's planner vs torch's activation_memory_budget.
 
 One training step (forward + loss + backward) of the reference Llama at 7B dimensions (dim 4096,
-32 heads, ffn 11008), a few layers, bf16, batch 1. For each budget fraction it measures the peak
-(torch.cuda.max_memory_allocated) and the step time of
+32 heads, ffn 11008, vocab 32000), a few layers, bf16, batch 1, at one or more sequence lengths.
+Every variant computes the loss with ``Llama.loss(chunks=N)`` (output projection + cross entropy
+per chunk of tokens, no [S, vocab] tensor), so the comparison is between partitioners only. For
+each budget fraction f it measures the peak (torch.cuda.max_memory_allocated) and the step time of
 
-  graphopt   memory_budget=f (graphopt's partitioner; planned peak = memory before the step +
-             the plan's simulated activation peak)
+  graphopt   memory_budget=f (graphopt's partitioner; budget = memory allocated before the step
+             + the plan's activation budget; planned peak = that memory + the simulated peak)
   torch      torch._functorch.config.activation_memory_budget=f (torch's min-cut + knapsack)
   full AC    torch.utils.checkpoint around every layer (torch's partitioner, default budget)
 
-and compares at equal measured peak (torch's step time interpolated over its measured peaks).
-Targets: measured peak within 5% of the planned budget; at equal peak, step time <= 0.95x torch's.
+and compares at equal measured peak (torch's step time interpolated over its measured peaks at the
+same sequence length). Targets: measured peak within 5% of the budget; at equal peak, step time
+<= 0.95x torch's. With ``--codegen eager`` both partitioners' graphs run as FX code without
+decompositions (graphopt's eager codegen; torch's partitioner through aot_autograd likewise).
 
-    python bench/remat.py --out $OUT                  # GPU
-    python bench/remat.py --out /tmp/r --tiny          # CPU smoke run (tiny model)
+For graphopt rows one more step runs under a dispatch mode that reads the allocator after every
+aten op: where the measured peak is, the memory in use when the forward returns (against the
+plan's), and the largest per-op transients (kernel workspaces) -- what the simulation must model.
+
+    python3 bench/remat.py --out $OUT                      # GPU: S = 8K, 16K, 32K, ~8 minutes
+    python3 bench/remat.py --out /tmp/remat --smoke        # CPU: tiny model, < 2 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
+import math
 import os
+import signal
 import statistics
 import sys
 import time
 
 import torch
 import torch.utils.checkpoint as checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import graphopt
 from graphopt import _compat
 from graphopt.debug.dump import clear_compile_summaries, compile_summaries
-from graphopt.models.llama import Llama, LlamaConfig, llama_loss, rope_tables
+from graphopt.models.llama import Llama, LlamaConfig, chunked_output_loss, rope_tables
 
 TARGET_PEAK_OVER_BUDGET = 1.05
 TARGET_STEP_VS_TORCH = 0.95
 
 
+class Memory:
+    """The caching allocator's counters on CUDA; zeros on CPU (smoke runs have no peak)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else 0
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else 0
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class OpMemory(TorchDispatchMode):
+    """After every aten op: the op, the bytes allocated, and the high-water mark while it ran.
+
+    The allocator's counters move when the host enqueues work, so no synchronisation is needed.
+    It declares itself compile infrastructure, so that the compiled step (not the Python one)
+    runs under it; ``op_trace`` checks that it did."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __init__(self, memory: Memory):
+        super().__init__()
+        self.memory, self.ops = memory, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.memory.reset_peak()
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((str(func.overloadpacket.__name__), self.memory.allocated(), self.memory.peak()))
+        return out
+
+
+# --- the step of every variant ----------------------------------------------------------------------
+
 def torch_backend(codegen: str):
-    """torch's own partitioner (honours activation_memory_budget), eager or Inductor code."""
+    """torch's own partitioner (honours activation_memory_budget): Inductor, or FX code without
+    decompositions -- the graphs graphopt's eager codegen runs."""
     if codegen == "inductor":
         return "inductor"
 
@@ -47,58 +106,60 @@ def torch_backend(codegen: str):
 
     return _compat.aot_autograd(fw_compiler=nop, bw_compiler=nop,
                                 partition_fn=_compat.min_cut_rematerialization_partition,
-                                decompositions=_compat.core_aten_decompositions(),
                                 keep_inference_input_mutations=True)
 
 
-def full_ac_loss(model: Llama, tokens, targets):
+def plain_loss(model: Llama, tokens, targets, chunks: int):
+    return model.loss(tokens, targets, chunks=chunks)
+
+
+def full_ac_loss(model: Llama, tokens, targets, chunks: int):
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     cos, sin = rope_tables(positions, model.cfg.head_dim, model.cfg.rope_theta)
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
         h = checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
-    return llama_loss(model.output(model.norm(h)), targets)
+    return chunked_output_loss(model.norm(h), model.output.weight, targets, chunks)
 
 
-def plain_loss(model: Llama, tokens, targets):
-    return llama_loss(model(tokens), targets)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(name: str, fraction, compiled, model, tokens, targets, device: str, repeats: int,
-            budget_ctx=None) -> dict:
-    """Compile (first call), then peak memory of one step and the median step time."""
+def measure(variant: str, fraction, fn, budget_ctx, model, inputs, memory: Memory, repeats: int,
+            trace: bool) -> dict:
+    """Compile (first call), the peak of one step, optionally the per-op trace, the median step."""
     torch._dynamo.reset()
     clear_compile_summaries()
-    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if memory.cuda:
+        torch.cuda.empty_cache()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = fn(model, *inputs)
+        loss.backward()
+        return loss
+
     start = time.perf_counter()
-    with budget_ctx if budget_ctx is not None else _nullcontext():
-        compiled(model, tokens, targets).backward()
-    sync(device)
+    with budget_ctx:
+        step()
+    memory.sync()
     compile_s = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    base = torch.cuda.memory_allocated() if device == "cuda" else 0
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    loss = compiled(model, tokens, targets)
-    loss.backward()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    base = memory.allocated()
+    memory.reset_peak()
+    loss = step()
+    memory.sync()
+    peak = memory.peak()
+    row = {"variant": variant, "fraction": fraction, "base_bytes": base, "peak_bytes": peak,
+           "compile_s": compile_s, "loss": float(loss.detach())}
+    if trace:
+        row["trace"] = op_trace(fn, model, inputs, memory, base)
     times = []
     for _ in range(repeats):
-        model.zero_grad(set_to_none=True)
-        sync(device)
+        memory.sync()
         t0 = time.perf_counter()
-        compiled(model, tokens, targets).backward()
-        sync(device)
+        step()
+        memory.sync()
         times.append(time.perf_counter() - t0)
-    row = {"variant": name, "fraction": fraction, "base_bytes": base, "peak_bytes": peak,
-           "step_ms": statistics.median(times) * 1e3, "step_ms_all": [t * 1e3 for t in times],
-           "compile_s": compile_s, "loss": float(loss.detach())}
+    row.update(step_ms=statistics.median(times) * 1e3, step_ms_all=[t * 1e3 for t in times])
     plans = [s["notes"]["remat_plan"] for s in compile_summaries() if "remat_plan" in s.get("notes", {})]
     if plans:
         plan = plans[-1]
@@ -106,17 +167,36 @@ def measure(name: str, fraction, compiled, model, tokens, targets, device: str, 
                    plan_feasible=plan["feasible"], plan_recompute_ms=plan["recompute_time_s"] * 1e3,
                    plan_saved_bytes=plan["saved_bytes"], min_cut_saved_bytes=plan["min_cut_saved_bytes"],
                    min_cut_planned_peak_bytes=base + plan["min_cut_peak_bytes"],
-                   plan_peak_at=plan["peak_at"], plans_scored=plan["plans_scored"])
+                   planned_forward_end_bytes=base + plan.get("planned_forward_end_bytes", 0),
+                   plan_peak_at=plan["peak_at"], plans_scored=plan["plans_scored"],
+                   plan_refusals=plan["refusals"])
     return row
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def op_trace(fn, model, inputs, memory: Memory, base: int) -> dict:
+    """One step under ``OpMemory``: where its peak is and what the allocator saw beyond values."""
+    model.zero_grad(set_to_none=True)
+    mode = OpMemory(memory)
+    with mode:
+        loss = fn(model, *inputs)
+        compiled = "CompiledFunction" in loss.grad_fn.name()
+        forward_ops = len(mode.ops)
+        forward_end = memory.allocated()
+        loss.backward()
+    memory.sync()
+    transient: dict[str, int] = {}
+    for name, after, high in mode.ops:
+        transient[name] = max(transient.get(name, 0), high - after)
+    peak_index = max(range(len(mode.ops)), key=lambda i: mode.ops[i][2], default=0)
+    name, _, high = mode.ops[peak_index] if mode.ops else ("-", 0, 0)
+    largest = sorted(((n, b) for n, b in transient.items() if b > 0), key=lambda item: -item[1])[:6]
+    return {"compiled": compiled, "peak_bytes": high, "peak_op": name,
+            "peak_in": "forward" if peak_index < forward_ops else "backward",
+            "forward_end_bytes": forward_end, "ops": len(mode.ops), "largest_transients": largest,
+            "base_bytes": base}
 
-    def __exit__(self, *exc):
-        return False
 
+# --- the comparison ---------------------------------------------------------------------------------
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """Piecewise-linear y at x over points sorted by x; None outside their range."""
@@ -130,24 +210,29 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The two figures the issue asks for, and whether each target is met.
+    """The two figures the issue asks for, over every sequence length, and the targets.
 
-    Our step time is compared with torch's interpolated at our measured peak; where our peak is
-    below every torch point, with torch's point of the lowest peak above ours -- torch would need
-    at least that time to go lower, so the ratio is an upper bound ("bound" in the row)."""
-    measured = [r for r in rows if r["peak_bytes"] > 0]  # no peak without CUDA (smoke runs)
+    peak_over_budget_max: measured peak / budget, the largest over graphopt's rows -- infeasible
+    plans included (a budget below the lowest peak any plan reaches shows as a miss). Beside it,
+    peak_over_planned_max (measured / planned peak) separates the model's error from
+    infeasibility. step_vs_torch_budget_max: our step time over torch's at our measured peak,
+    torch's time interpolated over its budget rows of the same sequence length; where our peak is
+    below all of them, torch's row of the lowest peak above ours (an upper bound, "bound")."""
+    measured = [r for r in rows if r.get("peak_bytes", 0) > 0 and "error" not in r]
     ours = [r for r in measured if r["variant"] == "graphopt"]
-    theirs = [(r["peak_bytes"], r["step_ms"]) for r in measured if r["variant"] == "torch_budget"]
     over = [r["peak_bytes"] / r["budget_bytes"] for r in ours if r.get("budget_bytes")]
+    over_plan = [r["peak_bytes"] / r["planned_peak_bytes"] for r in ours if r.get("planned_peak_bytes")]
     ratios, outside = [], []
     for r in ours:
+        theirs = [(t["peak_bytes"], t["step_ms"]) for t in measured
+                  if t["variant"] == "torch_budget" and t["seq"] == r["seq"]]
         torch_ms, how = interpolate(theirs, r["peak_bytes"]), "interpolated"
         if torch_ms is None:
             higher = [p for p in sorted(theirs) if p[0] >= r["peak_bytes"]]
             torch_ms, how = (higher[0][1], "bound") if higher else (None, None)
         r["torch_ms_at_equal_peak"], r["torch_comparison"] = torch_ms, how
         if torch_ms is None:
-            outside.append(r["fraction"])
+            outside.append([r["seq"], r["fraction"]])
         else:
             r["step_vs_torch_budget"] = r["step_ms"] / torch_ms
             ratios.append(r["step_vs_torch_budget"])
@@ -156,12 +241,55 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "peak_over_budget_max": peak_max,
         "step_vs_torch_budget_max": step_max,
+        "peak_over_planned_max": max(over_plan) if over_plan else None,
         "target_peak_over_budget": TARGET_PEAK_OVER_BUDGET,
         "target_step_vs_torch_budget": TARGET_STEP_VS_TORCH,
         "peak_target_met": peak_max is not None and peak_max <= TARGET_PEAK_OVER_BUDGET,
         "step_target_met": step_max is not None and step_max <= TARGET_STEP_VS_TORCH,
-        "fractions_with_no_torch_point_at_or_above_peak": outside,
+        "infeasible_plans": [[r["seq"], r["fraction"]] for r in ours if r.get("plan_feasible") is False],
+        "rows_with_no_torch_point_at_or_above_peak": outside,
     }
+
+
+def notes_for(result: dict) -> list[str]:
+    s, rows = result["summary"], result["rows"]
+    notes = [
+        "budget = memory allocated before the step (parameters, inputs) + the plan's activation "
+        "budget; fraction f: activation budget = min-cut simulated peak - (1 - f) * min-cut saved "
+        "bytes. peak_over_budget_max is measured peak / budget, the largest over graphopt's rows "
+        "(infeasible plans included); peak_over_planned_max is measured / planned peak.",
+        f"Every variant's loss: Llama.loss(chunks=tokens/{result['loss_chunk_tokens']}) -- output "
+        "projection and cross entropy per chunk with the gradient formed in forward, so no [S, "
+        "vocab] fp32 tensor exists (the floor of the previous run).",
+        f"codegen {result['codegen']}: " + ("FX code of the partitioned graphs, no decompositions, for "
+                                           "both partitioners (Inductor compiles of every variant "
+                                           "do not fit the run's time); the eager backward holds its "
+                                           "inputs until it returns (boxed call), which graphopt's "
+                                           "simulation models." if result["codegen"] == "eager"
+                                           else "Inductor for both partitioners."),
+    ]
+    losses = sorted({round(r["loss"], 3) for r in rows if "loss" in r})
+    notes.append(f"loss of every variant (same inputs per sequence length): {losses}")
+    infeasible = [r for r in rows if r.get("plan_feasible") is False]
+    for r in infeasible:
+        notes.append(f"S={r['seq']} f={r['fraction']}: no plan reaches the budget "
+                     f"({_gib(r['budget_bytes'])} GiB); the lowest simulated peak is "
+                     f"{_gib(r['planned_peak_bytes'])} GiB at {r.get('plan_peak_at')}, which it ran.")
+    traced = [r for r in rows if r.get("trace", {}).get("compiled") and r["peak_bytes"]]
+    for r in traced:
+        t = r["trace"]
+        notes.append(
+            f"S={r['seq']} f={r['fraction']} trace: measured peak {_gib(t['peak_bytes'])} GiB in "
+            f"{t['peak_in']} at {t['peak_op']} (planned {_gib(r['planned_peak_bytes'])} at "
+            f"{r.get('plan_peak_at')}); at the end of forward {_gib(t['forward_end_bytes'])} GiB "
+            f"measured vs {_gib(r.get('planned_forward_end_bytes'))} planned; largest per-op "
+            "transients (MiB): " + ", ".join(f"{n} {b / 2**20:.0f}" for n, b in t["largest_transients"]))
+    if result.get("cut_short"):
+        notes.append(result["cut_short"])
+    if s["step_vs_torch_budget_max"] is not None and any(r.get("torch_comparison") == "bound" for r in rows):
+        notes.append("'(bound)': our peak is below every torch budget point of that sequence length; "
+                     "the ratio uses torch's lowest-peak point above ours, an upper bound.")
+    return notes
 
 
 def markdown(result: dict) -> str:
@@ -169,36 +297,26 @@ def markdown(result: dict) -> str:
     lines = [f"# Rematerialization under a budget ({result['device']})", "",
              f"torch {result['torch']}, triton {result['triton']}, codegen {result['codegen']}; "
              f"{result['model']}", "",
-             f"- peak_over_budget_max: {_fmt(s['peak_over_budget_max'])} (target <= {TARGET_PEAK_OVER_BUDGET})",
+             f"- peak_over_budget_max: {_fmt(s['peak_over_budget_max'])} (target <= {TARGET_PEAK_OVER_BUDGET}; "
+             f"measured / planned peak at most {_fmt(s['peak_over_planned_max'])})",
              f"- step_vs_torch_budget_max: {_fmt(s['step_vs_torch_budget_max'])} (target <= "
              f"{TARGET_STEP_VS_TORCH}, at equal measured peak)", "",
-             "| variant | fraction | peak GiB | budget GiB | planned GiB | plan fits | step ms | "
+             "| seq | variant | fraction | peak GiB | budget GiB | planned GiB | plan fits | step ms | "
              "vs torch at equal peak |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += _table_rows(result["rows"])
-    if result.get("notes"):
-        lines += ["", *[f"- {n}" for n in result["notes"]]]
-    if result.get("earlier_run"):
-        earlier = result["earlier_run"]
-        lines += ["", f"## Earlier run ({earlier['device']}, not used in the summary)", "",
-                  earlier["why"], "",
-                  "| variant | fraction | peak GiB | budget GiB | planned GiB | plan fits | step ms | "
-                  "vs torch at equal peak |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += _table_rows(earlier["rows"])
-    return "\n".join(lines) + "\n"
-
-
-def _table_rows(rows: list[dict]) -> list[str]:
-    lines = []
-    for r in rows:
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['seq']} | {r['variant']} | {r['fraction']} | {r['error']} | | | | | |")
+            continue
         ratio = _fmt(r.get("step_vs_torch_budget"))
         if r.get("torch_comparison") == "bound":
             ratio += " (bound)"
         fits = "-" if "plan_feasible" not in r else ("yes" if r["plan_feasible"] else "no")
-        lines.append(f"| {r['variant']} | {r['fraction']} | {r['peak_bytes'] / 2**30:.2f} | "
+        lines.append(f"| {r['seq']} | {r['variant']} | {r['fraction']} | {_gib(r['peak_bytes'])} | "
                      f"{_gib(r.get('budget_bytes'))} | {_gib(r.get('planned_peak_bytes'))} | {fits} | "
                      f"{r['step_ms']:.1f} | {ratio} |")
-    return lines
+    lines += ["", *[f"- {n}" for n in result["notes"]]]
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(x) -> str:
@@ -209,113 +327,128 @@ def _gib(x) -> str:
     return "-" if x is None else f"{x / 2**30:.2f}"
 
 
+def write_result(out: str, result: dict) -> None:
+    result["summary"] = summarize(result["rows"])
+    result["notes"] = notes_for(result)
+    os.makedirs(out, exist_ok=True)
+    for name, text in (("remat.json", json.dumps(result, indent=1)), ("remat.md", markdown(result))):
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w") as handle:
+            handle.write(text)
+        os.replace(path + ".tmp", path)  # a run killed mid-write keeps the previous file
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+class OutOfTime(Exception):
+    pass
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--seqs", default="8192,16384,32768", help="sequence lengths, run in this order")
     parser.add_argument("--budgets", default="1.0,0.7,0.5,0.3")
     parser.add_argument("--codegen", default="eager", choices=("eager", "inductor"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loss-chunk-tokens", type=int, default=1024,
+                        help="tokens per chunk of the output projection + cross entropy")
+    parser.add_argument("--time-limit", type=float, default=480.0,
+                        help="seconds; no variant starts that would likely end past it, and at it the "
+                             "run stops and keeps what it measured")
+    parser.add_argument("--no-trace", action="store_true", help="skip the per-op allocator trace")
     parser.add_argument("--device-profile", default=None, help="JSON from `python -m graphopt calibrate`")
-    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke run)")
-    parser.add_argument("--rebuild", metavar="ROWS_JSON",
-                        help="write remat.json/.md from the rows a run cut short left (remat_partial.json)")
-    parser.add_argument("--env", metavar="JSON", help="with --rebuild: a remat.json of the same machine "
-                        "giving device, torch, triton, codegen and model")
-    parser.add_argument("--earlier", metavar="JSON", help="with --rebuild: an earlier remat.json to show "
-                        "beside the summary (not used in it)")
-    parser.add_argument("--note", action="append", default=[], help="with --rebuild: a note to add")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, every variant, < 2 minutes")
     args = parser.parse_args(argv)
-    if args.rebuild:
-        return rebuild(args)
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    started = time.monotonic()
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    memory = Memory(device)
     torch.manual_seed(0)
-    if args.tiny:
-        cfg, dtype, seq = LlamaConfig.tiny(n_layers=args.layers), torch.float32, min(args.seq, 256)
+    if args.smoke:
+        cfg, dtype = LlamaConfig.tiny(n_layers=2), torch.float32
+        seqs, chunk_tokens = [256], 64
     else:
-        cfg = LlamaConfig.llama2_7b(n_layers=args.layers, max_seq_len=max(args.seq, 4096))
-        dtype, seq = torch.bfloat16, args.seq
+        seqs = [int(s) for s in args.seqs.split(",")]
+        cfg = LlamaConfig.llama2_7b(n_layers=args.layers, max_seq_len=max(seqs))
+        dtype, chunk_tokens = torch.bfloat16, args.loss_chunk_tokens
     model = Llama(cfg).to(device=device, dtype=dtype)
-    tokens = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
-    targets = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
     fractions = [float(f) for f in args.budgets.split(",")]
-    rows = []
-    os.makedirs(args.out, exist_ok=True)
-
-    def checkpoint_rows() -> None:  # a run cut short still leaves what it measured
-        with open(os.path.join(args.out, "remat_partial.json"), "w") as handle:
-            json.dump(rows, handle, indent=1)
-
-    for fraction in fractions:
-        backend = graphopt.backend(codegen=args.codegen, memory_budget=fraction,
-                                   device_profile=args.device_profile)
-        rows.append(measure("graphopt", fraction, torch.compile(plain_loss, backend=backend), model,
-                            tokens, targets, device, args.repeats))
-        print(rows[-1], flush=True)
-        checkpoint_rows()
-        rows.append(measure("torch_budget", fraction,
-                            torch.compile(plain_loss, backend=torch_backend(args.codegen)), model,
-                            tokens, targets, device, args.repeats,
-                            budget_ctx=_compat.activation_memory_budget_patch(fraction)))
-        print(rows[-1], flush=True)
-        checkpoint_rows()
-    rows.append(measure("full_ac", None, torch.compile(full_ac_loss, backend=torch_backend(args.codegen)),
-                        model, tokens, targets, device, args.repeats))
-    print(rows[-1], flush=True)
-    checkpoint_rows()
-    losses = sorted({round(r["loss"], 3) for r in rows})
-    import triton
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
     result = {
         "name": "remat",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "codegen": args.codegen,
+        "torch": torch.__version__, "triton": triton_version, "codegen": args.codegen,
         "model": f"Llama dim {cfg.dim}, heads {cfg.n_heads}, ffn {cfg.ffn_dim}, layers {cfg.n_layers}, "
-                 f"vocab {cfg.vocab_size}, seq {seq}, batch 1, {str(dtype).replace('torch.', '')}",
-        "rows": rows,
-        "notes": [f"loss of every variant (same inputs): {losses}",
-                  "budget = memory allocated before the step + the plan's activation budget; "
-                  "fraction f: activation budget = min-cut peak - (1 - f) * min-cut saved bytes"],
+                 f"vocab {cfg.vocab_size}, seq {'/'.join(map(str, seqs))}, batch 1, "
+                 f"{str(dtype).replace('torch.', '')}",
+        "loss_chunk_tokens": chunk_tokens,
+        "rows": [],
     }
+
+    def alarm(_signum, _frame):
+        raise OutOfTime()
+
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, alarm)
+        signal.alarm(max(1, int(args.time_limit)))
+    plan = [(seq, variant, fraction) for seq in seqs
+            for variant, fraction in [*[(v, f) for f in fractions for v in ("graphopt", "torch_budget")],
+                                      ("full_ac", None)]]
+    last_s: dict[int, float] = {}
+    try:
+        for seq, variant, fraction in plan:
+            elapsed = time.monotonic() - started
+            if elapsed + 1.3 * last_s.get(seq, 0.0) > args.time_limit:
+                raise OutOfTime()
+            t0 = time.monotonic()
+            row = run_variant(variant, fraction, seq, model, cfg, chunk_tokens, device, memory, args)
+            last_s[seq] = time.monotonic() - t0
+            row.update(seq=seq, wall_s=last_s[seq])
+            result["rows"].append(row)
+            print({k: v for k, v in row.items() if k not in ("trace", "plan_refusals")}, flush=True)
+            write_result(args.out, result)
+    except OutOfTime:
+        done = {(r["seq"], r["variant"], r["fraction"]) for r in result["rows"]}
+        left = [f"S={s} {v} {f}" for s, v, f in plan if (s, v, f) not in done]
+        result["cut_short"] = (f"the run stopped at its time limit ({args.time_limit:.0f} s) before: "
+                               + ", ".join(left))
+    finally:
+        if hasattr(signal, "SIGALRM"):
+            signal.alarm(0)
     write_result(args.out, result)
-    return 0
-
-
-def write_result(out: str, result: dict) -> None:
-    result["summary"] = summarize(result["rows"])
-    if result.get("earlier_run"):
-        summarize(result["earlier_run"]["rows"])  # fills the per-row comparison of that run
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "remat.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
-    with open(os.path.join(out, "remat.md"), "w") as handle:
-        handle.write(markdown(result))
     print(markdown(result))
-
-
-def rebuild(args) -> int:
-    with open(args.rebuild) as handle:
-        rows = json.load(handle)
-    with open(args.env) as handle:
-        env = json.load(handle)
-    result = {key: env[key] for key in ("name", "device", "torch", "triton", "codegen", "model")}
-    result["rows"] = rows
-    result["cut_short"] = ("the run stopped at its time limit; these are the rows it wrote "
-                           "(remat_partial.json), rebuilt with `bench/remat.py --rebuild`")
-    losses = sorted({round(r["loss"], 3) for r in rows})
-    result["notes"] = [f"loss of every variant (same inputs): {losses}",
-                       "budget = memory allocated before the step + the plan's activation budget; "
-                       "fraction f: activation budget = min-cut peak - (1 - f) * min-cut saved bytes",
-                       *args.note]
-    if args.earlier:
-        with open(args.earlier) as handle:
-            earlier = json.load(handle)
-        result["earlier_run"] = {"device": earlier["device"], "rows": earlier["rows"],
-                                 "why": "A previous run on the same machine kind, with the graphopt "
-                                        "code before the backward-order fix; torch's rows are the "
-                                        "same code as above."}
-    write_result(args.out, result)
+    print(f"wall {time.monotonic() - started:.0f} s")
     return 0
+
+
+def run_variant(variant: str, fraction, seq: int, model: Llama, cfg: LlamaConfig, chunk_tokens: int,
+                device: str, memory: Memory, args) -> dict:
+    generator = torch.Generator().manual_seed(seq)
+    tokens = torch.randint(0, cfg.vocab_size, (1, seq), generator=generator).to(device)
+    targets = torch.randint(0, cfg.vocab_size, (1, seq), generator=generator).to(device)
+    inputs = (tokens, targets, math.ceil(seq / chunk_tokens))
+    budget_ctx = contextlib.nullcontext()
+    if variant == "graphopt":
+        backend = graphopt.backend(codegen=args.codegen, memory_budget=fraction,
+                                   device_profile=args.device_profile)
+        fn = torch.compile(plain_loss, backend=backend)
+    elif variant == "torch_budget":
+        fn = torch.compile(plain_loss, backend=torch_backend(args.codegen))
+        budget_ctx = _compat.activation_memory_budget_patch(fraction)
+    else:
+        fn = torch.compile(full_ac_loss, backend=torch_backend(args.codegen))
+    try:
+        return measure(variant, fraction, fn, budget_ctx, model, inputs, memory,
+                       1 if args.smoke else args.repeats, trace=variant == "graphopt" and not args.no_trace)
+    except torch.OutOfMemoryError as error:
+        model.zero_grad(set_to_none=True)
+        return {"variant": variant, "fraction": fraction, "error": "out of memory",
+                "detail": str(error).splitlines()[0]}
 
 
 if __name__ == "__main__":
