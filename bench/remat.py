@@ -193,7 +193,7 @@ def op_trace(fn, model, inputs, memory: Memory, base: int) -> dict:
     return {"compiled": compiled, "peak_bytes": high, "peak_op": name,
             "peak_in": "forward" if peak_index < forward_ops else "backward",
             "forward_end_bytes": forward_end, "ops": len(mode.ops), "largest_transients": largest,
-            "base_bytes": base}
+            "attention_ops": sorted({n for n, _, _ in mode.ops if "attention" in n}), "base_bytes": base}
 
 
 # --- the comparison ---------------------------------------------------------------------------------
@@ -231,6 +231,10 @@ def summarize(rows: list[dict]) -> dict:
             higher = [p for p in sorted(theirs) if p[0] >= r["peak_bytes"]]
             torch_ms, how = (higher[0][1], "bound") if higher else (None, None)
         r["torch_ms_at_equal_peak"], r["torch_comparison"] = torch_ms, how
+        full_ac = [t for t in measured if t["variant"] == "full_ac" and t["seq"] == r["seq"]]
+        if full_ac:
+            r["step_vs_full_ac"] = r["step_ms"] / full_ac[0]["step_ms"]
+            r["peak_vs_full_ac"] = r["peak_bytes"] / full_ac[0]["peak_bytes"]
         if torch_ms is None:
             outside.append([r["seq"], r["fraction"]])
         else:
@@ -280,7 +284,7 @@ def notes_for(result: dict) -> list[str]:
         t = r["trace"]
         notes.append(
             f"S={r['seq']} f={r['fraction']} trace: measured peak {_gib(t['peak_bytes'])} GiB in "
-            f"{t['peak_in']} at {t['peak_op']} (planned {_gib(r['planned_peak_bytes'])} at "
+            f"{t['peak_in']} at {t['peak_op']} (attention ops {', '.join(t['attention_ops'])}; planned {_gib(r['planned_peak_bytes'])} at "
             f"{r.get('plan_peak_at')}); at the end of forward {_gib(t['forward_end_bytes'])} GiB "
             f"measured vs {_gib(r.get('planned_forward_end_bytes'))} planned; largest per-op "
             "transients (MiB): " + ", ".join(f"{n} {b / 2**20:.0f}" for n, b in t["largest_transients"]))
@@ -302,11 +306,11 @@ def markdown(result: dict) -> str:
              f"- step_vs_torch_budget_max: {_fmt(s['step_vs_torch_budget_max'])} (target <= "
              f"{TARGET_STEP_VS_TORCH}, at equal measured peak)", "",
              "| seq | variant | fraction | peak GiB | budget GiB | planned GiB | plan fits | step ms | "
-             "vs torch at equal peak |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "vs torch at equal peak | step, peak vs full AC |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['seq']} | {r['variant']} | {r['fraction']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['seq']} | {r['variant']} | {r['fraction']} | {r['error']} | | | | | | |")
             continue
         ratio = _fmt(r.get("step_vs_torch_budget"))
         if r.get("torch_comparison") == "bound":
@@ -314,7 +318,8 @@ def markdown(result: dict) -> str:
         fits = "-" if "plan_feasible" not in r else ("yes" if r["plan_feasible"] else "no")
         lines.append(f"| {r['seq']} | {r['variant']} | {r['fraction']} | {_gib(r['peak_bytes'])} | "
                      f"{_gib(r.get('budget_bytes'))} | {_gib(r.get('planned_peak_bytes'))} | {fits} | "
-                     f"{r['step_ms']:.1f} | {ratio} |")
+                     f"{r['step_ms']:.1f} | {ratio} | {_fmt(r.get('step_vs_full_ac'))}, "
+                     f"{_fmt(r.get('peak_vs_full_ac'))} |")
     lines += ["", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"
 
