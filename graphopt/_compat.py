@@ -173,6 +173,47 @@ def mark_side_effectful(op) -> None:
     fx_node._side_effectful_functions.add(op)
 
 
+@functools.lru_cache(maxsize=1)
+def _cuda_stream_memops():
+    """The CUDA driver's stream memory operations (write / wait on a 32-bit word), or None.
+
+    torch exposes no wait-on-value; these run on the GPU's front end, not on an SM, so a signal or
+    a wait queued behind a GEMM that holds every SM is not delayed until the GEMM ends.
+    """
+    import ctypes
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    functions = []
+    for name in ("cuStreamWriteValue32", "cuStreamWaitValue32"):
+        function = getattr(driver, name + "_v2", None) or getattr(driver, name, None)
+        if function is None:
+            return None
+        function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        function.restype = ctypes.c_int
+        functions.append(function)
+    return tuple(functions)
+
+
+def stream_memops_available() -> bool:
+    return _cuda_stream_memops() is not None
+
+
+def stream_write_value32(stream, address: int, value: int) -> None:
+    """Enqueue on ``stream``: a system-wide memory fence, then ``*(uint32*)address = value``."""
+    code = _cuda_stream_memops()[0](stream.cuda_stream, address, value, 0)
+    if code:
+        raise RuntimeError(f"cuStreamWriteValue32 failed with CUresult {code}")
+
+
+def stream_wait_value32(stream, address: int, value: int) -> None:
+    """Enqueue on ``stream``: wait until ``*(uint32*)address == value``."""
+    code = _cuda_stream_memops()[1](stream.cuda_stream, address, value, 1)  # CU_STREAM_WAIT_VALUE_EQ
+    if code:
+        raise RuntimeError(f"cuStreamWaitValue32 failed with CUresult {code}")
+
+
 def symmetric_tensor(shape, dtype, device, group_name: str):
     """A symmetric-memory tensor, its rendezvous handle and every rank's view of it (peer tensors).
 

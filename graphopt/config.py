@@ -68,10 +68,10 @@ _flag("sequence_parallel_attention", "sp_load_balance", True, bool,
 _flag("overlap_matmul_allreduce", "overlap_matmul_allreduce", False, bool,
       "Decompose GEMM + all-reduce / reduce-scatter / all-gather + GEMM into overlapped chunks.")
 _flag("overlap_matmul_allreduce", "overlap_mode", "auto", str,
-      "'auto' lets the cost model choose; force 'sequential', 'chunked' or 'tile' for experiments.",
-      choices=("auto", "sequential", "chunked", "tile"))
+      "'auto' lets the cost model choose; force 'sequential', 'chunked', 'copy_engine' or 'tile' for "
+      "experiments.", choices=("auto", "sequential", "chunked", "copy_engine", "tile"))
 _flag("overlap_matmul_allreduce", "overlap_chunks", 0, int,
-      "Number of chunks for the chunked runtime; 0 lets the cost model choose.")
+      "Chunks of the chunked runtime (sub-chunks per rank block of copy_engine); 0: the model picks.")
 
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
 _flag("rematerialization", "memory_budget", None, (str, int, float, type(None)),

@@ -1,4 +1,4 @@
-"""Symmetric-memory workspaces for the tile-triggered GEMM + collective kernel.
+"""Symmetric-memory workspaces for the tile-triggered kernel and the copy-engine runtime.
 
 A workspace holds, on every rank of a group, at the same shape:
 - ``partial``: the rank's un-reduced GEMM output [M, N] (the kernel's GEMM CTAs write tiles here);
@@ -15,6 +15,12 @@ still read the previous call's tiles. NVLink multicast is never used.
 
 Availability is feature-detected (``available()``): CUDA, torch's ``_symmetric_memory`` with
 ``empty``/``rendezvous``, and triton. Where it is False the cost model never picks the tile runtime.
+
+The copy-engine runtime (``graphopt.ops.matmul_collectives``, mode "copy_engine") needs less: one
+symmetric [M, N] buffer per rank and its peers' views (``copy_engine_workspace``), a high-priority
+communication stream, and a stream-ordered barrier (``copy_engine_available()``: no triton needed):
+symmetric flags written and waited by the CUDA driver's stream memory operations, or, where the
+driver's entry points cannot be found, the handle's signal-pad barrier kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Optional
 
 import torch
 
@@ -65,7 +72,7 @@ class TileWorkspace:
         return self.epoch
 
 
-_WORKSPACES: dict[tuple, TileWorkspace] = {}
+_WORKSPACES: dict[tuple, object] = {}
 
 
 def tile_workspace(group_name: str, m: int, n: int, dtype: torch.dtype, device: torch.device,
@@ -96,6 +103,97 @@ def _allocate(group_name: str, m: int, n: int, dtype: torch.dtype, device: torch
         partial_ptrs=pointers([t.data_ptr() for t in partial_peers]),
         flag_ptrs=pointers([t.data_ptr() for t in flag_peers]),
         handle=partial_handle, rank=partial_handle.rank, world_size=partial_handle.world_size)
+
+
+@functools.lru_cache(maxsize=1)
+def copy_engine_available() -> bool:
+    """True where the copy-engine runtime can run (CUDA + symmetric memory with a barrier)."""
+    if not torch.cuda.is_available():
+        return False
+    module = _compat.symmetric_memory()
+    return module is not None and all(hasattr(module, name) for name in ("empty", "rendezvous"))
+
+
+# Signal-pad channel of the fallback barrier (the tile workspace uses channel 0 of its own buffer).
+COPY_ENGINE_CHANNEL = 1
+# Barriers one copy-engine call may use: (P - 1) * chunks + chunks + 1.
+MAX_SYNCS = 128
+
+
+@dataclasses.dataclass
+class CopyEngineWorkspace:
+    """One rank's symmetric [M, N] buffer, every rank's view of it, the communication stream, and
+    symmetric barrier flags ``[MAX_SYNCS, P]``: barrier s of a call sets ``flags[s][r]`` to 1 on every
+    peer, waits until its own ``flags[s][q]`` is 1 for every peer q, and resets them to 0. A slot is
+    written again only in the next call, after barriers that follow the reset on every rank (so a
+    call must use at least two barriers; every copy-engine call does)."""
+
+    partial: torch.Tensor
+    peers: list[torch.Tensor]
+    handle: object
+    comm_stream: torch.cuda.Stream
+    rank: int
+    world_size: int
+    flag_ptrs: Optional[list[int]]    # every rank's flags base address; None: handle.barrier
+    flags: Optional[torch.Tensor] = None
+    next_sync: int = 0
+    events: list = dataclasses.field(default_factory=list)   # reused by every call, in order
+
+    def begin_call(self) -> None:
+        self.next_sync = 0
+
+    def barrier(self) -> None:
+        """Stream-ordered barrier on the current stream: what follows runs once every rank has
+        reached it. With the driver's stream memory operations it occupies no SM (a barrier kernel
+        queued behind a GEMM that holds every SM would wait for the whole GEMM)."""
+        if self.flag_ptrs is None:
+            self.handle.barrier(channel=COPY_ENGINE_CHANNEL)
+            return
+        slot = self.next_sync
+        if slot >= MAX_SYNCS:
+            raise RuntimeError(f"a copy-engine call used more than {MAX_SYNCS} barriers; use fewer chunks")
+        self.next_sync += 1
+        stream = torch.cuda.current_stream()
+        row = slot * self.world_size
+        peers = [peer for peer in range(self.world_size) if peer != self.rank]
+        for peer in peers:
+            _compat.stream_write_value32(stream, self.flag_ptrs[peer] + 4 * (row + self.rank), 1)
+        for peer in peers:
+            mine = self.flag_ptrs[self.rank] + 4 * (row + peer)
+            _compat.stream_wait_value32(stream, mine, 1)
+            _compat.stream_write_value32(stream, mine, 0)
+
+
+_COMM_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_engine_workspace(group_name: str, m: int, n: int, dtype: torch.dtype,
+                          device: torch.device) -> CopyEngineWorkspace:
+    """The cached copy-engine workspace for this group and shape (a collective call the first time)."""
+    if not copy_engine_available():
+        raise RuntimeError("mode='copy_engine' needs CUDA and torch.distributed._symmetric_memory "
+                           "(empty, rendezvous); use mode='chunked' here")
+    key = ("copy_engine", group_name, m, n, dtype, device)
+    workspace = _WORKSPACES.get(key)
+    if workspace is None:
+        partial, handle, peers = _compat.symmetric_tensor((m, n), dtype, device, group_name)
+        stream = _COMM_STREAMS.get(device)
+        if stream is None:
+            # High priority: a copy launch waiting behind GEMM blocks gets the next free SM.
+            stream = _COMM_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+        flags = flag_ptrs = None
+        if _compat.stream_memops_available():
+            flags, flag_handle, flag_peers = _compat.symmetric_tensor(
+                (MAX_SYNCS, handle.world_size), torch.int32, device, group_name)
+            flags.zero_()
+            flag_handle.barrier(channel=0)   # every rank's flags are zero before anyone signals
+            flag_ptrs = [t.data_ptr() for t in flag_peers]
+        log.info("copy-engine workspace for group %s: [%d, %d] %s, barriers: %s", group_name, m, n,
+                 dtype, "stream memory operations" if flag_ptrs else "signal-pad kernel")
+        workspace = _WORKSPACES[key] = CopyEngineWorkspace(
+            partial=partial, peers=peers, handle=handle, comm_stream=stream, rank=handle.rank,
+            world_size=handle.world_size, flag_ptrs=flag_ptrs, flags=flags)
+    return workspace
 
 
 def clear_cache() -> None:

@@ -9,9 +9,11 @@ Three ops, each the function of the unfused pair it replaces (sum reduction only
     graphopt::all_gather_matmul(a_shard, b, group, world, gather_dim, chunks)
         = (g, g @ b) with g = all_gather(a_shard, gather_dim)
 
-``mode`` picks the runtime: "chunked" (this module, any device and backend) or "tile" (the
+``mode`` picks the runtime: "chunked" (this module, any device and backend), "copy_engine" (this
+module, cuBLAS chunks + peer-to-peer copies on symmetric memory; CUDA only) or "tile" (the
 tile-triggered Triton kernel on symmetric memory, ``graphopt.kernels.matmul_tile_signal``; CUDA
-only; ``comm_sms`` communication CTAs). Both compute the same function; the graph pass chooses with ``graphopt.analysis.overlap_cost``.
+only; ``comm_sms`` communication CTAs). All compute the same function; the graph pass chooses with
+``graphopt.analysis.overlap_cost``.
 
 Chunked runtime: the GEMM is cut into ``chunks`` row blocks; after each block is written, its
 collective is issued asynchronously (``async_op=True``). On NCCL the collective runs on NCCL's
@@ -28,6 +30,37 @@ Chunk layouts:
 - all-gather: the shard is cut into ``chunks`` row blocks along gather_dim; gathering block j of every
   rank yields rows r * M/P + [j*s, (j+1)*s) of the gathered input, whose GEMM runs while block j+1
   is still in flight.
+
+Copy-engine runtime (2-D mm, no bias): the GEMM stays in cuBLAS and the communication leaves the
+SMs: it is peer-to-peer ``copy_`` (cudaMemcpyAsync, run by the copy engines) out of the peers'
+symmetric buffers, on a communication stream. Rank r's rows [M] are cut into P rank blocks and
+every block into ``chunks`` sub-chunks (the same bounds on every rank). For P = 2, rank r:
+
+    phase 1, block d of the peer (d = r + 1), sub-chunk j = 0 .. c-1:
+        compute: partial[d_j] = a[d_j] @ b                        (cuBLAS into the symmetric buffer)
+        comm:    wait for it; barrier; pull peer's partial[r_j] -> mine[r_j]
+    phase 2, own block r, sub-chunk j:
+        compute: wait for pull j; mine[r_j] += a[r_j] @ b         (addmm: the reduction is in the GEMM)
+        all-reduce only -- compute: out[r_j] = partial[r_j]   (a local copy)
+                           comm: wait for the GEMM; barrier; pull peer's partial[d_j] -> out[d_j]
+    end: comm: barrier (reduce-scatter only: every rank has finished reading this call's buffer);
+         compute waits for comm
+
+``mine`` is the reduce-scatter output, or (all-reduce) the own block of the symmetric buffer, so that
+the peers can pull the reduced rows. For P > 2 phase 1 has P - 1 steps (block r + s from step s;
+the pull of step s comes from rank r - s, which computes block r at its step s; steps after the
+first pull into a staging buffer and add, on the communication stream), and phase 2 pulls from every
+peer. Every block is reduced by its owner alone and copied bitwise by the others, so an all-reduce is
+bitwise identical on every rank; the operands of each sum are fixed, so results never depend on
+timing.
+
+Synchronisation: a peer's rows are pulled only after a barrier that every rank reaches after the
+event of the GEMM writing them (read after write). The caller's stream waits for the last barrier
+before returning, so the next call's GEMMs and pulls, which overwrite the symmetric buffer, start
+only after every rank has finished reading it (write after read; tests/unit/test_overlap_copy_engine.py
+checks both orders on a simulator). All barriers run on one stream in the same order on every rank.
+Nothing syncs the host, so the call can be captured in a CUDA graph once the workspace exists
+(``graphopt.distributed.symm_mem.copy_engine_workspace``).
 
 The ops run after autograd (in the joint graph) and so have no autograd formula; they never mutate
 their inputs.
@@ -46,7 +79,7 @@ from graphopt import _compat
 
 log = logging.getLogger("graphopt.ops.matmul_collectives")
 
-MODES = ("chunked", "tile")
+MODES = ("chunked", "copy_engine", "tile")
 # torch 2.13 renamed these (same arguments); 2.11 has only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -74,6 +107,155 @@ def _check_mode(mode: str, a: Tensor) -> None:
     if mode == "tile" and not a.is_cuda:
         raise ValueError("mode='tile' runs the Triton tile kernel on symmetric memory and needs CUDA "
                          "tensors; use mode='chunked' on CPU")
+    if mode == "copy_engine" and not a.is_cuda:
+        raise ValueError("mode='copy_engine' copies between CUDA symmetric-memory buffers and needs "
+                         "CUDA tensors; use mode='chunked' on CPU")
+
+
+# --- copy-engine runtime ---------------------------------------------------------------------------
+
+class _CudaStreams:
+    """The copy-engine pipeline's effects on CUDA: GEMMs on the caller's stream; barriers and copies
+    on the workspace's communication stream (inside ``on_comm()``); events order the two.
+
+    Host cost matters here: the call issues a few ops per sub-chunk, and where they take longer to
+    issue than the GPU takes to run them the pipeline starves. Hence one stream switch per
+    communication step and events reused from the workspace rather than created per call.
+    """
+
+    def __init__(self, workspace):
+        self.workspace = workspace
+        self.partial = workspace.partial
+        self.compute = torch.cuda.current_stream()
+        self.comm = workspace.comm_stream
+        self._events = iter(workspace.events)
+
+    def _event(self):
+        event = next(self._events, None)
+        if event is None:
+            event = torch.cuda.Event()
+            self.workspace.events.append(event)
+        return event
+
+    def on_comm(self):
+        return torch.cuda.stream(self.comm)
+
+    def peer(self, rank: int) -> Tensor:
+        return self.workspace.peers[rank]
+
+    def gemm(self, a: Tensor, b: Tensor, out: Tensor, accumulate: bool) -> None:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+
+    def compute_copy(self, dst: Tensor, src: Tensor) -> None:
+        # On the caller's stream: the communication stream stays free for the peer pulls.
+        dst.copy_(src)
+
+    def compute_token(self):
+        event = self._event()
+        event.record(self.compute)
+        return event
+
+    def comm_token(self):
+        event = self._event()
+        event.record(self.comm)
+        return event
+
+    def comm_wait(self, token) -> None:
+        self.comm.wait_event(token)
+
+    def compute_wait(self, token) -> None:
+        self.compute.wait_event(token)
+
+    def barrier(self) -> None:
+        self.workspace.barrier()
+
+    def copy(self, dst: Tensor, src: Tensor) -> None:
+        dst.copy_(src)
+
+    def add(self, dst: Tensor, src: Tensor) -> None:
+        dst.add_(src)
+
+
+def copy_engine_blocks(rows: int, world: int, chunks: int) -> list[list[tuple[int, int]]]:
+    """Row ranges [start, end) of every rank block's sub-chunks: blocks[p][j] (same on every rank)."""
+    if rows < world:
+        raise ValueError(f"M={rows} rows cannot be split into {world} rank blocks; use mode='chunked'")
+    blocks = _chunk_bounds(rows, world)
+    chunks = max(1, min(chunks, min(end - start for start, end in blocks)))
+    return [[(start + s, start + e) for s, e in _chunk_bounds(end - start, chunks)]
+            for start, end in blocks]
+
+
+def copy_engine_pipeline(io, a: Tensor, b: Tensor, out: Tensor, rank: int, world: int, chunks: int,
+                         scatter: bool) -> None:
+    """Run the copy-engine schedule (module docstring) through ``io`` (``_CudaStreams`` on GPU; the
+    CPU tests pass a simulator that checks every read against the barriers)."""
+    blocks = copy_engine_blocks(a.shape[0], world, chunks)
+    own_start = blocks[rank][0][0]
+
+    def mine(start: int, end: int) -> Tensor:
+        return out[start - own_start:end - own_start] if scatter else io.partial[start:end]
+
+    staging = out.new_empty(max(e - s for s, e in blocks[rank]), out.shape[1]) if world > 2 else None
+    pulled = []
+    for step in range(1, world):
+        dest, source = (rank + step) % world, (rank - step) % world
+        for (start, end), (own, own_end) in zip(blocks[dest], blocks[rank]):
+            io.gemm(a[start:end], b, io.partial[start:end], accumulate=False)
+            written = io.compute_token()
+            with io.on_comm():
+                io.comm_wait(written)
+                io.barrier()
+                remote = io.peer(source)[own:own_end]
+                if step == 1:
+                    io.copy(mine(own, own_end), remote)
+                else:
+                    piece = staging[:own_end - own]
+                    io.copy(piece, remote)
+                    io.add(mine(own, own_end), piece)
+                if step == world - 1:
+                    pulled.append(io.comm_token())
+    for j, (start, end) in enumerate(blocks[rank]):
+        if pulled:
+            io.compute_wait(pulled[j])
+        io.gemm(a[start:end], b, mine(start, end), accumulate=world > 1)
+        if not scatter:
+            reduced = io.compute_token()
+            io.compute_copy(out[start:end], io.partial[start:end])
+            with io.on_comm():
+                io.comm_wait(reduced)
+                io.barrier()
+                for peer in range(world):
+                    if peer != rank:
+                        p_start, p_end = blocks[peer][j]
+                        io.copy(out[p_start:p_end], io.peer(peer)[p_start:p_end])
+    with io.on_comm():
+        if scatter:
+            # Write after read: the peers' last pulls from this buffer are done before the next
+            # call's GEMMs overwrite it. (All-reduce needs no extra barrier: its phase-2 barriers
+            # order every read of phase 1, and its own rows are next written after the first one.)
+            io.barrier()
+        done = io.comm_token()
+    io.compute_wait(done)
+
+
+def _copy_engine(a: Tensor, b: Tensor, group_name: str, chunks: int, scatter: bool) -> Tensor:
+    from graphopt.distributed import symm_mem
+
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError("mode='copy_engine' supports a plain 2-D mm (no bias, no batch); the pass "
+                         "chooses 'chunked' for addmm and bmm")
+    m, n = a.shape[0], b.shape[1]
+    workspace = symm_mem.copy_engine_workspace(group_name, m, n, a.dtype, a.device)
+    world, rank = workspace.world_size, workspace.rank
+    out = a.new_empty(m // world if scatter else m, n)
+    workspace.begin_call()
+    chunks = min(chunks, (symm_mem.MAX_SYNCS - 1) // world)
+    copy_engine_pipeline(_CudaStreams(workspace), a, b, out, rank, world, chunks, scatter)
+    return out
 
 
 # --- matmul + all-reduce ---------------------------------------------------------------------------
@@ -117,6 +299,11 @@ def matmul_all_reduce(a: Tensor, b: Tensor, bias: Optional[Tensor], group_name: 
             raise ValueError("mode='tile' supports plain 2-D mm (no bias, no batch); the pass "
                              "chooses 'chunked' for addmm and bmm")
         return matmul_all_reduce_tile(a, b, group_name, comm_sms)
+    if mode == "copy_engine":
+        if bias is not None:
+            raise ValueError("mode='copy_engine' supports plain mm (no bias); the pass chooses "
+                             "'chunked' for addmm")
+        return _copy_engine(a, b, group_name, chunks, scatter=False)
     return _matmul_all_reduce_chunked(a, b, bias, group_name, chunks)
 
 
@@ -166,6 +353,11 @@ def matmul_reduce_scatter(a: Tensor, b: Tensor, group_name: str, world_size: int
             raise ValueError("mode='tile' supports a 2-D mm scattered along rows; the pass chooses "
                              "'chunked' otherwise")
         return matmul_reduce_scatter_tile(a, b, group_name, comm_sms)
+    if mode == "copy_engine":
+        if scatter_dim != 0:
+            raise ValueError("mode='copy_engine' scatters along rows (dim 0) only; the pass chooses "
+                             "'chunked' otherwise")
+        return _copy_engine(a, b, group_name, chunks, scatter=True)
     return _matmul_reduce_scatter_chunked(a, b, group_name, world_size, scatter_dim, chunks)
 
 

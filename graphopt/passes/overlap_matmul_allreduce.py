@@ -38,8 +38,11 @@ Safe when (checked per site, else the site is left unchanged and the reason is a
 - addmm has alpha = beta = 1; operands are floating point of one dtype;
 - for reduce-scatter / all-gather along dim d: the split/cat is exactly the "move dim d to the
   front" permutation DTensor emits (P equal parts, taken in rank order); the shapes are static;
-- the cost model (``graphopt.analysis.overlap_cost``) estimates the overlapped runtime at least
-  ``MARGIN`` faster than sequential, unless ``config.overlap_mode`` forces a runtime.
+- the cost model (``graphopt.analysis.overlap_cost``) estimates the overlapped runtime faster than
+  sequential by its margin, unless ``config.overlap_mode`` forces a runtime;
+- runtime "copy_engine" or "tile" only for a plain 2-D mm (no bias, no batch; reduce-scatter along
+  dim 0 of a 2-D output) on CUDA with torch symmetric memory: the ops' ``mode`` argument says which
+  runtime the fused op runs, and ``chunks`` its chunk / sub-chunk count.
 
 The new ops compute the same function as the pair they replace (chunking only changes GEMM
 blocking, so results agree to floating-point rounding). They are tagged like torch tags
@@ -103,7 +106,7 @@ class Match:
     view_shape: Optional[list[int]] = None     # reduce-scatter: the GEMM output seen as [..., N]
     gathered: Optional[fx.Node] = None         # all-gather: the node other users read
     anchor: Optional[fx.Node] = None           # all-gather: the fused op goes right before it
-    tile_layout_ok: bool = False
+    plain_mm_layout: bool = False
     copies: list[fx.Node] = dataclasses.field(default_factory=list)  # copy(partial, reduced) aliases
 
 
@@ -264,9 +267,9 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
         if shape[dim] % world:
             return f"{node.name}: dim {dim} of size {shape[dim]} is not divisible by {world} ranks"
         match.view_shape = shape
-        match.tile_layout_ok = len(shape) == 2 and dim == 0
+        match.plain_mm_layout = len(shape) == 2 and dim == 0
     else:
-        match.tile_layout_ok = gemm.target is aten.mm.default
+        match.plain_mm_layout = gemm.target is aten.mm.default
     return match
 
 
@@ -427,8 +430,9 @@ def overlap_matmul_allreduce(gm: fx.GraphModule, ctx: PassContext) -> PassResult
         choice = overlap_cost.choose_overlap(
             pattern.kind, match.m, match.n, match.k, match.val.dtype.itemsize, match.world_size,
             profile, is_cuda=is_cuda,
-            symmetric_memory=match.tile_layout_ok and is_cuda and symm_mem.available(),
-            mode=ctx.config.overlap_mode, chunks=ctx.config.overlap_chunks)
+            symmetric_memory=match.plain_mm_layout and is_cuda and symm_mem.copy_engine_available(),
+            triton=symm_mem.available(), mode=ctx.config.overlap_mode,
+            chunks=ctx.config.overlap_chunks)
         site = {"pattern": pattern.name, "gemm": match.gemm.name, "mode": choice.mode,
                 "chunks": choice.chunks, "comm_sms": choice.comm_sms, "reason": choice.reason,
                 "estimates_ms": {key: round(v * 1e3, 4) for key, v in choice.estimates_s.items()}}

@@ -1,4 +1,5 @@
-"""GPU checks of the overlap runtimes on 2 GPUs over NCCL: tile kernel, chunked ops, and the pass."""
+"""GPU checks of the overlap runtimes on 2 GPUs over NCCL: tile kernel, copy engine, chunked ops, and
+the pass."""
 
 from __future__ import annotations
 
@@ -32,14 +33,18 @@ def _tile_and_chunked(rank: int, world: int) -> dict:
         for name, out, scatter in (
                 ("tile_ar", ops.matmul_all_reduce(a, b, None, group, "tile", 1, 8), False),
                 ("tile_rs", ops.matmul_reduce_scatter(a, b, group, world, 0, "tile", 1, 8), True),
+                ("copy_engine_ar", ops.matmul_all_reduce(a, b, None, group, "copy_engine", 3, 0), False),
+                ("copy_engine_rs", ops.matmul_reduce_scatter(a, b, group, world, 0, "copy_engine", 2, 0),
+                 True),
                 ("chunked_ar", ops.matmul_all_reduce(a, b, None, group, "chunked", 3, 0), False),
                 ("chunked_rs", ops.matmul_reduce_scatter(a, b, group, world, 0, "chunked", 2, 0), True)):
             ref = _reference(a, b, scatter)
             report[f"{name}_{step}"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-        tile = ops.matmul_all_reduce(a, b, None, group, "tile", 1, 8)
-        copies = [torch.empty_like(tile) for _ in range(world)]
-        dist.all_gather(copies, tile)
-        report[f"bitwise_{step}"] = all(torch.equal(copies[0], c) for c in copies)
+        for mode, chunks, sms in (("tile", 1, 8), ("copy_engine", 4, 0)):
+            fused = ops.matmul_all_reduce(a, b, None, group, mode, chunks, sms)
+            copies = [torch.empty_like(fused) for _ in range(world)]
+            dist.all_gather(copies, fused)
+            report[f"bitwise_{mode}_{step}"] = all(torch.equal(copies[0], c) for c in copies)
     shard = torch.randn(2, 64, 320, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(320, 96, device="cuda", dtype=torch.bfloat16)
     gathered, out = ops.all_gather_matmul(shard, w, group, world, 1, 2)
@@ -61,7 +66,7 @@ def test_tile_and_chunked_runtimes_match_reference():
                 assert value < 2e-2, (key, value)
 
 
-def _compiled_tile_pass(rank: int, world: int) -> tuple[float, float]:
+def _compiled_pass(rank: int, world: int, mode: str) -> tuple[float, float]:
     import torch.distributed._functional_collectives as funcol
     import graphopt
     from graphopt import _compat
@@ -78,7 +83,7 @@ def _compiled_tile_pass(rank: int, world: int) -> tuple[float, float]:
     grads = (x.grad.clone(), w.grad.clone())
     x.grad = w.grad = None
     compiled = torch.compile(row_parallel, backend=graphopt.backend(
-        codegen="eager", overlap_matmul_allreduce=True, overlap_mode="tile"))
+        codegen="eager", overlap_matmul_allreduce=True, overlap_mode=mode))
     out = compiled(x, w)
     out.float().square().sum().backward()
     err_out = ((out.float() - eager.float()).abs().max() / eager.float().abs().max()).item()
@@ -87,6 +92,7 @@ def _compiled_tile_pass(rank: int, world: int) -> tuple[float, float]:
     return err_out, err_grad
 
 
-def test_pass_with_tile_runtime_matches_eager_on_gpu():
-    for err_out, err_grad in spawn(_compiled_tile_pass, 2, backend="nccl"):
+@pytest.mark.parametrize("mode", ["tile", "copy_engine"])
+def test_pass_with_symmetric_memory_runtime_matches_eager_on_gpu(mode):
+    for err_out, err_grad in spawn(_compiled_pass, 2, mode, backend="nccl"):
         assert err_out < 2e-2 and err_grad < 5e-2, (err_out, err_grad)

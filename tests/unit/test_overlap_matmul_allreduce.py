@@ -186,6 +186,15 @@ def test_tile_mode_is_refused_on_cpu(tmp_path):
     assert any("tile kernel needs CUDA" in refusal for refusal in entry["refusals"])
 
 
+def test_copy_engine_mode_is_refused_on_cpu(tmp_path):
+    import torch.distributed._functional_collectives as funcol
+    module = _functional(lambda x, w: funcol.wait_tensor(funcol.all_reduce(x @ w, "sum", _group())))
+    _compile_and_run(module, tmp_path, mode="copy_engine")
+    entry = _last_pass_summary()
+    assert not entry["modified"] and entry["stats"]["sites"][0]["mode"] == "sequential"
+    assert any("copy-engine runtime needs CUDA" in refusal for refusal in entry["refusals"])
+
+
 def test_pass_ignores_other_stages():
     graph = torch.fx.symbolic_trace(nn.Linear(2, 2))
     result = overlap_matmul_allreduce(graph, PassContext("forward", snapshot(), "g"))

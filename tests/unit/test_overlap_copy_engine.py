@@ -1,0 +1,285 @@
+"""The copy-engine schedule of graphopt::matmul_all_reduce / matmul_reduce_scatter, on CPU.
+
+``copy_engine_pipeline`` runs here against a simulator instead of CUDA streams: P threads play the
+P ranks, each with a symmetric buffer the others can read, and a real barrier. The simulator keeps
+the happens-before of the GPU runtime, not the thread interleaving: a GEMM on the compute stream
+may run any time after the last event it waited for, a copy on the communication stream any time
+after its barrier. It raises ``Race`` where a rank reads a peer's rows that no barrier has
+published since they were written (read after write), or overwrites rows that a peer may still be
+reading (write after read, also across calls), or where one stream reads what the other wrote
+without an event. The outputs are checked against the unfused reduction in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from graphopt.ops.matmul_collectives import MODES, copy_engine_blocks, copy_engine_pipeline
+
+
+class Race(AssertionError):
+    pass
+
+
+class _Row:
+    """One row of a rank's symmetric buffer: when its last write became readable, who read it when."""
+
+    def __init__(self):
+        self.published: int | None = 0
+        self.reads: list[int] = []           # comm phases at which peers read it
+
+
+class SimulatedRank:
+    """``_CudaStreams`` for one simulated rank (see the module docstring)."""
+
+    def __init__(self, rank: int, world: "SimulatedWorld", rows: int, cols: int):
+        self.rank, self.world = rank, world
+        self.partial = torch.full((rows, cols), float("nan"), dtype=torch.float64)
+        self.rows = [_Row() for _ in range(rows)]
+        self.out: torch.Tensor | None = None
+        self.comm_phase = 0            # barriers passed
+        self.compute_floor = 0         # phase of the comm event the compute stream last waited for
+        self.compute_seq = self.comm_seq = 0
+        self.comm_saw_compute = self.compute_saw_comm = 0
+        self.unpublished: list[tuple[int, int]] = []    # (compute seq, row) of buffer writes
+        self.comm_buffer_writes: list[int] = []         # rows the comm stream wrote this phase
+        self.local_writer: dict[tuple[str, int], tuple[str, int]] = {}
+
+    # --- locating views -----------------------------------------------------------------------
+    def _where(self, view: torch.Tensor) -> tuple[str, int, range]:
+        for owner in self.world.ranks:
+            for name, base in (("partial", owner.partial), ("out", owner.out)):
+                if base is None:
+                    continue
+                offset = view.data_ptr() - base.data_ptr()
+                row_bytes = base.stride(0) * base.element_size()
+                if 0 <= offset < base.numel() * base.element_size():
+                    if owner is not self:
+                        assert name == "partial", "a peer's output is never touched"
+                    first = offset // row_bytes
+                    return name, owner.rank, range(first, first + view.shape[0])
+        return "staging", self.rank, range(0)
+
+    # --- compute stream -----------------------------------------------------------------------
+    def gemm(self, a, b, out, accumulate):
+        self.compute_seq += 1
+        name, owner, rows = self._where(out)
+        if accumulate:
+            self._check_local_read(name, rows, reader="compute")
+        for row in rows:
+            if name == "partial":
+                self._check_overwrite(row, self.compute_floor, "GEMM")
+                self.rows[row].published = None
+                self.unpublished.append((self.compute_seq, row))
+            self.local_writer[(name, row)] = ("compute", self.compute_seq)
+        if accumulate:
+            out.add_(a @ b)
+        else:
+            out.copy_(a @ b)
+
+    def compute_copy(self, dst, src):
+        self.compute_seq += 1
+        name, owner, rows = self._where(src)
+        assert owner == self.rank
+        self._check_local_read(name, rows, reader="compute")
+        name, owner, rows = self._where(dst)
+        assert name == "out" and owner == self.rank
+        for row in rows:
+            self.local_writer[(name, row)] = ("compute", self.compute_seq)
+        dst.copy_(src)
+
+    def compute_token(self):
+        return self.compute_seq
+
+    def compute_wait(self, token):
+        seq, phase = token
+        self.compute_saw_comm = max(self.compute_saw_comm, seq)
+        self.compute_floor = max(self.compute_floor, phase)
+
+    # --- communication stream -----------------------------------------------------------------
+    def on_comm(self):
+        return contextlib.nullcontext()
+
+    def comm_token(self):
+        return self.comm_seq, self.comm_phase
+
+    def comm_wait(self, token):
+        self.comm_saw_compute = max(self.comm_saw_compute, token)
+
+    def barrier(self):
+        # Rows become readable by peers after this barrier if their writes are ordered before it.
+        ready = [row for seq, row in self.unpublished if seq <= self.comm_saw_compute]
+        self.unpublished = [(seq, row) for seq, row in self.unpublished if seq > self.comm_saw_compute]
+        for row in ready + self.comm_buffer_writes:
+            self.rows[row].published = self.comm_phase + 1
+        self.comm_buffer_writes = []
+        self.world.barrier.wait()
+        self.comm_phase += 1
+
+    def peer(self, rank):
+        return self.world.ranks[rank].partial
+
+    def copy(self, dst, src):
+        self._comm_op(dst, src, lambda: dst.copy_(src))
+
+    def add(self, dst, src):
+        self._comm_op(dst, src, lambda: dst.add_(src), reads_dst=True)
+
+    def _comm_op(self, dst, src, action, reads_dst=False):
+        self.comm_seq += 1
+        name, owner, rows = self._where(src)
+        if owner != self.rank:
+            for row in rows:
+                state = self.world.ranks[owner].rows[row]
+                if state.published is None or state.published > self.comm_phase:
+                    raise Race(f"rank {self.rank} reads rank {owner}'s row {row} at phase "
+                               f"{self.comm_phase}; it is published at {state.published}")
+                state.reads.append(self.comm_phase)
+        else:
+            self._check_local_read(name, rows, reader="comm")
+        name, owner, rows = self._where(dst)
+        assert owner == self.rank
+        if reads_dst:
+            self._check_local_read(name, rows, reader="comm")
+        for row in rows:
+            if name == "partial":
+                self._check_overwrite(row, self.comm_phase, "copy")
+                self.rows[row].published = None
+                self.comm_buffer_writes.append(row)
+            self.local_writer[(name, row)] = ("comm", self.comm_seq)
+        action()
+
+    # --- checks -------------------------------------------------------------------------------
+    def _check_overwrite(self, row, earliest_phase, what):
+        late = [phase for phase in self.rows[row].reads if phase >= earliest_phase]
+        if late:
+            raise Race(f"rank {self.rank}: {what} may overwrite row {row} from phase {earliest_phase} "
+                       f"while a peer reads it at phase {max(late)}")
+
+    def _check_local_read(self, name, rows, reader):
+        saw = self.compute_saw_comm if reader == "compute" else self.comm_saw_compute
+        for row in rows:
+            stream, seq = self.local_writer.get((name, row), (reader, 0))
+            if stream != reader and seq > saw:
+                raise Race(f"rank {self.rank}: the {reader} stream reads {name} row {row} written "
+                           f"by the {stream} stream without waiting for it")
+
+
+class SimulatedWorld:
+    def __init__(self, world: int, rows: int, cols: int, io=SimulatedRank):
+        self.barrier = threading.Barrier(world)
+        self.ranks = [io(rank, self, rows, cols) for rank in range(world)]
+
+    def call(self, inputs, b, chunks, scatter):
+        """One collective call on every rank (threads); the outputs, rank by rank."""
+        world = len(self.ranks)
+        outs, errors = [None] * world, []
+
+        def run(rank):
+            io = self.ranks[rank]
+            a = inputs[rank]
+            io.out = torch.full((a.shape[0] // world if scatter else a.shape[0], b.shape[1]),
+                                float("nan"), dtype=torch.float64)
+            try:
+                copy_engine_pipeline(io, a, b, io.out, rank, world, chunks, scatter)
+                io._check_local_read("out", range(io.out.shape[0]), reader="compute")
+                outs[rank] = io.out
+            except BaseException as err:  # noqa: BLE001  re-raised below, in the main thread
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        races = [err for err in errors if isinstance(err, Race)]
+        if races or errors:
+            raise (races or errors)[0]
+        return outs
+
+
+def _inputs(world, rows, k, cols, seed):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(rows, k, generator=gen, dtype=torch.float64) for _ in range(world)]
+    return inputs, torch.randn(k, cols, generator=gen, dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(world=st.integers(1, 4), block=st.integers(1, 6), extra=st.integers(0, 3),
+       cols=st.integers(1, 5), chunks=st.integers(1, 4), scatter=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_schedule_reduces_exactly_and_every_read_is_ordered(world, block, extra, cols, chunks, scatter,
+                                                            seed):
+    rows = block * world + (0 if scatter else min(extra, world - 1))
+    sim = SimulatedWorld(world, rows, cols)
+    for call in range(3):  # the symmetric buffers are reused: write-after-read across calls
+        inputs, b = _inputs(world, rows, 3, cols, seed + call)
+        outs = sim.call(inputs, b, chunks, scatter)
+        full = sum(a @ b for a in inputs)
+        if scatter:
+            for rank, out in enumerate(outs):
+                torch.testing.assert_close(out, full.chunk(world)[rank])
+        else:
+            torch.testing.assert_close(outs[0], full)
+            assert all(torch.equal(outs[0], out) for out in outs), "ranks disagree bitwise"
+
+
+def test_blocks_are_the_same_on_every_rank_and_cover_the_rows():
+    blocks = copy_engine_blocks(10, 3, 8)
+    assert [len(b) for b in blocks] == [3, 3, 3]   # chunks clamped to the smallest block (3 rows)
+    flat = [r for block in blocks for s, e in block for r in range(s, e)]
+    assert flat == list(range(10))
+    with pytest.raises(ValueError, match="cannot be split into 4 rank blocks"):
+        copy_engine_blocks(3, 4, 1)
+
+
+class _NoEvents(SimulatedRank):
+    """A runtime that forgets to make the communication stream wait for the GEMM's event."""
+
+    def comm_wait(self, token):
+        pass
+
+
+class _NoFinalBarrier(SimulatedRank):
+    """A runtime that drops the barrier at the end of each call."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    def barrier(self):
+        self.calls += 1
+        if self.calls % self.per_call:
+            super().barrier()
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_simulator_catches_a_missing_event(scatter):
+    inputs, b = _inputs(2, 8, 3, 4, 0)
+    with pytest.raises(Race, match="published at None"):
+        SimulatedWorld(2, 8, 4, io=_NoEvents).call(inputs, b, 2, scatter)
+
+
+def test_reduce_scatter_needs_its_final_barrier():
+    sim = SimulatedWorld(2, 8, 4, io=_NoFinalBarrier)
+    for rank in sim.ranks:
+        rank.per_call = 2 + 1   # (P - 1) * chunks phase-1 barriers + the final one
+    sim.call(*_inputs(2, 8, 3, 4, 0), 2, True)
+    with pytest.raises(Race, match="overwrite"):
+        sim.call(*_inputs(2, 8, 3, 4, 1), 2, True)
+
+
+def test_copy_engine_mode_is_refused_on_cpu_tensors():
+    import graphopt.ops.matmul_collectives  # noqa: F401
+    assert "copy_engine" in MODES
+    a, b = torch.randn(4, 3), torch.randn(3, 2)
+    with pytest.raises(ValueError, match="needs CUDA tensors; use mode='chunked'"):
+        torch.ops.graphopt.matmul_all_reduce(a, b, None, "unused", "copy_engine", 2, 0)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        torch.ops.graphopt.matmul_reduce_scatter(a, b, "unused", 2, 0, "copy_engine", 2, 0)
