@@ -6,21 +6,27 @@ One training step (forward + loss + backward) of the reference Llama at 7B dimen
   eager          PyTorch eager, nothing saved off the device (the baseline a user has)
   save_on_cpu    eager under torch.autograd.graph.save_on_cpu(pin_memory=True)
   compiled       graphopt, eager codegen, offload off (torch's min-cut partition)
+  planned        graphopt, eager codegen, memory_budget=1.0: graphopt's planner partition without
+                 offload (tells the partition's share of the overhead from the copies')
   offload        graphopt, eager codegen, offload_activations=True (joint plan + this pass)
   remat          graphopt, eager codegen, memory_budget = the activation peak offload reached
                  (graphopt's rematerialization planner only: remat at equal peak)
 
 Overheads are ratios of median step times measured in the same run: offload vs compiled (same
-code generator, offload off). Offloaded fraction = bytes the pass sent to the host / bytes of the
+code generator, offload off), taken from a paired phase where both compiled modules alternate
+step by step (``--pair-rounds``), so drift of the clock or the machine cancels; the separate
+medians are kept beside them. Offloaded fraction = bytes the pass sent to the host / bytes of the
 saved activations (the pass's own stats). Also written: a memory timeline of one step (allocator
 trace, offload vs compiled) and a transfer/compute overlap timeline (torch.profiler CUDA events).
+Results are rewritten after every sequence length, and what is left past ``--time-limit-s`` is
+skipped and listed, so a run cut short still leaves its numbers.
 
 Targets: S >= 64K: >= 50% of activation bytes off the device at <= 3% step-time overhead;
 S = 8K: >= 90% of what the transfer window hides (the model's hidden fraction) at <= 3% overhead;
 offload faster than remat at equal peak.
 
-    python bench/offload.py --out $OUT                 # GPU
-    python bench/offload.py --out /tmp/o --tiny        # CPU smoke run (tiny model)
+    python bench/offload.py --out $OUT                 # GPU: S = 8K, 64K, 32K, ~4 minutes on one H100
+    python bench/offload.py --out /tmp/o --smoke       # CPU smoke run (tiny model), under 2 minutes
 """
 
 from __future__ import annotations
@@ -50,11 +56,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seqs", default="8192,65536,32768")
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--time-limit-s", type=float, default=170.0,
+    parser.add_argument("--seqs", default="8192,65536,32768",
+                        help="sequence lengths in the order run (the longest gets the timelines)")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--iters-short", type=int, default=20,
+                        help="timed steps per variant at S <= 8192 (short steps, noisy ratios)")
+    parser.add_argument("--iters-save-on-cpu", type=int, default=2,
+                        help="timed steps of save_on_cpu (pins host memory every step: slow)")
+    parser.add_argument("--pair-rounds", type=int, default=10,
+                        help="alternating compiled / offload steps for the overhead (x2 at S <= 8192)")
+    parser.add_argument("--time-limit-s", type=float, default=420.0,
                         help="skip what is left (and say so) past this many seconds")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run with LlamaConfig.tiny")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="plan with the default device profile instead of one measured first")
+    parser.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
+                        help="CPU smoke run with LlamaConfig.tiny")
     parser.add_argument("--resummarize", metavar="JSON",
                         help="recompute summary and Markdown of an earlier run's offload.json into --out")
     return parser.parse_args(argv)
@@ -123,13 +139,24 @@ def offload_stats():
     return found
 
 
-def run_variant(name, model, tokens, targets, clock, iters, backend=None, context=None,
-                forward_only=False):
+def fresh_start(clock):
+    """Forget compiled graphs and offload pools; give cached device and pinned host memory back
+    (save_on_cpu and the pools pin tens of GiB at long S; the caching host allocator keeps them)."""
     torch._dynamo.reset()
     offload_ops.release_pools()
     gc.collect()
     if clock.cuda:
         torch.cuda.empty_cache()
+        memory = getattr(torch.accelerator, "memory", None)
+        empty_host_cache = getattr(memory, "empty_host_cache", None)  # absent in older torch
+        if empty_host_cache is not None:
+            empty_host_cache()
+
+
+def run_variant(name, model, tokens, targets, clock, iters, backend=None, context=None,
+                forward_only=False):
+    """Compile (when ``backend``), warm up and time ``iters`` steps of one variant."""
+    fresh_start(clock)
     clear_compile_summaries()
     module = model if backend is None else torch.compile(model, backend=backend, dynamic=False)
     begin = time.perf_counter()
@@ -139,15 +166,64 @@ def run_variant(name, model, tokens, targets, clock, iters, backend=None, contex
         print(f"  {name:12s} out of memory", flush=True)
         return {"oom": str(error).splitlines()[0], "median_s": float("nan"), "peak_bytes": 0,
                 "peak_over_base_bytes": 0}
-    if forward_only:  # the forward alone: the window the device -> host copies must fit in
+    if forward_only:
         result["forward_s"] = statistics.median(
             clock.time(lambda: llama_loss(module(tokens), targets)) for _ in range(iters))
+        # the compiled forward graph alone (the loss runs outside it): the window the device ->
+        # host copies must fit in, since the forward waits for them before it returns
+        result["forward_graph_s"] = statistics.median(clock.time(lambda: module(tokens))
+                                                      for _ in range(iters))
     result["wall_s"] = time.perf_counter() - begin
     if backend is not None:
         result["pass"] = offload_stats()
     print(f"  {name:12s} {result['median_s'] * 1e3:9.2f} ms  peak {result['peak_bytes'] / 2**30:7.2f} GiB "
           f"({result['wall_s']:.1f} s)", flush=True)
     return result
+
+
+def paired_steps(model, tokens, targets, clock, rounds, backends):
+    """Median step times of several compiled modules run alternately (ABAB.., then BABA..), so
+    slow drift of the machine hits each alike; both are compiled and warmed first."""
+    fresh_start(clock)
+    steps = {name: make_step(torch.compile(model, backend=backend, dynamic=False), tokens, targets)
+             for name, backend in backends.items()}
+    begin = time.perf_counter()
+    for step in steps.values():
+        step()
+        step()
+    clock.sync()
+    compiled_graphs = len(compile_summaries())
+    times = {name: [] for name in steps}
+    for index in range(rounds):
+        for name in (list(steps) if index % 2 == 0 else list(reversed(steps))):
+            times[name].append(clock.time(steps[name]))
+    result = {name: {"times_s": t, "median_s": statistics.median(t)} for name, t in times.items()}
+    result["recompiled"] = len(compile_summaries()) - compiled_graphs
+    result["wall_s"] = time.perf_counter() - begin
+    print("  paired       " + "  ".join(f"{name} {r['median_s'] * 1e3:.2f} ms" for name, r in result.items()
+                                       if isinstance(r, dict)) + f" ({result['wall_s']:.1f} s)", flush=True)
+    return result
+
+
+def measured_profile(device, folder):
+    """``graphopt calibrate`` on this GPU (GEMM, HBM and host-link figures), written beside the
+    results; the planners read it through ``config.device_profile``. None on CPU."""
+    if device.type != "cuda":
+        return None
+    from graphopt.analysis.calibrate import calibrate
+    profile, _ = calibrate()
+    path = os.path.abspath(os.path.join(folder, "device_profile.json"))
+    with open(path, "w") as handle:
+        json.dump(profile.to_json(), handle, indent=1)
+    print(f"device profile: {profile}", flush=True)
+    return path
+
+
+def _read_json(path):
+    if path is None:
+        return None
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def host_link_gbps(device):
@@ -317,15 +393,23 @@ def main(argv=None):
         seqs = [int(s) for s in args.seqs.split(",")]
     clock = Clock(device)
     link = host_link_gbps(device)
+    profile_path = measured_profile(device, args.out) if args.calibrate else None
+
+    def backend(**flags):  # every graphopt variant plans with the same (measured) device profile
+        return graphopt.backend(codegen="eager", device_profile=profile_path, **flags)
+
     results = {"host_link_gbps": link,"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "triton": _triton_version(), "layers": args.layers,
                "dim": cfg.dim, "heads": cfg.n_heads, "ffn": cfg.ffn_dim, "vocab": cfg.vocab_size,
                "dtype": str(dtype), "remat_baseline": "graphopt memory_budget (plan_rematerialization)",
-               "runs": {}, "skipped": []}
+               "device_profile": _read_json(profile_path), "runs": {}, "skipped": []}
     torch.manual_seed(0)
     model = Llama(cfg).to(device=device, dtype=dtype)
+    def past_limit():
+        return time.perf_counter() - started > args.time_limit_s
+
     for seq in seqs:
-        if time.perf_counter() - started > args.time_limit_s:
+        if past_limit():
             results["skipped"].append(f"S={seq}: time limit")
             continue
         print(f"S={seq}", flush=True)
@@ -333,33 +417,49 @@ def main(argv=None):
         targets = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
         run = results["runs"][str(seq)] = {}
         pin = device.type == "cuda"
-        run["eager"] = run_variant("eager", model, tokens, targets, clock, args.iters)
-        run["save_on_cpu"] = run_variant(
-            "save_on_cpu", model, tokens, targets, clock, args.iters,
-            context=lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))
-        run["compiled"] = run_variant("compiled", model, tokens, targets, clock, args.iters,
-                                      backend=graphopt.backend(codegen="eager"), forward_only=True)
-        run["offload"] = run_variant("offload", model, tokens, targets, clock, args.iters,
-                                     backend=graphopt.backend(codegen="eager", offload_activations=True))
-        if time.perf_counter() - started < args.time_limit_s:
+        iters = args.iters_short if seq <= 8192 and not args.tiny else args.iters
+        variants = [
+            ("eager", {}),
+            ("save_on_cpu", {"iters": args.iters_save_on_cpu,
+                             "context": lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin)}),
+            ("compiled", {"backend": backend(), "forward_only": True}),
+            ("planned", {"backend": backend(memory_budget=1.0)}),
+            ("offload", {"backend": backend(offload_activations=True)}),
+        ]
+        for name, options in variants:
+            if past_limit():
+                results["skipped"].append(f"S={seq}: {name} (time limit)")
+                continue
+            options = {"iters": iters, **options}
+            run[name] = run_variant(name, model, tokens, targets, clock, **options)
+        measured = {name for name, row in run.items() if isinstance(row, dict) and "times_s" in row}
+        if "offload" in measured and not past_limit():
             budget = max(1, run["offload"]["peak_over_base_bytes"]) if pin else 0.9
             run["remat_budget"] = budget
-            run["remat"] = run_variant("remat", model, tokens, targets, clock, args.iters,
-                                       backend=graphopt.backend(codegen="eager", memory_budget=budget))
-        else:
+            run["remat"] = run_variant("remat", model, tokens, targets, clock, iters,
+                                       backend=backend(memory_budget=budget))
+        elif "offload" in measured:
             results["skipped"].append(f"S={seq}: remat at equal peak (time limit)")
+        if {"offload", "compiled"} <= measured and not past_limit():
+            rounds = args.pair_rounds * (2 if seq <= 8192 and not args.tiny else 1)
+            run["paired"] = paired_steps(model, tokens, targets, clock, rounds, {
+                "compiled": backend(), "offload": backend(offload_activations=True)})
+        elif {"offload", "compiled"} <= measured:
+            results["skipped"].append(f"S={seq}: paired compiled / offload steps (time limit)")
+        results["total_wall_s"] = time.perf_counter() - started
+        write_results(results, args.out, quiet=True)  # a run cut short still leaves its numbers
     longest = max(results["runs"], key=int, default=None)
-    if longest is not None and device.type == "cuda":
+    if longest is not None and device.type == "cuda" and past_limit():
+        results["skipped"].append("memory and overlap timelines (time limit)")
+    elif longest is not None and device.type == "cuda":
         seq = int(longest)
         tokens = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
         targets = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
-        torch._dynamo.reset()
-        offload_ops.release_pools()
-        compiled = torch.compile(model, backend=graphopt.backend(codegen="eager"), dynamic=False)
+        fresh_start(clock)
+        compiled = torch.compile(model, backend=backend(), dynamic=False)
         plain_points = memory_timeline(make_step(compiled, tokens, targets), clock)
         torch._dynamo.reset()
-        offloaded = torch.compile(model, backend=graphopt.backend(codegen="eager", offload_activations=True),
-                                  dynamic=False)
+        offloaded = torch.compile(model, backend=backend(offload_activations=True), dynamic=False)
         off_step = make_step(offloaded, tokens, targets)
         off_points = memory_timeline(off_step, clock)
         with open(os.path.join(args.out, "offload_memory.svg"), "w") as handle:
@@ -373,13 +473,15 @@ def main(argv=None):
     write_results(results, args.out)
 
 
-def write_results(results, folder):
+def write_results(results, folder, quiet=False):
     results["summary"] = summarize(results)
-    with open(os.path.join(folder, "offload.json"), "w") as handle:
-        json.dump(results, handle, indent=1, default=str)
-    with open(os.path.join(folder, "offload.md"), "w") as handle:
-        handle.write(markdown(results))
-    print(markdown(results))
+    for name, text in (("offload.json", json.dumps(results, indent=1, default=str)),
+                       ("offload.md", markdown(results))):
+        with open(os.path.join(folder, name + ".tmp"), "w") as handle:
+            handle.write(text)
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+    if not quiet:
+        print(markdown(results))
 
 
 def summarize(results):
@@ -388,24 +490,40 @@ def summarize(results):
                            "offload_vs_remat_at_equal_peak": "< 1.0"}}
     rows = {}
     for seq, run in results["runs"].items():
+        if not all(isinstance(run.get(name), dict) and "times_s" in run[name]
+                   for name in ("offload", "compiled")):
+            continue  # cut short by the time limit (or out of memory)
         stats = run["offload"].get("pass", {})
         fraction = stats["offloaded_bytes"] / stats["activation_bytes"] if stats.get("activation_bytes") else 0.0
         planned = planner_saved_bytes(stats)
         plan = stats.get("remat_plan") or {}
+        separate = run["offload"]["median_s"] / run["compiled"]["median_s"] - 1
+        paired = run.get("paired")
         rows[seq] = {
             "planner_peak_without_offload_bytes": plan.get("min_cut_peak_bytes"),
             "planner_peak_with_offload_bytes": plan.get("planned_peak_bytes"),
             "offloaded_fraction": fraction,
             "planner_saved_bytes": planned,
             "offloaded_fraction_of_planner_saved": stats["offloaded_bytes"] / planned if planned else None,
-            "overhead_vs_compiled": run["offload"]["median_s"] / run["compiled"]["median_s"] - 1,
+            "overhead_vs_compiled": (paired["offload"]["median_s"] / paired["compiled"]["median_s"] - 1
+                                     if paired else separate),
+            "overhead_vs_compiled_separate_runs": separate,
             "hideable_fraction": hideable(results, run, stats),
-            "overhead_vs_eager": run["offload"]["median_s"] / run["eager"]["median_s"] - 1,
-            "save_on_cpu_overhead_vs_eager": run["save_on_cpu"]["median_s"] / run["eager"]["median_s"] - 1,
+            "model_exposed_offload_ms": (plan["exposed_offload_s"] * 1e3
+                                         if plan.get("exposed_offload_s") is not None else None),
             "peak_ratio_vs_compiled": _ratio(run["offload"]["peak_bytes"], run["compiled"]["peak_bytes"]),
-            "peak_ratio_save_on_cpu_vs_eager": _ratio(run["save_on_cpu"]["peak_bytes"], run["eager"]["peak_bytes"]),
         }
-        if "remat" in run:
+        if "planned" in run and "times_s" in run["planned"]:
+            rows[seq]["overhead_vs_planner_partition"] = run["offload"]["median_s"] / run["planned"]["median_s"] - 1
+            rows[seq]["planner_partition_vs_compiled"] = run["planned"]["median_s"] / run["compiled"]["median_s"] - 1
+        if "eager" in run and "times_s" in run["eager"]:
+            rows[seq]["overhead_vs_eager"] = run["offload"]["median_s"] / run["eager"]["median_s"] - 1
+            if "save_on_cpu" in run and "times_s" in run["save_on_cpu"]:
+                rows[seq]["save_on_cpu_overhead_vs_eager"] = (run["save_on_cpu"]["median_s"]
+                                                              / run["eager"]["median_s"] - 1)
+                rows[seq]["peak_ratio_save_on_cpu_vs_eager"] = _ratio(run["save_on_cpu"]["peak_bytes"],
+                                                                      run["eager"]["peak_bytes"])
+        if "remat" in run and "times_s" in run["remat"]:
             rows[seq]["offload_time_vs_remat"] = run["offload"]["median_s"] / run["remat"]["median_s"]
             rows[seq]["remat_peak_vs_offload_peak"] = _ratio(run["remat"]["peak_bytes"], run["offload"]["peak_bytes"])
     summary["per_seq"] = rows
@@ -426,20 +544,20 @@ def summarize(results):
 
 
 def planner_saved_bytes(stats):
-    """Bytes of the saved tensors the joint planner priced (kept or offloaded): its table.
-
-    The planner leaves out tensors saved through a view (their bytes count as the view's base),
-    so this is the part of the saved activations that offload was offered."""
+    """Bytes of the saved tensors the joint planner priced (kept or offloaded): its table, where a
+    saved view counts its base's bytes, once per base."""
     plan = stats.get("remat_plan") or {}
     return sum(row["bytes"] for row in plan.get("table", ()) if row["action"] in ("save", "offload"))
 
 
 def hideable(results, run, stats):
-    """The transfer window's limit: bytes the D2H link moves during the forward / activation bytes."""
+    """The transfer window's limit: bytes the D2H link moves during the forward graph / activation
+    bytes (runs before forward_graph_s was measured: the forward with the loss)."""
     link = results.get("host_link_gbps")
-    if not link or not stats.get("activation_bytes") or "forward_s" not in run["compiled"]:
+    window = run["compiled"].get("forward_graph_s", run["compiled"].get("forward_s"))
+    if not link or not stats.get("activation_bytes") or window is None:
         return None
-    return min(1.0, run["compiled"]["forward_s"] * link["d2h"] * 1e9 / stats["activation_bytes"])
+    return min(1.0, window * link["d2h"] * 1e9 / stats["activation_bytes"])
 
 
 def _ratio(a, b):
@@ -460,8 +578,8 @@ def markdown(results):
              "| --- | --- | --- | --- | --- |"]
     for seq, run in results["runs"].items():
         for name, row in run.items():
-            if not isinstance(row, dict):
-                continue
+            if not isinstance(row, dict) or "peak_bytes" not in row:
+                continue  # the paired phase has no peak of its own; see the summary
             stats = row.get("pass") or {}
             share = (f"{stats['offloaded_bytes'] / 2**30:.2f} / {stats['activation_bytes'] / 2**30:.2f} GiB"
                      if name == "offload" and stats.get("activation_bytes") else "")
@@ -493,21 +611,29 @@ def shortfalls(summary):
         if tag == "long" and fraction < TARGET_FRACTION_LONG and of_planned:
             notes.append(
                 f"- S={summary[seq_key]}: {fraction:.0%} of the saved bytes went to the host, short of "
-                f"{TARGET_FRACTION_LONG:.0%}. The joint planner offered offload only for "
-                f"{row['planner_saved_bytes'] / 2**30:.2f} GiB of the saved set (tensors saved through a "
-                "view -- q/k/v after RoPE, the w1/w3 outputs -- are not priced by "
-                f"plan_rematerialization.saved_tensors); of those it offloaded {of_planned:.0%}.")
+                f"{TARGET_FRACTION_LONG:.0%}. The joint planner priced "
+                f"{row['planner_saved_bytes'] / 2**30:.2f} GiB of saved allocations (views by their base) "
+                f"and offloaded {of_planned:.0%} of them: the rest is what its queue model says the "
+                "host link cannot move without a stall (D2H before the end of the forward, H2D before "
+                "each tensor's first backward use).")
         if tag == "8k" and summary.get("share_of_hideable_8k") is not None \
                 and summary["share_of_hideable_8k"] < TARGET_HIDDEN_SHARE_8K:
             notes.append(
                 f"- S={summary[seq_key]}: offloaded {fraction:.0%} of the saved bytes while the forward's "
                 f"D2H window could carry {row['hideable_fraction']:.0%} "
-                f"({summary['share_of_hideable_8k']:.0%} of it): same cause, the candidates were "
-                f"{of_planned:.0%} offloaded.")
+                f"({summary['share_of_hideable_8k']:.0%} of it; the planner offloaded {of_planned:.0%} of "
+                "what it priced). That bound counts only the forward: the tensors produced last (the "
+                "last layer's MLP and attention inputs) are the first the backward reads, so their "
+                "reload window is short and they stay on the device.")
         overhead = summary.get(f"overhead_{tag}")
         if overhead is not None and overhead > TARGET_OVERHEAD:
+            split = ""
+            if row.get("overhead_vs_planner_partition") is not None:
+                split = (f"; of it, graphopt's partition vs torch's min-cut: "
+                         f"{row['planner_partition_vs_compiled']:+.1%}, the copies on that partition: "
+                         f"{row['overhead_vs_planner_partition']:+.1%} (separate runs)")
             notes.append(f"- S={summary[seq_key]}: overhead {overhead:.1%} vs the {TARGET_OVERHEAD:.0%} target "
-                         "(median of the measured steps; see times_s in the JSON).")
+                         f"(median of alternating steps; see runs.*.paired in the JSON){split}.")
     for seq, row in summary.get("per_seq", {}).items():
         ratio = row.get("offload_time_vs_remat")
         if ratio is not None and ratio >= 1.0:

@@ -21,7 +21,7 @@ class SavedTensor:
     """One tensor the forward saves for the backward, as the planners see it."""
 
     name: str                       # node name in the joint graph (= forward output / backward placeholder)
-    nbytes: int
+    nbytes: int                     # bytes of its elements: what an offload copies
     shape: tuple
     dtype: torch.dtype
     fw_index: int                   # position in the forward schedule where it is produced
@@ -29,6 +29,13 @@ class SavedTensor:
     fw_time_after_s: float          # estimated forward compute time after it is produced
     bw_time_before_s: float         # estimated backward compute time before its first use
     recompute_time_s: float | None  # None if it cannot be recomputed
+    # Device bytes freed once it leaves the device: the allocation it holds (a view's base, all of
+    # it) when nothing else keeps that alive. None: ``nbytes``.
+    device_nbytes: int | None = None
+
+    @property
+    def freed_nbytes(self) -> int:
+        return self.nbytes if self.device_nbytes is None else self.device_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +145,12 @@ def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> lis
         inputs = tuple(key_of.get(i.name, f"in:{i.name}") for i in node.all_input_nodes)
         value = node.meta.get("val")
         parent = tuple_parent(node)
-        if isinstance(value, (tuple, list)):
+        base = aliased_input(node)
+        if base is not None and inputs and not is_view(node):  # an output of split, unbind, ...
+            steps.append(Step(key, 0, key_of.get(base.name, f"in:{base.name}"), inputs))
+        elif isinstance(value, (tuple, list)) and is_view(node):
+            steps.append(Step(key, 0, inputs[0], inputs) if inputs else Step(key, 0, key, ()))
+        elif isinstance(value, (tuple, list)):
             steps.append(Step(key, 0, key, inputs, tuple(tensor_nbytes(v) for v in value),
                               workspace_bytes(node)))
         elif parent is not None and parent.name in key_of:
@@ -148,6 +160,19 @@ def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> lis
         else:
             steps.append(Step(key, tensor_nbytes(value), key, inputs, workspace=workspace_bytes(node)))
     return steps
+
+
+def aliased_input(node: fx.Node) -> fx.Node | None:
+    """The input whose memory ``node``'s value lives in: a view's base, and for an output of a
+    view op with several outputs (split, unbind, chunk) that op's base; None if it allocates."""
+    if node.op != "call_function":
+        return None
+    parent = tuple_parent(node)
+    if parent is not None:
+        return aliased_input(parent) if is_view(parent) else None
+    if is_view(node) and node.all_input_nodes:
+        return node.all_input_nodes[0]
+    return None
 
 
 def tuple_parent(node: fx.Node) -> fx.Node | None:

@@ -110,6 +110,9 @@ def _fraction(window_bytes: float, nbytes: int) -> float:
 def offload_options(saved: Sequence, profile: DeviceProfile, config=None) -> dict[str, list[OffloadOption]]:
     """Offload choices per saved tensor, priced by the shared D2H / H2D queues.
 
+    An option moves ``alpha * nbytes`` (the tensor's elements) and frees its device allocation
+    (``freed_nbytes``: a view's base) less the kept part.
+
     Each tensor gets its hidden fraction (exposed time ~0) and the fractions of ``OPTION_ALPHAS``
     above it, each with the stall it adds when every other tensor offloads its hidden fraction.
     Options needing more host memory than ``config.offload_host_capacity`` are left out."""
@@ -127,7 +130,9 @@ def offload_options(saved: Sequence, profile: DeviceProfile, config=None) -> dic
                 continue
             forward, backward = queue_stall_s(saved, {**hidden, tensor.name: alpha}, profile)
             exposed = max(0.0, forward - base_forward) + max(0.0, backward - base_backward)
-            choices.append(OffloadOption(alpha, nbytes, nbytes, exposed))
+            # the kept part is a fresh tensor; the rest of the allocation (a view's whole base) goes
+            freed = max(0, tensor.freed_nbytes - (tensor.nbytes - nbytes))
+            choices.append(OffloadOption(alpha, freed, nbytes, exposed))
         options[tensor.name] = choices
     return options
 

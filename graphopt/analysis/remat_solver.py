@@ -6,8 +6,10 @@ Two stages, both deterministic (every loop walks the joint graph's order; no tim
    recomputed -- a minimum s-t cut in networkx over the forward nodes (capacity = bytes), with
    expensive and non-recomputable nodes tied to the source and every node the backward reads
    tied to the sink. This is the plan a budget of 1.0 gives.
-2. ``plan_under_budget``: each saved tensor of that plan is a candidate with options (keep,
-   recompute from the nearest saved tensors, offload a fraction to host). An exact
+2. ``plan_under_budget``: each allocation the saved tensors of that plan hold is a candidate
+   with options (keep, recompute from the nearest saved tensors, offload a fraction to host) --
+   a saved view is priced by its base's bytes, and saved tensors sharing an allocation are
+   decided together, since only dropping all of them frees it. An exact
    multiple-choice knapsack DP over bytes freed (bucketed) gives, for every reduction level, the
    cheapest set of options under an additive model. Every member of that budget-independent
    family is then scored with the liveness simulation of the real schedule (forward, then backward
@@ -84,6 +86,36 @@ class JointGraph:
         needed |= {o for o in self.bw_outputs if self.is_forward(o)}
         return [n for n in self.order if n in needed]
 
+    def storage_root(self, name: str) -> str:
+        """The node whose allocation ``name``'s value lives in (``name`` itself unless a view)."""
+        while name in self.view_of:
+            name = self.view_of[name]
+        return name
+
+    def storage_nbytes(self, name: str) -> int:
+        """Bytes of the allocation ``name`` lives in; 0 for graph inputs, which are never freed."""
+        root = self.storage_root(name)
+        return 0 if self.role[root] == "primal" else self.nbytes[root]
+
+    def freeable_groups(self, saved: Iterable[str]) -> dict[str, list[str]]:
+        """Saved forward tensors by the allocation they hold (its root node), for allocations that
+        dropping every member frees: not graph inputs, not held by a forward output. A saved view
+        frees its base's bytes; several saved tensors in one allocation free them only together."""
+        held = {self.storage_root(n) for n in self.fw_outputs if n in self.role}
+        groups: dict[str, list[str]] = {}
+        for name in saved:
+            if self.role[name] != "fw" or name in self.symbolic:
+                continue
+            root = self.storage_root(name)
+            if self.role[root] != "primal" and root not in held:
+                groups.setdefault(root, []).append(name)
+        return groups
+
+    def saved_storage_bytes(self, saved: Iterable[str]) -> int:
+        """Device bytes a saved set holds: each forward allocation once, views through their base."""
+        roots = {self.storage_root(n) for n in saved if self.role[n] == "fw" and n not in self.symbolic}
+        return sum(self.nbytes[r] for r in roots if self.role[r] != "primal")
+
 
 @dataclasses.dataclass(frozen=True)
 class Option:
@@ -101,16 +133,25 @@ KEEP = Option("keep", 0, 0.0)
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
+    """Saved tensors that share one allocation, decided together (a view frees its base only
+    with every other saved tensor in that base). ``name`` is the first member; ``nbytes`` the
+    allocation's bytes."""
+
     name: str
     nbytes: int
     options: tuple[Option, ...]  # options[0] is always KEEP
+    members: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.members or (self.name,)
 
 
 @dataclasses.dataclass
 class Plan:
     saved: list[str]                 # forward nodes the backward receives, forward order
     recomputed: list[str]            # forward nodes recomputed in backward, forward order
-    offloaded: dict[str, float]      # saved node -> fraction offloaded to host
+    offloaded: dict[str, float]      # saved node -> fraction offloaded to host (every group member)
     timeline: Timeline
     recompute_time_s: float          # all recomputation in backward (cheap min-cut part included)
     exposed_offload_s: float
@@ -231,13 +272,18 @@ def backward_order(graph: JointGraph, recomputed: Iterable[str]) -> list[str]:
 
 
 def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
-               offloaded: dict[str, int] | None = None) -> tuple[list[Step], set[str], int]:
+               offloaded: dict[str, float] | None = None) -> tuple[list[Step], set[str], int]:
     """Steps of forward then backward, the keys that stay live to the end, and the boundary.
 
-    ``offloaded`` maps saved tensors to the device bytes an offload frees: marker steps "o:x"
-    (after the last forward reader) and "r:x" (before the first backward reader) bound the interval
-    in which those bytes are on the host; ``_with_offloads`` subtracts them there."""
+    ``offloaded`` maps saved tensors to the fraction alpha sent to the host. Its copy is modelled
+    as the runtime does it: after the tensor's last forward reader, "o:x" allocates the kept part
+    ((1 - alpha) of x's elements, a fresh tensor) and is x's last reader, so x's allocation is
+    freed unless something else still lives in it; before the first backward reader, "r:x"
+    allocates all of x's elements (a fresh dense tensor, views included) from the kept part, and
+    the backward reads "r:x"."""
     offloaded = offloaded or {}
+    kept = {n: graph.logical_bytes[n] - int(alpha * graph.logical_bytes[n])
+            for n, alpha in offloaded.items()}
     steps: list[Step] = []
     forward = [n for n in graph.order if graph.role[n] == "fw"]
     last_fw_reader: dict[str, str] = {}
@@ -248,7 +294,7 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
         steps.append(_step(graph, name, "f:", lambda i: f"f:{i}"))
         for source in offloaded:
             if last_fw_reader.get(source, source) == name:
-                steps.append(Step(f"o:{source}", 0, f"f:{source}", (f"f:{source}",)))
+                steps.append(Step(f"o:{source}", kept[source], f"o:{source}", (f"f:{source}",)))
     boundary = len(steps)
     for name in graph.order:
         if graph.role[name] == "tangent":
@@ -261,18 +307,21 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
             return f"b:{source}"
         if graph.role[source] == "tangent":
             return f"t:{source}"
+        if source in offloaded:
+            return f"r:{source}" if source in reloaded else f"o:{source}"
         return f"f:{source}"
 
     for name in backward_order(graph, recomputed):
         for source in graph.inputs[name]:
             if source in offloaded and source not in reloaded:
+                steps.append(Step(f"r:{source}", graph.logical_bytes[source], f"r:{source}",
+                                  (f"o:{source}",)))
                 reloaded.add(source)
-                steps.append(Step(f"r:{source}", 0, f"f:{source}", (f"f:{source}",)))
         steps.append(_step(graph, name, "b:", key))
     pinned = {f"f:{n}" for n in graph.fw_outputs if graph.role.get(n) == "fw"}
     pinned |= {key(n) for n in graph.bw_outputs if n in graph.role and graph.role[n] != "primal"}
-    if graph.hold_backward_inputs:
-        pinned |= {f"f:{n}" for n in saved if graph.role[n] == "fw"}
+    if graph.hold_backward_inputs:  # the backward's inputs: kept parts of offloaded tensors
+        pinned |= {f"o:{n}" if n in offloaded else f"f:{n}" for n in saved if graph.role[n] == "fw"}
         pinned |= {f"t:{n}" for n in graph.order if graph.role[n] == "tangent"}
     return steps, pinned, boundary
 
@@ -295,78 +344,65 @@ def _step(graph: JointGraph, name: str, prefix: str, key) -> Step:
 
 
 def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Option] | None = None,
-             budget: int = 0, choices: dict[str, Option] | None = None) -> Plan:
-    """The plan that saves ``saved`` (plus what correctness forces), simulated."""
+             budget: int = 0, choices: dict[str, Option] | None = None,
+             groups: dict[str, tuple[str, ...]] | None = None) -> Plan:
+    """The plan that saves ``saved`` (plus what correctness forces), simulated.
+
+    ``offloaded`` maps a candidate to its offload option; ``groups`` names the saved tensors a
+    candidate stands for (itself when absent): each of them is offloaded with the option's alpha."""
     offloaded = offloaded or {}
+    groups = groups or {}
     saved, recomputed = recompute_closure(graph, saved)
-    live_offloads = {n: o for n, o in offloaded.items() if n in saved}
-    steps, pinned, boundary = plan_steps(
-        graph, saved, recomputed, {n: _offload_bytes(graph, n, o) for n, o in live_offloads.items()})
+    saved_set = set(saved)
+    live_offloads = {n: o for n, o in offloaded.items()
+                     if all(m in saved_set for m in groups.get(n, (n,)))}
+    alphas = {m: o.alpha for n, o in live_offloads.items() for m in groups.get(n, (n,))}
+    steps, pinned, boundary = plan_steps(graph, saved, recomputed, alphas)
     timeline = simulate(steps, pinned, boundary=boundary)
-    if live_offloads:
-        timeline = _with_offloads(timeline, steps, graph, live_offloads)
-    return Plan(saved=saved, recomputed=recomputed,
-                offloaded={n: o.alpha for n, o in live_offloads.items()}, timeline=timeline,
+    return Plan(saved=saved, recomputed=recomputed, offloaded=alphas, timeline=timeline,
                 recompute_time_s=sum(graph.time_s[n] for n in recomputed),
                 exposed_offload_s=sum(o.cost_s for o in live_offloads.values()),
                 budget=budget, feasible=timeline.peak <= budget, choices=dict(choices or {}))
-
-
-def _offload_bytes(graph: JointGraph, name: str, option: Option) -> int:
-    return min(option.bytes_freed, graph.nbytes[name])
-
-
-def _with_offloads(timeline: Timeline, steps: list[Step], graph: JointGraph,
-                   offloaded: dict[str, Option]) -> Timeline:
-    """Subtract offloaded bytes while they are on the host: from the offload step ("o:x") to
-    the reload step ("r:x"), which ``plan_steps`` placed around the host interval."""
-    position = {step.key: i for i, step in enumerate(steps)}
-    adjusted = list(timeline.live_bytes)
-    for name, option in offloaded.items():
-        start = position.get(f"o:{name}", position.get(f"f:{name}", 0))
-        end = position.get(f"r:{name}", len(steps))
-        freed = _offload_bytes(graph, name, option)
-        for i in range(start, end):
-            adjusted[i] -= freed
-    return Timeline(timeline.labels, adjusted, timeline.boundary)
 
 
 # --- stage 2: the choice under the budget -----------------------------------------------------------
 
 def candidates(graph: JointGraph, base_saved: list[str],
                offload_options: dict[str, list[Option]] | None = None) -> list[Candidate]:
-    """Every saved tensor of the base plan that can be freed, with its options."""
+    """Every allocation the base plan's saved tensors hold that dropping them frees, with its
+    options: keep, recompute every member, or offload (``offload_options`` keyed by the group's
+    first member). A saved view is priced by its base's bytes, each allocation once."""
     offload_options = offload_options or {}
-    base_set = set(base_saved)
     _, base_recomputed = recompute_closure(graph, base_saved)
-    available = base_set | set(base_recomputed)
+    available = set(base_saved) | set(base_recomputed)
     result = []
-    for name in base_saved:
-        if graph.role[name] != "fw" or name in graph.symbolic:
-            continue
-        freed = graph.nbytes[name]
+    for root, members in graph.freeable_groups(base_saved).items():
+        freed = graph.storage_nbytes(root)
         options = [KEEP]
-        if graph.recomputable[name]:
-            chain, extra = recompute_chain(graph, name, available)
+        if all(graph.recomputable[m] for m in members):
+            chain, extra = recompute_chain(graph, members, available)
             options.append(Option("recompute", max(freed - extra, 0),
                                   sum(graph.time_s[n] for n in chain)))
-        options += offload_options.get(name, [])
+        options += offload_options.get(members[0], [])
         if len(options) > 1 and freed > 0:
-            result.append(Candidate(name, freed, tuple(options)))
+            result.append(Candidate(members[0], freed, tuple(options), tuple(members)))
     return result
 
 
-def recompute_chain(graph: JointGraph, name: str, available: set[str]) -> tuple[list[str], int]:
-    """Nodes recomputed to rebuild ``name`` when everything in ``available`` is at hand, and the
-    bytes of values that cannot be recomputed on the way (they must then be saved)."""
-    chain, extra, stack, seen = [], 0, [name], set()
+def recompute_chain(graph: JointGraph, names: str | Iterable[str],
+                    available: set[str]) -> tuple[list[str], int]:
+    """Nodes recomputed to rebuild ``names`` (one node or several) when everything in
+    ``available`` is at hand, and the bytes of values that cannot be recomputed on the way (they
+    must then be saved)."""
+    targets = {names} if isinstance(names, str) else set(names)
+    chain, extra, stack, seen = [], 0, sorted(targets, key=graph.position.__getitem__), set()
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node != name and (node in available or graph.role[node] == "primal"
-                             or node in graph.symbolic):
+        if node not in targets and (node in available or graph.role[node] == "primal"
+                                    or node in graph.symbolic):
             continue
         if not graph.recomputable[node]:
             extra += graph.nbytes[node]
@@ -427,19 +463,20 @@ def plan_under_budget(graph: JointGraph, budget: int, base_saved: list[str],
     families = [knapsack_family(items, buckets)]
     kinds = sorted({o.kind for c in items for o in c.options[1:]})
     for kind in kinds if len(kinds) > 1 else ():
-        only = [Candidate(c.name, c.nbytes, (KEEP, *[o for o in c.options[1:] if o.kind == kind]))
+        only = [dataclasses.replace(c, options=(KEEP, *[o for o in c.options[1:] if o.kind == kind]))
                 for c in items]
         families.append(knapsack_family([c for c in only if len(c.options) > 1], buckets))
+    groups = {c.name: c.names for c in items}
     scored, seen = [], set()
     for choice in (choice for family in families for choice in family):
         key = tuple(sorted((n, o.kind, o.alpha) for n, o in choice.items()))
         if key in seen:
             continue
         seen.add(key)
-        freed = {n for n, o in choice.items() if o.kind == "recompute"}
+        freed = {m for n, o in choice.items() if o.kind == "recompute" for m in groups[n]}
         offloads = {n: o for n, o in choice.items() if o.kind == "offload"}
         saved = [n for n in base_saved if n not in freed]
-        scored.append(evaluate(graph, saved, offloads, budget, choice))
+        scored.append(evaluate(graph, saved, offloads, budget, choice, groups))
     fitting = [p for p in scored if p.feasible]
     if fitting:
         return min(fitting, key=lambda p: p.cost_s), scored

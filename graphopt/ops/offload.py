@@ -5,9 +5,11 @@ range of one pinned host buffer, the *pool*. The pool is allocated once, at the 
 size the plan asked for, and reused by every later step, so offload never allocates pinned memory
 per step and never fragments it.
 
-An activation ``x`` (dense memory of ``numel`` elements, in memory order) is split along its
-outermost memory dimension -- the token dimension of ``[B, S, ...]`` activations: the first
-``kept_numel`` elements stay on the device, the rest go to the host.
+An activation ``x`` is laid out as the plan's ``stride`` says (its own strides when its memory
+is dense; a view with gaps is first copied into that packed layout on the device) and, as
+``numel`` elements in memory order, split along its outermost memory dimension -- the token
+dimension of ``[B, S, ...]`` activations: the first ``kept_numel`` elements stay on the device,
+the rest go to the host. The reload comes back dense, in that layout.
 
 Forward (the compute stream never waits on the host)::
 
@@ -83,6 +85,9 @@ class _Slot:
     offload_event: object = None          # torch.cuda.Event of the last device -> host copy
     reload_event: object = None           # torch.cuda.Event of the last host -> device copy
     reloaded: Optional[Tensor] = None     # flat device memory between reload and reload_wait
+    # x copied into the planned layout (when its own is another): the side stream reads it, so it
+    # lives until offload_wait has ordered the compute stream after the copy
+    staged: Optional[Tensor] = None
 
 
 _POOLS: dict[str, HostPool] = {}
@@ -173,11 +178,18 @@ def _(x, pool, pool_nbytes, offset, kept_numel, stride):
     return x.new_empty(0)
 
 
+def _stage(slot: _Slot, x: Tensor, stride: list[int]) -> Tensor:
+    """x in the planned layout; a copy, when one is needed, is kept in the slot for offload_wait."""
+    staged = _planned_layout(x, stride)
+    slot.staged = staged if staged is not x else None
+    return staged
+
+
 @offload.register_kernel("cpu")
 def _(x, pool, pool_nbytes, offset, kept_numel, stride):
     slot = _slot(pool, offset)
     _claim(slot, pool, offset)
-    tail = _flat(_planned_layout(x, stride))[kept_numel:]
+    tail = _flat(_stage(slot, x, stride))[kept_numel:]
     _pool(pool, pool_nbytes).slot(offset, tail.numel(), x.dtype).copy_(tail)
     return x.new_empty(0)
 
@@ -186,7 +198,7 @@ def _(x, pool, pool_nbytes, offset, kept_numel, stride):
 def _(x, pool, pool_nbytes, offset, kept_numel, stride):
     slot = _slot(pool, offset)
     _claim(slot, pool, offset)
-    tail = _flat(_planned_layout(x, stride))[kept_numel:]
+    tail = _flat(_stage(slot, x, stride))[kept_numel:]
     host = _pool(pool, pool_nbytes).slot(offset, tail.numel(), x.dtype)
     d2h, _ = _streams(x.device)
     d2h.wait_stream(torch.cuda.current_stream(x.device))
@@ -213,8 +225,10 @@ def _(ticket, x, pool, offset, kept_numel, stride):
 
 
 def _keep_head(x: Tensor, pool: str, offset: int, kept_numel: int, stride) -> Tensor:
-    kept = _flat(_planned_layout(x, stride))[:kept_numel].clone()
-    _slot(pool, offset).owner = weakref.ref(kept)
+    slot = _slot(pool, offset)
+    staged, slot.staged = slot.staged, None
+    kept = _flat(staged if staged is not None else _planned_layout(x, stride))[:kept_numel].clone()
+    slot.owner = weakref.ref(kept)
     return kept
 
 

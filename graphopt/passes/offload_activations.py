@@ -38,10 +38,15 @@ planned here, the pool allocated once and reused every step, within
 per graph, each within the capacity). Reloaded device memory is allocated on the compute stream at
 the reload point, so the caching allocator hands the same blocks back every step.
 
+Saved views are offloaded like any tensor: the copy moves the view's elements, in its own
+strides when its memory is dense, else packed in the same order of dimensions (the reload comes
+back in that layout), and the base's memory goes once no output holds it. Saved tensors sharing
+one base are offloaded together or not at all.
+
 Refused (left in device memory, with a reason): names the forward does not save; tensors whose
-memory stays alive anyway (views of graph inputs, memory shared with another output or saved
-tensor); tensors with symbolic sizes or memory that is not dense; fractions below one token row;
-tensors beyond the host capacity. Under Inductor the backward's placeholders must be rewritten
+memory stays alive anyway (views of graph inputs, memory a forward output holds, a base also
+saved through a tensor the plan keeps); tensors with symbolic sizes; fractions below one token
+row; tensors beyond the host capacity. Under Inductor the backward's placeholders must be rewritten
 before AOTAutograd lowers the backward, so the forward stage needs the backward graph
 (``ctx.shared["backward_graph"]``, put there by the partitioner); without it the pass refuses.
 If the backward's placeholders do not match what the forward rewrote, the pass raises: the
@@ -52,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
 from typing import Any
 
 import torch
@@ -62,7 +66,7 @@ from graphopt import _compat
 from graphopt.analysis import offload_model
 from graphopt.analysis.cost_model import graph_times, is_view
 from graphopt.analysis.device_profile import current_profile
-from graphopt.analysis.liveness import SavedTensor
+from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
 from graphopt.ops import offload as offload_ops
 from graphopt.passes.manager import PassContext, PassResult
 
@@ -174,7 +178,9 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                             list(slot.stride)))
         kept.meta["val"] = node.meta["val"].new_empty(slot.kept_numel)
         outputs[candidates[name].position] = kept
-        original_vals[name] = node.meta["val"]
+        val = node.meta["val"]  # what the backward reads: the reload comes back in the slot's layout
+        original_vals[name] = (val if tuple(val.stride()) == slot.stride
+                               else val.new_empty_strided(slot.shape, slot.stride))
         kept_vals[name] = kept.meta["val"]
     output.args = (tuple(outputs),) + tuple(output.args[1:])
     rewrite = ForwardRewrite(pool, pool_nbytes, saved_order, slots, original_vals, kept_vals)
@@ -218,19 +224,23 @@ def _saved_positions(gm: fx.GraphModule, outputs: list, plan: dict | None) -> li
 class _Candidate:
     node: fx.Node
     position: int          # index among the forward's outputs
-    nbytes: int
+    nbytes: int            # bytes of its elements (what the copy moves)
     last_forward_use: int  # graph index of the last forward node that reads its memory
+    root: fx.Node          # the node that allocated its memory (itself unless a view)
+    stride: tuple[int, ...]  # the dense layout its elements are copied in (see _offload_strides)
 
 
 def _offloadable(gm: fx.GraphModule, outputs: list, saved_positions: list[int],
                  refusals: list[str]) -> dict[str, _Candidate]:
-    """Saved activations whose device memory is freed when the forward stops holding them."""
+    """Saved activations whose device memory is freed when the forward stops holding them.
+
+    A saved view qualifies: its elements are copied, and its base's memory is freed once no
+    output holds the base any more -- so saved tensors sharing a base are offloaded together or
+    not at all (``_whole_groups``)."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    roots_of_outputs: dict[fx.Node, int] = {}
-    for value in outputs:
-        if isinstance(value, fx.Node):
-            root = _alias_root(value)
-            roots_of_outputs[root] = roots_of_outputs.get(root, 0) + 1
+    saved = set(saved_positions)
+    held = {_alias_root(value) for i, value in enumerate(outputs)
+            if isinstance(value, fx.Node) and i not in saved}
     candidates = {}
     inputs = []
     for position in saved_positions:
@@ -238,18 +248,24 @@ def _offloadable(gm: fx.GraphModule, outputs: list, saved_positions: list[int],
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue  # a saved SymInt
-        if _alias_root(node).op != "call_function":
+        root = _alias_root(node)
+        if root.op != "call_function":
             inputs.append(node.name)
             continue
-        reason = _why_not_offloadable(node, val, roots_of_outputs)
+        reason = _why_not_offloadable(val, root, held)
         if reason:
             refusals.append(f"{node.name}: {reason}")
+            held.add(root)  # what shares this memory with it cannot free it either
             continue
-        family = _alias_family(_alias_root(node))
+        family = _alias_family(root)
         last_use = max((order[user] for member in family for user in member.users
                         if user.op != "output"), default=order[node])
         candidates[node.name] = _Candidate(node, position, val.numel() * val.element_size(),
-                                           max(last_use, order[node]))
+                                           max(last_use, order[node]), root, _offload_strides(val))
+    for name in [n for n, c in candidates.items() if c.root in held]:
+        refusals.append(f"{name}: its memory ({candidates[name].root.name}) stays on the device "
+                        "through another saved tensor that cannot be offloaded")
+        del candidates[name]
     if inputs:
         refusals.append(f"{len(inputs)} saved tensors are graph inputs (parameters, user inputs) or "
                         f"their views, which stay alive anyway: {', '.join(inputs[:4])}"
@@ -257,27 +273,41 @@ def _offloadable(gm: fx.GraphModule, outputs: list, saved_positions: list[int],
     return candidates
 
 
-def _why_not_offloadable(node: fx.Node, val: torch.Tensor, roots_of_outputs: dict) -> str | None:
-    root = _alias_root(node)
-    if roots_of_outputs.get(root, 0) > 1:
-        return (f"its memory ({root.name}) is also returned or saved through another output; "
-                "offloading one of them frees nothing")
+def _why_not_offloadable(val: torch.Tensor, root: fx.Node, held: set[fx.Node]) -> str | None:
+    if root in held:
+        return (f"its memory ({root.name}) is also a forward output the caller holds; offloading it "
+                "frees nothing")
     if any(_compat.is_symbolic(s) for s in (*val.shape, *val.stride(), val.storage_offset())):
         return "symbolic size; the offload pool plans static slots (mark the dimension static)"
     if val.numel() == 0:
         return "empty"
-    root_val = root.meta.get("val")
-    if (not isinstance(root_val, torch.Tensor) or root_val.numel() != val.numel()
-            or val.storage_offset() != 0 or not _is_dense(val)):
-        return "it covers only part of its memory or is not dense; offloading it would free nothing"
     return None
 
 
+def _whole_groups(plan: dict[str, float], candidates: dict[str, _Candidate],
+                  refusals: list[str]) -> dict[str, float]:
+    """The plan without offloads that free nothing: saved tensors sharing a base with a saved
+    tensor the plan keeps on the device (the base stays alive through it)."""
+    members: dict[fx.Node, list[str]] = {}
+    for name, candidate in candidates.items():
+        members.setdefault(candidate.root, []).append(name)
+    result = dict(plan)
+    for root, names in members.items():
+        kept = [n for n in names if float(plan.get(n, 0.0)) <= 0]
+        offloaded = [n for n in names if float(plan.get(n, 0.0)) > 0]
+        if kept and offloaded:
+            for name in offloaded:
+                refusals.append(f"{name}: its memory ({root.name}) is also saved through {kept[0]}, "
+                                "which the plan keeps on the device; offloading it alone frees nothing")
+                del result[name]
+    return result
+
+
 def _alias_root(node: fx.Node) -> fx.Node:
-    """The node that allocated ``node``'s memory (through views; getitem picks a distinct tensor)."""
-    while (node.op == "call_function" and node.target is not operator.getitem and is_view(node)
-           and node.args and isinstance(node.args[0], fx.Node)):
-        node = node.args[0]
+    """The node that allocated ``node``'s memory (through views and the outputs of split-like ops;
+    a getitem of any other op picks a tensor it allocated)."""
+    while (base := aliased_input(node)) is not None:
+        node = base
     return node
 
 
@@ -286,8 +316,8 @@ def _alias_family(root: fx.Node) -> list[fx.Node]:
     while stack:
         node = stack.pop()
         family.append(node)
-        stack.extend(u for u in node.users if u.op == "call_function" and u.target is not operator.getitem
-                     and is_view(u) and u.args and u.args[0] is node)
+        stack.extend(u for u in node.users if u.op == "call_function" and u not in family
+                     and (aliased_input(u) is node or (is_view(node) and tuple_parent(u) is node)))
     return family
 
 
@@ -301,13 +331,28 @@ def _is_dense(val: torch.Tensor) -> bool:
     return True
 
 
-def _row_numel(val: torch.Tensor) -> tuple[int, int]:
+def _offload_strides(val: torch.Tensor) -> tuple[int, ...]:
+    """The dense layout ``val``'s elements travel and come back in: its own strides when its memory
+    is dense (no copy on the device), else packed in the same order of dimensions (a view with
+    gaps, or a slice of its base). Views the backward takes of it stay valid: dimensions adjacent
+    in memory stay adjacent."""
+    if _is_dense(val):
+        return tuple(int(s) for s in val.stride())
+    inner_first = sorted(range(val.dim()), key=lambda d: (val.stride()[d], -d))
+    strides, expected = [0] * val.dim(), 1
+    for d in inner_first:
+        strides[d] = expected
+        expected *= int(val.shape[d])
+    return tuple(strides)
+
+
+def _row_numel(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int]:
     """(rows, elements per row) along the outermost memory dimension (the token dim of [B, S, ...])."""
-    dims = [d for d in range(val.dim()) if val.shape[d] != 1]
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
     if not dims:
         return 1, 1
-    outer = max(dims, key=lambda d: val.stride()[d])
-    return int(val.shape[outer]), int(val.stride()[outer])
+    outer = max(dims, key=lambda d: stride[d])
+    return int(shape[outer]), int(stride[outer])
 
 
 def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order) -> dict[str, float]:
@@ -353,6 +398,7 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile) -> list[SavedTensor
 def _assign_slots(plan: dict[str, float], candidates: dict[str, _Candidate], saved_order: list[str],
                   pool: str, ctx: PassContext, refusals: list[str]) -> dict[str, Slot]:
     capacity = offload_model.host_capacity_bytes(ctx.config)
+    plan = _whole_groups(plan, candidates, refusals)
     slots: dict[str, Slot] = {}
     offset = 0
     for name in saved_order:  # the forward's order: every rank assigns the same offsets
@@ -366,19 +412,22 @@ def _assign_slots(plan: dict[str, float], candidates: dict[str, _Candidate], sav
                                 "activations (the partitioner's names do not match the graph)")
             continue
         val = candidate.node.meta["val"]
-        rows, row_numel = _row_numel(val)
+        shape = tuple(int(s) for s in val.shape)
+        rows, row_numel = _row_numel(shape, candidate.stride)
         offloaded_rows = min(rows, round(min(alpha, 1.0) * rows))
         if offloaded_rows == 0:
             refusals.append(f"{name}: alpha {alpha:.3f} is less than one of its {rows} token rows")
             continue
-        slot = Slot(name, offset, val.numel(), (rows - offloaded_rows) * row_numel,
-                    tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride()), val.dtype)
+        slot = Slot(name, offset, val.numel(), (rows - offloaded_rows) * row_numel, shape,
+                    candidate.stride, val.dtype)
         if capacity is not None and offset + slot.host_bytes > capacity:
             refusals.append(f"{name}: {slot.host_bytes} more host bytes exceed "
                             f"offload_host_capacity ({capacity - offset} left for this graph)")
             continue
         slots[name] = slot
         offset += -(-slot.host_bytes // offload_ops.SLOT_ALIGNMENT) * offload_ops.SLOT_ALIGNMENT
+    whole = _whole_groups({name: slot.alpha for name, slot in slots.items()}, candidates, refusals)
+    slots = {name: slot for name, slot in slots.items() if name in whole}
     for name in plan:
         if name not in saved_order and name not in candidates:
             refusals.append(f"{name}: planned for offload but the forward does not save it")

@@ -111,8 +111,7 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
 
     base_saved = remat_solver.min_cut_saved(graph)
     base = remat_solver.evaluate(graph, base_saved)
-    budget = _budget_bytes(ctx.config.memory_budget, base.peak,
-                           sum(graph.nbytes[n] for n in base.saved if graph.role[n] == "fw"))
+    budget = _budget_bytes(ctx.config.memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
     offload = _offload_options(graph, base, profile, ctx) if ctx.config.offload_activations else {}
     refusals = []
     if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
@@ -188,17 +187,20 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
             shapes[name] = tuple(cost_model.size_hint(s) for s in value.shape)
             dtypes[name] = value.dtype
         nbytes[name] = logical[name]
+        aliasing = cost_model.is_view(node)
         if isinstance(value, (tuple, list)):
             tuples.add(name)
             nbytes[name] = 0
-            tuple_outputs[name] = tuple(cost_model.tensor_nbytes(v) for v in value)
+            if not aliasing:  # split, unbind, ... allocate nothing: their outputs are views
+                tuple_outputs[name] = tuple(cost_model.tensor_nbytes(v) for v in value)
         parent = liveness.tuple_parent(node)
-        if parent is not None:
+        if parent is not None and not cost_model.is_view(parent):
             getitem_of[name] = (parent.name, node.args[1])
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             symbolic.add(name)
-        if cost_model.is_view(node) and node.all_input_nodes:
-            view_of[name] = node.all_input_nodes[0].name
+        base = liveness.aliased_input(node)
+        if base is not None:
+            view_of[name] = base.name
             nbytes[name] = 0
         times[name] = cost_model.node_time(node, profile) if node.op == "call_function" else 0.0
         tag = node.meta.get("recompute")
@@ -260,7 +262,13 @@ def _is_cheap(node: fx.Node) -> bool:
 # --- offload options (issue 7's model) --------------------------------------------------------------
 
 def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None = None) -> list:
-    """``liveness.SavedTensor`` for every saved activation of ``plan`` (primals and SymInts left out)."""
+    """``liveness.SavedTensor`` for every allocation the saved activations of ``plan`` hold and
+    could free (``JointGraph.freeable_groups``; primals, SymInts and memory a forward output keeps
+    are left out).
+
+    A saved view counts its base's bytes as freed (``device_nbytes``) and its own elements as
+    moved (``nbytes``). Saved tensors sharing one allocation become one entry, named after the
+    first: produced when the last of them is, needed when the first of them is."""
     times = times or graph.time_s
     forward = [n for n in graph.order if graph.role[n] == "fw"]
     backward = remat_solver.backward_order(graph, plan.recomputed)
@@ -277,15 +285,21 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
         elapsed += times[name]
     available = set(plan.saved) | set(plan.recomputed)
     result = []
-    for name in plan.saved:
-        if graph.role[name] != "fw" or name in graph.symbolic or graph.nbytes[name] == 0:
+    for root, members in graph.freeable_groups(plan.saved).items():
+        freed = graph.storage_nbytes(root)
+        if freed == 0:
             continue
-        chain = remat_solver.recompute_chain(graph, name, available)[0] if graph.recomputable[name] else None
+        recomputable = all(graph.recomputable[m] for m in members)
+        chain = remat_solver.recompute_chain(graph, members, available)[0] if recomputable else None
         result.append(liveness.SavedTensor(
-            name=name, nbytes=graph.nbytes[name], shape=graph.shapes[name], dtype=graph.dtypes[name],
-            fw_index=fw_pos[name], bw_index=first_use.get(name, len(backward)),
-            fw_time_after_s=fw_after[name], bw_time_before_s=bw_before.get(name, elapsed),
-            recompute_time_s=None if chain is None else sum(times[n] for n in chain)))
+            name=members[0], nbytes=sum(graph.logical_bytes[m] for m in members),
+            shape=graph.shapes[members[0]], dtype=graph.dtypes[members[0]],
+            fw_index=max(fw_pos[m] for m in members),
+            bw_index=min(first_use.get(m, len(backward)) for m in members),
+            fw_time_after_s=min(fw_after[m] for m in members),
+            bw_time_before_s=min(bw_before.get(m, elapsed) for m in members),
+            recompute_time_s=None if chain is None else sum(times[n] for n in chain),
+            device_nbytes=freed))
     return result
 
 
@@ -366,11 +380,12 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
              refusals: list[str]) -> dict[str, Any]:
     base_recomputed = set(base.recomputed)
     rows = []
-    for name in plan.saved:
-        if graph.role[name] == "fw" and graph.nbytes[name]:
+    for root, members in graph.freeable_groups(plan.saved).items():
+        for name in members:  # "bytes": the allocation, on its group's first row only
             rows.append({"tensor": name, "action": "offload" if name in plan.offloaded else "save",
-                         "bytes": graph.nbytes[name], "alpha": plan.offloaded.get(name, 0.0),
-                         "recompute_s": None})
+                         "bytes": graph.storage_nbytes(root) if name == members[0] else 0,
+                         "alpha": plan.offloaded.get(name, 0.0), "recompute_s": None,
+                         **({"view_of": root} if name != root else {})})
     for name in plan.recomputed:
         rows.append({"tensor": name, "action": "recompute" if name not in base_recomputed
                      else "recompute (min-cut)", "bytes": graph.nbytes[name], "alpha": 0.0,
@@ -383,8 +398,8 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
         "min_cut_peak_bytes": base.peak,
         "planned_forward_end_bytes": plan.timeline.live_bytes[plan.timeline.boundary - 1]
         if plan.timeline.boundary else 0,
-        "saved_bytes": sum(graph.nbytes[n] for n in plan.saved if graph.role[n] == "fw"),
-        "min_cut_saved_bytes": sum(graph.nbytes[n] for n in base.saved if graph.role[n] == "fw"),
+        "saved_bytes": graph.saved_storage_bytes(plan.saved),
+        "min_cut_saved_bytes": graph.saved_storage_bytes(base.saved),
         "recompute_time_s": plan.recompute_time_s,
         "extra_recompute_time_s": plan.recompute_time_s - base.recompute_time_s,
         "exposed_offload_s": plan.exposed_offload_s,

@@ -76,3 +76,19 @@ def test_multi_output_op_allocates_every_output_when_it_runs():
 def test_workspace_is_live_only_during_its_step():
     steps = [Step("a", 100, "a", ()), Step("b", 10, "b", ("a",), workspace=1000), Step("c", 1, "c", ("b",))]
     assert simulate(steps).live_bytes == [100, 1110, 11]
+
+
+def test_outputs_of_split_live_in_their_base():
+    # split / unbind return views: no allocation of their own, the base lives while they do
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt.analysis import liveness
+    gm = make_fx(lambda x: [t + 1 for t in torch.ops.aten.split.Tensor(x * 2, 2)])(torch.randn(4, 8))
+    steps = liveness._graph_steps(gm, "f:", {})
+    mul = next(s for s in steps if s.key.startswith("f:mul"))
+    split = next(s for s in steps if s.key.startswith("f:split"))
+    items = [s for s in steps if s.key.startswith("f:getitem")]
+    assert mul.nbytes == 4 * 8 * 4 and split.outputs == () and split.storage == mul.key
+    assert len(items) == 2 and all(s.storage == mul.key and s.nbytes == 0 for s in items)
+    timeline = simulate(steps)
+    assert timeline.peak == mul.nbytes + 2 * 8 * 4  # the base (read through the views) and one sum

@@ -33,9 +33,10 @@ class Compiled:
     """AOTAutograd with torch's min-cut partition, then the offload pass on forward and backward.
 
     The plan is given (``ctx.shared["offload_plan"]``) or left to the pass; the partitioner shares
-    the backward graph as plan_rematerialization does."""
+    the backward graph as plan_rematerialization does. With ``joint_plan`` the partition and the
+    plan come from plan_rematerialization itself (as in the graphopt backend)."""
 
-    def __init__(self, model, plan=None, run_pass=True, **flags):
+    def __init__(self, model, plan=None, run_pass=True, joint_plan=False, **flags):
         self.shared = {} if plan is None else {"offload_plan": dict(plan)}
         self.graphs = {}
         self.results = {}
@@ -43,6 +44,10 @@ class Compiled:
         cfg = config.snapshot(codegen="eager", offload_activations=run_pass, **flags)
 
         def partition(joint, inputs, **kwargs):
+            if joint_plan:
+                from graphopt.passes.plan_rematerialization import partition_with_plan
+                ctx = PassContext("partition", cfg, self.graph_id, list(inputs), None, {}, self.shared)
+                return partition_with_plan(joint, inputs, ctx, **kwargs)
             fw, bw = _compat.min_cut_rematerialization_partition(joint, inputs, **kwargs)
             self.shared["backward_graph"] = bw
             return fw, bw
@@ -288,6 +293,138 @@ def test_hundred_steps_keep_pool_and_memory_flat():
     assert last["host_bytes"] == first["host_bytes"]
     assert last["slots"] == first["slots"] and last["reloads_in_flight"] == 0
     assert tensors_after <= tensors_before
+
+
+# --- saved views: priced by their base, offloaded as their elements -----------------------------------
+
+def _offloaded_roots(fw):
+    """(offloaded node, the node that allocated its memory) for every offload in ``fw``."""
+    from graphopt.passes.offload_activations import _alias_root
+    return [(n.args[0], _alias_root(n.args[0])) for n in calls(fw, OPS.offload)]
+
+
+def test_joint_plan_offloads_rope_outputs_and_mlp_projections_saved_as_views():
+    # q and k after RoPE (stack -> view -> transpose), v and the w1 / w3 outputs (mm -> view) are
+    # saved as views; priced at 0 bytes they were never offered for offload.
+    # (test_backend_matches_eager runs the same plan through the backend against eager)
+    cfg = LlamaConfig.tiny(n_layers=2)
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    reference = copy.deepcopy(model)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 64))
+    Compiled(reference, run_pass=False, joint_plan=True).step(tokens)
+    planned = Compiled(model, joint_plan=True)
+    planned.step(tokens)
+    for g, r in zip(grads(model), grads(reference)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+    views = [(node, root) for node, root in _offloaded_roots(planned.graphs["forward"]) if node is not root]
+    widths = [root.meta["val"].shape[-1] for _, root in views if root.target is torch.ops.aten.mm.default]
+    assert widths.count(cfg.ffn_dim) == 2 * cfg.n_layers  # w1 and w3 outputs of every layer
+    assert widths.count(cfg.n_kv_heads * cfg.head_dim) >= cfg.n_layers  # v
+    rotated = [root for _, root in views if root.target in (torch.ops.aten.stack.default,
+                                                             torch.ops.aten.cat.default)]
+    assert len(rotated) == 2 * cfg.n_layers  # q and k after RoPE
+    plan = planned.shared["remat_plan"]
+    assert plan["planned_peak_bytes"] < plan["min_cut_peak_bytes"]
+    # the table prices each view by its base, once
+    rows = {row["tensor"]: row for row in plan["table"]}
+    for node, root in views:
+        assert rows[node.name]["bytes"] == root.meta["val"].numel() * root.meta["val"].element_size()
+
+
+class _SharedBase(torch.nn.Module):
+    """q and k are slices of one projection: two saved views of one base, neither dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 64) / 4)
+        self.w2 = torch.nn.Parameter(torch.randn(32, 16) / 4)
+
+    def forward(self, x):
+        q, k = (x @ self.w).split(32, dim=-1)
+        return torch.tanh((q * k) @ self.w2)
+
+
+def test_views_sharing_a_base_are_offloaded_together_and_packed():
+    x = torch.randn(1, 128, 16)
+    torch.manual_seed(0)
+    plain_model = _SharedBase()
+    offload_model_ = copy.deepcopy(plain_model)
+    Compiled(plain_model, run_pass=False, joint_plan=True).module(x).pow(2).mean().backward()
+    planned = Compiled(offload_model_, joint_plan=True)
+    planned.module(x).pow(2).mean().backward()
+    for g, r in zip(grads(offload_model_), grads(plain_model)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+    pairs = _offloaded_roots(planned.graphs["forward"])
+    assert len(pairs) == 2 and pairs[0][1] is pairs[1][1]  # both slices, one base: one decision
+    base = pairs[0][1].meta["val"]
+    offloads = calls(planned.graphs["forward"], OPS.offload)
+    assert offloads[0].args[3] != offloads[1].args[3]  # own slots
+    for offload in offloads:
+        view = offload.args[0].meta["val"]
+        assert tuple(offload.args[5]) == (view.shape[1] * view.shape[2], view.shape[2], 1)  # packed
+        assert tuple(view.stride()) != tuple(offload.args[5])
+    plan = planned.shared["remat_plan"]
+    table = [row for row in plan["table"] if row["action"] == "offload"]
+    assert sum(row["bytes"] for row in table) == base.numel() * base.element_size()  # counted once
+    assert len({row["alpha"] for row in table}) == 1
+
+
+def test_pass_refuses_to_offload_one_view_of_a_base_another_saved_view_keeps():
+    torch.manual_seed(0)
+    plain = Compiled(_SharedBase(), run_pass=False)
+    plain.module(torch.randn(1, 128, 16)).pow(2).mean().backward()
+    fw, bw = plain.graphs["forward"], plain.graphs["backward"]
+    saved_views = [p.name for p in bw.graph.find_nodes(op="placeholder") if p.name.startswith("getitem")]
+    assert len(saved_views) == 2
+    result = _run_forward_pass(fw, bw, {saved_views[0]: 1.0})
+    assert not result.modified
+    assert any("offloading it alone frees nothing" in r for r in result.refusals)
+
+
+def _joint_graph_of(fn, *args):
+    from graphopt.analysis.device_profile import CPU
+    from graphopt.passes.plan_rematerialization import build_joint_graph
+    captured = {}
+
+    def partition(joint, inputs, **kwargs):
+        captured.update(joint=joint, n=kwargs["num_fwd_outputs"])
+        return _compat.default_partition(joint, inputs, **kwargs)
+
+    def nop(gm, _inputs):
+        return _compat.make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=_compat.aot_autograd(
+        fw_compiler=nop, bw_compiler=nop, partition_fn=partition,
+        decompositions=_compat.core_aten_decompositions()))(*args).sum().backward()
+    return build_joint_graph(captured["joint"], captured["n"], CPU)
+
+
+def test_liveness_frees_a_base_only_when_every_saved_view_of_it_is_offloaded():
+    from graphopt.analysis import remat_solver
+    module = _SharedBase()
+    graph = _joint_graph_of(module, torch.randn(1, 128, 16))
+    saved = remat_solver.min_cut_saved(graph)
+    groups = graph.freeable_groups(saved)
+    ((root, members),) = [(r, m) for r, m in groups.items() if len(m) == 2]
+    base_bytes = graph.storage_nbytes(root)
+    assert base_bytes == 128 * 64 * 4 and all(graph.nbytes[m] == 0 for m in members)
+    (candidate,) = [c for c in remat_solver.candidates(graph, saved) if c.names == tuple(members)]
+    assert candidate.nbytes == base_bytes
+
+    def at_boundary(offloaded, grouped):
+        plan = remat_solver.evaluate(graph, saved, offloaded, groups=grouped)
+        return plan.timeline.live_bytes[plan.timeline.boundary - 1]
+
+    whole = remat_solver.Option("offload", base_bytes, 0.0, 1.0, base_bytes)
+    kept = at_boundary({}, {})
+    assert at_boundary({members[0]: whole}, {members[0]: tuple(members)}) == kept - base_bytes
+    assert at_boundary({members[0]: whole}, {}) == kept  # the other view holds the base
+    half = remat_solver.Option("offload", base_bytes // 2, 0.0, 0.5, base_bytes // 2)
+    assert at_boundary({members[0]: half}, {members[0]: tuple(members)}) == kept - base_bytes // 2
 
 
 # --- Inductor ----------------------------------------------------------------------------------------
