@@ -64,6 +64,13 @@ _flag("sequence_parallel_attention", "sp_group", None, object,
 _flag("sequence_parallel_attention", "sp_load_balance", True, bool,
       "Balance causal work token-level across ranks (idle ranks compute blocks for busy ones).")
 
+# --- attention kernels (ops/attention.py; read when an attention op runs) -----------------------
+_flag("attention", "attention_kernel", "auto", str,
+      "CUDA attention blocks: 'auto' runs torch's cuDNN attention where it computes a block exactly "
+      "(no mask or the diagonal block, fp16/bf16, D % 8 == 0, D <= 128, sm90+) and graphopt's "
+      "Triton kernels elsewhere; 'triton' always runs graphopt's kernels.",
+      choices=("auto", "triton"))
+
 # --- GEMM + collective overlap (passes/overlap_matmul_allreduce.py) -----------------------------
 _flag("overlap_matmul_allreduce", "overlap_matmul_allreduce", False, bool,
       "Decompose GEMM + all-reduce / reduce-scatter / all-gather + GEMM into overlapped chunks.")

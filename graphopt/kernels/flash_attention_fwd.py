@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from graphopt.kernels.merge_attention import merge_rows
+
 LOG2E = 1.4426950408889634
 # Constants read inside kernels must be constexpr globals.
 LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
@@ -155,17 +157,8 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse,
     lse_ptrs = Lse + batch * stride_lb + head * stride_lh + offs_m
     o_mask = row_ok[:, None] & d_ok
     if ACCUMULATE:
-        lse_old = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
-        out_old = tl.load(o_ptrs, mask=o_mask, other=0.0)
-        top = tl.maximum(lse_old, lse)
-        top_safe = tl.where(top == float("-inf"), 0.0, top)
-        w_old = tl.exp(lse_old - top_safe)
-        w_new = tl.exp(lse - top_safe)
-        total = w_old + w_new
-        any_seen = total > 0.0
-        total_safe = tl.where(any_seen, total, 1.0)
-        lse = tl.where(any_seen, top_safe + tl.log(total_safe), float("-inf"))
-        out = (out_old * (w_old / total_safe)[:, None]) + out * (w_new / total_safe)[:, None]
+        out, lse = merge_rows(tl.load(o_ptrs, mask=o_mask, other=0.0),
+                              tl.load(lse_ptrs, mask=row_ok, other=float("-inf")), out, lse)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
     tl.store(lse_ptrs, lse, mask=row_ok)
 

@@ -16,6 +16,16 @@ CUDA tensors run the Triton kernels in ``graphopt/kernels``; CPU tensors run a f
 reference of the same function. ``impl="triton"`` forces the kernels (CPU tensors then need
 TRITON_INTERPRET=1 set before triton is imported); ``impl="reference"`` forces the torch path.
 
+A third implementation, ``impl="cudnn"``, runs torch's cuDNN attention kernels
+(``aten._scaled_dot_product_cudnn_attention`` and its backward), the kernels SDPA itself picks on
+Hopper, faster there than graphopt's Triton kernels (bench/attention_backends.py). They take and
+return the same (out, lse), but know no offsets, so they run only blocks without a partial mask --
+every key visible, or the diagonal block of a causal attention (q_offset == k_offset, Sq == Sk) --
+and their backward derives delta from out, so it cannot take a gradient on the LSE. Their per-block
+results are rounded to q's dtype (fp16/bf16) before a float32 merge or sum. With ``impl=None`` on
+CUDA they run wherever they apply unless ``graphopt.config.attention_kernel = "triton"``; a
+configuration cuDNN refuses is logged once and falls back to Triton.
+
 ``graphopt::flash_attention(q, k, v, scale, causal) -> (out, lse)`` is the differentiable custom op;
 its backward uses the saved out and lse and never re-runs the forward.
 ``graphopt::attention_block_forward`` / ``graphopt::attention_block_backward`` are the traceable
@@ -24,6 +34,7 @@ its backward uses the saved out and lse and never re-runs the forward.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -37,9 +48,12 @@ __all__ = [
     "merge_attention_blocks",
     "flash_attention",
     "reference_attention",
+    "cudnn_eligible",
+    "uses_cudnn",
 ]
 
-_IMPLS = (None, "triton", "reference")
+_IMPLS = (None, "triton", "reference", "cudnn")
+_CUDNN_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _use_triton(q: Tensor, impl: Optional[str]) -> bool:
@@ -128,6 +142,127 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal
     return _reference_forward(q, k, v, scale, causal, q_offset, k_offset, dtype)
 
 
+# --- torch's cuDNN attention kernels on one block ------------------------------------------------
+
+_LOG = logging.getLogger("graphopt.ops.attention")
+_CUDNN_REFUSED: dict[tuple, str] = {}  # (dtype, D, Hq, Hkv, is_causal, pass) -> why cuDNN failed
+
+
+def _cudnn_supports(q: Tensor, k: Tensor) -> bool:
+    """Device, dtype and head dim for which graphopt prefers torch's cuDNN attention kernels:
+    fp16/bf16, D % 8 == 0, D <= 128, Hopper or newer (where they measured fastest)."""
+    if not (q.is_cuda and q.dtype in _CUDNN_DTYPES and k.dtype == q.dtype):
+        return False
+    head_dim = q.shape[-1]
+    return (head_dim % 8 == 0 and head_dim <= 128 and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q.device) >= (9, 0))
+
+
+def flash_block_mask(seqlen_q: int, seqlen_k: int, causal: bool, q_offset: int,
+                     k_offset: int) -> Optional[bool]:
+    """The block's mask in terms of a kernel that knows no offsets: False when no key is masked,
+    True when it is the diagonal block of a causal attention (masked exactly like
+    ``is_causal=True`` on a square block), None for any other (partial) mask."""
+    if not causal or k_offset + seqlen_k - 1 <= q_offset:
+        return False
+    if q_offset == k_offset and seqlen_q == seqlen_k:
+        return True
+    return None
+
+
+def cudnn_eligible(q: Tensor, k: Tensor) -> bool:
+    """Whether ``impl=None`` may run q and k's blocks on cuDNN: config, device, dtype and head dim,
+    independent of the block's mask and of refusals seen so far (ranks decide alike)."""
+    from graphopt import config
+    return config.attention_kernel == "auto" and _cudnn_supports(q, k)
+
+
+def cudnn_block_causal(q: Tensor, k: Tensor, causal: bool, q_offset: int,
+                       k_offset: int) -> Optional[bool]:
+    """``is_causal`` for torch's cuDNN attention on this block, or None where it cannot run it."""
+    if not _cudnn_supports(q, k):
+        return None
+    is_causal = flash_block_mask(q.shape[2], k.shape[2], causal, q_offset, k_offset)
+    if is_causal is None or _cudnn_key(q, k, is_causal) in _CUDNN_REFUSED:
+        return None
+    return is_causal
+
+
+def uses_cudnn(q: Tensor, k: Tensor, causal: bool, q_offset: int, k_offset: int,
+               impl: Optional[str] = None) -> bool:
+    """Whether the block functions run torch's cuDNN kernels on this block (the backward also
+    needs out and no LSE gradient)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {_IMPLS}; pass None to pick by device")
+    if impl is None:
+        from graphopt import config
+        if config.attention_kernel != "auto":
+            return False
+    elif impl != "cudnn":
+        return False
+    applies = cudnn_block_causal(q, k, causal, q_offset, k_offset) is not None
+    if impl == "cudnn" and not applies:
+        raise ValueError(
+            f"impl='cudnn' needs CUDA fp16/bf16 tensors with D % 8 == 0, D <= 128 on sm90+ and a "
+            f"block without a partial causal mask; got {q.dtype} on {q.device}, D={q.shape[-1]}, "
+            f"Sq={q.shape[2]}, Sk={k.shape[2]}, q_offset={q_offset}, k_offset={k_offset}, "
+            f"causal={causal}. Use impl=None to fall back to graphopt's kernel")
+    return applies
+
+
+def _cudnn_key(q: Tensor, k: Tensor, is_causal: bool) -> tuple:
+    return (q.dtype, q.shape[-1], q.shape[1], k.shape[1], is_causal)
+
+
+def _expand_heads(x: Tensor, hq: int) -> Tensor:
+    """[B, Hkv, S, D] -> [B, Hq, S, D], query head h reading key/value head h // (Hq // Hkv)."""
+    return x if x.shape[1] == hq else x.repeat_interleave(hq // x.shape[1], dim=1)
+
+
+def _cudnn_refused(q: Tensor, k: Tensor, is_causal: bool, err: RuntimeError) -> None:
+    key = _cudnn_key(q, k, is_causal)
+    _CUDNN_REFUSED[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
+    _LOG.warning("torch's cuDNN attention refused %s (%s); graphopt's Triton kernels run these "
+                 "blocks instead", key, _CUDNN_REFUSED[key])
+
+
+def _cudnn_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                         is_causal: bool) -> Optional[tuple[Tensor, Tensor]]:
+    """(out [q's dtype], lse float32 [B, Hq, Sq]) of one block, or None if cuDNN refused it."""
+    hq = q.shape[1]
+    try:
+        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.contiguous(), _expand_heads(k, hq).contiguous(), _expand_heads(v, hq).contiguous(),
+            None, True, 0.0, is_causal, False, scale=scale)
+    except RuntimeError as err:
+        _cudnn_refused(q, k, is_causal, err)
+        return None
+    out, lse = result[0], result[1]
+    return out, lse.reshape(q.shape[:3]).float()
+
+
+def _cudnn_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          dout: Tensor, *, scale: float, is_causal: bool
+                          ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """(dq [q's dtype], dk, dv) of one block, or None if cuDNN refused it; dk, dv are float32 sums
+    over a query group when Hq > Hkv, else in k's dtype. Delta is derived from out."""
+    hq, hkv = q.shape[1], k.shape[1]
+    seed = torch.empty((), dtype=torch.long, device=q.device)  # no dropout: never read
+    try:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout.contiguous(), q.contiguous(), _expand_heads(k, hq).contiguous(),
+            _expand_heads(v, hq).contiguous(), out.contiguous(),
+            lse.unsqueeze(-1).contiguous(), seed, seed, None, None, None, q.shape[2], k.shape[2],
+            0.0, is_causal, scale=scale)
+    except RuntimeError as err:
+        _cudnn_refused(q, k, is_causal, err)
+        return None
+    if hq != hkv:
+        dk = dk.unflatten(1, (hkv, hq // hkv)).float().sum(2)
+        dv = dv.unflatten(1, (hkv, hq // hkv)).float().sum(2)
+    return dq, dk, dv
+
+
 # --- the block API ---------------------------------------------------------------------------------
 
 def merge_attention_blocks(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
@@ -139,6 +274,17 @@ def merge_attention_blocks(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: T
     w_new = torch.where(finite, torch.exp(lse.float() - safe), torch.zeros_like(safe))
     out_acc.mul_(w_acc[..., None]).add_(out.float() * w_new[..., None])
     lse_acc.copy_(lse_new)
+
+
+def _merge_on_device(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor) -> None:
+    """merge_attention_blocks, in one Triton pass on CUDA where the accumulators' layout allows."""
+    rows_contiguous = (out_acc.stride(-1) == 1 and out_acc.stride(2) == out_acc.shape[-1]
+                       and lse_acc.stride(-1) == 1)
+    if out_acc.is_cuda and rows_contiguous:
+        from graphopt.kernels.merge_attention import merge_blocks_fused
+        merge_blocks_fused(out_acc, lse_acc, out, lse)
+    else:
+        merge_attention_blocks(out_acc, lse_acc, out, lse)
 
 
 def _check_acc(q: Tensor, out_acc: Optional[Tensor], lse_acc: Optional[Tensor]) -> None:
@@ -168,6 +314,16 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, ca
     """
     _check_shapes(q, k, v)
     _check_acc(q, out_acc, lse_acc)
+    if uses_cudnn(q, k, causal, q_offset, k_offset, impl):
+        result = _cudnn_block_forward(q, k, v, scale=scale,
+                                      is_causal=flash_block_mask(q.shape[2], k.shape[2], causal,
+                                                                 q_offset, k_offset))
+        if result is not None:
+            if out_acc is None:
+                return result
+            _merge_on_device(out_acc, lse_acc, *result)
+            return out_acc, lse_acc
+        impl = "triton"  # cuDNN refused this configuration (logged once)
     if _use_triton(q, impl):
         from graphopt.kernels.flash_attention_fwd import flash_attention_forward
         return flash_attention_forward(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
@@ -190,13 +346,15 @@ def attention_delta(out: Tensor, dout: Tensor, *, impl: Optional[str] = None) ->
 def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor], lse: Tensor,
                              dout: Tensor, *, scale: float, causal: bool, q_offset: int = 0,
                              k_offset: int = 0, delta: Optional[Tensor] = None,
-                             dq_acc: Optional[Tensor] = None,
-                             impl: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+                             dq_acc: Optional[Tensor] = None, impl: Optional[str] = None,
+                             lse_grad_in_delta: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one key block: (dq, dk, dv); dk, dv [B, Hkv, Sk, D] summed over query groups.
 
     ``out`` and ``lse`` are the final (merged over all key blocks) output and log-sum-exp; ``delta``
     (from ``attention_delta``) can be computed once and passed to every block, and then ``out`` may
-    be None (it enters only through delta). With ``dq_acc``
+    be None (it enters only through delta). A gradient on the LSE is folded into delta
+    (delta - dlse); say so with ``lse_grad_in_delta=True``, since torch's cuDNN backward, which
+    derives delta from out, then cannot be used. With ``dq_acc``
     (float32, q's shape) dq is added into it and returned, and dk, dv come back in float32;
     otherwise dq, dk, dv have q's / k's dtype.
     """
@@ -207,6 +365,21 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
         raise ValueError(
             f"dq_acc must be float32 with q's shape {tuple(q.shape)}; got {dq_acc.dtype} "
             f"{tuple(dq_acc.shape)}")
+    if impl == "cudnn" and (out is None or lse_grad_in_delta):
+        raise ValueError("impl='cudnn' derives delta from out: pass out, and no LSE gradient "
+                         "(use impl=None to fall back to graphopt's kernel)")
+    if (out is not None and not lse_grad_in_delta
+            and uses_cudnn(q, k, causal, q_offset, k_offset, impl)):
+        result = _cudnn_block_backward(
+            q, k, v, out, lse, dout, scale=scale,
+            is_causal=flash_block_mask(q.shape[2], k.shape[2], causal, q_offset, k_offset))
+        if result is not None:
+            dq, dk, dv = result
+            if dq_acc is not None:
+                dq_acc.add_(dq)
+                return dq_acc, dk.float(), dv.float()
+            return dq, dk.to(k.dtype), dv.to(v.dtype)
+        impl = "triton"  # cuDNN refused this configuration (logged once)
     if _use_triton(q, impl):
         from graphopt.kernels.flash_attention_bwd import flash_attention_backward
         return flash_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
@@ -239,8 +412,11 @@ def _attention_block_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                                  dout: Tensor, delta: Optional[Tensor], scale: float,
                                  causal: bool, q_offset: int,
                                  k_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    # A delta given to the op may carry an LSE gradient (the flash_attention backward passes one
+    # only then), so only a missing delta lets torch's cuDNN backward run.
     return attention_block_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
-                                    q_offset=q_offset, k_offset=k_offset, delta=delta)
+                                    q_offset=q_offset, k_offset=k_offset, delta=delta,
+                                    lse_grad_in_delta=delta is not None)
 
 
 @_attention_block_backward_op.register_fake
@@ -265,6 +441,7 @@ def _flash_attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.causal = scale, causal
+    ctx.set_materialize_grads(False)  # an unused LSE gets None, so torch's cuDNN backward can run
 
 
 def _flash_attention_backward(ctx, dout, dlse):

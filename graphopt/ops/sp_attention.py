@@ -12,11 +12,13 @@ runs under the current step's block kernel (``Exchanger`` on a CUDA communicatio
 results are merged in float32 with their log-sum-exps. Only the Hkv key/value heads travel.
 
 The backward takes the saved (q, k, v, out, lse) and the schedule's steps again; it never re-runs the
-forward: owners get k/v again and return dk/dv partials, helpers get (q, dout, lse, delta) rows and
+forward: owners get k/v again and return dk/dv partials, helpers get (q, dout, lse, out) rows --
+delta = rowsum(dout * out) instead of out where graphopt's Triton backward runs the block -- and
 return dq partials, all summed in float32 by the rank that owns them.
 
 One implementation serves every device: the block math is ``graphopt.ops.attention`` (Triton kernels
-on CUDA, the float32 torch reference on CPU) and the transfers are torch.distributed P2P (NCCL on
+on CUDA, torch's cuDNN attention for the blocks it computes exactly; the float32 torch reference
+on CPU) and the transfers are torch.distributed P2P (NCCL on
 CUDA, gloo on CPU), so CPU tests check the same function the GPUs run.
 
 Under ``torch.utils.checkpoint`` pass ``context_fn=checkpoint_context_fn`` so the recomputation of
@@ -36,7 +38,8 @@ from graphopt import _compat
 from graphopt.distributed.p2p import exchanger_for
 from graphopt.distributed.sp_schedule import DIAGONAL, HELPER, OWNER, Step, build_schedule
 from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
-                                    attention_delta, merge_attention_blocks)
+                                    attention_delta, merge_attention_blocks,
+                                    cudnn_eligible)
 
 __all__ = ["sp_attention", "sp_attention_forward", "sp_attention_backward", "checkpoint_policy",
            "checkpoint_context_fn", "group_name_of"]
@@ -217,9 +220,16 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         delta = delta - dlse
     if dist.get_world_size(group) == 1:
         return attention_block_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
-                                        delta=delta)
+                                        delta=delta, lse_grad_in_delta=dlse is not None)
     run = _Runner(q, group, causal, load_balance, diagonal_last=True)
     rank = run.rank
+    lse_grad = dlse is not None
+    # A helper's block sees every key. Where torch's cuDNN backward computes it, the helper needs
+    # the owner's out rows (the kernel derives delta itself); otherwise delta rows, 1/D the bytes.
+    # Every rank decides alike: the choice depends only on dtype, head dim, device and config.
+    helper_rows = (q, dout, lse, delta)
+    if not lse_grad and cudnn_eligible(q, k):
+        helper_rows = (q, dout, lse, out)
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -232,12 +242,12 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
             sends += [(k, dst), (v, dst)]
         elif peer_task.kind == HELPER:
             start, stop = peer_task.row_range(run.chunk)
-            sends += [(_rows(x, start, stop).contiguous(), dst) for x in (q, dout, lse, delta)]
+            sends += [(_rows(x, start, stop).contiguous(), dst) for x in helper_rows]
         if task.kind == OWNER:
             buffers = (torch.empty_like(k), torch.empty_like(v))
         elif task.kind == HELPER:
             start, stop = task.row_range(run.chunk)
-            buffers = tuple(torch.empty_like(_rows(x, start, stop)) for x in (q, dout, lse, delta))
+            buffers = tuple(torch.empty_like(_rows(x, start, stop)) for x in helper_rows)
         else:
             buffers = ()
         return run.exchanger.start(sends, [(buffer, src) for buffer in buffers]), buffers
@@ -248,7 +258,7 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         if task.kind == DIAGONAL:
             _, dk, dv = attention_block_backward(
                 q, k, v, out, lse, dout, scale=scale, causal=causal, q_offset=run.offset(rank),
-                k_offset=run.offset(rank), delta=delta, dq_acc=dq_acc)
+                k_offset=run.offset(rank), delta=delta, dq_acc=dq_acc, lse_grad_in_delta=lse_grad)
             dk_acc.add_(dk)
             dv_acc.add_(dv)
         elif task.kind == OWNER:
@@ -257,16 +267,17 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                 _rows(q, start, stop), k_src, v_src, _rows(out, start, stop),
                 _rows(lse, start, stop), _rows(dout, start, stop), scale=scale, causal=causal,
                 q_offset=run.offset(rank, start), k_offset=run.offset(src),
-                delta=_rows(delta, start, stop), dq_acc=_rows(dq_acc, start, stop))
+                delta=_rows(delta, start, stop), dq_acc=_rows(dq_acc, start, stop),
+                lse_grad_in_delta=lse_grad)
             return [(dk, src), (dv, src)]
         elif task.kind == HELPER:
-            q_src, dout_src, lse_src, delta_src = buffers
+            q_src, dout_src, lse_src, last = buffers
+            out_src, delta_src = (last, None) if helper_rows[-1] is out else (None, last)
             dq = torch.zeros(q_src.shape, dtype=torch.float32, device=q.device)
-            # out only enters through delta, which the owner sent instead.
             _, dk, dv = attention_block_backward(
-                q_src, k, v, None, lse_src, dout_src, scale=scale, causal=causal,
+                q_src, k, v, out_src, lse_src, dout_src, scale=scale, causal=causal,
                 q_offset=run.offset(src, start), k_offset=run.offset(rank), delta=delta_src,
-                dq_acc=dq)
+                dq_acc=dq, lse_grad_in_delta=lse_grad)
             dk_acc.add_(dk)
             dv_acc.add_(dv)
             return [(dq, src)]
@@ -329,6 +340,9 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.options = (scale, causal, group_name, load_balance)
+    # An unused LSE must reach backward as None, not zeros: a gradient on the LSE keeps every block
+    # on graphopt's Triton backward (torch's cuDNN backward cannot take one).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):

@@ -67,9 +67,12 @@ def assert_lse_close(actual, expected):
         (2, 1, 256, 256, True, 0, 0),
         (4, 2, 190, 333, True, 0, 150),
     ])
+@pytest.mark.parametrize("impl", [None, "triton"])
 def test_forward_backward_match_float64(dtype, head_dim, heads_q, heads_kv, seqlen_q, seqlen_k,
-                                        causal, q_offset, k_offset):
-    from graphopt.ops.attention import attention_block_backward, attention_block_forward
+                                        causal, q_offset, k_offset, impl):
+    """impl=None sends blocks without a partial mask (fp16/bf16, D <= 128) to torch's cuDNN."""
+    from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
+                                        uses_cudnn)
     q, k, v = make_qkv(2, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype)
     scale = 1.0 / math.sqrt(head_dim)
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
@@ -79,21 +82,28 @@ def test_forward_backward_match_float64(dtype, head_dim, heads_q, heads_kv, seql
     fwd_tol, bwd_tol = tolerances(dtype)
 
     out, lse = attention_block_forward(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
-                                       k_offset=k_offset)
+                                       k_offset=k_offset, impl=impl)
     assert out.dtype == dtype and lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), out_ref.detach(), **fwd_tol)
     assert_lse_close(lse, lse_ref.detach())
 
+    cudnn = uses_cudnn(q, k, causal, q_offset, k_offset, impl)
+    assert cudnn == (impl is None and dtype != torch.float32 and head_dim <= 128
+                     and (not causal or q_offset == k_offset and seqlen_q == seqlen_k))
     grads = attention_block_backward(q, k, v, out_ref.detach().to(dtype), lse_ref.float(), dout,
                                      scale=scale, causal=causal, q_offset=q_offset,
-                                     k_offset=k_offset)
+                                     k_offset=k_offset, impl=impl)
     for grad, grad_ref in zip(grads, grads_ref):
         assert grad.dtype == dtype
         torch.testing.assert_close(grad.double(), grad_ref, **bwd_tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_ring_steps_merge_and_accumulate(dtype):
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+def test_ring_steps_merge_and_accumulate(dtype, kernel, monkeypatch):
+    """Blocks [0, 256) and [256, 512) see every key (torch's cuDNN under 'auto' in bf16);
+    [512, 768) and [768, 1024) are partially masked (graphopt's kernel)."""
+    monkeypatch.setenv("GRAPHOPT_ATTENTION_KERNEL", kernel)
     from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
                                         attention_delta)
     q, k, v = make_qkv(1, 8, 2, 384, 1024, 128, dtype, seed=1)

@@ -187,3 +187,25 @@ def test_interpreted_kernels_accept_row_views():
         results[impl] = (out_acc, lse_acc, dq_acc, dk, dv)
     for a, b in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_interpreted_fused_merge_matches_the_torch_merge():
+    """The one-pass merge used after cuDNN blocks, into row views, with rows that saw no key."""
+    from graphopt.kernels.merge_attention import merge_blocks_fused
+    from graphopt.ops.attention import merge_attention_blocks
+    gen = torch.Generator().manual_seed(3)
+    out_acc = torch.randn(2, 3, 40, 24, generator=gen)
+    lse_acc = torch.randn(2, 3, 40, generator=gen)
+    lse_acc[:, :, :5] = float("-inf")  # no key seen yet
+    out_acc[:, :, :5] = 0.0
+    rows = slice(3, 37)
+    block = torch.randn(2, 3, 34, 24, generator=gen).half()
+    block_lse = torch.randn(2, 3, 34, generator=gen)
+    block_lse[:, :, :1] = float("-inf")  # rows 3: neither has seen a key
+    expected = out_acc.clone(), lse_acc.clone()
+    merge_attention_blocks(expected[0][:, :, rows], expected[1][:, :, rows], block, block_lse)
+    merge_blocks_fused(out_acc[:, :, rows], lse_acc[:, :, rows], block, block_lse)
+    torch.testing.assert_close(out_acc, expected[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse_acc, expected[1], atol=1e-6, rtol=1e-6)
+    assert torch.isneginf(lse_acc[:, :, 3]).all() and (out_acc[:, :, 3] == 0).all()
