@@ -129,6 +129,11 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     fw_gm, bw_gm = _extract(joint_gm, graph, plan, num_fwd_outputs, static_indices)
     realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs, hold_backward_inputs=hold)
     summary = _summary(graph, base, plan, budget, realized, len(scored), refusals)
+    # what the offload windows were sized with: the cost model's forward / backward and the link
+    summary["model_forward_s"] = sum(graph.time_s[n] for n in graph.order if graph.role[n] == "fw")
+    summary["model_backward_s"] = (sum(graph.time_s[n] for n in graph.order if graph.role[n] == "bw")
+                                   + plan.recompute_time_s)
+    summary["host_link_gbps"] = profile.host_link_gbps
     ctx.shared["remat_plan"] = summary
     if ctx.config.offload_activations:
         ctx.shared["offload_plan"] = dict(plan.offloaded)
