@@ -32,6 +32,7 @@ import gc
 import json
 import math
 import os
+import pathlib
 import signal
 import statistics
 import sys
@@ -41,10 +42,12 @@ import torch
 import torch.utils.checkpoint as checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import graphopt
-from graphopt import _compat
-from graphopt.debug.dump import clear_compile_summaries, compile_summaries
-from graphopt.models.llama import Llama, LlamaConfig, chunked_output_loss, rope_tables
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
+
+import graphopt  # noqa: E402
+from graphopt import _compat  # noqa: E402
+from graphopt.debug.dump import clear_compile_summaries, compile_summaries  # noqa: E402
+from graphopt.models.llama import Llama, LlamaConfig, chunked_output_loss, rope_tables  # noqa: E402
 
 TARGET_PEAK_OVER_BUDGET = 1.05
 TARGET_STEP_VS_TORCH = 0.95
