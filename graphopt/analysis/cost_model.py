@@ -300,6 +300,13 @@ def _flash_backward_workspace(node: fx.Node, heads_first: bool) -> int:
     return workspace
 
 
+def _cudnn_backward_workspace(node: fx.Node) -> int:
+    """cuDNN attention backward ([B, H, S, D] layout): the workspace its graph asks for, taken
+    here as an fp32 dq accumulator and fp32 row sums -- an estimate (the size is cuDNN's choice)."""
+    batch, heads, seq_q, head_dim = _sizes(node.args[1])
+    return 4 * batch * heads * seq_q * head_dim + 4 * batch * heads * seq_q
+
+
 def _efficient_backward_workspace(node: fx.Node, heads_first: bool) -> int:
     """Memory-efficient attention backward with a low-precision output: the gradient of the
     queries accumulated in fp32 (its key/value accumulators, when used, are not modelled)."""
@@ -329,6 +336,7 @@ WORKSPACE_FORMULAS: dict[str, Callable[[fx.Node], int]] = {
     "_flash_attention_backward": lambda n: _flash_backward_workspace(n, False),
     "_scaled_dot_product_efficient_attention_backward": lambda n: _efficient_backward_workspace(n, True),
     "_efficient_attention_backward": lambda n: _efficient_backward_workspace(n, False),
+    "_scaled_dot_product_cudnn_attention_backward": _cudnn_backward_workspace,
     "embedding_dense_backward": _embedding_backward_workspace,
 }
 

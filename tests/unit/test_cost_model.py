@@ -127,3 +127,15 @@ def test_embedding_backward_workspace_only_for_many_indices_on_cuda():
     assert cost_model.workspace_bytes(few) == 0
     cpu = make_fx(embedding_backward)(torch.randn(8192, 64), torch.zeros(8192, dtype=torch.int64))
     assert not [n for n in cpu.graph.nodes if cost_model.workspace_bytes(n)]
+
+
+def test_cudnn_backward_workspace_is_estimated_like_an_fp32_dq_accumulator():
+    def cudnn_backward(q):
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, False, 0.0, True)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            out[0], q, q, q, out[0], out[1], out[6], out[7], None, out[2], out[3], q.shape[2], q.shape[2],
+            0.0, True)
+
+    backward = [n for n in _fake_cuda_graph(cudnn_backward, ((1, 4, 512, 64), torch.bfloat16))
+                if "backward" in str(n.target)][0]
+    assert cost_model.workspace_bytes(backward) == 4 * 4 * 512 * 64 + 4 * 4 * 512
