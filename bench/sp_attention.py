@@ -254,10 +254,11 @@ def _why(summary: dict) -> list[str]:
             "product of the two is the efficiency.")
     if not summary["meets"]["speedup_vs_context_parallel_min"]:
         why.append(
-            "vs context_parallel: torch's ring runs SDPA's flash kernels per block with head-tail "
-            "load balancing, which at P=2 is already balanced; the schedules do the same block work "
-            "per rank there, so the gap is the kernels' and the exchanges' (flash full vs sdpa full: "
-            f"{kernel_lo:.2f}-{kernel_hi:.2f}x).")
+            "vs context_parallel: torch's ring runs SDPA's own kernels per block (cuDNN on Hopper, "
+            "the same ones graphopt now calls) with head-tail load balancing, which at P=2 is already "
+            "balanced: both schedules do the same block work per rank, so at P=2 the two can only "
+            "differ by their exchange and merge overheads; the schedule's advantage over head-tail "
+            "balancing needs P >= 3.")
     if not summary["meets"]["speedup_vs_unbalanced_ring_min"]:
         why.append(
             f"vs the unbalanced ring: at P={summary['world_size']} the best possible gain is "
