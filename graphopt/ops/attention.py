@@ -346,7 +346,9 @@ def attention_delta(out: Tensor, dout: Tensor, *, impl: Optional[str] = None) ->
 def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tensor], lse: Tensor,
                              dout: Tensor, *, scale: float, causal: bool, q_offset: int = 0,
                              k_offset: int = 0, delta: Optional[Tensor] = None,
-                             dq_acc: Optional[Tensor] = None, impl: Optional[str] = None,
+                             dq_acc: Optional[Tensor] = None, dk_acc: Optional[Tensor] = None,
+                             dv_acc: Optional[Tensor] = None,
+                             kv_grad_dtype: Optional[torch.dtype] = None, impl: Optional[str] = None,
                              lse_grad_in_delta: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one key block: (dq, dk, dv); dk, dv [B, Hkv, Sk, D] summed over query groups.
 
@@ -356,7 +358,9 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
     (delta - dlse); say so with ``lse_grad_in_delta=True``, since torch's cuDNN backward, which
     derives delta from out, then cannot be used. With ``dq_acc``
     (float32, q's shape) dq is added into it and returned, and dk, dv come back in float32;
-    otherwise dq, dk, dv have q's / k's dtype.
+    otherwise dq, dk, dv have q's / k's dtype. With ``dk_acc`` and ``dv_acc`` (float32, k's shape)
+    dk and dv are added into them, straight from the kernel's output, and they are returned;
+    ``kv_grad_dtype`` otherwise sets the dtype of the returned dk, dv.
     """
     _check_shapes(q, k, v)
     if out is None and delta is None:
@@ -365,6 +369,31 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
         raise ValueError(
             f"dq_acc must be float32 with q's shape {tuple(q.shape)}; got {dq_acc.dtype} "
             f"{tuple(dq_acc.shape)}")
+    if (dk_acc is None) != (dv_acc is None):
+        raise ValueError("pass both dk_acc and dv_acc, or neither")
+    if dk_acc is not None and (dk_acc.dtype != torch.float32 or dk_acc.shape != k.shape
+                               or dv_acc.dtype != torch.float32 or dv_acc.shape != v.shape):
+        raise ValueError(
+            f"dk_acc / dv_acc must be float32 with k's shape {tuple(k.shape)}; got {dk_acc.dtype} "
+            f"{tuple(dk_acc.shape)} / {dv_acc.dtype} {tuple(dv_acc.shape)}")
+    grads = _block_grads(q, k, v, out, lse, dout, scale=scale, causal=causal, q_offset=q_offset,
+                         k_offset=k_offset, delta=delta, dq_acc=dq_acc, impl=impl,
+                         lse_grad_in_delta=lse_grad_in_delta)
+    dq, dk, dv = grads
+    if dq_acc is None:
+        dq = dq.to(q.dtype)
+    elif dq is not dq_acc:
+        dq = dq_acc.add_(dq)
+    if dk_acc is not None:
+        return dq, dk_acc.add_(dk), dv_acc.add_(dv)
+    dtype = kv_grad_dtype or (torch.float32 if dq_acc is not None else k.dtype)
+    return dq, dk.to(dtype), dv.to(dtype)
+
+
+def _block_grads(q, k, v, out, lse, dout, *, scale, causal, q_offset, k_offset, delta, dq_acc,
+                 impl, lse_grad_in_delta) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) as the chosen kernel produces them; dq already in dq_acc where the kernel
+    accumulates (Triton), else separate."""
     if impl == "cudnn" and (out is None or lse_grad_in_delta):
         raise ValueError("impl='cudnn' derives delta from out: pass out, and no LSE gradient "
                          "(use impl=None to fall back to graphopt's kernel)")
@@ -374,23 +403,14 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
             q, k, v, out, lse, dout, scale=scale,
             is_causal=flash_block_mask(q.shape[2], k.shape[2], causal, q_offset, k_offset))
         if result is not None:
-            dq, dk, dv = result
-            if dq_acc is not None:
-                dq_acc.add_(dq)
-                return dq_acc, dk.float(), dv.float()
-            return dq, dk.to(k.dtype), dv.to(v.dtype)
+            return result
         impl = "triton"  # cuDNN refused this configuration (logged once)
     if _use_triton(q, impl):
         from graphopt.kernels.flash_attention_bwd import flash_attention_backward
         return flash_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
                                         q_offset=q_offset, k_offset=k_offset, delta=delta,
                                         dq_acc=dq_acc)
-    dq, dk, dv = _reference_backward(q, k, v, out, lse, dout, scale, causal, q_offset, k_offset,
-                                     delta)
-    if dq_acc is not None:
-        dq_acc.add_(dq)
-        return dq_acc, dk, dv
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _reference_backward(q, k, v, out, lse, dout, scale, causal, q_offset, k_offset, delta)
 
 
 # --- custom ops ------------------------------------------------------------------------------------

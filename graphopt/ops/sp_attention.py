@@ -14,7 +14,8 @@ results are merged in float32 with their log-sum-exps. Only the Hkv key/value he
 The backward takes the saved (q, k, v, out, lse) and the schedule's steps again; it never re-runs the
 forward: owners get k/v again and return dk/dv partials, helpers get (q, dout, lse, out) rows --
 delta = rowsum(dout * out) instead of out where graphopt's Triton backward runs the block -- and
-return dq partials, all summed in float32 by the rank that owns them.
+return dq partials, all summed in float32 by the rank that owns them (partials travel in q's dtype
+where torch's cuDNN kernel produced them so, else in float32).
 
 One implementation serves every device: the block math is ``graphopt.ops.attention`` (Triton kernels
 on CUDA, torch's cuDNN attention for the blocks it computes exactly; the float32 torch reference
@@ -227,9 +228,13 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     # A helper's block sees every key. Where torch's cuDNN backward computes it, the helper needs
     # the owner's out rows (the kernel derives delta itself); otherwise delta rows, 1/D the bytes.
     # Every rank decides alike: the choice depends only on dtype, head dim, device and config.
-    helper_rows = (q, dout, lse, delta)
+    # Partials that travel keep the dtype cuDNN produces them in (q's: half the bytes of float32,
+    # no conversion); graphopt's kernels produce float32 partials, which travel as they are.
+    helper_rows, dq_wire, kv_wire = (q, dout, lse, delta), torch.float32, torch.float32
     if not lse_grad and cudnn_eligible(q, k):
-        helper_rows = (q, dout, lse, out)
+        helper_rows, dq_wire = (q, dout, lse, out), q.dtype
+        if q.shape[1] == k.shape[1]:  # grouped heads are summed in float32
+            kv_wire = k.dtype
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -256,11 +261,10 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         task, src = step.tasks[rank], step.source(rank)
         start, stop = task.row_range(run.chunk)
         if task.kind == DIAGONAL:
-            _, dk, dv = attention_block_backward(
+            attention_block_backward(
                 q, k, v, out, lse, dout, scale=scale, causal=causal, q_offset=run.offset(rank),
-                k_offset=run.offset(rank), delta=delta, dq_acc=dq_acc, lse_grad_in_delta=lse_grad)
-            dk_acc.add_(dk)
-            dv_acc.add_(dv)
+                k_offset=run.offset(rank), delta=delta, dq_acc=dq_acc, dk_acc=dk_acc,
+                dv_acc=dv_acc, lse_grad_in_delta=lse_grad)
         elif task.kind == OWNER:
             k_src, v_src = buffers
             _, dk, dv = attention_block_backward(
@@ -268,28 +272,30 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                 _rows(lse, start, stop), _rows(dout, start, stop), scale=scale, causal=causal,
                 q_offset=run.offset(rank, start), k_offset=run.offset(src),
                 delta=_rows(delta, start, stop), dq_acc=_rows(dq_acc, start, stop),
-                lse_grad_in_delta=lse_grad)
+                kv_grad_dtype=kv_wire, lse_grad_in_delta=lse_grad)
             return [(dk, src), (dv, src)]
         elif task.kind == HELPER:
             q_src, dout_src, lse_src, last = buffers
             out_src, delta_src = (last, None) if helper_rows[-1] is out else (None, last)
-            dq = torch.zeros(q_src.shape, dtype=torch.float32, device=q.device)
-            _, dk, dv = attention_block_backward(
+            dq = None
+            if dq_wire == torch.float32:
+                dq = torch.zeros(q_src.shape, dtype=torch.float32, device=q.device)
+            dq, _, _ = attention_block_backward(
                 q_src, k, v, out_src, lse_src, dout_src, scale=scale, causal=causal,
                 q_offset=run.offset(src, start), k_offset=run.offset(rank), delta=delta_src,
-                dq_acc=dq, lse_grad_in_delta=lse_grad)
-            dk_acc.add_(dk)
-            dv_acc.add_(dv)
-            return [(dq, src)]
+                dq_acc=dq, dk_acc=dk_acc, dv_acc=dv_acc, lse_grad_in_delta=lse_grad)
+            return [(dq.to(dq_wire), src)]
         return []
 
     def start_results(step: Step, sends):
         dst = step.destination(rank)
         peer_task = step.tasks[dst]
         if peer_task.kind == OWNER:
-            buffers = (torch.empty_like(dk_acc), torch.empty_like(dv_acc))
+            buffers = (torch.empty_like(dk_acc, dtype=kv_wire),
+                       torch.empty_like(dv_acc, dtype=kv_wire))
         elif peer_task.kind == HELPER:
-            buffers = (torch.empty_like(_rows(dq_acc, *peer_task.row_range(run.chunk))),)
+            rows = _rows(dq_acc, *peer_task.row_range(run.chunk))
+            buffers = (torch.empty_like(rows, dtype=dq_wire, memory_format=torch.contiguous_format),)
         else:
             buffers = ()
         return run.exchanger.start(sends, [(buffer, dst) for buffer in buffers]), buffers

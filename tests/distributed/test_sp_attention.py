@@ -37,6 +37,8 @@ def _op_case(rank: int, group, p: int, case: dict) -> dict[str, float]:
     v = torch.randn(b, hkv, seq, d, generator=gen, dtype=torch.float64)
     dout = torch.randn(b, hq, seq, d, generator=gen, dtype=torch.float64)
     dlse = torch.randn(b, hq, seq, generator=gen, dtype=torch.float64)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))  # the inputs dtype can hold
     if not case.get("lse_grad", True):
         dlse.zero_()
     scale = case["scale"]
@@ -45,10 +47,10 @@ def _op_case(rank: int, group, p: int, case: dict) -> dict[str, float]:
     (out_ref * dout).sum().add_((lse_ref * dlse).sum()).backward()
 
     rows = slice(rank * chunk, (rank + 1) * chunk)
-    local = [x[:, :, rows].float().requires_grad_() for x in (q, k, v)]
+    local = [x[:, :, rows].to(dtype).requires_grad_() for x in (q, k, v)]
     out, lse = torch.ops.graphopt.sp_attention(*local, scale, case["causal"], group_name_of(group),
                                                case["load_balance"])
-    loss = (out * dout[:, :, rows].float()).sum()
+    loss = (out.float() * dout[:, :, rows].float()).sum()
     if case.get("lse_grad", True):
         loss = loss + (lse * dlse[:, :, rows].float()).sum()
     loss.backward()
@@ -122,13 +124,17 @@ def _forwards_in_backward(rank: int, group, context_fn) -> tuple[int, int]:
 def _contract_forward(q, k, v, *, scale, is_causal):
     """Stand-in for torch's cuDNN forward (CUDA only): no offsets, top-left causal mask."""
     from graphopt.ops.attention import _reference_forward
-    return _reference_forward(q, k, v, scale, is_causal, 0, 0)
+    out, lse = _reference_forward(q, k, v, scale, is_causal, 0, 0)
+    return out.to(q.dtype), lse
 
 
 def _contract_backward(q, k, v, out, lse, dout, *, scale, is_causal):
     """Stand-in for torch's cuDNN backward: no offsets, delta derived from out."""
     from graphopt.ops.attention import _reference_backward
-    return _reference_backward(q, k, v, out, lse, dout, scale, is_causal, 0, 0, None)
+    dq, dk, dv = _reference_backward(q, k, v, out, lse, dout, scale, is_causal, 0, 0, None)
+    if q.shape[1] == k.shape[1]:  # cuDNN: grads in the inputs' dtype; group sums in float32
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk, dv
 
 
 def _through_kernel_contract(rank: int, groups, cases: list[dict]) -> tuple[list, int]:
@@ -151,17 +157,21 @@ def _through_kernel_contract(rank: int, groups, cases: list[dict]) -> tuple[list
     try:
         errors = [_op_case(rank, groups[case["world"]], case["world"], dict(case, lse_grad=False))
                   for case in cases if rank < case["world"]]
+        # bf16: cuDNN's partials travel in bf16 (half the bytes); the buffers must agree.
+        errors_bf16 = [_op_case(rank, groups[case["world"]], case["world"],
+                                dict(case, lse_grad=False, dtype="bfloat16"))
+                       for case in cases if rank < case["world"]]
     finally:
         for name, value in zip(names, saved):
             setattr(attention, name, value)
-    return errors, len(calls)
+    return errors, errors_bf16, len(calls)
 
 
 def _run_op_checks(rank: int, groups, cases: list[dict]) -> dict:
     import graphopt.ops.sp_attention as sp
     errors = [_op_case(rank, groups[case["world"]], case["world"], case)
               for case in cases if rank < case["world"]]
-    contract_errors, contract_calls = _through_kernel_contract(rank, groups, cases)
+    contract_errors, contract_bf16, contract_calls = _through_kernel_contract(rank, groups, cases)
     examples = _hypothesis_cases(rank, groups)
     original = sp.attention_block_forward
     with_policy = _forwards_in_backward(rank, groups[WORLD], sp.checkpoint_context_fn)
@@ -170,7 +180,7 @@ def _run_op_checks(rank: int, groups, cases: list[dict]) -> dict:
     sp.attention_block_forward = original
     return dict(errors=errors, examples=examples, with_policy=with_policy,
                 without_policy=without_policy, contract_errors=contract_errors,
-                contract_calls=contract_calls)
+                contract_bf16=contract_bf16, contract_calls=contract_calls)
 
 
 def _grid_cases() -> list[dict]:
@@ -201,6 +211,8 @@ def test_blocks_routed_to_cudnn_keep_outputs_and_gradients_exact(op_checks):
     assert all(rank["contract_calls"] > 0 for rank in op_checks), [r["contract_calls"] for r in op_checks]
     worst = max(max(e.values()) for e in errors)
     assert worst < 2e-5, errors
+    bf16 = [e for rank in op_checks for e in rank["contract_bf16"]]
+    assert len(bf16) == len(errors) and max(max(e.values()) for e in bf16) < 5e-2, bf16
 
 
 def test_sp_attention_hypothesis_shapes_world_sizes_gqa(op_checks):
