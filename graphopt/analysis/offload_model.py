@@ -138,21 +138,33 @@ def offload_options(saved: Sequence, profile: DeviceProfile, config=None) -> dic
 
 
 def hidden_plan(saved: Sequence, options: dict[str, list[OffloadOption]], capacity: int | None,
-                min_bytes: int = 0) -> dict[str, float]:
+                min_bytes: int = 0, profile: DeviceProfile | None = None) -> dict[str, float]:
     """{name: alpha}: per tensor the largest option whose exposed time is negligible, earliest
-    produced first while the host capacity lasts (deterministic: every rank makes the same plan)."""
+    produced first while the host capacity lasts (deterministic: every rank makes the same plan).
+
+    Each option is priced with the other tensors at their hidden fractions, so two options can
+    each fit alone and stall together (both reach for the same slack in a queue). With
+    ``profile``, every choice is checked against the queues of the plan so far: the combined
+    stall grows by at most ``HIDDEN_TOLERANCE_S`` per planned tensor."""
     plan: dict[str, float] = {}
     used = 0
+    stall = 0.0
     for tensor in _d2h_order(saved):
-        hidden = [o for o in options.get(tensor.name, ())
-                  if o.exposed_time_s <= HIDDEN_TOLERANCE_S and o.host_bytes >= max(min_bytes, 1)]
-        if not hidden:
-            continue
-        best = max(hidden, key=lambda o: o.alpha)
-        if capacity is not None and used + best.host_bytes > capacity:
-            continue
-        plan[tensor.name] = best.alpha
-        used += best.host_bytes
+        hidden = sorted((o for o in options.get(tensor.name, ())
+                         if o.exposed_time_s <= HIDDEN_TOLERANCE_S
+                         and o.host_bytes >= max(min_bytes, 1)),
+                        key=lambda o: o.alpha, reverse=True)
+        for option in hidden:
+            if capacity is not None and used + option.host_bytes > capacity:
+                continue
+            if profile is not None:
+                combined = sum(queue_stall_s(saved, {**plan, tensor.name: option.alpha}, profile))
+                if combined > stall + HIDDEN_TOLERANCE_S:
+                    continue
+                stall = combined
+            plan[tensor.name] = option.alpha
+            used += option.host_bytes
+            break
     return plan
 
 

@@ -359,7 +359,8 @@ def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order) -> 
     """The plan without a joint planner: per tensor the fraction the host link hides."""
     saved = _saved_tensors(gm, bw_gm, candidates, fw_times, profile)
     options = offload_model.offload_options(saved, profile, ctx.config)
-    return offload_model.hidden_plan(saved, options, offload_model.host_capacity_bytes(ctx.config))
+    return offload_model.hidden_plan(saved, options, offload_model.host_capacity_bytes(ctx.config),
+                                     profile=profile)
 
 
 def _saved_tensors(gm, bw_gm, candidates, fw_times, profile) -> list[SavedTensor]:

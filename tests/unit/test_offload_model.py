@@ -85,9 +85,10 @@ tensor_lists = st.lists(
 def test_hidden_plan_adds_no_stall_and_options_grow_with_alpha(specs):
     tensors = [saved(f"t{i}", n, i, after_ms=a, before_ms=b) for i, (n, a, b) in enumerate(specs)]
     options = offload_model.offload_options(tensors, LINK)
-    plan = offload_model.hidden_plan(tensors, options, None)
+    plan = offload_model.hidden_plan(tensors, options, None, profile=LINK)
     forward, backward = offload_model.queue_stall_s(tensors, plan, LINK)
-    assert forward + backward <= 1e-6
+    # Each planned copy may expose up to the model's tolerance; their stalls add up in the queue.
+    assert forward + backward <= offload_model.HIDDEN_TOLERANCE_S * max(len(plan), 1) * (1 + 1e-9)
     for name, choices in options.items():
         alphas = [o.alpha for o in choices]
         assert alphas == sorted(alphas) and all(0 < a <= 1 for a in alphas)
@@ -95,4 +96,5 @@ def test_hidden_plan_adds_no_stall_and_options_grow_with_alpha(specs):
         assert all(x <= y + 1e-8 + 1e-6 * abs(y) for x, y in zip(exposed, exposed[1:]))
     # deterministic: the same input gives the same plan (every rank plans alike)
     again = [dataclasses.replace(t) for t in reversed(tensors)]
-    assert offload_model.hidden_plan(again, offload_model.offload_options(again, LINK), None) == plan
+    assert offload_model.hidden_plan(again, offload_model.offload_options(again, LINK), None,
+                                     profile=LINK) == plan
