@@ -145,7 +145,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal
 # --- torch's cuDNN attention kernels on one block ------------------------------------------------
 
 _LOG = logging.getLogger("graphopt.ops.attention")
-_CUDNN_REFUSED: dict[tuple, str] = {}  # (dtype, D, Hq, Hkv, is_causal, pass) -> why cuDNN failed
+_CUDNN_REFUSED: dict[tuple, str] = {}  # (dtype, D, Hq, Hkv, is_causal) -> why cuDNN refused it
 
 
 def _cudnn_supports(q: Tensor, k: Tensor) -> bool:
