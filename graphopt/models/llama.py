@@ -236,7 +236,14 @@ class _ChunkedOutputLoss(torch.autograd.Function):
 def parallelize_llama(model: Llama, tp_mesh, sequence_parallel: bool = False) -> Llama:
     """Megatron-style tensor parallelism through DTensor: column-parallel q/k/v and w1/w3,
     row-parallel wo and w2 (whose outputs are all-reduced, or reduce-scattered with
-    ``sequence_parallel=True``, where norms run on sequence shards)."""
+    ``sequence_parallel=True``, where norms run on sequence shards).
+
+    With ``sequence_parallel=True`` the residual stream between the blocks is each rank's slice of
+    the sequence (dim 1, as plain local tensors): the replicated embedding output is sliced on entry
+    to the first block, each block all-gathers its normed input before the column-parallel
+    projections and reduce-scatters the row-parallel outputs, and the final norm's output is
+    all-gathered before the (replicated) output projection, so the logits are full on every rank.
+    The sequence length must be divisible by the degree."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel,
@@ -273,4 +280,16 @@ def parallelize_llama(model: Llama, tp_mesh, sequence_parallel: bool = False) ->
                 "feed_forward.w2": RowwiseParallel(),
             }
         parallelize_module(block, tp_mesh, plan)
+    if sequence_parallel:
+        # SequenceParallel reads a plain input as the local shard, so the blocks must receive their
+        # slice, not the full embedding output (which would read as a P times longer sequence).
+        parallelize_module(model, tp_mesh, {
+            "layers.0": PrepareModuleInput(input_layouts=(Replicate(), None, None),
+                                           desired_input_layouts=(Shard(1), None, None),
+                                           use_local_output=True),
+            "norm": SequenceParallel(),
+            "output": PrepareModuleInput(input_layouts=(Shard(1),),
+                                         desired_input_layouts=(Replicate(),),
+                                         use_local_output=True),
+        })
     return model
