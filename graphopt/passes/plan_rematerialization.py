@@ -221,8 +221,8 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                       fw_outputs=[o.name for o in fw_outputs], bw_outputs=[o.name for o in bw_outputs],
                       shapes=shapes, dtypes=dtypes, hold_backward_inputs=hold_backward_inputs,
                       tuple_outputs=tuple_outputs, getitem_of=getitem_of,
-                      workspace={n.name: cost_model.workspace_bytes(n) for n in nodes
-                                 if cost_model.workspace_bytes(n)})
+                      workspace={n.name: size for n in nodes
+                                 if (size := cost_model.workspace_bytes(n))})
 
 
 def _is_backward_input(node: fx.Node) -> bool:
