@@ -238,6 +238,15 @@ def symmetric_tensor(shape, dtype, device, group_name: str):
     return local, handle, peers
 
 
+# --- real tensors at compile time (analysis/op_timing) ----------------------------------------------
+
+def real_tensors():
+    """A context in which ops make real tensors although a compile's FakeTensorMode is active
+    (the partitioner and the stage compilers run under it)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return unset_fake_temporarily()
+
+
 # --- partitioner internals (plan_rematerialization) -----------------------------------------------
 
 def checkpoint_policy():

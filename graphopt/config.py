@@ -80,6 +80,12 @@ _flag("overlap_matmul_allreduce", "overlap_mode", "auto", str,
 _flag("overlap_matmul_allreduce", "overlap_chunks", 0, int,
       "Chunks of the chunked runtime (sub-chunks per rank block of copy_engine); 0: the model picks.")
 
+# --- op times for the planners (analysis/op_timing.py) ------------------------------------------
+_flag("planning", "op_timing", "auto", str,
+      "Op times the remat and offload planners use: 'measure' times each distinct op once on its "
+      "device at compile time, 'model' uses the roofline cost model, 'auto' measures on CUDA in a "
+      "single-process run and models elsewhere.", choices=("auto", "measure", "model"))
+
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
 _flag("rematerialization", "memory_budget", None, (str, int, float, type(None)),
       "Peak activation-memory budget: bytes ('40GiB', 4e10) or a fraction (0.5) of the no-remat saved set.")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 from graphopt.analysis.device_profile import DeviceProfile
 
@@ -80,6 +80,42 @@ def queue_stall_s(saved: Sequence, alphas: dict[str, float], profile: DeviceProf
 
 def hidden_fractions(saved: Sequence, profile: DeviceProfile) -> dict[str, float]:
     """Per tensor, the largest fraction both queues hide, filling each queue earliest-first."""
+    return window_fractions(saved, profile)[1]
+
+
+def window_bytes(saved: Sequence, profile: DeviceProfile, forward_s: float | None = None) -> dict[str, Any]:
+    """How far each window reaches, in bytes: the saved bytes, what the forward's D2H queue
+    hides, and what stays hidden once the backward's H2D queue must also finish each reload
+    before its first use (the sum of ``hidden_fractions``).
+
+    With ``forward_s`` (the whole forward), also where the D2H queue's time goes: the link is
+    idle before the first saved tensor exists (``d2h_before_first_s``) and whenever the copies
+    catch up with production (``d2h_gaps_s``), so it carries less than forward_s x bandwidth."""
+    forward, hidden = window_fractions(saved, profile)
+    result: dict[str, Any] = {
+        "saved_bytes": int(sum(t.nbytes for t in saved)),
+        "d2h_window_bytes": int(sum(forward[t.name] * t.nbytes for t in saved)),
+        "d2h_and_h2d_window_bytes": int(sum(hidden[t.name] * t.nbytes for t in saved))}
+    if forward_s is not None and saved:
+        rate = profile.host_link_gbps * 1e9
+        first = forward_s - max(t.fw_time_after_s for t in saved)
+        link_free, gaps = float("-inf"), 0.0
+        for tensor in _d2h_order(saved):
+            produced = -tensor.fw_time_after_s
+            if link_free != float("-inf") and produced > link_free:
+                gaps += produced - link_free
+            nbytes = forward[tensor.name] * tensor.nbytes
+            if nbytes > 0:
+                link_free = max(link_free, produced) + transfer_time_s(nbytes, profile)
+        result.update(forward_s=forward_s, d2h_before_first_s=first, d2h_gaps_s=gaps,
+                      d2h_link_bytes=int(forward_s * rate))
+    return result
+
+
+def window_fractions(saved: Sequence, profile: DeviceProfile) -> tuple[dict[str, float], dict[str, float]]:
+    """(forward, both): per tensor the fraction the D2H queue hides in the forward, and the
+    fraction both queues hide (the H2D queue in order of first backward use, each tensor at most
+    its forward fraction)."""
     rate = profile.host_link_gbps * 1e9
     forward_cap: dict[str, float] = {}
     link_free = float("-inf")
@@ -98,7 +134,7 @@ def hidden_fractions(saved: Sequence, profile: DeviceProfile) -> dict[str, float
         hidden[tensor.name] = alpha
         if alpha > 0:
             link_free = start + alpha * tensor.nbytes / rate
-    return hidden
+    return forward_cap, hidden
 
 
 def _fraction(window_bytes: float, nbytes: int) -> float:

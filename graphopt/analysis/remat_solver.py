@@ -48,7 +48,7 @@ class JointGraph:
     nbytes: dict[str, int]          # bytes the node allocates (0 for views and tuples)
     logical_bytes: dict[str, int]   # bytes of the node's value, views included
     view_of: dict[str, str]
-    time_s: dict[str, float]        # roofline time of the node
+    time_s: dict[str, float]        # time of the node: measured (op_timing) or its roofline
     recomputable: dict[str, bool]   # False: collectives, attention, random, effects, MUST_SAVE
     cheap: set[str]                 # recomputed freely by the min-cut (views, pointwise)
     must_recompute: set[str]        # MUST_RECOMPUTE tags: never saved

@@ -27,7 +27,8 @@ Backward::
                                         y = first_use(x)
 
 Placement: the forward waits after the first node by which the D2H queue (all offloads, in
-production order, at the profile's host-link bandwidth) has finished the copy -- and after the
+production order, at the profile's host-link bandwidth; node times measured on CUDA, see
+``graphopt.analysis.op_timing``, else the roofline) has finished the copy -- and after the
 last forward use of ``x`` and its views. The backward issues each reload as late as the H2D queue
 (in order of first use, each copy due at its first use) allows, so reloaded memory is not held
 longer than needed to hide the copy.
@@ -63,8 +64,8 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import offload_model
-from graphopt.analysis.cost_model import graph_times, is_view
+from graphopt.analysis import offload_model, op_timing
+from graphopt.analysis.cost_model import is_view
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
 from graphopt.ops import offload as offload_ops
@@ -146,7 +147,7 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     candidates = _offloadable(gm, outputs, saved_positions, refusals)
     activation_bytes = _activation_bytes(outputs, saved_positions)
     profile = current_profile(ctx.config)
-    fw_times = graph_times(gm, profile)
+    fw_times = op_timing.graph_times(gm, profile, ctx.config)
     if plan is None:
         if ctx.config.memory_budget is not None:
             return PassResult(gm, False, refusals=[
@@ -357,14 +358,14 @@ def _row_numel(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, in
 
 def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order) -> dict[str, float]:
     """The plan without a joint planner: per tensor the fraction the host link hides."""
-    saved = _saved_tensors(gm, bw_gm, candidates, fw_times, profile)
+    saved = _saved_tensors(gm, bw_gm, candidates, fw_times, profile, ctx.config)
     options = offload_model.offload_options(saved, profile, ctx.config)
     return offload_model.hidden_plan(saved, options, offload_model.host_capacity_bytes(ctx.config),
                                      profile=profile)
 
 
-def _saved_tensors(gm, bw_gm, candidates, fw_times, profile) -> list[SavedTensor]:
-    """SavedTensor descriptions of the candidates, timed with the cost model.
+def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, config) -> list[SavedTensor]:
+    """SavedTensor descriptions of the candidates, timed with the planners' op times (op_timing).
 
     Without the backward graph, the backward compute before a tensor's first use is estimated as
     twice the forward compute after its production (backward mirrors forward at ~2x the FLOPs)."""
@@ -375,7 +376,7 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile) -> list[SavedTensor
         finish[node.name] = forward_s
     first_use_start, first_use_index = {}, {}
     if bw_gm is not None:
-        bw_times = graph_times(bw_gm, profile)
+        bw_times = op_timing.graph_times(bw_gm, profile, config)
         elapsed = 0.0
         for index, node in enumerate(bw_gm.graph.nodes):
             for arg in node.all_input_nodes:
@@ -496,7 +497,7 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         placeholders[name].meta["val"] = rewrite.original_vals[name]
     profile = current_profile(ctx.config)
     nodes = list(gm.graph.nodes)
-    times = graph_times(gm, profile)
+    times = op_timing.graph_times(gm, profile, ctx.config)
     start, elapsed = {}, 0.0
     for node in nodes:
         start[node] = elapsed

@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model, liveness, memory_plot, remat_solver
+from graphopt.analysis import cost_model, liveness, memory_plot, op_timing, remat_solver
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.remat_solver import JointGraph, Option, Plan
 from graphopt.passes.manager import PassContext
@@ -103,7 +103,9 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     joint_gm = _compat.cleanup_recompute_tags(joint_gm)
     profile = current_profile(ctx.config)
     hold = ctx.config.codegen == "eager"  # the boxed FX call keeps backward inputs to the end
-    graph = build_joint_graph(joint_gm, num_fwd_outputs, profile, hold_backward_inputs=hold)
+    timing = op_timing.time_graph(joint_gm, profile, ctx.config)
+    graph = build_joint_graph(joint_gm, num_fwd_outputs, profile, hold_backward_inputs=hold,
+                              node_times=timing.times)
     if not graph.bw_outputs or not any(graph.role[n] == "bw" for n in graph.order):
         log.info("[%s] no backward in the joint graph; nothing to plan", ctx.graph_id)
         return _compat.default_partition(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -112,7 +114,8 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     base_saved = remat_solver.min_cut_saved(graph)
     base = remat_solver.evaluate(graph, base_saved)
     budget = _budget_bytes(ctx.config.memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
-    offload = _offload_options(graph, base, profile, ctx) if ctx.config.offload_activations else {}
+    offload, windows = (_offload_options(graph, base, profile, ctx) if ctx.config.offload_activations
+                        else ({}, None))
     refusals = []
     if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
         plan, scored = remat_solver.plan_under_budget(graph, base.peak, base_saved, offload)
@@ -134,13 +137,19 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     summary["model_backward_s"] = (sum(graph.time_s[n] for n in graph.order if graph.role[n] == "bw")
                                    + plan.recompute_time_s)
     summary["host_link_gbps"] = profile.host_link_gbps
+    forward = [n for n in graph.order if graph.role[n] == "fw"]
+    summary["roofline_forward_s"] = timing.total(forward)[1]
+    if windows is not None:
+        summary["offload_windows"] = windows
+    timing_report = timing.report()
+    summary["op_timing"] = {k: v for k, v in timing_report.items() if k != "table"}
     ctx.shared["remat_plan"] = summary
     if ctx.config.offload_activations:
         ctx.shared["offload_plan"] = dict(plan.offloaded)
         # Inductor reads the backward's placeholders before the backward stage runs, so the
         # forward stage of offload_activations rewrites both graphs; it finds the backward here.
         ctx.shared["backward_graph"] = bw_gm
-    _record(ctx, graph, base, plan, summary)
+    _record(ctx, graph, base, plan, summary, timing_report)
     for reason in refusals:
         log.warning("[%s] plan_rematerialization: %s", ctx.graph_id, reason)
     log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), recompute %.3f ms, saved %d, "
@@ -161,7 +170,10 @@ def _budget_bytes(value: Any, base_peak: int, base_saved: int) -> int | None:
 # --- the joint graph as the solver sees it ----------------------------------------------------------
 
 def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
-                      hold_backward_inputs: bool = False) -> JointGraph:
+                      hold_backward_inputs: bool = False,
+                      node_times: dict[str, float] | None = None) -> JointGraph:
+    """The joint graph as the solver sees it; node times from ``node_times`` (measured, see
+    ``op_timing``) where given, else the roofline on ``profile``."""
     nodes = [n for n in joint_gm.graph.nodes if n.op != "output"]
     outputs = liveness.output_nodes(joint_gm)
     fw_outputs = [o for o in outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
@@ -207,7 +219,12 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
         if base is not None:
             view_of[name] = base.name
             nbytes[name] = 0
-        times[name] = cost_model.node_time(node, profile) if node.op == "call_function" else 0.0
+        if node.op != "call_function":
+            times[name] = 0.0
+        elif node_times is not None and name in node_times:
+            times[name] = node_times[name]
+        else:
+            times[name] = cost_model.node_time(node, profile)
         tag = node.meta.get("recompute")
         recomputable[name] = node.op == "call_function" and _recomputable(node) and tag != policy.MUST_SAVE
         if tag == policy.MUST_RECOMPUTE and recomputable[name]:
@@ -308,18 +325,22 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
     return result
 
 
-def _offload_options(graph: JointGraph, base: Plan, profile, ctx: PassContext) -> dict[str, list[Option]]:
+def _offload_options(graph: JointGraph, base: Plan, profile,
+                     ctx: PassContext) -> tuple[dict[str, list[Option]], dict | None]:
+    """Offload options per saved tensor, and how many bytes the transfer windows reach."""
     try:
         from graphopt.analysis import offload_model
     except ImportError:
         log.info("[%s] graphopt.analysis.offload_model is not available; planning keep/recompute only",
                  ctx.graph_id)
-        return {}
+        return {}, None
     saved = saved_tensors(graph, base)
     options = offload_model.offload_options(saved, profile, ctx.config)
-    return {name: [Option("offload", o.device_bytes_freed, o.exposed_time_s, o.alpha, o.host_bytes)
-                   for o in choices if o.device_bytes_freed > 0]
-            for name, choices in sorted(options.items())}
+    return ({name: [Option("offload", o.device_bytes_freed, o.exposed_time_s, o.alpha, o.host_bytes)
+                    for o in choices if o.device_bytes_freed > 0]
+             for name, choices in sorted(options.items())},
+            offload_model.window_bytes(saved, profile, sum(
+                graph.time_s[n] for n in graph.order if graph.role[n] == "fw")))
 
 
 # --- cutting the graphs -----------------------------------------------------------------------------
@@ -418,15 +439,20 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
     }
 
 
-def _record(ctx: PassContext, graph: JointGraph, base: Plan, plan: Plan, summary: dict) -> None:
+def _record(ctx: PassContext, graph: JointGraph, base: Plan, plan: Plan, summary: dict,
+            timing_report: dict) -> None:
     recorder = ctx.recorder
     if recorder is None:
         return
     note = {k: v for k, v in summary.items() if k not in ("saved", "recomputed", "table")}
     note["table"] = summary["table"]
     recorder.note("remat_plan", note)
+    recorder.note("op_timing", timing_report)
     if recorder.folder is None:
         return
+    with open(os.path.join(recorder.folder, "op_times.md"), "w") as handle:
+        handle.write(op_timing.table_markdown(
+            timing_report, f"{ctx.graph_id}: op times the planners used (joint graph)"))
     svg = memory_plot.timeline_svg(
         [("min-cut plan (torch's default)", base.timeline), ("graphopt plan", plan.timeline)],
         budget=summary["budget_bytes"], title=f"{ctx.graph_id}: bytes live over forward + backward")
@@ -434,7 +460,7 @@ def _record(ctx: PassContext, graph: JointGraph, base: Plan, plan: Plan, summary
         handle.write(svg)
     with open(os.path.join(recorder.folder, "remat_plan.md"), "w") as handle:
         handle.write(memory_plot.plan_table_markdown(summary))
-    recorder.note("remat_files", ["remat_memory.svg", "remat_plan.md"])
+    recorder.note("remat_files", ["remat_memory.svg", "remat_plan.md", "op_times.md"])
 
 
 def _fmt(nbytes: float | None) -> str:

@@ -76,3 +76,11 @@ def test_every_flag_has_a_comment_and_group():
         assert flag.doc and flag.group
     text = config.describe_flags()
     assert "[rematerialization]" in text and "memory_budget" in text
+
+
+def test_op_timing_flag_takes_the_environment_and_rejects_other_modes(monkeypatch):
+    assert config.op_timing == "auto"
+    monkeypatch.setenv("GRAPHOPT_OP_TIMING", "model")
+    assert config.op_timing == "model" and config.snapshot().op_timing == "model"
+    with pytest.raises(config.ConfigError, match="not one of"):
+        config.patch(op_timing="roofline")

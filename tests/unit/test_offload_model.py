@@ -98,3 +98,19 @@ def test_hidden_plan_adds_no_stall_and_options_grow_with_alpha(specs):
     again = [dataclasses.replace(t) for t in reversed(tensors)]
     assert offload_model.hidden_plan(again, offload_model.offload_options(again, LINK), None,
                                      profile=LINK) == plan
+
+
+def test_window_bytes_say_where_the_link_time_goes():
+    # 12 ms forward: a 1 MB tensor 2 ms in (10 ms left), another at 7 ms (5 ms left); 1 GB/s
+    pair = [saved("a", 1_000_000, 0, after_ms=10, before_ms=10),
+            saved("b", 1_000_000, 1, after_ms=5, before_ms=10)]
+    windows = offload_model.window_bytes(pair, LINK, forward_s=12e-3)
+    assert windows["saved_bytes"] == windows["d2h_window_bytes"] == 2_000_000
+    assert windows["d2h_link_bytes"] == 12_000_000
+    assert windows["d2h_before_first_s"] == pytest.approx(2e-3)
+    assert windows["d2h_gaps_s"] == pytest.approx(4e-3)  # idle from a's end (3 ms) to b (7 ms)
+    # a third tensor that fills the link to the end of the forward leaves no gap after it
+    trio = pair + [saved("c", 9_000_000, 2, after_ms=4.5, before_ms=10)]
+    windows = offload_model.window_bytes(trio, LINK, forward_s=12e-3)
+    assert windows["d2h_window_bytes"] == pytest.approx(2_000_000 + 4_000_000, abs=2)  # c: 4 ms left
+    assert windows["d2h_gaps_s"] == pytest.approx(4e-3)
