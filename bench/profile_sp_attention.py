@@ -9,9 +9,11 @@ steps, next to the step's wall time, and writes a Chrome trace per rank into --o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -51,13 +53,51 @@ def main() -> None:
             step()
         end.record()
         torch.cuda.synchronize()
+    trace_dir = args.out or tempfile.mkdtemp()
+    os.makedirs(trace_dir, exist_ok=True)
+    trace = os.path.join(trace_dir, f"trace_rank{dist.get_rank()}.json")
+    prof.export_chrome_trace(trace)
+    report = stream_report(trace, args.iters)
+    for rank in range(dist.get_world_size()):
+        if rank == dist.get_rank():
+            print(f"rank {rank}: step {start.elapsed_time(end) / args.iters:.2f} ms under the profiler")
+            print(report, flush=True)
+        dist.barrier()
     if dist.get_rank() == 0:
-        print(f"step {start.elapsed_time(end) / args.iters:.2f} ms (rank 0, under the profiler)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        prof.export_chrome_trace(os.path.join(args.out, f"trace_rank{dist.get_rank()}.json"))
+        from graphopt.ops import attention
+        print(f"cuDNN refusals: {attention._CUDNN_REFUSED or 'none'}; grouped heads refused: "
+              f"{attention._CUDNN_GQA_REFUSED or 'none'}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                        max_name_column_width=60))
     dist.destroy_process_group()
+
+
+def stream_report(trace_path: str, iters: int, min_gap_us: float = 20.0) -> str:
+    """Per CUDA stream: kernel time per step; on the busiest (compute) stream, the idle gaps
+    between its kernels -- time the block kernels waited, for transfers or the host -- with the
+    kernels around the largest of them."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    by_stream: dict = {}
+    for e in kernels:
+        by_stream.setdefault(e.get("args", {}).get("stream"), []).append(e)
+    lines = []
+    for stream, items in sorted(by_stream.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
+        busy = sum(e["dur"] for e in items) / 1e3 / iters
+        lines.append(f"  stream {stream}: {len(items) // iters} kernels, {busy:.2f} ms per step")
+    compute = max(by_stream.values(), key=lambda items: sum(e["dur"] for e in items))
+    gaps = []
+    for before, after in zip(compute, compute[1:]):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > min_gap_us:
+            gaps.append((gap, before["name"][:50], after["name"][:50]))
+    span = (compute[-1]["ts"] + compute[-1]["dur"] - compute[0]["ts"]) / 1e3 / iters
+    lines.append(f"  compute stream: span {span:.2f} ms per step, gaps > {min_gap_us:.0f} us: "
+                 f"{sum(g for g, _, _ in gaps) / 1e3 / iters:.2f} ms per step in {len(gaps)}")
+    for gap, before, after in sorted(gaps, reverse=True)[:12]:
+        lines.append(f"    {gap:8.0f} us after {before} | before {after}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ _flag("sequence_parallel_attention", "sp_group", None, object,
       from_env=False)
 _flag("sequence_parallel_attention", "sp_load_balance", True, bool,
       "Balance causal work token-level across ranks (idle ranks compute blocks for busy ones).")
+_flag("sequence_parallel_attention", "sp_split_diagonal", True, bool,
+      "Open and close each rank's step sequence with half of its own diagonal block, so the first "
+      "inputs and the last returned partials travel under compute (read when the op runs; False "
+      "runs the diagonal whole, first in forward and last in backward).")
 
 # --- attention kernels (ops/attention.py; read when an attention op runs) -----------------------
 _flag("attention", "attention_kernel", "auto", str,

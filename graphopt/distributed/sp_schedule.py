@@ -24,6 +24,10 @@ rank does P - 1/2. Non-causal attention is the plain ring (every rank does P blo
 The backward pass runs the same steps: the owner of a block receives k/v again and returns
 dk/dv partials; a helper receives (q, dout, lse, delta) and returns dq partials.
 
+The runtime opens and closes with the diagonal (``split_diagonal``): half of its key columns
+first, to hide the first step's inputs in flight, the other half last, to hide the last partial
+results on their way back.
+
 ``build_schedule`` is a pure function of (P, causal, load_balance); ``work_per_rank`` and
 ``blocks_covered`` let tests check a schedule without running it.
 """
@@ -44,17 +48,27 @@ FIRST_HALF = (Fraction(0), Fraction(1, 2))
 SECOND_HALF = (Fraction(1, 2), Fraction(1))
 
 
+def _indices(part: tuple[Fraction, Fraction], chunk_len: int) -> tuple[int, int]:
+    start, stop = part
+    return int(start * chunk_len), int(stop * chunk_len)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What one rank computes in one step. ``rows`` are fractions of a chunk's query rows."""
+    """What one rank computes in one step. ``rows`` are fractions of a chunk's query rows,
+    ``keys`` of its key columns (only a split diagonal takes part of the keys)."""
 
     kind: str
     rows: tuple[Fraction, Fraction] = ALL_ROWS
+    keys: tuple[Fraction, Fraction] = ALL_ROWS
 
     def row_range(self, chunk_len: int) -> tuple[int, int]:
         """The rows as [start, stop) indices into a chunk of ``chunk_len`` queries."""
-        start, stop = self.rows
-        return int(start * chunk_len), int(stop * chunk_len)
+        return _indices(self.rows, chunk_len)
+
+    def key_range(self, chunk_len: int) -> tuple[int, int]:
+        """The keys as [start, stop) indices into a chunk of ``chunk_len`` keys."""
+        return _indices(self.keys, chunk_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,25 +107,69 @@ def build_schedule(world_size: int, causal: bool, load_balance: bool = True) -> 
     return tuple(steps)
 
 
-def computed_block(step: Step, rank: int) -> tuple[int, int, tuple[Fraction, Fraction]] | None:
-    """(query chunk, key chunk, query rows) that ``rank`` computes in ``step``; None when idle."""
+def split_diagonal(schedule: tuple[Step, ...]) -> tuple[Step, ...]:
+    """``schedule`` with its diagonal step (the one that needs no transfer) split by key columns
+    into a first and a last step: the first half of the keys (3/4 of a causal diagonal's work)
+    runs while the next step's inputs travel, the second half while the last step's partial
+    results travel back, so neither transfer waits uncovered. A single-rank schedule is returned
+    as it is."""
+    if len(schedule) == 1:
+        return schedule
+    diagonal, rest = schedule[0], schedule[1:]
+    if diagonal.shift != 0 or any(task.kind != DIAGONAL for task in diagonal.tasks):
+        raise ValueError("split_diagonal takes a schedule from build_schedule (diagonal first)")
+    head, tail = (Step(0, tuple(Task(DIAGONAL, keys=keys) for _ in diagonal.tasks))
+                  for keys in (FIRST_HALF, SECOND_HALF))
+    return (head,) + rest + (tail,)
+
+
+def local_blocks(task: Task, causal: bool) -> list[tuple[tuple[Fraction, Fraction],
+                                                         tuple[Fraction, Fraction]]]:
+    """A diagonal task as (rows, keys) blocks a kernel without offsets computes exactly: each is
+    either a square on the causal diagonal or sees every key (the rows below the key columns)."""
+    if task.kind != DIAGONAL:
+        raise ValueError(f"local_blocks takes a diagonal task, got {task.kind}")
+    start, stop = task.keys
+    if not causal:
+        return [(task.rows, task.keys)]
+    if task.rows != ALL_ROWS:
+        raise ValueError("a causal diagonal task is split by keys only")
+    blocks = [((start, stop), (start, stop))]
+    if stop < 1:
+        blocks.append(((stop, Fraction(1)), (start, stop)))
+    return blocks
+
+
+def computed_block(step: Step, rank: int) -> tuple[int, int, tuple[Fraction, Fraction],
+                                                   tuple[Fraction, Fraction]] | None:
+    """(query chunk, key chunk, query rows, key columns) that ``rank`` computes in ``step``;
+    None when idle."""
     task = step.tasks[rank]
     if task.kind == DIAGONAL:
-        return rank, rank, task.rows
+        return rank, rank, task.rows, task.keys
     if task.kind == OWNER:
-        return rank, step.source(rank), task.rows
+        return rank, step.source(rank), task.rows, task.keys
     if task.kind == HELPER:
-        return step.source(rank), rank, task.rows
+        return step.source(rank), rank, task.rows, task.keys
     return None
 
 
 def block_work(query_chunk: int, key_chunk: int, rows: tuple[Fraction, Fraction],
-               causal: bool) -> Fraction:
+               causal: bool, keys: tuple[Fraction, Fraction] = ALL_ROWS) -> Fraction:
     """Work of a block in units of one full chunk x chunk block (a causal diagonal is 1/2)."""
     start, stop = rows
-    if causal and query_chunk == key_chunk:
-        return (stop * stop - start * start) / 2
-    return stop - start
+    first, last = keys
+    if not (causal and query_chunk == key_chunk):
+        return (stop - start) * (last - first)
+
+    def below(x: Fraction) -> Fraction:  # area of rows [0, x) x keys [first, last) with key <= row
+        if x <= first:
+            return Fraction(0)
+        if x <= last:
+            return (x - first) ** 2 / 2
+        return (last - first) ** 2 / 2 + (last - first) * (x - last)
+
+    return below(stop) - below(start)
 
 
 def work_per_rank(schedule: tuple[Step, ...], causal: bool) -> list[Fraction]:
@@ -121,16 +179,19 @@ def work_per_rank(schedule: tuple[Step, ...], causal: bool) -> list[Fraction]:
         for rank in range(len(step.tasks)):
             block = computed_block(step, rank)
             if block is not None:
-                work[rank] += block_work(*block, causal)
+                query_chunk, key_chunk, rows, keys = block
+                work[rank] += block_work(query_chunk, key_chunk, rows, causal, keys)
     return work
 
 
-def blocks_covered(schedule: tuple[Step, ...]) -> dict[tuple[int, int], list[tuple[Fraction, Fraction]]]:
-    """For each (query chunk, key chunk), the query-row ranges computed for it, in step order."""
-    covered: dict[tuple[int, int], list[tuple[Fraction, Fraction]]] = {}
+def blocks_covered(schedule: tuple[Step, ...]) -> dict[tuple[int, int], list[tuple[
+        tuple[Fraction, Fraction], tuple[Fraction, Fraction]]]]:
+    """For each (query chunk, key chunk), the (query rows, key columns) rectangles computed for
+    it, in step order."""
+    covered: dict[tuple[int, int], list] = {}
     for step in schedule:
         for rank in range(len(step.tasks)):
             block = computed_block(step, rank)
             if block is not None:
-                covered.setdefault(block[:2], []).append(block[2])
+                covered.setdefault(block[:2], []).append(block[2:])
     return covered

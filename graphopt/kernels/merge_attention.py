@@ -13,6 +13,8 @@ and D contiguous per head as the sequence-parallel runtime slices them); the blo
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -75,4 +77,78 @@ def merge_blocks_fused(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tenso
                         BLOCK_R=block_r)
 
 
-__all__ = ["merge_blocks_fused", "merge_rows"]
+MAX_PARTS = 4
+
+
+@triton.jit
+def _load_part(Out, Lse, bh, offs_r, offs_d, row_ok, tile_ok, stride_o, stride_l,
+               HEAD_DIM: tl.constexpr):
+    out = tl.load(Out + bh * stride_o + offs_r[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=tile_ok, other=0.0).to(tl.float32)
+    lse = tl.load(Lse + bh * stride_l + offs_r, mask=row_ok, other=float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def _merge_parts_kernel(Out, Lse, O0, L0, O1, L1, O2, L2, O3, L3, rows, so, sl, so0, sl0, so1,
+                        sl1, so2, sl2, so3, sl3, PARTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_r < rows
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    out, lse = _load_part(O0, L0, bh, offs_r, offs_d, row_ok, tile_ok, so0, sl0, HEAD_DIM)
+    if PARTS > 1:
+        o, l = _load_part(O1, L1, bh, offs_r, offs_d, row_ok, tile_ok, so1, sl1, HEAD_DIM)
+        out, lse = merge_rows(out, lse, o, l)
+    if PARTS > 2:
+        o, l = _load_part(O2, L2, bh, offs_r, offs_d, row_ok, tile_ok, so2, sl2, HEAD_DIM)
+        out, lse = merge_rows(out, lse, o, l)
+    if PARTS > 3:
+        o, l = _load_part(O3, L3, bh, offs_r, offs_d, row_ok, tile_ok, so3, sl3, HEAD_DIM)
+        out, lse = merge_rows(out, lse, o, l)
+    tl.store(Out + bh * so + offs_r[:, None] * HEAD_DIM + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=tile_ok)
+    tl.store(Lse + bh * sl + offs_r, lse, mask=row_ok)
+
+
+def flat_head_strides(out: Tensor, lse: Tensor) -> Optional[tuple[int, int]]:
+    """Strides of the folded (batch * head) index of out [B, H, rows, D] (rows and D contiguous
+    per head) and lse [B, H, rows] (rows contiguous), or None where the layouts do not fold."""
+    from graphopt.kernels.sum_partials import flat_heads_stride
+    out_stride = flat_heads_stride(out)
+    batch, heads = lse.shape[:2]
+    if out_stride is None or lse.stride(-1) != 1:
+        return None
+    if batch > 1 and heads > 1 and lse.stride(0) != heads * lse.stride(1):
+        return None
+    return out_stride, lse.stride(1) if heads > 1 else lse.stride(0)
+
+
+def merge_parts_fused(out: Tensor, lse: Tensor, parts: list[tuple[Tensor, Tensor]]) -> None:
+    """(out [B, H, rows, D] in its dtype, lse float32 [B, H, rows]) = the merge of 1 to MAX_PARTS
+    partial (out, lse) results over disjoint key blocks, in float32, rounded once. Every operand's
+    layout must fold batch and head (``flat_head_strides``)."""
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise ValueError(f"merge_parts_fused takes 1 to {MAX_PARTS} parts, got {len(parts)}")
+    operands = [(out, lse)] + list(parts)
+    strides = [flat_head_strides(o, l) for o, l in operands]
+    if any(s is None for s in strides) or any(o.shape != out.shape or l.shape != lse.shape
+                                              for o, l in operands):
+        raise ValueError("merge_parts_fused needs operands of one shape whose batch and head "
+                         "fold into one index (rows and D contiguous per head)")
+    batch, heads, rows, head_dim = out.shape
+    if batch * heads * rows == 0:
+        return
+    padded = list(parts) + [parts[0]] * (MAX_PARTS - len(parts))
+    padded_strides = strides[1:] + [strides[1]] * (MAX_PARTS - len(parts))
+    block_r = 64
+    grid = (triton.cdiv(rows, block_r), batch * heads)
+    _merge_parts_kernel[grid](out, lse, *(x for part in padded for x in part), rows, *strides[0],
+                              *(x for pair in padded_strides for x in pair), PARTS=len(parts),
+                              HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+                              BLOCK_R=block_r)
+
+
+__all__ = ["merge_blocks_fused", "merge_parts_fused", "merge_rows", "MAX_PARTS"]

@@ -226,38 +226,86 @@ def _cudnn_refused(q: Tensor, k: Tensor, is_causal: bool, err: RuntimeError) -> 
                  "blocks instead", key, _CUDNN_REFUSED[key])
 
 
+# Grouped heads: cuDNN reads key/value head h // (Hq // Hkv) itself and sums dK/dV over each query
+# group inside the kernel (float32), returning them in k's dtype -- no repeated K/V in memory, no
+# float32 group sums. A configuration for which it refuses grouped heads is logged once and runs
+# with K/V repeated to Hq heads instead (dK/dV then summed here in float32).
+_CUDNN_GQA_REFUSED: dict[tuple, str] = {}
+
+
+def _grouped_natively(q: Tensor, k: Tensor, is_causal: bool) -> bool:
+    return q.shape[1] != k.shape[1] and _cudnn_key(q, k, is_causal) not in _CUDNN_GQA_REFUSED
+
+
+def _cudnn_gqa_refused(q: Tensor, k: Tensor, is_causal: bool, err: RuntimeError) -> None:
+    key = _cudnn_key(q, k, is_causal)
+    _CUDNN_GQA_REFUSED[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
+    _LOG.warning("torch's cuDNN attention refused grouped key/value heads %s (%s); these blocks "
+                 "run with K/V repeated to the query heads", key, _CUDNN_GQA_REFUSED[key])
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    """x as cuDNN reads it: any strides with a unit last one (row blocks of a [B, H, S, D] tensor
+    go as views; only the small LSE is made contiguous)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _aten_cudnn_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                        is_causal: bool) -> tuple[Tensor, Tensor]:
+    """torch's cuDNN attention forward: (out, lse [B, Hq, Sq, 1] or [B, Hq, Sq])."""
+    result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+    return result[0], result[1]
+
+
+def _aten_cudnn_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                         *, scale: float, is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's cuDNN attention backward: (dq, dk, dv) shaped like q, k, v."""
+    seed = torch.empty((), dtype=torch.long, device=q.device)  # no dropout: never read
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1), seed, seed, None, None, None, q.shape[2],
+        k.shape[2], 0.0, is_causal, scale=scale)
+
+
 def _cudnn_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
                          is_causal: bool) -> Optional[tuple[Tensor, Tensor]]:
     """(out [q's dtype], lse float32 [B, Hq, Sq]) of one block, or None if cuDNN refused it."""
     hq = q.shape[1]
+    native = _grouped_natively(q, k, is_causal)
+    k_in, v_in = (k, v) if native else (_expand_heads(k, hq), _expand_heads(v, hq))
     try:
-        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q.contiguous(), _expand_heads(k, hq).contiguous(), _expand_heads(v, hq).contiguous(),
-            None, True, 0.0, is_causal, False, scale=scale)
+        out, lse = _aten_cudnn_forward(_unit_last_stride(q), _unit_last_stride(k_in),
+                                       _unit_last_stride(v_in), scale=scale, is_causal=is_causal)
     except RuntimeError as err:
+        if native:
+            _cudnn_gqa_refused(q, k, is_causal, err)
+            return _cudnn_block_forward(q, k, v, scale=scale, is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
-    out, lse = result[0], result[1]
     return out, lse.reshape(q.shape[:3]).float()
 
 
 def _cudnn_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           dout: Tensor, *, scale: float, is_causal: bool
                           ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """(dq [q's dtype], dk, dv) of one block, or None if cuDNN refused it; dk, dv are float32 sums
-    over a query group when Hq > Hkv, else in k's dtype. Delta is derived from out."""
+    """(dq [q's dtype], dk, dv) of one block, or None if cuDNN refused it; dk, dv in k's dtype
+    (summed over each query group by cuDNN), or float32 sums over a query group where cuDNN
+    refused grouped heads and K/V ran repeated. Delta is derived from out."""
     hq, hkv = q.shape[1], k.shape[1]
-    seed = torch.empty((), dtype=torch.long, device=q.device)  # no dropout: never read
+    native = _grouped_natively(q, k, is_causal)
+    k_in, v_in = (k, v) if native else (_expand_heads(k, hq), _expand_heads(v, hq))
     try:
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout.contiguous(), q.contiguous(), _expand_heads(k, hq).contiguous(),
-            _expand_heads(v, hq).contiguous(), out.contiguous(),
-            lse.unsqueeze(-1).contiguous(), seed, seed, None, None, None, q.shape[2], k.shape[2],
-            0.0, is_causal, scale=scale)
+        dq, dk, dv = _aten_cudnn_backward(
+            *(_unit_last_stride(x) for x in (q, k_in, v_in, out)), lse.contiguous(),
+            _unit_last_stride(dout), scale=scale, is_causal=is_causal)
     except RuntimeError as err:
+        if native:
+            _cudnn_gqa_refused(q, k, is_causal, err)
+            return _cudnn_block_backward(q, k, v, out, lse, dout, scale=scale,
+                                         is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
-    if hq != hkv:
+    if hq != hkv and not native:
         dk = dk.unflatten(1, (hkv, hq // hkv)).float().sum(2)
         dv = dv.unflatten(1, (hkv, hq // hkv)).float().sum(2)
     return dq, dk, dv

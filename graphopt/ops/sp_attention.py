@@ -6,16 +6,21 @@ attention over the WHOLE sequence -- causal or not -- as if q, k, v had been gat
 
     out_r, lse_r = attention(q_r, cat(k_0..k_{P-1}), cat(v_0..v_{P-1}))   # without the gather
 
-following the steps of ``graphopt.distributed.sp_schedule.build_schedule``. A step's inputs (the
-peer's k/v, or a busy peer's query rows for a helper) are requested one step ahead, so the transfer
-runs under the current step's block kernel (``Exchanger`` on a CUDA communication stream). Partial
-results are merged in float32 with their log-sum-exps. Only the Hkv key/value heads travel.
+following the steps of ``graphopt.distributed.sp_schedule.build_schedule``, opened and closed by
+the two halves of the rank's own diagonal block (``split_diagonal``; config
+``sp_split_diagonal``). A step's inputs (the peer's k/v, or a busy peer's query rows for a helper)
+are requested one step ahead, so the transfer runs under the current step's block kernel
+(``Exchanger`` on a CUDA communication stream). Partial results are kept as their kernels produced
+them and merged once at the end, in float32 with their log-sum-exps, rounded once (one fused pass on
+CUDA: no float32 accumulator is filled, updated per block and cast). Only the Hkv key/value heads
+travel.
 
 The backward takes the saved (q, k, v, out, lse) and the schedule's steps again; it never re-runs the
 forward: owners get k/v again and return dk/dv partials, helpers get (q, dout, lse, out) rows --
 delta = rowsum(dout * out) instead of out where graphopt's Triton backward runs the block -- and
-return dq partials, all summed in float32 by the rank that owns them (partials travel in q's dtype
-where torch's cuDNN kernel produced them so, else in float32).
+return dq partials. The rank that owns a gradient sums its partials once at the end in float32,
+rounded once (partials travel in q's dtype where torch's cuDNN kernel produced them so, else in
+float32).
 
 One implementation serves every device: the block math is ``graphopt.ops.attention`` (Triton kernels
 on CUDA, torch's cuDNN attention for the blocks it computes exactly; the float32 torch reference
@@ -37,7 +42,8 @@ from torch import Tensor
 
 from graphopt import _compat
 from graphopt.distributed.p2p import exchanger_for
-from graphopt.distributed.sp_schedule import DIAGONAL, HELPER, OWNER, Step, build_schedule
+from graphopt.distributed.sp_schedule import (DIAGONAL, HELPER, OWNER, Step, Task, build_schedule,
+                                              local_blocks, split_diagonal)
 from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
                                     attention_delta, merge_attention_blocks,
                                     cudnn_eligible)
@@ -89,23 +95,128 @@ def _check_equal_chunks(group: dist.ProcessGroup, chunk: int, device: torch.devi
     _CHECKED_CHUNKS.add(key)
 
 
+class _Partials:
+    """Gradient partials of one tensor ([B, H, S/P, D]) by row range, each in the dtype its kernel
+    produced, summed once at the end in float32 and rounded once (``graphopt.kernels.sum_partials``
+    fuses the sum on CUDA). More than ``MAX_PENDING`` are folded into one float32 partial, which
+    bounds the memory they hold at any P."""
+
+    MAX_PENDING = 8
+
+    def __init__(self, like: Tensor):
+        self.like = like
+        self.parts: list[tuple[int, int, Tensor]] = []
+
+    def add(self, start: int, stop: int, partial: Tensor) -> None:
+        if stop <= start:
+            return
+        self.parts.append((start, stop, partial))
+        if len(self.parts) > self.MAX_PENDING:
+            self.parts = [(0, self.like.shape[2], self.total(torch.float32))]
+
+    def total(self, dtype: torch.dtype) -> Tensor:
+        """The sum over every row (rows no partial covers are zero)."""
+        from graphopt.kernels.sum_partials import sum_partials
+        result = torch.empty(self.like.shape, dtype=dtype, device=self.like.device)
+        edges = sorted({0, self.like.shape[2]} | {e for p in self.parts for e in p[:2]})
+        for lo, hi in zip(edges, edges[1:]):
+            covering = [_rows(part, lo - start, hi - start)
+                        for start, stop, part in self.parts if start <= lo and hi <= stop]
+            sum_partials(_rows(result, lo, hi), covering)
+        return result
+
+
+class _OutPartials:
+    """Partial attention results (out, lse) of this rank's query rows by row range, in the dtype
+    the block kernel produced, merged once at the end in float32 and rounded once
+    (``graphopt.kernels.merge_attention.merge_parts_fused`` on CUDA). More than ``MAX_PENDING``
+    are merged into one float32 partial."""
+
+    MAX_PENDING = 8
+
+    def __init__(self, q: Tensor):
+        self.q = q
+        self.parts: list[tuple[int, int, Tensor, Tensor]] = []
+
+    def add(self, start: int, stop: int, out: Tensor, lse: Tensor) -> None:
+        if stop <= start:
+            return
+        self.parts.append((start, stop, out, lse))
+        if len(self.parts) > self.MAX_PENDING:
+            self.parts = [(0, self.q.shape[2], *self.total(torch.float32))]
+
+    def total(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(out in ``dtype``, lse float32) over every row (rows no part covers: 0 and -inf)."""
+        out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
+        lse = torch.empty(self.q.shape[:3], dtype=torch.float32, device=self.q.device)
+        edges = sorted({0, self.q.shape[2]} | {e for p in self.parts for e in p[:2]})
+        for lo, hi in zip(edges, edges[1:]):
+            covering = [(_rows(o, lo - start, hi - start), _rows(l, lo - start, hi - start))
+                        for start, stop, o, l in self.parts if start <= lo and hi <= stop]
+            _merge_parts(_rows(out, lo, hi), _rows(lse, lo, hi), covering)
+        return out, lse
+
+
+def _merge_parts(out: Tensor, lse: Tensor, parts: list[tuple[Tensor, Tensor]]) -> None:
+    """out, lse = the merge of the partial results ``parts`` (fused on CUDA where layouts allow)."""
+    from graphopt.kernels.merge_attention import MAX_PARTS, flat_head_strides, merge_parts_fused
+    if not parts:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    if out.is_cuda and all(flat_head_strides(*x) is not None for x in [(out, lse)] + parts):
+        while len(parts) > MAX_PARTS:
+            head = (torch.empty(out.shape, dtype=torch.float32, device=out.device),
+                    torch.empty(lse.shape, dtype=torch.float32, device=lse.device))
+            merge_parts_fused(*head, parts[:MAX_PARTS])
+            parts = [head] + parts[MAX_PARTS:]
+        merge_parts_fused(out, lse, parts)
+        return
+    out_acc = parts[0][0].float().clone()
+    lse_acc = parts[0][1].float().clone()
+    for part in parts[1:]:
+        merge_attention_blocks(out_acc, lse_acc, *part)
+    out.copy_(out_acc)
+    lse.copy_(lse_acc)
+
+
 class _Runner:
     """Walks a schedule: inputs of step t + 1 travel while step t computes."""
 
     def __init__(self, q: Tensor, group: dist.ProcessGroup, causal: bool, load_balance: bool,
-                 diagonal_last: bool = False):
+                 backward: bool = False):
+        from graphopt import config
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.chunk = q.shape[2]
+        self.causal = causal
         _check_equal_chunks(group, self.chunk, q.device)
         schedule = build_schedule(self.world, causal, load_balance)
-        # The diagonal needs no transfer: first, it hides the first step's inputs; last, it hides
-        # the last step's returned partials (the backward's float32 dk/dv, the larger transfer).
-        self.schedule = schedule[1:] + schedule[:1] if diagonal_last else schedule
+        if config.sp_split_diagonal:
+            # The diagonal needs no transfer: half of it opens the schedule and hides the first
+            # step's inputs, the other half closes it and hides the last partials on their way back.
+            self.schedule = split_diagonal(schedule)
+        elif backward:
+            # Whole, the diagonal goes where it hides the larger transfer: last in backward (the
+            # returned dk/dv), first in forward (k/v in).
+            self.schedule = schedule[1:] + schedule[:1]
+        else:
+            self.schedule = schedule
         self.exchanger = exchanger_for(group, q.device)
 
     def offset(self, chunk_rank: int, row_start: int = 0) -> int:
         return chunk_rank * self.chunk + row_start
+
+    def local_blocks(self, task: Task) -> list[tuple[int, int, int, int]]:
+        """The (row start, row stop, key start, key stop) blocks of a diagonal task, each one a
+        kernel without offsets computes exactly (a diagonal square, or every key visible)."""
+        blocks = []
+        for rows, keys in local_blocks(task, self.causal):
+            (r0, r1), (k0, k1) = (Task(DIAGONAL, rows=rows).row_range(self.chunk),
+                                  Task(DIAGONAL, keys=keys).key_range(self.chunk))
+            if r0 < r1 and k0 < k1:
+                blocks.append((r0, r1, k0, k1))
+        return blocks
 
     def run(self, start_inputs, compute, start_results, finish_results) -> None:
         """start_inputs(step) -> (transfer, buffers); compute(step, buffers) -> result sends;
@@ -144,8 +255,18 @@ def sp_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causa
         return attention_block_forward(q, k, v, scale=scale, causal=causal)
     run = _Runner(q, group, causal, load_balance)
     rank = run.rank
-    out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    parts = _OutPartials(q)
+    # graphopt's Triton kernels keep a block's result in float32 (an accumulator of their own);
+    # torch's cuDNN kernels return it in q's dtype, which is kept as it is until the merge.
+    fp32_parts = not cudnn_eligible(q, k)
+
+    def block(q_rows, k_cols, v_cols, q_offset, k_offset):
+        acc = {}
+        if fp32_parts:
+            acc = dict(out_acc=torch.zeros(q_rows.shape, dtype=torch.float32, device=q.device),
+                       lse_acc=torch.full(q_rows.shape[:3], float("-inf"), device=q.device))
+        return attention_block_forward(q_rows, k_cols, v_cols, scale=scale, causal=causal,
+                                       q_offset=q_offset, k_offset=k_offset, **acc)
 
     def start_inputs(step: Step):
         sends, recvs = [], []
@@ -169,16 +290,15 @@ def sp_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causa
         task, src = step.tasks[rank], step.source(rank)
         start, stop = task.row_range(run.chunk)
         if task.kind == DIAGONAL:
-            attention_block_forward(q, k, v, scale=scale, causal=causal, q_offset=run.offset(rank),
-                                    k_offset=run.offset(rank), out_acc=out_acc, lse_acc=lse_acc)
+            for r0, r1, k0, k1 in run.local_blocks(task):
+                parts.add(r0, r1, *block(_rows(q, r0, r1), _rows(k, k0, k1), _rows(v, k0, k1),
+                                         run.offset(rank, r0), run.offset(rank, k0)))
         elif task.kind == OWNER:
             k_src, v_src = buffers
-            attention_block_forward(_rows(q, start, stop), k_src, v_src, scale=scale, causal=causal,
-                                    q_offset=run.offset(rank, start), k_offset=run.offset(src),
-                                    out_acc=_rows(out_acc, start, stop),
-                                    lse_acc=_rows(lse_acc, start, stop))
+            parts.add(start, stop, *block(_rows(q, start, stop), k_src, v_src,
+                                          run.offset(rank, start), run.offset(src)))
         elif task.kind == HELPER:
-            (q_src,) = buffers
+            (q_src,) = buffers  # the result travels in q's dtype whichever kernel ran
             out, lse = attention_block_forward(q_src, k, v, scale=scale, causal=causal,
                                                q_offset=run.offset(src, start),
                                                k_offset=run.offset(rank))
@@ -198,12 +318,10 @@ def sp_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causa
 
     def finish_results(step: Step, buffers):
         if buffers:
-            start, stop = step.tasks[step.destination(rank)].row_range(run.chunk)
-            merge_attention_blocks(_rows(out_acc, start, stop), _rows(lse_acc, start, stop),
-                                   *buffers)
+            parts.add(*step.tasks[step.destination(rank)].row_range(run.chunk), *buffers)
 
     run.run(start_inputs, compute, start_results, finish_results)
-    return out_acc.to(q.dtype), lse_acc
+    return parts.total(q.dtype)
 
 
 def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
@@ -215,29 +333,40 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     group = _compat.resolve_process_group(group)
     q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
     lse = lse.contiguous()
+    lse_grad = dlse is not None
     # d lse / d scores = p, so a gradient on the LSE folds into delta: ds = p * (dp - (delta - dlse)).
-    delta = attention_delta(out, dout)
-    if dlse is not None:
-        delta = delta - dlse
+    # torch's cuDNN backward derives delta from out itself: there it is not computed at all (a
+    # block that falls back to graphopt's kernel then derives it from out too).
+    delta = None
+    if lse_grad or not cudnn_eligible(q, k):
+        delta = attention_delta(out, dout)
+        delta = delta - dlse if lse_grad else delta
     if dist.get_world_size(group) == 1:
         return attention_block_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
-                                        delta=delta, lse_grad_in_delta=dlse is not None)
-    run = _Runner(q, group, causal, load_balance, diagonal_last=True)
+                                        delta=delta, lse_grad_in_delta=lse_grad)
+    run = _Runner(q, group, causal, load_balance, backward=True)
     rank = run.rank
-    lse_grad = dlse is not None
     # A helper's block sees every key. Where torch's cuDNN backward computes it, the helper needs
     # the owner's out rows (the kernel derives delta itself); otherwise delta rows, 1/D the bytes.
     # Every rank decides alike: the choice depends only on dtype, head dim, device and config.
     # Partials that travel keep the dtype cuDNN produces them in (q's: half the bytes of float32,
     # no conversion); graphopt's kernels produce float32 partials, which travel as they are.
     helper_rows, dq_wire, kv_wire = (q, dout, lse, delta), torch.float32, torch.float32
-    if not lse_grad and cudnn_eligible(q, k):
-        helper_rows, dq_wire = (q, dout, lse, out), q.dtype
-        if q.shape[1] == k.shape[1]:  # grouped heads are summed in float32
-            kv_wire = k.dtype
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if delta is None:
+        # Grouped heads too: cuDNN sums dK/dV over each query group itself, in k's dtype.
+        helper_rows, dq_wire, kv_wire = (q, dout, lse, out), q.dtype, k.dtype
+    dq_parts, dk_parts, dv_parts = _Partials(q), _Partials(k), _Partials(v)
+
+    def block_grads(q_rows, k_cols, v_cols, out_rows, lse_rows, dout_rows, delta_rows, q_offset,
+                    k_offset):
+        """(dq, dk, dv) of one block in the wire dtypes (graphopt's kernels: float32)."""
+        dq = None
+        if dq_wire == torch.float32:
+            dq = torch.zeros(q_rows.shape, dtype=torch.float32, device=q.device)
+        return attention_block_backward(
+            q_rows, k_cols, v_cols, out_rows, lse_rows, dout_rows, scale=scale, causal=causal,
+            q_offset=q_offset, k_offset=k_offset, delta=delta_rows, dq_acc=dq,
+            kv_grad_dtype=kv_wire, lse_grad_in_delta=lse_grad)
 
     def start_inputs(step: Step):
         sends = []
@@ -261,41 +390,43 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         task, src = step.tasks[rank], step.source(rank)
         start, stop = task.row_range(run.chunk)
         if task.kind == DIAGONAL:
-            attention_block_backward(
-                q, k, v, out, lse, dout, scale=scale, causal=causal, q_offset=run.offset(rank),
-                k_offset=run.offset(rank), delta=delta, dq_acc=dq_acc, dk_acc=dk_acc,
-                dv_acc=dv_acc, lse_grad_in_delta=lse_grad)
+            for r0, r1, k0, k1 in run.local_blocks(task):
+                dq, dk, dv = block_grads(
+                    _rows(q, r0, r1), _rows(k, k0, k1), _rows(v, k0, k1), _rows(out, r0, r1),
+                    _rows(lse, r0, r1), _rows(dout, r0, r1),
+                    None if delta is None else _rows(delta, r0, r1),
+                    run.offset(rank, r0), run.offset(rank, k0))
+                dq_parts.add(r0, r1, dq)
+                dk_parts.add(k0, k1, dk)
+                dv_parts.add(k0, k1, dv)
         elif task.kind == OWNER:
             k_src, v_src = buffers
-            _, dk, dv = attention_block_backward(
+            dq, dk, dv = block_grads(
                 _rows(q, start, stop), k_src, v_src, _rows(out, start, stop),
-                _rows(lse, start, stop), _rows(dout, start, stop), scale=scale, causal=causal,
-                q_offset=run.offset(rank, start), k_offset=run.offset(src),
-                delta=_rows(delta, start, stop), dq_acc=_rows(dq_acc, start, stop),
-                kv_grad_dtype=kv_wire, lse_grad_in_delta=lse_grad)
+                _rows(lse, start, stop), _rows(dout, start, stop),
+                None if delta is None else _rows(delta, start, stop),
+                run.offset(rank, start), run.offset(src))
+            dq_parts.add(start, stop, dq)
             return [(dk, src), (dv, src)]
         elif task.kind == HELPER:
             q_src, dout_src, lse_src, last = buffers
             out_src, delta_src = (last, None) if helper_rows[-1] is out else (None, last)
-            dq = None
-            if dq_wire == torch.float32:
-                dq = torch.zeros(q_src.shape, dtype=torch.float32, device=q.device)
-            dq, _, _ = attention_block_backward(
-                q_src, k, v, out_src, lse_src, dout_src, scale=scale, causal=causal,
-                q_offset=run.offset(src, start), k_offset=run.offset(rank), delta=delta_src,
-                dq_acc=dq, dk_acc=dk_acc, dv_acc=dv_acc, lse_grad_in_delta=lse_grad)
-            return [(dq.to(dq_wire), src)]
+            dq, dk, dv = block_grads(q_src, k, v, out_src, lse_src, dout_src, delta_src,
+                                     run.offset(src, start), run.offset(rank))
+            dk_parts.add(0, run.chunk, dk)
+            dv_parts.add(0, run.chunk, dv)
+            return [(dq, src)]
         return []
 
     def start_results(step: Step, sends):
         dst = step.destination(rank)
         peer_task = step.tasks[dst]
         if peer_task.kind == OWNER:
-            buffers = (torch.empty_like(dk_acc, dtype=kv_wire),
-                       torch.empty_like(dv_acc, dtype=kv_wire))
+            buffers = (torch.empty_like(k, dtype=kv_wire), torch.empty_like(v, dtype=kv_wire))
         elif peer_task.kind == HELPER:
-            rows = _rows(dq_acc, *peer_task.row_range(run.chunk))
-            buffers = (torch.empty_like(rows, dtype=dq_wire, memory_format=torch.contiguous_format),)
+            start, stop = peer_task.row_range(run.chunk)
+            buffers = (torch.empty_like(_rows(q, start, stop), dtype=dq_wire,
+                                        memory_format=torch.contiguous_format),)
         else:
             buffers = ()
         return run.exchanger.start(sends, [(buffer, dst) for buffer in buffers]), buffers
@@ -303,13 +434,13 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     def finish_results(step: Step, buffers):
         peer_task = step.tasks[step.destination(rank)]
         if peer_task.kind == OWNER:
-            dk_acc.add_(buffers[0])
-            dv_acc.add_(buffers[1])
+            dk_parts.add(0, run.chunk, buffers[0])
+            dv_parts.add(0, run.chunk, buffers[1])
         elif peer_task.kind == HELPER:
-            _rows(dq_acc, *peer_task.row_range(run.chunk)).add_(buffers[0])
+            dq_parts.add(*peer_task.row_range(run.chunk), buffers[0])
 
     run.run(start_inputs, compute, start_results, finish_results)
-    return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    return dq_parts.total(q.dtype), dk_parts.total(k.dtype), dv_parts.total(v.dtype)
 
 
 # --- custom ops ------------------------------------------------------------------------------------

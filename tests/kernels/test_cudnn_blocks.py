@@ -119,6 +119,57 @@ def test_blockwise_attention_through_the_kernel_contract_is_exact(stand_in, head
             torch.testing.assert_close(got.double(), leaf.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("groups_refused", [False, True])
+def test_grouped_heads_reach_cudnn_unrepeated_or_repeated_where_refused(monkeypatch, caplog,
+                                                                        groups_refused):
+    """graphopt hands cuDNN K/V with their Hkv heads (it reads head h // G itself and returns
+    dK/dV summed over each group, in k's dtype); where it refuses grouped heads, the refusal is
+    logged once and K/V go repeated to Hq heads, dK/dV summed here. Both exact."""
+    heads_seen = []
+
+    def refuse(q, k):
+        heads_seen.append(k.shape[1])
+        if groups_refused and k.shape[1] != q.shape[1]:
+            raise RuntimeError("no engine supports grouped heads")
+
+    def aten_forward(q, k, v, *, scale, is_causal):
+        refuse(q, k)
+        out, lse = contract_forward(q, k, v, scale=scale, is_causal=is_causal)
+        return out, lse.unsqueeze(-1)
+
+    def aten_backward(q, k, v, out, lse, dout, *, scale, is_causal):
+        refuse(q, k)
+        dq, dk, dv = contract_backward(q, k, v, out, lse, dout, scale=scale, is_causal=is_causal)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+    monkeypatch.setattr(attention, "_cudnn_supports", lambda q, k: True)
+    monkeypatch.setattr(attention, "_aten_cudnn_forward", aten_forward)
+    monkeypatch.setattr(attention, "_aten_cudnn_backward", aten_backward)
+    monkeypatch.setattr(attention, "_CUDNN_REFUSED", {})
+    monkeypatch.setattr(attention, "_CUDNN_GQA_REFUSED", {})
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 8, 16, generator=gen)
+    k, v = (torch.randn(1, 2, 8, 16, generator=gen) for _ in range(2))
+    dout = torch.randn(q.shape, generator=gen)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    out_ref, lse_ref = plain_attention(*leaves, 0.3, True)
+    out_ref.backward(dout.double())
+    with caplog.at_level(logging.WARNING, logger="graphopt.ops.attention"):
+        for _ in range(2):
+            out, lse = attention.attention_block_forward(q, k, v, scale=0.3, causal=True)
+            dq, dk, dv = attention.attention_block_backward(q, k, v, out, lse, dout, scale=0.3,
+                                                            causal=True)
+    torch.testing.assert_close(out.double(), out_ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref.detach(), atol=1e-5, rtol=1e-5)
+    for got, leaf in zip((dq, dk, dv), leaves):
+        torch.testing.assert_close(got.double(), leaf.grad, atol=1e-5, rtol=1e-5)
+    if groups_refused:  # forward tried grouped once, then every call ran repeated
+        assert heads_seen == [2, 4, 4, 4, 4] and caplog.text.count("grouped key/value heads") == 1
+        assert dk.dtype == torch.float32 and attention._CUDNN_REFUSED == {}
+    else:
+        assert heads_seen == [2, 2, 2, 2] and "grouped" not in caplog.text
+
+
 def test_lse_gradient_or_triton_config_keeps_graphopt_kernels(stand_in):
     q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
     with config.patch(attention_kernel="triton"):

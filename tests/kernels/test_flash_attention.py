@@ -209,3 +209,47 @@ def test_interpreted_fused_merge_matches_the_torch_merge():
     torch.testing.assert_close(out_acc, expected[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse_acc, expected[1], atol=1e-6, rtol=1e-6)
     assert torch.isneginf(lse_acc[:, :, 3]).all() and (out_acc[:, :, 3] == 0).all()
+
+
+@interpreted
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_interpreted_partial_sum_rounds_once(count):
+    """The one-pass sum of gradient partials (bf16 and float32 mixed, row views of larger
+    tensors) equals their float32 sum rounded once to the output's dtype."""
+    from graphopt.kernels.sum_partials import sum_partials_fused
+    gen = torch.Generator().manual_seed(count)
+    bases = [torch.randn(2, 3, 40, 24, generator=gen) for _ in range(count)]
+    inputs = [b[:, :, 5:35].to(torch.float16 if i % 2 else torch.float32)
+              for i, b in enumerate(bases)]
+    out = torch.zeros(2, 3, 50, 24, dtype=torch.float16)
+    sum_partials_fused(out[:, :, 10:40], inputs)
+    expected = sum(x.float() for x in inputs).half()
+    assert torch.equal(out[:, :, 10:40], expected)
+    assert (out[:, :, :10] == 0).all() and (out[:, :, 40:] == 0).all()
+
+
+@interpreted
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_interpreted_merge_of_partial_results_matches_the_torch_merge(count):
+    """merge_parts_fused: up to four (out, lse) partials, one of them a row view, rows that no
+    part has seen (lse -inf everywhere) give out 0 and lse -inf."""
+    from graphopt.kernels.merge_attention import merge_parts_fused
+    from graphopt.ops.attention import merge_attention_blocks
+    gen = torch.Generator().manual_seed(10 + count)
+    parts = []
+    for i in range(count):
+        out = torch.randn(1, 3, 40, 24, generator=gen)
+        lse = torch.randn(1, 3, 40, generator=gen)
+        lse[:, :, 4:6] = float("-inf")  # rows 0-1 of every part: no key seen
+        out[:, :, 4:6] = 0.0
+        parts.append((out[:, :, 4:36].half(), lse[:, :, 4:36]) if i == 0 else
+                     (out[:, :, 4:36].contiguous().half(), lse[:, :, 4:36].contiguous()))
+    out_acc, lse_acc = parts[0][0].float().clone(), parts[0][1].clone()
+    for part in parts[1:]:
+        merge_attention_blocks(out_acc, lse_acc, *part)
+    out = torch.full((1, 3, 32, 24), 7.0, dtype=torch.float16)
+    lse = torch.empty(1, 3, 32)
+    merge_parts_fused(out, lse, parts)
+    torch.testing.assert_close(out, out_acc.half(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, lse_acc, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(lse[:, :, :2]).all() and (out[:, :, :2] == 0).all()

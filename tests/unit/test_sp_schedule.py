@@ -5,32 +5,72 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
-from graphopt.distributed.sp_schedule import (DIAGONAL, HELPER, IDLE, OWNER, block_work,
-                                              blocks_covered, build_schedule, work_per_rank)
+from graphopt.distributed.sp_schedule import (DIAGONAL, HELPER, IDLE, OWNER, Task, block_work,
+                                              blocks_covered, build_schedule, local_blocks,
+                                              split_diagonal, work_per_rank)
 
 
 def _needed_blocks(p: int, causal: bool) -> set[tuple[int, int]]:
     return {(i, j) for i in range(p) for j in range(p) if not causal or j <= i}
 
 
-def _rows_cover_once(ranges) -> bool:
-    """The query-row ranges tile [0, 1) exactly once."""
-    edge = Fraction(0)
-    for start, stop in sorted(ranges):
-        if start != edge:
-            return False
-        edge = stop
-    return edge == 1
+def _tile_once(rectangles) -> bool:
+    """The (rows, keys) rectangles tile the unit square exactly once: no two overlap and their
+    areas add up to 1."""
+    area = sum((r1 - r0) * (k1 - k0) for (r0, r1), (k0, k1) in rectangles)
+    for i, ((r0, r1), (k0, k1)) in enumerate(rectangles):
+        for (s0, s1), (j0, j1) in rectangles[i + 1:]:
+            if max(r0, s0) < min(r1, s1) and max(k0, j0) < min(k1, j1):
+                return False
+    return area == 1
 
 
 @settings(max_examples=20, deadline=None)
-@given(p=st.integers(1, 12), causal=st.booleans(), balance=st.booleans())
-def test_every_needed_block_is_computed_exactly_once(p, causal, balance):
-    covered = blocks_covered(build_schedule(p, causal, balance))
+@given(p=st.integers(1, 12), causal=st.booleans(), balance=st.booleans(), split=st.booleans())
+def test_every_needed_block_is_computed_exactly_once(p, causal, balance, split):
+    schedule = build_schedule(p, causal, balance)
+    covered = blocks_covered(split_diagonal(schedule) if split else schedule)
     assert set(covered) == _needed_blocks(p, causal)
-    assert all(_rows_cover_once(rows) for rows in covered.values())
+    assert all(_tile_once(rectangles) for rectangles in covered.values())
+
+
+@pytest.mark.parametrize("p", range(2, 7))
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_diagonal_opens_and_closes_the_schedule_without_changing_the_work(p, causal):
+    schedule = build_schedule(p, causal)
+    split = split_diagonal(schedule)
+    assert split[1:-1] == schedule[1:]
+    assert all(task.kind == DIAGONAL for step in (split[0], split[-1]) for task in step.tasks)
+    assert work_per_rank(split, causal) == work_per_rank(schedule, causal)
+    if causal:  # the first half of the keys holds 3/4 of the diagonal's work
+        head = block_work(0, 0, (0, 1), True, split[0].tasks[0].keys)
+        assert head == Fraction(3, 8) and block_work(0, 0, (0, 1), True,
+                                                     split[-1].tasks[0].keys) == Fraction(1, 8)
+    assert split_diagonal(build_schedule(1, causal)) == build_schedule(1, causal)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 40), causal=st.booleans(), half=st.sampled_from([0, 1]))
+def test_local_blocks_are_diagonal_squares_or_fully_visible(n, causal, half):
+    """At integer indices too: each block is a square on the diagonal (q_offset == k_offset) or
+    below it, and together they cover the diagonal block's allowed entries exactly once."""
+    task = split_diagonal(build_schedule(2, causal))[-half].tasks[0]
+    seen = torch.zeros(n, n, dtype=torch.int64)
+    for rows, keys in local_blocks(task, causal):
+        r0, r1 = Task(DIAGONAL, rows=rows).row_range(n)
+        k0, k1 = Task(DIAGONAL, keys=keys).key_range(n)
+        square = (r0, r1) == (k0, k1)
+        assert not causal or square or r0 >= k1 or r0 == r1 or k0 == k1
+        block = torch.ones(r1 - r0, k1 - k0, dtype=torch.int64)
+        seen[r0:r1, k0:k1] += block.tril() if causal and square else block
+    k0, k1 = task.key_range(n)
+    allowed = torch.ones(n, n, dtype=torch.int64)
+    allowed = allowed.tril() if causal else allowed
+    assert torch.equal(seen[:, k0:k1], allowed[:, k0:k1])
+    assert seen[:, :k0].sum() == 0 and seen[:, k1:].sum() == 0
 
 
 @pytest.mark.parametrize("p", range(2, 11))
