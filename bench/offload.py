@@ -9,6 +9,9 @@ One training step (forward + loss + backward) of the reference Llama at 7B dimen
   planned        graphopt, eager codegen, memory_budget=1.0: graphopt's planner partition without
                  offload (tells the partition's share of the overhead from the copies')
   offload        graphopt, eager codegen, offload_activations=True (joint plan + this pass)
+  offload_roofline  the same, planned with roofline op times (op_timing="model"): what measured
+                 op times change
+  offload_linkM  (--link-margins) the same, planned as if the host link ran at M x its bandwidth
   remat          graphopt, eager codegen, memory_budget = the activation peak offload reached
                  (graphopt's rematerialization planner only: remat at equal peak)
 
@@ -20,6 +23,15 @@ saved activations (the pass's own stats). Also written: a memory timeline of one
 trace, offload vs compiled) and a transfer/compute overlap timeline (torch.profiler CUDA events).
 Results are rewritten after every sequence length, and what is left past ``--time-limit-s`` is
 skipped and listed, so a run cut short still leaves its numbers.
+
+The planners (remat and offload) size the transfer windows and price recomputation with op times
+measured on the GPU at compile time (``graphopt.config.op_timing``, ``--op-timing``; the roofline
+model where an op cannot be timed alone); ``model_forward_vs_measured`` compares the forward they
+planned with against the measured forward graph, ``roofline_forward_vs_measured`` the roofline's.
+The forward graph is timed twice: CUDA events around the call (``forward_graph_s``, the window of
+``hideable_fraction``) and from its first kernel to its last (profiler, ``forward_gpu_span_s``,
+``hideable_fraction_gpu_span``); the planner reports where its D2H queue idles
+(``model_d2h_idle_*_ms``).
 
 Targets: S >= 64K: >= 50% of activation bytes off the device at <= 3% step-time overhead;
 S = 8K: >= 90% of what the transfer window hides (the model's hidden fraction) at <= 3% overhead;
@@ -69,6 +81,12 @@ def parse_args(argv=None):
                         help="skip what is left (and say so) past this many seconds")
     parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                         help="plan with the default device profile instead of one measured first")
+    parser.add_argument("--link-margins", default="",
+                        help="extra offload variants planned with the host link at these fractions of "
+                             "its measured bandwidth (slack in the windows), e.g. 0.9,0.8; in the "
+                             "paired phase too")
+    parser.add_argument("--op-timing", default="auto", choices=("auto", "measure", "model"),
+                        help="op times the planners use (graphopt.config.op_timing)")
     parser.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
                         help="CPU smoke run with LlamaConfig.tiny")
     parser.add_argument("--resummarize", metavar="JSON",
@@ -136,6 +154,8 @@ def offload_stats():
         notes = summary.get("notes") or {}
         if "remat_plan" in notes:
             found["remat_plan"] = notes["remat_plan"]
+        if "op_timing" in notes:  # measured vs roofline per distinct op of the joint graph
+            found["op_timing"] = notes["op_timing"]
     return found
 
 
@@ -173,12 +193,43 @@ def run_variant(name, model, tokens, targets, clock, iters, backend=None, contex
         # host copies must fit in, since the forward waits for them before it returns
         result["forward_graph_s"] = statistics.median(clock.time(lambda: module(tokens))
                                                       for _ in range(iters))
+        # the same forward from its first kernel to its last (no host time before or after)
+        result["forward_gpu_span_s"] = gpu_span_s(lambda: module(tokens), clock)
     result["wall_s"] = time.perf_counter() - begin
     if backend is not None:
         result["pass"] = offload_stats()
+        if name != "offload":  # the per-op table is the same for every graphopt variant
+            result["pass"].pop("op_timing", None)
     print(f"  {name:12s} {result['median_s'] * 1e3:9.2f} ms  peak {result['peak_bytes'] / 2**30:7.2f} GiB "
           f"({result['wall_s']:.1f} s)", flush=True)
     return result
+
+
+def gpu_span_s(fn, clock):
+    """Seconds from the first to the end of the last CUDA kernel or copy of one call (profiler)."""
+    if not clock.cuda:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    clock.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        clock.sync()
+    events = [e for e in _trace_events(prof) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+              and "dur" in e]
+    if not events:
+        return None
+    begin = min(float(e["ts"]) for e in events)
+    return (max(float(e["ts"]) + float(e["dur"]) for e in events) - begin) / 1e6
+
+
+def _trace_events(prof):
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            return json.load(handle).get("traceEvents", [])
 
 
 def paired_steps(model, tokens, targets, clock, rounds, backends):
@@ -203,6 +254,18 @@ def paired_steps(model, tokens, targets, clock, rounds, backends):
     print("  paired       " + "  ".join(f"{name} {r['median_s'] * 1e3:.2f} ms" for name, r in result.items()
                                        if isinstance(r, dict)) + f" ({result['wall_s']:.1f} s)", flush=True)
     return result
+
+
+def scaled_link_profile(path, margin, folder):
+    """A copy of the device profile at ``path`` whose host link is ``margin`` x as fast."""
+    from graphopt.analysis.device_profile import current_profile, load_profile
+    import dataclasses
+    profile = load_profile(path) if path else current_profile(None)
+    scaled = dataclasses.replace(profile, host_link_gbps=profile.host_link_gbps * margin)
+    out = os.path.abspath(os.path.join(folder, f"device_profile_link{margin:g}.json"))
+    with open(out, "w") as handle:
+        json.dump(scaled.to_json(), handle, indent=1)
+    return out
 
 
 def measured_profile(device, folder):
@@ -395,13 +458,18 @@ def main(argv=None):
     link = host_link_gbps(device)
     profile_path = measured_profile(device, args.out) if args.calibrate else None
 
+    margins = [float(m) for m in args.link_margins.split(",") if m.strip()]
+    margin_profiles = {f"offload_link{m:g}": scaled_link_profile(profile_path, m, args.out)
+                       for m in margins}
+
     def backend(**flags):  # every graphopt variant plans with the same (measured) device profile
-        return graphopt.backend(codegen="eager", device_profile=profile_path, **flags)
+        return graphopt.backend(**{"codegen": "eager", "device_profile": profile_path,
+                                   "op_timing": args.op_timing, **flags})
 
     results = {"host_link_gbps": link,"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "triton": _triton_version(), "layers": args.layers,
                "dim": cfg.dim, "heads": cfg.n_heads, "ffn": cfg.ffn_dim, "vocab": cfg.vocab_size,
-               "dtype": str(dtype), "remat_baseline": "graphopt memory_budget (plan_rematerialization)",
+               "dtype": str(dtype), "op_timing": args.op_timing, "remat_baseline": "graphopt memory_budget (plan_rematerialization)",
                "device_profile": _read_json(profile_path), "runs": {}, "skipped": []}
     torch.manual_seed(0)
     model = Llama(cfg).to(device=device, dtype=dtype)
@@ -426,6 +494,11 @@ def main(argv=None):
             ("planned", {"backend": backend(memory_budget=1.0)}),
             ("offload", {"backend": backend(offload_activations=True)}),
         ]
+        if args.op_timing != "model":  # the same plan made with the roofline's op times
+            variants.append(("offload_roofline", {"backend": backend(offload_activations=True,
+                                                                     op_timing="model")}))
+        variants += [(name, {"backend": backend(offload_activations=True, device_profile=path)})
+                     for name, path in margin_profiles.items()]
         for name, options in variants:
             if past_limit():
                 results["skipped"].append(f"S={seq}: {name} (time limit)")
@@ -443,7 +516,9 @@ def main(argv=None):
         if {"offload", "compiled"} <= measured and not past_limit():
             rounds = args.pair_rounds * (2 if seq <= 8192 and not args.tiny else 1)
             run["paired"] = paired_steps(model, tokens, targets, clock, rounds, {
-                "compiled": backend(), "offload": backend(offload_activations=True)})
+                "compiled": backend(), "offload": backend(offload_activations=True),
+                **{name: backend(offload_activations=True, device_profile=path)
+                   for name, path in margin_profiles.items() if name in measured}})
         elif {"offload", "compiled"} <= measured:
             results["skipped"].append(f"S={seq}: paired compiled / offload steps (time limit)")
         results["total_wall_s"] = time.perf_counter() - started
@@ -467,6 +542,10 @@ def main(argv=None):
                                    f"device bytes allocated over one step, S={seq}", "GiB"))
         overlap = overlap_timeline(off_step, clock, args.out)
         results["overlap_long"] = overlap["summary"]
+        torch._dynamo.reset()  # the same timeline without offload: compute time the copies add
+        compiled = torch.compile(model, backend=backend(), dynamic=False)
+        results["overlap_long_compiled"] = overlap_timeline(make_step(compiled, tokens, targets),
+                                                            clock, args.out)["summary"]
         with open(os.path.join(args.out, "offload_overlap.svg"), "w") as handle:
             handle.write(svg_overlap(overlap["events"], f"CUDA streams during one offload step, S={seq}"))
     results["total_wall_s"] = time.perf_counter() - started
@@ -510,10 +589,18 @@ def summarize(results):
             "overhead_vs_compiled_separate_runs": separate,
             "overhead_measured_by": "alternating steps" if paired else "separate runs",
             "hideable_fraction": hideable(results, run, stats),
+            "hideable_fraction_gpu_span": hideable(results, run, stats, "forward_gpu_span_s"),
             "model_hideable_fraction": model_hideable(plan, stats),
             "model_forward_vs_measured": (plan["model_forward_s"] / run["compiled"]["forward_graph_s"]
                                           if plan.get("model_forward_s") and run["compiled"].get("forward_graph_s")
                                           else None),
+            "roofline_forward_vs_measured": (plan["roofline_forward_s"] / run["compiled"]["forward_graph_s"]
+                                             if plan.get("roofline_forward_s") and run["compiled"].get("forward_graph_s")
+                                             else None),
+            **window_fractions(plan),
+            **roofline_plan(run),
+            **margin_variants(run),
+            "op_timing": {k: v for k, v in (plan.get("op_timing") or {}).items() if k != "why"},
             "model_exposed_offload_ms": (plan["exposed_offload_s"] * 1e3
                                          if plan.get("exposed_offload_s") is not None else None),
             "peak_ratio_vs_compiled": _ratio(run["offload"]["peak_bytes"], run["compiled"]["peak_bytes"]),
@@ -555,14 +642,57 @@ def planner_saved_bytes(stats):
     return sum(row["bytes"] for row in plan.get("table", ()) if row["action"] in ("save", "offload"))
 
 
-def hideable(results, run, stats):
+def hideable(results, run, stats, key="forward_graph_s"):
     """The transfer window's limit: bytes the D2H link moves during the forward graph / activation
-    bytes (runs before forward_graph_s was measured: the forward with the loss)."""
+    bytes (runs before forward_graph_s was measured: the forward with the loss). With
+    ``forward_gpu_span_s``: the window from the forward's first kernel to its last."""
     link = results.get("host_link_gbps")
-    window = run["compiled"].get("forward_graph_s", run["compiled"].get("forward_s"))
+    window = run["compiled"].get(key, run["compiled"].get("forward_s") if key == "forward_graph_s" else None)
     if not link or not stats.get("activation_bytes") or window is None:
         return None
     return min(1.0, window * link["d2h"] * 1e9 / stats["activation_bytes"])
+
+
+def margin_variants(run):
+    """Offloaded fraction and paired overhead of the variants planned with a slower link."""
+    rows = {}
+    paired = run.get("paired") or {}
+    for name, row in run.items():
+        if not name.startswith("offload_link") or not isinstance(row, dict) or "times_s" not in row:
+            continue
+        stats = row.get("pass") or {}
+        rows[name] = {"offloaded_fraction": (stats["offloaded_bytes"] / stats["activation_bytes"]
+                                             if stats.get("activation_bytes") else None),
+                      "overhead_separate_runs": row["median_s"] / run["compiled"]["median_s"] - 1}
+        if name in paired and "compiled" in paired:
+            rows[name]["overhead_vs_compiled"] = (paired[name]["median_s"]
+                                                  / paired["compiled"]["median_s"] - 1)
+    return {"link_margin_variants": rows} if rows else {}
+
+
+def roofline_plan(run):
+    """The offload variant planned with roofline op times (op_timing='model'), same run."""
+    row = run.get("offload_roofline")
+    if not isinstance(row, dict) or "times_s" not in row:
+        return {}
+    stats = row.get("pass") or {}
+    return {"offloaded_fraction_roofline_plan": (stats["offloaded_bytes"] / stats["activation_bytes"]
+                                                 if stats.get("activation_bytes") else None),
+            "overhead_roofline_plan_separate_runs": row["median_s"] / run["compiled"]["median_s"] - 1}
+
+
+def window_fractions(plan):
+    """Shares of the saved bytes the planner's windows reach (with the op times it planned with):
+    the forward's D2H queue alone, and with each reload also due before its first backward use."""
+    windows = plan.get("offload_windows") or {}
+    if not windows.get("saved_bytes"):
+        return {}
+    result = {"model_d2h_window_fraction": windows["d2h_window_bytes"] / windows["saved_bytes"],
+              "model_both_windows_fraction": windows["d2h_and_h2d_window_bytes"] / windows["saved_bytes"]}
+    if windows.get("forward_s"):  # where the modelled forward's link time goes
+        result["model_d2h_idle_before_first_ms"] = windows["d2h_before_first_s"] * 1e3
+        result["model_d2h_idle_gaps_ms"] = windows["d2h_gaps_s"] * 1e3
+    return result
 
 
 def model_hideable(plan, stats):
@@ -607,6 +737,8 @@ def markdown(results):
     lines += ["", *shortfalls(summary)]
     if results.get("overlap_long"):
         lines += ["", f"Overlap at the longest S: `{json.dumps(results['overlap_long'])}`"]
+    if results.get("overlap_long_compiled"):
+        lines += ["", f"Same S without offload (compiled): `{json.dumps(results['overlap_long_compiled'])}`"]
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(results["skipped"])]
     return "\n".join(lines) + "\n"
@@ -635,13 +767,7 @@ def shortfalls(summary):
                 f"- S={summary[seq_key]}: offloaded {fraction:.0%} of the saved bytes while the forward's "
                 f"D2H window could carry {row['hideable_fraction']:.0%} "
                 f"({summary['share_of_hideable_8k']:.0%} of it; the planner offloaded {of_planned:.0%} of "
-                "what it priced). "
-                + (f"The planner sizes the window with its cost model, whose forward is "
-                   f"{row['model_forward_vs_measured']:.2f}x the measured one: its own bound is "
-                   f"{row['model_hideable_fraction']:.0%} of the activation bytes. "
-                   if row.get("model_forward_vs_measured") and row.get("model_hideable_fraction") else "")
-                + "The tensors produced last (the last layer's MLP and attention inputs) are the "
-                "first the backward reads, so their reload window is short and they stay on the device.")
+                "what it priced). " + _window_reasons(row))
         overhead = summary.get(f"overhead_{tag}")
         if overhead is not None and overhead > TARGET_OVERHEAD:
             split = ""
@@ -658,6 +784,37 @@ def shortfalls(summary):
             notes.append(f"- S={seq}: offload is not faster than remat at equal peak "
                          f"({ratio:.3f}x its step time): recomputation is cheap at this length.")
     return ["Where targets are missed:", *notes] if notes else []
+
+
+def _window_reasons(row):
+    """What the planner's own figures say about the short fall, from the measured run."""
+    parts = []
+    if row.get("model_forward_vs_measured") and row.get("model_hideable_fraction"):
+        mode = (row.get("op_timing") or {}).get("mode", "model")
+        roofline = row.get("roofline_forward_vs_measured")
+        parts.append(f"The planner's forward ({'measured op times' if mode == 'measure' else 'roofline'}) "
+                     f"is {row['model_forward_vs_measured']:.2f}x the measured one"
+                     + (f" (the roofline's {roofline:.2f}x)" if roofline and mode == "measure" else "")
+                     + f": its own bound is {row['model_hideable_fraction']:.0%} of the activation bytes.")
+    d2h, both = row.get("model_d2h_window_fraction"), row.get("model_both_windows_fraction")
+    if d2h is not None and both is not None:
+        parts.append(f"Of the saved bytes it priced, its D2H queue hides {d2h:.0%} in the forward and "
+                     f"{both:.0%} once every reload must also arrive before its first backward use"
+                     + (": the tensors produced last are the first the backward reads, so their reload "
+                        "window is short and they stay on the device." if both < d2h - 0.02 else "."))
+    if row.get("model_d2h_idle_before_first_ms") is not None:
+        parts.append(f"In its forward the link idles {row['model_d2h_idle_before_first_ms']:.2f} ms before "
+                     f"the first saved tensor exists and {row['model_d2h_idle_gaps_ms']:.2f} ms where the "
+                     "copies catch up with production; after that the queue is full to the forward's end.")
+    span = row.get("hideable_fraction_gpu_span")
+    if span is not None and row.get("hideable_fraction"):
+        parts.append(f"Counted from the forward's first kernel to its last (profiler) instead of events "
+                     f"around the whole call, the window carries {span:.0%} "
+                     f"(offloaded: {row['offloaded_fraction'] / span:.0%} of it).")
+    if row.get("offloaded_fraction_roofline_plan") is not None:
+        parts.append(f"Planned with roofline op times in the same run, the pass offloaded "
+                     f"{row['offloaded_fraction_roofline_plan']:.0%}.")
+    return " ".join(parts)
 
 
 def _triton_version():
