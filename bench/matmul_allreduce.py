@@ -7,11 +7,13 @@ Shapes: Llama-70B row-parallel linears at TP = P (o_proj K = 8192 / P, down_proj
 N = 8192, M in {4096, 8192, 16384}) and the shapes of ../shared/GPU.md, bf16. For every shape, in
 the same run: cuBLAS GEMM alone, NCCL collective alone, sequential (GEMM then collective), naive
 4-chunk streams (graphopt's chunked runtime), the copy-engine runtime (cuBLAS sub-chunks +
-peer-to-peer copies on symmetric memory) for every sub-chunk count the cost model considers, the
+peer-to-peer copies on symmetric memory) for every sub-chunk schedule the cost model considers
+(``overlap_cost.CE_SCHEDULES``: equal sub-chunks and geometrically shrinking ones), the
 tile-triggered kernel for several communication SM counts, torch's fused_matmul_reduce_scatter
 (reduce-scatter only), and the ideal max(t_gemm, t_comm). ``graphopt_auto`` is the column the cost
 model picks (what the pass emits). Times are per call, the mean over ``--iters`` calls after
-warm-up, best of 3 repeats, the slowest rank. Correctness: the copy-engine and tile runtimes against
+warm-up, best of 3 repeats, the slowest rank. Correctness: the tile and copy-engine runtimes (one
+equal and one tapered schedule) against
 an fp32 reference and bitwise across ranks (all-reduce); torch's fused reduce-scatter against
 NCCL's reduce_scatter_tensor of the same product (the same output layout: rank r holds rows block
 r), so the comparison with it is like for like.
@@ -159,19 +161,21 @@ def main() -> None:
                 kind, m, n, k, 2, world, profile, is_cuda=True, symmetric_memory=symm_mem.available())
             plan = overlap_cost.plan_key(choice)
 
-            def overlapped(mode: str, chunks: int, sms: int):
+            def overlapped(mode: str, chunks: int, sms: int, taper: float = 1.0):
                 if scatter:
-                    return lambda: ops.matmul_reduce_scatter(a, b, group_name, world, 0, mode, chunks, sms)
-                return lambda: ops.matmul_all_reduce(a, b, None, group_name, mode, chunks, sms)
+                    return lambda: ops.matmul_reduce_scatter(a, b, group_name, world, 0, mode, chunks, sms,
+                                                             taper)
+                return lambda: ops.matmul_all_reduce(a, b, None, group_name, mode, chunks, sms, taper)
 
             chunk_counts = sorted({4, choice.chunks if choice.mode == "chunked" else 4})
             sm_counts = sorted(set(comm_sms_choices) | ({choice.comm_sms} if choice.mode == "tile" else set()))
-            ce_counts = sorted(set(overlap_cost.CE_CHUNK_CHOICES)
-                               | ({choice.chunks} if choice.mode == "copy_engine" else set()))
+            schedules = sorted(set(overlap_cost.CE_SCHEDULES)
+                               | ({(choice.chunks, choice.taper)} if choice.mode == "copy_engine" else set()))
             for count in chunk_counts:
                 variants[f"chunked:{count}"] = overlapped("chunked", count, 0)
-            for count in ce_counts:
-                variants[f"copy_engine:{count}"] = overlapped("copy_engine", count, 0)
+            for count, taper in schedules:
+                variants[overlap_cost.copy_engine_key(count, taper)] = overlapped("copy_engine", count, 0,
+                                                                                  taper)
             if scatter:
                 variants["torch_fused_rs"] = lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(
                     a, b, "sum", 0, group_name)
@@ -186,7 +190,10 @@ def main() -> None:
             dist.all_reduce(reference)
             if scatter:
                 reference = reference.chunk(world)[rank]
-            checks = {"tile": f"tile:{comm_sms_choices[0]}", "copy_engine": f"copy_engine:{ce_counts[0]}",
+            tapered = [overlap_cost.copy_engine_key(*s) for s in schedules if s[1] < 1.0]
+            checks = {"tile": f"tile:{comm_sms_choices[0]}",
+                      "copy_engine": overlap_cost.copy_engine_key(*schedules[0]),
+                      "copy_engine_tapered": plan if plan in tapered else tapered[0],
                       "torch_fused_rs": "torch_fused_rs"}
             sequential()
             unfused = (rs_out if scatter else c).clone()   # bf16 GEMM + NCCL, the graph without the pass
@@ -206,7 +213,7 @@ def main() -> None:
                     row["errors"][f"{name}_check"] = traceback.format_exc()[-600:]
             for label, fn in variants.items():
                 failed = f"{label.split(':')[0]}_check"
-                if failed in row["errors"]:
+                if failed in row["errors"] or (label in tapered and "copy_engine_tapered_check" in row["errors"]):
                     continue
                 try:
                     row["ms"][label] = timed(fn, args.iters) * 1e3
@@ -221,6 +228,10 @@ def main() -> None:
                 found = {key: v for key, v in times.items() if key.startswith(prefix + ":")}
                 if found:
                     row[f"best_{prefix}"] = min(found, key=found.get)
+            uniform = {key: v for key, v in times.items()
+                       if key.startswith("copy_engine:") and key not in tapered}
+            if uniform:   # equal sub-chunks only: the runtime as it was before tapering
+                row["best_copy_engine_uniform"] = min(uniform, key=uniform.get)
             row["cost_model_choice"] = plan
             row["cost_model_reason"] = choice.reason
             row["cost_model_estimates_ms"] = {key: v * 1e3 for key, v in choice.estimates_s.items()}
@@ -281,17 +292,25 @@ def _copy_engine_profile(group_name: str) -> dict:
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(4096, 8192, device="cuda", dtype=torch.bfloat16)
     world = dist.get_world_size()
-    for chunks in (1, 2, 4, 8):
-        call = lambda: torch.ops.graphopt.matmul_reduce_scatter(  # noqa: E731
-            a, b, group_name, world, 0, "copy_engine", chunks, 0)
+    def host_us(call) -> float:
         call()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(5):
             call()
-        report[f"host_us_per_rs_call_chunks{chunks}"] = (time.perf_counter() - start) / 5 * 1e6
+        seconds = (time.perf_counter() - start) / 5
         torch.cuda.synchronize()
         dist.barrier()
+        return seconds * 1e6
+
+    for chunks in (1, 2, 4, 8):
+        report[f"host_us_per_rs_call_chunks{chunks}"] = host_us(
+            lambda: torch.ops.graphopt.matmul_reduce_scatter(a, b, group_name, world, 0, "copy_engine",
+                                                             chunks, 0))
+    for chunks, taper in overlap_cost.CE_SCHEDULES:
+        report[f"host_us_per_ar_call_{overlap_cost.copy_engine_key(chunks, taper)}"] = host_us(
+            lambda: torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, "copy_engine", chunks,
+                                                         0, taper))
     for k in (4096, 14336):
         a = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, 8192, device="cuda", dtype=torch.bfloat16)
@@ -304,31 +323,36 @@ def _copy_engine_profile(group_name: str) -> dict:
 
 
 def _cuda_graph_check(world: int, group_name: str) -> dict:
-    """Capture the tile and copy-engine all-reduces in a CUDA graph, replay, compare with eager."""
+    """Capture the tile and copy-engine (equal and tapered sub-chunks) all-reduces in a CUDA graph,
+    replay, compare with eager."""
     report = {}
-    for mode, count, sms in (("tile", 1, 16), ("copy_engine", 2, 0)):
+    for name, mode, count, sms, taper in (("tile", "tile", 1, 16, 1.0),
+                                          ("copy_engine", "copy_engine", 2, 0, 1.0),
+                                          ("copy_engine_tapered", "copy_engine", 3, 0, 0.5)):
         try:
             a = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16)
             b = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
-            eager = torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, mode, count, sms)
+            eager = torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, mode, count, sms, taper)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                captured = torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, mode, count, sms)
+                captured = torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, mode, count, sms,
+                                                                taper)
             torch.cuda.current_stream().wait_stream(stream)
             for _ in range(3):
                 graph.replay()
             torch.cuda.synchronize()
-            report[mode] = {"ok": bool(torch.equal(eager, captured))}
+            report[name] = {"ok": bool(torch.equal(eager, captured))}
         except Exception as err:
-            report[mode] = {"ok": False, "error": repr(err)[-400:]}
+            report[name] = {"ok": False, "error": repr(err)[-400:]}
     return report
 
 
 def summarize(rows: list[dict]) -> dict:
     over_ideal, vs_sequential, rs_vs_fused = [], [], []
-    best = {"tile": ([], [], []), "copy_engine": ([], [], [])}   # over ideal, vs sequential, RS vs fused
+    # over ideal, vs sequential, RS vs fused
+    best = {"tile": ([], [], []), "copy_engine": ([], [], []), "copy_engine_uniform": ([], [], [])}
     for row in rows:
         t = row["ms"]
         over_ideal.append(t["graphopt_auto"] / t["ideal"])
@@ -362,7 +386,8 @@ def summarize(rows: list[dict]) -> dict:
         "graphopt_auto = the variant the cost model picks, what the pass emits (sequential where it "
         "predicts no gain); rs_vs_torch_fused_* = graphopt_auto / torch fused_matmul_reduce_scatter "
         "on the reduce-scatter rows; copy_engine_* / tile_* = the best sub-chunk / SM count of that "
-        "runtime regardless of the model")
+        "runtime regardless of the model; copy_engine_uniform_* = the best of the equal sub-chunk "
+        "schedules only (no taper), measured in the same run")
     return summary
 
 
@@ -370,9 +395,10 @@ def to_markdown(results: dict) -> str:
     lines = [f"# GEMM + collective overlap, {results['gpus']} x {results['device']}",
              f"torch {results['torch']}, triton {results['triton']}, bf16, times in ms "
              f"(mean of {results['iters']} calls, best of 3, slowest rank)", "",
-             "| kind | shape | GEMM | comm | sequential | ideal | chunked:4 | best copy engine "
-             "| best tile | torch fused RS | auto (choice) | auto/seq | auto/ideal | copy engine err |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| kind | shape | GEMM | comm | sequential | ideal | chunked:4 | best copy engine, equal "
+             "sub-chunks | best copy engine | best tile | torch fused RS | auto (choice) | auto/seq "
+             "| auto/ideal | copy engine err |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"  # noqa: E731
     for row in results["rows"]:
         t = row["ms"]
@@ -382,7 +408,8 @@ def to_markdown(results: dict) -> str:
         lines.append(
             f"| {row['kind']} | {row['shape']} ({row['M']}x{row['N']}x{row['K']}) | {fmt(t.get('gemm'))} "
             f"| {fmt(t.get('comm'))} | {fmt(t.get('sequential'))} | {fmt(t.get('ideal'))} "
-            f"| {fmt(t.get('chunked:4'))} | {best('copy_engine')} | {best('tile')} "
+            f"| {fmt(t.get('chunked:4'))} | {best('copy_engine_uniform')} | {best('copy_engine')} "
+            f"| {best('tile')} "
             f"| {fmt(t.get('torch_fused_rs'))} | {fmt(t.get('graphopt_auto'))} ({row['cost_model_choice']}) "
             f"| {fmt(t['graphopt_auto'] / t['sequential'])} | {fmt(t['graphopt_auto'] / t['ideal'])} "
             f"| {f'{error:.4f}' if error is not None else '-'} |")

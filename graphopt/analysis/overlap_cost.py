@@ -9,17 +9,21 @@ all-gather feeding a GEMM) it estimates, from the device profile:
     chunked(c) = max(t_gemm * (1 + a), t_comm * (1 + a)) + min(t_gemm, t_comm) / c + c * chunk_cost
     tile(s)    = max(t_gemm * SMs / (SMs - s) / triton_eff, remote_bytes / min(p2p, s * sm_bw))
                  + t_comm_of_one_tile_row + barrier
-    copy_engine(c) = the two-stream timeline of graphopt.ops.matmul_collectives' copy-engine
-                 schedule (P rank blocks x c sub-chunks), walked step by step: cuBLAS sub-chunk GEMMs
-                 (a fill cost of CE_FILL_ROWS rows each, a small slowdown from the copies' memory
-                 traffic) on one stream; per sub-chunk a barrier and peer-to-peer pulls at the
-                 profile's p2p_gbps (the copy engines) on the other; each own-block GEMM waits for
-                 its pull, each all-gather pull for its GEMM.
+    copy_engine(c, q) = the two-stream timeline of graphopt.ops.matmul_collectives' copy-engine
+                 schedule (P rank blocks x c sub-chunks, each about q times the one before; the
+                 runtime's own bounds), walked step by step: cuBLAS sub-chunk GEMMs (a fill cost of
+                 CE_FILL_ROWS rows each, a small slowdown from the copies' memory traffic) on one
+                 stream; per sub-chunk a barrier and peer-to-peer pulls at the profile's p2p_gbps
+                 (the copy engines) on the other; each own-block GEMM waits for its pull, each
+                 all-reduce pull-back for its GEMM; at least the host's time to issue the call.
 
-The copy-engine constants are fitted to the copy_engine columns of a 2 x H200 run of
-bench/matmul_allreduce.py (estimates within ~10% on 9 of 10 shapes, mostly above the measured time;
-the bench's ``copy_engine_profile`` records the measured pull bandwidth, barrier latency and
-sub-chunk GEMM speed they stand for). ``a`` is the slowdown a GEMM and NCCL inflict on each other when they share the GPU (fitted to the
+The copy-engine constants are fitted to the copy_engine columns of 2 x H200 runs of
+bench/matmul_allreduce.py (the ratio estimate / sequential within ~5% on most shapes, ~10% on the
+worst; the bench's ``copy_engine_profile`` records the measured pull bandwidth, barrier latency,
+host issue time and sub-chunk GEMM speed they stand for): the GEMM slowdown and the host-issue terms
+from the equal sub-chunk columns of one run, the one-wave floor from tapered schedules whose
+128-256-row sub-chunks ran slower than their rows explain, the margin from four runs on three
+machines. ``a`` is the slowdown a GEMM and NCCL inflict on each other when they share the GPU (fitted to the
 naive 4-chunk column of ../shared/GPU.md, which loses to sequential on two of three shapes, and
 matching bench/results/matmul_allreduce.json within ~5%); ``triton_eff`` is the persistent Triton
 GEMM's per-SM speed relative to cuBLAS and ``sm_bw`` what one communication CTA pulls over NVLink,
@@ -27,8 +31,7 @@ both fitted to the tile-kernel columns of bench/results/matmul_allreduce.json (2
 
 The choice keeps the graph unchanged (sequential) unless the best overlapped estimate beats
 sequential by its runtime's margin (``MARGINS``): the estimates are only estimates, and the rewrite
-must never lose. The copy-engine timeline has no NCCL / GEMM contention term to guess, so its
-margin is smaller.
+must never lose.
 Sizes may be ints, SymInts (their hints) or sympy expressions (substituted with ``hints``).
 """
 
@@ -59,12 +62,24 @@ BARRIER_S = 15e-6             # symmetric-memory barrier before each tile-kernel
 # NCCL reduce-scatter / all-gather reach ~3/4 of the all-reduce bus bandwidth (2 GPUs, 32-128 MiB:
 # the comm column of bench/results/matmul_allreduce.json).
 RS_AG_BUS_FRACTION = 0.75
-CE_CHUNK_CHOICES = (2, 4)     # sub-chunks per rank block of the copy-engine runtime
+# Copy-engine schedules: (sub-chunks per rank block, taper). Taper 1: equal sub-chunks; q < 1:
+# each about q times the one before, so the exposed tail (the last sub-chunk's communication) is short.
+CE_SCHEDULES = ((2, 1.0), (4, 1.0), (2, 0.5), (3, 0.5), (3, 0.3), (4, 0.6))
 CE_FILL_ROWS = 32             # a cuBLAS sub-chunk of r rows costs as much as r + CE_FILL_ROWS rows
-CE_GEMM_SLOWDOWN = 0.06       # GEMM slowdown while copies and another stream's work run beside it
-CE_BARRIER_S = 30e-6          # one stream-ordered barrier under load (17 us on an idle GPU)
-CE_CHUNK_COST_S = 5e-6        # per sub-chunk: launches, cross-stream event waits, pipeline bubbles
-MARGINS = {"chunked": MARGIN, "tile": MARGIN, "copy_engine": 0.04}
+CE_TILE_ROWS, CE_TILE_COLS = 128, 128   # a cuBLAS bf16 output tile on sm90 (one per SM per wave)
+CE_GEMM_SLOWDOWN = 0.08       # GEMM slowdown while copies and another stream's work run beside it
+CE_BARRIER_S = 20e-6          # one stream-ordered barrier under load (12-17 us on an idle GPU)
+# Host time to issue a call (Python + launches): per call, per GEMM or local copy, per
+# communication step (event wait, barrier, pulls). Fitted to host_us_per_rs_call_chunks* of the
+# bench's copy_engine_profile and the all-reduce columns where more sub-chunks ran slower on 2 x H200.
+CE_HOST_CALL_S = 90e-6
+CE_HOST_GEMM_S = 20e-6
+CE_HOST_STEP_S = 40e-6
+# Copy engine: on the GEMM-bound shapes (K = 14336, comm <= 20% of the GEMM) the best schedule
+# measured 0.89-1.004x of sequential and the estimated best up to 1.019x, over five bench runs on
+# 2 x H200 (three machines), where the estimates said 0.92-0.96x: the sequential baseline and the
+# GEMM under copies move by ~5% from run to run. A gain estimated below 7% is within that noise.
+MARGINS = {"chunked": MARGIN, "tile": MARGIN, "copy_engine": 0.07}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +90,7 @@ class OverlapChoice:
     comm_sms: int             # communication CTAs of the tile kernel (0 for the others)
     reason: str
     estimates_s: dict[str, float]
+    taper: float = 1.0        # copy-engine sub-chunk j is about taper**j of the first (1: equal)
 
     @property
     def rewrites(self) -> bool:
@@ -122,32 +138,63 @@ def _tile_time(kind: str, m: int, n: int, t_gemm: float, itemsize: int, world: i
     return max(t_compute, t_comm) + tail + BARRIER_S
 
 
+def copy_engine_key(chunks: int, taper: float = 1.0) -> str:
+    """The estimate (and bench column) key of a copy-engine schedule: 'copy_engine:2' (equal
+    sub-chunks), 'copy_engine:3x0.5' (3 sub-chunks, each about half the one before)."""
+    return f"copy_engine:{chunks}" if taper >= 1.0 else f"copy_engine:{chunks}x{taper:g}"
+
+
+def _parse_copy_engine_key(key: str) -> tuple[int, float]:
+    chunks, _, taper = key.split(":")[1].partition("x")
+    return int(chunks), float(taper) if taper else 1.0
+
+
 def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: int, chunks: int,
-                      profile: DeviceProfile) -> float:
-    """The copy-engine schedule's timeline on one rank (all ranks run the same one)."""
-    rows = max(m // (world * chunks), 1)
+                      taper: float, profile: DeviceProfile) -> float:
+    """The copy-engine schedule's timeline on rank 0 (every rank runs the same one, its blocks at
+    most a row longer), walked over the runtime's own sub-chunk bounds, and never below the host's
+    time to issue it (calls back to back run at the slower of the two)."""
+    from graphopt.ops.matmul_collectives import copy_engine_blocks
+
+    blocks = [[end - start for start, end in block]
+              for block in copy_engine_blocks(m, world, chunks, taper)]
     flops = profile.matmul_tflops if itemsize <= 2 else profile.matmul_tflops_fp32
-    gemm = (2.0 * rows * n * k * (1 + CE_FILL_ROWS / rows) / (flops * 1e12) * (1 + CE_GEMM_SLOWDOWN)
-            + profile.kernel_launch_s + CE_CHUNK_COST_S)
-    piece_bytes = rows * n * itemsize
-    pull = piece_bytes / (profile.p2p_gbps * 1e9)
-    local = 2 * piece_bytes / (profile.hbm_gbps * 1e9)         # staging add / own-rows copy kernel
+
+    one_wave = NUM_SMS * CE_TILE_ROWS * CE_TILE_COLS / n    # rows that fill every SM once
+
+    def gemm(rows: int) -> float:
+        # A sub-chunk too short to give every SM a tile still takes a whole wave (sub-chunks of
+        # 128-256 rows ran slower than their rows alone explain on 2 x H200).
+        rows = max(rows, one_wave) + CE_FILL_ROWS
+        return 2.0 * rows * n * k / (flops * 1e12) * (1 + CE_GEMM_SLOWDOWN) + profile.kernel_launch_s
+
+    def pull(rows: int) -> float:
+        return rows * n * itemsize / (profile.p2p_gbps * 1e9)
+
+    def local(rows: int) -> float:                      # staging add / own-rows copy kernel
+        return 2 * rows * n * itemsize / (profile.hbm_gbps * 1e9)
+
+    own = blocks[0]
     compute = comm = 0.0
     pulled = []
     for step in range(1, world):
-        for _ in range(chunks):
-            compute += gemm
-            comm = max(comm, compute) + CE_BARRIER_S + pull + (local if step > 1 else 0.0)
+        for dest_rows, rows in zip(blocks[step], own):
+            compute += gemm(dest_rows)
+            comm = max(comm, compute) + CE_BARRIER_S + pull(rows) + (local(rows) if step > 1 else 0.0)
             if step == world - 1:
                 pulled.append(comm)
-    for j in range(chunks):
-        compute = max(compute, pulled[j] if pulled else 0.0) + gemm
+    for j, rows in enumerate(own):
+        compute = max(compute, pulled[j] if pulled else 0.0) + gemm(rows)
         if kind == "all_reduce":
-            comm = max(comm, compute) + CE_BARRIER_S + (world - 1) * pull
-            compute += local
+            comm = max(comm, compute) + CE_BARRIER_S + sum(pull(block[j]) for block in blocks[1:])
+            compute += local(rows)
     if kind == "reduce_scatter":
         comm += CE_BARRIER_S
-    return max(compute, comm)
+    count = len(own)
+    gemms = world * count + (count if kind == "all_reduce" else 0)    # + the own-rows copies
+    steps = (world - 1) * count + (count if kind == "all_reduce" else 1)
+    host = CE_HOST_CALL_S + gemms * CE_HOST_GEMM_S + steps * CE_HOST_STEP_S
+    return max(compute, comm, host)
 
 
 def copy_engine_supported(kind: str, m: int, world: int, is_cuda: bool,
@@ -167,8 +214,9 @@ def copy_engine_supported(kind: str, m: int, world: int, is_cuda: bool,
 def estimate(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
              profile: DeviceProfile, *, tile_ok: bool, chunks: int = 0,
              copy_engine_ok: bool = False) -> dict[str, float]:
-    """Estimated seconds of every candidate plan (keys 'sequential', 'chunked:c', 'copy_engine:c',
-    'tile:s')."""
+    """Estimated seconds of every candidate plan (keys 'sequential', 'chunked:c', 'tile:s' and
+    ``copy_engine_key(c, q)``). ``chunks`` > 0 fixes the chunk count of the chunked and copy-engine
+    candidates (every taper of CE_SCHEDULES is still tried)."""
     t_gemm = _gemm_time(m, n, k, itemsize, profile)
     t_comm = _comm_time(kind, m, n, k, itemsize, world, profile)
     times = {"gemm": t_gemm, "comm": t_comm, "sequential": t_gemm + t_comm}
@@ -180,9 +228,10 @@ def estimate(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
             times[f"tile:{comm_sms}"] = _tile_time(kind, m, n, t_gemm, itemsize, world, comm_sms,
                                                    profile)
     if copy_engine_ok:
-        for count in ((chunks,) if chunks > 0 else CE_CHUNK_CHOICES):
-            times[f"copy_engine:{count}"] = _copy_engine_time(kind, m, n, k, itemsize, world, count,
-                                                              profile)
+        schedules = ({(chunks, taper) for _, taper in CE_SCHEDULES} if chunks > 0 else CE_SCHEDULES)
+        for count, taper in sorted(schedules):
+            times[copy_engine_key(count, taper)] = _copy_engine_time(kind, m, n, k, itemsize, world,
+                                                                     count, taper, profile)
     return times
 
 
@@ -235,9 +284,10 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
         if ce_why_not is not None:
             return OverlapChoice("sequential", 1, 0,
                                  f"overlap_mode='copy_engine' refused: {ce_why_not}", times)
-        count = _best(times, "copy_engine:")[1]
-        return OverlapChoice("copy_engine", count, 0, f"forced copy_engine ({count} sub-chunks)",
-                             times)
+        key = min((times[key], key) for key in times if key.startswith("copy_engine:"))[1]
+        count, taper = _parse_copy_engine_key(key)
+        return OverlapChoice("copy_engine", count, 0, f"forced copy_engine ({key})", times,
+                             taper=taper)
 
     candidates = [(times[key], key) for key in times if key.split(":")[0] in MARGINS]
     winners = [(t, key) for t, key in candidates if t <= sequential * (1 - MARGINS[key.split(":")[0]])]
@@ -252,13 +302,19 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
     reason = f"{best_key} estimated {best_time * 1e3:.3f} ms vs sequential {sequential * 1e3:.3f} ms"
     if name == "tile":
         return OverlapChoice("tile", 1, int(value), reason, times)
+    if name == "copy_engine":
+        count, taper = _parse_copy_engine_key(best_key)
+        return OverlapChoice(name, count, 0, reason, times, taper=taper)
     return OverlapChoice(name, int(value), 0, reason, times)
 
 
 def plan_key(choice: OverlapChoice) -> str:
-    """The estimate (and bench column) key of a choice: 'sequential', 'chunked:4', 'tile:16', ..."""
+    """The estimate (and bench column) key of a choice: 'sequential', 'chunked:4', 'tile:16',
+    'copy_engine:3x0.5', ..."""
     if choice.mode == "sequential":
         return "sequential"
+    if choice.mode == "copy_engine":
+        return copy_engine_key(choice.chunks, choice.taper)
     return f"{choice.mode}:{choice.comm_sms if choice.mode == 'tile' else choice.chunks}"
 
 

@@ -116,7 +116,7 @@ def copy_engine_available() -> bool:
 
 # Signal-pad channel of the fallback barrier (the tile workspace uses channel 0 of its own buffer).
 COPY_ENGINE_CHANNEL = 1
-# Barriers one copy-engine call may use: (P - 1) * chunks + chunks + 1.
+# Barriers one copy-engine call may use: (P - 1) * chunks + chunks + 1 (at any taper).
 MAX_SYNCS = 128
 
 
@@ -142,10 +142,11 @@ class CopyEngineWorkspace:
     def begin_call(self) -> None:
         self.next_sync = 0
 
-    def barrier(self) -> None:
-        """Stream-ordered barrier on the current stream: what follows runs once every rank has
-        reached it. With the driver's stream memory operations it occupies no SM (a barrier kernel
-        queued behind a GEMM that holds every SM would wait for the whole GEMM)."""
+    def barrier(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Stream-ordered barrier on ``stream`` (default: the current one; the caller passes it to
+        save the lookup on every barrier): what follows runs once every rank has reached it. With
+        the driver's stream memory operations it occupies no SM (a barrier kernel queued behind a
+        GEMM that holds every SM would wait for the whole GEMM)."""
         if self.flag_ptrs is None:
             self.handle.barrier(channel=COPY_ENGINE_CHANNEL)
             return
@@ -153,7 +154,7 @@ class CopyEngineWorkspace:
         if slot >= MAX_SYNCS:
             raise RuntimeError(f"a copy-engine call used more than {MAX_SYNCS} barriers; use fewer chunks")
         self.next_sync += 1
-        stream = torch.cuda.current_stream()
+        stream = stream or torch.cuda.current_stream()
         row = slot * self.world_size
         peers = [peer for peer in range(self.world_size) if peer != self.rank]
         for peer in peers:

@@ -36,15 +36,34 @@ def _tile_and_chunked(rank: int, world: int) -> dict:
                 ("copy_engine_ar", ops.matmul_all_reduce(a, b, None, group, "copy_engine", 3, 0), False),
                 ("copy_engine_rs", ops.matmul_reduce_scatter(a, b, group, world, 0, "copy_engine", 2, 0),
                  True),
+                ("copy_engine_tapered_ar", ops.matmul_all_reduce(a, b, None, group, "copy_engine", 3, 0, 0.5),
+                 False),
+                ("copy_engine_tapered_rs", ops.matmul_reduce_scatter(a, b, group, world, 0, "copy_engine", 3,
+                                                                     0, 0.3), True),
                 ("chunked_ar", ops.matmul_all_reduce(a, b, None, group, "chunked", 3, 0), False),
                 ("chunked_rs", ops.matmul_reduce_scatter(a, b, group, world, 0, "chunked", 2, 0), True)):
             ref = _reference(a, b, scatter)
             report[f"{name}_{step}"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-        for mode, chunks, sms in (("tile", 1, 8), ("copy_engine", 4, 0)):
-            fused = ops.matmul_all_reduce(a, b, None, group, mode, chunks, sms)
+        for name, mode, chunks, sms, taper in (("tile", "tile", 1, 8, 1.0),
+                                               ("copy_engine", "copy_engine", 4, 0, 1.0),
+                                               ("copy_engine_tapered", "copy_engine", 3, 0, 0.5)):
+            fused = ops.matmul_all_reduce(a, b, None, group, mode, chunks, sms, taper)
             copies = [torch.empty_like(fused) for _ in range(world)]
             dist.all_gather(copies, fused)
-            report[f"bitwise_{mode}_{step}"] = all(torch.equal(copies[0], c) for c in copies)
+            report[f"bitwise_{name}_{step}"] = all(torch.equal(copies[0], c) for c in copies)
+    # Blocks long enough for sub-chunks in whole ROW_UNITs (3 x 128-row multiples per block).
+    a = torch.randn(2048 * world, 256, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    for name, out, scatter in (
+            ("copy_engine_units_ar", ops.matmul_all_reduce(a, b, None, group, "copy_engine", 4, 0, 0.6), False),
+            ("copy_engine_units_rs", ops.matmul_reduce_scatter(a, b, group, world, 0, "copy_engine", 3, 0, 0.5),
+             True)):
+        ref = _reference(a, b, scatter)
+        report[name] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        if not scatter:
+            copies = [torch.empty_like(out) for _ in range(world)]
+            dist.all_gather(copies, out)
+            report[f"bitwise_{name}"] = all(torch.equal(copies[0], c) for c in copies)
     shard = torch.randn(2, 64, 320, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(320, 96, device="cuda", dtype=torch.bfloat16)
     gathered, out = ops.all_gather_matmul(shard, w, group, world, 1, 2)

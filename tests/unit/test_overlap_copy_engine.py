@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from graphopt.ops.matmul_collectives import MODES, copy_engine_blocks, copy_engine_pipeline
+from graphopt.ops.matmul_collectives import MODES, ROW_UNIT, copy_engine_blocks, copy_engine_pipeline
 
 
 class Race(AssertionError):
@@ -175,7 +175,7 @@ class SimulatedWorld:
         self.barrier = threading.Barrier(world)
         self.ranks = [io(rank, self, rows, cols) for rank in range(world)]
 
-    def call(self, inputs, b, chunks, scatter):
+    def call(self, inputs, b, chunks, scatter, taper=1.0):
         """One collective call on every rank (threads); the outputs, rank by rank."""
         world = len(self.ranks)
         outs, errors = [None] * world, []
@@ -186,7 +186,7 @@ class SimulatedWorld:
             io.out = torch.full((a.shape[0] // world if scatter else a.shape[0], b.shape[1]),
                                 float("nan"), dtype=torch.float64)
             try:
-                copy_engine_pipeline(io, a, b, io.out, rank, world, chunks, scatter)
+                copy_engine_pipeline(io, a, b, io.out, rank, world, chunks, scatter, taper)
                 io._check_local_read("out", range(io.out.shape[0]), reader="compute")
                 outs[rank] = io.out
             except BaseException as err:  # noqa: BLE001  re-raised below, in the main thread
@@ -210,17 +210,11 @@ def _inputs(world, rows, k, cols, seed):
     return inputs, torch.randn(k, cols, generator=gen, dtype=torch.float64)
 
 
-@settings(max_examples=25, deadline=None)
-@given(world=st.integers(1, 4), block=st.integers(1, 6), extra=st.integers(0, 3),
-       cols=st.integers(1, 5), chunks=st.integers(1, 4), scatter=st.booleans(),
-       seed=st.integers(0, 10_000))
-def test_schedule_reduces_exactly_and_every_read_is_ordered(world, block, extra, cols, chunks, scatter,
-                                                            seed):
-    rows = block * world + (0 if scatter else min(extra, world - 1))
+def _check_calls(world, rows, cols, chunks, scatter, taper, seed, calls=3):
     sim = SimulatedWorld(world, rows, cols)
-    for call in range(3):  # the symmetric buffers are reused: write-after-read across calls
+    for call in range(calls):  # the symmetric buffers are reused: write-after-read across calls
         inputs, b = _inputs(world, rows, 3, cols, seed + call)
-        outs = sim.call(inputs, b, chunks, scatter)
+        outs = sim.call(inputs, b, chunks, scatter, taper)
         full = sum(a @ b for a in inputs)
         if scatter:
             for rank, out in enumerate(outs):
@@ -230,6 +224,25 @@ def test_schedule_reduces_exactly_and_every_read_is_ordered(world, block, extra,
             assert all(torch.equal(outs[0], out) for out in outs), "ranks disagree bitwise"
 
 
+@settings(max_examples=40, deadline=None)
+@given(world=st.integers(1, 4), block=st.integers(1, 12), extra=st.integers(0, 3),
+       cols=st.integers(1, 5), chunks=st.integers(1, 5), scatter=st.booleans(),
+       taper=st.sampled_from([1.0, 0.7, 0.5, 0.3]), seed=st.integers(0, 10_000))
+def test_schedule_reduces_exactly_and_every_read_is_ordered(world, block, extra, cols, chunks, scatter,
+                                                            taper, seed):
+    rows = block * world + (0 if scatter else min(extra, world - 1))
+    _check_calls(world, rows, cols, chunks, scatter, taper, seed)
+
+
+@pytest.mark.parametrize("world,scatter", [(2, False), (2, True), (3, False), (3, True)])
+def test_tapered_schedule_in_whole_row_units_is_ordered(world, scatter):
+    """Blocks long enough for ROW_UNIT-rounded sub-chunks of unequal sizes (the GPU's case)."""
+    rows = world * 8 * ROW_UNIT + (0 if scatter else world - 1)
+    sizes = [end - start for start, end in copy_engine_blocks(rows, world, 3, 0.5)[0]]
+    assert sizes[0] > sizes[1] > sizes[2] and sizes[2] % ROW_UNIT == 0
+    _check_calls(world, rows, 2, 3, scatter, 0.5, seed=world, calls=2)
+
+
 def test_blocks_are_the_same_on_every_rank_and_cover_the_rows():
     blocks = copy_engine_blocks(10, 3, 8)
     assert [len(b) for b in blocks] == [3, 3, 3]   # chunks clamped to the smallest block (3 rows)
@@ -237,6 +250,33 @@ def test_blocks_are_the_same_on_every_rank_and_cover_the_rows():
     assert flat == list(range(10))
     with pytest.raises(ValueError, match="cannot be split into 4 rank blocks"):
         copy_engine_blocks(3, 4, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40_000), world=st.integers(1, 8), chunks=st.integers(1, 6),
+       taper=st.floats(0.1, 1.0))
+def test_tapered_blocks_cover_the_rows_and_shrink(rows, world, chunks, taper):
+    if rows < world:
+        return
+    blocks = copy_engine_blocks(rows, world, chunks, taper)
+    flat = [r for block in blocks for s, e in block for r in range(s, e)]
+    assert flat == list(range(rows))
+    assert len({len(block) for block in blocks}) == 1          # same sub-chunk count on every rank
+    for block in blocks:
+        sizes = [end - start for start, end in block]
+        assert min(sizes) >= 1 and sizes[0] >= max(sizes)     # the first sub-chunk is the longest
+        if taper < 1.0 and sizes[0] != sizes[-1] and len(sizes) > 1:
+            assert sizes == sorted(sizes, reverse=True)
+
+
+def test_taper_shortens_the_last_sub_chunk():
+    equal = copy_engine_blocks(8192, 2, 3)[0]
+    tapered = copy_engine_blocks(8192, 2, 3, 0.5)[0]
+    size = lambda bounds: bounds[1] - bounds[0]  # noqa: E731
+    assert [size(b) for b in tapered] == [2304, 1152, 640]      # 4096 rows ~ 4 : 2 : 1, in 128s
+    assert size(tapered[-1]) < size(equal[-1]) / 2 and tapered[-1][1] == equal[-1][1]
+    with pytest.raises(ValueError, match="taper=1.5 must be in"):
+        copy_engine_blocks(8192, 2, 3, 1.5)
 
 
 class _NoEvents(SimulatedRank):
@@ -260,19 +300,21 @@ class _NoFinalBarrier(SimulatedRank):
 
 
 @pytest.mark.parametrize("scatter", [False, True])
-def test_simulator_catches_a_missing_event(scatter):
-    inputs, b = _inputs(2, 8, 3, 4, 0)
+@pytest.mark.parametrize("taper", [1.0, 0.5])
+def test_simulator_catches_a_missing_event(scatter, taper):
+    inputs, b = _inputs(2, 16, 3, 4, 0)
     with pytest.raises(Race, match="published at None"):
-        SimulatedWorld(2, 8, 4, io=_NoEvents).call(inputs, b, 2, scatter)
+        SimulatedWorld(2, 16, 4, io=_NoEvents).call(inputs, b, 3, scatter, taper)
 
 
-def test_reduce_scatter_needs_its_final_barrier():
-    sim = SimulatedWorld(2, 8, 4, io=_NoFinalBarrier)
+@pytest.mark.parametrize("taper", [1.0, 0.5])
+def test_reduce_scatter_needs_its_final_barrier(taper):
+    sim = SimulatedWorld(2, 16, 4, io=_NoFinalBarrier)
     for rank in sim.ranks:
-        rank.per_call = 2 + 1   # (P - 1) * chunks phase-1 barriers + the final one
-    sim.call(*_inputs(2, 8, 3, 4, 0), 2, True)
+        rank.per_call = 3 + 1   # (P - 1) * chunks phase-1 barriers + the final one
+    sim.call(*_inputs(2, 16, 3, 4, 0), 3, True, taper)
     with pytest.raises(Race, match="overwrite"):
-        sim.call(*_inputs(2, 8, 3, 4, 1), 2, True)
+        sim.call(*_inputs(2, 16, 3, 4, 1), 3, True, taper)
 
 
 def test_copy_engine_mode_is_refused_on_cpu_tensors():

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from graphopt.analysis import overlap_cost
 from graphopt.analysis.device_profile import CPU, H100, H200
+from graphopt.ops.matmul_collectives import copy_engine_blocks
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results", "matmul_allreduce.json")
 
@@ -31,7 +32,8 @@ def test_comm_heavy_all_reduce_overlaps_and_gemm_bound_one_stays_sequential():
 def test_copy_engine_is_preferred_where_symmetric_memory_is_available():
     for kind in ("all_reduce", "reduce_scatter"):
         choice = _choose(kind=kind, m=8192, k=4096)
-        assert choice.mode == "copy_engine" and choice.chunks in overlap_cost.CE_CHUNK_CHOICES
+        assert choice.mode == "copy_engine"
+        assert (choice.chunks, choice.taper) in overlap_cost.CE_SCHEDULES
         times = choice.estimates_s
         key = overlap_cost.plan_key(choice)
         assert times[key] < times["chunked:4"]
@@ -56,6 +58,50 @@ def test_copy_engine_timeline_follows_the_schedule():
                 [f"copy_engine:{count}"] for count in (1, 2, 64)}
     # One sub-chunk: the own block's GEMM waits for the whole pull (no overlap in phase 2).
     assert by_count[1] > by_count[2] < by_count[64]
+
+
+def test_tapered_sub_chunks_shorten_the_all_reduce_tail():
+    """All-reduce: the last sub-chunk's barrier + pull-back runs after the last GEMM; shrinking the
+    trailing sub-chunks shortens it (the walk uses the runtime's own bounds). Reduce-scatter has no
+    pull-back after its last GEMM, so tapering cannot gain there."""
+    def times(kind, m=16384, k=4096):
+        return overlap_cost.estimate(kind, m, 8192, k, 2, 2, H200, tile_ok=False, copy_engine_ok=True,
+                                     chunks=3)
+    all_reduce = times("all_reduce")
+    assert all_reduce["copy_engine:3x0.5"] < all_reduce["copy_engine:3"] * 0.97
+    tail_rows = {key: 16384 // 2 - start for key, (start, _) in (
+        ("copy_engine:3", copy_engine_blocks(16384, 2, 3)[0][-1]),
+        ("copy_engine:3x0.5", copy_engine_blocks(16384, 2, 3, 0.5)[0][-1]))}
+    saved = (tail_rows["copy_engine:3"] - tail_rows["copy_engine:3x0.5"]) * 8192 * 2 / (H200.p2p_gbps * 1e9)
+    gained = all_reduce["copy_engine:3"] - all_reduce["copy_engine:3x0.5"]
+    assert gained <= saved + 1e-9       # no more than the shorter pull-back (the GEMMs cost the same)
+    scatter = times("reduce_scatter")
+    assert scatter["copy_engine:3x0.5"] >= scatter["copy_engine:3"] - 1e-9
+    # Where the blocks are too short to taper, the walk is the equal-sub-chunk one.
+    tiny = times("all_reduce", m=4, k=64)
+    assert tiny["copy_engine:3x0.5"] == tiny["copy_engine:3"]
+
+
+def test_copy_engine_estimate_is_never_below_the_host_issue_time():
+    tiny = overlap_cost.estimate("all_reduce", 256, 256, 256, 2, 2, H200, tile_ok=False,
+                                 copy_engine_ok=True)
+    for (chunks, taper) in overlap_cost.CE_SCHEDULES:
+        gemms, steps = 2 * chunks + chunks, chunks + chunks
+        host = (overlap_cost.CE_HOST_CALL_S + gemms * overlap_cost.CE_HOST_GEMM_S
+                + steps * overlap_cost.CE_HOST_STEP_S)
+        assert tiny[overlap_cost.copy_engine_key(chunks, taper)] == pytest.approx(host)
+    assert _choose(m=256, n=256, k=256, profile=H200).mode == "sequential"
+
+
+def test_copy_engine_keys_round_trip_through_the_choice():
+    for chunks, taper in overlap_cost.CE_SCHEDULES:
+        forced = _choose(mode="copy_engine", chunks=chunks, profile=H200)
+        assert forced.chunks == chunks and forced.taper in {q for _, q in overlap_cost.CE_SCHEDULES}
+        assert overlap_cost.plan_key(forced) in forced.estimates_s
+        assert forced.estimates_s[overlap_cost.plan_key(forced)] == min(
+            v for key, v in forced.estimates_s.items() if key.startswith("copy_engine:"))
+    assert overlap_cost.copy_engine_key(3, 0.5) == "copy_engine:3x0.5"
+    assert overlap_cost.copy_engine_key(2) == "copy_engine:2"
 
 
 def test_copy_engine_refusals():
