@@ -281,6 +281,20 @@ def test_dump_has_the_memory_picture_and_the_table(tmp_path):
     assert os.path.exists(folder / "summary.json")
 
 
+def test_plan_table_says_the_realized_peak_is_before_the_offload_pass():
+    """The realized graphs are simulated before the offload pass: where the plan offloads, their
+    peak still holds the offloaded tensors, and the table says so."""
+    from graphopt.analysis.memory_plot import plan_table_markdown
+    row = {"tensor": "mul", "bytes": 4096, "alpha": 0.0, "recompute_s": None}
+    summary = {"budget_bytes": 8192, "planned_peak_bytes": 8000, "min_cut_peak_bytes": 12000,
+               "realized_peak_bytes": 12000, "recompute_time_s": 0.0,
+               "extra_recompute_time_s": 0.0}
+    kept = plan_table_markdown(dict(summary, table=[dict(row, action="save")]))
+    moved = plan_table_markdown(dict(summary, table=[dict(row, action="offload", alpha=1.0)]))
+    assert "realized graphs:" in kept and "offload pass" not in kept
+    assert "realized graphs, before the offload pass moves 1 tensor off the device:" in moved
+
+
 def test_parse_budget():
     assert parse_budget("40GiB") == ("bytes", 40 * 2**30)
     assert parse_budget("512MiB") == ("bytes", 512 * 2**20)
