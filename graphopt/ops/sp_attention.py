@@ -95,6 +95,15 @@ def _check_equal_chunks(group: dist.ProcessGroup, chunk: int, device: torch.devi
     _CHECKED_CHUNKS.add(key)
 
 
+def _segments(parts: list[tuple], length: int):
+    """The row ranges [lo, hi) between the bounds of every (start, stop, *tensors) part, over
+    [0, length), each with the tensors of the parts covering it, sliced to it."""
+    edges = sorted({0, length} | {edge for start, stop, *_ in parts for edge in (start, stop)})
+    for lo, hi in zip(edges, edges[1:]):
+        yield lo, hi, [tuple(_rows(x, lo - start, hi - start) for x in tensors)
+                       for start, stop, *tensors in parts if start <= lo and hi <= stop]
+
+
 class _Partials:
     """Gradient partials of one tensor ([B, H, S/P, D]) by row range, each in the dtype its kernel
     produced, summed once at the end in float32 and rounded once (``graphopt.kernels.sum_partials``
@@ -118,11 +127,8 @@ class _Partials:
         """The sum over every row (rows no partial covers are zero)."""
         from graphopt.kernels.sum_partials import sum_partials
         result = torch.empty(self.like.shape, dtype=dtype, device=self.like.device)
-        edges = sorted({0, self.like.shape[2]} | {e for p in self.parts for e in p[:2]})
-        for lo, hi in zip(edges, edges[1:]):
-            covering = [_rows(part, lo - start, hi - start)
-                        for start, stop, part in self.parts if start <= lo and hi <= stop]
-            sum_partials(_rows(result, lo, hi), covering)
+        for lo, hi, covering in _segments(self.parts, self.like.shape[2]):
+            sum_partials(_rows(result, lo, hi), [partial for (partial,) in covering])
         return result
 
 
@@ -149,10 +155,7 @@ class _OutPartials:
         """(out in ``dtype``, lse float32) over every row (rows no part covers: 0 and -inf)."""
         out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
         lse = torch.empty(self.q.shape[:3], dtype=torch.float32, device=self.q.device)
-        edges = sorted({0, self.q.shape[2]} | {e for p in self.parts for e in p[:2]})
-        for lo, hi in zip(edges, edges[1:]):
-            covering = [(_rows(o, lo - start, hi - start), _rows(l, lo - start, hi - start))
-                        for start, stop, o, l in self.parts if start <= lo and hi <= stop]
+        for lo, hi, covering in _segments(self.parts, self.q.shape[2]):
             _merge_parts(_rows(out, lo, hi), _rows(lse, lo, hi), covering)
         return out, lse
 
