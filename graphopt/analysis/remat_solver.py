@@ -2,10 +2,11 @@
 
 Two stages, both deterministic (every loop walks the joint graph's order; no timing is measured):
 
-1. ``min_cut_saved``: the runtime-optimal saved set when only cheap ops (views, pointwise) may be
-   recomputed -- a minimum s-t cut in networkx over the forward nodes (capacity = bytes), with
-   expensive and non-recomputable nodes tied to the source and every node the backward reads
-   tied to the sink. This is the plan a budget of 1.0 gives.
+1. ``min_cut_saved``: the runtime-optimal saved set when only cheap ops (views, pointwise ops,
+   reductions that do not shrink what they read 4x or more) may be recomputed -- a minimum s-t
+   cut in networkx over the forward nodes (capacity = bytes), with expensive and non-recomputable
+   nodes tied to the source and every node the backward reads tied to the sink. This is the plan
+   a budget of 1.0 gives.
 2. ``plan_under_budget``: each allocation the saved tensors of that plan hold is a candidate
    with options (keep, recompute from the nearest saved tensors, offload a fraction to host) --
    a saved view is priced by its base's bytes, and saved tensors sharing an allocation are

@@ -273,12 +273,22 @@ def _recomputable(node: fx.Node) -> bool:
     return True
 
 
+# A reduction whose output is this many times smaller than what it reads is not recomputed for
+# free: keeping its output costs a fraction of the bytes its recomputation reads (a norm's
+# statistics: keeping the [S, 1] rsqrt spares the backward re-reading the [S, D] input to rebuild
+# the whole normalisation chain). The same rule as torch's min-cut partitioner.
+SHRINK_NOT_CHEAP = 4
+
+
 def _is_cheap(node: fx.Node) -> bool:
     target = node.target
     if target is operator.getitem:
         return True
-    return target in CHEAP_OPS or (isinstance(target, torch._ops.OpOverload)
-                                   and torch.Tag.pointwise in target.tags)
+    if not (target in CHEAP_OPS or (isinstance(target, torch._ops.OpOverload)
+                                    and torch.Tag.pointwise in target.tags)):
+        return False
+    read = sum(cost_model.tensor_nbytes(i.meta.get("val")) for i in node.all_input_nodes)
+    return cost_model.tensor_nbytes(node.meta.get("val")) * SHRINK_NOT_CHEAP >= read
 
 
 # --- offload options (issue 7's model) --------------------------------------------------------------

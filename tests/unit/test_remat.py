@@ -1,5 +1,6 @@
 """plan_rematerialization: numerics, peak under budget, monotone cost, what is never recomputed."""
 
+import copy
 import functools
 import os
 import xml.etree.ElementTree as ElementTree
@@ -293,6 +294,43 @@ def test_plan_table_says_the_realized_peak_is_before_the_offload_pass():
     moved = plan_table_markdown(dict(summary, table=[dict(row, action="offload", alpha=1.0)]))
     assert "realized graphs:" in kept and "offload pass" not in kept
     assert "realized graphs, before the offload pass moves 1 tensor off the device:" in moved
+
+
+class RMSNormMLP(nn.Module):
+    """Pre-norm (RMSNorm) residual MLP blocks: the norm's statistics are a reduction over D."""
+
+    def __init__(self, depth: int, width: int):
+        super().__init__()
+        torch.manual_seed(depth)
+        self.ups = nn.ModuleList(nn.Linear(width, 4 * width) for _ in range(depth))
+        self.downs = nn.ModuleList(nn.Linear(4 * width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for up, down in zip(self.ups, self.downs):
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+            x = x + down(torch.nn.functional.silu(up(h)))
+        return x
+
+
+def test_min_cut_keeps_a_norms_statistics_instead_of_recomputing_its_reduction(monkeypatch):
+    """A reduction that shrinks what it reads 4x or more is not recomputed for free: the plan of a
+    budget of 1.0 keeps the [N, 1] statistics and spends less recompute time than the plan that
+    rebuilds them from the [N, D] input in backward, for a few bytes more."""
+    import graphopt.passes.plan_rematerialization as remat
+    captured = capture_joint(RMSNormMLP(2, 64), torch.randn(256, 64, requires_grad=True))
+
+    def planned():
+        _, bw, ctx = plan(dict(captured, joint=copy.deepcopy(captured["joint"])), 1.0)
+        reductions = [n for n in bw.graph.nodes if n.target is torch.ops.aten.mean.dim]
+        return reductions, ctx.shared["remat_plan"]
+
+    reductions, kept = planned()
+    monkeypatch.setattr(remat, "SHRINK_NOT_CHEAP", 10**9)  # every reduction recomputed for free
+    reductions_free, free = planned()
+    assert not reductions and len(reductions_free) == 2
+    assert kept["recompute_time_s"] < free["recompute_time_s"]
+    statistics = 2 * 256 * 4  # one [256, 1] float32 tensor per block
+    assert free["saved_bytes"] <= kept["saved_bytes"] <= free["saved_bytes"] + statistics
 
 
 def test_parse_budget():
