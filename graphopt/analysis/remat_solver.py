@@ -40,8 +40,9 @@ class JointGraph:
     """The joint forward+backward graph as the solver sees it (no torch objects).
 
     ``order`` holds every node but the output, in the joint graph's order. ``role`` is "primal"
-    (forward input, always available, free to save), "tangent", "fw" (needed by the forward
-    outputs) or "bw" (everything else). ``view_of`` names the input a view aliases."""
+    (forward input, always available, free to save), "tangent", "fw" (does not depend on a
+    tangent: the forward outputs need it, or the backward does and it may run in either pass --
+    the cut decides) or "bw" (depends on a tangent). ``view_of`` names the input a view aliases."""
 
     order: list[str]
     inputs: dict[str, tuple[str, ...]]
@@ -76,6 +77,22 @@ class JointGraph:
         for name in self.order:
             for source in self.inputs[name]:
                 self.users[source].append(name)
+
+    def forward_run(self, saved: Iterable[str]) -> list[str]:
+        """The forward nodes the forward graph runs with this saved set: what its outputs and the
+        saved values need (the extraction leaves out the rest -- a value only the backward reads,
+        not saved, is recomputed there)."""
+        seeds = [n for n in self.fw_outputs if n in self.role]
+        seeds += [n for n in saved if n in self.role and self.role[n] == "fw"]
+        seeds += [n for n in self.order if self.role[n] == "fw" and not self.users[n]]
+        needed, stack = set(), seeds
+        while stack:
+            name = stack.pop()
+            if name in needed or self.role.get(name) != "fw":
+                continue
+            needed.add(name)
+            stack.extend(self.inputs[name])
+        return [n for n in self.order if n in needed]
 
     def is_forward(self, name: str) -> bool:
         return self.role[name] in ("fw", "primal")
@@ -286,7 +303,7 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
     kept = {n: graph.logical_bytes[n] - int(alpha * graph.logical_bytes[n])
             for n, alpha in offloaded.items()}
     steps: list[Step] = []
-    forward = [n for n in graph.order if graph.role[n] == "fw"]
+    forward = graph.forward_run(saved)
     last_fw_reader: dict[str, str] = {}
     for name in forward:
         for source in graph.inputs[name]:

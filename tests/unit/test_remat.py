@@ -333,6 +333,34 @@ def test_min_cut_keeps_a_norms_statistics_instead_of_recomputing_its_reduction(m
     assert free["saved_bytes"] <= kept["saved_bytes"] <= free["saved_bytes"] + statistics
 
 
+def test_a_loss_that_forms_its_gradient_in_forward_is_not_moved_to_the_backward():
+    """Llama.loss(chunks=N) forms d loss / d hidden and d loss / d weight in forward and saves only
+    those. Ops only the backward reads but no tangent feeds may run in either pass; the cut must
+    keep them in forward rather than save every chunk's [tokens / N, vocab] float32 log-probs for
+    a backward that would redo them -- what torch's min-cut does too."""
+    from graphopt.models.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=128, vocab_size=4096)
+    model = Llama(cfg)
+    tokens, targets = (torch.randint(0, cfg.vocab_size, (1, 256)) for _ in range(2))
+    captured = capture_joint(lambda t, y: model.loss(t, y, chunks=4), tokens, targets)
+    fw, _, ctx = plan(dict(captured, joint=copy.deepcopy(captured["joint"])), 1.0)
+    kwargs = {k: v for k, v in captured["kwargs"].items() if k != "compiler"}
+    torch_fw, _ = _compat.min_cut_rematerialization_partition(
+        copy.deepcopy(captured["joint"]), captured["inputs"], compiler="inductor", **kwargs)
+
+    def saved(gm):
+        (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+        return [n.meta["val"] for n in output.args[0][1:] if isinstance(n, torch.fx.Node)
+                and isinstance(n.meta.get("val"), torch.Tensor)]
+
+    ours = saved(fw)
+    assert not any(v.dim() and v.shape[-1] == cfg.vocab_size and v.dtype == torch.float32
+                   for v in ours)
+    nbytes = lambda values: sum(v.numel() * v.element_size() for v in values)  # noqa: E731
+    assert nbytes(ours) <= 1.1 * nbytes(saved(torch_fw))
+
+
 def test_parse_budget():
     assert parse_budget("40GiB") == ("bytes", 40 * 2**30)
     assert parse_budget("512MiB") == ("bytes", 512 * 2**20)
