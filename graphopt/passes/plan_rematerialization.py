@@ -182,11 +182,22 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
     for node in nodes:
         if _is_backward_input(node) or any(i in tangent_dependent for i in node.all_input_nodes):
             tangent_dependent.add(node)
-    # Everything that does not depend on a tangent may run in the forward: what the forward
-    # outputs need must, and for what only the backward reads (a loss that forms its gradient in
-    # forward, a backward formula's function of forward values) the cut decides where it runs --
-    # in forward with its output saved, or in backward from saved inputs -- as torch's min-cut does.
-    forward = {n for n in nodes if n.op != "placeholder" and n not in tangent_dependent}
+    forward_seeds = fw_outputs + [n for n in nodes if n.op == "call_function" and not n.users
+                                  and n not in tangent_dependent]
+    forward = _ancestors(forward_seeds)
+    # an output of a forward multi-output op belongs to the forward even when only backward reads it
+    forward |= {n for n in nodes if n.target is operator.getitem and n.args[0] in forward}
+    # What only the backward reads but no tangent feeds (a loss that forms its gradient in forward,
+    # a backward formula's function of forward values) may run in either pass: the cut decides --
+    # in forward with its output saved, or in backward from saved inputs -- as torch's min-cut
+    # does. Ops that cannot be replayed freely (collectives, such as the all-gather of a sharded
+    # weight for the backward; random ops; effects) stay in the backward, and so does what reads
+    # them.
+    for node in nodes:
+        if (node.op == "call_function" and node not in forward and node not in tangent_dependent
+                and _recomputable(node)
+                and all(i.op == "placeholder" or i in forward for i in node.all_input_nodes)):
+            forward.add(node)
     policy = _compat.checkpoint_policy()
     role, inputs, nbytes, logical, view_of, times, recomputable = {}, {}, {}, {}, {}, {}, {}
     cheap, must_recompute, symbolic, tuples = set(), set(), set(), set()
@@ -245,6 +256,17 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
 def _is_backward_input(node: fx.Node) -> bool:
     return node.op == "placeholder" and ("tangents" in node.target or "bwd_seed" in node.target
                                          or "bwd_base_offset" in node.target)
+
+
+def _ancestors(seeds: list[fx.Node]) -> set[fx.Node]:
+    seen, stack = set(), list(seeds)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
 
 
 def _recomputable(node: fx.Node) -> bool:

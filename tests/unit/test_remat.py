@@ -361,6 +361,37 @@ def test_a_loss_that_forms_its_gradient_in_forward_is_not_moved_to_the_backward(
     assert nbytes(ours) <= 1.1 * nbytes(saved(torch_fw))
 
 
+def test_backward_only_ops_join_the_forward_candidates_unless_they_cannot_be_replayed():
+    """A deterministic op no tangent feeds may run in either pass (the cut decides); a collective
+    only the backward reads (an FSDP-style all-gather of a weight) stays in the backward with what
+    reads it, so no unsharded weight is saved from the forward."""
+    from graphopt.analysis.device_profile import CPU
+    from graphopt.passes.plan_rematerialization import build_joint_graph
+    graph = torch.fx.Graph()
+    x = graph.placeholder("primals_1")
+    w = graph.placeholder("primals_2")
+    grad = graph.placeholder("tangents_1")
+    out = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    local = graph.call_function(torch.ops.aten.mm.default, (x, w))   # only the backward reads it
+    gathered = graph.call_function(torch.ops._c10d_functional.all_gather_into_tensor.default,
+                                   (w, 2, "0"))
+    waited = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (gathered,))
+    scaled = graph.call_function(torch.ops.aten.mul.Tensor, (waited, 3.0))
+    dx = graph.call_function(torch.ops.aten.mul.Tensor, (grad, local))
+    dw = graph.call_function(torch.ops.aten.mm.default, (scaled, grad))
+    graph.output([out, dx, dw])
+    shapes = {"primals_1": (8, 8), "primals_2": (8, 8), "tangents_1": (8, 8), out.name: (8, 8),
+              local.name: (8, 8), gathered.name: (16, 8), waited.name: (16, 8),
+              scaled.name: (16, 8), dx.name: (8, 8), dw.name: (16, 8)}
+    for node in graph.nodes:
+        if node.op != "output":
+            node.meta["val"] = torch.empty(shapes[node.name])
+    joint = build_joint_graph(torch.fx.GraphModule(torch.nn.Module(), graph), 1, CPU)
+    assert joint.role[local.name] == "fw"
+    assert [joint.role[n.name] for n in (gathered, waited, scaled)] == ["bw", "bw", "bw"]
+    assert joint.role[out.name] == "fw" and joint.role[dx.name] == "bw"
+
+
 def test_parse_budget():
     assert parse_budget("40GiB") == ("bytes", 40 * 2**30)
     assert parse_budget("512MiB") == ("bytes", 512 * 2**20)
