@@ -40,9 +40,11 @@ class JointGraph:
     """The joint forward+backward graph as the solver sees it (no torch objects).
 
     ``order`` holds every node but the output, in the joint graph's order. ``role`` is "primal"
-    (forward input, always available, free to save), "tangent", "fw" (does not depend on a
-    tangent: the forward outputs need it, or the backward does and it may run in either pass --
-    the cut decides) or "bw" (depends on a tangent). ``view_of`` names the input a view aliases."""
+    (forward input, always available, free to save), "tangent", "fw" (the forward outputs need
+    it, or only the backward reads it but it reads forward values alone and can be replayed
+    freely, so it may run in either pass -- the cut decides) or "bw" (everything else: what a
+    tangent feeds, and collectives, random ops or effects only the backward reads, with what
+    reads them). ``view_of`` names the input a view aliases."""
 
     order: list[str]
     inputs: dict[str, tuple[str, ...]]
