@@ -48,7 +48,8 @@ FIRST_HALF = (Fraction(0), Fraction(1, 2))
 SECOND_HALF = (Fraction(1, 2), Fraction(1))
 
 
-def _indices(part: tuple[Fraction, Fraction], chunk_len: int) -> tuple[int, int]:
+def index_range(part: tuple[Fraction, Fraction], chunk_len: int) -> tuple[int, int]:
+    """A fraction range of a chunk as [start, stop) indices into ``chunk_len`` positions."""
     start, stop = part
     return int(start * chunk_len), int(stop * chunk_len)
 
@@ -64,11 +65,11 @@ class Task:
 
     def row_range(self, chunk_len: int) -> tuple[int, int]:
         """The rows as [start, stop) indices into a chunk of ``chunk_len`` queries."""
-        return _indices(self.rows, chunk_len)
+        return index_range(self.rows, chunk_len)
 
     def key_range(self, chunk_len: int) -> tuple[int, int]:
         """The keys as [start, stop) indices into a chunk of ``chunk_len`` keys."""
-        return _indices(self.keys, chunk_len)
+        return index_range(self.keys, chunk_len)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,10 @@
+"""Triton kernels. This package module itself imports no triton: the layout helper below serves
+callers that may never launch a kernel (torch's cuDNN path in ``graphopt.ops.attention``)."""
+
+import torch
+
+
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x as the attention kernels read it: any strides with a unit last one (row blocks of a
+    [B, H, S, D] tensor go as views), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graphopt.kernels import unit_last_stride
 from graphopt.kernels.flash_attention_fwd import (
     INTERPRET_BLOCK_M,
     INTERPRET_BLOCK_N,
@@ -268,13 +269,9 @@ _dq_tuned = tuned_by_dtype(
     small_head_configs=[triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2)])
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def flash_attention_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """rowsum(dout * out) in float32, [B, H, Sq] (contiguous)."""
-    out, dout = _unit_last_stride(out), _unit_last_stride(dout)
+    out, dout = unit_last_stride(out), unit_last_stride(dout)
     batch, heads, seqlen_q, head_dim = out.shape
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=out.device)
     if delta.numel() == 0:
@@ -291,9 +288,9 @@ def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
                              q_offset: int = 0, k_offset: int = 0, delta=None, dq_acc=None):
     """Launches the backward kernels; see graphopt.ops.attention.attention_block_backward."""
     check_supported(q, k, v, dout)
-    q, k, v, dout = (_unit_last_stride(x) for x in (q, k, v, dout))
+    q, k, v, dout = (unit_last_stride(x) for x in (q, k, v, dout))
     lse = lse.float()
-    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+    lse = unit_last_stride(lse)
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv

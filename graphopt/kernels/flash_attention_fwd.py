@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from graphopt.kernels import unit_last_stride
 from graphopt.kernels.merge_attention import merge_rows
 
 LOG2E = 1.4426950408889634
@@ -246,10 +247,6 @@ def seq_bucket(seqlen_q: int, seqlen_k: int) -> int:
     return min(triton.next_power_of_2(max(seqlen_q, seqlen_k)), 8192)
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
@@ -271,7 +268,7 @@ def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: in
                             k_offset: int = 0, out_acc=None, lse_acc=None):
     """Launches the forward kernel; see graphopt.ops.attention.attention_block_forward."""
     check_supported(q, k, v)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     accumulate = out_acc is not None

@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from graphopt.kernels import unit_last_stride
+
 __all__ = [
     "attention_block_forward",
     "attention_block_backward",
@@ -219,11 +221,17 @@ def _expand_heads(x: Tensor, hq: int) -> Tensor:
     return x if x.shape[1] == hq else x.repeat_interleave(hq // x.shape[1], dim=1)
 
 
-def _cudnn_refused(q: Tensor, k: Tensor, is_causal: bool, err: RuntimeError) -> None:
+def _record_refusal(refused: dict[tuple, str], q: Tensor, k: Tensor, is_causal: bool,
+                    err: RuntimeError, what: str, instead: str) -> None:
+    """Remember (and log once) that cuDNN refused this configuration, and why."""
     key = _cudnn_key(q, k, is_causal)
-    _CUDNN_REFUSED[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
-    _LOG.warning("torch's cuDNN attention refused %s (%s); graphopt's Triton kernels run these "
-                 "blocks instead", key, _CUDNN_REFUSED[key])
+    refused[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
+    _LOG.warning("torch's cuDNN attention refused %s%s (%s); %s", what, key, refused[key], instead)
+
+
+def _cudnn_refused(q: Tensor, k: Tensor, is_causal: bool, err: RuntimeError) -> None:
+    _record_refusal(_CUDNN_REFUSED, q, k, is_causal, err, "",
+                    "graphopt's Triton kernels run these blocks instead")
 
 
 # Grouped heads: cuDNN reads key/value head h // (Hq // Hkv) itself and sums dK/dV over each query
@@ -238,16 +246,8 @@ def _grouped_natively(q: Tensor, k: Tensor, is_causal: bool) -> bool:
 
 
 def _cudnn_gqa_refused(q: Tensor, k: Tensor, is_causal: bool, err: RuntimeError) -> None:
-    key = _cudnn_key(q, k, is_causal)
-    _CUDNN_GQA_REFUSED[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
-    _LOG.warning("torch's cuDNN attention refused grouped key/value heads %s (%s); these blocks "
-                 "run with K/V repeated to the query heads", key, _CUDNN_GQA_REFUSED[key])
-
-
-def _unit_last_stride(x: Tensor) -> Tensor:
-    """x as cuDNN reads it: any strides with a unit last one (row blocks of a [B, H, S, D] tensor
-    go as views; only the small LSE is made contiguous)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    _record_refusal(_CUDNN_GQA_REFUSED, q, k, is_causal, err, "grouped key/value heads ",
+                    "these blocks run with K/V repeated to the query heads")
 
 
 def _aten_cudnn_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
@@ -274,8 +274,8 @@ def _cudnn_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     native = _grouped_natively(q, k, is_causal)
     k_in, v_in = (k, v) if native else (_expand_heads(k, hq), _expand_heads(v, hq))
     try:
-        out, lse = _aten_cudnn_forward(_unit_last_stride(q), _unit_last_stride(k_in),
-                                       _unit_last_stride(v_in), scale=scale, is_causal=is_causal)
+        out, lse = _aten_cudnn_forward(unit_last_stride(q), unit_last_stride(k_in),
+                                       unit_last_stride(v_in), scale=scale, is_causal=is_causal)
     except RuntimeError as err:
         if native:
             _cudnn_gqa_refused(q, k, is_causal, err)
@@ -296,8 +296,8 @@ def _cudnn_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     k_in, v_in = (k, v) if native else (_expand_heads(k, hq), _expand_heads(v, hq))
     try:
         dq, dk, dv = _aten_cudnn_backward(
-            *(_unit_last_stride(x) for x in (q, k_in, v_in, out)), lse.contiguous(),
-            _unit_last_stride(dout), scale=scale, is_causal=is_causal)
+            *(unit_last_stride(x) for x in (q, k_in, v_in, out)), lse.contiguous(),
+            unit_last_stride(dout), scale=scale, is_causal=is_causal)
     except RuntimeError as err:
         if native:
             _cudnn_gqa_refused(q, k, is_causal, err)

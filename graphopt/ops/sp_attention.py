@@ -43,10 +43,9 @@ from torch import Tensor
 from graphopt import _compat
 from graphopt.distributed.p2p import exchanger_for
 from graphopt.distributed.sp_schedule import (DIAGONAL, HELPER, OWNER, Step, Task, build_schedule,
-                                              local_blocks, split_diagonal)
+                                              index_range, local_blocks, split_diagonal)
 from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
-                                    attention_delta, merge_attention_blocks,
-                                    cudnn_eligible)
+                                    attention_delta, cudnn_eligible)
 
 __all__ = ["sp_attention", "sp_attention_forward", "sp_attention_backward", "checkpoint_policy",
            "checkpoint_context_fn", "group_name_of"]
@@ -104,83 +103,59 @@ def _segments(parts: list[tuple], length: int):
                        for start, stop, *tensors in parts if start <= lo and hi <= stop]
 
 
-class _Partials:
-    """Gradient partials of one tensor ([B, H, S/P, D]) by row range, each in the dtype its kernel
-    produced, summed once at the end in float32 and rounded once (``graphopt.kernels.sum_partials``
-    fuses the sum on CUDA). More than ``MAX_PENDING`` are folded into one float32 partial, which
-    bounds the memory they hold at any P."""
+class _RowPartials:
+    """Partial results of this rank's rows by row range, each kept in the dtype its kernel produced
+    and combined once at the end (``total``) in float32, rounded once. More than ``MAX_PENDING``
+    are folded into one float32 partial, which bounds the memory they hold at any P."""
 
     MAX_PENDING = 8
 
-    def __init__(self, like: Tensor):
-        self.like = like
-        self.parts: list[tuple[int, int, Tensor]] = []
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.parts: list[tuple] = []  # (start, stop, *tensors)
 
-    def add(self, start: int, stop: int, partial: Tensor) -> None:
+    def add(self, start: int, stop: int, *tensors: Tensor) -> None:
         if stop <= start:
             return
-        self.parts.append((start, stop, partial))
+        self.parts.append((start, stop, *tensors))
         if len(self.parts) > self.MAX_PENDING:
-            self.parts = [(0, self.like.shape[2], self.total(torch.float32))]
+            folded = self.total(torch.float32)
+            self.parts = [(0, self.rows, *(folded if isinstance(folded, tuple) else (folded,)))]
+
+
+class _Partials(_RowPartials):
+    """Gradient partials of one tensor ([B, H, S/P, D]), summed (``graphopt.kernels.sum_partials``
+    fuses the sum on CUDA)."""
+
+    def __init__(self, like: Tensor):
+        super().__init__(like.shape[2])
+        self.like = like
 
     def total(self, dtype: torch.dtype) -> Tensor:
         """The sum over every row (rows no partial covers are zero)."""
         from graphopt.kernels.sum_partials import sum_partials
         result = torch.empty(self.like.shape, dtype=dtype, device=self.like.device)
-        for lo, hi, covering in _segments(self.parts, self.like.shape[2]):
+        for lo, hi, covering in _segments(self.parts, self.rows):
             sum_partials(_rows(result, lo, hi), [partial for (partial,) in covering])
         return result
 
 
-class _OutPartials:
-    """Partial attention results (out, lse) of this rank's query rows by row range, in the dtype
-    the block kernel produced, merged once at the end in float32 and rounded once
-    (``graphopt.kernels.merge_attention.merge_parts_fused`` on CUDA). More than ``MAX_PENDING``
-    are merged into one float32 partial."""
-
-    MAX_PENDING = 8
+class _OutPartials(_RowPartials):
+    """Partial attention results (out, lse) of this rank's query rows, merged with their
+    log-sum-exps (``graphopt.kernels.merge_attention.merge_parts`` fuses the merge on CUDA)."""
 
     def __init__(self, q: Tensor):
+        super().__init__(q.shape[2])
         self.q = q
-        self.parts: list[tuple[int, int, Tensor, Tensor]] = []
-
-    def add(self, start: int, stop: int, out: Tensor, lse: Tensor) -> None:
-        if stop <= start:
-            return
-        self.parts.append((start, stop, out, lse))
-        if len(self.parts) > self.MAX_PENDING:
-            self.parts = [(0, self.q.shape[2], *self.total(torch.float32))]
 
     def total(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(out in ``dtype``, lse float32) over every row (rows no part covers: 0 and -inf)."""
+        from graphopt.kernels.merge_attention import merge_parts
         out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
         lse = torch.empty(self.q.shape[:3], dtype=torch.float32, device=self.q.device)
-        for lo, hi, covering in _segments(self.parts, self.q.shape[2]):
-            _merge_parts(_rows(out, lo, hi), _rows(lse, lo, hi), covering)
+        for lo, hi, covering in _segments(self.parts, self.rows):
+            merge_parts(_rows(out, lo, hi), _rows(lse, lo, hi), covering)
         return out, lse
-
-
-def _merge_parts(out: Tensor, lse: Tensor, parts: list[tuple[Tensor, Tensor]]) -> None:
-    """out, lse = the merge of the partial results ``parts`` (fused on CUDA where layouts allow)."""
-    from graphopt.kernels.merge_attention import MAX_PARTS, flat_head_strides, merge_parts_fused
-    if not parts:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return
-    if out.is_cuda and all(flat_head_strides(*x) is not None for x in [(out, lse)] + parts):
-        while len(parts) > MAX_PARTS:
-            head = (torch.empty(out.shape, dtype=torch.float32, device=out.device),
-                    torch.empty(lse.shape, dtype=torch.float32, device=lse.device))
-            merge_parts_fused(*head, parts[:MAX_PARTS])
-            parts = [head] + parts[MAX_PARTS:]
-        merge_parts_fused(out, lse, parts)
-        return
-    out_acc = parts[0][0].float().clone()
-    lse_acc = parts[0][1].float().clone()
-    for part in parts[1:]:
-        merge_attention_blocks(out_acc, lse_acc, *part)
-    out.copy_(out_acc)
-    lse.copy_(lse_acc)
 
 
 class _Runner:
@@ -215,8 +190,7 @@ class _Runner:
         kernel without offsets computes exactly (a diagonal square, or every key visible)."""
         blocks = []
         for rows, keys in local_blocks(task, self.causal):
-            (r0, r1), (k0, k1) = (Task(DIAGONAL, rows=rows).row_range(self.chunk),
-                                  Task(DIAGONAL, keys=keys).key_range(self.chunk))
+            (r0, r1), (k0, k1) = index_range(rows, self.chunk), index_range(keys, self.chunk)
             if r0 < r1 and k0 < k1:
                 blocks.append((r0, r1, k0, k1))
         return blocks
