@@ -133,11 +133,11 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
     realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs, hold_backward_inputs=hold)
     summary = _summary(graph, base, plan, budget, realized, len(scored), refusals)
     # what the offload windows were sized with: the cost model's forward / backward and the link
-    summary["model_forward_s"] = sum(graph.time_s[n] for n in graph.order if graph.role[n] == "fw")
+    forward = graph.forward_run(plan.saved)
+    summary["model_forward_s"] = sum(graph.time_s[n] for n in forward)
     summary["model_backward_s"] = (sum(graph.time_s[n] for n in graph.order if graph.role[n] == "bw")
                                    + plan.recompute_time_s)
     summary["host_link_gbps"] = profile.host_link_gbps
-    forward = [n for n in graph.order if graph.role[n] == "fw"]
     summary["roofline_forward_s"] = timing.total(forward)[1]
     if windows is not None:
         summary["offload_windows"] = windows
@@ -313,7 +313,7 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
     moved (``nbytes``). Saved tensors sharing one allocation become one entry, named after the
     first: produced when the last of them is, needed when the first of them is."""
     times = times or graph.time_s
-    forward = [n for n in graph.order if graph.role[n] == "fw"]
+    forward = graph.forward_run(plan.saved)
     backward = remat_solver.backward_order(graph, plan.recomputed)
     fw_pos = {n: i for i, n in enumerate(forward)}
     fw_after, running = {}, sum(times[n] for n in forward)
@@ -361,7 +361,7 @@ def _offload_options(graph: JointGraph, base: Plan, profile,
                     for o in choices if o.device_bytes_freed > 0]
              for name, choices in sorted(options.items())},
             offload_model.window_bytes(saved, profile, sum(
-                graph.time_s[n] for n in graph.order if graph.role[n] == "fw")))
+                graph.time_s[n] for n in graph.forward_run(base.saved))))
 
 
 # --- cutting the graphs -----------------------------------------------------------------------------
