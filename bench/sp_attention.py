@@ -225,9 +225,9 @@ def summarize(rows: list[dict], world: int) -> dict:
         "ideal_speedup_vs_unbalanced_ring": (2 * world - 1) / world,
     }
     summary["note_world_size"] = (
-        f"measured on {world} GPUs (kinds with more GPUs withheld). The balanced schedule can beat "
-        f"the ring by at most (2P-1)/P = {summary['ideal_speedup_vs_unbalanced_ring']:.2f}x at "
-        f"P={world} (1.67x at P=3, 1.75x at P=4), so the 1.6x target is out of reach below P=3.")
+        f"measured on {world} GPUs. The balanced schedule can beat the ring by at most (2P-1)/P "
+        "(busiest rank's block work): 1.50x at P=2, 1.67x at P=3, 1.75x at P=4, so the 1.6x target "
+        "needs P >= 3.")
     summary["meets"] = {key: summary[key] >= target for key, target in TARGETS.items()}
     kernel = [r["kernel_ratio_flash_vs_sdpa"] for r in long]
     own = [r["efficiency_vs_own_kernel"] for r in long]
@@ -236,6 +236,12 @@ def summarize(rows: list[dict], world: int) -> dict:
     triton = [r["ours_triton_ms"] / r["ours_ms"] for r in long if "ours_triton_ms" in r]
     if triton:
         summary["speedup_from_cudnn_blocks_range"] = [min(triton), max(triton)]
+    world_rows = [dict(hkv=r["hkv"], seq_local=r["seq_local"], speedup=r["speedup_vs_cp"],
+                       cp_over_limit=r["cp_ms"] * world / r["sdpa_full_ms"],
+                       ours_over_limit=r["ours_ms"] * world / r["sdpa_full_ms"]) for r in rows]
+    summary["context_parallel_over_limit_range"] = [min(r["cp_over_limit"] for r in world_rows),
+                                                    max(r["cp_over_limit"] for r in world_rows)]
+    summary["context_parallel_worst_row"] = min(world_rows, key=lambda r: r["speedup"])
     summary["why"] = _why(summary)
     return summary
 
@@ -253,12 +259,17 @@ def _why(summary: dict) -> list[str]:
             f"kernel the distributed schedule reaches {own_lo:.2f}-{own_hi:.2f} (S/P >= 16K). The "
             "product of the two is the efficiency.")
     if not summary["meets"]["speedup_vs_context_parallel_min"]:
+        worst = summary["context_parallel_worst_row"]
         why.append(
             "vs context_parallel: torch's ring runs SDPA's own kernels per block (cuDNN on Hopper, "
-            "the same ones graphopt now calls) with head-tail load balancing, which at P=2 is already "
-            "balanced: both schedules do the same block work per rank, so at P=2 the two can only "
-            "differ by their exchange and merge overheads; the schedule's advantage over head-tail "
-            "balancing needs P >= 3.")
+            "the same ones graphopt calls) with head-tail load balancing, which gives every rank the "
+            "same causal work at any P; the two schedules then differ only by exchange and merge "
+            f"overheads. Where the gain is smallest (Hkv={worst['hkv']}, S/P={worst['seq_local']}) "
+            f"context_parallel runs at {worst['cp_over_limit']:.3f}x the perfect-scaling limit "
+            "(single-GPU SDPA over S, / P), so 1.2x over it would need "
+            f"{worst['cp_over_limit'] / 1.2:.2f}x that limit; ours runs at "
+            f"{worst['ours_over_limit']:.3f}x. The gain is largest at short S/P, where "
+            "context_parallel's per-step overheads are not yet amortised.")
     if not summary["meets"]["speedup_vs_unbalanced_ring_min"]:
         why.append(
             f"vs the unbalanced ring: at P={summary['world_size']} the best possible gain is "
