@@ -245,9 +245,15 @@ def summarize(rows: list[dict]) -> dict:
             ratios.append(r["step_vs_torch_budget"])
     peak_max = max(over) if over else None
     step_max = max(ratios) if ratios else None
+    bracketed = [r["step_vs_torch_budget"] for r in ours if r.get("torch_comparison") == "interpolated"]
+    below = [r for r in ours if r.get("torch_comparison") == "bound" and "step_vs_full_ac" in r]
     return {
         "peak_over_budget_max": peak_max,
         "step_vs_torch_budget_max": step_max,
+        # where torch's own points bracket our peak (no bound involved)
+        "step_vs_torch_budget_max_interpolated": max(bracketed) if bracketed else None,
+        # where our peak is below every torch point: against full activation checkpointing
+        "below_torch_step_vs_full_ac_max": max((r["step_vs_full_ac"] for r in below), default=None),
         "peak_over_planned_max": max(over_plan) if over_plan else None,
         "target_peak_over_budget": TARGET_PEAK_OVER_BUDGET,
         "target_step_vs_torch_budget": TARGET_STEP_VS_TORCH,

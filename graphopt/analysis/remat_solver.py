@@ -432,6 +432,9 @@ def recompute_chain(graph: JointGraph, names: str | Iterable[str],
     return chain, extra
 
 
+REFINE_ROUNDS = 8               # local-search rounds after the knapsack family (_refine)
+
+
 def knapsack_family(items: list[Candidate], buckets: int = 256) -> list[dict[str, Option]]:
     """For every level r of bytes freed (in ``buckets`` steps), the cheapest choice of one option
     per candidate that frees at least r under the additive model (exact multiple-choice DP)."""
@@ -493,11 +496,47 @@ def plan_under_budget(graph: JointGraph, budget: int, base_saved: list[str],
         if key in seen:
             continue
         seen.add(key)
-        freed = {m for n, o in choice.items() if o.kind == "recompute" for m in groups[n]}
-        offloads = {n: o for n, o in choice.items() if o.kind == "offload"}
-        saved = [n for n in base_saved if n not in freed]
-        scored.append(evaluate(graph, saved, offloads, budget, choice, groups))
-    fitting = [p for p in scored if p.feasible]
-    if fitting:
-        return min(fitting, key=lambda p: p.cost_s), scored
-    return min(scored, key=lambda p: (p.peak, p.cost_s)), scored
+        scored.append(_score(graph, base_saved, budget, choice, groups))
+    best = min(scored, key=_objective)
+    return _refine(graph, best, items, base_saved, budget, groups, scored), scored
+
+
+def _score(graph: JointGraph, base_saved: list[str], budget: int, choice: dict[str, Option],
+           groups: dict[str, tuple[str, ...]]) -> Plan:
+    freed = {m for n, o in choice.items() if o.kind == "recompute" for m in groups[n]}
+    offloads = {n: o for n, o in choice.items() if o.kind == "offload"}
+    saved = [n for n in base_saved if n not in freed]
+    return evaluate(graph, saved, offloads, budget, choice, groups)
+
+
+def _objective(plan: Plan) -> tuple:
+    """The cheapest plan that fits; while none fits, the lowest peak."""
+    return (0, plan.cost_s) if plan.feasible else (1, plan.peak, plan.cost_s)
+
+
+def _refine(graph: JointGraph, plan: Plan, items: list[Candidate], base_saved: list[str],
+            budget: int, groups: dict[str, tuple[str, ...]], scored: list[Plan]) -> Plan:
+    """Local search from the family's best plan, one candidate's recomputation switched on or off
+    per round, the best simulated move taken while it improves ``_objective``.
+
+    The knapsack family is exact for the additive model only: a candidate whose recomputation is
+    expensive (a chunked loss's gradient, rebuilt in backward) is dropped there only at the highest
+    levels of bytes freed, together with everything else, whose recomputations then meet in the
+    backward and raise its peak. One at a time, such a candidate can still lower the peak (while no
+    plan fits) or keeping one can save its recomputation (once a plan fits)."""
+    recompute = {c.name: next((o for o in c.options[1:] if o.kind == "recompute"), None) for c in items}
+    for _ in range(REFINE_ROUNDS):
+        moves = []
+        for name, option in recompute.items():
+            current = plan.choices.get(name)
+            if current is not None and current.kind == "recompute":
+                moves.append({n: o for n, o in plan.choices.items() if n != name})
+            elif current is None and option is not None:
+                moves.append({**plan.choices, name: option})
+        tried = [_score(graph, base_saved, budget, choice, groups) for choice in moves]
+        scored.extend(tried)
+        best = min(tried, key=_objective, default=None)
+        if best is None or _objective(best) >= _objective(plan):
+            return plan
+        plan = best
+    return plan

@@ -548,3 +548,39 @@ def test_planned_peak_is_the_peak_the_allocator_sees(fraction):
     model.zero_grad(set_to_none=True)
     measured = _allocator_peak(lambda: compiled().backward())
     assert measured == summary["planned_peak_bytes"], (measured, summary["planned_peak_bytes"], summary["peak_at"])
+
+
+def test_local_search_recomputes_an_expensive_candidate_the_knapsack_keeps():
+    """Llama.loss(chunks=N) saves d loss / d hidden and d loss / d output weight from the forward;
+    rebuilding them in backward is expensive, so the knapsack family drops them only together with
+    everything else, which raises the backward's peak. The local search after it drops them one at a
+    time: the lowest reachable peak goes below every plan of the family, and a budget between the
+    two becomes feasible."""
+    from graphopt.analysis import remat_solver
+    from graphopt.models.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=704, vocab_size=2000)
+    model = Llama(cfg)
+    tokens, targets = (torch.randint(0, cfg.vocab_size, (1, 1024)) for _ in range(2))
+    captured = capture_joint(lambda t, y: model.loss(t, y, chunks=4), tokens, targets)
+    family_peaks = {}
+    original = remat_solver._refine
+
+    def family_only(graph, best, items, base_saved, budget, groups, scored):
+        family_peaks[budget] = min(p.peak for p in scored)
+        return original(graph, best, items, base_saved, budget, groups, scored)
+
+    def planned(budget):
+        _, _, ctx = plan(dict(captured, joint=copy.deepcopy(captured["joint"])), budget)
+        return ctx.shared["remat_plan"]
+
+    remat_solver._refine = family_only
+    try:
+        floor = planned(0.01)
+        assert floor["planned_peak_bytes"] < 0.98 * family_peaks[floor["budget_bytes"]]
+        between = int((floor["planned_peak_bytes"] + family_peaks[floor["budget_bytes"]]) / 2)
+        fits = planned(between)
+    finally:
+        remat_solver._refine = original
+    assert family_peaks[between] > between                       # no family plan fits
+    assert fits["feasible"] and fits["planned_peak_bytes"] <= between
