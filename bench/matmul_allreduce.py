@@ -121,7 +121,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "gpus": world, "torch": torch.__version__,
                "triton": __import__("triton").__version__, "python": platform.python_version(),
                "api": api, "iters": args.iters, "targets": TARGETS, "note":
-               "2 GPUs: kinds with more GPUs were withheld when this ran", "rows": []}
+               f"measured on {world} GPUs of one host", "rows": []}
 
     def save() -> None:
         if rank == 0:
@@ -275,9 +275,22 @@ def _copy_engine_profile(group_name: str) -> dict:
         seconds = timed(lambda: local.copy_(peer), 10)
         report["p2p_pull_gbps"] = local.numel() * local.element_size() / seconds / 1e9
         # Two barriers per "call", as in every copy-engine call (a flag slot is reused only after
-        # the next barrier).
-        report["barrier_us"] = timed(lambda: (workspace.begin_call(), workspace.barrier(),
-                                              workspace.barrier()), 100) * 1e6 / 2
+        # the next barrier). GPU time on idle GPUs, and host time to enqueue one; a barrier's
+        # 3 (P - 1) memory operations batched in one driver call (the default) and one call each.
+        for batched in (True, False):
+            suffix = "" if batched else "_unbatched"
+            symm_mem.BATCH_MEMOPS = batched
+            report["barrier_us" + suffix] = timed(lambda: (workspace.begin_call(), workspace.barrier(),
+                                                           workspace.barrier()), 100) * 1e6 / 2
+            workspace.begin_call()
+            start = time.perf_counter()
+            for _ in range(64):
+                workspace.barrier()
+            report["barrier_host_us" + suffix] = (time.perf_counter() - start) / 64 * 1e6
+            torch.cuda.synchronize()
+            dist.barrier()
+        symm_mem.BATCH_MEMOPS = True
+        report["memops_mode"] = _compat.stream_memops_mode()
         report["barrier_kind"] = "stream memops" if workspace.flag_ptrs else "signal-pad kernel"
         # Local copies: cudaMemcpy vs an elementwise kernel on the SMs.
         bytes_moved = 2 * local.numel() * local.element_size()
@@ -311,6 +324,10 @@ def _copy_engine_profile(group_name: str) -> dict:
         report[f"host_us_per_ar_call_{overlap_cost.copy_engine_key(chunks, taper)}"] = host_us(
             lambda: torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, "copy_engine", chunks,
                                                          0, taper))
+    symm_mem.BATCH_MEMOPS = False
+    report["host_us_per_ar_call_copy_engine:2_unbatched"] = host_us(
+        lambda: torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, "copy_engine", 2, 0))
+    symm_mem.BATCH_MEMOPS = True
     for k in (4096, 14336):
         a = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, 8192, device="cuda", dtype=torch.bfloat16)

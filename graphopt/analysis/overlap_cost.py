@@ -15,7 +15,8 @@ all-gather feeding a GEMM) it estimates, from the device profile:
                  CE_FILL_ROWS rows each, a small slowdown from the copies' memory traffic) on one
                  stream; per sub-chunk a barrier and peer-to-peer pulls at the profile's p2p_gbps
                  (the copy engines) on the other; each own-block GEMM waits for its pull, each
-                 all-reduce pull-back for its GEMM; at least the host's time to issue the call.
+                 all-reduce pull-back for its GEMM; the slower of that and the host's time to issue
+                 the call (op by op, ``ce_host_time``), plus a share of the faster.
 
 The copy-engine constants are fitted to the copy_engine columns of 2 x H200 runs of
 bench/matmul_allreduce.py (the ratio estimate / sequential within ~5% on most shapes, ~10% on the
@@ -28,10 +29,14 @@ naive 4-chunk column of ../shared/GPU.md, which loses to sequential on two of th
 matching bench/results/matmul_allreduce.json within ~5%); ``triton_eff`` is the persistent Triton
 GEMM's per-SM speed relative to cuBLAS and ``sm_bw`` what one communication CTA pulls over NVLink,
 both fitted to the tile-kernel columns of bench/results/matmul_allreduce.json (2 x H100).
+Beyond 2 ranks (fitted to one 4 x H200 run, bench/results/matmul_allreduce_4gpu.json): a barrier
+waits for every peer (CE_BARRIER_PEER_S), peer pulls and the tile kernel's communication slow down
+per extra rank (CE_PULL_PEER_SLOWDOWN, TILE_PEER_PENALTY), and the host issues 3 (P - 1) driver
+calls per barrier.
 
 The choice keeps the graph unchanged (sequential) unless the best overlapped estimate beats
-sequential by its runtime's margin (``MARGINS``): the estimates are only estimates, and the rewrite
-must never lose.
+sequential by its runtime's margin (``MARGINS``; at least MARGIN_MULTI beyond 2 ranks): the
+estimates are only estimates, and the rewrite must never lose.
 Sizes may be ints, SymInts (their hints) or sympy expressions (substituted with ``hints``).
 """
 
@@ -51,11 +56,15 @@ log = logging.getLogger("graphopt.analysis.overlap_cost")
 KINDS = ("all_reduce", "reduce_scatter", "all_gather")
 MARGIN = 0.10                 # an overlapped plan must be estimated >= 10% faster than sequential
 CONTENTION = 0.20             # GEMM / NCCL mutual slowdown when overlapped on one GPU
-CHUNK_COST_S = 20e-6          # per-chunk launch + collective setup
+CHUNK_COST_S = 20e-6          # per-chunk launch + collective setup, per peer (NCCL's latency grows
+                              # with P: on 4 x H200, 8 reduce-scatter chunks lost to sequential)
 CHUNK_CHOICES = (2, 4, 8)
 TRITON_GEMM_EFFICIENCY = 0.78  # per-SM speed of the persistent Triton GEMM relative to cuBLAS
 SM_PULL_GBPS = 6.5             # NVLink bytes/s one communication CTA sustains (tile waits + reads)
 COMM_SM_CHOICES = (8, 16, 24, 32)
+# The tile kernel's communication CTAs at P = 4 pulled slower than at P = 2, per rank beyond 2:
+# reduce-scatter 1.5x, all-reduce 1.1x the modelled time (4 x H200).
+TILE_PEER_PENALTY = {"all_reduce": 0.05, "reduce_scatter": 0.25}
 NUM_SMS = 132
 TILE_M = 128                  # the tile kernel's BLOCK_M: tile row granularity
 BARRIER_S = 15e-6             # symmetric-memory barrier before each tile-kernel call
@@ -64,22 +73,41 @@ BARRIER_S = 15e-6             # symmetric-memory barrier before each tile-kernel
 RS_AG_BUS_FRACTION = 0.75
 # Copy-engine schedules: (sub-chunks per rank block, taper). Taper 1: equal sub-chunks; q < 1:
 # each about q times the one before, so the exposed tail (the last sub-chunk's communication) is short.
-CE_SCHEDULES = ((2, 1.0), (4, 1.0), (2, 0.5), (3, 0.5), (3, 0.3), (4, 0.6))
+# One sub-chunk per block: at P > 2 phase 1 still overlaps P - 1 GEMM blocks with their pulls, with
+# the fewest barriers and the least host work.
+CE_SCHEDULES = ((1, 1.0), (2, 1.0), (4, 1.0), (2, 0.5), (3, 0.5), (3, 0.3), (4, 0.6))
 CE_FILL_ROWS = 32             # a cuBLAS sub-chunk of r rows costs as much as r + CE_FILL_ROWS rows
 CE_TILE_ROWS, CE_TILE_COLS = 128, 128   # a cuBLAS bf16 output tile on sm90 (one per SM per wave)
 CE_GEMM_SLOWDOWN = 0.08       # GEMM slowdown while copies and another stream's work run beside it
-CE_BARRIER_S = 20e-6          # one stream-ordered barrier under load (12-17 us on an idle GPU)
-# Host time to issue a call (Python + launches): per call, per GEMM or local copy, per
-# communication step (event wait, barrier, pulls). Fitted to host_us_per_rs_call_chunks* of the
-# bench's copy_engine_profile and the all-reduce columns where more sub-chunks ran slower on 2 x H200.
-CE_HOST_CALL_S = 90e-6
-CE_HOST_GEMM_S = 20e-6
-CE_HOST_STEP_S = 40e-6
+# One stream-ordered barrier under load: signal every peer, wait for every peer; a base plus a cost
+# per peer (idle GPUs: 13 us at P = 2, 40 us at P = 4, 4 x H200).
+CE_BARRIER_BASE_S = 8e-6
+CE_BARRIER_PEER_S = 12e-6
+# Host time to issue a call (Python + launches): per call, per kernel launch (GEMM, local copy,
+# staging add), per communication step (stream switch, event wait, the barrier's 3 (P - 1) driver
+# calls), per peer pull. Fitted to host_us_per_rs_call_chunks* / host_us_per_ar_call_* of the bench's
+# copy_engine_profile: on 2 x H200 as they stand; on 4 x H200 every op took about 1.3x as long to
+# issue beyond the extra barrier calls (CE_HOST_PEER_SLOWDOWN per rank beyond 2).
+CE_HOST_CALL_S = 120e-6
+CE_HOST_LAUNCH_S = 20e-6
+CE_HOST_STEP_S = 15e-6
+CE_HOST_MEMOP_S = 4.6e-6
+CE_HOST_PULL_S = 10e-6
+CE_HOST_PEER_SLOWDOWN = 0.0
+# Where host and GPU times are close, the GPU waits for ops still being issued: a call costs the
+# slower of the two plus this share of the faster (fitted to the host-bound shapes, 2 x H200).
+CE_HOST_INTERFERENCE = 0.25
+# Peer pulls beside the GEMM and the peers' own pulls: at P = 4 the all-reduce ran 1.15-1.35x what
+# the idle pull bandwidth gives (4 x H200); per rank beyond 2.
+CE_PULL_PEER_SLOWDOWN = 0.25
 # Copy engine: on the GEMM-bound shapes (K = 14336, comm <= 20% of the GEMM) the best schedule
 # measured 0.89-1.004x of sequential and the estimated best up to 1.019x, over five bench runs on
 # 2 x H200 (three machines), where the estimates said 0.92-0.96x: the sequential baseline and the
 # GEMM under copies move by ~5% from run to run. A gain estimated below 7% is within that noise.
 MARGINS = {"chunked": MARGIN, "tile": MARGIN, "copy_engine": 0.07}
+# Beyond 2 ranks every runtime's terms rest on one 4 x H200 run, in which the same shapes moved by
+# up to 8% between two runs: a gain estimated below 15% is not taken there.
+MARGIN_MULTI = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +160,7 @@ def _tile_time(kind: str, m: int, n: int, t_gemm: float, itemsize: int, world: i
     owned_rows = m if kind == "all_reduce" else m // world
     remote = owned_rows * n * itemsize * (world - 1)
     pull_gbps = min(profile.p2p_gbps, comm_sms * SM_PULL_GBPS)
-    t_comm = remote / (pull_gbps * 1e9)
+    t_comm = remote / (pull_gbps * 1e9) * (1 + TILE_PEER_PENALTY[kind] * (world - 2))
     t_compute = t_gemm * NUM_SMS / (NUM_SMS - comm_sms) / TRITON_GEMM_EFFICIENCY
     tail = t_comm * min(1.0, TILE_M * world / max(m, 1))
     return max(t_compute, t_comm) + tail + BARRIER_S
@@ -169,32 +197,53 @@ def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: i
         return 2.0 * rows * n * k / (flops * 1e12) * (1 + CE_GEMM_SLOWDOWN) + profile.kernel_launch_s
 
     def pull(rows: int) -> float:
-        return rows * n * itemsize / (profile.p2p_gbps * 1e9)
+        return (rows * n * itemsize / (profile.p2p_gbps * 1e9)
+                * (1 + CE_PULL_PEER_SLOWDOWN * (world - 2)))
 
     def local(rows: int) -> float:                      # staging add / own-rows copy kernel
         return 2 * rows * n * itemsize / (profile.hbm_gbps * 1e9)
 
+    barrier = ce_barrier_time(world)
     own = blocks[0]
     compute = comm = 0.0
     pulled = []
     for step in range(1, world):
         for dest_rows, rows in zip(blocks[step], own):
             compute += gemm(dest_rows)
-            comm = max(comm, compute) + CE_BARRIER_S + pull(rows) + (local(rows) if step > 1 else 0.0)
+            comm = max(comm, compute) + barrier + pull(rows) + (local(rows) if step > 1 else 0.0)
             if step == world - 1:
                 pulled.append(comm)
     for j, rows in enumerate(own):
         compute = max(compute, pulled[j] if pulled else 0.0) + gemm(rows)
         if kind == "all_reduce":
-            comm = max(comm, compute) + CE_BARRIER_S + sum(pull(block[j]) for block in blocks[1:])
+            comm = max(comm, compute) + barrier + sum(pull(block[j]) for block in blocks[1:])
             compute += local(rows)
     if kind == "reduce_scatter":
-        comm += CE_BARRIER_S
-    count = len(own)
-    gemms = world * count + (count if kind == "all_reduce" else 0)    # + the own-rows copies
-    steps = (world - 1) * count + (count if kind == "all_reduce" else 1)
-    host = CE_HOST_CALL_S + gemms * CE_HOST_GEMM_S + steps * CE_HOST_STEP_S
-    return max(compute, comm, host)
+        comm += barrier
+    gpu, host = max(compute, comm), ce_host_time(kind, world, len(own))
+    return max(gpu, host) + CE_HOST_INTERFERENCE * min(gpu, host)
+
+
+def ce_barrier_time(world: int) -> float:
+    """GPU time of one copy-engine barrier among ``world`` ranks."""
+    return CE_BARRIER_BASE_S + CE_BARRIER_PEER_S * (world - 1)
+
+
+def ce_host_time(kind: str, world: int, count: int) -> float:
+    """Host time to issue one copy-engine call with ``count`` sub-chunks per rank block: what
+    ``copy_engine_pipeline`` issues, op by op."""
+    launches = world * count + (world - 2) * count      # GEMMs, staging adds of phase 1
+    steps = (world - 1) * count                          # phase 1: a barrier and a pull each
+    pulls = (world - 1) * count
+    if kind == "all_reduce":
+        launches += count                                # own rows copied to the output
+        steps += count                                   # phase 2: a barrier, P - 1 pulls
+        pulls += (world - 1) * count
+    else:
+        steps += 1                                       # the closing barrier
+    step = CE_HOST_STEP_S + 3 * (world - 1) * CE_HOST_MEMOP_S
+    return ((CE_HOST_CALL_S + launches * CE_HOST_LAUNCH_S + steps * step + pulls * CE_HOST_PULL_S)
+            * (1 + CE_HOST_PEER_SLOWDOWN * (world - 2)))
 
 
 def copy_engine_supported(kind: str, m: int, world: int, is_cuda: bool,
@@ -222,7 +271,8 @@ def estimate(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
     times = {"gemm": t_gemm, "comm": t_comm, "sequential": t_gemm + t_comm}
     for count in ((chunks,) if chunks > 0 else CHUNK_CHOICES):
         overlapped = max(t_gemm, t_comm) * (1 + CONTENTION)
-        times[f"chunked:{count}"] = overlapped + min(t_gemm, t_comm) / count + count * CHUNK_COST_S
+        times[f"chunked:{count}"] = (overlapped + min(t_gemm, t_comm) / count
+                                     + count * CHUNK_COST_S * (world - 1))
     if tile_ok:
         for comm_sms in COMM_SM_CHOICES:
             times[f"tile:{comm_sms}"] = _tile_time(kind, m, n, t_gemm, itemsize, world, comm_sms,
@@ -289,14 +339,17 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
         return OverlapChoice("copy_engine", count, 0, f"forced copy_engine ({key})", times,
                              taper=taper)
 
+    def margin(key: str) -> float:
+        return max(MARGINS[key.split(":")[0]], MARGIN_MULTI if world > 2 else 0.0)
+
     candidates = [(times[key], key) for key in times if key.split(":")[0] in MARGINS]
-    winners = [(t, key) for t, key in candidates if t <= sequential * (1 - MARGINS[key.split(":")[0]])]
+    winners = [(t, key) for t, key in candidates if t <= sequential * (1 - margin(key))]
     if not winners:
         best_time, best_key = min(candidates)
         return OverlapChoice(
             "sequential", 1, 0,
             f"best overlap {best_key} estimated {best_time * 1e3:.3f} ms vs sequential "
-            f"{sequential * 1e3:.3f} ms: gain below {MARGINS[best_key.split(':')[0]]:.0%}", times)
+            f"{sequential * 1e3:.3f} ms: gain below {margin(best_key):.0%}", times)
     best_time, best_key = min(winners)
     name, value = best_key.split(":")
     reason = f"{best_key} estimated {best_time * 1e3:.3f} ms vs sequential {sequential * 1e3:.3f} ms"

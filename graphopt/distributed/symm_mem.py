@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -118,6 +119,9 @@ def copy_engine_available() -> bool:
 COPY_ENGINE_CHANNEL = 1
 # Barriers one copy-engine call may use: (P - 1) * chunks + chunks + 1 (at any taper).
 MAX_SYNCS = 128
+# Enqueue a barrier's 3 (P - 1) stream memory operations in one driver call (cuStreamBatchMemOp);
+# env GRAPHOPT_CE_BATCH_MEMOPS=0 issues them one call each.
+BATCH_MEMOPS = os.environ.get("GRAPHOPT_CE_BATCH_MEMOPS", "1") != "0"
 
 
 @dataclasses.dataclass
@@ -138,6 +142,7 @@ class CopyEngineWorkspace:
     flags: Optional[torch.Tensor] = None
     next_sync: int = 0
     events: list = dataclasses.field(default_factory=list)   # reused by every call, in order
+    _barrier_cache: dict = dataclasses.field(default_factory=dict)
 
     def begin_call(self) -> None:
         self.next_sync = 0
@@ -155,14 +160,25 @@ class CopyEngineWorkspace:
             raise RuntimeError(f"a copy-engine call used more than {MAX_SYNCS} barriers; use fewer chunks")
         self.next_sync += 1
         stream = stream or torch.cuda.current_stream()
-        row = slot * self.world_size
-        peers = [peer for peer in range(self.world_size) if peer != self.rank]
-        for peer in peers:
-            _compat.stream_write_value32(stream, self.flag_ptrs[peer] + 4 * (row + self.rank), 1)
-        for peer in peers:
-            mine = self.flag_ptrs[self.rank] + 4 * (row + peer)
-            _compat.stream_wait_value32(stream, mine, 1)
-            _compat.stream_write_value32(stream, mine, 0)
+        _compat.stream_memops(stream, self._barrier_ops(slot), batch=BATCH_MEMOPS)
+
+    def _barrier_ops(self, slot: int) -> list[tuple[int, int, int, bool]]:
+        """Barrier ``slot``'s stream memory operations: signal every peer, wait for every peer's
+        signal, reset them. Only the first signal carries a memory fence: it makes this stream's
+        earlier writes (the GEMM rows the peers will pull) visible system-wide, and the signals and
+        resets after it are ordered behind it on the stream. A reset is next overwritten by a peer's
+        signal in the next call, after barriers whose fenced signals follow it."""
+        ops = self._barrier_cache.get(slot)
+        if ops is None:
+            row = slot * self.world_size
+            peers = [peer for peer in range(self.world_size) if peer != self.rank]
+            ops = [(_compat.MEMOP_WRITE_32, self.flag_ptrs[peer] + 4 * (row + self.rank), 1,
+                    index == 0) for index, peer in enumerate(peers)]
+            for peer in peers:
+                mine = self.flag_ptrs[self.rank] + 4 * (row + peer)
+                ops += [(_compat.MEMOP_WAIT_32, mine, 1, False), (_compat.MEMOP_WRITE_32, mine, 0, False)]
+            self._barrier_cache[slot] = ops
+        return ops
 
 
 _COMM_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

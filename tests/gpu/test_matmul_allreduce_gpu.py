@@ -1,4 +1,4 @@
-"""GPU checks of the overlap runtimes on 2 GPUs over NCCL: tile kernel, copy engine, chunked ops, and
+"""GPU checks of the overlap runtimes on 2 and 4 GPUs over NCCL: tile kernel, copy engine, chunked ops, and
 the pass."""
 
 from __future__ import annotations
@@ -76,8 +76,15 @@ def _tile_and_chunked(rank: int, world: int) -> dict:
     return report
 
 
-def test_tile_and_chunked_runtimes_match_reference():
-    for report in spawn(_tile_and_chunked, 2, backend="nccl"):
+def _needs(world: int) -> None:
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA devices")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tile_and_chunked_runtimes_match_reference(world):
+    _needs(world)
+    for report in spawn(_tile_and_chunked, world, backend="nccl"):
         for key, value in report.items():
             if key.startswith(("bitwise", "ag_gathered")):
                 assert value, key
@@ -111,7 +118,9 @@ def _compiled_pass(rank: int, world: int, mode: str) -> tuple[float, float]:
     return err_out, err_grad
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("mode", ["tile", "copy_engine"])
-def test_pass_with_symmetric_memory_runtime_matches_eager_on_gpu(mode):
-    for err_out, err_grad in spawn(_compiled_pass, 2, mode, backend="nccl"):
+def test_pass_with_symmetric_memory_runtime_matches_eager_on_gpu(mode, world):
+    _needs(world)
+    for err_out, err_grad in spawn(_compiled_pass, world, mode, backend="nccl"):
         assert err_out < 2e-2 and err_grad < 5e-2, (err_out, err_grad)

@@ -325,3 +325,83 @@ def test_copy_engine_mode_is_refused_on_cpu_tensors():
         torch.ops.graphopt.matmul_all_reduce(a, b, None, "unused", "copy_engine", 2, 0)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         torch.ops.graphopt.matmul_reduce_scatter(a, b, "unused", 2, 0, "copy_engine", 2, 0)
+
+
+def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch):
+    """Barrier slot s on rank r of P: signal flags[s][r] on every peer (the first signal fenced, so
+    the GEMM rows written before it are visible to the peers' pulls), then wait for and reset
+    flags[s][q] of every peer q on itself; enqueued in one driver call with the driver's layout."""
+    import ctypes
+    from graphopt import _compat
+    from graphopt.distributed.symm_mem import CopyEngineWorkspace
+
+    bases = [1 << 20, 2 << 20, 3 << 20]
+    workspace = CopyEngineWorkspace(partial=None, peers=[], handle=None, comm_stream=None, rank=1,
+                                    world_size=3, flag_ptrs=bases)
+    ops = workspace._barrier_ops(2)
+    flag = lambda owner, peer: bases[owner] + 4 * (2 * 3 + peer)   # noqa: E731
+    W, A = _compat.MEMOP_WRITE_32, _compat.MEMOP_WAIT_32
+    assert ops == [(W, flag(0, 1), 1, True), (W, flag(2, 1), 1, False),
+                   (A, flag(1, 0), 1, False), (W, flag(1, 0), 0, False),
+                   (A, flag(1, 2), 1, False), (W, flag(1, 2), 0, False)]
+
+    calls = []
+
+    def batch(stream, count, params, flags):
+        array = ctypes.cast(params, ctypes.POINTER(_compat._MemOpParams))
+        calls.append([(array[i].operation, array[i].address, array[i].value, array[i].flags)
+                      for i in range(count)])
+        return 0
+
+    def single(*args):
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(_compat, "_cuda_stream_memops", lambda: (single, single, batch))
+    stream = type("Stream", (), {"cuda_stream": 7})()
+    _compat.stream_memops(stream, ops)
+    assert len(calls) == 1
+    # Waits take CU_STREAM_WAIT_VALUE_EQ; unfenced writes CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER.
+    assert calls[0] == [(W, flag(0, 1), 1, 0), (W, flag(2, 1), 1, 1), (A, flag(1, 0), 1, 1),
+                        (W, flag(1, 0), 0, 1), (A, flag(1, 2), 1, 1), (W, flag(1, 2), 0, 1)]
+    assert ctypes.sizeof(_compat._MemOpParams) == 48          # the driver union's size
+    assert (_compat._MemOpParams.address.offset, _compat._MemOpParams.value.offset,
+            _compat._MemOpParams.flags.offset) == (8, 16, 24)
+    calls.clear()
+    _compat.stream_memops(stream, ops, batch=False)
+    assert calls == [(7, flag(0, 1), 1, 0), (7, flag(2, 1), 1, 1), (7, flag(1, 0), 1, 1),
+                     (7, flag(1, 0), 0, 1), (7, flag(1, 2), 1, 1), (7, flag(1, 2), 0, 1)]
+
+
+def test_refused_memory_operations_fall_back_without_enqueuing_twice(monkeypatch):
+    """A driver that refuses the batch call, then a write without a fence: each refusal is logged
+    once; every operation is enqueued exactly once, the refused unfenced write again with a fence."""
+    from graphopt import _compat
+
+    W, A = _compat.MEMOP_WRITE_32, _compat.MEMOP_WAIT_32
+    enqueued = []
+
+    def batch(*args):
+        return 1                                           # CUDA_ERROR_INVALID_VALUE
+
+    def write(stream, address, value, flags):
+        if flags == 1:
+            return 1
+        enqueued.append(("write", address, value, flags))
+        return 0
+
+    def wait(stream, address, value, flags):
+        enqueued.append(("wait", address, value, flags))
+        return 0
+
+    monkeypatch.setattr(_compat, "_cuda_stream_memops", lambda: (write, wait, batch))
+    monkeypatch.setattr(_compat, "_MEMOP_SUPPORT", {"batch": True, "unfenced": True})
+    stream = type("Stream", (), {"cuda_stream": 7})()
+    ops = [(W, 100, 1, True), (W, 200, 1, False), (A, 300, 1, False), (W, 300, 0, False)]
+    _compat.stream_memops(stream, ops)
+    assert enqueued == [("write", 100, 1, 0), ("write", 200, 1, 0), ("wait", 300, 1, 1),
+                        ("write", 300, 0, 0)]
+    assert _compat.stream_memops_mode() == "single, fenced"
+    enqueued.clear()
+    _compat.stream_memops(stream, ops)                     # no more refused calls
+    assert len(enqueued) == 4
