@@ -227,11 +227,10 @@ _MEMOP_SUPPORT = {"batch": True, "unfenced": True}
 
 
 def stream_memops_mode() -> str:
-    """How barriers are enqueued on this driver: 'batch', 'single' or 'single, fenced' (every
-    write with its own memory fence), as far as the calls so far have shown."""
-    if _MEMOP_SUPPORT["batch"]:
-        return "batch"
-    return "single" if _MEMOP_SUPPORT["unfenced"] else "single, fenced"
+    """How barriers are enqueued on this driver, as far as the calls so far have shown: 'batch' or
+    'single' (one call per operation), ', fenced' where every write carries its own memory fence."""
+    mode = "batch" if _MEMOP_SUPPORT["batch"] else "single"
+    return mode if _MEMOP_SUPPORT["unfenced"] else mode + ", fenced"
 
 
 def stream_memops(stream, ops, batch: bool = True) -> None:
@@ -240,22 +239,29 @@ def stream_memops(stream, ops, batch: bool = True) -> None:
     (MEMOP_WAIT_32, address, value, _) -- wait until ``*(uint32*)address == value``.
 
     One driver call (cuStreamBatchMemOp) where the driver has it and ``batch``, else one call per
-    operation. Where the driver refuses the batch, or a write without its own fence, the refusal is
-    logged once and that form is not used again; the operations are then enqueued one by one, each
-    write fenced (stronger ordering, the same result). A refused call enqueues nothing, so no
-    operation runs twice."""
+    operation. Where the driver refuses a write without its own fence, every write is fenced from
+    then on (stronger ordering, the same result); where it refuses the batch itself, the operations
+    are enqueued one by one. Each refusal is logged once, and a refused call enqueues nothing, so no
+    operation runs twice. (The 4 x H200 driver of 2026-11-26 refused the unfenced batch; the fenced
+    batch was first tried after that run.)"""
     write, wait, batched = _cuda_stream_memops()
     handle = stream.cuda_stream
-    if batch and batched is not None and _MEMOP_SUPPORT["batch"] and len(ops) <= _MAX_BATCH:
+    while batch and batched is not None and _MEMOP_SUPPORT["batch"] and len(ops) <= _MAX_BATCH:
+        unfenced = _MEMOP_SUPPORT["unfenced"] and any(
+            kind == MEMOP_WRITE_32 and not fence for kind, _, _, fence in ops)
         params = (_MemOpParams * len(ops))()
         for entry, (kind, address, value, fence) in zip(params, ops):
             entry.operation, entry.address, entry.value = kind, address, value
             entry.flags = (_WAIT_VALUE_EQ if kind == MEMOP_WAIT_32
-                           else 0 if fence or not _MEMOP_SUPPORT["unfenced"]
-                           else _WRITE_VALUE_NO_MEMORY_BARRIER)
+                           else _WRITE_VALUE_NO_MEMORY_BARRIER if unfenced and not fence else 0)
         code = batched(handle, len(ops), params, 0)
         if not code:
             return
+        if unfenced:       # try the batch again with every write fenced
+            _MEMOP_SUPPORT["unfenced"] = False
+            _log.warning("cuStreamBatchMemOp refused writes without a memory fence (CUresult %d); "
+                         "fencing every write from now on", code)
+            continue
         _MEMOP_SUPPORT["batch"] = False
         _log.warning("cuStreamBatchMemOp refused %d stream memory operations (CUresult %d); "
                      "enqueuing them one call each from now on", len(ops), code)

@@ -373,16 +373,25 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
                      (7, flag(1, 0), 0, 1), (7, flag(1, 2), 1, 1), (7, flag(1, 2), 0, 1)]
 
 
-def test_refused_memory_operations_fall_back_without_enqueuing_twice(monkeypatch):
-    """A driver that refuses the batch call, then a write without a fence: each refusal is logged
-    once; every operation is enqueued exactly once, the refused unfenced write again with a fence."""
+@pytest.mark.parametrize("fenced_batch_ok", [True, False])
+def test_refused_memory_operations_fall_back_without_enqueuing_twice(monkeypatch, fenced_batch_ok):
+    """A driver that refuses unfenced writes (in a batch and alone), and maybe every batch: each
+    refusal is logged once; every operation is enqueued exactly once, writes fenced, in one batch
+    where the driver takes a fenced one."""
+    import ctypes
     from graphopt import _compat
 
     W, A = _compat.MEMOP_WRITE_32, _compat.MEMOP_WAIT_32
     enqueued = []
 
-    def batch(*args):
-        return 1                                           # CUDA_ERROR_INVALID_VALUE
+    def batch(stream, count, params, flags):
+        array = ctypes.cast(params, ctypes.POINTER(_compat._MemOpParams))
+        ops = [(array[i].operation, array[i].address, array[i].value, array[i].flags)
+               for i in range(count)]
+        if not fenced_batch_ok or any(op == W and f == 1 for op, _, _, f in ops):
+            return 1                                       # CUDA_ERROR_INVALID_VALUE
+        enqueued.extend(("write" if op == W else "wait", a, v, f) for op, a, v, f in ops)
+        return 0
 
     def write(stream, address, value, flags):
         if flags == 1:
@@ -401,7 +410,7 @@ def test_refused_memory_operations_fall_back_without_enqueuing_twice(monkeypatch
     _compat.stream_memops(stream, ops)
     assert enqueued == [("write", 100, 1, 0), ("write", 200, 1, 0), ("wait", 300, 1, 1),
                         ("write", 300, 0, 0)]
-    assert _compat.stream_memops_mode() == "single, fenced"
+    assert _compat.stream_memops_mode() == ("batch" if fenced_batch_ok else "single") + ", fenced"
     enqueued.clear()
     _compat.stream_memops(stream, ops)                     # no more refused calls
     assert len(enqueued) == 4
