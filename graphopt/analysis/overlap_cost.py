@@ -29,7 +29,7 @@ naive 4-chunk column of ../shared/GPU.md, which loses to sequential on two of th
 matching bench/results/matmul_allreduce.json within ~5%); ``triton_eff`` is the persistent Triton
 GEMM's per-SM speed relative to cuBLAS and ``sm_bw`` what one communication CTA pulls over NVLink,
 both fitted to the tile-kernel columns of bench/results/matmul_allreduce.json (2 x H100).
-Beyond 2 ranks (fitted to one 4 x H200 run, bench/results/matmul_allreduce_4gpu.json): a barrier
+Beyond 2 ranks (fitted to 4 x H200 runs, bench/results/matmul_allreduce_4gpu.json): a barrier
 waits for every peer (CE_BARRIER_PEER_S), peer pulls and the tile kernel's communication slow down
 per extra rank (CE_PULL_PEER_SLOWDOWN, TILE_PEER_PENALTY), and the host issues 3 (P - 1) driver
 calls per barrier.
@@ -80,20 +80,20 @@ CE_FILL_ROWS = 32             # a cuBLAS sub-chunk of r rows costs as much as r 
 CE_TILE_ROWS, CE_TILE_COLS = 128, 128   # a cuBLAS bf16 output tile on sm90 (one per SM per wave)
 CE_GEMM_SLOWDOWN = 0.08       # GEMM slowdown while copies and another stream's work run beside it
 # One stream-ordered barrier under load: signal every peer, wait for every peer; a base plus a cost
-# per peer (idle GPUs: 13 us at P = 2, 40 us at P = 4, 4 x H200).
+# per peer (idle GPUs: 13-20 us at P = 2, 22-40 us at P = 4, 4 x H200).
 CE_BARRIER_BASE_S = 8e-6
 CE_BARRIER_PEER_S = 12e-6
 # Host time to issue a call (Python + launches): per call, per kernel launch (GEMM, local copy,
 # staging add), per communication step (stream switch, event wait, the barrier's 3 (P - 1) driver
 # calls), per peer pull. Fitted to host_us_per_rs_call_chunks* / host_us_per_ar_call_* of the bench's
-# copy_engine_profile: on 2 x H200 as they stand; on 4 x H200 every op took about 1.3x as long to
-# issue beyond the extra barrier calls (CE_HOST_PEER_SLOWDOWN per rank beyond 2).
+# copy_engine_profile on 2 x H200. At P = 4 those figures ran GPU-bound (they moved 2x between runs
+# with the GPU time), so they bound the host time only from above; the barrier's driver calls
+# (barrier_host_us: 4.6 us per call) are the term that grows with P.
 CE_HOST_CALL_S = 120e-6
 CE_HOST_LAUNCH_S = 20e-6
 CE_HOST_STEP_S = 15e-6
 CE_HOST_MEMOP_S = 4.6e-6
 CE_HOST_PULL_S = 10e-6
-CE_HOST_PEER_SLOWDOWN = 0.0
 # Where host and GPU times are close, the GPU waits for ops still being issued: a call costs the
 # slower of the two plus this share of the faster (fitted to the host-bound shapes, 2 x H200).
 CE_HOST_INTERFERENCE = 0.25
@@ -105,8 +105,8 @@ CE_PULL_PEER_SLOWDOWN = 0.25
 # 2 x H200 (three machines), where the estimates said 0.92-0.96x: the sequential baseline and the
 # GEMM under copies move by ~5% from run to run. A gain estimated below 7% is within that noise.
 MARGINS = {"chunked": MARGIN, "tile": MARGIN, "copy_engine": 0.07}
-# Beyond 2 ranks every runtime's terms rest on one 4 x H200 run, in which the same shapes moved by
-# up to 8% between two runs: a gain estimated below 15% is not taken there.
+# Beyond 2 ranks every runtime's terms rest on this session's three 4 x H200 runs, between which the
+# copy-engine times of one shape moved by up to 20%: a gain estimated below 15% is not taken there.
 MARGIN_MULTI = 0.15
 
 
@@ -242,8 +242,7 @@ def ce_host_time(kind: str, world: int, count: int) -> float:
     else:
         steps += 1                                       # the closing barrier
     step = CE_HOST_STEP_S + 3 * (world - 1) * CE_HOST_MEMOP_S
-    return ((CE_HOST_CALL_S + launches * CE_HOST_LAUNCH_S + steps * step + pulls * CE_HOST_PULL_S)
-            * (1 + CE_HOST_PEER_SLOWDOWN * (world - 2)))
+    return CE_HOST_CALL_S + launches * CE_HOST_LAUNCH_S + steps * step + pulls * CE_HOST_PULL_S
 
 
 def copy_engine_supported(kind: str, m: int, world: int, is_cuda: bool,
