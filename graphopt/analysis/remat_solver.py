@@ -523,7 +523,12 @@ def _refine(graph: JointGraph, plan: Plan, items: list[Candidate], base_saved: l
     expensive (a chunked loss's gradient, rebuilt in backward) is dropped there only at the highest
     levels of bytes freed, together with everything else, whose recomputations then meet in the
     backward and raise its peak. One at a time, such a candidate can still lower the peak (while no
-    plan fits) or keeping one can save its recomputation (once a plan fits)."""
+    plan fits) or keeping one can save its recomputation (once a plan fits).
+
+    The search starts from, and stays within, plans that depend on the budget, so "more budget never
+    means more recompute" is not true by construction here; the tests check it over budgets on
+    random MLPs and transformers and on a chunked-loss Llama. (A descent on peak alone, the same for
+    every budget, would make it so, but measured 1.2-2x more recompute at mid budgets on that Llama.)"""
     recompute = {c.name: next((o for o in c.options[1:] if o.kind == "recompute"), None) for c in items}
     for _ in range(REFINE_ROUNDS):
         moves = []

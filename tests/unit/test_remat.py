@@ -584,3 +584,38 @@ def test_local_search_recomputes_an_expensive_candidate_the_knapsack_keeps():
         remat_solver._refine = original
     assert family_peaks[between] > between                       # no family plan fits
     assert fits["feasible"] and fits["planned_peak_bytes"] <= between
+
+
+def test_more_budget_never_means_more_recompute_on_a_chunked_loss_llama():
+    """The local search starts from a budget-dependent plan, so monotonicity is not by
+    construction: check it across budgets from below the floor to the min-cut peak on the graph
+    where the search does the most (the loss's gradient formed in forward)."""
+    from graphopt.analysis import remat_solver
+    from graphopt.models.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=704, vocab_size=2000)
+    model = Llama(cfg)
+    tokens, targets = (torch.randint(0, cfg.vocab_size, (1, 1024)) for _ in range(2))
+    captured = capture_joint(lambda t, y: model.loss(t, y, chunks=4), tokens, targets)
+    seen = {}
+    original = remat_solver.plan_under_budget
+
+    def keep_graph(graph, budget, base_saved, offload_options=None, **kwargs):
+        seen.update(graph=graph, base_saved=base_saved)
+        return original(graph, budget, base_saved, offload_options, **kwargs)
+
+    remat_solver.plan_under_budget = keep_graph
+    try:
+        plan(dict(captured, joint=copy.deepcopy(captured["joint"])), 1.0)
+    finally:
+        remat_solver.plan_under_budget = original
+    graph, base_saved = seen["graph"], seen["base_saved"]
+    top = remat_solver.evaluate(graph, base_saved).peak
+    floor = original(graph, 0, base_saved)[0].peak
+    costs = []
+    for step in range(7):
+        budget = floor + (top - floor) * step // 6
+        chosen, _ = original(graph, budget, base_saved)
+        assert chosen.feasible and chosen.peak <= budget
+        costs.append(chosen.recompute_time_s)
+    assert all(b <= a + 1e-12 for a, b in zip(costs, costs[1:])), costs
