@@ -1,0 +1,41 @@
+"""bench/profile_offload.py's tables from profiler spans (no GPU needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "profile_offload.py")
+
+
+@pytest.fixture(scope="module")
+def profile_offload():
+    spec = importlib.util.spec_from_file_location("profile_offload", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gaps_are_idle_stretches_of_one_stream_longest_first(profile_offload):
+    spans = [(0.0, 10.0, "a"), (5.0, 30.0, "b"), (35.0, 40.0, "c"), (100.0, 110.0, "d")]
+    gaps = profile_offload._gaps(spans, gap_us=4.0)
+    # b ends at 30 (overlapping a), c starts at 35: 5 us; d starts 60 us after c ends.
+    assert gaps == [{"us": 60.0, "after": "c", "before": "d"}, {"us": 5.0, "after": "b", "before": "c"}]
+    assert profile_offload._gaps(spans, gap_us=10.0) == gaps[:1]
+
+
+def test_comparison_splits_kernel_time_into_shared_and_new_kernels(profile_offload):
+    def profile(kernels, gaps, span):
+        return {"kernels_us": kernels, "kernel_ms": sum(kernels.values()) / 1e3, "span_ms": span,
+                "gaps": [{"us": g} for g in gaps]}
+    planned = profile({"gemm": 1000.0, "norm": 200.0}, [50.0], 1.3)
+    offload = profile({"gemm": 1100.0, "norm": 200.0, "clone": 30.0}, [50.0, 400.0], 1.8)
+    c = profile_offload.compare(planned, offload, top=2)
+    assert c["kernel_ms_delta"] == pytest.approx(0.13)
+    assert c["shared_kernels_ms_delta"] == pytest.approx(0.1)
+    assert c["new_kernels_ms"] == pytest.approx(0.03)
+    assert c["busiest_stream_gaps_ms"] == {"planned": pytest.approx(0.05), "offload": pytest.approx(0.45)}
+    assert c["span_ms_delta"] == pytest.approx(0.5)
+    assert c["largest_kernel_deltas_us"] == [("gemm", 100.0), ("clone", 30.0)]
