@@ -1,6 +1,6 @@
-"""GEMM + all-reduce / reduce-scatter overlap on 2 GPUs: sequential vs chunked vs copy engine vs tile.
+"""GEMM + all-reduce / reduce-scatter overlap on P GPUs: sequential vs chunked vs copy engine vs tile.
 
-    torchrun --standalone --nproc-per-node=2 bench/matmul_allreduce.py --out DIR
+    torchrun --standalone --nproc-per-node=2 bench/matmul_allreduce.py --out DIR   # or 4
     (--shapes 0,2 --kinds reduce_scatter --only copy_engine,torch_fused: a quick subset)
 
 Shapes: Llama-70B row-parallel linears at TP = P (o_proj K = 8192 / P, down_proj K = 28672 / P,
