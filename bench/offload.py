@@ -232,22 +232,35 @@ def _trace_events(prof):
             return json.load(handle).get("traceEvents", [])
 
 
-def paired_steps(model, tokens, targets, clock, rounds, backends):
-    """Median step times of several compiled modules run alternately (ABAB.., then BABA..), so
-    slow drift of the machine hits each alike; both are compiled and warmed first."""
-    fresh_start(clock)
+def compiled_steps(model, tokens, targets, clock, backends):
+    """One training-step function per backend, each compiled and warmed by two steps."""
     steps = {name: make_step(torch.compile(model, backend=backend, dynamic=False), tokens, targets)
              for name, backend in backends.items()}
-    begin = time.perf_counter()
     for step in steps.values():
         step()
         step()
     clock.sync()
-    compiled_graphs = len(compile_summaries())
+    return steps
+
+
+def alternate(steps, clock, rounds):
+    """Seconds per step of several step functions run alternately (ABAB.., then BABA..), so slow
+    drift of the machine hits each alike."""
     times = {name: [] for name in steps}
     for index in range(rounds):
         for name in (list(steps) if index % 2 == 0 else list(reversed(steps))):
             times[name].append(clock.time(steps[name]))
+    return times
+
+
+def paired_steps(model, tokens, targets, clock, rounds, backends):
+    """Median step times of several compiled modules run alternately (``alternate``); all are
+    compiled and warmed first."""
+    fresh_start(clock)
+    begin = time.perf_counter()
+    steps = compiled_steps(model, tokens, targets, clock, backends)
+    compiled_graphs = len(compile_summaries())
+    times = alternate(steps, clock, rounds)
     result = {name: {"times_s": t, "median_s": statistics.median(t)} for name, t in times.items()}
     result["recompiled"] = len(compile_summaries()) - compiled_graphs
     result["wall_s"] = time.perf_counter() - begin

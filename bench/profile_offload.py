@@ -174,14 +174,8 @@ def main() -> None:
 
     variants = {"planned": backend(memory_budget=1.0), "offload": backend(offload_activations=True)}
     offload_bench.fresh_start(clock)
-    steps = {name: offload_bench.make_step(torch.compile(model, backend=b, dynamic=False), tokens, targets)
-             for name, b in variants.items()}
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            times[name].append(clock.time(step))
+    steps = offload_bench.compiled_steps(model, tokens, targets, clock, variants)
+    times = offload_bench.alternate(steps, clock, args.rounds)
     step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     profiles = {name: step_profile(step, clock, args.gap_us) for name, step in steps.items()}
     result = {"device": torch.cuda.get_device_name() if clock.cuda else "cpu", "torch": torch.__version__,

@@ -550,19 +550,26 @@ def test_planned_peak_is_the_peak_the_allocator_sees(fraction):
     assert measured == summary["planned_peak_bytes"], (measured, summary["planned_peak_bytes"], summary["peak_at"])
 
 
-def test_local_search_recomputes_an_expensive_candidate_the_knapsack_keeps():
+@pytest.fixture(scope="module")
+def chunked_loss_llama():
+    """The joint graph of a 2-layer Llama whose loss forms its gradient in forward
+    (Llama.loss(chunks=4)); tests plan deep copies of it."""
+    from graphopt.models.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=704, vocab_size=2000)
+    model = Llama(cfg)
+    tokens, targets = (torch.randint(0, cfg.vocab_size, (1, 1024)) for _ in range(2))
+    return capture_joint(lambda t, y: model.loss(t, y, chunks=4), tokens, targets)
+
+
+def test_local_search_recomputes_an_expensive_candidate_the_knapsack_keeps(chunked_loss_llama):
     """Llama.loss(chunks=N) saves d loss / d hidden and d loss / d output weight from the forward;
     rebuilding them in backward is expensive, so the knapsack family drops them only together with
     everything else, which raises the backward's peak. The local search after it drops them one at a
     time: the lowest reachable peak goes below every plan of the family, and a budget between the
     two becomes feasible."""
     from graphopt.analysis import remat_solver
-    from graphopt.models.llama import Llama, LlamaConfig
-    torch.manual_seed(0)
-    cfg = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=704, vocab_size=2000)
-    model = Llama(cfg)
-    tokens, targets = (torch.randint(0, cfg.vocab_size, (1, 1024)) for _ in range(2))
-    captured = capture_joint(lambda t, y: model.loss(t, y, chunks=4), tokens, targets)
+    captured = chunked_loss_llama
     family_peaks = {}
     original = remat_solver._refine
 
@@ -586,17 +593,12 @@ def test_local_search_recomputes_an_expensive_candidate_the_knapsack_keeps():
     assert fits["feasible"] and fits["planned_peak_bytes"] <= between
 
 
-def test_more_budget_never_means_more_recompute_on_a_chunked_loss_llama():
+def test_more_budget_never_means_more_recompute_on_a_chunked_loss_llama(chunked_loss_llama):
     """The local search starts from a budget-dependent plan, so monotonicity is not by
     construction: check it across budgets from below the floor to the min-cut peak on the graph
     where the search does the most (the loss's gradient formed in forward)."""
     from graphopt.analysis import remat_solver
-    from graphopt.models.llama import Llama, LlamaConfig
-    torch.manual_seed(0)
-    cfg = LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=704, vocab_size=2000)
-    model = Llama(cfg)
-    tokens, targets = (torch.randint(0, cfg.vocab_size, (1, 1024)) for _ in range(2))
-    captured = capture_joint(lambda t, y: model.loss(t, y, chunks=4), tokens, targets)
+    captured = chunked_loss_llama
     seen = {}
     original = remat_solver.plan_under_budget
 
