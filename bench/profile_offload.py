@@ -1,23 +1,25 @@
-"""Where activation offload's step-time overhead goes: the step with graphopt's partition and no
-copies ("planned") against the same step with offload, profiled in one run, kernel by kernel.
+"""Where activation offload's step-time overhead goes, kernel by kernel: three variants profiled in
+one run -- torch's min-cut partition ("compiled"), graphopt's partition without copies ("planned"),
+and that partition with offload ("offload").
 
-    python bench/profile_offload.py --out $OUT             # GPU: S = 8K, 2 layers, about 2 minutes
+    python bench/profile_offload.py --out $OUT             # GPU: S = 8K, 2 layers, about 1 minute
     python bench/profile_offload.py --out /tmp/p --smoke   # CPU: tiny model, host-side tables only
 
-Both variants are the reference Llama at 7B dimensions under torch.compile(backend=graphopt) with the
-eager codegen, as in bench/offload.py ("planned": memory_budget=1.0; "offload":
-offload_activations=True). Per variant: the median of alternating timed steps (CUDA events), then
-one profiled step, from which:
+All are the reference Llama at 7B dimensions under torch.compile(backend=graphopt) with the eager
+codegen, as in bench/offload.py ("planned": memory_budget=1.0; "offload": offload_activations=True),
+planning with a device profile measured first (``graphopt calibrate``) unless --no-calibrate. Per
+variant: the median of alternating timed steps (CUDA events), then one profiled step, from which:
 
   kernels     device time per kernel name, summed over the step
-  copies      device -> host, host -> device and device -> device copies: count and time
+  copies      device -> host, host -> device and device -> device copies: count, time, GB/s
   streams     each stream's busy time; the step's span from its first kernel to its last
   gaps        idle stretches of the busiest stream longer than --gap-us, with the kernels around them
+  causes      what each gap waited for: the host, a device -> host or host -> device copy, or other
   host ops    count and host time of graphopt's custom ops (offload, offload_wait, reload, reload_wait)
 
-The overhead the offload bench measures at S = 8K (offload vs planned, 3.6 % on 1 x H200) is then
-split into: more device time in the same kernels (slowed beside the copies), new kernels, and
-idle time of the busiest stream (waiting for the host or for a copy).
+The offload bench's overhead at S = 8K (offload vs compiled) is then split in two comparisons --
+planned vs compiled (the partition) and offload vs planned (the copies) -- each into more device
+time in the same kernels, new kernels, and idle time of the busiest stream by cause.
 Writes profile_offload.json and .md.
 """
 
@@ -39,6 +41,7 @@ import graphopt  # noqa: E402
 from graphopt.models.llama import Llama, LlamaConfig  # noqa: E402
 
 COPY_KINDS = (("DtoH", "d2h"), ("HtoD", "h2d"), ("DtoD", "d2d"))
+CAUSE_WINDOW_US = 15.0  # a copy that ended this close before a gap's end is what the gap waited for
 
 
 def step_profile(step, clock, gap_us: float) -> dict:
@@ -53,11 +56,12 @@ def step_profile(step, clock, gap_us: float) -> dict:
     events = offload_bench._trace_events(prof)
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     kernels = collections.Counter()
-    copies = {kind: [0, 0.0] for _, kind in COPY_KINDS}
+    copies = {kind: [0, 0.0, 0] for _, kind in COPY_KINDS}
     by_stream = collections.defaultdict(list)
     for event in device:
         start, duration = float(event["ts"]), float(event["dur"])
-        by_stream[event.get("args", {}).get("stream")].append((start, start + duration, event["name"]))
+        by_stream[event.get("args", {}).get("stream")].append(
+            (start, start + duration, event["name"], event.get("args", {}).get("correlation")))
         if event["cat"] == "kernel":
             kernels[event["name"]] += duration
             continue
@@ -65,7 +69,8 @@ def step_profile(step, clock, gap_us: float) -> dict:
             if marker in event["name"]:
                 copies[kind][0] += 1
                 copies[kind][1] += duration
-    streams = {str(stream): sum(end - start for start, end, _ in spans) / 1e3
+                copies[kind][2] += int(event.get("args", {}).get("bytes", 0))
+    streams = {str(stream): sum(span[1] - span[0] for span in spans) / 1e3
                for stream, spans in by_stream.items()}
     busiest = max(by_stream, key=lambda s: streams[str(s)], default=None)
     host_ops = collections.defaultdict(lambda: [0, 0.0])
@@ -75,75 +80,140 @@ def step_profile(step, clock, gap_us: float) -> dict:
             host_ops[event["name"]][1] += float(event.get("dur", 0.0))
     span_ms = ((max(e[1] for spans in by_stream.values() for e in spans)
                 - min(e[0] for spans in by_stream.values() for e in spans)) / 1e3 if by_stream else None)
+    gaps = _gaps(sorted(by_stream.get(busiest, [])), gap_us)
+    _attribute_gaps(gaps, events, {kind: spans for kind, spans in _copy_spans(device).items()})
     return {
         "kernels_us": dict(kernels),
         "kernel_ms": sum(kernels.values()) / 1e3,
-        "copies": {kind: {"count": count, "ms": us / 1e3} for kind, (count, us) in copies.items()},
+        "copies": {kind: {"count": count, "ms": us / 1e3, "bytes": nbytes,
+                          "gbps": nbytes / (us * 1e3) if us else None}
+                   for kind, (count, us, nbytes) in copies.items()},
         "stream_busy_ms": streams,
         "busiest_stream": str(busiest),
         "span_ms": span_ms,
-        "gaps": _gaps(sorted(by_stream.get(busiest, [])), gap_us),
+        "gaps": gaps,
+        "gap_causes_ms": _gap_causes(gaps),
         "host_ops": {name: {"count": count, "ms": us / 1e3} for name, (count, us) in host_ops.items()},
     }
 
 
-def _gaps(spans: list[tuple[float, float, str]], gap_us: float) -> list[dict]:
+def _gaps(spans: list[tuple], gap_us: float) -> list[dict]:
     """Idle stretches longer than ``gap_us`` between consecutive ops of one stream."""
     gaps, end, before = [], None, None
-    for start, stop, name in spans:
+    for start, stop, name, correlation in spans:
         if end is not None and start - end > gap_us:
-            gaps.append({"us": start - end, "after": before, "before": name})
+            gaps.append({"us": start - end, "start": end, "end": start, "after": before, "before": name,
+                         "correlation": correlation})
         if end is None or stop > end:
             end, before = stop, name
     return sorted(gaps, key=lambda g: -g["us"])
 
 
-def compare(planned: dict, offload: dict, top: int) -> dict:
-    """Offload minus planned, per step: kernel time by name, idle time of the busiest stream."""
-    names = set(planned["kernels_us"]) | set(offload["kernels_us"])
-    delta = {n: offload["kernels_us"].get(n, 0.0) - planned["kernels_us"].get(n, 0.0) for n in names}
-    new = {n: d for n, d in delta.items() if n not in planned["kernels_us"]}
-    shared = {n: d for n, d in delta.items() if n in planned["kernels_us"]}
+def _copy_spans(device_events: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    spans = {kind: [] for _, kind in COPY_KINDS}
+    for event in device_events:
+        for marker, kind in COPY_KINDS:
+            if marker in event["name"]:
+                start = float(event["ts"])
+                spans[kind].append((start, start + float(event["dur"])))
+    return spans
+
+
+def _attribute_gaps(gaps: list[dict], events: list[dict], copies: dict[str, list]) -> None:
+    """Name what each idle gap waited for, in place (``cause``):
+
+      host   the op after the gap was launched (its CUDA runtime call ended) after the stream
+             went idle: the stream ran dry waiting for the host;
+      d2h / h2d
+             a copy of that kind ended within ``CAUSE_WINDOW_US`` before the gap ended: the stream
+             waited on that copy's event (graphopt::offload_wait / reload_wait);
+      other  neither (an event wait on something else, or allocator work)."""
+    launch_end = {}
+    for event in events:
+        if event.get("cat") == "cuda_runtime" and "correlation" in event.get("args", {}):
+            launch_end[event["args"]["correlation"]] = float(event["ts"]) + float(event.get("dur", 0.0))
+    for gap in gaps:
+        launched = launch_end.get(gap.pop("correlation", None))
+        if launched is not None and launched > gap["start"]:
+            gap["cause"] = "host"
+            continue
+        gap["cause"] = "other"
+        for kind in ("d2h", "h2d"):
+            if any(gap["end"] - CAUSE_WINDOW_US <= stop <= gap["end"] + 1.0 for _, stop in copies[kind]):
+                gap["cause"] = kind
+                break
+
+
+def _gap_causes(gaps: list[dict]) -> dict[str, float]:
+    causes = collections.Counter()
+    for gap in gaps:
+        causes[gap["cause"]] += gap["us"] / 1e3
+    return dict(causes)
+
+
+def compare(base: dict, other: dict, top: int) -> dict:
+    """``other`` minus ``base``, per step: kernel time by name, idle time of the busiest stream."""
+    names = set(base["kernels_us"]) | set(other["kernels_us"])
+    delta = {n: other["kernels_us"].get(n, 0.0) - base["kernels_us"].get(n, 0.0) for n in names}
+    new = {n: d for n, d in delta.items() if n not in base["kernels_us"]}
+    shared = {n: d for n, d in delta.items() if n in base["kernels_us"]}
 
     def idle(profile):
         return sum(g["us"] for g in profile["gaps"]) / 1e3
     return {
-        "kernel_ms_delta": offload["kernel_ms"] - planned["kernel_ms"],
+        "kernel_ms_delta": other["kernel_ms"] - base["kernel_ms"],
         "shared_kernels_ms_delta": sum(shared.values()) / 1e3,
         "new_kernels_ms": sum(new.values()) / 1e3,
-        "busiest_stream_gaps_ms": {"planned": idle(planned), "offload": idle(offload)},
-        "span_ms_delta": (offload["span_ms"] - planned["span_ms"]
-                          if offload["span_ms"] is not None and planned["span_ms"] is not None else None),
+        "busiest_stream_gaps_ms": {"base": idle(base), "other": idle(other)},
+        "span_ms_delta": (other["span_ms"] - base["span_ms"]
+                          if other["span_ms"] is not None and base["span_ms"] is not None else None),
         "largest_kernel_deltas_us": sorted(delta.items(), key=lambda kv: -abs(kv[1]))[:top],
     }
 
 
+# (base, other, what the difference is)
+COMPARISONS = (("compiled", "planned", "graphopt's partition vs torch's min-cut"),
+               ("planned", "offload", "the offload copies on graphopt's partition"))
+
+
+def _fmt_causes(profile: dict) -> str:
+    return ", ".join(f"{cause} {ms:.2f} ms" for cause, ms in sorted(profile["gap_causes_ms"].items())) or "none"
+
+
 def markdown(result: dict) -> str:
+    names = list(result["profiles"])
+    step = result["step_ms"]
     lines = [f"# Offload overhead, kernel by kernel ({result['device']}, S={result['seq']}, "
              f"{result['layers']} layers)", "",
-             f"torch {result['torch']}; median step (alternating): planned "
-             f"{result['step_ms']['planned']:.2f} ms, offload {result['step_ms']['offload']:.2f} ms "
-             f"({result['overhead']:+.1%})", ""]
-    c = result["comparison"]
-    lines += ["| per step | planned | offload |", "| --- | --- | --- |"]
-    p, o = result["profiles"]["planned"], result["profiles"]["offload"]
-    lines.append(f"| kernel time (ms) | {p['kernel_ms']:.2f} | {o['kernel_ms']:.2f} |")
-    lines.append(f"| span, first kernel to last (ms) | {p['span_ms'] or 0:.2f} | {o['span_ms'] or 0:.2f} |")
-    lines.append(f"| idle gaps of the busiest stream (ms) | {c['busiest_stream_gaps_ms']['planned']:.2f} | "
-                 f"{c['busiest_stream_gaps_ms']['offload']:.2f} |")
+             f"torch {result['torch']}; median step (alternating): "
+             + ", ".join(f"{name} {step[name]:.2f} ms" for name in names), ""]
+    profiles = [result["profiles"][name] for name in names]
+    lines += ["| per step | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+
+    def row(label, cell):
+        lines.append(f"| {label} | " + " | ".join(cell(p) for p in profiles) + " |")
+    row("kernel time (ms)", lambda p: f"{p['kernel_ms']:.2f}")
+    row("span, first kernel to last (ms)", lambda p: f"{p['span_ms'] or 0:.2f}")
+    row("idle gaps of the busiest stream (ms)", lambda p: f"{sum(g['us'] for g in p['gaps']) / 1e3:.2f}")
+    row("idle gaps by cause (ms)", _fmt_causes)
     for kind in ("d2h", "h2d", "d2d"):
-        lines.append(f"| {kind} copies (count, ms) | {p['copies'][kind]['count']}, "
-                     f"{p['copies'][kind]['ms']:.2f} | {o['copies'][kind]['count']}, "
-                     f"{o['copies'][kind]['ms']:.2f} |")
-    host = sum(v["ms"] for v in o["host_ops"].values())
-    lines.append(f"| host time of graphopt:: ops (ms) | - | {host:.2f} |")
-    lines += ["", f"Kernel time: {c['kernel_ms_delta']:+.2f} ms, of which the planned step's kernels "
-              f"{c['shared_kernels_ms_delta']:+.2f} ms and kernels only offload runs "
-              f"{c['new_kernels_ms']:+.2f} ms.", "", "Largest kernel changes (us per step):", ""]
-    lines += [f"- {delta:+.1f}  {name[:120]}" for name, delta in c["largest_kernel_deltas_us"]]
-    lines += ["", "Longest idle gaps of the busiest stream with offload (us, kernel after, kernel before):", ""]
-    lines += [f"- {g['us']:.0f}  after {str(g['after'])[:60]}  before {str(g['before'])[:60]}"
-              for g in o["gaps"][:15]]
+        row(f"{kind} copies (count, ms, GB/s)",
+            lambda p, k=kind: f"{p['copies'][k]['count']}, {p['copies'][k]['ms']:.2f}, "
+                              f"{p['copies'][k]['gbps'] or 0:.1f}")
+    row("host time of graphopt:: ops (ms)", lambda p: f"{sum(v['ms'] for v in p['host_ops'].values()):.2f}")
+    for key, c in result["comparisons"].items():
+        base, other, what = next(entry for entry in COMPARISONS if f"{entry[1]}_vs_{entry[0]}" == key)
+        lines += ["", f"## {other} vs {base}: {what}", "",
+                  f"Step {step[other] / step[base] - 1:+.1%} (median); span {c['span_ms_delta'] or 0:+.2f} ms; "
+                  f"kernel time {c['kernel_ms_delta']:+.2f} ms, of which kernels both run "
+                  f"{c['shared_kernels_ms_delta']:+.2f} ms and kernels only {other} runs "
+                  f"{c['new_kernels_ms']:+.2f} ms; idle gaps {c['busiest_stream_gaps_ms']['base']:.2f} -> "
+                  f"{c['busiest_stream_gaps_ms']['other']:.2f} ms.", "", "Largest kernel changes (us per step):", ""]
+        lines += [f"- {delta:+.1f}  {name[:120]}" for name, delta in c["largest_kernel_deltas_us"]]
+    last = result["profiles"][names[-1]]
+    lines += ["", f"Longest idle gaps of the busiest stream, {names[-1]} (us, cause, kernel after, kernel before):", ""]
+    lines += [f"- {g['us']:.0f}  {g['cause']}  after {str(g['after'])[:60]}  before {str(g['before'])[:60]}"
+              for g in last["gaps"][:15]]
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +226,8 @@ def main() -> None:
     parser.add_argument("--gap-us", type=float, default=20.0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="plan with the default device profile instead of one measured first")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -169,10 +241,14 @@ def main() -> None:
     tokens = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
     targets = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
 
-    def backend(**flags):
-        return graphopt.backend(codegen="eager", **flags)
+    os.makedirs(args.out, exist_ok=True)
+    profile_path = offload_bench.measured_profile(device, args.out) if args.calibrate else None
 
-    variants = {"planned": backend(memory_budget=1.0), "offload": backend(offload_activations=True)}
+    def backend(**flags):  # both variants plan with the device profile bench/offload.py uses
+        return graphopt.backend(codegen="eager", device_profile=profile_path, **flags)
+
+    variants = {"compiled": backend(), "planned": backend(memory_budget=1.0),
+                "offload": backend(offload_activations=True)}
     offload_bench.fresh_start(clock)
     steps = offload_bench.compiled_steps(model, tokens, targets, clock, variants)
     times = offload_bench.alternate(steps, clock, args.rounds)
@@ -180,9 +256,10 @@ def main() -> None:
     profiles = {name: step_profile(step, clock, args.gap_us) for name, step in steps.items()}
     result = {"device": torch.cuda.get_device_name() if clock.cuda else "cpu", "torch": torch.__version__,
               "seq": seq, "layers": cfg.n_layers, "step_ms": step_ms,
-              "overhead": step_ms["offload"] / step_ms["planned"] - 1.0, "profiles": profiles,
-              "comparison": compare(profiles["planned"], profiles["offload"], args.top)}
-    os.makedirs(args.out, exist_ok=True)
+              "overhead": step_ms["offload"] / step_ms["compiled"] - 1.0,
+              "overhead_vs_planned": step_ms["offload"] / step_ms["planned"] - 1.0, "profiles": profiles,
+              "comparisons": {f"{other}_vs_{base}": compare(profiles[base], profiles[other], args.top)
+                              for base, other, _ in COMPARISONS}}
     with open(os.path.join(args.out, "profile_offload.json"), "w") as handle:
         json.dump(result, handle, indent=1)
     text = markdown(result)

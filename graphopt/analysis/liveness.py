@@ -185,6 +185,24 @@ def tuple_parent(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def graph_timeline(gm: fx.GraphModule, hold_inputs: bool = False) -> tuple[list[fx.Node], Timeline]:
+    """Bytes live after each call_function node of one graph (the nodes, and the timeline).
+
+    Its placeholders exist from the start and are freed at their last use (held to the end with
+    ``hold_inputs``, where the caller keeps the argument list); what it returns lives to the end."""
+    key_of: dict[str, str] = {}
+    preloaded = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        key_of[node.name] = f"in:{node.name}"
+        preloaded[f"in:{node.name}"] = tensor_nbytes(node.meta.get("val"))
+    steps = _graph_steps(gm, "", key_of)
+    pinned = {key_of[n.name] for n in output_nodes(gm) if isinstance(n, fx.Node) and n.name in key_of}
+    if hold_inputs:
+        pinned |= set(preloaded)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    return nodes, simulate(steps, pinned, preloaded)
+
+
 def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int,
                          hold_backward_inputs: bool = False) -> Timeline:
     """Bytes live over forward then backward of a partitioned graph pair.

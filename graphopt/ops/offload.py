@@ -84,6 +84,7 @@ class _Slot:
     owner: Optional[weakref.ref] = None   # the forward's kept tensor; the slot is busy while it lives
     offload_event: object = None          # torch.cuda.Event of the last device -> host copy
     reload_event: object = None           # torch.cuda.Event of the last host -> device copy
+    issue_event: object = None            # torch.cuda.Event a copy stream waits on before a copy
     reloaded: Optional[Tensor] = None     # flat device memory between reload and reload_wait
     # x copied into the planned layout (when its own is another): the side stream reads it, so it
     # lives until offload_wait has ordered the compute stream after the copy
@@ -155,6 +156,15 @@ def _streams(device: torch.device):
     return streams
 
 
+def _follow(stream, slot: _Slot, device: torch.device) -> None:
+    """Order ``stream`` after the work queued so far on the compute stream (the slot's own event,
+    recorded anew each time: a wait binds to the record before it)."""
+    if slot.issue_event is None:
+        slot.issue_event = torch.cuda.Event()
+    slot.issue_event.record(torch.cuda.current_stream(device))
+    stream.wait_event(slot.issue_event)
+
+
 def _claim(slot: _Slot, pool: str, offset: int) -> None:
     if slot.owner is not None and slot.owner() is not None:
         raise RuntimeError(
@@ -201,7 +211,7 @@ def _(x, pool, pool_nbytes, offset, kept_numel, stride):
     tail = _flat(_stage(slot, x, stride))[kept_numel:]
     host = _pool(pool, pool_nbytes).slot(offset, tail.numel(), x.dtype)
     d2h, _ = _streams(x.device)
-    d2h.wait_stream(torch.cuda.current_stream(x.device))
+    _follow(d2h, slot, x.device)
     with torch.cuda.stream(d2h):
         host.copy_(tail, non_blocking=True)
         if slot.offload_event is None:
@@ -239,12 +249,18 @@ def _(ticket, x, pool, offset, kept_numel, stride):
 
 @offload_wait.register_kernel("cuda")
 def _(ticket, x, pool, offset, kept_numel, stride):
-    event = _slot(pool, offset).offload_event
+    slot = _slot(pool, offset)
+    event = slot.offload_event
     if event is None:
         raise RuntimeError(f"graphopt::offload_wait for slot {offset} of pool {pool} ran before its "
                            "graphopt::offload; the graph's order of offload ops is broken")
+    # The kept head is read before the wait (it does not depend on the copy); the staged layout,
+    # which the copy reads, is released only after the wait is on the compute stream.
+    staged = slot.staged
+    kept = _keep_head(x, pool, offset, kept_numel, stride)
     torch.cuda.current_stream(x.device).wait_event(event)
-    return _keep_head(x, pool, offset, kept_numel, stride)
+    del staged
+    return kept
 
 
 # --- graphopt::reload -----------------------------------------------------------------------------
@@ -284,7 +300,7 @@ def _(kept, pool, pool_nbytes, offset, numel):
 def _(kept, pool, pool_nbytes, offset, numel):
     slot, tail, host = _begin_reload(kept, pool, pool_nbytes, offset, numel)
     _, h2d = _streams(kept.device)
-    h2d.wait_stream(torch.cuda.current_stream(kept.device))  # tail's block may be freshly reused
+    _follow(h2d, slot, kept.device)  # tail's block may be freshly reused
     with torch.cuda.stream(h2d):
         tail.copy_(host, non_blocking=True)
         if slot.reload_event is None:

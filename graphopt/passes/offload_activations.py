@@ -27,11 +27,14 @@ Backward::
                                         y = first_use(x)
 
 Placement: the forward waits after the first node by which the D2H queue (all offloads, in
-production order, at the profile's host-link bandwidth; node times measured on CUDA, see
-``graphopt.analysis.op_timing``, else the roofline) has finished the copy -- and after the
-last forward use of ``x`` and its views. The backward issues each reload as late as the H2D queue
-(in order of first use, each copy due at its first use) allows, so reloaded memory is not held
-longer than needed to hide the copy.
+production order, at the profile's host-link bandwidth slowed by ``config.offload_link_slack``;
+node times measured on CUDA, see ``graphopt.analysis.op_timing``, else the roofline) has finished
+the copy -- and after the last forward use of ``x`` and its views. In the backward each reload
+must be issued no later than the H2D queue (in order of first use, each copy due at its first use,
+with the same slack) allows, and is issued as much earlier as the backward's memory allows: no
+earlier than the reload before it, and never where its bytes would raise the backward's simulated
+peak (``_hoist_reloads``). Memory the backward does not use at its peak so buys the copy slack
+against a late arrival, at no cost in peak.
 
 Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
 planned here, the pool allocated once and reused every step, within
@@ -64,7 +67,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import offload_model, op_timing
+from graphopt.analysis import liveness, offload_model, op_timing
 from graphopt.analysis.cost_model import is_view
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
@@ -148,6 +151,7 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     activation_bytes = _activation_bytes(outputs, saved_positions)
     profile = current_profile(ctx.config)
     fw_times = op_timing.graph_times(gm, profile, ctx.config)
+    profile = offload_model.planning_profile(profile, ctx.config)  # the link with the schedule's slack
     if plan is None:
         if ctx.config.memory_budget is not None:
             return PassResult(gm, False, refusals=[
@@ -498,6 +502,7 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     profile = current_profile(ctx.config)
     nodes = list(gm.graph.nodes)
     times = op_timing.graph_times(gm, profile, ctx.config)
+    profile = offload_model.planning_profile(profile, ctx.config)
     start, elapsed = {}, 0.0
     for node in nodes:
         start[node] = elapsed
@@ -509,6 +514,7 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             first_use[name] = min(users, key=nodes.index)
     compute = [n for n in nodes if n.op not in ("placeholder", "output")]
     issue = _place_reloads(rewrite, first_use, start, compute, profile)
+    reloads = []
     for name in sorted(first_use, key=lambda n: nodes.index(first_use[n])):
         slot = rewrite.slots[name]
         placeholder = placeholders[name]
@@ -524,13 +530,58 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                            list(slot.stride)))
         value.meta["val"] = rewrite.original_vals[name]
         placeholder.replace_all_uses_with(value, delete_user_cb=lambda user: user is not ticket)
+        reloads.append((ticket, value, slot.numel * slot.dtype.itemsize))
     for name in rewrite.slots:
         if name not in first_use:
             placeholders[name].meta["val"] = rewrite.kept_vals[name]
+    hoisted_s = _hoist_reloads(gm, reloads, times, hold_inputs=ctx.config.codegen == "eager")
     gm.graph.lint()
     return PassResult(gm, True, matched=len(first_use), stats={
         "reloaded": len(first_use),
-        "reloaded_bytes": sum(rewrite.slots[n].host_bytes for n in first_use)})
+        "reloaded_bytes": sum(rewrite.slots[n].host_bytes for n in first_use),
+        "reload_lead_ms": {n: round(t * 1e3, 3) for n, t in zip(
+            sorted(first_use, key=lambda n: nodes.index(first_use[n])), hoisted_s)}})
+
+
+def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int]],
+                   times: dict[str, float], hold_inputs: bool) -> list[float]:
+    """Issue each reload as early as the backward's memory allows: no earlier than the reload
+    before it (the H2D queue stays in order of first use) and never where its bytes would lift the
+    backward's simulated peak (``liveness.graph_timeline``, with every reload holding its memory
+    from issue to first use). ``reloads``: (reload, reload_wait, bytes) in order of first use,
+    each already at the latest point the H2D queue allows. Returns each reload's lead over its
+    first use, in modelled seconds.
+
+    The latest point leaves no slack beyond ``offload_link_slack``: measured on one H100 at
+    S = 8K, one reload arriving late stalled the backward by 1.25 ms. Memory the backward is not
+    using at its peak is free to hold a reload longer, so the copy gets all the lead that memory
+    gives it at no cost in peak."""
+    if not reloads:
+        return []
+    nodes, timeline = liveness.graph_timeline(gm, hold_inputs)
+    index = {node: i for i, node in enumerate(nodes)}
+    live = list(timeline.live_bytes)
+    for ticket, value, nbytes in reloads:  # bytes in flight between each reload and its first use
+        for k in range(index[ticket], index[value]):
+            live[k] += nbytes
+    bound = max(live, default=0)
+    floor = 0
+    moves = []
+    for ticket, value, nbytes in reloads:
+        at = index[ticket]
+        target = at
+        while target - 1 >= floor and live[target - 1] + nbytes <= bound:
+            target -= 1
+        for k in range(target, at):
+            live[k] += nbytes
+        moves.append((ticket, target))
+        floor = target
+    leads = []
+    for (ticket, target), (_, value, _) in zip(moves, reloads):
+        if target < index[ticket]:
+            nodes[target].prepend(ticket)
+        leads.append(sum(times.get(n.name, 0.0) for n in nodes[target:index[value]]))
+    return leads
 
 
 def _place_reloads(rewrite, first_use, start, compute, profile) -> dict[str, fx.Node]:

@@ -356,6 +356,7 @@ def _offload_options(graph: JointGraph, base: Plan, profile,
                  ctx.graph_id)
         return {}, None
     saved = saved_tensors(graph, base)
+    profile = offload_model.planning_profile(profile, ctx.config)
     options = offload_model.offload_options(saved, profile, ctx.config)
     return ({name: [Option("offload", o.device_bytes_freed, o.exposed_time_s, o.alpha, o.host_bytes)
                     for o in choices if o.device_bytes_freed > 0]

@@ -174,6 +174,50 @@ def test_reload_is_issued_before_first_use_by_the_cost_model():
     assert 0 < compute.index(reload) < compute.index(wait)
 
 
+def _reload_windows_peak(bw):
+    """The backward's simulated peak with every reload holding its bytes from issue to first use."""
+    from graphopt.analysis import liveness
+    nodes, timeline = liveness.graph_timeline(bw, hold_inputs=True)
+    live = list(timeline.live_bytes)
+    index = {n: i for i, n in enumerate(nodes)}
+    for reload in calls(bw, OPS.reload):
+        (wait,) = reload.users
+        nbytes = wait.meta["val"].numel() * wait.meta["val"].element_size()
+        for k in range(index[reload], index[wait]):
+            live[k] += nbytes
+    return max(live)
+
+
+def test_reloads_are_hoisted_as_far_as_memory_allows_without_raising_the_peak(monkeypatch):
+    from graphopt.passes import offload_activations as offload_pass
+    plan = {"embedding": 1.0, "mm_3": 1.0, "mm_11": 1.0, "mm_18": 1.0}
+    tokens = torch.randint(0, 128, (1, 64))
+
+    def backward(hoist):
+        if not hoist:
+            monkeypatch.setattr(offload_pass, "_hoist_reloads", lambda gm, reloads, *a, **k: [0.0] * len(reloads))
+        compiled = Compiled(tiny(n_layers=3), plan=plan)
+        compiled.step(tokens)
+        monkeypatch.undo()
+        return compiled.graphs["backward"]
+
+    latest, hoisted = backward(hoist=False), backward(hoist=True)
+
+    def positions(bw):
+        compute = [n for n in bw.graph.nodes if n.op == "call_function"]
+        reloads = calls(bw, OPS.reload)
+        return ({r.args[0].name: compute.index(r) for r in reloads},
+                {r.args[0].name: compute.index(next(iter(r.users))) for r in reloads})
+    (late, late_use), (early, early_use) = positions(latest), positions(hoisted)
+    assert set(early) == set(plan)
+    # Earlier issue (less or equal compute index; more ops precede the same first use), never later.
+    assert all(early[n] - early_use[n] <= late[n] - late_use[n] for n in plan)
+    assert any(early[n] - early_use[n] < late[n] - late_use[n] for n in plan)
+    # The H2D queue keeps first-use order, and the simulated peak does not move.
+    assert sorted(early, key=early.get) == sorted(early_use, key=early_use.get)
+    assert _reload_windows_peak(hoisted) <= _reload_windows_peak(latest)
+
+
 def _partitioned(layers=1, seq=32):
     compiled = Compiled(tiny(n_layers=layers), run_pass=False)
     compiled.step(torch.randint(0, 128, (1, seq)))

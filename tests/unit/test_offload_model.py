@@ -114,3 +114,18 @@ def test_window_bytes_say_where_the_link_time_goes():
     windows = offload_model.window_bytes(trio, LINK, forward_s=12e-3)
     assert windows["d2h_window_bytes"] == pytest.approx(2_000_000 + 4_000_000, abs=2)  # c: 4 ms left
     assert windows["d2h_gaps_s"] == pytest.approx(4e-3)
+
+
+def test_link_slack_gives_each_copy_more_time_and_the_plan_fewer_bytes():
+    # 5 ms of forward after a 10 MB tensor at 1 GB/s: 5 MB fit at the profile's bandwidth.
+    tensors = [saved("x", 10_000_000, 0, after_ms=5, before_ms=100)]
+    exact = offload_model.planning_profile(LINK, config.snapshot(offload_link_slack=0))
+    assert exact is LINK
+    slow = offload_model.planning_profile(LINK, config.snapshot(offload_link_slack=0.25))
+    assert slow.host_link_gbps == pytest.approx(0.8)
+    assert offload_model.transfer_time_s(1e6, slow) == pytest.approx(1.25e-3)
+    assert offload_model.hidden_fractions(tensors, exact)["x"] == pytest.approx(0.5)
+    assert offload_model.hidden_fractions(tensors, slow)["x"] == pytest.approx(0.4)
+    assert config.snapshot().offload_link_slack > 0  # the default plans with slack
+    with pytest.raises(ValueError, match="offload_link_slack"):
+        offload_model.planning_profile(LINK, config.snapshot(offload_link_slack=-0.1))
