@@ -13,7 +13,9 @@ all-gather feeding a GEMM) it estimates, from the device profile:
                  schedule (P rank blocks x c sub-chunks, each about q times the one before; the
                  runtime's own bounds), walked step by step: cuBLAS sub-chunk GEMMs (a fill cost of
                  CE_FILL_ROWS rows each, a small slowdown from the copies' memory traffic) on one
-                 stream; per sub-chunk a barrier and peer-to-peer pulls at the profile's p2p_gbps
+                 stream; per sub-chunk a synchronisation (phase 1: a hand-off with the one
+                 producing peer; all-reduce phase 2 and the reduce-scatter's end: a barrier) and
+                 peer-to-peer pulls at the profile's p2p_gbps
                  (the copy engines) on the other; each own-block GEMM waits for its pull, each
                  all-reduce pull-back for its GEMM; the slower of that and the host's time to issue
                  the call (op by op, ``ce_host_time``), plus a share of the faster.
@@ -31,8 +33,8 @@ GEMM's per-SM speed relative to cuBLAS and ``sm_bw`` what one communication CTA 
 both fitted to the tile-kernel columns of bench/results/matmul_allreduce.json (2 x H100).
 Beyond 2 ranks (fitted to 4 x H200 runs, bench/results/matmul_allreduce_4gpu.json): a barrier
 waits for every peer (CE_BARRIER_PEER_S), peer pulls and the tile kernel's communication slow down
-per extra rank (CE_PULL_PEER_SLOWDOWN, TILE_PEER_PENALTY), and the host issues 3 (P - 1) driver
-calls per barrier.
+per extra rank (CE_PULL_PEER_SLOWDOWN: phase-2 pulls only, TILE_PEER_PENALTY), and the host
+issues 3 (P - 1) driver calls per barrier; a hand-off costs what a barrier between 2 ranks does.
 
 The choice keeps the graph unchanged (sequential) unless the best overlapped estimate beats
 sequential by its runtime's margin (``MARGINS``; at least MARGIN_MULTI beyond 2 ranks): the
@@ -97,8 +99,10 @@ CE_HOST_PULL_S = 10e-6
 # Where host and GPU times are close, the GPU waits for ops still being issued: a call costs the
 # slower of the two plus this share of the faster (fitted to the host-bound shapes, 2 x H200).
 CE_HOST_INTERFERENCE = 0.25
-# Peer pulls beside the GEMM and the peers' own pulls: at P = 4 the all-reduce ran 1.15-1.35x what
-# the idle pull bandwidth gives (4 x H200); per rank beyond 2.
+# Pulls from several peers at once (the all-reduce's phase 2): at P = 4 the all-reduce ran
+# 1.15-1.35x what the idle pull bandwidth gives (4 x H200); per rank beyond 2. Phase 1 pulls one
+# peer per step and is not slowed: with this term on phase 1 too, the reduce-scatter's copy-engine
+# times of that run were over-estimated by up to 1.48x (o_proj, M = 8192).
 CE_PULL_PEER_SLOWDOWN = 0.25
 # Copy engine: on the GEMM-bound shapes (K = 14336, comm <= 20% of the GEMM) the best schedule
 # measured 0.89-1.004x of sequential and the estimated best up to 1.019x, over five bench runs on
@@ -196,27 +200,30 @@ def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: i
         rows = max(rows, one_wave) + CE_FILL_ROWS
         return 2.0 * rows * n * k / (flops * 1e12) * (1 + CE_GEMM_SLOWDOWN) + profile.kernel_launch_s
 
-    def pull(rows: int) -> float:
-        return (rows * n * itemsize / (profile.p2p_gbps * 1e9)
-                * (1 + CE_PULL_PEER_SLOWDOWN * (world - 2)))
+    def pull(rows: int, concurrent: bool = False) -> float:
+        # Phase 1 pulls one peer's rows per step; phase 2 of the all-reduce pulls every peer's
+        # at once, and only those share the rank's links with each other.
+        slowdown = CE_PULL_PEER_SLOWDOWN * (world - 2) if concurrent else 0.0
+        return rows * n * itemsize / (profile.p2p_gbps * 1e9) * (1 + slowdown)
 
     def local(rows: int) -> float:                      # staging add / own-rows copy kernel
         return 2 * rows * n * itemsize / (profile.hbm_gbps * 1e9)
 
-    barrier = ce_barrier_time(world)
+    barrier, handoff = ce_barrier_time(world), ce_barrier_time(2)
     own = blocks[0]
     compute = comm = 0.0
     pulled = []
     for step in range(1, world):
-        for dest_rows, rows in zip(blocks[step], own):
+        for j, (dest_rows, rows) in enumerate(zip(blocks[step], own)):
             compute += gemm(dest_rows)
-            comm = max(comm, compute) + barrier + pull(rows) + (local(rows) if step > 1 else 0.0)
+            sync = barrier if (step, j, kind) == (1, 0, "all_reduce") else handoff
+            comm = max(comm, compute) + sync + pull(rows) + (local(rows) if step > 1 else 0.0)
             if step == world - 1:
                 pulled.append(comm)
     for j, rows in enumerate(own):
         compute = max(compute, pulled[j] if pulled else 0.0) + gemm(rows)
         if kind == "all_reduce":
-            comm = max(comm, compute) + barrier + sum(pull(block[j]) for block in blocks[1:])
+            comm = max(comm, compute) + barrier + sum(pull(block[j], True) for block in blocks[1:])
             compute += local(rows)
     if kind == "reduce_scatter":
         comm += barrier
@@ -225,7 +232,8 @@ def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: i
 
 
 def ce_barrier_time(world: int) -> float:
-    """GPU time of one copy-engine barrier among ``world`` ranks."""
+    """GPU time of one copy-engine barrier among ``world`` ranks (a hand-off: ``world`` = 2, one
+    peer signalled and one waited for)."""
     return CE_BARRIER_BASE_S + CE_BARRIER_PEER_S * (world - 1)
 
 
@@ -233,16 +241,19 @@ def ce_host_time(kind: str, world: int, count: int) -> float:
     """Host time to issue one copy-engine call with ``count`` sub-chunks per rank block: what
     ``copy_engine_pipeline`` issues, op by op."""
     launches = world * count + (world - 2) * count      # GEMMs, staging adds of phase 1
-    steps = (world - 1) * count                          # phase 1: a barrier and a pull each
+    handoffs = (world - 1) * count                       # phase 1: a hand-off and a pull each
     pulls = (world - 1) * count
+    barriers = 0
     if kind == "all_reduce":
         launches += count                                # own rows copied to the output
-        steps += count                                   # phase 2: a barrier, P - 1 pulls
+        handoffs -= 1                                    # phase 1 opens with a barrier
+        barriers += 1 + count                            # phase 2: a barrier, P - 1 pulls
         pulls += (world - 1) * count
     else:
-        steps += 1                                       # the closing barrier
-    step = CE_HOST_STEP_S + 3 * (world - 1) * CE_HOST_MEMOP_S
-    return CE_HOST_CALL_S + launches * CE_HOST_LAUNCH_S + steps * step + pulls * CE_HOST_PULL_S
+        barriers += 1                                    # the closing barrier
+    memops = 3 * (handoffs + barriers * (world - 1))     # a barrier: 3 per peer; a hand-off: 3
+    return (CE_HOST_CALL_S + launches * CE_HOST_LAUNCH_S + (handoffs + barriers) * CE_HOST_STEP_S
+            + memops * CE_HOST_MEMOP_S + pulls * CE_HOST_PULL_S)
 
 
 def copy_engine_supported(kind: str, m: int, world: int, is_cuda: bool,

@@ -116,7 +116,8 @@ def copy_engine_available() -> bool:
 
 # Signal-pad channel of the fallback barrier (the tile workspace uses channel 0 of its own buffer).
 COPY_ENGINE_CHANNEL = 1
-# Barriers one copy-engine call may use: (P - 1) * chunks + chunks + 1 (at any taper).
+# Synchronisations (barriers and hand-offs) one copy-engine call may use: (P - 1) * chunks +
+# chunks + 1 at most (at any taper).
 MAX_SYNCS = 128
 # Enqueue a barrier's 3 (P - 1) stream memory operations in one driver call (cuStreamBatchMemOp)
 # where the driver takes it (``_compat.stream_memops`` falls back by itself); the bench sets False to
@@ -127,10 +128,11 @@ BATCH_MEMOPS = True
 @dataclasses.dataclass
 class CopyEngineWorkspace:
     """One rank's symmetric [M, N] buffer, every rank's view of it, the communication stream, and
-    symmetric barrier flags ``[MAX_SYNCS, P]``: barrier s of a call sets ``flags[s][r]`` to 1 on every
-    peer, waits until its own ``flags[s][q]`` is 1 for every peer q, and resets them to 0. A slot is
+    symmetric flags ``[MAX_SYNCS, P]``, one row per synchronisation of a call: barrier s sets
+    ``flags[s][r]`` to 1 on every peer, waits until its own ``flags[s][q]`` is 1 for every peer q,
+    and resets them to 0; hand-off s does the same with one destination and one source. A slot is
     written again only in the next call, after barriers that follow the reset on every rank (so a
-    call must use at least two barriers; every copy-engine call does)."""
+    call must end with a barrier after its hand-offs; every copy-engine call does)."""
 
     partial: torch.Tensor
     peers: list[torch.Tensor]
@@ -152,6 +154,16 @@ class CopyEngineWorkspace:
         save the lookup on every barrier): what follows runs once every rank has reached it. With
         the driver's stream memory operations it occupies no SM (a barrier kernel queued behind a
         GEMM that holds every SM would wait for the whole GEMM)."""
+        self._sync(self._barrier_ops, stream)
+
+    def handoff(self, dest: int, source: int, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Stream-ordered hand-off on ``stream``: signal ``dest`` (this stream's earlier writes are
+        visible to it), then wait for ``source``'s signal of the same slot. Where P = 2 (dest ==
+        source) it is the barrier; without stream memory operations it falls back to one."""
+        self._sync(lambda slot: self._handoff_ops(slot, dest, source), stream)
+
+    def _sync(self, ops_of_slot, stream: Optional[torch.cuda.Stream]) -> None:
+        """Enqueue the next slot's memory operations (or the signal-pad barrier without them)."""
         if self.flag_ptrs is None:
             self.handle.barrier(channel=COPY_ENGINE_CHANNEL)
             return
@@ -159,8 +171,23 @@ class CopyEngineWorkspace:
         if slot >= MAX_SYNCS:
             raise RuntimeError(f"a copy-engine call used more than {MAX_SYNCS} barriers; use fewer chunks")
         self.next_sync += 1
-        stream = stream or torch.cuda.current_stream()
-        _compat.stream_memops(stream, self._barrier_ops(slot), batch=BATCH_MEMOPS)
+        _compat.stream_memops(stream or torch.cuda.current_stream(), ops_of_slot(slot),
+                              batch=BATCH_MEMOPS)
+
+    def _handoff_ops(self, slot: int, dest: int, source: int) -> list[tuple[int, int, int, bool]]:
+        """Hand-off ``slot``'s stream memory operations: set ``flags[slot][rank]`` on ``dest``
+        (fenced: the rows written before it are visible first), wait until ``flags[slot][source]``
+        here is 1 and reset it. The reset is next overwritten by ``source`` in the next call, after
+        the call's closing barriers, whose fenced signals follow it."""
+        key = (slot, dest, source)
+        ops = self._barrier_cache.get(key)
+        if ops is None:
+            row = slot * self.world_size
+            mine = self.flag_ptrs[self.rank] + 4 * (row + source)
+            ops = [(_compat.MEMOP_WRITE_32, self.flag_ptrs[dest] + 4 * (row + self.rank), 1, True),
+                   (_compat.MEMOP_WAIT_32, mine, 1, False), (_compat.MEMOP_WRITE_32, mine, 0, False)]
+            self._barrier_cache[key] = ops
+        return ops
 
     def _barrier_ops(self, slot: int) -> list[tuple[int, int, int, bool]]:
         """Barrier ``slot``'s stream memory operations: signal every peer, wait for every peer's

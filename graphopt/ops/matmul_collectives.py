@@ -38,7 +38,7 @@ every block into ``chunks`` sub-chunks (the same bounds on every rank). For P = 
 
     phase 1, block d of the peer (d = r + 1), sub-chunk j = 0 .. c-1:
         compute: partial[d_j] = a[d_j] @ b                        (cuBLAS into the symmetric buffer)
-        comm:    wait for it; barrier; pull peer's partial[r_j] -> mine[r_j]
+        comm:    wait for it; hand-off; pull peer's partial[r_j] -> mine[r_j]
     phase 2, own block r, sub-chunk j:
         compute: wait for pull j; mine[r_j] += a[r_j] @ b         (addmm: the reduction is in the GEMM)
         all-reduce only -- compute: out[r_j] = partial[r_j]   (a local copy)
@@ -61,11 +61,16 @@ sub-chunk (all-reduce: barrier + pull-back of its rows), so a small last sub-chu
 a large first one costs nothing on P = 2, where phase 2's first GEMM waits for that pull only after
 the whole of phase 1. ``chunks`` and ``taper`` are chosen by the cost model, which walks this schedule.
 
-Synchronisation: a peer's rows are pulled only after a barrier that every rank reaches after the
-event of the GEMM writing them (read after write). The caller's stream waits for the last barrier
-before returning, so the next call's GEMMs and pulls, which overwrite the symmetric buffer, start
-only after every rank has finished reading it (write after read; tests/unit/test_overlap_copy_engine.py
-checks both orders on a simulator). All barriers run on one stream in the same order on every rank.
+Synchronisation: a peer's rows are pulled only after that peer has signalled, after the event of
+the GEMM writing them (read after write). In phase 1 the step's producer is one rank (the source),
+so the step is a hand-off: signal the rank that pulls from this one (dest), wait for the source's
+signal -- two flags and a reset, where a barrier would signal and wait for every peer (3 (P - 1)
+driver operations; measured at 4.6 us of host time each, and a barrier's GPU time grows with P).
+Phase 2 of the all-reduce and the end of the reduce-scatter are barriers. The caller's stream waits
+for the last barrier before returning, so the next call's GEMMs and pulls, which overwrite the
+symmetric buffer, start only after every rank has finished reading it (write after read;
+tests/unit/test_overlap_copy_engine.py checks both orders on a simulator with vector clocks). All
+synchronisations run on one stream in the same order on every rank.
 Nothing syncs the host, so the call can be captured in a CUDA graph once the workspace exists
 (``graphopt.distributed.symm_mem.copy_engine_workspace``).
 
@@ -182,6 +187,9 @@ class _CudaStreams:
     def barrier(self) -> None:
         self.workspace.barrier(self.comm)
 
+    def handoff(self, dest: int, source: int) -> None:
+        self.workspace.handoff(dest, source, self.comm)
+
     def copy(self, dst: Tensor, src: Tensor) -> None:
         dst.copy_(src)
 
@@ -247,12 +255,17 @@ def copy_engine_pipeline(io, a: Tensor, b: Tensor, out: Tensor, rank: int, world
     pulled = []
     for step in range(1, world):
         dest, source = (rank + step) % world, (rank - step) % world
-        for (start, end), (own_lo, own_hi) in zip(blocks[dest], own):
+        for j, ((start, end), (own_lo, own_hi)) in enumerate(zip(blocks[dest], own)):
             io.gemm(a[start:end], b, io.partial[start:end], accumulate=False)
             written = io.compute_token()
             with io.on_comm():
                 io.comm_wait(written)
-                io.barrier()
+                if step == 1 and j == 0 and not scatter:
+                    # The all-reduce's first write to its own rows (the pull below) must follow
+                    # every peer's pull-back of them in the previous call: a barrier, not a hand-off.
+                    io.barrier()
+                else:
+                    io.handoff(dest, source)   # dest may pull what the GEMM wrote; source's rows are ready
                 remote = io.peer(source)[own_lo:own_hi]
                 if step == 1:
                     io.copy(mine(own_lo, own_hi), remote)

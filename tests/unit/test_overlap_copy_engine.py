@@ -1,10 +1,11 @@
 """The copy-engine schedule of graphopt::matmul_all_reduce / matmul_reduce_scatter, on CPU.
 
 ``copy_engine_pipeline`` runs here against a simulator instead of CUDA streams: P threads play the
-P ranks, each with a symmetric buffer the others can read, and a real barrier. The simulator keeps
-the happens-before of the GPU runtime, not the thread interleaving: a GEMM on the compute stream
-may run any time after the last event it waited for, a copy on the communication stream any time
-after its barrier. It raises ``Race`` where a rank reads a peer's rows that no barrier has
+P ranks, each with a symmetric buffer the others can read, real barriers and real pairwise
+hand-offs (signal one peer, wait for another). The simulator keeps the happens-before of the GPU
+runtime (vector clocks), not the thread interleaving: a GEMM on the compute stream may run any time
+after the last event it waited for, a copy on the communication stream any time after its last
+synchronisation. It raises ``Race`` where a rank reads a peer's rows that no barrier has
 published since they were written (read after write), or overwrites rows that a peer may still be
 reading (write after read, also across calls), or where one stream reads what the other wrote
 without an event. The outputs are checked against the unfused reduction in float64.
@@ -30,24 +31,38 @@ class _Row:
     """One row of a rank's symmetric buffer: when its last write became readable, who read it when."""
 
     def __init__(self):
-        self.published: int | None = 0
-        self.reads: list[int] = []           # comm phases at which peers read it
+        self.published: int | None = 0       # the owner's clock at which peers may read it
+        self.reads: list[tuple[int, int]] = []   # (reader, reader's clock) of the peers' reads
+
+
+def _join(clock: list[int], other: list[int]) -> None:
+    for index, value in enumerate(other):
+        clock[index] = max(clock[index], value)
 
 
 class SimulatedRank:
-    """``_CudaStreams`` for one simulated rank (see the module docstring)."""
+    """``_CudaStreams`` for one simulated rank (see the module docstring).
+
+    Happens-before is a vector clock per stream: component q of a clock is how many of rank q's
+    synchronisations (barriers, hand-offs) this stream is ordered after. A synchronisation of rank r
+    advances its own component and publishes the buffer rows written before it, stamped with it; a
+    barrier joins every rank's clock, a hand-off gives the destination this rank's clock. A peer may
+    read a row once its clock has reached the row's stamp; a row may be overwritten once the writing
+    stream's clock has passed every read of it."""
 
     def __init__(self, rank: int, world: "SimulatedWorld", rows: int, cols: int):
         self.rank, self.world = rank, world
+        size = world.size
         self.partial = torch.full((rows, cols), float("nan"), dtype=torch.float64)
         self.rows = [_Row() for _ in range(rows)]
         self.out: torch.Tensor | None = None
-        self.comm_phase = 0            # barriers passed
-        self.compute_floor = 0         # phase of the comm event the compute stream last waited for
+        self.clock = [0] * size          # the communication stream's
+        self.compute_clock = [0] * size  # what the compute stream last waited for
+        self.syncs = 0                   # synchronisations issued (hand-off slots line up by it)
         self.compute_seq = self.comm_seq = 0
         self.comm_saw_compute = self.compute_saw_comm = 0
         self.unpublished: list[tuple[int, int]] = []    # (compute seq, row) of buffer writes
-        self.comm_buffer_writes: list[int] = []         # rows the comm stream wrote this phase
+        self.comm_buffer_writes: list[int] = []         # rows the comm stream wrote since the last sync
         self.local_writer: dict[tuple[str, int], tuple[str, int]] = {}
 
     # --- locating views -----------------------------------------------------------------------
@@ -73,7 +88,7 @@ class SimulatedRank:
             self._check_local_read(name, rows, reader="compute")
         for row in rows:
             if name == "partial":
-                self._check_overwrite(row, self.compute_floor, "GEMM")
+                self._check_overwrite(row, self.compute_clock, "GEMM")
                 self.rows[row].published = None
                 self.unpublished.append((self.compute_seq, row))
             self.local_writer[(name, row)] = ("compute", self.compute_seq)
@@ -97,29 +112,43 @@ class SimulatedRank:
         return self.compute_seq
 
     def compute_wait(self, token):
-        seq, phase = token
+        seq, clock = token
         self.compute_saw_comm = max(self.compute_saw_comm, seq)
-        self.compute_floor = max(self.compute_floor, phase)
+        _join(self.compute_clock, clock)
 
     # --- communication stream -----------------------------------------------------------------
     def on_comm(self):
         return contextlib.nullcontext()
 
     def comm_token(self):
-        return self.comm_seq, self.comm_phase
+        return self.comm_seq, list(self.clock)
 
     def comm_wait(self, token):
         self.comm_saw_compute = max(self.comm_saw_compute, token)
 
-    def barrier(self):
-        # Rows become readable by peers after this barrier if their writes are ordered before it.
+    def _publish(self) -> None:
+        """One synchronisation of this rank: rows written before it become readable at its stamp."""
+        self.syncs += 1
+        self.clock[self.rank] += 1
         ready = [row for seq, row in self.unpublished if seq <= self.comm_saw_compute]
         self.unpublished = [(seq, row) for seq, row in self.unpublished if seq > self.comm_saw_compute]
         for row in ready + self.comm_buffer_writes:
-            self.rows[row].published = self.comm_phase + 1
+            self.rows[row].published = self.clock[self.rank]
         self.comm_buffer_writes = []
+
+    def barrier(self):
+        self._publish()
+        self.world.board[self.rank] = list(self.clock)
         self.world.barrier.wait()
-        self.comm_phase += 1
+        for clock in self.world.board:
+            _join(self.clock, clock)
+        self.world.barrier.wait()      # nobody overwrites the board before everyone has read it
+
+    def handoff(self, dest, source):
+        """Signal ``dest`` (what this rank wrote so far is readable), wait for ``source``'s signal."""
+        self._publish()
+        self.world.send((self.rank, dest, self.syncs), list(self.clock))
+        _join(self.clock, self.world.receive((source, self.rank, self.syncs)))
 
     def peer(self, rank):
         return self.world.ranks[rank].partial
@@ -136,10 +165,10 @@ class SimulatedRank:
         if owner != self.rank:
             for row in rows:
                 state = self.world.ranks[owner].rows[row]
-                if state.published is None or state.published > self.comm_phase:
-                    raise Race(f"rank {self.rank} reads rank {owner}'s row {row} at phase "
-                               f"{self.comm_phase}; it is published at {state.published}")
-                state.reads.append(self.comm_phase)
+                if state.published is None or state.published > self.clock[owner]:
+                    raise Race(f"rank {self.rank} reads rank {owner}'s row {row} having seen "
+                               f"{self.clock[owner]} of its syncs; it is published at {state.published}")
+                state.reads.append((self.rank, self.clock[self.rank]))
         else:
             self._check_local_read(name, rows, reader="comm")
         name, owner, rows = self._where(dst)
@@ -148,18 +177,19 @@ class SimulatedRank:
             self._check_local_read(name, rows, reader="comm")
         for row in rows:
             if name == "partial":
-                self._check_overwrite(row, self.comm_phase, "copy")
+                self._check_overwrite(row, self.clock, "copy")
                 self.rows[row].published = None
                 self.comm_buffer_writes.append(row)
             self.local_writer[(name, row)] = ("comm", self.comm_seq)
         action()
 
     # --- checks -------------------------------------------------------------------------------
-    def _check_overwrite(self, row, earliest_phase, what):
-        late = [phase for phase in self.rows[row].reads if phase >= earliest_phase]
+    def _check_overwrite(self, row, clock, what):
+        # A read at the reader's clock t is ordered before the reader's sync t + 1.
+        late = [(reader, t) for reader, t in self.rows[row].reads if t >= clock[reader]]
         if late:
-            raise Race(f"rank {self.rank}: {what} may overwrite row {row} from phase {earliest_phase} "
-                       f"while a peer reads it at phase {max(late)}")
+            raise Race(f"rank {self.rank}: {what} may overwrite row {row} while rank {late[0][0]} may "
+                       f"still read it (its sync {late[0][1] + 1} not yet seen)")
 
     def _check_local_read(self, name, rows, reader):
         saw = self.compute_saw_comm if reader == "compute" else self.comm_saw_compute
@@ -173,7 +203,24 @@ class SimulatedRank:
 class SimulatedWorld:
     def __init__(self, world: int, rows: int, cols: int, io=SimulatedRank):
         self.barrier = threading.Barrier(world)
+        self.board: list[list[int]] = [[0] * world for _ in range(world)]
+        self._mail: dict[tuple[int, int, int], list[int]] = {}
+        self._mail_ready = threading.Condition()
+        self.size = world
         self.ranks = [io(rank, self, rows, cols) for rank in range(world)]
+
+    def send(self, key: tuple[int, int, int], clock: list[int]) -> None:
+        with self._mail_ready:
+            self._mail[key] = clock
+            self._mail_ready.notify_all()
+
+    def receive(self, key: tuple[int, int, int]) -> list[int]:
+        with self._mail_ready:
+            if not self._mail_ready.wait_for(lambda: key in self._mail or self.barrier.broken, timeout=30):
+                raise RuntimeError(f"hand-off {key} never signalled: the ranks' schedules differ")
+            if key not in self._mail:
+                raise threading.BrokenBarrierError
+            return self._mail.pop(key)
 
     def call(self, inputs, b, chunks, scatter, taper=1.0):
         """One collective call on every rank (threads); the outputs, rank by rank."""
@@ -192,6 +239,8 @@ class SimulatedWorld:
             except BaseException as err:  # noqa: BLE001  re-raised below, in the main thread
                 errors.append(err)
                 self.barrier.abort()
+                with self._mail_ready:
+                    self._mail_ready.notify_all()
 
         threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
         for thread in threads:
@@ -210,8 +259,8 @@ def _inputs(world, rows, k, cols, seed):
     return inputs, torch.randn(k, cols, generator=gen, dtype=torch.float64)
 
 
-def _check_calls(world, rows, cols, chunks, scatter, taper, seed, calls=3):
-    sim = SimulatedWorld(world, rows, cols)
+def _check_calls(world, rows, cols, chunks, scatter, taper, seed, calls=3, io=SimulatedRank):
+    sim = SimulatedWorld(world, rows, cols, io=io)
     for call in range(calls):  # the symmetric buffers are reused: write-after-read across calls
         inputs, b = _inputs(world, rows, 3, cols, seed + call)
         outs = sim.call(inputs, b, chunks, scatter, taper)
@@ -311,10 +360,48 @@ def test_simulator_catches_a_missing_event(scatter, taper):
 def test_reduce_scatter_needs_its_final_barrier(taper):
     sim = SimulatedWorld(2, 16, 4, io=_NoFinalBarrier)
     for rank in sim.ranks:
-        rank.per_call = 3 + 1   # (P - 1) * chunks phase-1 barriers + the final one
+        rank.per_call = 1   # phase 1 hands off; the final barrier is the call's only one
     sim.call(*_inputs(2, 16, 3, 4, 0), 3, True, taper)
     with pytest.raises(Race, match="overwrite"):
         sim.call(*_inputs(2, 16, 3, 4, 1), 3, True, taper)
+
+
+class _HandoffWithoutWait(SimulatedRank):
+    """A runtime whose hand-off signals the destination but does not wait for the source."""
+
+    def handoff(self, dest, source):
+        self._publish()
+        self.world.send((self.rank, dest, self.syncs), list(self.clock))
+
+
+class _HandoffsOnly(SimulatedRank):
+    """A runtime that hands off where the all-reduce's first phase-1 sync must be a barrier."""
+
+    def barrier(self):
+        if self.syncs % self.per_call == 0:
+            return self.handoff((self.rank + 1) % self.world.size, (self.rank - 1) % self.world.size)
+        return super().barrier()
+
+
+@pytest.mark.parametrize("world,scatter", [(3, False), (3, True), (4, True)])
+def test_simulator_catches_a_handoff_that_does_not_wait(world, scatter):
+    # A race (a read the clocks do not order) or, where the peer's GEMM has not even run in thread
+    # time and the row still holds the previous call's value, a wrong result.
+    with pytest.raises(AssertionError):
+        _check_calls(world, 24, 4, 2, scatter, 1.0, seed=0, io=_HandoffWithoutWait)
+
+
+def test_all_reduce_beyond_two_ranks_needs_a_barrier_before_it_rewrites_its_rows():
+    """At P = 3 the rank that pulls a block back in phase 2 is not the next call's phase-1 source:
+    with one sub-chunk, only a barrier orders its last read before the owner's next write."""
+    sim = SimulatedWorld(3, 24, 4, io=_HandoffsOnly)
+    for rank in sim.ranks:
+        rank.per_call = 2 + 1   # (P - 1) phase-1 syncs + one phase-2 barrier (one sub-chunk)
+    sim.call(*_inputs(3, 24, 3, 4, 0), 1, False)
+    with pytest.raises(Race, match="overwrite"):
+        sim.call(*_inputs(3, 24, 3, 4, 1), 1, False)
+    # the runtime's own schedule, for contrast, is ordered
+    _check_calls(3, 24, 4, 1, False, 1.0, seed=0)
 
 
 def test_copy_engine_mode_is_refused_on_cpu_tensors():
@@ -371,6 +458,22 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
     _compat.stream_memops(stream, ops, batch=False)
     assert calls == [(7, flag(0, 1), 1, 0), (7, flag(2, 1), 1, 1), (7, flag(1, 0), 1, 1),
                      (7, flag(1, 0), 0, 1), (7, flag(1, 2), 1, 1), (7, flag(1, 2), 0, 1)]
+
+
+def test_a_handoff_is_one_fenced_signal_a_wait_and_a_reset():
+    """Hand-off slot s on rank r: set flags[s][r] on dest (fenced), wait for and reset flags[s][source]
+    on itself -- 3 operations at any P, where a barrier takes 3 (P - 1)."""
+    from graphopt import _compat
+    from graphopt.distributed.symm_mem import CopyEngineWorkspace
+
+    bases = [1 << 20, 2 << 20, 3 << 20, 4 << 20]
+    workspace = CopyEngineWorkspace(partial=None, peers=[], handle=None, comm_stream=None, rank=1,
+                                    world_size=4, flag_ptrs=bases)
+    flag = lambda owner, peer: bases[owner] + 4 * (5 * 4 + peer)   # noqa: E731  slot 5
+    W, A = _compat.MEMOP_WRITE_32, _compat.MEMOP_WAIT_32
+    assert workspace._handoff_ops(5, dest=2, source=0) == [
+        (W, flag(2, 1), 1, True), (A, flag(1, 0), 1, False), (W, flag(1, 0), 0, False)]
+    assert len(workspace._barrier_ops(5)) == 3 * 3
 
 
 @pytest.mark.parametrize("fenced_batch_ok", [True, False])

@@ -191,7 +191,8 @@ def test_auto_choice_is_estimated_faster_than_sequential_by_the_margin(kind, m, 
     assert choice.mode in ("chunked", "sequential") or cuda
 
 
-@pytest.mark.parametrize("name", ["matmul_allreduce.json", "matmul_allreduce_4gpu.json"])
+@pytest.mark.parametrize("name", ["matmul_allreduce.json", "matmul_allreduce_4gpu.json",
+                                  "matmul_allreduce_2xh100.json"])
 def test_choices_never_lose_to_sequential_on_the_measured_bench(name):
     """Replay the model on the committed 2- and 4-GPU measurements: what it picks must not be
     slower."""
