@@ -92,7 +92,8 @@ _flag("planning", "op_timing", "auto", str,
 
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
 _flag("rematerialization", "memory_budget", None, (str, int, float, type(None)),
-      "Peak activation-memory budget: bytes ('40GiB', 4e10) or a fraction (0.5) of the no-remat saved set.")
+      "Peak activation-memory budget: bytes ('40GiB', 4e10) or a fraction f: the min-cut plan's peak "
+      "less (1 - f) of what it saves (1.0: the runtime-optimal min-cut plan, as torch's budget 1.0).")
 
 # --- activation offload (passes/offload_activations.py) -----------------------------------------
 _flag("offload", "offload_activations", False, bool,
