@@ -16,7 +16,9 @@ warm-up, best of 3 repeats, the slowest rank. Correctness: the tile and copy-eng
 equal and one tapered schedule) against
 an fp32 reference and bitwise across ranks (all-reduce); torch's fused reduce-scatter against
 NCCL's reduce_scatter_tensor of the same product (the same output layout: rank r holds rows block
-r), so the comparison with it is like for like.
+r), so the comparison with it is like for like. Beyond 2 GPUs the best copy-engine schedule of
+each shape is timed again with barriers of every rank where it hands off between two
+(``ce_barriers:*``; summary ``copy_engine_handoff_vs_barriers_geomean``).
 
 Writes DIR/matmul_allreduce.json (device, versions, every time, ``summary``) and .md.
 """
@@ -228,6 +230,15 @@ def main() -> None:
                 found = {key: v for key, v in times.items() if key.startswith(prefix + ":")}
                 if found:
                     row[f"best_{prefix}"] = min(found, key=found.get)
+            best_ce = row.get("best_copy_engine")
+            if world > 2 and best_ce:   # the same schedule with barriers where it hands off
+                symm_mem.HANDOFFS = False
+                try:
+                    times[barrier_key(best_ce)] = timed(variants[best_ce], args.iters) * 1e3
+                except Exception:
+                    row["errors"]["ce_barriers"] = traceback.format_exc()[-600:]
+                finally:
+                    symm_mem.HANDOFFS = True
             uniform = {key: v for key, v in times.items()
                        if key.startswith("copy_engine:") and key not in tapered}
             if uniform:   # equal sub-chunks only: the runtime as it was before tapering
@@ -366,6 +377,11 @@ def _cuda_graph_check(world: int, group_name: str) -> dict:
     return report
 
 
+def barrier_key(copy_engine_key: str) -> str:
+    """The ms key of a copy-engine schedule timed with barriers in place of its hand-offs."""
+    return "ce_barriers:" + copy_engine_key.split(":", 1)[1]
+
+
 def summarize(rows: list[dict]) -> dict:
     over_ideal, vs_sequential, rs_vs_fused = [], [], []
     # over ideal, vs sequential, RS vs fused
@@ -398,6 +414,10 @@ def summarize(rows: list[dict]) -> dict:
             f"{prefix}_best_vs_sequential": min(seq) if seq else None,
             f"rs_{prefix}_vs_torch_fused_geomean": geo(vs_fused),
         })
+    handoff = [row["ms"][best] / row["ms"][barrier_key(best)] for row in rows
+               if (best := row.get("best_copy_engine")) and barrier_key(best) in row["ms"]]
+    if handoff:  # P > 2: the best copy-engine schedule with phase-1 hand-offs / with barriers
+        summary["copy_engine_handoff_vs_barriers_geomean"] = geo(handoff)
     summary["targets"] = TARGETS
     summary["ours_means"] = (
         "graphopt_auto = the variant the cost model picks, what the pass emits (sequential where it "

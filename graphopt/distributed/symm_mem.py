@@ -123,6 +123,9 @@ MAX_SYNCS = 128
 # where the driver takes it (``_compat.stream_memops`` falls back by itself); the bench sets False to
 # time one call each.
 BATCH_MEMOPS = True
+# Phase-1 steps of the copy-engine runtime hand off between two ranks (``handoff``); False runs a
+# barrier of every rank there instead, as before hand-offs existed (the bench times both at P > 2).
+HANDOFFS = True
 
 
 @dataclasses.dataclass
@@ -160,6 +163,9 @@ class CopyEngineWorkspace:
         """Stream-ordered hand-off on ``stream``: signal ``dest`` (this stream's earlier writes are
         visible to it), then wait for ``source``'s signal of the same slot. Where P = 2 (dest ==
         source) it is the barrier; without stream memory operations it falls back to one."""
+        if not HANDOFFS:
+            self.barrier(stream)
+            return
         self._sync(lambda slot: self._handoff_ops(slot, dest, source), stream)
 
     def _sync(self, ops_of_slot, stream: Optional[torch.cuda.Stream]) -> None:
