@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -26,3 +27,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and torch.cuda.device_count() < 2:
             item.add_marker(skip_multi)
+
+
+BENCH_DIR = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the benches are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

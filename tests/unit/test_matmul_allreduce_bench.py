@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "matmul_allreduce.py")
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("matmul_allreduce_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("matmul_allreduce")
 
 
 def _row(kind, ms, best_copy_engine=None):

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "profile_offload.py")
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def profile_offload():
-    spec = importlib.util.spec_from_file_location("profile_offload", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("profile_offload")
 
 
 def test_gaps_are_idle_stretches_of_one_stream_longest_first(profile_offload):
