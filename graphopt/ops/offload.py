@@ -183,9 +183,9 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 class _Op:
     """A ``graphopt::`` op registered with the dispatcher directly: a schema, a kernel per device
     and a fake (meta) implementation. ``torch.library.custom_op`` would add its autograd and
-    aliasing checks to every call -- about 45 us of host time per call measured on CPU, four calls
-    per offloaded tensor per step -- and these ops run only inside compiled graphs, where autograd
-    is off and the schema says what aliases."""
+    aliasing checks to every call (the four calls of one offloaded tensor took 212 us of host time
+    with them and 140 us without, measured on CPU), and these ops run only inside compiled graphs,
+    where autograd is off and the schema says what aliases."""
 
     def __init__(self, schema: str, doc: str):
         self.name = schema.split("(", 1)[0]
