@@ -442,7 +442,10 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
         "budget_bytes": budget,
         "feasible": plan.feasible if budget is not None else True,
         "planned_peak_bytes": plan.peak,
+        # the cut graphs' own liveness; with offloads planned it is the graphs before
+        # offload_activations moves anything (so it can exceed the planned peak, which counts them)
         "realized_peak_bytes": realized.peak,
+        **({"realized_peak_is": "before offload"} if plan.offloaded else {}),
         "min_cut_peak_bytes": base.peak,
         "planned_forward_end_bytes": plan.timeline.live_bytes[plan.timeline.boundary - 1]
         if plan.timeline.boundary else 0,
