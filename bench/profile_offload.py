@@ -57,6 +57,7 @@ def step_profile(step, clock, gap_us: float) -> dict:
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     kernels = collections.Counter()
     copies = {kind: [0, 0.0, 0] for _, kind in COPY_KINDS}
+    copy_spans = {kind: [] for _, kind in COPY_KINDS}      # (start, end) of each copy, for the gaps
     by_stream = collections.defaultdict(list)
     for event in device:
         start, duration = float(event["ts"]), float(event["dur"])
@@ -70,6 +71,7 @@ def step_profile(step, clock, gap_us: float) -> dict:
                 copies[kind][0] += 1
                 copies[kind][1] += duration
                 copies[kind][2] += int(event.get("args", {}).get("bytes", 0))
+                copy_spans[kind].append((start, start + duration))
     streams = {str(stream): sum(span[1] - span[0] for span in spans) / 1e3
                for stream, spans in by_stream.items()}
     busiest = max(by_stream, key=lambda s: streams[str(s)], default=None)
@@ -81,7 +83,7 @@ def step_profile(step, clock, gap_us: float) -> dict:
     span_ms = ((max(e[1] for spans in by_stream.values() for e in spans)
                 - min(e[0] for spans in by_stream.values() for e in spans)) / 1e3 if by_stream else None)
     gaps = _gaps(sorted(by_stream.get(busiest, [])), gap_us)
-    _attribute_gaps(gaps, events, {kind: spans for kind, spans in _copy_spans(device).items()})
+    _attribute_gaps(gaps, events, copy_spans)
     return {
         "kernels_us": dict(kernels),
         "kernel_ms": sum(kernels.values()) / 1e3,
@@ -107,16 +109,6 @@ def _gaps(spans: list[tuple], gap_us: float) -> list[dict]:
         if end is None or stop > end:
             end, before = stop, name
     return sorted(gaps, key=lambda g: -g["us"])
-
-
-def _copy_spans(device_events: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    spans = {kind: [] for _, kind in COPY_KINDS}
-    for event in device_events:
-        for marker, kind in COPY_KINDS:
-            if marker in event["name"]:
-                start = float(event["ts"])
-                spans[kind].append((start, start + float(event["dur"])))
-    return spans
 
 
 def _attribute_gaps(gaps: list[dict], events: list[dict], copies: dict[str, list]) -> None:

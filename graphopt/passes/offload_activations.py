@@ -507,15 +507,17 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in nodes:
         start[node] = elapsed
         elapsed += times.get(node.name, 0.0)
+    position = {node: i for i, node in enumerate(nodes)}
     first_use = {}
     for name in rewrite.slots:
         users = [u for u in placeholders[name].users]
         if users:
-            first_use[name] = min(users, key=nodes.index)
+            first_use[name] = min(users, key=position.__getitem__)
     compute = [n for n in nodes if n.op not in ("placeholder", "output")]
     issue = _place_reloads(rewrite, first_use, start, compute, profile)
+    by_first_use = sorted(first_use, key=lambda n: position[first_use[n]])
     reloads = []
-    for name in sorted(first_use, key=lambda n: nodes.index(first_use[n])):
+    for name in by_first_use:
         slot = rewrite.slots[name]
         placeholder = placeholders[name]
         placeholder.meta["val"] = rewrite.kept_vals[name]
@@ -539,8 +541,7 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, True, matched=len(first_use), stats={
         "reloaded": len(first_use),
         "reloaded_bytes": sum(rewrite.slots[n].host_bytes for n in first_use),
-        "reload_lead_ms": {n: round(t * 1e3, 3) for n, t in zip(
-            sorted(first_use, key=lambda n: nodes.index(first_use[n])), hoisted_s)}})
+        "reload_lead_ms": {n: round(t * 1e3, 3) for n, t in zip(by_first_use, hoisted_s)}})
 
 
 def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int]],
