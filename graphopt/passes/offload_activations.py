@@ -26,10 +26,13 @@ Backward::
     y = first_use(x)                    x = graphopt.reload_wait(r, pool, offset, shape, stride)
                                         y = first_use(x)
 
-Placement: the forward waits after the first node by which the D2H queue (all offloads, in
-production order, at the profile's host-link bandwidth slowed by ``config.offload_link_slack``;
-node times measured on CUDA, see ``graphopt.analysis.op_timing``, else the roofline) has finished
-the copy -- and after the last forward use of ``x`` and its views. In the backward each reload
+Placement: the forward waits no earlier than the first node by which the D2H queue (all
+offloads, in production order, at the profile's host-link bandwidth slowed by
+``config.offload_link_slack``; node times measured on CUDA, see ``graphopt.analysis.op_timing``,
+else the roofline) has finished the copy, and after the last forward use of ``x`` and its views;
+from there each wait moves as late as the forward's simulated memory allows without lifting the
+planned peak (``_sink_forward_waits``), so a copy running late stalls nothing until then. In the
+backward each reload
 must be issued no later than the H2D queue (in order of first use, each copy due at its first use,
 with the same slack) allows, and is issued as much earlier as the backward's memory allows: no
 earlier than the reload before it, and never where its bytes would raise the backward's simulated
@@ -42,7 +45,8 @@ planned here, the pool allocated once and reused every step, within
 per graph, each within the capacity). Reloaded device memory is allocated on the compute stream at
 the reload point, so the caching allocator hands the same blocks back every step.
 
-Saved views are offloaded like any tensor: the copy moves the view's elements, in its own
+Saved views are offloaded like any tensor, the copy issued where their base is written (the
+views between are moved up to it, ``_hoist_view_chain``): it moves the view's elements, in its own
 strides when its memory is dense, else packed in the same order of dimensions (the reload comes
 back in that layout), and the base's memory goes once no output holds it. Saved tensors sharing
 one base are offloaded together or not at all.
@@ -167,9 +171,11 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                  "activation_bytes": activation_bytes})
     pool_nbytes = max(s.offset + s.host_bytes for s in slots.values())
 
+    for name in slots:  # a saved view's elements exist once its base does: copy them from there
+        _hoist_view_chain(gm, candidates[name].node, candidates[name].root)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     waits = _place_forward_waits(gm, slots, candidates, fw_times, profile, order)
-    original_vals, kept_vals = {}, {}
+    original_vals, kept_vals, waits_added = {}, {}, {}
     for name, slot in slots.items():
         node = candidates[name].node
         with gm.graph.inserting_after(node):
@@ -182,12 +188,15 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 _OPS.offload_wait.default, (ticket, node, pool, slot.offset, slot.kept_numel,
                                             list(slot.stride)))
         kept.meta["val"] = node.meta["val"].new_empty(slot.kept_numel)
+        waits_added[name] = kept
         outputs[candidates[name].position] = kept
         val = node.meta["val"]  # what the backward reads: the reload comes back in the slot's layout
         original_vals[name] = (val if tuple(val.stride()) == slot.stride
                                else val.new_empty_strided(slot.shape, slot.stride))
         kept_vals[name] = kept.meta["val"]
     output.args = (tuple(outputs),) + tuple(output.args[1:])
+    sunk_s = _sink_forward_waits(gm, [(waits_added[n], slots[n], candidates[n]) for n in waits_added],
+                                 fw_times, ctx.shared.get("remat_plan", {}).get("planned_peak_bytes"))
     rewrite = ForwardRewrite(pool, pool_nbytes, saved_order, slots, original_vals, kept_vals)
     ctx.shared[REWRITE_KEY] = rewrite
     if bw_gm is not None:
@@ -200,7 +209,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, True, matched=len(slots), refusals=refusals, stats={
         "offloaded": len(slots), "offloaded_bytes": offloaded, "candidate_bytes": saved_bytes,
         "activation_bytes": activation_bytes,
-        "pool_bytes": pool_nbytes, "alphas": {n: round(s.alpha, 4) for n, s in slots.items()}})
+        "pool_bytes": pool_nbytes, "alphas": {n: round(s.alpha, 4) for n, s in slots.items()},
+        "wait_sunk_ms": {n: round(t * 1e3, 3) for n, t in sunk_s.items()}})
 
 
 def _activation_bytes(outputs: list, saved_positions: list[int]) -> int:
@@ -326,6 +336,34 @@ def _alias_family(root: fx.Node) -> list[fx.Node]:
     return family
 
 
+def _hoist_view_chain(gm: fx.GraphModule, node: fx.Node, root: fx.Node) -> bool:
+    """Move the views between ``root`` and the saved view ``node`` right after ``root``, so the
+    offload issued after ``node`` starts when the base is written, not where the graph first needs
+    the view (a transposed attention input is taken right before attention, after the rotary
+    embedding of q and k: at S = 8K on an H100, 1-2 ms of idle host link in each layer).
+
+    Views compute nothing, so moving them earlier changes no value; each must read only the chain
+    and nodes already placed before ``root``. Returns False (graph unchanged) where they do not."""
+    chain, current = [], node
+    while current is not root:
+        chain.append(current)
+        parent = tuple_parent(current)
+        if parent is None and is_view(current) and current.all_input_nodes:
+            parent = current.all_input_nodes[0]
+        if parent is None:
+            return False
+        current = parent
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    members = set(chain) | {root}
+    if any(order[i] > order[root] for n in chain for i in n.all_input_nodes if i not in members):
+        return False
+    anchor = root
+    for view in reversed(chain):
+        anchor.append(view)
+        anchor = view
+    return True
+
+
 def _is_dense(val: torch.Tensor) -> bool:
     dims = sorted((d for d in range(val.dim()) if val.shape[d] != 1), key=lambda d: val.stride()[d])
     expected = 1
@@ -391,10 +429,10 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, config) -> list[Sav
     saved = []
     for name, candidate in candidates.items():
         val = candidate.node.meta["val"]
-        after = forward_s - finish[name]
+        after = forward_s - finish[candidate.root.name]  # copied once its base is written
         saved.append(SavedTensor(
             name=name, nbytes=candidate.nbytes, shape=tuple(int(s) for s in val.shape),
-            dtype=val.dtype, fw_index=nodes.index(candidate.node),
+            dtype=val.dtype, fw_index=nodes.index(candidate.root),
             bw_index=first_use_index.get(name, -1),
             fw_time_after_s=after, bw_time_before_s=first_use_start.get(name, 2.0 * after),
             recompute_time_s=None))
@@ -459,6 +497,43 @@ def _place_forward_waits(gm, slots, candidates, fw_times, profile, order) -> dic
                      len(nodes) - 1)
         waits[name] = nodes[index] if index < len(nodes) - 1 else output
     return waits
+
+
+def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Candidate]],
+                        times: dict[str, float], planned_peak: int | None) -> dict[str, float]:
+    """Move each offload wait as late in the forward as its memory allows: the copy then has
+    until there to finish, not just the time the D2H queue was planned to take, and a copy
+    running late (op times or the link off the model) costs no stall unless it is later still.
+
+    ``waits``: (offload_wait, slot, candidate) at the earliest point the D2H queue allows. A wait
+    moved later holds the tensor's whole allocation longer; it moves only while the forward's
+    simulated bytes (``liveness.graph_timeline``, inputs held) stay within the larger of the
+    forward's own peak and the step's planned activation peak (``planned_peak``, from
+    plan_rematerialization) plus the inputs -- so it never lifts the planned peak. Returns how
+    much later (modelled seconds) each wait now runs."""
+    if not waits:
+        return {}
+    nodes, timeline = liveness.graph_timeline(gm, hold_inputs=True)
+    index = {node: i for i, node in enumerate(nodes)}
+    live = list(timeline.live_bytes)
+    inputs = sum(liveness.tensor_nbytes(p.meta.get("val")) for p in gm.graph.find_nodes(op="placeholder"))
+    bound = max(max(live, default=0), (planned_peak or 0) + inputs)
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    end = len(nodes)  # just before the output
+    sunk = {}
+    for wait, slot, candidate in sorted(waits, key=lambda w: index[w[0]], reverse=True):
+        at = index[wait]
+        held = liveness.tensor_nbytes(candidate.root.meta.get("val")) - slot.kept_numel * slot.dtype.itemsize
+        target = at  # the wait goes before nodes[target]; the tensor is held through at .. target - 1
+        while target < end and live[target] + held <= bound:
+            target += 1
+        if target <= at + 1:
+            continue
+        for k in range(at, target):
+            live[k] += held
+        (nodes[target] if target < end else output).prepend(wait)
+        sunk[candidate.node.name] = sum(times.get(n.name, 0.0) for n in nodes[at + 1:target])
+    return sunk
 
 
 def _retype_backward_inputs(bw_gm: fx.GraphModule, rewrite: ForwardRewrite) -> None:

@@ -311,7 +311,8 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
 
     A saved view counts its base's bytes as freed (``device_nbytes``) and its own elements as
     moved (``nbytes``). Saved tensors sharing one allocation become one entry, named after the
-    first: produced when the last of them is, needed when the first of them is."""
+    first: produced when the allocation is written (offload_activations copies a view from
+    there), needed when the first of them is."""
     times = times or graph.time_s
     forward = graph.forward_run(plan.saved)
     backward = remat_solver.backward_order(graph, plan.recomputed)
@@ -337,9 +338,9 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
         result.append(liveness.SavedTensor(
             name=members[0], nbytes=sum(graph.logical_bytes[m] for m in members),
             shape=graph.shapes[members[0]], dtype=graph.dtypes[members[0]],
-            fw_index=max(fw_pos[m] for m in members),
+            fw_index=fw_pos.get(root, max(fw_pos[m] for m in members)),
             bw_index=min(first_use.get(m, len(backward)) for m in members),
-            fw_time_after_s=min(fw_after[m] for m in members),
+            fw_time_after_s=fw_after.get(root, min(fw_after[m] for m in members)),
             bw_time_before_s=min(bw_before.get(m, elapsed) for m in members),
             recompute_time_s=None if chain is None else sum(times[n] for n in chain),
             device_nbytes=freed))

@@ -161,6 +161,91 @@ def test_offload_right_after_producer_and_reload_right_before_first_use():
     assert half.args[4] == total // 2  # alpha 0.5 keeps the first half of the token rows
 
 
+def _between(fw, first: str, last: str) -> list:
+    nodes = list(fw.graph.nodes)
+    names = [n.name for n in nodes]
+    return nodes[names.index(first) + 1:names.index(last)]
+
+
+def _computes(nodes) -> list:
+    from graphopt.analysis.cost_model import is_view
+    return [n for n in nodes if n.op == "call_function" and not is_view(n)
+            and n.target is not operator.getitem and n.target is not OPS.offload.default]
+
+
+def _saved_view_after_compute(fw):
+    """A saved view the forward takes after other compute has run since its base was written."""
+    from graphopt.analysis.cost_model import is_view
+    from graphopt.passes.offload_activations import _alias_root
+    output = next(iter(fw.graph.find_nodes(op="output")))
+    for node in output.args[0]:
+        if isinstance(node, fx.Node) and node.op == "call_function" and is_view(node):
+            root = _alias_root(node)
+            if root.op == "call_function" and _computes(_between(fw, root.name, node.name)):
+                return node.name, root.name
+    return None
+
+
+def test_saved_view_is_copied_from_where_its_base_is_written():
+    tokens = torch.randint(0, 128, (1, 32))
+    plain = Compiled(tiny(n_layers=1), run_pass=False)
+    plain.step(tokens)
+    found = _saved_view_after_compute(plain.graphs["forward"])
+    assert found is not None, "the tiny Llama saves transposed attention inputs taken after rope"
+    view, base = found
+    model = tiny(n_layers=1)
+    compiled = Compiled(model, plan={view: 1.0})
+    compiled.step(tokens)
+    fw = compiled.graphs["forward"]
+    (offload,) = calls(fw, OPS.offload)
+    assert offload.args[0].name == view
+    assert not _computes(_between(fw, base, offload.name))  # the copy starts once the base exists
+    reference = tiny(n_layers=1)
+    Compiled(reference, run_pass=False).step(tokens)
+    for ours, theirs in zip(grads(model), grads(reference)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def _forward_peak(fw):
+    from graphopt.analysis import liveness
+    return liveness.graph_timeline(fw, hold_inputs=True)[1].peak
+
+
+def test_offload_waits_sink_as_late_as_memory_allows_without_raising_the_forward_peak(monkeypatch):
+    from graphopt.passes import offload_activations as offload_pass
+    plan = {"embedding": 1.0, "mm_3": 1.0, "mm_11": 1.0}
+    tokens = torch.randint(0, 128, (1, 64))
+
+    def forward(sink):
+        if not sink:
+            monkeypatch.setattr(offload_pass, "_sink_forward_waits", lambda *a, **k: {})
+        model = tiny(n_layers=3)
+        compiled = Compiled(model, plan=plan)
+        compiled.step(tokens)
+        monkeypatch.undo()
+        return compiled.graphs["forward"], grads(model)
+
+    (early, early_grads), (sunk, sunk_grads) = forward(sink=False), forward(sink=True)
+
+    def wait_positions(fw):
+        compute = [n for n in fw.graph.nodes if n.op == "call_function" and n.target not in
+                   (OPS.offload_wait.default, OPS.offload.default)]
+        waits = {}
+        for wait in calls(fw, OPS.offload_wait):
+            after = wait.next  # the first compute node after the wait (or the output)
+            while after.op == "call_function" and after.target in (OPS.offload_wait.default,):
+                after = after.next
+            waits[wait.args[1].name] = compute.index(after) if after in compute else len(compute)
+        return waits
+    before, after = wait_positions(early), wait_positions(sunk)
+    assert set(before) == set(after) == set(plan)
+    assert all(after[n] >= before[n] for n in plan)
+    assert any(after[n] > before[n] for n in plan)
+    assert _forward_peak(sunk) <= _forward_peak(early)
+    for ours, theirs in zip(sunk_grads, early_grads):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_reload_is_issued_before_first_use_by_the_cost_model():
     # A long backward before the first use: the reload is issued ahead of it, not at the top.
     model = tiny(n_layers=3)
