@@ -18,7 +18,8 @@ all-gather feeding a GEMM) it estimates, from the device profile:
                  peer-to-peer pulls at the profile's p2p_gbps
                  (the copy engines) on the other; each own-block GEMM waits for its pull, each
                  all-reduce pull-back for its GEMM; the slower of that and the host's time to issue
-                 the call (op by op, ``ce_host_time``), plus a share of the faster.
+                 the call (op by op, ``ce_host_time``), plus a share of the faster that shrinks as
+                 they part (beyond 2 ranks, with the host near the GPU time: their sum).
 
 The copy-engine constants are fitted to the copy_engine columns of 2 x H200 runs of
 bench/matmul_allreduce.py (the ratio estimate / sequential within ~5% on most shapes, ~10% on the
@@ -31,10 +32,14 @@ naive 4-chunk column of ../shared/GPU.md, which loses to sequential on two of th
 matching bench/results/matmul_allreduce.json within ~5%); ``triton_eff`` is the persistent Triton
 GEMM's per-SM speed relative to cuBLAS and ``sm_bw`` what one communication CTA pulls over NVLink,
 both fitted to the tile-kernel columns of bench/results/matmul_allreduce.json (2 x H100).
-Beyond 2 ranks (fitted to 4 x H200 runs, bench/results/matmul_allreduce_4gpu.json): a barrier
-waits for every peer (CE_BARRIER_PEER_S), peer pulls and the tile kernel's communication slow down
-per extra rank (CE_PULL_PEER_SLOWDOWN: phase-2 pulls only, TILE_PEER_PENALTY), and the host
-issues 3 (P - 1) driver calls per barrier; a hand-off costs what a barrier between 2 ranks does.
+Beyond 2 ranks (fitted to a 4 x H100 run of the hand-off runtime,
+bench/results/matmul_allreduce_4gpu.json, and a 4 x H200 run of the barrier runtime before it, in
+git history): a barrier waits for every peer (CE_BARRIER_PEER_S), phase-2 pulls and the tile
+kernel's communication slow down per extra rank (CE_PULL_PEER_SLOWDOWN, TILE_PEER_PENALTY), the
+host issues 3 (P - 1) driver calls per barrier, and a call whose host time comes near its GPU time
+is priced without overlap of the two (CE_HOST_OVERLAP_LIMIT). A hand-off costs what a barrier
+between 2 ranks does: so priced, the best schedule of each shape is estimated 0.997x (geomean)
+with hand-offs of what it is with barriers of every rank, and measured 1.008x (4 x H100).
 
 The choice keeps the graph unchanged (sequential) unless the best overlapped estimate beats
 sequential by its runtime's margin (``MARGINS``; at least MARGIN_MULTI beyond 2 ranks): the
@@ -88,29 +93,54 @@ CE_BARRIER_PEER_S = 12e-6
 # Host time to issue a call (Python + launches): per call, per kernel launch (GEMM, local copy,
 # staging add), per communication step (stream switch, event wait, the barrier's 3 (P - 1) driver
 # calls), per peer pull. Fitted to host_us_per_rs_call_chunks* / host_us_per_ar_call_* of the bench's
-# copy_engine_profile on 2 x H200. At P = 4 those figures ran GPU-bound (they moved 2x between runs
-# with the GPU time), so they bound the host time only from above; the barrier's driver calls
-# (barrier_host_us: 4.6 us per call) are the term that grows with P.
+# copy_engine_profile on 2 x H200. At P = 4 those figures disagree with each other (4 x H100:
+# host_us_per_ar_call_* 0.79-0.89x these terms, host_us_per_rs_call_* 1.2-1.9x, though the
+# all-reduce issues more), so the per-op costs stay those of P = 2; the barrier's driver calls
+# (barrier_host_us: 4.6 us per call) grow with P, and the cost of the other ranks' issue is
+# CE_HOST_OVERLAP_LIMIT's.
 CE_HOST_CALL_S = 120e-6
 CE_HOST_LAUNCH_S = 20e-6
 CE_HOST_STEP_S = 15e-6
 CE_HOST_MEMOP_S = 4.6e-6
 CE_HOST_PULL_S = 10e-6
 # Where host and GPU times are close, the GPU waits for ops still being issued: a call costs the
-# slower of the two plus this share of the faster (fitted to the host-bound shapes, 2 x H200).
+# slower of the two plus this share of the faster (fitted to the host-bound shapes, 2 x H200),
+# scaled by faster / slower. Nothing in a call syncs the host, so where the GPU is the slower the
+# host runs ahead and the GPU waits for issue only at the start. A constant share added 0.21 ms to
+# the GEMM-bound all-reduce 70B down_proj M = 8192 c = 2 of the 4 x H100 run, whose GPU walk alone
+# (1.756 ms) was what it measured (1.762); the GPU-bound variants of the 2-GPU runs ran
+# 0.99-1.07x their GPU walk (median per band of host / GPU ratio), not more where the ratio is high.
 CE_HOST_INTERFERENCE = 0.25
-# Pulls from several peers at once (the all-reduce's phase 2): at P = 4 the all-reduce ran
-# 1.15-1.35x what the idle pull bandwidth gives (4 x H200); per rank beyond 2. Phase 1 pulls one
-# peer per step and is not slowed: with this term on phase 1 too, the reduce-scatter's copy-engine
-# times of that run were over-estimated by up to 1.48x (o_proj, M = 8192).
-CE_PULL_PEER_SLOWDOWN = 0.25
+# Beyond 2 ranks a call whose host time is above this fraction of its GPU time is priced at their
+# sum, as if issue and execution did not overlap. Every hand-off and barrier makes a rank's GPU wait
+# for the other ranks' issue, so such a call moves with the host scheduling of P processes: the two
+# 4-GPU runs (4 x H100 with hand-offs, 4 x H200 with barriers) timed the 67 schedules above it
+# anywhere between the slower of host and GPU (faster run: median 1.07x of it) and about their sum
+# (slower run: median 0.84x, up to 1.32x), 0.55-1.84x from one run to the other. E.g. RS o_proj
+# M = 8192 c = 1 (host 0.69 of GPU): 0.808 ms on 4 x H100, 0.622 on 4 x H200, sequential 0.739 /
+# 0.726; RS o_proj M = 4096 c = 1: 0.787 ms, and 0.486 timed again with barriers in the same run.
+# The 59 schedules at or below 0.61 moved by 6% or less between the runs.
+CE_HOST_OVERLAP_LIMIT = 0.62
+# The all-reduce's phase-2 pulls, per rank beyond 2. Every rank pulls its peers' rows in rank
+# order, so at first P - 1 ranks read rank 0 at once, then rank 1, ...: the busiest peer's
+# outgoing links are shared by up to P - 1 readers. Fitted to the all-reduces of both 4-GPU runs
+# below CE_HOST_OVERLAP_LIMIT (0.25: the comm-heavy o_proj M = 16384 and 16384x8192x4096 ones
+# estimated 0.90-0.95x measured, mean error 7.8%; 0.4: 0.96-1.02x, mean error 3.0%, the same on
+# both runs). Phase 1 pulls one peer per step, each peer read by one rank, and is not slowed: with
+# this term on phase 1 too, the reduce-scatters of the 4 x H200 run were over-estimated by up to
+# 1.48x (o_proj, M = 8192).
+CE_PULL_PEER_SLOWDOWN = 0.4
 # Copy engine: on the GEMM-bound shapes (K = 14336, comm <= 20% of the GEMM) the best schedule
 # measured 0.89-1.004x of sequential and the estimated best up to 1.019x, over five bench runs on
 # 2 x H200 (three machines), where the estimates said 0.92-0.96x: the sequential baseline and the
 # GEMM under copies move by ~5% from run to run. A gain estimated below 7% is within that noise.
 MARGINS = {"chunked": MARGIN, "tile": MARGIN, "copy_engine": 0.07}
-# Beyond 2 ranks every runtime's terms rest on this session's three 4 x H200 runs, between which the
-# copy-engine times of one shape moved by up to 20%: a gain estimated below 15% is not taken there.
+# Beyond 2 ranks every runtime's terms rest on three 4 x H200 runs and one 4 x H100 run: a gain
+# estimated below 15% is not taken there. The copy-engine times that moved most between them (up
+# to 1.8x) are those CE_HOST_OVERLAP_LIMIT now prices; below it they moved by 6% or less, and the
+# estimates erred by 3% (all-reduce) and 7% (reduce-scatter, mostly under, as at P = 2) on
+# average. 10% would also take RS 70B down_proj M = 8192 c = 2 (0.91 / 0.89 of sequential in the
+# two runs); one run of the hand-off runtime is too few to lower it.
 MARGIN_MULTI = 0.15
 
 
@@ -228,7 +258,10 @@ def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: i
     if kind == "reduce_scatter":
         comm += barrier
     gpu, host = max(compute, comm), ce_host_time(kind, world, len(own))
-    return max(gpu, host) + CE_HOST_INTERFERENCE * min(gpu, host)
+    if world > 2 and host > CE_HOST_OVERLAP_LIMIT * gpu:
+        return gpu + host
+    faster, slower = min(gpu, host), max(gpu, host)
+    return slower + CE_HOST_INTERFERENCE * faster * faster / slower
 
 
 def ce_barrier_time(world: int) -> float:
