@@ -382,6 +382,11 @@ def barrier_key(copy_engine_key: str) -> str:
     return "ce_barriers:" + copy_engine_key.split(":", 1)[1]
 
 
+def geomean(values: list[float]) -> float | None:
+    """Geometric mean; None for no values."""
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
 def summarize(rows: list[dict]) -> dict:
     over_ideal, vs_sequential, rs_vs_fused = [], [], []
     # over ideal, vs sequential, RS vs fused
@@ -400,24 +405,23 @@ def summarize(rows: list[dict]) -> dict:
                 seq.append(t[key] / t["sequential"])
                 if fused:
                     vs_fused.append(t[key] / fused)
-    geo = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None  # noqa: E731
     summary = {
-        "geomean_over_ideal": geo(over_ideal),
+        "geomean_over_ideal": geomean(over_ideal),
         "worst_vs_sequential": max(vs_sequential) if vs_sequential else None,
-        "rs_vs_torch_fused_geomean": geo(rs_vs_fused),
+        "rs_vs_torch_fused_geomean": geomean(rs_vs_fused),
         "rs_vs_torch_fused_worst": max(rs_vs_fused) if rs_vs_fused else None,
     }
     for prefix, (ideal, seq, vs_fused) in best.items():
         summary.update({
-            f"{prefix}_geomean_over_ideal": geo(ideal),
+            f"{prefix}_geomean_over_ideal": geomean(ideal),
             f"{prefix}_worst_vs_sequential": max(seq) if seq else None,
             f"{prefix}_best_vs_sequential": min(seq) if seq else None,
-            f"rs_{prefix}_vs_torch_fused_geomean": geo(vs_fused),
+            f"rs_{prefix}_vs_torch_fused_geomean": geomean(vs_fused),
         })
     handoff = [row["ms"][best] / row["ms"][barrier_key(best)] for row in rows
                if (best := row.get("best_copy_engine")) and barrier_key(best) in row["ms"]]
     if handoff:  # P > 2: the best copy-engine schedule with phase-1 hand-offs / with barriers
-        summary["copy_engine_handoff_vs_barriers_geomean"] = geo(handoff)
+        summary["copy_engine_handoff_vs_barriers_geomean"] = geomean(handoff)
     summary["targets"] = TARGETS
     summary["ours_means"] = (
         "graphopt_auto = the variant the cost model picks, what the pass emits (sequential where it "

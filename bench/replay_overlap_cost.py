@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -76,13 +75,9 @@ def replay(results: dict) -> dict:
         "summary": {"recorded": {key: results.get("summary", {}).get(key) for key in SUMMARY_KEYS},
                     "replayed": summary([row["choice"] for row in rows]),
                     "oracle": summary([row["oracle"] for row in rows])},
-        "est_over_measured": {label: (_geomean(values), min(values), max(values))
+        "est_over_measured": {label: (bench.geomean(values), min(values), max(values))
                               for label, values in sorted(ratios.items())},
     }
-
-
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def to_text(report: dict) -> str:

@@ -72,7 +72,7 @@ import torch.fx as fx
 
 from graphopt import _compat
 from graphopt.analysis import liveness, offload_model, op_timing
-from graphopt.analysis.cost_model import is_view
+from graphopt.analysis.cost_model import is_view, tensor_nbytes
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
 from graphopt.ops import offload as offload_ops
@@ -412,6 +412,7 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, config) -> list[Sav
     Without the backward graph, the backward compute before a tensor's first use is estimated as
     twice the forward compute after its production (backward mirrors forward at ~2x the FLOPs)."""
     nodes = list(gm.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
     finish, forward_s = {}, 0.0
     for node in nodes:
         forward_s += fw_times.get(node.name, 0.0)
@@ -432,7 +433,7 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, config) -> list[Sav
         after = forward_s - finish[candidate.root.name]  # copied once its base is written
         saved.append(SavedTensor(
             name=name, nbytes=candidate.nbytes, shape=tuple(int(s) for s in val.shape),
-            dtype=val.dtype, fw_index=nodes.index(candidate.root),
+            dtype=val.dtype, fw_index=position[candidate.root],
             bw_index=first_use_index.get(name, -1),
             fw_time_after_s=after, bw_time_before_s=first_use_start.get(name, 2.0 * after),
             recompute_time_s=None))
@@ -516,14 +517,14 @@ def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Ca
     nodes, timeline = liveness.graph_timeline(gm, hold_inputs=True)
     index = {node: i for i, node in enumerate(nodes)}
     live = list(timeline.live_bytes)
-    inputs = sum(liveness.tensor_nbytes(p.meta.get("val")) for p in gm.graph.find_nodes(op="placeholder"))
+    inputs = sum(tensor_nbytes(p.meta.get("val")) for p in gm.graph.find_nodes(op="placeholder"))
     bound = max(max(live, default=0), (planned_peak or 0) + inputs)
     output = next(iter(gm.graph.find_nodes(op="output")))
     end = len(nodes)  # just before the output
     sunk = {}
     for wait, slot, candidate in sorted(waits, key=lambda w: index[w[0]], reverse=True):
         at = index[wait]
-        held = liveness.tensor_nbytes(candidate.root.meta.get("val")) - slot.kept_numel * slot.dtype.itemsize
+        held = tensor_nbytes(candidate.root.meta.get("val")) - slot.kept_numel * slot.dtype.itemsize
         target = at  # the wait goes before nodes[target]; the tensor is held through at .. target - 1
         while target < end and live[target] + held <= bound:
             target += 1
