@@ -218,7 +218,8 @@ def summarize(rows: list[dict]) -> dict:
     """The two figures the issue asks for, over every sequence length, and the targets.
 
     peak_over_budget_max: measured peak / budget, the largest over graphopt's rows -- infeasible
-    plans included (a budget below the lowest peak any plan reaches shows as a miss). Beside it,
+    plans included (a budget below the lowest peak any plan reaches shows as a miss);
+    peak_over_budget_max_feasible: the same over the plans that fit their budget. Beside them,
     peak_over_planned_max (measured / planned peak) separates the model's error from
     infeasibility. step_vs_torch_budget_max: our step time over torch's at our measured peak,
     torch's time interpolated over its budget rows of the same sequence length; where our peak is
@@ -226,6 +227,8 @@ def summarize(rows: list[dict]) -> dict:
     measured = [r for r in rows if r.get("peak_bytes", 0) > 0 and "error" not in r]
     ours = [r for r in measured if r["variant"] == "graphopt"]
     over = [r["peak_bytes"] / r["budget_bytes"] for r in ours if r.get("budget_bytes")]
+    over_fitting = [r["peak_bytes"] / r["budget_bytes"] for r in ours
+                    if r.get("budget_bytes") and r.get("plan_feasible")]
     over_plan = [r["peak_bytes"] / r["planned_peak_bytes"] for r in ours if r.get("planned_peak_bytes")]
     ratios, outside = [], []
     for r in ours:
@@ -251,6 +254,8 @@ def summarize(rows: list[dict]) -> dict:
     below = [r for r in ours if r.get("torch_comparison") == "bound" and "step_vs_full_ac" in r]
     return {
         "peak_over_budget_max": peak_max,
+        # over the plans that fit their budget (a budget below every plan's peak is refused)
+        "peak_over_budget_max_feasible": max(over_fitting) if over_fitting else None,
         "step_vs_torch_budget_max": step_max,
         # where torch's own points bracket our peak (no bound involved)
         "step_vs_torch_budget_max_interpolated": max(bracketed) if bracketed else None,
@@ -313,7 +318,8 @@ def markdown(result: dict) -> str:
              f"torch {result['torch']}, triton {result['triton']}, codegen {result['codegen']}; "
              f"{result['model']}", "",
              f"- peak_over_budget_max: {_fmt(s['peak_over_budget_max'])} (target <= {TARGET_PEAK_OVER_BUDGET}; "
-             f"measured / planned peak at most {_fmt(s['peak_over_planned_max'])})",
+             f"measured / planned peak at most {_fmt(s['peak_over_planned_max'])}; over the plans that "
+             f"fit their budget {_fmt(s.get('peak_over_budget_max_feasible'))})",
              f"- step_vs_torch_budget_max: {_fmt(s['step_vs_torch_budget_max'])} (target <= "
              f"{TARGET_STEP_VS_TORCH}, at equal measured peak)", "",
              "| seq | variant | fraction | peak GiB | budget GiB | planned GiB | plan fits | step ms | "

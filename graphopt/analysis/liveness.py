@@ -7,6 +7,7 @@ rematerialization planner and the offload model (issue 7) exchange lists of them
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import operator
 
 import torch
@@ -55,6 +56,7 @@ class Step:
     inputs: tuple[str, ...]
     outputs: tuple[int, ...] = ()
     workspace: int = 0
+    kind: str = ""  # fusion_kind of the op: "pointwise", "reduction" or "" (see inline_pointwise)
 
 
 @dataclasses.dataclass
@@ -83,14 +85,18 @@ class Timeline:
 
 
 def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[str, int] | None = None,
-             boundary: int | None = None) -> Timeline:
+             boundary: int | None = None, reuse: bool = False) -> Timeline:
     """Run a schedule over a memory counter.
 
     An op's output storage is allocated when the op runs and freed right after the last step that
     reads any tensor living in it; storages in ``pinned`` (forward outputs the user holds) stay to
     the end (``pinned`` names keys; their storages are kept). ``preloaded`` storages exist before the first step (bytes by key) and are freed at
     their last use like the others. The bytes after a step include the step's inputs and output, so
-    the peak is the high-water mark an allocator without fragmentation would see."""
+    the peak is the high-water mark an allocator without fragmentation would see. ``reuse``: Inductor's
+    buffer reuse holds dead buffers for later allocations up to its estimate of each graph's peak
+    (its wrapper's memory planning), which leaves kernels' workspaces out: a step's workspace is
+    then counted on top of that graph's peak (forward and backward split at ``boundary``), a bound
+    -- measured on an H100, cuDNN attention backward's workspace landed there."""
     storage_of: dict[str, str] = {}
     size: dict[str, int] = dict(preloaded or {})
     for key in size:
@@ -114,6 +120,7 @@ def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[
     for storage, index in last_use.items():
         if storage not in pinned_storages:
             frees.setdefault(index, []).append(storage)
+    boundary = len(steps) if boundary is None else boundary
     live = sum(size.get(key, 0) for key in (preloaded or {}))
     labels, live_bytes = [], []
     for index, step in enumerate(steps):
@@ -121,10 +128,209 @@ def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[
             live += size[step.key]
         live += sum(step.outputs)
         labels.append(step.key)
-        live_bytes.append(live + step.workspace)
+        live_bytes.append(live)
         for storage in frees.get(index, ()):
             live -= size.get(storage, 0)
-    return Timeline(labels, live_bytes, len(steps) if boundary is None else boundary)
+    # a kernel's own workspace is live while it runs; Inductor's buffer reuse keeps dead buffers
+    # for later allocations as long as that stays under its estimate of the graph's peak, which
+    # leaves workspaces out, so under reuse a workspace can land on top of that peak
+    floor = {True: max(live_bytes[:boundary], default=0), False: max(live_bytes[boundary:], default=0)}
+    for index, step in enumerate(steps):
+        if step.workspace:
+            held = max(live_bytes[index], floor[index < boundary]) if reuse else live_bytes[index]
+            live_bytes[index] = held + step.workspace
+    return Timeline(labels, live_bytes, boundary)
+
+
+# --- what a fusing compiler does not allocate -------------------------------------------------------
+
+# Ops Inductor computes inside its consumers' loops: pointwise ops (a dtype conversion included)
+# and gather (an indirect load). A reduction reads such producers in its own loop too, but its
+# output is a buffer of its own.
+_INLINED_TARGETS = {torch.ops.aten._to_copy.default, torch.ops.aten.gather.default}
+_REDUCTION_NAMES = {"prepare_softmax_online", "var_mean"}
+
+
+def fusion_kind(node: fx.Node) -> str:
+    """How Inductor treats ``node``'s op: "pointwise" (computed inside its readers' kernels unless
+    stored, see ``inline_pointwise``), "reduction" (a kernel that reads pointwise producers in its
+    own loop) or "" (a buffer of its own: matmuls, attention, scatters, views, copies into a
+    layout)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or is_view(node):
+        return ""
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return ""
+    if torch.Tag.pointwise in target.tags or target in _INLINED_TARGETS:
+        return "pointwise"
+    if torch.Tag.reduction in target.tags or target._overloadpacket.__name__ in _REDUCTION_NAMES:
+        return "reduction"
+    return ""
+
+
+# Inductor's limits for computing a pointwise value inside its readers (torch/_inductor/config.py,
+# GPU values): a value several ops read is stored when its inlined code reads more than
+# REUSE_READS buffers or has more than MAX_OPS ops; any value that reads more than MAX_READS.
+REUSE_READS = 4
+MAX_OPS = 30
+MAX_READS = 8
+
+
+def inline_pointwise(steps: list[Step], pinned: set[str] = frozenset(), boundary: int | None = None) -> list[Step]:
+    """The schedule as Inductor runs it: a pointwise value that only pointwise and reduction
+    steps of the same graph read (directly or through views), and that is not kept (``pinned``)
+    or saved for the backward (read across ``boundary``), is computed inside its readers' kernels:
+    it allocates nothing, and its readers read its inputs instead, which therefore live until the
+    last of those kernels. As Inductor does, a value with several readers is stored after all
+    when its inlined code reads more than REUSE_READS buffers or has more than MAX_OPS ops, and
+    any value that reads more than MAX_READS; a value a matmul, attention or any other kernel
+    reads is always stored. Sibling kernels are then fused (``_fuse_siblings``). Without this the
+    simulation counts every intermediate of a chain (as eager code runs the FX graph): at 7B
+    dimensions the fp32 intermediates of one SiLU backward alone are 0.7 GiB at 8K tokens."""
+    boundary = len(steps) if boundary is None else boundary
+    readers: dict[str, list[int]] = {}
+    for i, step in enumerate(steps):
+        for name in step.inputs:
+            readers.setdefault(name, []).append(i)
+    expanded: dict[str, tuple[str, ...]] = {}  # inlined value (or a view of one) -> buffers it reads
+    ops: dict[str, int] = {}
+    result = []
+    for i, step in enumerate(steps):
+        reads: list[str] = []
+        for name in step.inputs:
+            for source in expanded.get(name, (name,)):
+                if source not in reads:
+                    reads.append(source)
+        inputs = step.inputs + tuple(r for r in reads if r not in step.inputs)
+        if step.storage in expanded and step.nbytes == 0 and not step.outputs:  # a view of one
+            expanded[step.key] = expanded[step.storage]
+            result.append(dataclasses.replace(step, inputs=inputs))
+            continue
+        if (step.kind == "pointwise" and not step.outputs and step.storage == step.key and step.nbytes
+                and step.key not in pinned):
+            count = 1 + sum(ops.get(name, 0) for name in step.inputs)
+            users = _final_readers(steps, readers, step.key, pinned)
+            if (users and len(reads) <= MAX_READS
+                    and all(steps[j].kind in ("pointwise", "reduction") and (i < boundary) == (j < boundary)
+                            for j in users)
+                    and (len(users) == 1 or (len(reads) <= REUSE_READS and count <= MAX_OPS))):
+                expanded[step.key], ops[step.key] = tuple(reads), count
+                result.append(dataclasses.replace(step, nbytes=0, inputs=inputs))
+                continue
+        result.append(dataclasses.replace(step, inputs=inputs))
+    return _fuse_siblings(result, boundary)
+
+
+# Steps of the FX schedule within which sibling kernels are fused (Inductor fuses the nodes of
+# one region of the graph; this keeps a group from spanning layers).
+FUSION_WINDOW = 64
+
+
+def _fuse_siblings(steps: list[Step], boundary: int) -> list[Step]:
+    """Stored pointwise values of one size that read a common buffer (of at least a quarter of
+    their size), neither depending on the other, are one Inductor kernel (it fuses nodes that
+    share reads): the kernel runs where the last of them could, all their outputs are allocated
+    together, and the readers of the earlier ones wait for it. The schedule is reordered so (a
+    stable topological order that keeps every other step where it was as far as the dependencies
+    allow). A SiLU backward so writes its three [tokens, ffn] values at once, after the matmul
+    that feeds two of them, and the weight gradient that reads the third runs after that kernel."""
+    index_of = {step.key: i for i, step in enumerate(steps)}
+    storage_step = {step.storage: index_of[step.storage] for step in steps if step.storage in index_of}
+    deps: list[set[int]] = []
+    for i, step in enumerate(steps):
+        found = set()
+        for name in step.inputs:
+            j = index_of.get(name, storage_step.get(name))
+            if j is not None and j != i:
+                found.add(j)
+        if step.storage != step.key and step.storage in storage_step and storage_step[step.storage] != i:
+            found.add(storage_step[step.storage])
+        deps.append(found)
+    ancestors: list[int] = []  # bit sets
+    for i in range(len(steps)):
+        bits = 0
+        for j in deps[i]:
+            bits |= ancestors[j] | (1 << j)
+        ancestors.append(bits)
+    root = {}
+    for step in steps:
+        root[step.key] = root.get(step.storage, step.storage)
+    nbytes_of = {step.key: step.nbytes for step in steps}
+    nbytes_of = {key: nbytes_of.get(root[key], 0) for key in root}  # bytes of the buffer a value lives in
+    leader: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    by_read: dict[tuple, list[int]] = {}
+    for i, step in enumerate(steps):
+        if step.kind != "pointwise" or not step.nbytes or step.storage != step.key:
+            continue
+        phase = i < boundary
+        shared = [name for name in step.inputs if nbytes_of.get(name, 0) * 4 >= step.nbytes]
+        for name in shared:
+            for j in by_read.get((phase, step.nbytes, name), ()):
+                first = leader[j]
+                group = members[first]
+                if (i in group or i - first > FUSION_WINDOW
+                        or any(ancestors[i] >> k & 1 for k in group)):
+                    continue
+                leader[i] = first
+                group.append(i)
+                break
+            if i in leader:
+                break
+        if i not in leader:
+            leader[i], members[i] = i, [i]
+        for name in shared:
+            by_read.setdefault((phase, step.nbytes, name), []).append(i)
+    groups = [g for g in members.values() if len(g) > 1]
+    if not groups:
+        return steps
+    # a group is one node placed at its last member; a stable topological order over the rest
+    node_of = {m: g[0] for g in groups for m in g}
+    key_of = {g[0]: max(g) for g in groups}
+    nodes = sorted({node_of.get(i, i) for i in range(len(steps))})
+    node_deps = {n: set() for n in nodes}
+    for i in range(len(steps)):
+        n = node_of.get(i, i)
+        for j in deps[i]:
+            m = node_of.get(j, j)
+            if m != n:
+                node_deps[n].add(m)
+    readers: dict[int, list[int]] = {n: [] for n in nodes}
+    for n, found in node_deps.items():
+        for m in found:
+            readers[m].append(n)
+    waiting = {n: len(found) for n, found in node_deps.items()}
+    ready = [(key_of.get(n, n), n) for n in nodes if not waiting[n]]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        order.extend(sorted(members[n]) if n in key_of else [n])
+        for r in readers[n]:
+            waiting[r] -= 1
+            if not waiting[r]:
+                heapq.heappush(ready, (key_of.get(r, r), r))
+    if len(order) != len(steps):  # a cycle through a group: keep the schedule as it was
+        return steps
+    return [steps[i] for i in order]
+
+
+def _final_readers(steps: list[Step], readers: dict[str, list[int]], key: str, pinned) -> list[int] | None:
+    """The steps that read ``key``'s value other than its views, through views; None when a view
+    of it is kept."""
+    found, stack, seen = [], [key], set()
+    while stack:
+        for j in readers.get(stack.pop(), ()):
+            reader = steps[j]
+            if reader.storage == key and reader.nbytes == 0 and not reader.outputs:
+                if reader.key in pinned:
+                    return None
+                if reader.key not in seen:
+                    seen.add(reader.key)
+                    stack.append(reader.key)
+            elif j not in found:
+                found.append(j)
+    return found
 
 
 def output_nodes(gm: fx.GraphModule) -> list:
@@ -158,7 +364,8 @@ def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> lis
         elif is_view(node) and inputs:
             steps.append(Step(key, 0, inputs[0], inputs))
         else:
-            steps.append(Step(key, tensor_nbytes(value), key, inputs, workspace=workspace_bytes(node)))
+            steps.append(Step(key, tensor_nbytes(value), key, inputs, workspace=workspace_bytes(node),
+                              kind=fusion_kind(node)))
     return steps
 
 
@@ -204,14 +411,15 @@ def graph_timeline(gm: fx.GraphModule, hold_inputs: bool = False) -> tuple[list[
 
 
 def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int,
-                         hold_backward_inputs: bool = False) -> Timeline:
+                         hold_backward_inputs: bool = False, fuse_pointwise: bool = False) -> Timeline:
     """Bytes live over forward then backward of a partitioned graph pair.
 
     Graph inputs (parameters, user inputs) are not counted. Saved tensors live from their
     production in forward to their last use in backward (to the end of backward with
     ``hold_backward_inputs``, where the runtime holds the backward's argument list); the forward's
     own outputs (held by the caller) and the gradients (returned) live to the end. Tangents appear
-    when backward starts."""
+    when backward starts. ``fuse_pointwise``: as Inductor runs them (``inline_pointwise``, and its
+    buffer reuse)."""
     fw_keys: dict[str, str] = {}
     steps = _graph_steps(fw_gm, "f:", fw_keys)
     fw_outputs = output_nodes(fw_gm)
@@ -229,4 +437,6 @@ def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_o
     pinned |= {bw_keys[n.name] for n in output_nodes(bw_gm) if isinstance(n, fx.Node) and n.name in bw_keys}
     if hold_backward_inputs:
         pinned |= {bw_keys[n.name] for n in bw_gm.graph.find_nodes(op="placeholder") if n.name in bw_keys}
-    return simulate(steps, pinned, boundary=boundary)
+    if fuse_pointwise:
+        steps = inline_pointwise(steps, pinned, boundary)
+    return simulate(steps, pinned, boundary=boundary, reuse=fuse_pointwise)

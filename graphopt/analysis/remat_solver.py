@@ -28,7 +28,7 @@ from typing import Iterable
 
 import networkx as nx
 
-from graphopt.analysis.liveness import Step, Timeline, simulate
+from graphopt.analysis.liveness import Step, Timeline, inline_pointwise, simulate
 
 log = logging.getLogger("graphopt.analysis.remat_solver")
 
@@ -68,6 +68,10 @@ class JointGraph:
     tuple_outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # bytes per output
     getitem_of: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # -> (tuple, index)
     workspace: dict[str, int] = dataclasses.field(default_factory=dict)  # kernel scratch bytes while it runs
+    # Inductor runs the graphs: a pointwise op read by one pointwise or reduction op allocates
+    # nothing (liveness.inline_pointwise); ``kind`` holds liveness.fusion_kind per node.
+    fuse_pointwise: bool = False
+    kind: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.position = {name: i for i, name in enumerate(self.order)}
@@ -360,7 +364,7 @@ def _step(graph: JointGraph, name: str, prefix: str, key) -> Step:
     if base is not None:
         return Step(prefix + name, 0, f"in:{base}", inputs)
     return Step(prefix + name, graph.nbytes[name], prefix + name, inputs,
-                workspace=graph.workspace.get(name, 0))
+                workspace=graph.workspace.get(name, 0), kind=graph.kind.get(name, ""))
 
 
 def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Option] | None = None,
@@ -378,7 +382,9 @@ def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Optio
                      if all(m in saved_set for m in groups.get(n, (n,)))}
     alphas = {m: o.alpha for n, o in live_offloads.items() for m in groups.get(n, (n,))}
     steps, pinned, boundary = plan_steps(graph, saved, recomputed, alphas)
-    timeline = simulate(steps, pinned, boundary=boundary)
+    if graph.fuse_pointwise:
+        steps = inline_pointwise(steps, pinned, boundary)
+    timeline = simulate(steps, pinned, boundary=boundary, reuse=graph.fuse_pointwise)
     return Plan(saved=saved, recomputed=recomputed, offloaded=alphas, timeline=timeline,
                 recompute_time_s=sum(graph.time_s[n] for n in recomputed),
                 exposed_offload_s=sum(o.cost_s for o in live_offloads.values()),

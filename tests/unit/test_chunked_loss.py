@@ -115,3 +115,37 @@ def test_bad_chunks_and_shapes_say_how_to_fix():
         chunked_output_loss(hidden, weight, torch.zeros(4, dtype=torch.long), chunks=0)
     with pytest.raises(ValueError, match="leading sizes"):
         chunked_output_loss(hidden, weight, torch.zeros(5, dtype=torch.long), chunks=2)
+
+
+def test_no_chunk_waits_for_the_count_of_all_targets():
+    """Each piece's gradient matmuls must not read the count of counted targets (a reduction over
+    all of them): Inductor fused that count with the final loss sum, so every piece's gradient
+    waited for the last piece and all pieces' [chunk, vocab] buffers were live at once."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    hidden = torch.randn(32, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (32,))
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda: chunked_output_loss(hidden, weight, targets, chunks=4),
+                  backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)().backward()
+    forward = graphs[0].graph
+    counts = [n for n in forward.nodes if n.op == "call_function" and n.target == torch.ops.aten.sum.default
+              and n.args[0].meta["val"].numel() == targets.numel()]
+    assert counts, "the check can fail: the count over all targets is in the forward graph"
+    downstream, stack = set(), list(counts)
+    while stack:
+        node = stack.pop()
+        if node not in downstream:
+            downstream.add(node)
+            stack.extend(node.users)
+    matmuls = [n for n in forward.nodes if n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
+    assert len(matmuls) >= 12  # 4 pieces: logits, gradient of the piece, gradient of the weight
+    assert not [n.name for n in matmuls if n in downstream]

@@ -92,3 +92,82 @@ def test_outputs_of_split_live_in_their_base():
     assert len(items) == 2 and all(s.storage == mul.key and s.nbytes == 0 for s in items)
     timeline = simulate(steps)
     assert timeline.peak == mul.nbytes + 2 * 8 * 4  # the base (read through the views) and one sum
+
+
+# --- Inductor's view of the schedule: pointwise chains computed inside their readers -------------
+
+def _pw(key, nbytes, *inputs):
+    return Step(key, nbytes, key, inputs, kind="pointwise")
+
+
+def test_a_pointwise_chain_read_by_one_kernel_allocates_nothing():
+    from graphopt.analysis.liveness import inline_pointwise
+
+    steps = [Step("a", 100, "a", ()), _pw("b", 100, "a"), _pw("c", 100, "b"), Step("d", 10, "d", ("c",))]
+    assert simulate(steps).live_bytes == [100, 200, 200, 110]
+    fused = inline_pointwise(steps)
+    # b lives inside c's kernel, which reads a; c is stored (a matmul reads it)
+    assert [s.nbytes for s in fused] == [100, 0, 100, 10]
+    assert "a" in fused[2].inputs
+    assert simulate(fused).live_bytes == [100, 100, 200, 110]
+
+
+def test_several_readers_inline_a_cheap_value_and_store_one_that_reads_many_buffers():
+    from graphopt.analysis.liveness import REUSE_READS, inline_pointwise
+
+    cheap = [Step("a", 100, "a", ()), _pw("b", 100, "a"), _pw("c", 100, "b"), _pw("d", 100, "b"),
+             Step("e", 1, "e", ("c", "d"))]
+    assert [s.nbytes for s in inline_pointwise(cheap)][:2] == [100, 0]
+    sources = [Step(f"s{i}", 10, f"s{i}", ()) for i in range(REUSE_READS + 1)]
+    wide = [*sources, _pw("b", 100, *[s.key for s in sources]), _pw("c", 100, "b"), _pw("d", 100, "b"),
+            Step("e", 1, "e", ("c", "d"))]
+    assert inline_pointwise(wide)[len(sources)].nbytes == 100  # Inductor stores it for its readers
+
+
+def test_kept_values_values_read_by_other_kernels_and_saved_values_are_stored():
+    from graphopt.analysis.liveness import inline_pointwise
+
+    steps = [Step("a", 100, "a", ()), _pw("b", 100, "a"), _pw("c", 100, "b")]
+    assert inline_pointwise(steps, pinned={"b"})[1].nbytes == 100
+    to_matmul = [Step("a", 100, "a", ()), _pw("b", 100, "a"), Step("m", 10, "m", ("b",))]
+    assert inline_pointwise(to_matmul)[1].nbytes == 100
+    # b is made in forward (before the boundary) and read in backward: a saved tensor
+    saved = [Step("a", 100, "a", ()), _pw("b", 100, "a"), _pw("c", 100, "b")]
+    assert inline_pointwise(saved, boundary=2)[1].nbytes == 100
+    # through a view: the reader of the view reads b's inputs
+    viewed = [Step("a", 100, "a", ()), _pw("b", 100, "a"), Step("v", 0, "b", ("b",)), _pw("c", 100, "v")]
+    fused = inline_pointwise(viewed)
+    assert fused[1].nbytes == 0 and "a" in fused[3].inputs
+
+
+def test_sibling_kernels_that_share_a_read_run_together_where_the_last_can():
+    """p1 and p2 read x and are one kernel; p2 also needs y, so the kernel runs after y and the
+    matmul reading p1 waits for it: both outputs are live at once (a SiLU backward's shape)."""
+    from graphopt.analysis.liveness import inline_pointwise
+
+    steps = [Step("x", 100, "x", ()), _pw("p1", 100, "x"), Step("m1", 10, "m1", ("p1",)),
+             Step("y", 100, "y", ()), _pw("p2", 100, "x", "y"), Step("m2", 10, "m2", ("p2",))]
+    assert simulate(steps).peak == 300
+    fused = inline_pointwise(steps)
+    assert [s.key for s in fused] == ["x", "y", "p1", "p2", "m1", "m2"]
+    assert simulate(fused).peak == 400
+    # a sibling that depends on the other is a later kernel: nothing moves
+    chained = [Step("x", 100, "x", ()), _pw("p1", 100, "x"), Step("m1", 100, "m1", ("p1",)),
+               _pw("p2", 100, "x", "m1")]
+    assert [s.key for s in inline_pointwise(chained)] == ["x", "p1", "m1", "p2"]
+
+
+def test_fusion_kind_of_aten_ops():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt.analysis.liveness import fusion_kind
+
+    def f(x, w):
+        y = (x @ w).sigmoid()
+        return y.sum(-1), y.view(-1), y.to(torch.float16)
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(4, 8), torch.randn(8, 8))
+    kinds = {str(n.target): fusion_kind(n) for n in gm.graph.nodes if n.op == "call_function"}
+    assert kinds == {"aten.mm.default": "", "aten.sigmoid.default": "pointwise",
+                     "aten.sum.dim_IntList": "reduction", "aten.view.default": "",
+                     "aten._to_copy.default": "pointwise"}
