@@ -7,7 +7,6 @@ rematerialization planner and the offload model (issue 7) exchange lists of them
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import operator
 
 import torch
@@ -201,10 +200,13 @@ def inline_pointwise(steps: list[Step], pinned: set[str] = frozenset(), boundary
             for source in expanded.get(name, (name,)):
                 if source not in reads:
                     reads.append(source)
-        inputs = step.inputs + tuple(r for r in reads if r not in step.inputs)
+        extra = tuple(r for r in reads if r not in step.inputs)
+        if extra:  # (the constructor: dataclasses.replace costs twice as much here)
+            step = Step(step.key, step.nbytes, step.storage, step.inputs + extra, step.outputs,
+                        step.workspace, step.kind)
         if step.storage in expanded and step.nbytes == 0 and not step.outputs:  # a view of one
             expanded[step.key] = expanded[step.storage]
-            result.append(dataclasses.replace(step, inputs=inputs))
+            result.append(step)
             continue
         if (step.kind == "pointwise" and not step.outputs and step.storage == step.key and step.nbytes
                 and step.key not in pinned):
@@ -215,9 +217,10 @@ def inline_pointwise(steps: list[Step], pinned: set[str] = frozenset(), boundary
                             for j in users)
                     and (len(users) == 1 or (len(reads) <= REUSE_READS and count <= MAX_OPS))):
                 expanded[step.key], ops[step.key] = tuple(reads), count
-                result.append(dataclasses.replace(step, nbytes=0, inputs=inputs))
+                result.append(Step(step.key, 0, step.storage, step.inputs, step.outputs, step.workspace,
+                                   step.kind))
                 continue
-        result.append(dataclasses.replace(step, inputs=inputs))
+        result.append(step)
     return _fuse_siblings(result, boundary)
 
 
@@ -230,10 +233,10 @@ def _fuse_siblings(steps: list[Step], boundary: int) -> list[Step]:
     """Stored pointwise values of one size that read a common buffer (of at least a quarter of
     their size), neither depending on the other, are one Inductor kernel (it fuses nodes that
     share reads): the kernel runs where the last of them could, all their outputs are allocated
-    together, and the readers of the earlier ones wait for it. The schedule is reordered so (a
-    stable topological order that keeps every other step where it was as far as the dependencies
-    allow). A SiLU backward so writes its three [tokens, ffn] values at once, after the matmul
-    that feeds two of them, and the weight gradient that reads the third runs after that kernel."""
+    together, and the steps that read the earlier ones (directly or not) wait for it; every
+    other step keeps its place. A SiLU backward so writes its three [tokens, ffn] values at
+    once, after the matmul that feeds two of them, and the weight gradient that reads the third
+    runs after that kernel."""
     index_of = {step.key: i for i, step in enumerate(steps)}
     storage_step = {step.storage: index_of[step.storage] for step in steps if step.storage in index_of}
     deps: list[set[int]] = []
@@ -246,17 +249,22 @@ def _fuse_siblings(steps: list[Step], boundary: int) -> list[Step]:
         if step.storage != step.key and step.storage in storage_step and storage_step[step.storage] != i:
             found.add(storage_step[step.storage])
         deps.append(found)
-    ancestors: list[int] = []  # bit sets
-    for i in range(len(steps)):
-        bits = 0
-        for j in deps[i]:
-            bits |= ancestors[j] | (1 << j)
-        ancestors.append(bits)
-    root = {}
+
+    def depends(i: int, first: int, group: list[int]) -> bool:
+        """Whether step i reads, through any chain of steps after ``first``, a member of group."""
+        targets, seen, stack = set(group), set(), [i]
+        while stack:
+            for j in deps[stack.pop()]:
+                if j in targets:
+                    return True
+                if j > first and j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+        return False
+
+    buffer_bytes: dict[str, int] = {}  # bytes of the buffer a value lives in (through views)
     for step in steps:
-        root[step.key] = root.get(step.storage, step.storage)
-    nbytes_of = {step.key: step.nbytes for step in steps}
-    nbytes_of = {key: nbytes_of.get(root[key], 0) for key in root}  # bytes of the buffer a value lives in
+        buffer_bytes[step.key] = buffer_bytes.get(step.storage, step.nbytes)
     leader: dict[int, int] = {}
     members: dict[int, list[int]] = {}
     by_read: dict[tuple, list[int]] = {}
@@ -264,13 +272,12 @@ def _fuse_siblings(steps: list[Step], boundary: int) -> list[Step]:
         if step.kind != "pointwise" or not step.nbytes or step.storage != step.key:
             continue
         phase = i < boundary
-        shared = [name for name in step.inputs if nbytes_of.get(name, 0) * 4 >= step.nbytes]
+        shared = [name for name in step.inputs if buffer_bytes.get(name, 0) * 4 >= step.nbytes]
         for name in shared:
             for j in by_read.get((phase, step.nbytes, name), ()):
                 first = leader[j]
                 group = members[first]
-                if (i in group or i - first > FUSION_WINDOW
-                        or any(ancestors[i] >> k & 1 for k in group)):
+                if i in group or i - first > FUSION_WINDOW or depends(i, first, group):
                     continue
                 leader[i] = first
                 group.append(i)
@@ -284,34 +291,39 @@ def _fuse_siblings(steps: list[Step], boundary: int) -> list[Step]:
     groups = [g for g in members.values() if len(g) > 1]
     if not groups:
         return steps
-    # a group is one node placed at its last member; a stable topological order over the rest
-    node_of = {m: g[0] for g in groups for m in g}
-    key_of = {g[0]: max(g) for g in groups}
-    nodes = sorted({node_of.get(i, i) for i in range(len(steps))})
-    node_deps = {n: set() for n in nodes}
-    for i in range(len(steps)):
-        n = node_of.get(i, i)
-        for j in deps[i]:
-            m = node_of.get(j, j)
-            if m != n:
-                node_deps[n].add(m)
-    readers: dict[int, list[int]] = {n: [] for n in nodes}
-    for n, found in node_deps.items():
-        for m in found:
-            readers[m].append(n)
-    waiting = {n: len(found) for n, found in node_deps.items()}
-    ready = [(key_of.get(n, n), n) for n in nodes if not waiting[n]]
-    heapq.heapify(ready)
+    # each group runs at its last member; what reads an earlier member (directly or not) waits for
+    # it, everything else keeps its place
+    group_of = {m: g for g in groups for m in g}
+    blocked: set[int] = set()
+    waiting: list[int] = []
     order: list[int] = []
-    while ready:
-        _, n = heapq.heappop(ready)
-        order.extend(sorted(members[n]) if n in key_of else [n])
-        for r in readers[n]:
-            waiting[r] -= 1
-            if not waiting[r]:
-                heapq.heappush(ready, (key_of.get(r, r), r))
-    if len(order) != len(steps):  # a cycle through a group: keep the schedule as it was
-        return steps
+
+    def run(i: int) -> None:
+        members_ = group_of.get(i)
+        if members_ is None:
+            order.append(i)
+            return
+        order.extend(members_)
+        blocked.difference_update(members_)
+
+    for i in range(len(steps)):
+        members_ = group_of.get(i)
+        if (members_ is not None and i != members_[-1]) or not blocked.isdisjoint(deps[i]):
+            blocked.add(i)
+            waiting.append(i)
+            continue
+        run(i)
+        while True:  # release what waited on this kernel, in order
+            released = [w for w in waiting if w in blocked and blocked.isdisjoint(deps[w])
+                        and (group_of.get(w) is None or w == group_of[w][-1])]
+            if not released:
+                break
+            w = released[0]
+            blocked.discard(w)
+            waiting.remove(w)
+            run(w)
+    if len(order) != len(steps) or waiting and any(w in blocked for w in waiting):
+        return steps  # a group that cannot run as one kernel: keep the schedule as it was
     return [steps[i] for i in order]
 
 

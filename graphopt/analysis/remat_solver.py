@@ -68,8 +68,8 @@ class JointGraph:
     tuple_outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # bytes per output
     getitem_of: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # -> (tuple, index)
     workspace: dict[str, int] = dataclasses.field(default_factory=dict)  # kernel scratch bytes while it runs
-    # Inductor runs the graphs: a pointwise op read by one pointwise or reduction op allocates
-    # nothing (liveness.inline_pointwise); ``kind`` holds liveness.fusion_kind per node.
+    # Inductor runs the graphs: they are simulated as its kernels (liveness.inline_pointwise, and
+    # simulate's reuse bound for workspaces); ``kind`` holds liveness.fusion_kind per node.
     fuse_pointwise: bool = False
     kind: dict[str, str] = dataclasses.field(default_factory=dict)
 
