@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.analysis.cost_model import is_view, tensor_nbytes, workspace_bytes
+from graphopt.analysis.cost_model import is_view, op_name, tensor_nbytes, workspace_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +133,11 @@ def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[
     # a kernel's own workspace is live while it runs; Inductor's buffer reuse keeps dead buffers
     # for later allocations as long as that stays under its estimate of the graph's peak, which
     # leaves workspaces out, so under reuse a workspace can land on top of that peak
-    floor = {True: max(live_bytes[:boundary], default=0), False: max(live_bytes[boundary:], default=0)}
+    floor = ({True: max(live_bytes[:boundary], default=0), False: max(live_bytes[boundary:], default=0)}
+             if reuse else {True: 0, False: 0})
     for index, step in enumerate(steps):
         if step.workspace:
-            held = max(live_bytes[index], floor[index < boundary]) if reuse else live_bytes[index]
-            live_bytes[index] = held + step.workspace
+            live_bytes[index] = max(live_bytes[index], floor[index < boundary]) + step.workspace
     return Timeline(labels, live_bytes, boundary)
 
 
@@ -162,7 +162,7 @@ def fusion_kind(node: fx.Node) -> str:
         return ""
     if torch.Tag.pointwise in target.tags or target in _INLINED_TARGETS:
         return "pointwise"
-    if torch.Tag.reduction in target.tags or target._overloadpacket.__name__ in _REDUCTION_NAMES:
+    if torch.Tag.reduction in target.tags or op_name(node) in _REDUCTION_NAMES:
         return "reduction"
     return ""
 
@@ -238,17 +238,8 @@ def _fuse_siblings(steps: list[Step], boundary: int) -> list[Step]:
     once, after the matmul that feeds two of them, and the weight gradient that reads the third
     runs after that kernel."""
     index_of = {step.key: i for i, step in enumerate(steps)}
-    storage_step = {step.storage: index_of[step.storage] for step in steps if step.storage in index_of}
-    deps: list[set[int]] = []
-    for i, step in enumerate(steps):
-        found = set()
-        for name in step.inputs:
-            j = index_of.get(name, storage_step.get(name))
-            if j is not None and j != i:
-                found.add(j)
-        if step.storage != step.key and step.storage in storage_step and storage_step[step.storage] != i:
-            found.add(storage_step[step.storage])
-        deps.append(found)
+    deps = [{index_of[name] for name in (*step.inputs, step.storage) if index_of.get(name, i) != i}
+            for i, step in enumerate(steps)]  # the steps each one reads (a view: its base too)
 
     def depends(i: int, first: int, group: list[int]) -> bool:
         """Whether step i reads, through any chain of steps after ``first``, a member of group."""
@@ -314,11 +305,10 @@ def _fuse_siblings(steps: list[Step], boundary: int) -> list[Step]:
             continue
         run(i)
         while True:  # release what waited on this kernel, in order
-            released = [w for w in waiting if w in blocked and blocked.isdisjoint(deps[w])
-                        and (group_of.get(w) is None or w == group_of[w][-1])]
-            if not released:
+            w = next((w for w in waiting if w in blocked and blocked.isdisjoint(deps[w])
+                      and (group_of.get(w) is None or w == group_of[w][-1])), None)
+            if w is None:
                 break
-            w = released[0]
             blocked.discard(w)
             waiting.remove(w)
             run(w)
