@@ -128,8 +128,9 @@ def full_ac_loss(model: Llama, tokens, targets, chunks: int):
 
 
 def measure(variant: str, fraction, fn, budget_ctx, model, inputs, memory: Memory, repeats: int,
-            trace: bool) -> dict:
-    """Compile (first call), the peak of one step, optionally the per-op trace, the median step."""
+            trace: bool, min_time_s: float = 0.0) -> dict:
+    """Compile (first call), the peak of one step, optionally the per-op trace, the median step
+    over ``repeats`` steps, more while they add up to less than ``min_time_s`` (at most 5x)."""
     torch._dynamo.reset()
     clear_compile_summaries()
     gc.collect()
@@ -158,7 +159,7 @@ def measure(variant: str, fraction, fn, budget_ctx, model, inputs, memory: Memor
     if trace:
         row["trace"] = op_trace(fn, model, inputs, memory, base)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_time_s and len(times) < 5 * repeats):
         memory.sync()
         t0 = time.perf_counter()
         step()
@@ -316,7 +317,7 @@ def markdown(result: dict) -> str:
     s = result["summary"]
     lines = [f"# Rematerialization under a budget ({result['device']})", "",
              f"torch {result['torch']}, triton {result['triton']}, codegen {result['codegen']}; "
-             f"{result['model']}", "",
+             f"{result['model']}; {result['timing']}", "",
              f"- peak_over_budget_max: {_fmt(s['peak_over_budget_max'])} (target <= {TARGET_PEAK_OVER_BUDGET}; "
              f"measured / planned peak at most {_fmt(s['peak_over_planned_max'])}; over the plans that "
              f"fit their budget {_fmt(s.get('peak_over_budget_max_feasible'))})",
@@ -377,6 +378,8 @@ def main(argv=None) -> int:
                              "the low peaks our plans run at (0.0: torch saves only the graph inputs)")
     parser.add_argument("--codegen", default="eager", choices=("eager", "inductor"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-time-s", type=float, default=0.0,
+                        help="time more steps (up to 5x --repeats) until they add up to this many seconds")
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024,
                         help="tokens per chunk of the output projection + cross entropy")
     parser.add_argument("--time-limit", type=float, default=450.0,
@@ -410,6 +413,9 @@ def main(argv=None) -> int:
         "name": "remat",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "triton": triton_version, "codegen": args.codegen,
+        "timing": (f"step ms: median of {args.repeats} steps" if not args.min_time_s else
+                   f"step ms: median of at least {args.repeats} steps, more (up to {5 * args.repeats}) "
+                   f"until they add up to {args.min_time_s:g} s"),
         "model": f"Llama dim {cfg.dim}, heads {cfg.n_heads}, ffn {cfg.ffn_dim}, layers {cfg.n_layers}, "
                  f"vocab {cfg.vocab_size}, seq {'/'.join(map(str, seqs))}, batch 1, "
                  f"{str(dtype).replace('torch.', '')}",
@@ -471,7 +477,8 @@ def run_variant(variant: str, fraction, seq: int, model: Llama, cfg: LlamaConfig
         fn = torch.compile(full_ac_loss, backend=torch_backend(args.codegen))
     try:
         return measure(variant, fraction, fn, budget_ctx, model, inputs, memory,
-                       1 if args.smoke else args.repeats, trace=variant == "graphopt" and not args.no_trace)
+                       1 if args.smoke else args.repeats, trace=variant == "graphopt" and not args.no_trace,
+                       min_time_s=0.0 if args.smoke else args.min_time_s)
     except torch.OutOfMemoryError as error:
         model.zero_grad(set_to_none=True)
         return {"variant": variant, "fraction": fraction, "error": "out of memory",

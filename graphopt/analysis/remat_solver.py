@@ -68,8 +68,8 @@ class JointGraph:
     tuple_outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # bytes per output
     getitem_of: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # -> (tuple, index)
     workspace: dict[str, int] = dataclasses.field(default_factory=dict)  # kernel scratch bytes while it runs
-    # Inductor runs the graphs: they are simulated as its kernels (liveness.inline_pointwise, and
-    # simulate's reuse bound for workspaces); ``kind`` holds liveness.fusion_kind per node.
+    # Inductor runs the graphs: they are simulated as its kernels (liveness.inline_pointwise);
+    # ``kind`` holds liveness.fusion_kind per node.
     fuse_pointwise: bool = False
     kind: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -384,7 +384,7 @@ def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Optio
     steps, pinned, boundary = plan_steps(graph, saved, recomputed, alphas)
     if graph.fuse_pointwise:
         steps = inline_pointwise(steps, pinned, boundary)
-    timeline = simulate(steps, pinned, boundary=boundary, reuse=graph.fuse_pointwise)
+    timeline = simulate(steps, pinned, boundary=boundary)
     return Plan(saved=saved, recomputed=recomputed, offloaded=alphas, timeline=timeline,
                 recompute_time_s=sum(graph.time_s[n] for n in recomputed),
                 exposed_offload_s=sum(o.cost_s for o in live_offloads.values()),

@@ -113,7 +113,8 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
         stage = ("backward" if kwargs.get("is_backward")
                  else "inference" if kwargs.get("is_inference") else "forward")
         graph = state.run_graph_stage(stage, graph, inputs)
-        return _compat.compile_fx_inner(graph, inputs, **kwargs)
+        with _compat.inductor_config_patch(**_planned_graph_patches(state, stage)):
+            return _compat.compile_fx_inner(graph, inputs, **kwargs)
 
     patches = {}
     if _compat.HAS_CUSTOM_PARTITIONER:
@@ -126,6 +127,24 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
         # A cache hit skips the stages after pre_grad; a dump is asked for to see them all.
         patches["force_disable_caches"] = True
     return _compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+
+
+def _planned_graph_patches(state: _CompileState, stage: str) -> dict[str, Any]:
+    """Inductor settings for a forward / backward whose peak graphopt's partitioner planned.
+
+    The planner's model frees each buffer after its last reader, as the caching allocator does.
+    Inductor's buffer reuse instead holds a dead buffer for a later allocation of the same size
+    whenever that stays under Inductor's own estimate of the graph's peak, which is not the
+    planner's (it leaves kernels' workspaces out, and a plan that recomputes much has buffers
+    of one size dying and being born all over its backward). Measured on the 4-layer 7B-dimension
+    Llama, 1 x H100: at 32K tokens and half the saved set, the peak rose 1.02 GiB over the same
+    graphs without reuse (9.64 against 8.62 GiB), at 8K with no recomputation 0.12 GiB; the step
+    times stayed within 1 % (the allocator hands out cached blocks in microseconds). So these graphs
+    are compiled without it; Inductor still writes a kernel's output into an input that dies
+    there (``inplace_buffers``)."""
+    if stage in ("forward", "backward") and "remat_plan" in state.shared:
+        return {"allow_buffer_reuse": False}
+    return {}
 
 
 def _compile_eager(gm: fx.GraphModule, example_inputs, state: _CompileState):

@@ -26,10 +26,12 @@ simulation keeps the backward's inputs until it returns (the boxed FX call holds
 list) and stores every intermediate, as the FX code does. With Inductor each input is freed at its
 last use and the simulation runs the graphs as Inductor's kernels (``liveness.inline_pointwise``):
 pointwise chains computed inside their readers, sibling kernels that share reads written together,
-and a kernel's workspace counted over the graph's peak (Inductor's buffer reuse fills memory up to
-its own estimate). On a 4-layer 7B-dimension Llama (bench/remat.py, H100) the measured peak is
-0.97-1.00 of the planned one where the plan recomputes little; plans that recompute much measured
-up to 1.06, as Inductor orders that recomputation differently.
+scatters written into the buffer of an input that dies there, and a kernel's workspace live while
+it runs. The graphs it plans compile without Inductor's buffer reuse, which would hold dead buffers
+up to Inductor's own estimate of the peak (``graphopt_backend._planned_graph_patches``). On a
+4-layer 7B-dimension Llama (H100, bench/results/remat.md) every plan that fits its budget measured
+its planned peak (within 0.1 %); a plan that recomputes much can still measure above it where
+Inductor fuses reductions far apart in the backward and reorders it (1.10 at 16K tokens).
 
 Safe because recomputation replays the same deterministic ops on the same inputs. Never
 recomputed: collectives (``_c10d_functional``) and every ``graphopt::`` op (they may communicate),

@@ -63,14 +63,13 @@ def test_chunked_loss_matches_cross_entropy_in_bf16_under_the_planner():
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_inductor_step_stays_under_the_fused_simulation(fraction):
+def test_inductor_step_peaks_where_the_simulation_says(fraction):
     """codegen="inductor": the planner simulates Inductor's kernels (pointwise chains inside their
-    readers, sibling kernels together, a workspace on top of the graph's peak), so the measured
-    activation peak of a bf16 Llama step with the chunked loss stays under the planned one (5 %
-    allowed). With one layer the plan is an upper bound: Inductor's reuse does not fill memory up
-    to its peak around the attention backward, so cuDNN's workspace lands lower (measured at
-    0.79 of the plan). At 4 layers (bench/remat.py) the two agree within 1 % where the plan
-    recomputes little."""
+    readers, sibling kernels together, the embedding gradient scattered into its zeros buffer, a
+    workspace while its kernel runs) and compiles the graphs without Inductor's buffer reuse, so
+    the measured activation peak of a bf16 Llama step with the chunked loss is the planned one
+    (3 % allowed; measured equal to 0.1 % on an H100 at 1 layer, and at 4 layers in
+    bench/remat.py where the plan recomputes little)."""
     from graphopt import _compat
 
     torch.manual_seed(0)
@@ -99,5 +98,5 @@ def test_inductor_step_stays_under_the_fused_simulation(fraction):
     step(compiled)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
-    assert 0.7 * plan["planned_peak_bytes"] <= measured <= 1.05 * plan["planned_peak_bytes"], (
+    assert 0.97 * plan["planned_peak_bytes"] <= measured <= 1.03 * plan["planned_peak_bytes"], (
         measured, plan["planned_peak_bytes"], plan["peak_at"])

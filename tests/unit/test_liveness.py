@@ -157,17 +157,38 @@ def test_sibling_kernels_that_share_a_read_run_together_where_the_last_can():
     assert [s.key for s in inline_pointwise(chained)] == ["x", "p1", "m1", "p2"]
 
 
+def test_a_scatter_writes_into_its_first_input_when_that_dies_there():
+    """index_put into a zeros buffer (an embedding's gradient): Inductor writes the copy it
+    scatters into in the input's own buffer when nothing reads the input later."""
+    from graphopt.analysis.liveness import inline_pointwise
+
+    def steps(zeros_bytes=100, later=()):
+        return [Step("z", zeros_bytes, "z", ()), Step("v", 10, "v", ()),
+                Step("p", 100, "p", ("z", "v"), kind="scatter"), Step("c", 50, "c", ("p",)),
+                *[Step(f"r{i}", 1, f"r{i}", (name,)) for i, name in enumerate(later)]]
+
+    written = inline_pointwise(steps(), pinned={"c"})
+    assert written[2].storage == "z"
+    assert simulate(written, pinned={"c"}).live_bytes[:4] == [100, 110, 110, 150]
+    assert simulate(steps(), pinned={"c"}).peak == 210  # as eager code runs it
+    # the input is read later, kept, or of another size: a buffer of its own
+    assert inline_pointwise(steps(later=("z",)), pinned={"c"})[2].storage == "p"
+    assert inline_pointwise(steps(), pinned={"c", "z"})[2].storage == "p"
+    assert inline_pointwise(steps(zeros_bytes=200), pinned={"c"})[2].storage == "p"
+
+
 def test_fusion_kind_of_aten_ops():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from graphopt.analysis.liveness import fusion_kind
 
-    def f(x, w):
+    def f(x, w, i):
         y = (x @ w).sigmoid()
-        return y.sum(-1), y.view(-1), y.to(torch.float16)
+        return y.sum(-1), y.view(-1), y.to(torch.float16), torch.zeros_like(w).index_put((i,), y, True)
 
-    gm = make_fx(f, tracing_mode="fake")(torch.randn(4, 8), torch.randn(8, 8))
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(4, 8), torch.randn(8, 8), torch.arange(4))
     kinds = {str(n.target): fusion_kind(n) for n in gm.graph.nodes if n.op == "call_function"}
     assert kinds == {"aten.mm.default": "", "aten.sigmoid.default": "pointwise",
                      "aten.sum.dim_IntList": "reduction", "aten.view.default": "",
-                     "aten._to_copy.default": "pointwise"}
+                     "aten._to_copy.default": "pointwise", "aten.zeros_like.default": "",
+                     "aten.index_put.default": "scatter"}
