@@ -167,9 +167,11 @@ def measure(variant: str, fraction, fn, budget_ctx, model, inputs, memory: Memor
         memory.sync()
         times.append(time.perf_counter() - t0)
     row.update(step_ms=statistics.median(times) * 1e3, step_ms_all=[t * 1e3 for t in times])
-    plans = [s["notes"]["remat_plan"] for s in compile_summaries() if "remat_plan" in s.get("notes", {})]
-    if plans:
-        plan = plans[-1]
+    notes = [s["notes"] for s in compile_summaries() if "remat_plan" in s.get("notes", {})]
+    if notes:
+        plan = notes[-1]["remat_plan"]
+        if "planned_order" in notes[-1]:  # kernels Inductor's sort had moved, put back in plan order
+            row["planned_order"] = notes[-1]["planned_order"]
         row.update(budget_bytes=base + plan["budget_bytes"], planned_peak_bytes=base + plan["planned_peak_bytes"],
                    plan_feasible=plan["feasible"], plan_recompute_ms=plan["recompute_time_s"] * 1e3,
                    plan_saved_bytes=plan["saved_bytes"], min_cut_saved_bytes=plan["min_cut_saved_bytes"],
@@ -308,6 +310,14 @@ def notes_for(result: dict) -> list[str]:
         notes.append(f"S={r['seq']} f={r['fraction']}: no plan reaches the budget "
                      f"({_gib(r['budget_bytes'])} GiB); the lowest simulated peak is "
                      f"{_gib(r['planned_peak_bytes'])} GiB at {r.get('plan_peak_at')}, which it ran.")
+    ordered = [r for r in rows if r.get("planned_order")]
+    if ordered:
+        notes.append("kernels Inductor's sort after fusion had moved that the planned order put back, "
+                     "forward / backward of all: " + "; ".join(
+                         f"S={r['seq']} f={r['fraction']} " + " / ".join(
+                             f"{r['planned_order'][g]['moved']} of {r['planned_order'][g]['kernels']}"
+                             for g in ("forward", "backward") if g in r["planned_order"])
+                         for r in ordered))
     traced = [r for r in rows if r.get("trace", {}).get("compiled") and r["peak_bytes"]]
     for r in traced:
         t = r["trace"]

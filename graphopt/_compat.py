@@ -38,6 +38,16 @@ PartitionerBase = CustomPartitionerFn if CustomPartitionerFn is not None else ob
 HAS_CUSTOM_PARTITIONER = CustomPartitionerFn is not None and hasattr(
     torch._inductor.config, "custom_partitioner_fn")
 
+try:
+    from torch._inductor.custom_graph_pass import CustomSchedulerPass
+except ImportError:  # torch 2.11: the hook takes a plain callable (its cache key pickles the pass)
+    CustomSchedulerPass = None  # type: ignore[assignment]
+
+SchedulerPassBase = CustomSchedulerPass if CustomSchedulerPass is not None else object
+# Inductor's hook on its kernel list after fusion (BaseSchedulerNodes in, the order to run out).
+POST_FUSION_PASS = "_post_fusion_custom_pass"
+HAS_POST_FUSION_PASS = hasattr(torch._inductor.config, POST_FUSION_PASS)
+
 
 def inductor_config():
     """torch._inductor.config, for ``patch`` only: graphopt never assigns torch's global config."""

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from graphopt import _compat, config
 from graphopt.config import ConfigSnapshot
+from graphopt.backends.planned_order import PlannedOrder
 from graphopt.debug.dump import GraphRecorder
 from graphopt.passes.manager import PassContext, run_stage
 from graphopt.passes.pipeline import PIPELINE, graphopt_partitioner, uses_graphopt_partitioner
@@ -114,7 +115,9 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
                  else "inference" if kwargs.get("is_inference") else "forward")
         graph = state.run_graph_stage(stage, graph, inputs)
         with _compat.inductor_config_patch(**_planned_graph_patches(state, stage)):
-            return _compat.compile_fx_inner(graph, inputs, **kwargs)
+            compiled = _compat.compile_fx_inner(graph, inputs, **kwargs)
+        state.recorder.finish()  # the planned order's note, when there is one
+        return compiled
 
     patches = {}
     if _compat.HAS_CUSTOM_PARTITIONER:
@@ -141,10 +144,25 @@ def _planned_graph_patches(state: _CompileState, stage: str) -> dict[str, Any]:
     graphs without reuse (9.64 against 8.62 GiB), at 8K with no recomputation 0.12 GiB; the step
     times stayed within 1 % (the allocator hands out cached blocks in microseconds). So these graphs
     are compiled without it; Inductor still writes a kernel's output into an input that dies
-    there (``inplace_buffers``)."""
-    if stage in ("forward", "backward") and "remat_plan" in state.shared:
-        return {"allow_buffer_reuse": False}
-    return {}
+    there (``inplace_buffers``).
+
+    Their kernels also run in the order the planner simulated (``planned_order``), unless the
+    user installed a post-fusion pass of their own."""
+    if stage not in ("forward", "backward") or "remat_plan" not in state.shared:
+        return {}
+    patches: dict[str, Any] = {"allow_buffer_reuse": False}
+    if not _compat.HAS_POST_FUSION_PASS:
+        log.info("[%s] this torch has no Inductor post-fusion pass: the %s runs in Inductor's order, "
+                 "not the planner's", state.graph_id, stage)
+    elif getattr(_compat.inductor_config(), _compat.POST_FUSION_PASS) is not None:
+        log.info("[%s] a post-fusion pass is installed already: the %s runs in its order, not the "
+                 "planner's", state.graph_id, stage)
+    else:
+        def record(facts: dict) -> None:
+            earlier = state.recorder.summary.get("notes", {}).get("planned_order", {})
+            state.recorder.note("planned_order", {**earlier, stage: facts})
+        patches[_compat.POST_FUSION_PASS] = PlannedOrder(f"{state.graph_id} {stage}", record)
+    return patches
 
 
 def _compile_eager(gm: fx.GraphModule, example_inputs, state: _CompileState):

@@ -476,9 +476,42 @@ def test_inductor_codegen_matches_eager_and_records_the_plan():
         compiled(x).square().sum().backward()
     for got, ref in zip([p.grad for p in model.parameters()], want):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
-    summary = next(c for c in compile_summaries() if "notes" in c)["notes"]["remat_plan"]
+    notes = next(c for c in compile_summaries() if "notes" in c)["notes"]
+    summary = notes["remat_plan"]
     assert any(row["action"] == "recompute" for row in summary["table"])
     assert summary["planned_peak_bytes"] < summary["min_cut_peak_bytes"]
+    # Inductor ran its kernels through the planned order, and the dump says what that moved
+    assert set(notes["planned_order"]) == {"forward", "backward"}
+    assert all(facts["kernels"] > 0 for facts in notes["planned_order"].values())
+
+
+@pytest.mark.slow
+def test_inductor_runs_a_llama_backward_in_the_planned_order():
+    """In a Llama backward Inductor fuses a layer's two RMSNorm weight gradients (they read the
+    same residual stream) and sorts the fused kernel in at its first member, pulling the attention
+    backward ahead of the MLP's weight gradients; the planned order puts them back. Numerics are
+    those of eager."""
+    from graphopt.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=352, vocab_size=512,
+                      max_seq_len=256)
+    model, reference = Llama(cfg), Llama(cfg)
+    reference.load_state_dict(model.state_dict())
+    tokens, targets = torch.randint(0, 512, (1, 256)), torch.randint(0, 512, (1, 256))
+    with _compat.inductor_config_patch(fx_graph_cache=False), \
+            _compat.functorch_config().patch(enable_autograd_cache=False):
+        compiled = torch.compile(lambda x, y: model.loss(x, y, chunks=2),
+                                 backend=graphopt.backend(codegen="inductor", memory_budget=0.3))
+        loss = compiled(tokens, targets)
+        loss.backward()
+    want = reference.loss(tokens, targets, chunks=2)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-6)
+    order = [c for c in compile_summaries() if "planned_order" in c.get("notes", {})][-1]["notes"]["planned_order"]
+    assert order["backward"]["moved"] > 0 and order["backward"]["spanning_kernels"] > 0, order
 
 
 def _full_ac(blocks, x):
@@ -676,25 +709,30 @@ def test_a_workspace_counts_where_its_kernel_runs(monkeypatch):
     assert summary["planned_peak_bytes"] == max(bare.live_bytes) == summary["realized_peak_bytes"]
 
 
-def test_graphs_the_planner_partitions_compile_without_inductor_buffer_reuse(monkeypatch):
+def test_graphs_the_planner_partitions_compile_without_reuse_and_in_planned_order(monkeypatch):
     """Inductor's buffer reuse holds a dead buffer for a later one of its size up to Inductor's own
-    estimate of the peak, not the planner's: the forward and backward the planner partitioned
-    compile with it off; graphs torch's partitioner cut keep it."""
+    estimate of the peak, not the planner's, and its sort after fusion pulls kernels ahead of
+    where the planner simulated them: the forward and backward the planner partitioned compile
+    with reuse off and the planned order as Inductor's post-fusion pass; graphs torch's
+    partitioner cut keep Inductor's settings."""
+    from graphopt.backends.planned_order import PlannedOrder
+
     seen = []
 
     def record(graph, inputs, **kwargs):
-        seen.append(("backward" if kwargs.get("is_backward") else "forward",
-                     torch._inductor.config.allow_buffer_reuse))
+        config = _compat.inductor_config()
+        seen.append(("backward" if kwargs.get("is_backward") else "forward", config.allow_buffer_reuse,
+                     isinstance(getattr(config, _compat.POST_FUSION_PASS), PlannedOrder)))
         return _compat.make_boxed_func(graph.forward)
 
     monkeypatch.setattr(_compat, "compile_fx_inner", record)
     model = mlp(2, 32, 128)
     x = torch.randn(64, 32, requires_grad=True)
-    for budget, reuse in ((0.5, False), (None, True)):
+    for budget, reuse, ordered in ((0.5, False, True), (None, True, False)):
         seen.clear()
         torch._dynamo.reset()
         with _compat.inductor_config_patch(fx_graph_cache=False), \
                 _compat.functorch_config().patch(enable_autograd_cache=False):
             compiled = torch.compile(model, backend=graphopt.backend(codegen="inductor", memory_budget=budget))
             compiled(x).square().sum().backward()
-        assert sorted(seen) == [("backward", reuse), ("forward", reuse)]
+        assert sorted(seen) == [("backward", reuse, ordered), ("forward", reuse, ordered)]
