@@ -33,12 +33,11 @@ it estimates lower.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import logging
 from typing import Any, Callable, Sequence
 
-from graphopt import _compat
+from graphopt import _compat, config
 
 log = logging.getLogger("graphopt.backend")
 
@@ -88,19 +87,17 @@ class PlannedOrder(_compat.SchedulerPassBase):
                      "min_order, or a dependency cycle)", self.label, len(nodes))
             return nodes
         moved = sum(a is not b for a, b in zip(nodes, order))
-        spanning = [node.get_name() for node in order
-                    if getattr(node, "max_order", node.min_order) - node.min_order > 1]
+        spanning = sum(getattr(node, "max_order", node.min_order) - node.min_order > 1 for node in order)
         if moved:
             log.info("[%s] planned order: %d of %d kernels moved back to the graph's order "
-                     "(%d fused kernels span others)", self.label, moved, len(nodes), len(spanning))
+                     "(%d fused kernels span others)", self.label, moved, len(nodes), spanning)
         if self.record is not None:
-            self.record({"kernels": len(nodes), "moved": moved, "spanning_kernels": len(spanning)})
+            self.record({"kernels": len(nodes), "moved": moved, "spanning_kernels": spanning})
         return order
 
     def uuid(self) -> str:
-        """Inductor's cache key for the pass: this module's source."""
-        with open(__file__, "rb") as handle:
-            return hashlib.sha256(handle.read()).hexdigest()
+        """Inductor's cache key for the pass: graphopt's source (this module's included)."""
+        return config.source_digest()
 
     def __reduce__(self):
         # Inductor pickles its config for its cache key: equal passes pickle equal.
