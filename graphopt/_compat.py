@@ -131,6 +131,12 @@ def resolve_process_group(group):
     return group
 
 
+def default_store():
+    """The key-value store of the default process group (torchrun's TCPStore, a FileStore, ...)."""
+    from torch.distributed.distributed_c10d import _get_default_store
+    return _get_default_store()
+
+
 def group_name(group) -> str:
     """The registered name functional collectives use to refer to ``group``."""
     group = resolve_process_group(group)

@@ -87,8 +87,13 @@ _flag("overlap_matmul_allreduce", "overlap_chunks", 0, int,
 # --- op times for the planners (analysis/op_timing.py) ------------------------------------------
 _flag("planning", "op_timing", "auto", str,
       "Op times the remat and offload planners use: 'measure' times each distinct op once on its "
-      "device at compile time, 'model' uses the roofline cost model, 'auto' measures on CUDA in a "
-      "single-process run and models elsewhere.", choices=("auto", "measure", "model"))
+      "device at compile time, 'model' uses the roofline cost model, 'auto' measures on CUDA and "
+      "models elsewhere. With several ranks the lowest rank of the graph's process groups measures "
+      "and the others adopt its times, so every rank makes the same plan; 'auto' keeps the roofline "
+      "for a graph that names no process group.", choices=("auto", "measure", "model"))
+_flag("planning", "op_timing_agreement_timeout_s", 300.0, (float, int),
+      "Seconds a rank waits for the measuring rank's op times (it measures them at compile time) "
+      "before planning without them: the roofline under 'auto', its own measurement under 'measure'.")
 
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
 _flag("rematerialization", "memory_budget", None, (str, int, float, type(None)),

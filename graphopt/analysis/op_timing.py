@@ -14,9 +14,16 @@ hides less than the link could. Here each distinct op is run for real, at compil
             del inputs                                # memory of the pass: one op's at a time
         time[node] = cache[key] if measured else roofline(node)
 
-``config.op_timing``: "auto" measures graphs on a CUDA device in a single-process run and keeps the
-roofline elsewhere; "measure" measures on any device (the CPU with a host clock; each rank its own
-times, so ranks may plan differently); "model" keeps the roofline.
+``config.op_timing``: "auto" measures graphs on a CUDA device and keeps the roofline elsewhere;
+"measure" measures on any device (the CPU with a host clock); "model" keeps the roofline.
+
+Several ranks must make one plan, so they must plan with the same times: the lowest rank of the
+process groups the graph's collectives name measures, and the others adopt its times through the
+process group's store (``graphopt.distributed.agreement``; the ranks compile the same graph, matched
+by its structure, at the same point). A rank that gets no times within
+``op_timing_agreement_timeout_s`` plans alone and says so: with the roofline under "auto", with its
+own measurement under "measure". A graph that names no process group keeps the roofline under
+"auto" (which ranks run it is unknown, so there is no one to agree with).
 
 Refused (the roofline stays, and the log and the dump say why): collectives and graphopt:: ops
 (their time depends on other ranks or on state), random ops (running them would advance the
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import operator
@@ -49,6 +57,7 @@ import torch.fx as fx
 from graphopt import _compat
 from graphopt.analysis import cost_model
 from graphopt.analysis.device_profile import DeviceProfile
+from graphopt.distributed import agreement
 
 log = logging.getLogger("graphopt.analysis.op_timing")
 
@@ -195,8 +204,9 @@ def graph_device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_mode(config, device: torch.device) -> tuple[str, str]:
-    """("measure" | "model", why) for ``config.op_timing`` on a graph computing on ``device``."""
+def resolve_mode(config, device: torch.device, ranks: tuple[int, ...] = ()) -> tuple[str, str]:
+    """("measure" | "model", why) for ``config.op_timing`` on a graph computing on ``device``;
+    ``ranks``: the ranks of the graph's process groups (``agreement.graph_group_ranks``)."""
     flag = getattr(config, "op_timing", "auto") if config is not None else "auto"
     if flag == "model":
         return "model", "op_timing='model'"
@@ -206,10 +216,11 @@ def resolve_mode(config, device: torch.device) -> tuple[str, str]:
         return "model", f"op_timing='auto' and the graph computes on {device.type}"
     if not torch.cuda.is_available():
         return "model", "op_timing='auto' and no CUDA device is visible"
-    if _world_size() > 1:
-        return "model", ("op_timing='auto' in a run of several ranks: measured times differ per rank, "
+    if _world_size() > 1 and len(ranks) < 2:
+        return "model", ("op_timing='auto' in a run of several ranks, and the graph names no process "
+                         "group: which ranks run it is unknown, so no rank can measure for the others "
                          "and every rank must make the same plan (set op_timing='measure' to measure "
-                         "anyway)")
+                         "on each rank anyway)")
     return "measure", f"op_timing='auto' on {torch.cuda.get_device_name(device)}"
 
 
@@ -224,10 +235,18 @@ def _world_size() -> int:
 
 def time_graph(gm: fx.GraphModule, profile: DeviceProfile, config=None) -> GraphTiming:
     """Times of every node of ``gm``: measured where ``config.op_timing`` and the op allow, the
-    roofline on ``profile`` elsewhere."""
+    roofline on ``profile`` elsewhere; with several ranks, the times of the graph's leading rank."""
     device = graph_device(gm)
-    mode, why = resolve_mode(config, device)
+    ranks = agreement.graph_group_ranks(gm) if _world_size() > 1 else ()
+    mode, why = resolve_mode(config, device, ranks)
     modelled = {node.name: cost_model.node_time(node, profile) for node in gm.graph.nodes}
+    if mode == "measure" and len(ranks) > 1:
+        return _agreed_timing(gm, device, config, ranks, modelled, why)
+    return _local_timing(gm, device, mode, why, modelled)
+
+
+def _local_timing(gm: fx.GraphModule, device: torch.device, mode: str, why: str,
+                  modelled: dict[str, float]) -> GraphTiming:
     timing = GraphTiming(mode, why, dict(modelled), modelled, {}, {}, {})
     if mode == "model":
         return timing
@@ -264,6 +283,88 @@ def time_graph(gm: fx.GraphModule, profile: DeviceProfile, config=None) -> Graph
     for reason, count in timing.report()["refusals"].items():
         log.info("op_timing: roofline kept for %d nodes: %s", count, reason)
     return timing
+
+
+def _agreed_timing(gm: fx.GraphModule, device: torch.device, config, ranks: tuple[int, ...],
+                   modelled: dict[str, float], why: str) -> GraphTiming:
+    """The leading rank's times (measured there), or this rank's own where none came."""
+    nodes = list(gm.graph.nodes)
+    measured_here = []
+
+    def measure_here() -> str:
+        measured_here.append(True)
+        return _encode(_local_timing(gm, device, "measure", why, modelled), nodes)
+
+    timeout = float(getattr(config, "op_timing_agreement_timeout_s", 300.0))
+    begin = time.perf_counter()
+    agreed = agreement.agree("op_timing", _fingerprint(nodes, device), ranks, measure_here, timeout)
+    if agreed.payload is None:
+        flag = getattr(config, "op_timing", "auto")
+        alone = "measure" if flag == "measure" else "model"
+        log.warning("op_timing: %s; this rank plans with %s, so ranks may plan differently",
+                    agreed.why, "its own measured times" if alone == "measure" else "the roofline")
+        return _local_timing(gm, device, alone, f"{why}; {agreed.why}; planned alone", modelled)
+    timing = _decode(agreed.payload, nodes, modelled, f"{why}; {agreed.why}")
+    if not measured_here:  # adopted, or decided by an earlier compile of this graph
+        timing.new_measurements = 0
+        timing.elapsed_s = time.perf_counter() - begin
+        log.info("op_timing: %s: %d nodes measured, waited %.2f s", agreed.why,
+                 len(timing.measured), timing.elapsed_s)
+    return timing
+
+
+def _fingerprint(nodes: list[fx.Node], device: torch.device) -> str:
+    """The graph's structure: per node its op, target, arguments, value (shapes, dtypes) and the
+    positions of its inputs."""
+    index = {node: i for i, node in enumerate(nodes)}
+    groups = agreement.canonical_group_names(nodes)
+
+    def canonical(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(canonical(v) for v in value)
+        return groups.get(value, value) if isinstance(value, str) else value
+
+    return agreement.fingerprint([device.type] + [
+        (node.op, str(node.target),
+         canonical(signature(node)) if node.op == "call_function" else None,
+         _value_description(node), tuple(index[n] for n in node.all_input_nodes))
+        for node in nodes])
+
+
+def _value_description(node: fx.Node) -> Any:
+    try:
+        return _describe_value(node.meta.get("val"))
+    except _Unbuildable as error:
+        return f"unbuildable {error}"
+
+
+def _encode(timing: GraphTiming, nodes: list[fx.Node]) -> str:
+    """The planner's times by node position (names may differ between ranks), and what was measured."""
+    position = {node.name: i for i, node in enumerate(nodes)}
+    return json.dumps({"times": [timing.times[node.name] for node in nodes],
+                       "measured": sorted(position[n] for n in timing.measured),
+                       "refused": {str(position[n]): reason for n, reason in timing.refused.items()},
+                       "new_measurements": timing.new_measurements, "elapsed_s": timing.elapsed_s})
+
+
+def _decode(payload: str, nodes: list[fx.Node], modelled: dict[str, float], why: str) -> GraphTiming:
+    data = json.loads(payload)
+    if len(data["times"]) != len(nodes):
+        raise RuntimeError(f"op times for {len(data['times'])} nodes arrived for a graph of "
+                           f"{len(nodes)} nodes under the same fingerprint; report this as a bug")
+    times = {node.name: seconds for node, seconds in zip(nodes, data["times"])}
+    measured = {nodes[i].name: times[nodes[i].name] for i in data["measured"]}
+    refused = {nodes[int(i)].name: reason for i, reason in data["refused"].items()}
+    by_name = {node.name: node for node in nodes}
+    signatures = {name: key for name in [*measured, *refused]
+                  if (key := signature(by_name[name])) is not None}
+    return GraphTiming("measure", why, times, modelled, measured, refused, signatures,
+                       data["new_measurements"], data["elapsed_s"])
+
+
+def _rank() -> int:
+    distributed = torch.distributed
+    return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
 
 
 def graph_times(gm: fx.GraphModule, profile: DeviceProfile, config=None) -> dict[str, float]:

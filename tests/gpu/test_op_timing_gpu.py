@@ -50,3 +50,52 @@ def test_random_ops_keep_the_roofline_on_the_device():
     refused = [row for row in note["table"] if row["refused"]]
     assert any("random" in row["refused"] for row in refused), refused
     assert any(row["op"] == "aten.mm.default" and row["measured_s"] for row in note["table"])
+
+
+def _tensor_parallel_plan(rank: int, world: int) -> dict:
+    """A row-parallel stack over NCCL compiled with op_timing='auto': rank 0 times, rank 1 adopts."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from graphopt import _compat
+    from graphopt.debug.dump import clear_compile_summaries
+
+    group = _compat.group_name(dist.group.WORLD)
+
+    class RowParallel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ModuleList(torch.nn.Linear(512, 1024 // world) for _ in range(3))
+            self.down = torch.nn.ModuleList(torch.nn.Linear(1024 // world, 512, bias=False)
+                                            for _ in range(3))
+
+        def forward(self, x):
+            for up, down in zip(self.up, self.down):
+                x = x + funcol.all_reduce(down(torch.nn.functional.gelu(up(x))), "sum", group)
+            return x.float().pow(2).mean()
+
+    torch.manual_seed(rank)  # each rank its own shard
+    model = RowParallel().cuda()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4096, 512, device="cuda")
+    op_timing.clear_cache()
+    clear_compile_summaries()
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", memory_budget=0.5))
+    compiled(x).backward()
+    reference(x).backward()
+    error = max(((a.grad - b.grad).abs().max() / b.grad.abs().max()).item()
+                for a, b in zip(model.parameters(), reference.parameters()))
+    notes = next(s["notes"] for s in compile_summaries() if "remat_plan" in s["notes"])
+    return {"mode": notes["op_timing"]["mode"], "why": notes["op_timing"]["why"], "error": error,
+            "measured": notes["remat_plan"]["op_timing"]["measured_nodes"],
+            "actions": [(row["tensor"], row["action"]) for row in notes["remat_plan"]["table"]]}
+
+
+@pytest.mark.multigpu
+def test_ranks_of_a_tensor_parallel_graph_plan_with_rank_0s_measured_times():
+    from graphopt.distributed.launch import spawn
+    leader, follower = spawn(_tensor_parallel_plan, 2, backend="nccl")
+    for rank, got in enumerate((leader, follower)):
+        assert got["mode"] == "measure" and got["measured"] > 0, (rank, got["why"])
+        assert got["error"] < 1e-4, (rank, got["error"])
+    assert "decided on rank 0" in leader["why"] and "adopted from rank 0" in follower["why"]
+    assert follower["actions"] == leader["actions"] and any(a.startswith("recompute") for _, a in leader["actions"])

@@ -78,6 +78,18 @@ def test_model_and_auto_on_cpu_keep_the_roofline_without_timing():
     assert "cpu" in op_timing.resolve_mode(config.snapshot(), torch.device("cpu"))[1]
 
 
+
+def test_auto_with_several_ranks_measures_only_graphs_that_name_their_ranks(monkeypatch):
+    monkeypatch.setattr(op_timing, "_world_size", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    cuda, auto = torch.device("cuda", 0), config.snapshot(op_timing="auto")
+    mode, why = op_timing.resolve_mode(auto, cuda, ranks=())
+    assert mode == "model" and "names no process group" in why
+    assert op_timing.resolve_mode(auto, cuda, ranks=(0, 1)) == ("measure", "op_timing='auto' on a GPU")
+    forced = config.snapshot(op_timing="measure")
+    assert op_timing.resolve_mode(forced, cuda, ranks=())[0] == "measure"
+
 def _unsafe_ops(x, w):
     a = x @ w
     noise = torch.rand_like(a)                  # random: would advance the generator

@@ -1,0 +1,156 @@
+"""Compile-time decisions that every rank running a graph shares: decided once, handed on.
+
+A planner fed with inputs that differ between ranks (op times measured on each GPU) would make one
+plan per rank. Here the lowest rank of the graph's process groups decides, and the others adopt its
+payload through the default process group's key-value store::
+
+    ranks  = the global ranks of every process group the graph's collectives name (group_name)
+    leader = min(ranks)
+    key(r) = graphopt/<topic>/<fingerprint>/<r>
+    leader:  payload = decide();  store[key(leader)] = payload
+    others:  wait for store[key(leader)] (at most timeout_s);  store[key(self)] = payload
+    then every rank keeps the payload: a later compile of the same graph reuses it untouched
+
+- **The store, not a collective.** A rank that compiles while its peers run the graph's real
+  collectives (a recompile on one rank only) must not pair its exchange with theirs: it waits on a
+  key, and after ``timeout_s`` goes on without a payload (the caller decides alone and says so).
+- **Handing on.** On a 2 x 2 tensor x data parallel mesh, rank 3's groups hold ranks {1, 3} and
+  {2, 3}: its leader is rank 1, which holds what rank 0 decided. In a grid mesh every rank but
+  rank 0 has a lower rank in one of its groups, so every chain ends at rank 0. Ranks that the
+  graph's groups do not connect (tensor-parallel groups of a graph whose data-parallel reduction
+  runs outside it) follow one leader per connected set.
+- **The fingerprint** names the graph's structure (ops, shapes, dtypes), so a rank that compiles
+  another graph never reads this graph's payload; it waits and goes on alone.
+- **Once per graph structure.** A payload is decided once per fingerprint and kept by every rank,
+  so a recompile of the same graph on some ranks only (a guard that failed on one rank) finds it
+  at once, on the leader and on the others, and every compile of that graph uses the same one.
+- A graph without collectives has no known set of ranks running it (under pipeline parallelism
+  other ranks run other graphs): ``graph_group_ranks`` returns () and nothing is exchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from datetime import timedelta
+from typing import Callable, Iterable
+
+import torch.distributed as dist
+import torch.fx as fx
+
+from graphopt import _compat
+
+log = logging.getLogger("graphopt.distributed.agreement")
+
+_kept: dict[tuple[str, str], Agreement] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """The payload this rank uses (None: there was none to adopt) and where it came from."""
+
+    payload: str | None
+    leader: int
+    why: str
+
+
+def graph_group_ranks(gm: fx.GraphModule) -> tuple[int, ...]:
+    """Sorted global ranks of the process groups named by ``gm``'s ops (``group_name`` arguments);
+    () outside a run of several ranks or where the graph names no group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return ()
+    ranks: set[int] = set()
+    for name in sorted(_group_names(gm.graph.nodes)):
+        try:
+            ranks.update(dist.get_process_group_ranks(_compat.resolve_process_group(name)))
+        except (ValueError, RuntimeError) as error:  # a group this process does not know
+            log.info("group %r of the graph is not known here (%s): no agreement", name, error)
+            return ()
+    return tuple(sorted(ranks))
+
+
+def canonical_group_names(nodes: Iterable[fx.Node]) -> dict[str, str]:
+    """Each group name the nodes carry -> ``group<i>``, numbered by first use. The same program on
+    two ranks of a mesh names other groups (rank 0's tensor-parallel group is not rank 2's), so a
+    fingerprint of the graph's structure uses these instead."""
+    names: dict[str, str] = {}
+    for name in _group_names(nodes, ordered=True):
+        names.setdefault(name, f"group{len(names)}")
+    return names
+
+
+def _group_names(nodes: Iterable[fx.Node], ordered: bool = False):
+    names = [] if ordered else set()
+    add = names.append if ordered else names.add
+    for node in nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for index, argument in enumerate(schema.arguments):
+            if argument.name != "group_name":
+                continue
+            value = node.kwargs.get("group_name", node.args[index] if index < len(node.args) else None)
+            if isinstance(value, str):
+                add(value)
+    return names
+
+
+def agree(topic: str, fingerprint: str, ranks: tuple[int, ...], decide: Callable[[], str],
+          timeout_s: float) -> Agreement:
+    """The leader of ``ranks`` runs ``decide`` and publishes its payload; every other rank waits
+    for its leader's (at most ``timeout_s``), adopts it and publishes it for the ranks that lead
+    from it. Returns this rank's payload, or a None payload with the reason."""
+    rank = dist.get_rank()
+    if rank not in ranks:
+        raise ValueError(f"rank {rank} is not one of the ranks {ranks} that run the graph; pass the "
+                         "ranks of the graph's own process groups (graph_group_ranks)")
+    leader = min(ranks)
+    kept = _kept.get((topic, fingerprint))
+    if kept is not None:
+        return kept
+    prefix = f"graphopt/{topic}/{fingerprint}"
+    store = _compat.default_store()
+    if rank == leader:
+        payload = decide()
+        why = f"decided on rank {rank} for ranks {_span(ranks)}"
+        try:
+            store.set(f"{prefix}/{rank}", payload)
+        except Exception as error:  # a store that takes no keys (fake process groups)
+            why += f"; not published ({type(error).__name__}: {error})"
+        return _keep(topic, fingerprint, Agreement(payload, leader, why))
+    try:
+        store.wait([f"{prefix}/{leader}"], timedelta(seconds=timeout_s))
+        payload = store.get(f"{prefix}/{leader}").decode()
+    except Exception as error:  # timeout, or a store that cannot wait
+        return Agreement(None, leader, (
+            f"rank {leader} published nothing for this graph within {timeout_s:g} s "
+            f"({type(error).__name__}); it may compile another graph"))
+    store.set(f"{prefix}/{rank}", payload)
+    return _keep(topic, fingerprint,
+                 Agreement(payload, leader, f"adopted from rank {leader} (ranks {_span(ranks)})"))
+
+
+def _keep(topic: str, fingerprint: str, agreement: Agreement) -> Agreement:
+    _kept[(topic, fingerprint)] = agreement
+    return agreement
+
+
+def _span(ranks: tuple[int, ...]) -> str:
+    if ranks == tuple(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
+
+
+def fingerprint(parts: Iterable[object]) -> str:
+    """A short hash of the ``repr`` of ``parts`` (a graph's structure, as the caller describes it)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def forget() -> None:
+    """Drop the kept payloads (tests that start fresh process groups with other timers)."""
+    _kept.clear()
