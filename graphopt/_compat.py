@@ -47,6 +47,7 @@ SchedulerPassBase = CustomSchedulerPass if CustomSchedulerPass is not None else 
 # Inductor's hook on its kernel list after fusion (BaseSchedulerNodes in, the order to run out).
 POST_FUSION_PASS = "_post_fusion_custom_pass"
 HAS_POST_FUSION_PASS = hasattr(torch._inductor.config, POST_FUSION_PASS)
+HAS_PEAK_MEMORY_REORDER = hasattr(torch._inductor.config, "reorder_for_peak_memory")
 
 
 def inductor_config():

@@ -147,7 +147,9 @@ def _planned_graph_patches(state: _CompileState, stage: str) -> dict[str, Any]:
     there (``inplace_buffers``).
 
     Their kernels also run in the order the planner simulated (``planned_order``), unless the
-    user installed a post-fusion pass of their own."""
+    user installed a post-fusion pass of their own; Inductor's ``reorder_for_peak_memory``, which
+    runs after that pass and keeps whichever order its own peak estimate prefers, is then off for
+    these graphs (on a CPU Llama of one layer it moved 41 of the 42 kernels of the planned forward)."""
     if stage not in ("forward", "backward") or "remat_plan" not in state.shared:
         return {}
     patches: dict[str, Any] = {"allow_buffer_reuse": False}
@@ -162,6 +164,8 @@ def _planned_graph_patches(state: _CompileState, stage: str) -> dict[str, Any]:
             earlier = state.recorder.summary.get("notes", {}).get("planned_order", {})
             state.recorder.note("planned_order", {**earlier, stage: facts})
         patches[_compat.POST_FUSION_PASS] = PlannedOrder(f"{state.graph_id} {stage}", record)
+        if _compat.HAS_PEAK_MEMORY_REORDER:
+            patches["reorder_for_peak_memory"] = False
     return patches
 
 

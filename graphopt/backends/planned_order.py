@@ -27,8 +27,8 @@ Safe: the result is a topological order of the same dependencies Inductor's own 
 ``unmet_dependency``, weak and mutation-ordering ones included, on a buffer that a listed kernel
 writes). It only reorders kernels; their code and what they compute are unchanged. A kernel list
 it cannot order (a node without ``min_order``, or a cycle) is returned unchanged and logged.
-Inductor's ``reorder_for_peak_memory`` runs after it and may still pick another order whose peak
-it estimates lower.
+Inductor's ``reorder_for_peak_memory`` would run after it and keep whichever order its own peak
+estimate (not the planner's) prefers, so the backend turns it off where this pass is installed.
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ scatters written into the buffer of an input that dies there, and a kernel's wor
 it runs. The graphs it plans compile without Inductor's buffer reuse, which would hold dead buffers
 up to Inductor's own estimate of the peak (``graphopt_backend._planned_graph_patches``), and their
 kernels run in the order simulated, not in the one Inductor's sort after fusion gives
-(``backends/planned_order.py``). On a 4-layer 7B-dimension Llama (H100, bench/results/remat.md
-and remat_32k.md) every plan that fits its budget measured 0.996-1.000 of its planned peak, and
-the lowest-peak plans for budgets no plan reaches 0.979-1.007.
+(``backends/planned_order.py``; Inductor's ``reorder_for_peak_memory`` is off for them). On a
+4-layer 7B-dimension Llama (H100, bench/results/remat.md and remat_32k.md) every plan that fits
+its budget measured 0.996-1.000 of its planned peak, and the lowest-peak plans for budgets no
+plan reaches 0.979-1.000 (1.007 in an earlier run).
 
 Safe because recomputation replays the same deterministic ops on the same inputs. Never
 recomputed: collectives (``_c10d_functional``) and every ``graphopt::`` op (they may communicate),

@@ -713,16 +713,18 @@ def test_graphs_the_planner_partitions_compile_without_reuse_and_in_planned_orde
     """Inductor's buffer reuse holds a dead buffer for a later one of its size up to Inductor's own
     estimate of the peak, not the planner's, and its sort after fusion pulls kernels ahead of
     where the planner simulated them: the forward and backward the planner partitioned compile
-    with reuse off and the planned order as Inductor's post-fusion pass; graphs torch's
-    partitioner cut keep Inductor's settings."""
+    with reuse off, the planned order as Inductor's post-fusion pass and Inductor's peak-memory
+    reorder off; graphs torch's partitioner cut keep Inductor's settings."""
     from graphopt.backends.planned_order import PlannedOrder
 
     seen = []
 
     def record(graph, inputs, **kwargs):
         config = _compat.inductor_config()
+        ordered = isinstance(getattr(config, _compat.POST_FUSION_PASS), PlannedOrder)
+        assert config.reorder_for_peak_memory is not ordered  # Inductor's reorder would undo it
         seen.append(("backward" if kwargs.get("is_backward") else "forward", config.allow_buffer_reuse,
-                     isinstance(getattr(config, _compat.POST_FUSION_PASS), PlannedOrder)))
+                     ordered))
         return _compat.make_boxed_func(graph.forward)
 
     monkeypatch.setattr(_compat, "compile_fx_inner", record)
