@@ -90,6 +90,25 @@ def test_auto_with_several_ranks_measures_only_graphs_that_name_their_ranks(monk
     forced = config.snapshot(op_timing="measure")
     assert op_timing.resolve_mode(forced, cuda, ranks=())[0] == "measure"
 
+
+def test_a_rank_that_gets_no_agreed_times_plans_alone_and_says_so(monkeypatch):
+    """Several ranks, and the leading rank publishes nothing in time: under 'auto' this rank keeps
+    the roofline, under 'measure' it measures for itself; both say that ranks may now differ."""
+    from graphopt.distributed import agreement
+    monkeypatch.setattr(op_timing, "_world_size", lambda: 2)
+    monkeypatch.setattr(agreement, "graph_group_ranks", lambda gm: (0, 1))
+    monkeypatch.setattr(op_timing, "resolve_mode", lambda config, device, ranks: ("measure", "forced"))
+    nothing = agreement.Agreement(None, 0, "rank 0 published nothing")
+    monkeypatch.setattr(agreement, "agree", lambda *args: nothing)
+    gm = fake_graph(_two_equal_layers, (64, 32), (32, 32), (32, 32))
+    with op_timing.use_timer(ScaledRoofline(3.0)):
+        auto = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="auto"))
+        measured = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+    assert auto.mode == "model" and not auto.measured and auto.times == auto.modelled
+    assert measured.mode == "measure" and measured.measured
+    for timing in (auto, measured):
+        assert "rank 0 published nothing" in timing.why and "planned alone" in timing.why
+
 def _unsafe_ops(x, w):
     a = x @ w
     noise = torch.rand_like(a)                  # random: would advance the generator
