@@ -163,15 +163,7 @@ def _attention_flops(node: fx.Node, out: Any, backward: bool) -> sympy.Expr:
 
 
 def _is_causal(node: fx.Node) -> bool:
-    if node.kwargs.get("is_causal") is True:
-        return True
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return False
-    for i, arg in enumerate(schema.arguments):
-        if arg.name == "is_causal" and i < len(node.args):
-            return bool(node.args[i])
-    return False
+    return bool(argument(node, "is_causal", default=False))
 
 
 _ATTENTION_FORWARD = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -197,6 +189,18 @@ def op_name(node: fx.Node) -> str:
     target = node.target
     packet = getattr(target, "_overloadpacket", None)
     return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+
+
+def argument(node: fx.Node, name: str, default: Any = None) -> Any:
+    """The value ``node`` passes for its op's argument ``name``: by keyword, by position, else the
+    schema's default; ``default`` where the op has no such argument (or no schema)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(node.target, "_schema", None)
+    for index, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name == name:
+            return node.args[index] if index < len(node.args) else arg.default_value
+    return default
 
 
 def is_attention(node: fx.Node) -> bool:

@@ -237,7 +237,7 @@ def time_graph(gm: fx.GraphModule, profile: DeviceProfile, config=None) -> Graph
     """Times of every node of ``gm``: measured where ``config.op_timing`` and the op allow, the
     roofline on ``profile`` elsewhere; with several ranks, the times of the graph's leading rank."""
     device = graph_device(gm)
-    ranks = agreement.graph_group_ranks(gm) if _world_size() > 1 else ()
+    ranks = agreement.graph_group_ranks(gm)
     mode, why = resolve_mode(config, device, ranks)
     modelled = {node.name: cost_model.node_time(node, profile) for node in gm.graph.nodes}
     if mode == "measure" and len(ranks) > 1:
@@ -362,11 +362,6 @@ def _decode(payload: str, nodes: list[fx.Node], modelled: dict[str, float], why:
                        data["new_measurements"], data["elapsed_s"])
 
 
-def _rank() -> int:
-    distributed = torch.distributed
-    return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
-
-
 def graph_times(gm: fx.GraphModule, profile: DeviceProfile, config=None) -> dict[str, float]:
     """Seconds per node name: measured where allowed (see ``time_graph``), else the roofline."""
     return time_graph(gm, profile, config).times
@@ -459,15 +454,7 @@ def why_not_timed(node: fx.Node, device: torch.device) -> str | None:
 
 def _deterministic_attention(node: fx.Node) -> bool:
     """Attention whose only randomness is dropout, with dropout 0."""
-    if not cost_model.is_attention(node):
-        return False
-    schema = node.target._schema
-    for index, argument in enumerate(schema.arguments):
-        if argument.name == "dropout_p":
-            value = node.kwargs.get("dropout_p", node.args[index] if index < len(node.args)
-                                    else argument.default_value)
-            return value == 0
-    return False
+    return cost_model.is_attention(node) and cost_model.argument(node, "dropout_p") == 0
 
 
 # --- running one op on real inputs ------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from graphopt import _compat
+from graphopt.analysis import cost_model
 
 log = logging.getLogger("graphopt.distributed.agreement")
 
@@ -61,7 +62,7 @@ def graph_group_ranks(gm: fx.GraphModule) -> tuple[int, ...]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return ()
     ranks: set[int] = set()
-    for name in sorted(_group_names(gm.graph.nodes)):
+    for name in sorted(set(_group_names(gm.graph.nodes))):
         try:
             ranks.update(dist.get_process_group_ranks(_compat.resolve_process_group(name)))
         except (ValueError, RuntimeError) as error:  # a group this process does not know
@@ -75,25 +76,16 @@ def canonical_group_names(nodes: Iterable[fx.Node]) -> dict[str, str]:
     two ranks of a mesh names other groups (rank 0's tensor-parallel group is not rank 2's), so a
     fingerprint of the graph's structure uses these instead."""
     names: dict[str, str] = {}
-    for name in _group_names(nodes, ordered=True):
+    for name in _group_names(nodes):
         names.setdefault(name, f"group{len(names)}")
     return names
 
 
-def _group_names(nodes: Iterable[fx.Node], ordered: bool = False):
-    names = [] if ordered else set()
-    add = names.append if ordered else names.add
-    for node in nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            continue
-        for index, argument in enumerate(schema.arguments):
-            if argument.name != "group_name":
-                continue
-            value = node.kwargs.get("group_name", node.args[index] if index < len(node.args) else None)
-            if isinstance(value, str):
-                add(value)
-    return names
+def _group_names(nodes: Iterable[fx.Node]) -> list[str]:
+    """The ``group_name`` argument of every op that has one, in graph order."""
+    values = (cost_model.argument(node, "group_name") for node in nodes
+              if node.op == "call_function" and hasattr(node.target, "_schema"))
+    return [value for value in values if isinstance(value, str)]
 
 
 def agree(topic: str, fingerprint: str, ranks: tuple[int, ...], decide: Callable[[], str],
@@ -149,8 +141,3 @@ def fingerprint(parts: Iterable[object]) -> str:
         digest.update(repr(part).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:24]
-
-
-def forget() -> None:
-    """Drop the kept payloads (tests that start fresh process groups with other timers)."""
-    _kept.clear()

@@ -78,7 +78,6 @@ def test_model_and_auto_on_cpu_keep_the_roofline_without_timing():
     assert "cpu" in op_timing.resolve_mode(config.snapshot(), torch.device("cpu"))[1]
 
 
-
 def test_auto_with_several_ranks_measures_only_graphs_that_name_their_ranks(monkeypatch):
     monkeypatch.setattr(op_timing, "_world_size", lambda: 4)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
