@@ -8,11 +8,14 @@ N = 8192, M in {4096, 8192, 16384}) and the shapes of ../shared/GPU.md, bf16. Fo
 the same run: cuBLAS GEMM alone, NCCL collective alone, sequential (GEMM then collective), naive
 4-chunk streams (graphopt's chunked runtime), the copy-engine runtime (cuBLAS sub-chunks +
 peer-to-peer copies on symmetric memory) for every sub-chunk schedule the cost model considers
-(``overlap_cost.CE_SCHEDULES``: equal sub-chunks and geometrically shrinking ones), the
+(``overlap_cost.CE_SCHEDULES``: equal sub-chunks and geometrically shrinking ones), each both as the
+pass emits it (``copy_engine:*``: CUDA-graph replay of repeated calls, ``config.overlap_graph_replay``)
+and issued op by op (``copy_engine_eager:*``), the
 tile-triggered kernel for several communication SM counts, torch's fused_matmul_reduce_scatter
 (reduce-scatter only), and the ideal max(t_gemm, t_comm). ``graphopt_auto`` is the column the cost
 model picks (what the pass emits). Times are per call, the mean over ``--iters`` calls after
-warm-up, best of 3 repeats, the slowest rank. Correctness: the tile and copy-engine runtimes (one
+warm-up (a replayed call's first sighting and its capture happen in the warm-up; ``replay_stats``
+per row counts them), best of 3 repeats, the slowest rank. Correctness: the tile and copy-engine runtimes (one
 equal and one tapered schedule) against
 an fp32 reference and bitwise across ranks (all-reduce); torch's fused reduce-scatter against
 NCCL's reduce_scatter_tensor of the same product (the same output layout: rank r holds rows block
@@ -104,6 +107,10 @@ def main() -> None:
     parser.add_argument("--kinds", default="all_reduce,reduce_scatter")
     parser.add_argument("--only", default="", help="time only variants whose label starts with one "
                         "of these comma-separated prefixes (gemm, comm, sequential always)")
+    parser.add_argument("--profile", choices=("measured", "default"), default="measured",
+                        help="device profile of the cost model's choices: 'measured' (this run's GEMM, "
+                        "NCCL all-reduce, peer-copy and memory bandwidths, what `python -m graphopt "
+                        "calibrate` + config.device_profile give a user) or the built-in default")
     args = parser.parse_args()
 
     rank = int(os.environ["RANK"])
@@ -122,7 +129,7 @@ def main() -> None:
         print("API:", api, "symm_mem.available():", symm_mem.available(), flush=True)
     results = {"device": torch.cuda.get_device_name(), "gpus": world, "torch": torch.__version__,
                "triton": __import__("triton").__version__, "python": platform.python_version(),
-               "api": api, "iters": args.iters, "targets": TARGETS, "note":
+               "api": api, "iters": args.iters, "targets": TARGETS, "copy_engine_replay": True, "note":
                f"measured on {world} GPUs of one host", "rows": []}
 
     def save() -> None:
@@ -134,6 +141,12 @@ def main() -> None:
     results["copy_engine_profile"] = _copy_engine_profile(group_name)
     if rank == 0:
         print("copy-engine profile:", results["copy_engine_profile"], flush=True)
+    if args.profile == "measured":
+        profile = measured_profile(profile, results["copy_engine_profile"])
+    results["profile_source"] = args.profile
+    results["profile"] = profile.to_json()
+    if rank == 0:
+        print("cost-model profile:", results["profile"], flush=True)
     torch.manual_seed(1234 + rank)
     chosen = shapes(world)[: args.max_shapes]
     if args.shapes:
@@ -160,14 +173,16 @@ def main() -> None:
 
             variants = {"gemm": lambda: torch.mm(a, b, out=c), "comm": comm, "sequential": sequential}
             choice = overlap_cost.choose_overlap(
-                kind, m, n, k, 2, world, profile, is_cuda=True, symmetric_memory=symm_mem.available())
+                kind, m, n, k, 2, world, profile, is_cuda=True, symmetric_memory=symm_mem.available(),
+                replay=True)
             plan = overlap_cost.plan_key(choice)
 
-            def overlapped(mode: str, chunks: int, sms: int, taper: float = 1.0):
+            def overlapped(mode: str, chunks: int, sms: int, taper: float = 1.0, replay: bool = False):
                 if scatter:
                     return lambda: ops.matmul_reduce_scatter(a, b, group_name, world, 0, mode, chunks, sms,
-                                                             taper)
-                return lambda: ops.matmul_all_reduce(a, b, None, group_name, mode, chunks, sms, taper)
+                                                             taper, replay)
+                return lambda: ops.matmul_all_reduce(a, b, None, group_name, mode, chunks, sms, taper,
+                                                     replay)
 
             chunk_counts = sorted({4, choice.chunks if choice.mode == "chunked" else 4})
             sm_counts = sorted(set(comm_sms_choices) | ({choice.comm_sms} if choice.mode == "tile" else set()))
@@ -176,8 +191,9 @@ def main() -> None:
             for count in chunk_counts:
                 variants[f"chunked:{count}"] = overlapped("chunked", count, 0)
             for count, taper in schedules:
-                variants[overlap_cost.copy_engine_key(count, taper)] = overlapped("copy_engine", count, 0,
-                                                                                  taper)
+                key = overlap_cost.copy_engine_key(count, taper)
+                variants[key] = overlapped("copy_engine", count, 0, taper, replay=True)
+                variants[eager_key(key)] = overlapped("copy_engine", count, 0, taper)
             if scatter:
                 variants["torch_fused_rs"] = lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(
                     a, b, "sum", 0, group_name)
@@ -226,7 +242,8 @@ def main() -> None:
                 row[f"{name}_repeatable"] = bool(torch.equal(variants[checks[name]](), out))
             times = row["ms"]
             row["ms"]["ideal"] = max(times["gemm"], times["comm"])
-            for prefix in ("tile", "copy_engine"):
+            row["replay_stats"] = symm_mem.replay_stats()
+            for prefix in ("tile", "copy_engine", "copy_engine_eager"):
                 found = {key: v for key, v in times.items() if key.startswith(prefix + ":")}
                 if found:
                     row[f"best_{prefix}"] = min(found, key=found.get)
@@ -252,7 +269,7 @@ def main() -> None:
             if rank == 0:
                 print(kind, name, {key: round(v, 3) for key, v in times.items()},
                       "err", row.get("copy_engine_rel_err"), row.get("tile_rel_err"), "choice", plan,
-                      flush=True)
+                      "replay", row["replay_stats"], flush=True)
             save()
             del a, b, c, rs_out
             symm_mem.clear_cache()
@@ -332,9 +349,19 @@ def _copy_engine_profile(group_name: str) -> dict:
             lambda: torch.ops.graphopt.matmul_reduce_scatter(a, b, group_name, world, 0, "copy_engine",
                                                              chunks, 0))
     for chunks, taper in overlap_cost.CE_SCHEDULES:
-        report[f"host_us_per_ar_call_{overlap_cost.copy_engine_key(chunks, taper)}"] = host_us(
+        key = overlap_cost.copy_engine_key(chunks, taper)
+        report[f"host_us_per_ar_call_{key}"] = host_us(
             lambda: torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, "copy_engine", chunks,
                                                          0, taper))
+        call = lambda: torch.ops.graphopt.matmul_all_reduce(  # noqa: E731
+            a, b, None, group_name, "copy_engine", chunks, 0, taper, True)
+        call()                          # first sighting (eager); host_us's own first call captures
+        report[f"host_us_per_ar_call_{key}_replayed"] = host_us(call)
+    for chunks in (1, 4):
+        call = lambda: torch.ops.graphopt.matmul_reduce_scatter(  # noqa: E731
+            a, b, group_name, world, 0, "copy_engine", chunks, 0, 1.0, True)
+        call()
+        report[f"host_us_per_rs_call_chunks{chunks}_replayed"] = host_us(call)
     symm_mem.BATCH_MEMOPS = False
     report["host_us_per_ar_call_copy_engine:2_unbatched"] = host_us(
         lambda: torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, "copy_engine", 2, 0))
@@ -350,23 +377,52 @@ def _copy_engine_profile(group_name: str) -> dict:
     return report
 
 
+def measured_profile(default, ce_profile: dict):
+    """``default`` with this machine's figures, measured here: bf16 GEMM throughput, NCCL all-reduce
+    bus bandwidth over this group (256 MiB), the copy engine's peer pull and local copy bandwidths
+    (``ce_profile``). Launch and collective latencies keep their defaults. The result is the same on
+    every rank (rank 0's figures, broadcast), as one calibrated profile file would be."""
+    import dataclasses
+    world = dist.get_world_size()
+    size = 8192
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    tflops = 2 * size ** 3 / timed(lambda: torch.mm(a, b), 10) / 1e12
+    buffer = torch.randn(128 * 2 ** 20, device="cuda", dtype=torch.bfloat16)
+    bus = buffer.numel() * 2 * 2 * (world - 1) / world / timed(lambda: dist.all_reduce(buffer), 5) / 1e9
+    figures = torch.tensor([tflops, bus, ce_profile.get("p2p_pull_gbps", default.p2p_gbps),
+                            ce_profile.get("local_memcpy_gbps", default.hbm_gbps)], device="cuda",
+                           dtype=torch.float64)
+    dist.broadcast(figures, 0)
+    tflops, bus, p2p, hbm = figures.tolist()
+    del a, b, buffer
+    torch.cuda.empty_cache()
+    return dataclasses.replace(default, name=f"{default.name} (measured in this run)",
+                               matmul_tflops=tflops, allreduce_bus_gbps=bus, p2p_gbps=p2p,
+                               hbm_gbps=hbm)
+
+
 def _cuda_graph_check(world: int, group_name: str) -> dict:
     """Capture the tile and copy-engine (equal and tapered sub-chunks) all-reduces in a CUDA graph,
     replay, compare with eager."""
     report = {}
-    for name, mode, count, sms, taper in (("tile", "tile", 1, 16, 1.0),
-                                          ("copy_engine", "copy_engine", 2, 0, 1.0),
-                                          ("copy_engine_tapered", "copy_engine", 3, 0, 0.5)):
+    for name, mode, count, sms, taper, replay in (
+            ("tile", "tile", 1, 16, 1.0, False),
+            ("copy_engine", "copy_engine", 2, 0, 1.0, False),
+            ("copy_engine_tapered", "copy_engine", 3, 0, 0.5, False),
+            # replay=True inside a user's capture: issued into the outer graph
+            ("copy_engine_replay", "copy_engine", 2, 0, 1.0, True)):
         try:
             a = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16)
             b = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
-            eager = torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, mode, count, sms, taper)
+            eager = torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, mode, count, sms, taper,
+                                                         replay)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
                 captured = torch.ops.graphopt.matmul_all_reduce(a, b, None, group_name, mode, count, sms,
-                                                                taper)
+                                                                taper, replay)
             torch.cuda.current_stream().wait_stream(stream)
             for _ in range(3):
                 graph.replay()
@@ -375,6 +431,11 @@ def _cuda_graph_check(world: int, group_name: str) -> dict:
         except Exception as err:
             report[name] = {"ok": False, "error": repr(err)[-400:]}
     return report
+
+
+def eager_key(copy_engine_key: str) -> str:
+    """The ms key of a copy-engine schedule issued op by op (no CUDA-graph replay)."""
+    return "copy_engine_eager:" + copy_engine_key.split(":", 1)[1]
 
 
 def barrier_key(copy_engine_key: str) -> str:
@@ -390,7 +451,8 @@ def geomean(values: list[float]) -> float | None:
 def summarize(rows: list[dict]) -> dict:
     over_ideal, vs_sequential, rs_vs_fused = [], [], []
     # over ideal, vs sequential, RS vs fused
-    best = {"tile": ([], [], []), "copy_engine": ([], [], []), "copy_engine_uniform": ([], [], [])}
+    best = {"tile": ([], [], []), "copy_engine": ([], [], []), "copy_engine_uniform": ([], [], []),
+            "copy_engine_eager": ([], [], [])}
     for row in rows:
         t = row["ms"]
         over_ideal.append(t["graphopt_auto"] / t["ideal"])
@@ -418,6 +480,10 @@ def summarize(rows: list[dict]) -> dict:
             f"{prefix}_best_vs_sequential": min(seq) if seq else None,
             f"rs_{prefix}_vs_torch_fused_geomean": geomean(vs_fused),
         })
+    replayed = [row["ms"][row["best_copy_engine"]] / row["ms"][row["best_copy_engine_eager"]]
+                for row in rows if row.get("best_copy_engine") and row.get("best_copy_engine_eager")]
+    if replayed:  # the best schedule replayed from CUDA graphs / the best one issued op by op
+        summary["copy_engine_replay_vs_eager_geomean"] = geomean(replayed)
     handoff = [row["ms"][best] / row["ms"][barrier_key(best)] for row in rows
                if (best := row.get("best_copy_engine")) and barrier_key(best) in row["ms"]]
     if handoff:  # P > 2: the best copy-engine schedule with phase-1 hand-offs / with barriers
@@ -428,7 +494,8 @@ def summarize(rows: list[dict]) -> dict:
         "predicts no gain); rs_vs_torch_fused_* = graphopt_auto / torch fused_matmul_reduce_scatter "
         "on the reduce-scatter rows; copy_engine_* / tile_* = the best sub-chunk / SM count of that "
         "runtime regardless of the model; copy_engine_uniform_* = the best of the equal sub-chunk "
-        "schedules only (no taper), measured in the same run")
+        "schedules only (no taper); copy_engine_* replay CUDA graphs of repeated calls (what the pass "
+        "emits), copy_engine_eager_* issue every op from Python; all measured in the same run")
     return summary
 
 
@@ -436,10 +503,11 @@ def to_markdown(results: dict) -> str:
     lines = [f"# GEMM + collective overlap, {results['gpus']} x {results['device']}",
              f"torch {results['torch']}, triton {results['triton']}, bf16, times in ms "
              f"(mean of {results['iters']} calls, best of 3, slowest rank)", "",
-             "| kind | shape | GEMM | comm | sequential | ideal | chunked:4 | best copy engine, equal "
-             "sub-chunks | best copy engine | best tile | torch fused RS | auto (choice) | auto/seq "
-             "| auto/ideal | copy engine err |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| kind | shape | GEMM | comm | sequential | ideal | chunked:4 | best copy engine, op by op "
+             "| best copy engine, equal sub-chunks | best copy engine | best tile | torch fused RS "
+             "| auto (choice) | auto/seq | auto/ideal | copy engine err |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+             "| --- |"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"  # noqa: E731
     for row in results["rows"]:
         t = row["ms"]
@@ -449,7 +517,8 @@ def to_markdown(results: dict) -> str:
         lines.append(
             f"| {row['kind']} | {row['shape']} ({row['M']}x{row['N']}x{row['K']}) | {fmt(t.get('gemm'))} "
             f"| {fmt(t.get('comm'))} | {fmt(t.get('sequential'))} | {fmt(t.get('ideal'))} "
-            f"| {fmt(t.get('chunked:4'))} | {best('copy_engine_uniform')} | {best('copy_engine')} "
+            f"| {fmt(t.get('chunked:4'))} | {best('copy_engine_eager')} | {best('copy_engine_uniform')} "
+            f"| {best('copy_engine')} "
             f"| {best('tile')} "
             f"| {fmt(t.get('torch_fused_rs'))} | {fmt(t.get('graphopt_auto'))} ({row['cost_model_choice']}) "
             f"| {fmt(t['graphopt_auto'] / t['sequential'])} | {fmt(t['graphopt_auto'] / t['ideal'])} "

@@ -25,17 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import matmul_allreduce as bench  # noqa: E402  (bench/matmul_allreduce.py: summarize)
 
 from graphopt.analysis import overlap_cost  # noqa: E402
-from graphopt.analysis.device_profile import H100, H200  # noqa: E402
+from graphopt.analysis.device_profile import H100, H200, DeviceProfile  # noqa: E402
 
 SUMMARY_KEYS = ("geomean_over_ideal", "worst_vs_sequential", "rs_vs_torch_fused_geomean")
 PLAN_PREFIXES = ("sequential", "chunked:", "copy_engine:", "tile:")
 
 
-def replay_row(row: dict, world: int, profile, symmetric_memory: bool) -> dict:
+def replay_row(row: dict, world: int, profile, symmetric_memory: bool, graph_replay: bool = False
+               ) -> dict:
     """The current model's choice for one measured row, its measured time (None: not measured) and
     estimate / measured of every variant that has both."""
     choice = overlap_cost.choose_overlap(row["kind"], row["M"], row["N"], row["K"], 2, world, profile,
-                                         is_cuda=True, symmetric_memory=symmetric_memory)
+                                         is_cuda=True, symmetric_memory=symmetric_memory,
+                                         replay=graph_replay)
     key = overlap_cost.plan_key(choice)
     measured = row["ms"]
     plans = {label: ms for label, ms in measured.items() if label.startswith(PLAN_PREFIXES)}
@@ -53,9 +55,15 @@ def replay_row(row: dict, world: int, profile, symmetric_memory: bool) -> dict:
 
 def replay(results: dict) -> dict:
     """Every row replayed (``replay_row``) and the summary keys recorded, replayed and oracle."""
-    profile = H200 if "H200" in results["device"] else H100   # what current_profile() gives there
+    if "profile" in results:      # the profile the run's own choices used (bench --profile)
+        profile = DeviceProfile(**results["profile"])
+    else:
+        profile = H200 if "H200" in results["device"] else H100   # what current_profile() gives there
     symmetric_memory = bool(results.get("api", {}).get("symmetric_memory_module"))
-    rows = [replay_row(row, results["gpus"], profile, symmetric_memory) for row in results["rows"]]
+    # Runs before CUDA-graph replay existed timed copy-engine calls issued op by op.
+    graph_replay = bool(results.get("copy_engine_replay", False))
+    rows = [replay_row(row, results["gpus"], profile, symmetric_memory, graph_replay)
+            for row in results["rows"]]
 
     def summary(pick) -> dict:
         taken = [{**row, "ms": {**row["ms"], "graphopt_auto": row["ms"][label]}}

@@ -83,6 +83,10 @@ _flag("overlap_matmul_allreduce", "overlap_mode", "auto", str,
       "experiments.", choices=("auto", "sequential", "chunked", "copy_engine", "tile"))
 _flag("overlap_matmul_allreduce", "overlap_chunks", 0, int,
       "Chunks of the chunked runtime (sub-chunks per rank block of copy_engine); 0: the model picks.")
+_flag("overlap_matmul_allreduce", "overlap_graph_replay", True, bool,
+      "Copy-engine calls replay a CUDA graph of the call from the second time the same tensors "
+      "(addresses, shapes, strides) come back: same device work and result, a graph launch of host "
+      "time instead of issuing 10-80 ops. The cost model prices the call accordingly.")
 
 # --- op times for the planners (analysis/op_timing.py) ------------------------------------------
 _flag("planning", "op_timing", "auto", str,

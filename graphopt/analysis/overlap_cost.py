@@ -20,6 +20,8 @@ all-gather feeding a GEMM) it estimates, from the device profile:
                  all-reduce pull-back for its GEMM; the slower of that and the host's time to issue
                  the call (op by op, ``ce_host_time``), plus a share of the faster that shrinks as
                  they part (beyond 2 ranks, with the host near the GPU time: their sum).
+                 With CUDA-graph replay (``replay``, the runtime's steady state from a call's
+                 third repetition on) the host's part is the graph launch alone.
 
 The copy-engine constants are fitted to the copy_engine columns of 2 x H200 runs of
 bench/matmul_allreduce.py (the ratio estimate / sequential within ~5% on most shapes, ~10% on the
@@ -103,6 +105,13 @@ CE_HOST_LAUNCH_S = 20e-6
 CE_HOST_STEP_S = 15e-6
 CE_HOST_MEMOP_S = 4.6e-6
 CE_HOST_PULL_S = 10e-6
+# Host time of a replayed copy-engine call (graphopt.distributed.graph_replay): the op's dispatch,
+# its output allocation and graph lookup (the base), and the graph launch, which grows with its
+# nodes (per driver memory operation of its barriers and hand-offs). Fitted to the bench's
+# host_us_per_*_replayed: 85-104 us per call at P = 2 and 131-267 us at P = 4 (1 to 4 sub-chunks,
+# 2 and 4 x H100), against 0.39-0.92 ms and 0.99-2.9 ms issued op by op in the same runs.
+CE_REPLAY_HOST_S = 80e-6
+CE_REPLAY_MEMOP_S = 2.5e-6
 # Where host and GPU times are close, the GPU waits for ops still being issued: a call costs the
 # slower of the two plus this share of the faster (fitted to the host-bound shapes, 2 x H200),
 # scaled by faster / slower. Nothing in a call syncs the host, so where the GPU is the slower the
@@ -153,6 +162,7 @@ class OverlapChoice:
     reason: str
     estimates_s: dict[str, float]
     taper: float = 1.0        # copy-engine sub-chunk j is about taper**j of the first (1: equal)
+    replay: bool = False      # the copy-engine call replays CUDA graphs of repeated calls
 
     @property
     def rewrites(self) -> bool:
@@ -212,7 +222,7 @@ def _parse_copy_engine_key(key: str) -> tuple[int, float]:
 
 
 def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: int, chunks: int,
-                      taper: float, profile: DeviceProfile) -> float:
+                      taper: float, profile: DeviceProfile, replay: bool = False) -> float:
     """The copy-engine schedule's timeline on rank 0 (every rank runs the same one, its blocks at
     most a row longer), walked over the runtime's own sub-chunk bounds, and never below the host's
     time to issue it (calls back to back run at the slower of the two)."""
@@ -257,7 +267,7 @@ def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: i
             compute += local(rows)
     if kind == "reduce_scatter":
         comm += barrier
-    gpu, host = max(compute, comm), ce_host_time(kind, world, len(own))
+    gpu, host = max(compute, comm), ce_host_time(kind, world, len(own), replay)
     if world > 2 and host > CE_HOST_OVERLAP_LIMIT * gpu:
         return gpu + host
     faster, slower = min(gpu, host), max(gpu, host)
@@ -270,9 +280,9 @@ def ce_barrier_time(world: int) -> float:
     return CE_BARRIER_BASE_S + CE_BARRIER_PEER_S * (world - 1)
 
 
-def ce_host_time(kind: str, world: int, count: int) -> float:
+def ce_host_time(kind: str, world: int, count: int, replay: bool = False) -> float:
     """Host time to issue one copy-engine call with ``count`` sub-chunks per rank block: what
-    ``copy_engine_pipeline`` issues, op by op."""
+    ``copy_engine_pipeline`` issues, op by op, or (``replay``) the launch of its CUDA graph."""
     launches = world * count + (world - 2) * count      # GEMMs, staging adds of phase 1
     handoffs = (world - 1) * count                       # phase 1: a hand-off and a pull each
     pulls = (world - 1) * count
@@ -285,6 +295,8 @@ def ce_host_time(kind: str, world: int, count: int) -> float:
     else:
         barriers += 1                                    # the closing barrier
     memops = 3 * (handoffs + barriers * (world - 1))     # a barrier: 3 per peer; a hand-off: 3
+    if replay:
+        return CE_REPLAY_HOST_S + CE_REPLAY_MEMOP_S * memops
     return (CE_HOST_CALL_S + launches * CE_HOST_LAUNCH_S + (handoffs + barriers) * CE_HOST_STEP_S
             + memops * CE_HOST_MEMOP_S + pulls * CE_HOST_PULL_S)
 
@@ -305,10 +317,11 @@ def copy_engine_supported(kind: str, m: int, world: int, is_cuda: bool,
 
 def estimate(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
              profile: DeviceProfile, *, tile_ok: bool, chunks: int = 0,
-             copy_engine_ok: bool = False) -> dict[str, float]:
+             copy_engine_ok: bool = False, replay: bool = False) -> dict[str, float]:
     """Estimated seconds of every candidate plan (keys 'sequential', 'chunked:c', 'tile:s' and
     ``copy_engine_key(c, q)``). ``chunks`` > 0 fixes the chunk count of the chunked and copy-engine
-    candidates (every taper of CE_SCHEDULES is still tried)."""
+    candidates (every taper of CE_SCHEDULES is still tried); ``replay``: copy-engine calls replay
+    CUDA graphs."""
     t_gemm = _gemm_time(m, n, k, itemsize, profile)
     t_comm = _comm_time(kind, m, n, k, itemsize, world, profile)
     times = {"gemm": t_gemm, "comm": t_comm, "sequential": t_gemm + t_comm}
@@ -324,7 +337,7 @@ def estimate(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
         schedules = ({(chunks, taper) for _, taper in CE_SCHEDULES} if chunks > 0 else CE_SCHEDULES)
         for count, taper in sorted(schedules):
             times[copy_engine_key(count, taper)] = _copy_engine_time(kind, m, n, k, itemsize, world,
-                                                                     count, taper, profile)
+                                                                     count, taper, profile, replay)
     return times
 
 
@@ -347,11 +360,13 @@ def tile_supported(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
 def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
                    profile: DeviceProfile, *, is_cuda: bool, symmetric_memory: bool,
                    triton: bool = True, mode: str = "auto", chunks: int = 0,
-                   hints: Optional[Mapping[Any, int]] = None) -> OverlapChoice:
+                   hints: Optional[Mapping[Any, int]] = None, replay: bool = False) -> OverlapChoice:
     """The plan for one site. ``mode`` (config.overlap_mode) forces a runtime; ``chunks``
     (config.overlap_chunks) fixes the chunk count of the chunked and copy-engine candidates (0: the
     model picks). ``symmetric_memory``: the site is a plain 2-D mm on CUDA with torch symmetric
-    memory (copy-engine and tile runtimes); ``triton``: the tile kernel can also be built."""
+    memory (copy-engine and tile runtimes); ``triton``: the tile kernel can also be built;
+    ``replay`` (config.overlap_graph_replay): copy-engine calls replay CUDA graphs of repeated calls,
+    so they are priced at the graph's launch instead of op-by-op issue."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     m, n, k = (concrete(size, hints) for size in (m, n, k))
@@ -359,7 +374,7 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
                     or (None if triton else "triton is unavailable"))
     ce_why_not = copy_engine_supported(kind, m, world, is_cuda, symmetric_memory)
     times = estimate(kind, m, n, k, itemsize, world, profile, tile_ok=tile_why_not is None,
-                     chunks=chunks, copy_engine_ok=ce_why_not is None)
+                     chunks=chunks, copy_engine_ok=ce_why_not is None, replay=replay)
     sequential = times["sequential"]
 
     if mode == "sequential":
@@ -380,7 +395,7 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
         key = min((times[key], key) for key in times if key.startswith("copy_engine:"))[1]
         count, taper = _parse_copy_engine_key(key)
         return OverlapChoice("copy_engine", count, 0, f"forced copy_engine ({key})", times,
-                             taper=taper)
+                             taper=taper, replay=replay)
 
     def margin(key: str) -> float:
         return max(MARGINS[key.split(":")[0]], MARGIN_MULTI if world > 2 else 0.0)
@@ -400,7 +415,7 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
         return OverlapChoice("tile", 1, int(value), reason, times)
     if name == "copy_engine":
         count, taper = _parse_copy_engine_key(best_key)
-        return OverlapChoice(name, count, 0, reason, times, taper=taper)
+        return OverlapChoice(name, count, 0, reason, times, taper=taper, replay=replay)
     return OverlapChoice(name, int(value), 0, reason, times)
 
 

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from graphopt import _compat
+from graphopt.distributed import graph_replay
 
 log = logging.getLogger("graphopt.distributed.symm_mem")
 
@@ -148,6 +149,9 @@ class CopyEngineWorkspace:
     next_sync: int = 0
     events: list = dataclasses.field(default_factory=list)   # reused by every call, in order
     _barrier_cache: dict = dataclasses.field(default_factory=dict)
+    # CUDA graphs of this workspace's calls (graph_replay); they bake in its buffers and flags, so
+    # they live and die with it.
+    graphs: graph_replay.GraphReplay = dataclasses.field(default_factory=graph_replay.GraphReplay)
 
     def begin_call(self) -> None:
         self.next_sync = 0
@@ -246,6 +250,25 @@ def copy_engine_workspace(group_name: str, m: int, n: int, dtype: torch.dtype,
     return workspace
 
 
+def replay_stats() -> dict[str, int]:
+    """CUDA-graph replay counts of every cached copy-engine workspace, summed (eager, captured,
+    replayed, evicted, wasted), and how many workspaces gave up replaying."""
+    total = dataclasses.asdict(graph_replay.ReplayStats())
+    total["disabled"] = 0
+    for workspace in _WORKSPACES.values():
+        graphs = getattr(workspace, "graphs", None)
+        if graphs is not None:
+            for key, value in dataclasses.asdict(graphs.stats).items():
+                total[key] += value
+            total["disabled"] += graphs.disabled is not None
+    return total
+
+
 def clear_cache() -> None:
-    """Drop every cached workspace (for tests and for freeing memory between phases)."""
+    """Drop every cached workspace and the CUDA graphs of its calls (for tests and for freeing
+    memory between phases)."""
+    for workspace in _WORKSPACES.values():
+        graphs = getattr(workspace, "graphs", None)
+        if graphs is not None:
+            graphs.clear()
     _WORKSPACES.clear()

@@ -9,7 +9,7 @@ inference graphs. Three patterns, declared as data in ``PATTERNS``:
         r  = _c10d_functional.all_reduce(v, "sum", group)
         w  = _c10d_functional.wait_tensor(r)
       ->
-        y' = graphopt::matmul_all_reduce(a, b, bias, group, mode, chunks, comm_sms, taper)
+        y' = graphopt::matmul_all_reduce(a, b, bias, group, mode, chunks, comm_sms, taper, replay)
         w' = view*(y')                                   # the same reshapes, replayed
 
     matmul_reduce_scatter (sequence-parallel row-parallel linear)
@@ -18,7 +18,7 @@ inference graphs. Three patterns, declared as data in ``PATTERNS``:
         w  = wait_tensor(reduce_scatter_tensor(x, "sum", P, group))
       ->
         w' = graphopt::matmul_reduce_scatter(view(a, o[:-1] + [K]), b, group, P, d, mode, chunks, comm_sms,
-                                             taper)
+                                             taper, replay)
 
     all_gather_matmul (sequence-parallel column-parallel linear)
         g  = wait_tensor(all_gather_into_tensor(s, P, group))
@@ -43,8 +43,9 @@ Safe when (checked per site, else the site is left unchanged and the reason is a
   sequential by its margin, unless ``config.overlap_mode`` forces a runtime;
 - runtime "copy_engine" or "tile" only for a plain 2-D mm (no bias, no batch; reduce-scatter along
   dim 0 of a 2-D output) on CUDA with torch symmetric memory: the ops' ``mode`` argument says which
-  runtime the fused op runs, ``chunks`` its chunk / sub-chunk count, and ``taper`` how fast the
-  copy-engine sub-chunks shrink (1: equal).
+  runtime the fused op runs, ``chunks`` its chunk / sub-chunk count, ``taper`` how fast the
+  copy-engine sub-chunks shrink (1: equal), and ``replay`` whether a copy-engine call replays CUDA
+  graphs of repeated calls (``config.overlap_graph_replay``; the same device work, less host time).
 
 The new ops compute the same function as the pair they replace (chunking only changes GEMM
 blocking, so results agree to floating-point rounding). They are tagged like torch tags
@@ -332,7 +333,7 @@ def _rewrite_all_reduce(gm: fx.GraphModule, match: Match, choice: overlap_cost.O
     with gm.graph.inserting_before(match.gemm):
         fused = _call(gm, torch.ops.graphopt.matmul_all_reduce.default,
                       (a, b, bias, match.group_name, choice.mode, choice.chunks, choice.comm_sms,
-                       choice.taper))
+                       choice.taper, choice.replay))
         _compat.mark_must_save(fused)
         result = fused
         for reshape in match.reshapes:
@@ -351,7 +352,7 @@ def _rewrite_reduce_scatter(gm: fx.GraphModule, match: Match,
             a = _call(gm, aten.view.default, (a, [*match.view_shape[:-1], _val(a).shape[-1]]))
         fused = _call(gm, torch.ops.graphopt.matmul_reduce_scatter.default,
                       (a, b, match.group_name, match.world_size, match.dim, choice.mode, choice.chunks,
-                       choice.comm_sms, choice.taper))
+                       choice.comm_sms, choice.taper, choice.replay))
         _compat.mark_must_save(fused)
     match.wait.replace_all_uses_with(fused)
     _erase(gm, [match.gemm, *match.reshapes, *match.layout, match.collective, match.wait, *match.copies])
@@ -435,9 +436,10 @@ def overlap_matmul_allreduce(gm: fx.GraphModule, ctx: PassContext) -> PassResult
             profile, is_cuda=is_cuda,
             symmetric_memory=match.plain_mm_layout and is_cuda and symm_mem.copy_engine_available(),
             triton=symm_mem.available(), mode=ctx.config.overlap_mode,
-            chunks=ctx.config.overlap_chunks)
+            chunks=ctx.config.overlap_chunks, replay=ctx.config.overlap_graph_replay)
         site = {"pattern": pattern.name, "gemm": match.gemm.name, "mode": choice.mode,
                 "chunks": choice.chunks, "comm_sms": choice.comm_sms, "taper": choice.taper,
+                "replay": choice.replay,
                 "reason": choice.reason,
                 "estimates_ms": {key: round(v * 1e3, 4) for key, v in choice.estimates_s.items()}}
         result.stats["sites"].append(site)
