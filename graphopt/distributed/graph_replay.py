@@ -5,7 +5,7 @@ The copy-engine runtime (``graphopt.ops.matmul_collectives``) issues 10-80 host 
 by one they take 0.4-0.9 ms of host time at P = 2 and 1.0-2.9 ms at P = 4 on the lent H100 hosts,
 more than the GPU needs for a 4096-row GEMM: calls back to back then run at the host's pace, and the
 time moves with the host's scheduling. Replayed from a CUDA graph the whole op (dispatch, output
-allocation, lookup, launch) takes 86-104 us at P = 2 and 131-267 us at P = 4
+allocation, lookup, launch) takes 85-104 us at P = 2 and 131-267 us at P = 4
 (bench/results/matmul_allreduce_2xh100.md, matmul_allreduce_4gpu.md).
 
 A graph bakes in everything the call touched: the tensors' addresses, shapes and strides, the
