@@ -94,14 +94,15 @@ class GraphReplay:
         """Run the call ``issue`` issues: replay its graph if ``key`` has one, else issue it
         eagerly or capture it (the policy in the module docstring). Returns what happened:
         "replayed", "captured" or "eager"."""
+        capturing = self._capturing()
         graph = self.graphs.get(key)
-        if graph is not None and not self._capturing():
+        if graph is not None and not capturing:
             self.graphs.move_to_end(key)
             self._unused.discard(key)
             graph.replay()
             self.stats.replayed += 1
             return "replayed"
-        if self.disabled or self._capturing() or key not in self.seen:
+        if self.disabled or capturing or key not in self.seen:
             self._remember(key)
             issue()
             self.stats.eager += 1

@@ -265,10 +265,6 @@ def replay_stats() -> dict[str, int]:
 
 
 def clear_cache() -> None:
-    """Drop every cached workspace and the CUDA graphs of its calls (for tests and for freeing
-    memory between phases)."""
-    for workspace in _WORKSPACES.values():
-        graphs = getattr(workspace, "graphs", None)
-        if graphs is not None:
-            graphs.clear()
+    """Drop every cached workspace, and with it the CUDA graphs of its calls (for tests and for
+    freeing memory between phases)."""
     _WORKSPACES.clear()
