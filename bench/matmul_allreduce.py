@@ -42,6 +42,7 @@ import torch.distributed as dist
 from graphopt import _compat
 from graphopt.analysis import overlap_cost
 from graphopt.analysis.device_profile import current_profile
+from graphopt.distributed import cuda_driver
 
 TARGETS = {"geomean_over_ideal": "<= 1.05", "worst_vs_sequential": "<= 1.00",
            "rs_vs_torch_fused": "< 1.00 (ours faster than torch fused_matmul_reduce_scatter)"}
@@ -318,7 +319,7 @@ def _copy_engine_profile(group_name: str) -> dict:
             torch.cuda.synchronize()
             dist.barrier()
         symm_mem.BATCH_MEMOPS = True
-        report["memops_mode"] = _compat.stream_memops_mode()
+        report["memops_mode"] = cuda_driver.stream_memops_mode()
         report["barrier_kind"] = "stream memops" if workspace.flag_ptrs else "signal-pad kernel"
         # Local copies: cudaMemcpy vs an elementwise kernel on the SMs.
         bytes_moved = 2 * local.numel() * local.element_size()

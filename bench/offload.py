@@ -286,7 +286,7 @@ def measured_profile(device, folder):
     results; the planners read it through ``config.device_profile``. None on CPU."""
     if device.type != "cuda":
         return None
-    from graphopt.analysis.calibrate import calibrate
+    from graphopt.measure.calibrate import calibrate
     profile, _ = calibrate()
     path = os.path.abspath(os.path.join(folder, "device_profile.json"))
     with open(path, "w") as handle:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return 0 if demo_module.run_demo(demo_module.options_from_args(args)) else 1
     if args.command == "calibrate":
-        from graphopt.analysis.calibrate import main as calibrate_main
+        from graphopt.measure.calibrate import main as calibrate_main
         return calibrate_main(args.rest + rest)
     from graphopt import config
     print(config.describe_flags())

@@ -88,7 +88,7 @@ _flag("overlap_matmul_allreduce", "overlap_graph_replay", True, bool,
       "(addresses, shapes, strides) come back: same device work and result, a graph launch of host "
       "time instead of issuing 10-80 ops. The cost model prices the call accordingly.")
 
-# --- op times for the planners (analysis/op_timing.py) ------------------------------------------
+# --- op times for the planners (measure/op_timing.py) ------------------------------------------
 _flag("planning", "op_timing", "auto", str,
       "Op times the remat and offload planners use: 'measure' times each distinct op once on its "
       "device at compile time, 'model' uses the roofline cost model, 'auto' measures on CUDA and "

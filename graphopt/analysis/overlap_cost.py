@@ -59,6 +59,7 @@ import sympy
 
 from graphopt import _compat
 from graphopt.analysis.device_profile import DeviceProfile
+from graphopt.analysis.overlap_schedule import copy_engine_blocks
 
 log = logging.getLogger("graphopt.analysis.overlap_cost")
 
@@ -226,8 +227,6 @@ def _copy_engine_time(kind: str, m: int, n: int, k: int, itemsize: int, world: i
     """The copy-engine schedule's timeline on rank 0 (every rank runs the same one, its blocks at
     most a row longer), walked over the runtime's own sub-chunk bounds, and never below the host's
     time to issue it (calls back to back run at the slower of the two)."""
-    from graphopt.ops.matmul_collectives import copy_engine_blocks
-
     blocks = [[end - start for start, end in block]
               for block in copy_engine_blocks(m, world, chunks, taper)]
     flops = profile.matmul_tflops if itemsize <= 2 else profile.matmul_tflops_fp32

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from graphopt import _compat
-from graphopt.distributed import graph_replay
+from graphopt.distributed import cuda_driver, graph_replay
 
 log = logging.getLogger("graphopt.distributed.symm_mem")
 
@@ -121,8 +121,8 @@ COPY_ENGINE_CHANNEL = 1
 # chunks + 1 at most (at any taper).
 MAX_SYNCS = 128
 # Enqueue a barrier's 3 (P - 1) stream memory operations in one driver call (cuStreamBatchMemOp)
-# where the driver takes it (``_compat.stream_memops`` falls back by itself); the bench sets False to
-# time one call each.
+# where the driver takes it (``cuda_driver.stream_memops`` falls back by itself); the bench sets
+# False to time one call each.
 BATCH_MEMOPS = True
 # Phase-1 steps of the copy-engine runtime hand off between two ranks (``handoff``); False runs a
 # barrier of every rank there instead, as before hand-offs existed (the bench times both at P > 2).
@@ -181,7 +181,7 @@ class CopyEngineWorkspace:
         if slot >= MAX_SYNCS:
             raise RuntimeError(f"a copy-engine call used more than {MAX_SYNCS} barriers; use fewer chunks")
         self.next_sync += 1
-        _compat.stream_memops(stream or torch.cuda.current_stream(), ops_of_slot(slot),
+        cuda_driver.stream_memops(stream or torch.cuda.current_stream(), ops_of_slot(slot),
                               batch=BATCH_MEMOPS)
 
     def _handoff_ops(self, slot: int, dest: int, source: int) -> list[tuple[int, int, int, bool]]:
@@ -194,8 +194,8 @@ class CopyEngineWorkspace:
         if ops is None:
             row = slot * self.world_size
             mine = self.flag_ptrs[self.rank] + 4 * (row + source)
-            ops = [(_compat.MEMOP_WRITE_32, self.flag_ptrs[dest] + 4 * (row + self.rank), 1, True),
-                   (_compat.MEMOP_WAIT_32, mine, 1, False), (_compat.MEMOP_WRITE_32, mine, 0, False)]
+            ops = [(cuda_driver.MEMOP_WRITE_32, self.flag_ptrs[dest] + 4 * (row + self.rank), 1, True),
+                   (cuda_driver.MEMOP_WAIT_32, mine, 1, False), (cuda_driver.MEMOP_WRITE_32, mine, 0, False)]
             self._barrier_cache[key] = ops
         return ops
 
@@ -209,11 +209,11 @@ class CopyEngineWorkspace:
         if ops is None:
             row = slot * self.world_size
             peers = [peer for peer in range(self.world_size) if peer != self.rank]
-            ops = [(_compat.MEMOP_WRITE_32, self.flag_ptrs[peer] + 4 * (row + self.rank), 1,
+            ops = [(cuda_driver.MEMOP_WRITE_32, self.flag_ptrs[peer] + 4 * (row + self.rank), 1,
                     index == 0) for index, peer in enumerate(peers)]
             for peer in peers:
                 mine = self.flag_ptrs[self.rank] + 4 * (row + peer)
-                ops += [(_compat.MEMOP_WAIT_32, mine, 1, False), (_compat.MEMOP_WRITE_32, mine, 0, False)]
+                ops += [(cuda_driver.MEMOP_WAIT_32, mine, 1, False), (cuda_driver.MEMOP_WRITE_32, mine, 0, False)]
             self._barrier_cache[slot] = ops
         return ops
 
@@ -236,7 +236,7 @@ def copy_engine_workspace(group_name: str, m: int, n: int, dtype: torch.dtype,
             # High priority: a copy launch waiting behind GEMM blocks gets the next free SM.
             stream = _COMM_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
         flags = flag_ptrs = None
-        if _compat.stream_memops_available():
+        if cuda_driver.stream_memops_available():
             flags, flag_handle, flag_peers = _compat.symmetric_tensor(
                 (MAX_SYNCS, handle.world_size), torch.int32, device, group_name)
             flags.zero_()

@@ -36,8 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from graphopt import _compat
-
 BLOCK_M = 128
 BLOCK_N = 256
 BLOCK_K = 64
@@ -128,22 +126,27 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, group_name: str, comm_sms: int, scatter: bool,
-            workspace=None, group_m: int = GROUP_M) -> torch.Tensor:
-    from graphopt.distributed import symm_mem
-
+def check_operands(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise where the kernel cannot multiply ``a`` [M, K] by ``b`` [K, N]."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"tile kernel multiplies [M, K] x [K, N]; got {tuple(a.shape)} x {tuple(b.shape)}")
     if a.dtype != b.dtype or a.dtype not in _TL_DTYPES:
         raise ValueError(f"tile kernel needs one of {list(_TL_DTYPES)} for both operands, got "
                          f"{a.dtype} and {b.dtype}")
+
+
+def flag_count(m: int, n: int, world: int) -> int:
+    """Flags a workspace for an [M, N] output over ``world`` ranks holds: one per tile per rank."""
+    return world * (m // BLOCK_M) * triton.cdiv(n, BLOCK_N)
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, workspace, comm_sms: int, scatter: bool,
+            group_m: int = GROUP_M) -> torch.Tensor:
+    """``workspace``: the symmetric buffers of every rank (``graphopt.distributed.symm_mem.
+    tile_workspace`` for this shape, ``flag_count`` flags), allocated by the caller."""
+    check_operands(a, b)
     m, k = a.shape
     n = b.shape[1]
-    tiles_m, tiles_n = m // BLOCK_M, triton.cdiv(n, BLOCK_N)
-    if workspace is None:
-        world = _compat.resolve_process_group(group_name).size()
-        workspace = symm_mem.tile_workspace(group_name, m, n, a.dtype, a.device,
-                                            world * tiles_m * tiles_n)
     world = workspace.world_size
     if m % (BLOCK_M * (world if scatter else 1)):
         raise ValueError(f"M={m} must be a multiple of {BLOCK_M}{' x world size' if scatter else ''} "
@@ -164,14 +167,14 @@ def _launch(a: torch.Tensor, b: torch.Tensor, group_name: str, comm_sms: int, sc
     return out
 
 
-def matmul_all_reduce_tile(a: torch.Tensor, b: torch.Tensor, group_name: str,
+def matmul_all_reduce_tile(a: torch.Tensor, b: torch.Tensor, workspace,
                            comm_sms: int) -> torch.Tensor:
     """all_reduce_sum(a @ b) with tile-triggered one-shot reduction (see the module docstring)."""
-    return _launch(a, b, group_name, comm_sms, scatter=False)
+    return _launch(a, b, workspace, comm_sms, scatter=False)
 
 
-def matmul_reduce_scatter_tile(a: torch.Tensor, b: torch.Tensor, group_name: str,
+def matmul_reduce_scatter_tile(a: torch.Tensor, b: torch.Tensor, workspace,
                                comm_sms: int) -> torch.Tensor:
     """reduce_scatter_sum(a @ b) along rows, tile-triggered: rank r gets rows block r."""
-    return _launch(a, b, group_name, comm_sms, scatter=True)
+    return _launch(a, b, workspace, comm_sms, scatter=True)
 

@@ -48,6 +48,7 @@ __all__ = [
     "attention_block_backward",
     "attention_delta",
     "merge_attention_blocks",
+    "merge_parts",
     "flash_attention",
     "reference_attention",
     "cudnn_eligible",
@@ -333,6 +334,33 @@ def _merge_on_device(out_acc: Tensor, lse_acc: Tensor, out: Tensor, lse: Tensor)
         merge_blocks_fused(out_acc, lse_acc, out, lse)
     else:
         merge_attention_blocks(out_acc, lse_acc, out, lse)
+
+
+def merge_parts(out: Tensor, lse: Tensor, parts: list[tuple[Tensor, Tensor]]) -> None:
+    """out, lse = the merge of the partial results ``parts``, in float32, rounded once: fused on
+    CUDA where the layouts allow (``graphopt.kernels.merge_attention``), in torch elsewhere; more
+    than the kernel's MAX_PARTS parts are merged in float32 groups. No part: out 0, lse -inf (rows
+    that saw no key)."""
+    if not parts:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    if out.is_cuda:
+        from graphopt.kernels.merge_attention import MAX_PARTS, flat_head_strides, merge_parts_fused
+        if all(flat_head_strides(*x) is not None for x in [(out, lse)] + parts):
+            while len(parts) > MAX_PARTS:
+                head = (torch.empty(out.shape, dtype=torch.float32, device=out.device),
+                        torch.empty(lse.shape, dtype=torch.float32, device=lse.device))
+                merge_parts_fused(*head, parts[:MAX_PARTS])
+                parts = [head] + parts[MAX_PARTS:]
+            merge_parts_fused(out, lse, parts)
+            return
+    out_acc = parts[0][0].float().clone()
+    lse_acc = parts[0][1].float().clone()
+    for part in parts[1:]:
+        merge_attention_blocks(out_acc, lse_acc, *part)
+    out.copy_(out_acc)
+    lse.copy_(lse_acc)
 
 
 def _check_acc(q: Tensor, out_acc: Optional[Tensor], lse_acc: Optional[Tensor]) -> None:

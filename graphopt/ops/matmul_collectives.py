@@ -57,10 +57,11 @@ timing.
 
 Sub-chunk sizes (``taper``, the copy-engine runtime only): with taper 1 the sub-chunks of a block
 are near-equal; with taper q < 1 sub-chunk j is about q^j times the first (trailing ones in whole
-``ROW_UNIT`` rows). What stays exposed after the last GEMM is the communication of the last
-sub-chunk (all-reduce: barrier + pull-back of its rows), so a small last sub-chunk shortens the tail;
-a large first one costs nothing on P = 2, where phase 2's first GEMM waits for that pull only after
-the whole of phase 1. ``chunks`` and ``taper`` are chosen by the cost model, which walks this schedule.
+``ROW_UNIT`` rows; the bounds come from ``graphopt.analysis.overlap_schedule``, which the cost model
+walks too). What stays exposed after the last GEMM is the communication of the last sub-chunk
+(all-reduce: barrier + pull-back of its rows), so a small last sub-chunk shortens the tail; a large
+first one costs nothing on P = 2, where phase 2's first GEMM waits for that pull only after the
+whole of phase 1. ``chunks`` and ``taper`` are chosen by the cost model, which walks this schedule.
 
 Synchronisation: a peer's rows are pulled only after that peer has signalled, after the event of
 the GEMM writing them (read after write). In phase 1 the step's producer is one rank (the source),
@@ -96,13 +97,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from graphopt import _compat
+from graphopt.analysis.overlap_schedule import chunk_bounds, copy_engine_blocks
 
 log = logging.getLogger("graphopt.ops.matmul_collectives")
 
 MODES = ("chunked", "copy_engine", "tile")
-# Sub-chunks of a tapered copy-engine schedule are whole multiples of this many rows where the block
-# allows (cuBLAS tiles are 64-256 rows high; a ragged sub-chunk wastes part of a wave).
-ROW_UNIT = 128
 # torch 2.13 renamed these (same arguments); 2.11 has only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -110,18 +109,6 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 def _group(group_name: str):
     return _compat.resolve_process_group(group_name)
-
-
-def _chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
-    """``chunks`` contiguous [start, end) ranges covering ``length`` (near-equal, none empty)."""
-    chunks = max(1, min(chunks, length)) if length > 0 else 1
-    base, extra = divmod(length, chunks)
-    bounds, start = [], 0
-    for index in range(chunks):
-        end = start + base + (1 if index < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
 def _check_mode(mode: str, a: Tensor) -> None:
@@ -203,42 +190,6 @@ class _CudaStreams:
 
     def add(self, dst: Tensor, src: Tensor) -> None:
         dst.add_(src)
-
-
-def _tapered_bounds(length: int, chunks: int, taper: float) -> list[tuple[int, int]]:
-    """``chunks`` contiguous [start, end) ranges covering ``length``, each about ``taper`` times the
-    one before (taper 1: near-equal, ``_chunk_bounds``). The trailing ranges are whole multiples of
-    ``ROW_UNIT`` rows where the length holds one per range; the first takes the remainder, and where
-    rounding would leave it smaller than the second the ranges are near-equal instead."""
-    if taper >= 1.0 or chunks <= 1 or length <= 1:
-        return _chunk_bounds(length, chunks)
-    chunks = min(chunks, length)
-    unit = ROW_UNIT if length >= chunks * ROW_UNIT else 1
-    weights = [taper ** index for index in range(chunks)]
-    trailing = [max(unit, round(length * weight / sum(weights) / unit) * unit) for weight in weights[1:]]
-    first = length - sum(trailing)
-    if first < trailing[0]:
-        return _chunk_bounds(length, chunks)
-    bounds, start = [], 0
-    for size in (first, *trailing):
-        bounds.append((start, start + size))
-        start += size
-    return bounds
-
-
-def copy_engine_blocks(rows: int, world: int, chunks: int, taper: float = 1.0
-                       ) -> list[list[tuple[int, int]]]:
-    """Row ranges [start, end) of every rank block's sub-chunks: blocks[p][j] (same on every rank).
-    ``taper`` < 1 shrinks the sub-chunks geometrically (module docstring, "Sub-chunk sizes")."""
-    if rows < world:
-        raise ValueError(f"M={rows} rows cannot be split into {world} rank blocks; use mode='chunked'")
-    if not 0.0 < taper <= 1.0:
-        raise ValueError(f"taper={taper} must be in (0, 1]: each sub-chunk at most as long as the one "
-                         "before it")
-    blocks = _chunk_bounds(rows, world)
-    chunks = max(1, min(chunks, min(end - start for start, end in blocks)))
-    return [[(start + s, start + e) for s, e in _tapered_bounds(end - start, chunks, taper)]
-            for start, end in blocks]
 
 
 def copy_engine_pipeline(io, a: Tensor, b: Tensor, out: Tensor, rank: int, world: int, chunks: int,
@@ -338,6 +289,19 @@ def _copy_engine(a: Tensor, b: Tensor, group_name: str, chunks: int, taper: floa
     return out
 
 
+def _tile(a: Tensor, b: Tensor, group_name: str, comm_sms: int, scatter: bool) -> Tensor:
+    """The tile-triggered kernel on this group's cached symmetric workspace for the shape."""
+    from graphopt.distributed import symm_mem
+    from graphopt.kernels import matmul_tile_signal as kernel
+
+    kernel.check_operands(a, b)
+    m, n = a.shape[0], b.shape[1]
+    workspace = symm_mem.tile_workspace(group_name, m, n, a.dtype, a.device,
+                                        kernel.flag_count(m, n, _group(group_name).size()))
+    run = kernel.matmul_reduce_scatter_tile if scatter else kernel.matmul_all_reduce_tile
+    return run(a, b, workspace, comm_sms)
+
+
 # --- matmul + all-reduce ---------------------------------------------------------------------------
 
 def _matmul_all_reduce_chunked(a: Tensor, b: Tensor, bias: Optional[Tensor], group_name: str,
@@ -346,7 +310,7 @@ def _matmul_all_reduce_chunked(a: Tensor, b: Tensor, bias: Optional[Tensor], gro
     out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=a.dtype, device=a.device)
     works = []
     rows = a.shape[-2]
-    for start, end in _chunk_bounds(rows, chunks):
+    for start, end in chunk_bounds(rows, chunks):
         a_rows = a.narrow(-2, start, end - start)
         if a.dim() == 2:
             target = out.narrow(0, start, end - start)  # a contiguous row block: no copy
@@ -375,11 +339,10 @@ def matmul_all_reduce(a: Tensor, b: Tensor, bias: Optional[Tensor], group_name: 
     ``replay``: the copy-engine runtime replays CUDA graphs of repeated calls)."""
     _check_mode(mode, a)
     if mode == "tile":
-        from graphopt.kernels.matmul_tile_signal import matmul_all_reduce_tile
         if bias is not None or a.dim() != 2:
             raise ValueError("mode='tile' supports plain 2-D mm (no bias, no batch); the pass "
                              "chooses 'chunked' for addmm and bmm")
-        return matmul_all_reduce_tile(a, b, group_name, comm_sms)
+        return _tile(a, b, group_name, comm_sms, scatter=False)
     if mode == "copy_engine":
         if bias is not None:
             raise ValueError("mode='copy_engine' supports plain mm (no bias); the pass chooses "
@@ -408,7 +371,7 @@ def _matmul_reduce_scatter_chunked(a: Tensor, b: Tensor, group_name: str, world_
     stacked = front.unflatten(0, (world_size, block))  # [P, S/P, rest..., K]
     out_front = torch.empty(block, *front.shape[1:-1], b.shape[-1], dtype=a.dtype, device=a.device)
     works = []
-    for start, end in _chunk_bounds(block, chunks):
+    for start, end in chunk_bounds(block, chunks):
         partial = torch.matmul(stacked.narrow(1, start, end - start), b).contiguous()
         piece = torch.empty_like(partial[0])
         works.append((_reduce_scatter_single(piece, partial.flatten(0, 1), group=group,
@@ -430,11 +393,10 @@ def matmul_reduce_scatter(a: Tensor, b: Tensor, group_name: str, world_size: int
         raise ValueError(f"dim {scatter_dim} of size {a.shape[scatter_dim]} is not divisible by "
                          f"world size {world_size}; reduce-scatter needs equal blocks")
     if mode == "tile":
-        from graphopt.kernels.matmul_tile_signal import matmul_reduce_scatter_tile
         if a.dim() != 2 or scatter_dim != 0:
             raise ValueError("mode='tile' supports a 2-D mm scattered along rows; the pass chooses "
                              "'chunked' otherwise")
-        return matmul_reduce_scatter_tile(a, b, group_name, comm_sms)
+        return _tile(a, b, group_name, comm_sms, scatter=True)
     if mode == "copy_engine":
         if scatter_dim != 0:
             raise ValueError("mode='copy_engine' scatters along rows (dim 0) only; the pass chooses "
@@ -464,7 +426,7 @@ def _all_gather_matmul_chunked(a_shard: Tensor, b: Tensor, group_name: str, worl
     gathered_ranks = gathered.unflatten(gather_dim, (world_size, block))
     out_ranks = out.unflatten(gather_dim, (world_size, block))
     pending = []
-    for start, end in _chunk_bounds(block, chunks):
+    for start, end in chunk_bounds(block, chunks):
         piece = a_shard.narrow(gather_dim, start, end - start).contiguous()
         received = piece.new_empty(world_size, *piece.shape)
         work = _all_gather_single(received.flatten(0, 1), piece, group=group, async_op=True)

@@ -142,7 +142,7 @@ class _Partials(_RowPartials):
 
 class _OutPartials(_RowPartials):
     """Partial attention results (out, lse) of this rank's query rows, merged with their
-    log-sum-exps (``graphopt.kernels.merge_attention.merge_parts`` fuses the merge on CUDA)."""
+    log-sum-exps (``graphopt.ops.attention.merge_parts`` fuses the merge on CUDA)."""
 
     def __init__(self, q: Tensor):
         super().__init__(q.shape[2])
@@ -150,7 +150,7 @@ class _OutPartials(_RowPartials):
 
     def total(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(out in ``dtype``, lse float32) over every row (rows no part covers: 0 and -inf)."""
-        from graphopt.kernels.merge_attention import merge_parts
+        from graphopt.ops.attention import merge_parts
         out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
         lse = torch.empty(self.q.shape[:3], dtype=torch.float32, device=self.q.device)
         for lo, hi, covering in _segments(self.parts, self.rows):

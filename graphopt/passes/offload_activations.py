@@ -28,7 +28,7 @@ Backward::
 
 Placement: the forward waits no earlier than the first node by which the D2H queue (all
 offloads, in production order, at the profile's host-link bandwidth slowed by
-``config.offload_link_slack``; node times measured on CUDA, see ``graphopt.analysis.op_timing``,
+``config.offload_link_slack``; node times measured on CUDA, see ``graphopt.measure.op_timing``,
 else the roofline) has finished the copy, and after the last forward use of ``x`` and its views;
 from there each wait moves as late as the forward's simulated memory allows without lifting the
 planned peak (``_sink_forward_waits``), so a copy running late stalls nothing until then. In the
@@ -71,10 +71,11 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import liveness, offload_model, op_timing
+from graphopt.analysis import liveness, offload_model
 from graphopt.analysis.cost_model import is_view, tensor_nbytes
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
+from graphopt.measure import op_timing
 from graphopt.ops import offload as offload_ops
 from graphopt.passes.manager import PassContext, PassResult
 

@@ -55,9 +55,11 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model, liveness, memory_plot, op_timing, remat_solver
+from graphopt.analysis import cost_model, liveness, remat_solver
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.remat_solver import JointGraph, Option, Plan
+from graphopt.debug import memory_plot
+from graphopt.measure import op_timing
 from graphopt.passes.manager import PassContext
 
 log = logging.getLogger("graphopt.passes.plan_rematerialization")

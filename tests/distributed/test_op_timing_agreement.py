@@ -55,7 +55,7 @@ def _reduced_mlp(group_names: list[str]):
 
 def _times(group_names, rows, timeout_s, rank):
     from graphopt import config
-    from graphopt.analysis import op_timing
+    from graphopt.measure import op_timing
     from graphopt.analysis.device_profile import CPU
     gm = make_fx(_reduced_mlp(group_names), tracing_mode="fake")(
         torch.randn(rows, 16), torch.randn(16, 16), torch.randn(16, 16))
@@ -84,7 +84,7 @@ class _Model(nn.Module):
 def _plan(rank: int):
     import graphopt
     from graphopt import _compat
-    from graphopt.analysis import op_timing
+    from graphopt.measure import op_timing
     from graphopt.debug.dump import clear_compile_summaries, compile_summaries
     torch.manual_seed(0)
     model = _Model(_compat.group_name(dist.group.WORLD))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.analysis import op_timing
+from graphopt.measure import op_timing
 from graphopt.debug.dump import compile_summaries
 from graphopt.models.llama import Llama, LlamaConfig
 

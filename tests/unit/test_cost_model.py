@@ -74,7 +74,7 @@ def test_to_sympy_and_nbytes_of_tuples():
 
 
 def test_calibrate_writes_a_loadable_profile(tmp_path, capsys):
-    from graphopt.analysis.calibrate import main
+    from graphopt.measure.calibrate import main
     out = tmp_path / "profile.json"
     assert main(["--quick", "--out", str(out)]) == 0
     profile = load_profile(str(out))

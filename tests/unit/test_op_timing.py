@@ -13,7 +13,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import graphopt
 from graphopt import _compat, config
-from graphopt.analysis import cost_model, op_timing
+from graphopt.analysis import cost_model
+from graphopt.measure import op_timing
 from graphopt.analysis.device_profile import CPU, DeviceProfile
 from graphopt.debug.dump import compile_summaries
 from graphopt.models.llama import Llama, LlamaConfig
@@ -93,7 +94,7 @@ def test_auto_with_several_ranks_measures_only_graphs_that_name_their_ranks(monk
 def test_a_rank_that_gets_no_agreed_times_plans_alone_and_says_so(monkeypatch):
     """Several ranks, and the leading rank publishes nothing in time: under 'auto' this rank keeps
     the roofline, under 'measure' it measures for itself; both say that ranks may now differ."""
-    from graphopt.distributed import agreement
+    from graphopt.measure import agreement
     monkeypatch.setattr(op_timing, "_world_size", lambda: 2)
     monkeypatch.setattr(agreement, "graph_group_ranks", lambda gm: (0, 1))
     monkeypatch.setattr(op_timing, "resolve_mode", lambda config, device, ranks: ("measure", "forced"))

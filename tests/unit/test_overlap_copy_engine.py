@@ -20,7 +20,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from graphopt.ops.matmul_collectives import MODES, ROW_UNIT, copy_engine_blocks, copy_engine_pipeline
+from graphopt.analysis.overlap_schedule import ROW_UNIT, copy_engine_blocks
+from graphopt.ops.matmul_collectives import MODES, copy_engine_pipeline
 
 
 class Race(AssertionError):
@@ -419,7 +420,7 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
     the GEMM rows written before it are visible to the peers' pulls), then wait for and reset
     flags[s][q] of every peer q on itself; enqueued in one driver call with the driver's layout."""
     import ctypes
-    from graphopt import _compat
+    from graphopt.distributed import cuda_driver
     from graphopt.distributed.symm_mem import CopyEngineWorkspace
 
     bases = [1 << 20, 2 << 20, 3 << 20]
@@ -427,7 +428,7 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
                                     world_size=3, flag_ptrs=bases)
     ops = workspace._barrier_ops(2)
     flag = lambda owner, peer: bases[owner] + 4 * (2 * 3 + peer)   # noqa: E731
-    W, A = _compat.MEMOP_WRITE_32, _compat.MEMOP_WAIT_32
+    W, A = cuda_driver.MEMOP_WRITE_32, cuda_driver.MEMOP_WAIT_32
     assert ops == [(W, flag(0, 1), 1, True), (W, flag(2, 1), 1, False),
                    (A, flag(1, 0), 1, False), (W, flag(1, 0), 0, False),
                    (A, flag(1, 2), 1, False), (W, flag(1, 2), 0, False)]
@@ -435,7 +436,7 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
     calls = []
 
     def batch(stream, count, params, flags):
-        array = ctypes.cast(params, ctypes.POINTER(_compat._MemOpParams))
+        array = ctypes.cast(params, ctypes.POINTER(cuda_driver._MemOpParams))
         calls.append([(array[i].operation, array[i].address, array[i].value, array[i].flags)
                       for i in range(count)])
         return 0
@@ -444,18 +445,18 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
         calls.append(args)
         return 0
 
-    monkeypatch.setattr(_compat, "_cuda_stream_memops", lambda: (single, single, batch))
+    monkeypatch.setattr(cuda_driver, "_cuda_stream_memops", lambda: (single, single, batch))
     stream = type("Stream", (), {"cuda_stream": 7})()
-    _compat.stream_memops(stream, ops)
+    cuda_driver.stream_memops(stream, ops)
     assert len(calls) == 1
     # Waits take CU_STREAM_WAIT_VALUE_EQ; unfenced writes CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER.
     assert calls[0] == [(W, flag(0, 1), 1, 0), (W, flag(2, 1), 1, 1), (A, flag(1, 0), 1, 1),
                         (W, flag(1, 0), 0, 1), (A, flag(1, 2), 1, 1), (W, flag(1, 2), 0, 1)]
-    assert ctypes.sizeof(_compat._MemOpParams) == 48          # the driver union's size
-    assert (_compat._MemOpParams.address.offset, _compat._MemOpParams.value.offset,
-            _compat._MemOpParams.flags.offset) == (8, 16, 24)
+    assert ctypes.sizeof(cuda_driver._MemOpParams) == 48          # the driver union's size
+    assert (cuda_driver._MemOpParams.address.offset, cuda_driver._MemOpParams.value.offset,
+            cuda_driver._MemOpParams.flags.offset) == (8, 16, 24)
     calls.clear()
-    _compat.stream_memops(stream, ops, batch=False)
+    cuda_driver.stream_memops(stream, ops, batch=False)
     assert calls == [(7, flag(0, 1), 1, 0), (7, flag(2, 1), 1, 1), (7, flag(1, 0), 1, 1),
                      (7, flag(1, 0), 0, 1), (7, flag(1, 2), 1, 1), (7, flag(1, 2), 0, 1)]
 
@@ -463,14 +464,14 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
 def test_a_handoff_is_one_fenced_signal_a_wait_and_a_reset():
     """Hand-off slot s on rank r: set flags[s][r] on dest (fenced), wait for and reset flags[s][source]
     on itself -- 3 operations at any P, where a barrier takes 3 (P - 1)."""
-    from graphopt import _compat
+    from graphopt.distributed import cuda_driver
     from graphopt.distributed.symm_mem import CopyEngineWorkspace
 
     bases = [1 << 20, 2 << 20, 3 << 20, 4 << 20]
     workspace = CopyEngineWorkspace(partial=None, peers=[], handle=None, comm_stream=None, rank=1,
                                     world_size=4, flag_ptrs=bases)
     flag = lambda owner, peer: bases[owner] + 4 * (5 * 4 + peer)   # noqa: E731  slot 5
-    W, A = _compat.MEMOP_WRITE_32, _compat.MEMOP_WAIT_32
+    W, A = cuda_driver.MEMOP_WRITE_32, cuda_driver.MEMOP_WAIT_32
     assert workspace._handoff_ops(5, dest=2, source=0) == [
         (W, flag(2, 1), 1, True), (A, flag(1, 0), 1, False), (W, flag(1, 0), 0, False)]
     assert len(workspace._barrier_ops(5)) == 3 * 3
@@ -482,13 +483,13 @@ def test_refused_memory_operations_fall_back_without_enqueuing_twice(monkeypatch
     refusal is logged once; every operation is enqueued exactly once, writes fenced, in one batch
     where the driver takes a fenced one."""
     import ctypes
-    from graphopt import _compat
+    from graphopt.distributed import cuda_driver
 
-    W, A = _compat.MEMOP_WRITE_32, _compat.MEMOP_WAIT_32
+    W, A = cuda_driver.MEMOP_WRITE_32, cuda_driver.MEMOP_WAIT_32
     enqueued = []
 
     def batch(stream, count, params, flags):
-        array = ctypes.cast(params, ctypes.POINTER(_compat._MemOpParams))
+        array = ctypes.cast(params, ctypes.POINTER(cuda_driver._MemOpParams))
         ops = [(array[i].operation, array[i].address, array[i].value, array[i].flags)
                for i in range(count)]
         if not fenced_batch_ok or any(op == W and f == 1 for op, _, _, f in ops):
@@ -506,14 +507,14 @@ def test_refused_memory_operations_fall_back_without_enqueuing_twice(monkeypatch
         enqueued.append(("wait", address, value, flags))
         return 0
 
-    monkeypatch.setattr(_compat, "_cuda_stream_memops", lambda: (write, wait, batch))
-    monkeypatch.setattr(_compat, "_MEMOP_SUPPORT", {"batch": True, "unfenced": True})
+    monkeypatch.setattr(cuda_driver, "_cuda_stream_memops", lambda: (write, wait, batch))
+    monkeypatch.setattr(cuda_driver, "_MEMOP_SUPPORT", {"batch": True, "unfenced": True})
     stream = type("Stream", (), {"cuda_stream": 7})()
     ops = [(W, 100, 1, True), (W, 200, 1, False), (A, 300, 1, False), (W, 300, 0, False)]
-    _compat.stream_memops(stream, ops)
+    cuda_driver.stream_memops(stream, ops)
     assert enqueued == [("write", 100, 1, 0), ("write", 200, 1, 0), ("wait", 300, 1, 1),
                         ("write", 300, 0, 0)]
-    assert _compat.stream_memops_mode() == ("batch" if fenced_batch_ok else "single") + ", fenced"
+    assert cuda_driver.stream_memops_mode() == ("batch" if fenced_batch_ok else "single") + ", fenced"
     enqueued.clear()
-    _compat.stream_memops(stream, ops)                     # no more refused calls
+    cuda_driver.stream_memops(stream, ops)                     # no more refused calls
     assert len(enqueued) == 4

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from graphopt.analysis import overlap_cost
 from graphopt.analysis.device_profile import CPU, H100, H200
-from graphopt.ops.matmul_collectives import copy_engine_blocks
+from graphopt.analysis.overlap_schedule import copy_engine_blocks
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results")
 

@@ -213,7 +213,7 @@ _INTERPRETER_CHECK = textwrap.dedent("""
             pass
 
     def workspace(m, n, world, rank):
-        tiles = (m // kernel.BLOCK_M) * -(-n // kernel.BLOCK_N)
+        tiles = kernel.flag_count(m, n, 1)
         partial = torch.empty(m, n)
         flags = torch.zeros(world * tiles, dtype=torch.int32)
         # this process plays one rank: the absent peers' flags read "ready" and their partial
@@ -229,7 +229,7 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         b = torch.randn(300, 96).t()
         ws = workspace(512, 300, world, rank)
         for call in range(2):  # the second call reuses the flags through the epoch
-            out = kernel._launch(a, b, "unused", 2, scatter=scatter, workspace=ws, group_m=2)
+            out = kernel._launch(a, b, ws, 2, scatter=scatter, group_m=2)
         ref = (a @ b) * world
         if scatter:
             ref = ref.chunk(world)[rank]

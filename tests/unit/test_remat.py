@@ -305,7 +305,7 @@ def test_dump_has_the_memory_picture_and_the_table(tmp_path):
 def test_plan_table_says_the_realized_peak_is_before_the_offload_pass():
     """The realized graphs are simulated before the offload pass: where the plan offloads, their
     peak still holds the offloaded tensors, and the table says so."""
-    from graphopt.analysis.memory_plot import plan_table_markdown
+    from graphopt.debug.memory_plot import plan_table_markdown
     row = {"tensor": "mul", "bytes": 4096, "alpha": 0.0, "recompute_s": None}
     summary = {"budget_bytes": 8192, "planned_peak_bytes": 8000, "min_cut_peak_bytes": 12000,
                "realized_peak_bytes": 12000, "recompute_time_s": 0.0,

@@ -19,7 +19,7 @@ hides less than the link could. Here each distinct op is run for real, at compil
 
 Several ranks must make one plan, so they must plan with the same times: the lowest rank of the
 process groups the graph's collectives name measures, and the others adopt its times through the
-process group's store (``graphopt.distributed.agreement``; the ranks compile the same graph, matched
+process group's store (``graphopt.measure.agreement``; the ranks compile the same graph, matched
 by its structure, at the same point). A rank that gets no times within
 ``op_timing_agreement_timeout_s`` plans alone and says so: with the roofline under "auto", with its
 own measurement under "measure". A graph that names no process group keeps the roofline under
@@ -57,9 +57,9 @@ import torch.fx as fx
 from graphopt import _compat
 from graphopt.analysis import cost_model
 from graphopt.analysis.device_profile import DeviceProfile
-from graphopt.distributed import agreement
+from graphopt.measure import agreement
 
-log = logging.getLogger("graphopt.analysis.op_timing")
+log = logging.getLogger("graphopt.measure.op_timing")
 
 WARMUP = 1
 REPEATS = 3

@@ -42,7 +42,7 @@ import torch.fx as fx
 from graphopt import _compat
 from graphopt.analysis import cost_model
 
-log = logging.getLogger("graphopt.distributed.agreement")
+log = logging.getLogger("graphopt.measure.agreement")
 
 _kept: dict[tuple[str, str], Agreement] = {}
 
