@@ -1,8 +1,11 @@
 """graphopt: a torch.compile backend for long-context, multi-GPU training.
 
     import graphopt
-    with graphopt.config.patch(sequence_parallel_attention=True, memory_budget="60GiB"):
-        model = torch.compile(model, backend="graphopt")
+    model = torch.compile(model, backend=graphopt.backend(sequence_parallel_attention=True,
+                                                          memory_budget="60GiB"))
+
+Flags given to ``graphopt.backend(...)`` apply to every graph that backend compiles; a
+``graphopt.config.patch`` applies to graphs compiled while it is active (at the model's first call).
 """
 
 from graphopt import config

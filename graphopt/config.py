@@ -1,176 +1,493 @@
 """graphopt's configuration: typed flags, grouped by pass, one comment each.
 
-Read a flag as an attribute (``graphopt.config.memory_budget``), set one by assignment or, for a
-scope, with ``graphopt.config.patch(...)`` (a context manager and a decorator). An environment
-variable ``GRAPHOPT_<NAME>`` overrides a flag wherever it is set, so a pass can be switched on or off
-from the command line without editing code (``GRAPHOPT_DUMP_DIR=dump python train.py``).
+A flag is set in one of four ways:
 
-The backend takes a :class:`ConfigSnapshot` when it starts compiling a graph; passes read that
-snapshot, never the live module, so a compile sees one consistent configuration.
+    graphopt.config.memory_budget = "40GiB"                      # assignment
+    with graphopt.config.patch(memory_budget="40GiB"): ...       # a scope (also a decorator)
+    torch.compile(model, backend=graphopt.backend(memory_budget="40GiB"))   # one backend
+    GRAPHOPT_MEMORY_BUDGET=40GiB python train.py                 # the environment
+
+Precedence, for every flag: **environment > graphopt.backend(...) > patch / assignment > default**.
+An environment variable ``GRAPHOPT_<NAME>`` overrides the flag wherever it is set, so a pass can be
+switched on or off from the command line without editing code.
+
+Every value is parsed and checked where it is set, into the type its consumers take: a byte size
+becomes an int of bytes ("40GiB" -> 42949672960), a fraction a float, a choice is checked against
+its choices, a path is checked on disk, a process group is checked to be one. A wrong value fails
+there -- at the assignment, at ``patch(...)``, at ``graphopt.backend(...)``, or (the environment)
+when a flag is first read or a graph compiles -- with the flag's name, the value, what is accepted
+and an example. A ``GRAPHOPT_*`` variable that names no flag, and a ``disabled_passes`` entry that
+names no pass, fail too, naming the closest match.
+
+The backend takes one :class:`ConfigSnapshot` (``compile_snapshot``) when a graph starts compiling;
+passes, planners and the ops they emit read that snapshot or values handed on from it, never this
+module. torch.compile compiles at the model's first call, not when ``torch.compile`` is called: a
+``patch`` that has ended by then does not apply to the graph. graphopt warns once, at the first
+compile after such a patch ended with no graphopt compile inside it (``FlagsNotAppliedWarning``);
+give the flags to ``graphopt.backend(...)`` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 import types
-from typing import Any, Callable, Iterator
+import warnings
+from typing import Any, Callable
 
 _ENV_PREFIX = "GRAPHOPT_"
+
+# The passes of graphopt/passes/pipeline.py, in order: the names `disabled_passes` takes (a test
+# checks that they are the pipeline's).
+PASS_NAMES = ("shard_attention", "overlap_matmul_collectives", "plan_rematerialization",
+              "offload_activations")
+# Earlier names, accepted as flags and in disabled_passes: old name -> name.
+ALIASES = {"overlap_matmul_allreduce": "overlap_matmul_collectives"}
+
+
+class ConfigError(ValueError):
+    """A flag value is wrong; the message names the flag, the value, what is accepted and an example."""
+
+
+class UnknownFlagError(ConfigError, AttributeError):
+    """No flag has this name; the message names the closest and lists the valid ones."""
+
+
+class FlagsNotAppliedWarning(UserWarning):
+    """Flags were patched while torch.compile was called but not while the graph compiled."""
+
+
+class _Rejected(Exception):
+    """Raised by a parser: why the value is wrong (the caller adds where it was set)."""
+
+
+def _a(value: Any) -> str:
+    """'an int', 'a str': the type of ``value`` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
     name: str
     default: Any
-    kind: type | tuple[type, ...]
+    parse: Callable[[Any], Any]         # a Python value -> the typed value; raises _Rejected
+    from_text: Callable[[str], Any]     # an environment variable's text -> a value for parse
     group: str
     doc: str
+    accepts: str                        # what the flag takes, for error messages
+    example: str                        # one setting that works
     choices: tuple[Any, ...] | None = None
-    from_env: bool = True  # False for flags whose values cannot be written as text
+    from_env: bool = True               # False for values that cannot be written as text
 
+
+# --- parsers: a Python value in, the typed value out -----------------------------------------------
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Rejected("is not a bool")
+
+
+def _boolean_text(text: str) -> Any:
+    lowered = text.strip().lower()
+    return True if lowered in _TRUE else False if lowered in _FALSE else text
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        raise _Rejected("is not one of them" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return parse
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Rejected(f"is {_a(value)}, not an int")
+    if value < 0:
+        raise _Rejected("is negative")
+    return value
+
+
+def _int_text(text: str) -> Any:
+    with contextlib.suppress(ValueError):
+        return int(text.strip())
+    return text
+
+
+def _non_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Rejected(f"is {_a(value)}, not a number")
+    if not math.isfinite(value):
+        raise _Rejected("is not a finite number")
+    if value < 0:
+        raise _Rejected("is negative")
+    return float(value)
+
+
+def _float_text(text: str) -> Any:
+    with contextlib.suppress(ValueError):
+        return float(text.strip())
+    return text
+
+
+def _text(text: str) -> Any:
+    return text
+
+
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
+def _number_and_unit(value: Any) -> tuple[int | float, str]:
+    """(number, lower-case unit or '') of a size written as an int, a float or a string."""
+    if isinstance(value, bool):
+        raise _Rejected("is a bool, not a size")
+    if isinstance(value, (int, float)):
+        number, unit = value, ""
+    elif isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if not match:
+            raise _Rejected("is not a number with an optional unit")
+        text, unit = match.group(1), match.group(2).lower()
+        number = int(text) if text.isdigit() else float(text)
+        if unit and unit not in _BYTE_UNITS:
+            raise _Rejected(f"has the unit {match.group(2)!r}, not one of B, KB, MB, GB, TB, KiB, "
+                            "MiB, GiB, TiB")
+    else:
+        raise _Rejected(f"is {_a(value)}, not a number or a string")
+    if not math.isfinite(number):
+        raise _Rejected("is not a finite number")
+    if number <= 0:
+        raise _Rejected("is not positive")
+    return number, unit
+
+
+def _bytes(value: Any) -> int:
+    number, unit = _number_and_unit(value)
+    if unit:
+        return int(number * _BYTE_UNITS[unit])
+    if number != int(number):
+        raise _Rejected("is not a whole number of bytes (a fraction needs a unit, e.g. '1.5GiB')")
+    return int(number)
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_or_none(value: Any) -> Any:
+        return None if value is None else parse(value)
+    return parse_or_none
+
+
+def _optional_text(from_text: Callable[[str], Any]) -> Callable[[str], Any]:
+    def none_or_text(text: str) -> Any:
+        return None if text.strip().lower() in ("", "none") else from_text(text)
+    return none_or_text
+
+
+def _memory_budget(value: Any) -> int | float:
+    """A fraction in (0, 1] (float) or bytes (int > 1): the same number means the same budget
+    however it is written (1, 1.0 and '1' are the fraction 1; 4e10 and '4e10' are bytes)."""
+    number, unit = _number_and_unit(value)
+    if unit:
+        return int(number * _BYTE_UNITS[unit])
+    if number <= 1:
+        return float(number)
+    if number != int(number):
+        raise _Rejected("is more than 1, so not a fraction, and not a whole number of bytes")
+    return int(number)
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise _Rejected(f"is {_a(value)}, not a path")
+    return os.fspath(value)
+
+
+def _dump_dir(value: Any) -> str | None:
+    """A folder that exists or can be created, and is writable; '' means no dump, as None."""
+    path = _path(value)
+    if not path:
+        return None
+    probe = os.path.abspath(path)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise _Rejected("exists and is not a folder")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise _Rejected(f"cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise _Rejected(f"cannot be written: {probe} is not writable")
+    return path
+
+
+def _device_profile(value: Any) -> str | None:
+    """The path of a profile file that loads (read, JSON, every field of a DeviceProfile)."""
+    path = _path(value)
+    if not path:
+        return None
+    from graphopt.analysis.device_profile import load_profile
+    try:
+        load_profile(path)
+    except OSError as error:
+        raise _Rejected(f"cannot be read ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise _Rejected(f"is not JSON ({error.msg} at line {error.lineno}, column {error.colno})") \
+            from None
+    except ValueError as error:
+        raise _Rejected(f"is not a device profile: {error}") from None
+    return path
+
+
+def _process_group(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value:
+            raise _Rejected("is an empty group name")
+        return value
+    import torch.distributed as dist
+    if dist.is_available() and isinstance(value, dist.ProcessGroup):
+        return value
+    hint = " (pass mesh.get_group(dim) for one dimension of a DeviceMesh)" \
+        if type(value).__name__ == "DeviceMesh" else ""
+    raise _Rejected(f"is {_a(value)}, not a process group{hint}")
+
+
+def _pass_names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        names = [name.strip() for name in value]
+    else:
+        raise _Rejected(f"is {_a(value)}, not pass names (a tuple of str or a "
+                        "comma-separated str)")
+    known = PASS_NAMES + tuple(ALIASES)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise _Rejected(f"names no pass: {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return tuple(dict.fromkeys(ALIASES.get(name, name) for name in names))
+
+
+# --- the flags ------------------------------------------------------------------------------------
 
 _FLAGS: dict[str, Flag] = {}
+_BOOL = dict(parse=_boolean, from_text=_boolean_text, accepts="True or False (environment: 1/0, "
+             "true/false, yes/no, on/off)")
 
 
-def _flag(group: str, name: str, default: Any, kind, doc: str, *, choices=None, from_env=True) -> None:
-    _FLAGS[name] = Flag(name, default, kind, group, doc, choices, from_env)
+def _flag(group: str, name: str, default: Any, doc: str, *, parse, from_text, accepts: str,
+          example: str | None = None, choices=None, from_env: bool = True) -> None:
+    _FLAGS[name] = Flag(name, default, parse, from_text, group, doc, accepts,
+                        example or f"{name}={default!r}", choices, from_env)
+
+
+def _choice_flag(group: str, name: str, default: str, doc: str, choices: tuple[str, ...]) -> None:
+    _flag(group, name, default, doc, parse=_choice(*choices), from_text=_text,
+          accepts="one of " + ", ".join(repr(c) for c in choices), example=f"{name}={choices[-1]!r}",
+          choices=choices)
 
 
 # --- general -------------------------------------------------------------------------------------
-_flag("general", "codegen", "inductor", str,
-      "Code generator after the passes: 'inductor' (fast code) or 'eager' (debugging, fast CPU tests).",
-      choices=("inductor", "eager"))
-_flag("general", "dump_dir", None, (str, type(None)),
-      "Folder for the per-graph dump: code after every stage and pass, summary.json, index.html.")
-_flag("general", "debug", False, bool,
-      "Lint every graph between passes and fail at the pass that broke an invariant.")
-_flag("general", "disabled_passes", (), tuple,
-      "Names of passes to switch off although their feature flag is on (comma-separated in the env).")
-_flag("general", "device_profile", None, (str, type(None)),
-      "Path of a device profile written by `python -m graphopt calibrate`; None uses built-in defaults.")
+_choice_flag("general", "codegen", "inductor",
+             "Code generator after the passes: 'inductor' (fast code) or 'eager' (debugging, fast CPU "
+             "tests).", ("inductor", "eager"))
+_flag("general", "dump_dir", None,
+      "Folder for the per-graph dump: code after every stage and pass, summary.json, index.html.",
+      parse=_optional(_dump_dir), from_text=_optional_text(_text),
+      accepts="None or a folder that exists or can be created, writable", example="dump_dir='graphopt_dump'")
+_flag("general", "debug", False,
+      "Lint every graph between passes and fail at the pass that broke an invariant.", **_BOOL,
+      example="debug=True")
+_flag("general", "disabled_passes", (),
+      "Names of passes to switch off although their feature flag is on (comma-separated in the "
+      "environment): " + ", ".join(PASS_NAMES) + " (overlap_matmul_allreduce: the old name of "
+      "overlap_matmul_collectives).",
+      parse=_pass_names, from_text=_text,
+      accepts="a tuple of pass names (or one comma-separated str) out of " + ", ".join(PASS_NAMES),
+      example="disabled_passes=('offload_activations',)")
+_flag("general", "device_profile", None,
+      "Path of a device profile written by `python -m graphopt calibrate`; None uses built-in defaults.",
+      parse=_optional(_device_profile), from_text=_optional_text(_text),
+      accepts="None or the path of a JSON profile written by `python -m graphopt calibrate --out PATH`",
+      example="device_profile='profile.json'")
 
 # --- sequence-parallel attention (passes/shard_attention.py) ------------------------------------
-_flag("sequence_parallel_attention", "sequence_parallel_attention", False, bool,
-      "Replace every attention with DISTFLASHATTN-style attention over the sequence-parallel group.")
-_flag("sequence_parallel_attention", "sp_group", None, object,
+_flag("sequence_parallel_attention", "sequence_parallel_attention", False,
+      "Replace every attention with DISTFLASHATTN-style attention over the sequence-parallel group.",
+      **_BOOL, example="sequence_parallel_attention=True")
+_flag("sequence_parallel_attention", "sp_group", None,
       "Process group the sequence is sharded over; None means the default (WORLD) group.",
-      from_env=False)
-_flag("sequence_parallel_attention", "sp_load_balance", True, bool,
-      "Balance causal work token-level across ranks (idle ranks compute blocks for busy ones).")
-_flag("sequence_parallel_attention", "sp_split_diagonal", True, bool,
+      parse=_optional(_process_group), from_text=_text,
+      accepts="None (the WORLD group), a torch.distributed.ProcessGroup or the name of one",
+      example="sp_group=torch.distributed.new_group([0, 1])", from_env=False)
+_flag("sequence_parallel_attention", "sp_load_balance", True,
+      "Balance causal work token-level across ranks (idle ranks compute blocks for busy ones).",
+      **_BOOL, example="sp_load_balance=False")
+_flag("sequence_parallel_attention", "sp_split_diagonal", True,
       "Open and close each rank's step sequence with half of its own diagonal block, so the first "
       "inputs and the last returned partials travel under compute (read when the op runs; False "
-      "runs the diagonal whole, first in forward and last in backward).")
+      "runs the diagonal whole, first in forward and last in backward).",
+      **_BOOL, example="sp_split_diagonal=False")
 
 # --- attention kernels (ops/attention.py; read when an attention op runs) -----------------------
-_flag("attention", "attention_kernel", "auto", str,
-      "CUDA attention blocks: 'auto' runs torch's cuDNN attention where it computes a block exactly "
-      "(no mask or the diagonal block, fp16/bf16, D % 8 == 0, D <= 128, sm90+) and graphopt's "
-      "Triton kernels elsewhere; 'triton' always runs graphopt's kernels.",
-      choices=("auto", "triton"))
+_choice_flag("attention", "attention_kernel", "auto",
+             "CUDA attention blocks: 'auto' runs torch's cuDNN attention where it computes a block "
+             "exactly (no mask or the diagonal block, fp16/bf16, D % 8 == 0, D <= 128, sm90+) and "
+             "graphopt's Triton kernels elsewhere; 'triton' always runs graphopt's kernels.",
+             ("auto", "triton"))
 
-# --- GEMM + collective overlap (passes/overlap_matmul_allreduce.py) -----------------------------
-_flag("overlap_matmul_allreduce", "overlap_matmul_allreduce", False, bool,
-      "Decompose GEMM + all-reduce / reduce-scatter / all-gather + GEMM into overlapped chunks.")
-_flag("overlap_matmul_allreduce", "overlap_mode", "auto", str,
-      "'auto' lets the cost model choose; force 'sequential', 'chunked', 'copy_engine' or 'tile' for "
-      "experiments.", choices=("auto", "sequential", "chunked", "copy_engine", "tile"))
-_flag("overlap_matmul_allreduce", "overlap_chunks", 0, int,
-      "Chunks of the chunked runtime (sub-chunks per rank block of copy_engine); 0: the model picks.")
-_flag("overlap_matmul_allreduce", "overlap_graph_replay", True, bool,
+# --- GEMM + collective overlap (passes/overlap_matmul_collectives.py) ---------------------------
+_flag("overlap_matmul_collectives", "overlap_matmul_collectives", False,
+      "Decompose GEMM + all-reduce / reduce-scatter and all-gather + GEMM into overlapped chunks "
+      "(also accepted as overlap_matmul_allreduce, its name before it handled reduce-scatter and "
+      "all-gather).", **_BOOL, example="overlap_matmul_collectives=True")
+_choice_flag("overlap_matmul_collectives", "overlap_mode", "auto",
+             "'auto' lets the cost model choose; force 'sequential', 'chunked', 'copy_engine' or "
+             "'tile' for experiments.", ("auto", "sequential", "chunked", "copy_engine", "tile"))
+_flag("overlap_matmul_collectives", "overlap_chunks", 0,
+      "Chunks of the chunked runtime (sub-chunks per rank block of copy_engine); 0: the model picks.",
+      parse=_count, from_text=_int_text, accepts="an int >= 0", example="overlap_chunks=4")
+_flag("overlap_matmul_collectives", "overlap_graph_replay", True,
       "Copy-engine calls replay a CUDA graph of the call from the second time the same tensors "
       "(addresses, shapes, strides) come back: same device work and result, a graph launch of host "
-      "time instead of issuing 10-80 ops. The cost model prices the call accordingly.")
+      "time instead of issuing 10-80 ops. The cost model prices the call accordingly.",
+      **_BOOL, example="overlap_graph_replay=False")
 
-# --- op times for the planners (measure/op_timing.py) ------------------------------------------
-_flag("planning", "op_timing", "auto", str,
-      "Op times the remat and offload planners use: 'measure' times each distinct op once on its "
-      "device at compile time, 'model' uses the roofline cost model, 'auto' measures on CUDA and "
-      "models elsewhere. With several ranks the lowest rank of the graph's process groups measures "
-      "and the others adopt its times, so every rank makes the same plan; 'auto' keeps the roofline "
-      "for a graph that names no process group.", choices=("auto", "measure", "model"))
-_flag("planning", "op_timing_agreement_timeout_s", 300.0, (float, int),
+# --- op times for the planners (measure/op_timing.py) -------------------------------------------
+_choice_flag("planning", "op_timing", "auto",
+             "Op times the remat and offload planners use: 'measure' times each distinct op once on "
+             "its device at compile time, 'model' uses the roofline cost model, 'auto' measures on "
+             "CUDA and models elsewhere. With several ranks the lowest rank of the graph's process "
+             "groups measures and the others adopt its times, so every rank makes the same plan; "
+             "'auto' keeps the roofline for a graph that names no process group.",
+             ("auto", "measure", "model"))
+_flag("planning", "op_timing_agreement_timeout_s", 300.0,
       "Seconds a rank waits for the measuring rank's op times (it measures them at compile time) "
-      "before planning without them: the roofline under 'auto', its own measurement under 'measure'.")
+      "before planning without them: the roofline under 'auto', its own measurement under 'measure'.",
+      parse=_non_negative, from_text=_float_text, accepts="a finite number of seconds >= 0",
+      example="op_timing_agreement_timeout_s=600")
 
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
-_flag("rematerialization", "memory_budget", None, (str, int, float, type(None)),
-      "Peak activation-memory budget: bytes ('40GiB', 4e10) or a fraction f: the min-cut plan's peak "
-      "less (1 - f) of what it saves (1.0: the runtime-optimal min-cut plan, as torch's budget 1.0).")
+_flag("rematerialization", "memory_budget", None,
+      "Peak activation-memory budget: bytes ('40GiB', 4e10; parsed to an int) or a fraction f in "
+      "(0, 1] (a float): the min-cut plan's peak less (1 - f) of what it saves (1.0: the "
+      "runtime-optimal min-cut plan, as torch's budget 1.0).",
+      parse=_optional(_memory_budget), from_text=_optional_text(_text),
+      accepts="None, bytes (an int > 1, a whole float such as 4e10, or a size with a unit: '40GiB', "
+              "'512MiB', '1.5GB') or a fraction in (0, 1] (0.5, '0.5', 1)",
+      example="memory_budget='40GiB' or memory_budget=0.5")
 
 # --- activation offload (passes/offload_activations.py) -----------------------------------------
-_flag("offload", "offload_activations", False, bool,
-      "Offload saved activations chosen by the joint plan to pinned host memory, overlapped.")
-_flag("offload", "offload_host_capacity", None, (str, int, type(None)),
-      "Most pinned host bytes the offload plan may use ('64GiB'); None means no limit.")
-_flag("offload", "offload_link_slack", 0.02, (float, int),
+_flag("offload", "offload_activations", False,
+      "Offload saved activations chosen by the joint plan to pinned host memory, overlapped.",
+      **_BOOL, example="offload_activations=True")
+_flag("offload", "offload_host_capacity", None,
+      "Most pinned host bytes the offload plan may use ('64GiB'; parsed to an int); None means no "
+      "limit.", parse=_optional(_bytes), from_text=_optional_text(_text),
+      accepts="None or a positive size: an int of bytes, a whole float (4e10) or a size with a unit "
+              "('64GiB', '500MB')", example="offload_host_capacity='64GiB'")
+_flag("offload", "offload_link_slack", 0.02,
       "Slack the offload schedule leaves on the host link: copies are planned, waited for and "
       "reloaded as if the link ran this fraction slower than the device profile says, so a copy "
       "that runs a little late does not stall the step. 0 plans at the profile's bandwidth. "
       "Measured at S = 8K on one H100 (bench/offload.py, link margins): 0 / 0.02 / 0.06 offloaded "
-      "93 / 91 / 88% of what the forward's link time could carry, each at 2.1-2.3% step overhead.")
-
-
-class ConfigError(ValueError):
-    """A flag value is wrong; the message names the fix."""
-
-
-class UnknownFlagError(ConfigError, AttributeError):
-    """No flag has this name; the message lists the valid ones."""
+      "93 / 91 / 88% of what the forward's link time could carry, each at 2.1-2.3% step overhead.",
+      parse=_non_negative, from_text=_float_text, accepts="a finite fraction >= 0",
+      example="offload_link_slack=0.05")
 
 
 def _unknown(name: str) -> UnknownFlagError:
-    valid = ", ".join(sorted(_FLAGS))
-    return UnknownFlagError(f"graphopt.config has no flag {name!r}; valid flags: {valid}")
+    close = difflib.get_close_matches(name, list(_FLAGS) + list(ALIASES), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return UnknownFlagError(f"graphopt.config has no flag {name!r}; {hint}valid flags: "
+                            f"{', '.join(sorted(_FLAGS))}")
 
 
-def _parse_env(flag: Flag, text: str) -> Any:
-    kinds = flag.kind if isinstance(flag.kind, tuple) else (flag.kind,)
-    lowered = text.strip().lower()
-    if type(None) in kinds and lowered in ("", "none"):
-        return None
-    if bool in kinds:
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{_ENV_PREFIX}{flag.name.upper()}={text!r} is not a boolean; use 1/0 or true/false")
-    if tuple in kinds:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
-    if int in kinds:
-        with contextlib.suppress(ValueError):
-            return int(text)
-    if float in kinds:
-        with contextlib.suppress(ValueError):
-            return float(text)
-    return text
+def _canonical(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in _FLAGS:
+        raise _unknown(name)
+    return name
 
 
-def _validate(flag: Flag, value: Any) -> Any:
-    if flag.kind is tuple and isinstance(value, (list, str)):
-        value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
-    if flag.kind is not object and not isinstance(value, flag.kind):
-        raise ConfigError(
-            f"graphopt.config.{flag.name} must be {_kind_name(flag.kind)}, got {type(value).__name__} "
-            f"{value!r}")
-    if flag.choices is not None and value not in flag.choices:
-        raise ConfigError(f"graphopt.config.{flag.name}={value!r} is not one of {flag.choices}")
-    return value
+def _parse(name: str, value: Any, where: str) -> Any:
+    """The typed value of ``value`` for flag ``name``, or a ConfigError saying what was wrong where."""
+    flag = _FLAGS[name]
+    try:
+        return flag.parse(value)
+    except _Rejected as why:
+        raise ConfigError(f"{where} {why}. {flag.name} takes {flag.accepts}; for example "
+                          f"{flag.example}") from None
 
 
-def _kind_name(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+def _parse_changes(changes: dict[str, Any], where: Callable[[str, Any], str]) -> dict[str, Any]:
+    """Flag name (aliases resolved) -> typed value; an alias and its flag given together must agree."""
+    parsed: dict[str, Any] = {}
+    for given, value in changes.items():
+        name = _canonical(given)
+        typed = _parse(name, value, where(given, value))
+        if name in parsed and parsed[name] != typed:
+            raise ConfigError(f"{given} is another name of {name}, which is set to {parsed[name]!r} "
+                              f"in the same call; set one of them")
+        parsed[name] = typed
+    return parsed
 
+
+# --- the environment --------------------------------------------------------------------------------
+
+_environment_cache: dict[tuple, dict[str, Any]] = {}
+
+
+def _environment() -> dict[str, Any]:
+    """Flag -> typed value of every ``GRAPHOPT_*`` variable set now (parsed once per distinct
+    environment); an unknown variable or a bad value raises."""
+    items = tuple(sorted((key, text) for key, text in os.environ.items() if key.startswith(_ENV_PREFIX)))
+    cached = _environment_cache.get(items)
+    if cached is not None:
+        return cached
+    values: dict[str, Any] = {}
+    for key, text in items:
+        given = key[len(_ENV_PREFIX):].lower()
+        name = ALIASES.get(given, given)
+        flag = _FLAGS.get(name)
+        if flag is None:
+            known = [_ENV_PREFIX + n.upper() for n in list(_FLAGS) + list(ALIASES)]
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"environment variable {key} names no graphopt flag" +
+                              (f"; did you mean {close[0]}?" if close else "") +
+                              f" graphopt reads {_ENV_PREFIX}<FLAG> for the flags of "
+                              "`python -m graphopt flags`; unset it or fix its name")
+        if not flag.from_env:
+            raise ConfigError(f"environment variable {key}: {name} cannot be set from the "
+                              f"environment (it takes {flag.accepts}); set it in code, for example "
+                              f"{flag.example}")
+        typed = _parse(name, flag.from_text(text), f"environment variable {key}={text!r}")
+        if name in values and values[name] != typed:
+            raise ConfigError(f"environment variables {_ENV_PREFIX}{name.upper()} and the old name "
+                              f"{key} disagree; set one of them")
+        values[name] = typed
+    _environment_cache.clear()
+    _environment_cache[items] = values
+    return values
+
+
+# --- snapshots --------------------------------------------------------------------------------------
 
 class ConfigSnapshot:
-    """The values of every flag at one moment; attribute access, hashable description."""
+    """The typed value of every flag at one moment; attribute access, hashable description."""
 
     def __init__(self, values: dict[str, Any]):
         object.__setattr__(self, "_values", dict(values))
@@ -179,7 +496,7 @@ class ConfigSnapshot:
         if name.startswith("_"):
             raise AttributeError(name)
         try:
-            return self._values[name]
+            return self._values[ALIASES.get(name, name)]
         except KeyError:
             raise _unknown(name) from None
 
@@ -190,12 +507,13 @@ class ConfigSnapshot:
         return (ConfigSnapshot, (self._values,))
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("a ConfigSnapshot is read-only; use graphopt.config.patch(...)")
+        raise AttributeError("a ConfigSnapshot is read-only; use graphopt.config.patch(...) or "
+                             "graphopt.backend(...)")
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, Any]:
         """JSON-friendly values (process groups and other objects as their repr)."""
         return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
                 for k, v in sorted(self._values.items())}
@@ -204,69 +522,90 @@ class ConfigSnapshot:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
 
 
-class _ConfigModule(types.ModuleType):
-    """Module type of ``graphopt.config``: validates assignments and applies env overrides."""
-
-    def __getattr__(self, name: str) -> Any:
-        flag = _FLAGS.get(name)
-        if flag is None:
-            if name.startswith("__"):
-                raise AttributeError(name)
-            raise _unknown(name)
-        env = os.environ.get(_ENV_PREFIX + name.upper())
-        if env is not None and flag.from_env:
-            return _validate(flag, _parse_env(flag, env))
-        return _values.get(name, flag.default)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("_") or name not in _FLAGS and name in self.__dict__:
-            super().__setattr__(name, value)
-            return
-        flag = _FLAGS.get(name)
-        if flag is None:
-            raise _unknown(name)
-        _values[name] = _validate(flag, value)
-
-
-_values: dict[str, Any] = {}
-
-
-def flags() -> dict[str, Flag]:
-    """Every flag with its group, type, default and comment."""
-    return dict(_FLAGS)
+_values: dict[str, Any] = {}  # flags set by assignment or an active patch (typed)
 
 
 def snapshot(**overrides: Any) -> ConfigSnapshot:
-    """The current value of every flag, with ``overrides`` (validated) on top."""
-    module = sys.modules[__name__]
-    values = {name: getattr(module, name) for name in _FLAGS}
-    for name, value in overrides.items():
-        if name not in _FLAGS:
-            raise _unknown(name)
-        values[name] = _validate(_FLAGS[name], value)
+    """Every flag's typed value now: the environment over ``overrides`` (what graphopt.backend(...)
+    fixes) over assignments and patches over the defaults."""
+    values = {name: _values.get(name, flag.default) for name, flag in _FLAGS.items()}
+    values.update(_parse_changes(overrides, lambda name, value: f"graphopt.backend({name}={value!r})"))
+    values.update(_environment())
     return ConfigSnapshot(values)
 
 
+_compiles = 0                              # graphs graphopt has started compiling in this process
+_patched_unapplied: dict[str, Any] = {}    # flags of patches that ended with no compile inside
+
+
+def compile_snapshot(**overrides: Any) -> ConfigSnapshot:
+    """The snapshot one graph compiles with (the backend calls this once per graph).
+
+    Warns once about the flags of patches that ended, with no graphopt compile inside them, before
+    this compile began, and that this snapshot does not carry: the README's ``with patch(...):
+    model = torch.compile(model, ...)`` compiles at the first call, after the patch ended."""
+    global _compiles
+    _compiles += 1
+    result = snapshot(**overrides)
+    missed = {name: value for name, value in _patched_unapplied.items()
+              if getattr(result, name) != value}
+    _patched_unapplied.clear()
+    if missed:
+        settings = ", ".join(f"{name}={value!r}" for name, value in missed.items())
+        warnings.warn(FlagsNotAppliedWarning(
+            f"graphopt flags {settings} were patched when torch.compile was called but not when the "
+            "graph compiled (torch.compile compiles at the model's first call, after the "
+            "graphopt.config.patch block ended); pass them to graphopt.backend(...): "
+            f"torch.compile(model, backend=graphopt.backend({settings}))"), stacklevel=2)
+    return result
+
+
 class patch(contextlib.ContextDecorator):
-    """Set flags for a scope: ``with graphopt.config.patch(memory_budget="40GiB"): ...``."""
+    """Set flags for a scope: ``with graphopt.config.patch(memory_budget="40GiB"): ...``.
+
+    The values are checked here, when the patch is made. A graph compiles with the flags in force
+    when it compiles -- at the compiled model's first call -- so a patch must be active then (or
+    give the flags to ``graphopt.backend(...)``)."""
 
     def __init__(self, **changes: Any):
-        for name, value in changes.items():
-            if name not in _FLAGS:
-                raise _unknown(name)
-            _validate(_FLAGS[name], value)
-        self._changes = changes
-        self._saved: list[dict[str, Any]] = []
+        self._changes = _parse_changes(changes, lambda name, value: f"graphopt.config.patch({name}={value!r})")
+        self._saved: list[tuple[dict[str, Any], int]] = []
 
     def __enter__(self) -> "patch":
-        self._saved.append(dict(_values))
-        for name, value in self._changes.items():
-            _values[name] = _validate(_FLAGS[name], value)
+        self._saved.append((dict(_values), _compiles))
+        _values.update(self._changes)
         return self
 
     def __exit__(self, *exc) -> None:
+        saved, compiles_before = self._saved.pop()
         _values.clear()
-        _values.update(self._saved.pop())
+        _values.update(saved)
+        if _compiles == compiles_before:
+            _patched_unapplied.update(self._changes)
+
+
+class _ConfigModule(types.ModuleType):
+    """Module type of ``graphopt.config``: checks assignments and applies environment overrides."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        name = _canonical(name)
+        environment = _environment()
+        if name in environment:
+            return environment[name]
+        return _values.get(name, _FLAGS[name].default)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name not in _FLAGS and name not in ALIASES and name in self.__dict__:
+            super().__setattr__(name, value)
+            return
+        _values.update(_parse_changes({name: value}, lambda given, v: f"graphopt.config.{given}={v!r}"))
+
+
+def flags() -> dict[str, Flag]:
+    """Every flag with its group, default, what it accepts and its comment."""
+    return dict(_FLAGS)
 
 
 def source_digest() -> str:

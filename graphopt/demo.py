@@ -94,7 +94,7 @@ def _tensor_parallel_part(rank, world, opts, cfg, device, reference, tokens, tar
     mesh = init_device_mesh(device.type, (world,))
     parallelize_llama(model, mesh)
     flags = dict(codegen=opts.codegen, dump_dir=os.path.join(opts.dump_dir, "tensor_parallel"),
-                 overlap_matmul_allreduce=opts.overlap)
+                 overlap_matmul_collectives=opts.overlap)
     if device.type == "cpu":
         # The cost model rightly keeps these tiny GEMMs sequential; force the chunked runtime so
         # the demo checks the rewritten graph's numerics.

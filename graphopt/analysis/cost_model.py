@@ -23,7 +23,9 @@ import sympy
 import torch
 import torch.fx as fx
 
+from graphopt.analysis import op_facts
 from graphopt.analysis.device_profile import DeviceProfile
+from graphopt.analysis.op_facts import val
 
 log = logging.getLogger("graphopt.analysis.cost_model")
 
@@ -115,12 +117,8 @@ def evaluate(expr: sympy.Expr, hints: dict | None = None) -> float:
 
 # --- FLOP formulas, as data: op -> function(node, out) returning a sympy expression ------------------
 
-def _val(arg: Any) -> Any:
-    return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
-
-
 def _shape(arg: Any) -> list[sympy.Expr]:
-    return [to_sympy(s) for s in _val(arg).shape]
+    return [to_sympy(s) for s in val(arg).shape]
 
 
 def _mm_flops(node: fx.Node, out: Any) -> sympy.Expr:
@@ -163,16 +161,10 @@ def _attention_flops(node: fx.Node, out: Any, backward: bool) -> sympy.Expr:
 
 
 def _is_causal(node: fx.Node) -> bool:
-    return bool(argument(node, "is_causal", default=False))
+    return bool(op_facts.argument(node, "is_causal", default=False))
 
 
-_ATTENTION_FORWARD = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                      "_flash_attention_forward", "_efficient_attention_forward",
-                      "scaled_dot_product_attention")
-_ATTENTION_BACKWARD = tuple(f"{name}_backward" for name in _ATTENTION_FORWARD) + (
-    "_flash_attention_backward", "_efficient_attention_backward")
-
+# One formula per op of op_facts.GEMMS (the ops the cost category "gemm" charges at the GEMM rate).
 FLOP_FORMULAS: dict[Any, Callable[[fx.Node, Any], sympy.Expr]] = {
     aten.mm.default: _mm_flops,
     aten.addmm.default: _addmm_flops,
@@ -181,65 +173,18 @@ FLOP_FORMULAS: dict[Any, Callable[[fx.Node, Any], sympy.Expr]] = {
     aten.convolution.default: _conv_flops,
 }
 
-# Ops whose output shares storage with an input: no bytes moved, no new memory.
-_VIEW_LIKE = {aten._unsafe_view.default, aten.alias.default}
-
-
-def op_name(node: fx.Node) -> str:
-    target = node.target
-    packet = getattr(target, "_overloadpacket", None)
-    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
-
-
-def argument(node: fx.Node, name: str, default: Any = None) -> Any:
-    """The value ``node`` passes for its op's argument ``name``: by keyword, by position, else the
-    schema's default; ``default`` where the op has no such argument (or no schema)."""
-    if name in node.kwargs:
-        return node.kwargs[name]
-    schema = getattr(node.target, "_schema", None)
-    for index, arg in enumerate(schema.arguments if schema is not None else ()):
-        if arg.name == name:
-            return node.args[index] if index < len(node.args) else arg.default_value
-    return default
-
-
-def is_attention(node: fx.Node) -> bool:
-    """aten SDPA / flash / efficient / cudnn attention (forward or backward), or a graphopt:: attention op."""
-    if node.op != "call_function":
-        return False
-    name = op_name(node)
-    namespace = getattr(node.target, "namespace", "")
-    if namespace == "graphopt" and "attention" in name:
-        return True
-    return name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD
-
-
-def is_view(node: fx.Node) -> bool:
-    """The output aliases an input (a view in the schema, or a known view-like op)."""
-    if node.op != "call_function":
-        return False
-    if node.target in _VIEW_LIKE:
-        return True
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.returns:
-        return False
-    alias = schema.returns[0].alias_info
-    return alias is not None and not alias.is_write
-
-
 def op_cost(node: fx.Node) -> OpCost:
     """FLOPs and bytes of one call_function node (zero for placeholders, views and outputs)."""
     zero = sympy.Integer(0)
-    if node.op != "call_function" or is_view(node):
+    category = op_facts.cost_category(node)
+    if category in ("none", "view"):
         return OpCost(zero, zero, False)
     out = node.meta.get("val")
-    moved = nbytes_expr(out) + sympy.Add(*[nbytes_expr(_val(a)) for a in node.all_input_nodes])
-    formula = FLOP_FORMULAS.get(node.target)
-    if formula is not None:
-        return OpCost(formula(node, out), moved, True)
-    if is_attention(node) and node.args and isinstance(_val(node.args[0]), torch.Tensor):
-        backward = op_name(node) in _ATTENTION_BACKWARD
-        return OpCost(_attention_flops(node, out, backward), moved, True)
+    moved = nbytes_expr(out) + sympy.Add(*[nbytes_expr(val(a)) for a in node.all_input_nodes])
+    if category == "gemm":
+        return OpCost(FLOP_FORMULAS[node.target](node, out), moved, True)
+    if category == "attention":
+        return OpCost(_attention_flops(node, out, op_facts.is_attention_backward(node)), moved, True)
     elements = numel_expr(out) if isinstance(out, torch.Tensor) else zero
     return OpCost(elements, moved, False)
 
@@ -267,7 +212,7 @@ def node_time(node: fx.Node, profile: DeviceProfile) -> float:
     out = node.meta.get("val")
     first = out[0] if isinstance(out, (tuple, list)) and out else out
     dtype = first.dtype if isinstance(first, torch.Tensor) else None
-    values = [out] + [_val(a) for a in node.all_input_nodes]
+    values = [out] + [val(a) for a in node.all_input_nodes]
     hints = hints_for(cost.flops + cost.bytes, [v for v in values if isinstance(v, torch.Tensor)])
     return roofline_time(cost, profile, dtype, hints)
 
@@ -285,7 +230,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _sizes(arg: Any) -> list[int]:
-    return [size_hint(s) for s in _val(arg).shape]
+    return [size_hint(s) for s in val(arg).shape]
 
 
 def _flash_backward_workspace(node: fx.Node, heads_first: bool) -> int:
@@ -300,7 +245,7 @@ def _flash_backward_workspace(node: fx.Node, heads_first: bool) -> int:
     dim_rounded = _round_up(head_dim, 32 if head_dim <= 128 else 64)
     workspace = 4 * batch * seq_q_rounded * heads * dim_rounded + 4 * batch * heads * seq_q_rounded
     if key[2] != heads:
-        workspace += 2 * batch * key[1] * heads * head_dim * _val(node.args[1]).element_size()
+        workspace += 2 * batch * key[1] * heads * head_dim * val(node.args[1]).element_size()
     return workspace
 
 
@@ -314,7 +259,7 @@ def _cudnn_backward_workspace(node: fx.Node) -> int:
 def _efficient_backward_workspace(node: fx.Node, heads_first: bool) -> int:
     """Memory-efficient attention backward with a low-precision output: the gradient of the
     queries accumulated in fp32 (its key/value accumulators, when used, are not modelled)."""
-    query = _val(node.args[1])
+    query = val(node.args[1])
     if query.dtype == torch.float32:
         return 0
     return 4 * math.prod(_sizes(node.args[1]))
@@ -324,7 +269,7 @@ def _embedding_backward_workspace(node: fx.Node) -> int:
     """CUDA embedding backward over more than 3072 indices: the indices sorted (with their
     positions and segment bookkeeping, int64) and one partial sum per segment in the accumulation
     dtype (fp32 for bf16/fp16), at most one row per index."""
-    grad, indices = _val(node.args[0]), _val(node.args[1])
+    grad, indices = val(node.args[0]), val(node.args[1])
     if grad.device.type != "cuda":
         return 0
     count = math.prod(_sizes(node.args[1]))
@@ -352,8 +297,8 @@ def workspace_bytes(node: fx.Node) -> int:
     part of the memory in use before a step, not of the step's peak."""
     if node.op != "call_function":
         return 0
-    formula = WORKSPACE_FORMULAS.get(op_name(node))
-    if formula is None or not all(isinstance(_val(a), torch.Tensor) for a in node.args[:3]
+    formula = WORKSPACE_FORMULAS.get(op_facts.op_name(node))
+    if formula is None or not all(isinstance(val(a), torch.Tensor) for a in node.args[:3]
                                   if isinstance(a, fx.Node)):
         return 0
     return int(formula(node))

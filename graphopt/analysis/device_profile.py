@@ -39,19 +39,32 @@ CPU = DeviceProfile("cpu", matmul_tflops=0.2, matmul_tflops_fp32=0.1, hbm_gbps=2
 
 
 def load_profile(path: str) -> DeviceProfile:
+    """The profile in the JSON file ``path``; OSError / json.JSONDecodeError where it cannot be
+    read, ValueError naming the fields where it is not a device profile."""
     with open(path) as handle:
         data = json.load(handle)
-    fields = {f.name for f in dataclasses.fields(DeviceProfile)}
-    unknown = set(data) - fields
-    if unknown:
-        raise ValueError(f"device profile {path} has unknown keys {sorted(unknown)}; "
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of figures; "
                          "regenerate it with `python -m graphopt calibrate`")
+    fields = {f.name: f for f in dataclasses.fields(DeviceProfile)}
+    unknown = sorted(set(data) - set(fields))
+    missing = sorted(name for name, f in fields.items()
+                     if f.default is dataclasses.MISSING and name not in data)
+    not_figures = sorted(name for name, value in data.items() if name != "name" and name in fields
+                         and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not value >= 0 or value == float("inf")))
+    problems = ([f"unknown keys {unknown}"] if unknown else []) + \
+        ([f"missing keys {missing}"] if missing else []) + \
+        ([f"keys {not_figures} are not finite numbers >= 0"] if not_figures else [])
+    if problems:
+        raise ValueError(f"device profile {path} has {'; '.join(problems)}; regenerate it with "
+                         "`python -m graphopt calibrate`")
     return DeviceProfile(**data)
 
 
-def current_profile(config=None) -> DeviceProfile:
-    """The profile named by ``config.device_profile``, else a default for the visible device."""
-    path = getattr(config, "device_profile", None) if config is not None else None
+def current_profile(path: str | None = None) -> DeviceProfile:
+    """The profile in the file ``path`` (``config.device_profile``), else a default for the visible
+    device."""
     if path:
         return load_profile(path)
     import torch

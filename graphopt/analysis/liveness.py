@@ -13,7 +13,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from graphopt.analysis.cost_model import is_view, op_name, tensor_nbytes, workspace_bytes
+from graphopt.analysis.cost_model import tensor_nbytes, workspace_bytes
+from graphopt.analysis.op_facts import fusion_kind, is_view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,36 +143,7 @@ def _storages(steps: list[Step], preloaded: dict[str, int] | None = None):
 
 # --- what a fusing compiler does not allocate -------------------------------------------------------
 
-# Ops Inductor computes inside its consumers' loops: pointwise ops (a dtype conversion included)
-# and gather (an indirect load). A reduction reads such producers in its own loop too, but its
-# output is a buffer of its own.
-_INLINED_TARGETS = {torch.ops.aten._to_copy.default, torch.ops.aten.gather.default}
-# Ops Inductor lowers as a copy of their first input that they then write into (its lowering.py).
-_SCATTER_TARGETS = {torch.ops.aten.index_put.default, torch.ops.aten._unsafe_index_put.default,
-                    torch.ops.aten._unsafe_masked_index_put_accumulate.default, torch.ops.aten.scatter.src,
-                    torch.ops.aten.scatter.value, torch.ops.aten.scatter_add.default,
-                    torch.ops.aten.scatter_reduce.two, torch.ops.aten.as_strided_scatter.default}
-_REDUCTION_NAMES = {"prepare_softmax_online", "var_mean"}
-
-
-def fusion_kind(node: fx.Node) -> str:
-    """How Inductor treats ``node``'s op: "pointwise" (computed inside its readers' kernels unless
-    stored, see ``inline_pointwise``), "reduction" (a kernel that reads pointwise producers in its
-    own loop), "scatter" (writes into a copy of its first input, see ``_write_in_place``) or ""
-    (a buffer of its own: matmuls, attention, views, copies into a layout)."""
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or is_view(node):
-        return ""
-    if not isinstance(node.meta.get("val"), torch.Tensor):
-        return ""
-    if torch.Tag.pointwise in target.tags or target in _INLINED_TARGETS:
-        return "pointwise"
-    if target in _SCATTER_TARGETS:
-        return "scatter"
-    if torch.Tag.reduction in target.tags or op_name(node) in _REDUCTION_NAMES:
-        return "reduction"
-    return ""
-
+# Which ops Inductor computes inside their readers: ``op_facts.fusion_kind``.
 
 # Inductor's limits for computing a pointwise value inside its readers (torch/_inductor/config.py,
 # GPU values): a value several ops read is stored when its inlined code reads more than

@@ -42,21 +42,18 @@ class OffloadOption:
     exposed_time_s: float
 
 
-def planning_profile(profile: DeviceProfile, config=None) -> DeviceProfile:
-    """The profile the offload schedule plans with: the host link slowed by
-    ``config.offload_link_slack``, so each copy is given that much more time than it should need.
+def planning_profile(profile: DeviceProfile, link_slack: float) -> DeviceProfile:
+    """The profile the offload schedule plans with: the host link slowed by ``link_slack``
+    (``config.offload_link_slack``), so each copy is given that much more time than it should need.
 
     A schedule planned at the measured bandwidth is full to the end of each window: any error of
     the op times or of the link can become a stall of the compute stream at an offload wait or a
     reload (measured at S = 8K on one H100, before waits were sunk and reloads hoisted: 1.2 ms of
     D2H and 1.3 ms of H2D waits in a 72 ms step with no slack; after, no slack cost nothing
     measurable, see ``config.offload_link_slack``)."""
-    slack = getattr(config, "offload_link_slack", 0.0) if config is not None else 0.0
-    if slack < 0:
-        raise ValueError(f"offload_link_slack={slack} is negative; give a fraction >= 0 (0.02 is the default)")
-    if not slack:
+    if not link_slack:
         return profile
-    return dataclasses.replace(profile, host_link_gbps=profile.host_link_gbps / (1.0 + slack))
+    return dataclasses.replace(profile, host_link_gbps=profile.host_link_gbps / (1.0 + link_slack))
 
 
 def transfer_time_s(nbytes: float, profile: DeviceProfile) -> float:
@@ -160,7 +157,8 @@ def _fraction(window_bytes: float, nbytes: int) -> float:
     return min(1.0, window_bytes / nbytes)
 
 
-def offload_options(saved: Sequence, profile: DeviceProfile, config=None) -> dict[str, list[OffloadOption]]:
+def offload_options(saved: Sequence, profile: DeviceProfile,
+                    host_capacity: int | None) -> dict[str, list[OffloadOption]]:
     """Offload choices per saved tensor, priced by the shared D2H / H2D queues.
 
     An option moves ``alpha * nbytes`` (the tensor's elements) and frees its device allocation
@@ -168,8 +166,8 @@ def offload_options(saved: Sequence, profile: DeviceProfile, config=None) -> dic
 
     Each tensor gets its hidden fraction (exposed time ~0) and the fractions of ``OPTION_ALPHAS``
     above it, each with the stall it adds when every other tensor offloads its hidden fraction.
-    Options needing more host memory than ``config.offload_host_capacity`` are left out."""
-    capacity = host_capacity_bytes(config)
+    Options needing more host memory than ``host_capacity`` bytes (``config.offload_host_capacity``;
+    None: no limit) are left out."""
     hidden = hidden_fractions(saved, profile)
     base_forward, base_backward = queue_stall_s(saved, hidden, profile)
     options: dict[str, list[OffloadOption]] = {}
@@ -179,7 +177,7 @@ def offload_options(saved: Sequence, profile: DeviceProfile, config=None) -> dic
         choices = []
         for alpha in alphas:
             nbytes = int(alpha * tensor.nbytes)
-            if capacity is not None and nbytes > capacity:
+            if host_capacity is not None and nbytes > host_capacity:
                 continue
             forward, backward = queue_stall_s(saved, {**hidden, tensor.name: alpha}, profile)
             exposed = max(0.0, forward - base_forward) + max(0.0, backward - base_backward)
@@ -219,27 +217,3 @@ def hidden_plan(saved: Sequence, options: dict[str, list[OffloadOption]], capaci
             used += option.host_bytes
             break
     return plan
-
-
-def host_capacity_bytes(config) -> int | None:
-    """``config.offload_host_capacity`` in bytes ('64GiB', '500MB', 1e9), or None for no limit."""
-    value = getattr(config, "offload_host_capacity", None) if config is not None else None
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return int(value)
-    text = value.strip()
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9,
-             "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, scale in units.items():
-        if text.upper().endswith(unit):
-            number = text[:-len(unit)].strip()
-            try:
-                return int(float(number) * scale)
-            except ValueError:
-                break
-    try:
-        return int(float(text))
-    except ValueError:
-        raise ValueError(f"graphopt.config.offload_host_capacity={value!r} is not a size; write "
-                         "bytes (4e10) or a number with a unit ('64GiB', '500MB')") from None

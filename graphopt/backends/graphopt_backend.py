@@ -25,7 +25,8 @@ from graphopt.config import ConfigSnapshot
 from graphopt.backends.planned_order import PlannedOrder
 from graphopt.debug.dump import GraphRecorder
 from graphopt.passes.manager import PassContext, run_stage
-from graphopt.passes.pipeline import PIPELINE, graphopt_partitioner, uses_graphopt_partitioner
+from graphopt.passes.pipeline import PIPELINE
+from graphopt.passes.plans import CompilePlans, JointSignature
 
 log = logging.getLogger("graphopt.backend")
 
@@ -33,14 +34,18 @@ _graph_counter = itertools.count()
 
 
 def backend(**overrides: Any):
-    """A torch.compile backend with flags fixed for it: ``backend=graphopt.backend(codegen="eager")``."""
-    config.snapshot(**overrides)  # an unknown or ill-typed flag fails here, not at the first call
-    return functools.partial(compile_graph, **overrides)
+    """A torch.compile backend with flags fixed for it: ``backend=graphopt.backend(codegen="eager")``.
+
+    The flags are checked here (an unknown or ill-typed flag fails at this call, not at the first
+    call of the compiled model) and bind at every compile of this backend: over patches and
+    assignments, under the environment (``graphopt.config``'s precedence)."""
+    fixed = config.snapshot(**overrides)
+    return functools.partial(compile_graph, **{name: getattr(fixed, name) for name in overrides})
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides: Any):
     """Compile one Dynamo graph: pre-grad passes, AOTAutograd + joint passes, partition, codegen."""
-    cfg = config.snapshot(**overrides)
+    cfg = config.compile_snapshot(**overrides)
     graph_id = _graph_id()
     recorder = GraphRecorder(graph_id, _rank_dump_dir(cfg.dump_dir), cfg.describe(),
                              index_root=cfg.dump_dir)
@@ -61,12 +66,12 @@ class _CompileState:
         self.graph_id = graph_id
         self.recorder = recorder
         self.example_inputs = example_inputs
-        self.shared: dict[str, Any] = {}
+        self.plans = CompilePlans()
 
-    def context(self, stage: str, example_inputs=None, **extra) -> PassContext:
+    def context(self, stage: str, example_inputs=None, joint: JointSignature | None = None) -> PassContext:
         return PassContext(stage, self.config, self.graph_id,
                            list(example_inputs if example_inputs is not None else self.example_inputs),
-                           self.recorder, extra, self.shared)
+                           self.recorder, self.plans, joint)
 
     def run_graph_stage(self, stage: str, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         gm = run_stage(stage, PIPELINE[stage], gm, self.context(stage, example_inputs))
@@ -75,7 +80,8 @@ class _CompileState:
 
 
 class GraphoptPartitioner(_compat.PartitionerBase):
-    """Joint passes, then the partition (graphopt's planner or torch's min-cut).
+    """Joint passes, then the partition stage: graphopt's planner cuts where it made a plan,
+    torch's min-cut elsewhere.
 
     Installed as Inductor's ``custom_partitioner_fn`` and as AOTAutograd's ``partition_fn``."""
 
@@ -86,12 +92,16 @@ class GraphoptPartitioner(_compat.PartitionerBase):
         state = self.state
         joint = run_stage("joint", PIPELINE["joint"], joint, state.context("joint", joint_inputs))
         kwargs.pop("compiler", None)
-        if uses_graphopt_partitioner(state.config):
-            ctx = state.context("partition", joint_inputs)
-            fw, bw = graphopt_partitioner()(joint, joint_inputs, ctx, **kwargs)
+        if any(graph_pass.enabled(state.config) for graph_pass in PIPELINE["partition"]):
+            joint = run_stage("partition", PIPELINE["partition"], joint,
+                              state.context("partition", joint_inputs, JointSignature.of(kwargs)))
+        plan = state.plans.partition
+        if plan is not None:
+            fw, bw = plan.forward, plan.backward
         else:
             fw, bw = _compat.min_cut_rematerialization_partition(
                 joint, joint_inputs, compiler="inductor", **kwargs)
+        state.plans.backward_graph = bw
         state.recorder.finish()
         return fw, bw
 
@@ -122,7 +132,7 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
     patches = {}
     if _compat.HAS_CUSTOM_PARTITIONER:
         patches["custom_partitioner_fn"] = GraphoptPartitioner(state)
-    elif PIPELINE["joint"] or uses_graphopt_partitioner(state.config):  # pragma: no cover
+    elif PIPELINE["joint"] or PIPELINE["partition"]:  # pragma: no cover
         raise RuntimeError(
             f"torch {torch.__version__} has no inductor custom_partitioner_fn, which graphopt needs "
             "for its joint passes; use torch>=2.11 or graphopt.config.codegen='eager'")
@@ -150,7 +160,7 @@ def _planned_graph_patches(state: _CompileState, stage: str) -> dict[str, Any]:
     user installed a post-fusion pass of their own; Inductor's ``reorder_for_peak_memory``, which
     runs after that pass and keeps whichever order its own peak estimate prefers, is then off for
     these graphs (on a CPU Llama of one layer it moved 41 of the 42 kernels of the planned forward)."""
-    if stage not in ("forward", "backward") or "remat_plan" not in state.shared:
+    if stage not in ("forward", "backward") or state.plans.partition is None:
         return {}
     patches: dict[str, Any] = {"allow_buffer_reuse": False}
     if not _compat.HAS_POST_FUSION_PASS:

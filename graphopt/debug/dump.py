@@ -87,6 +87,13 @@ class GraphRecorder:
         """Extra facts about this graph (for example the partitioner's plan)."""
         self.summary.setdefault("notes", {})[key] = value
 
+    def attach(self, name: str, text: str) -> None:
+        """Write a file a pass made for this graph (a picture, a table) into its dump folder."""
+        if self.folder:
+            with open(os.path.join(self.folder, name), "w") as handle:
+                handle.write(text)
+            self.summary.setdefault("files", []).append(name)
+
     def skipped(self, stage: str, name: str, reason: str) -> None:
         self.summary["passes"].append({"stage": stage, "pass": name, "ran": False, "reason": reason})
 

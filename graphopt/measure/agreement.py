@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model
+from graphopt.analysis import op_facts
 
 log = logging.getLogger("graphopt.measure.agreement")
 
@@ -83,7 +83,7 @@ def canonical_group_names(nodes: Iterable[fx.Node]) -> dict[str, str]:
 
 def _group_names(nodes: Iterable[fx.Node]) -> list[str]:
     """The ``group_name`` argument of every op that has one, in graph order."""
-    values = (cost_model.argument(node, "group_name") for node in nodes
+    values = (op_facts.argument(node, "group_name") for node in nodes
               if node.op == "call_function" and hasattr(node.target, "_schema"))
     return [value for value in values if isinstance(value, str)]
 

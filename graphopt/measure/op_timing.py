@@ -14,8 +14,9 @@ hides less than the link could. Here each distinct op is run for real, at compil
             del inputs                                # memory of the pass: one op's at a time
         time[node] = cache[key] if measured else roofline(node)
 
-``config.op_timing``: "auto" measures graphs on a CUDA device and keeps the roofline elsewhere;
-"measure" measures on any device (the CPU with a host clock); "model" keeps the roofline.
+The mode (``config.op_timing``, handed in by the caller): "auto" measures graphs on a CUDA device
+and keeps the roofline elsewhere; "measure" measures on any device (the CPU with a host clock);
+"model" keeps the roofline.
 
 Several ranks must make one plan, so they must plan with the same times: the lowest rank of the
 process groups the graph's collectives name measures, and the others adopt its times through the
@@ -46,7 +47,6 @@ import dataclasses
 import json
 import logging
 import math
-import operator
 import statistics
 import time
 from typing import Any, Callable, Iterator
@@ -55,7 +55,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model
+from graphopt.analysis import cost_model, op_facts
 from graphopt.analysis.device_profile import DeviceProfile
 from graphopt.measure import agreement
 
@@ -65,8 +65,6 @@ WARMUP = 1
 REPEATS = 3
 # Share of the device memory free for the timing pass that one op's inputs and outputs may take.
 MEMORY_SHARE = 0.8
-# Namespaces whose ops communicate or keep state: their isolated time means nothing.
-UNTIMED_NAMESPACES = ("_c10d_functional", "c10d_functional", "_dtensor", "c10d", "graphopt")
 
 # (node, run) -> seconds of one call of run(); run() calls the op once on real inputs.
 Timer = Callable[[fx.Node, Callable[[], Any]], float]
@@ -204,10 +202,9 @@ def graph_device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_mode(config, device: torch.device, ranks: tuple[int, ...] = ()) -> tuple[str, str]:
-    """("measure" | "model", why) for ``config.op_timing`` on a graph computing on ``device``;
-    ``ranks``: the ranks of the graph's process groups (``agreement.graph_group_ranks``)."""
-    flag = getattr(config, "op_timing", "auto") if config is not None else "auto"
+def resolve_mode(flag: str, device: torch.device, ranks: tuple[int, ...] = ()) -> tuple[str, str]:
+    """("measure" | "model", why) for the mode ``flag`` (``config.op_timing``) on a graph computing
+    on ``device``; ``ranks``: the ranks of the graph's process groups (``agreement.graph_group_ranks``)."""
     if flag == "model":
         return "model", "op_timing='model'"
     if flag == "measure":
@@ -233,15 +230,18 @@ def _world_size() -> int:
 
 # --- the pass over a graph -------------------------------------------------------------------------
 
-def time_graph(gm: fx.GraphModule, profile: DeviceProfile, config=None) -> GraphTiming:
-    """Times of every node of ``gm``: measured where ``config.op_timing`` and the op allow, the
-    roofline on ``profile`` elsewhere; with several ranks, the times of the graph's leading rank."""
+def time_graph(gm: fx.GraphModule, profile: DeviceProfile, flag: str,
+               agreement_timeout_s: float) -> GraphTiming:
+    """Times of every node of ``gm``: measured where the mode ``flag`` (``config.op_timing``) and
+    the op allow, the roofline on ``profile`` elsewhere; with several ranks, the times of the
+    graph's leading rank, waited for at most ``agreement_timeout_s``
+    (``config.op_timing_agreement_timeout_s``)."""
     device = graph_device(gm)
     ranks = agreement.graph_group_ranks(gm)
-    mode, why = resolve_mode(config, device, ranks)
+    mode, why = resolve_mode(flag, device, ranks)
     modelled = {node.name: cost_model.node_time(node, profile) for node in gm.graph.nodes}
     if mode == "measure" and len(ranks) > 1:
-        return _agreed_timing(gm, device, config, ranks, modelled, why)
+        return _agreed_timing(gm, device, flag, agreement_timeout_s, ranks, modelled, why)
     return _local_timing(gm, device, mode, why, modelled)
 
 
@@ -254,7 +254,7 @@ def _local_timing(gm: fx.GraphModule, device: torch.device, mode: str, why: str,
     timer = _timer_for(device)
     retry_later: dict[tuple, Measurement] = {}  # out of memory: not cached, not retried in this graph
     for node in gm.graph.nodes:
-        if not _launches_kernel(node):
+        if not op_facts.launches_kernel(node):
             continue
         key = signature(node)
         if key is None:
@@ -285,8 +285,8 @@ def _local_timing(gm: fx.GraphModule, device: torch.device, mode: str, why: str,
     return timing
 
 
-def _agreed_timing(gm: fx.GraphModule, device: torch.device, config, ranks: tuple[int, ...],
-                   modelled: dict[str, float], why: str) -> GraphTiming:
+def _agreed_timing(gm: fx.GraphModule, device: torch.device, flag: str, timeout_s: float,
+                   ranks: tuple[int, ...], modelled: dict[str, float], why: str) -> GraphTiming:
     """The leading rank's times (measured there), or this rank's own where none came."""
     nodes = list(gm.graph.nodes)
     measured_here = []
@@ -295,11 +295,9 @@ def _agreed_timing(gm: fx.GraphModule, device: torch.device, config, ranks: tupl
         measured_here.append(True)
         return _encode(_local_timing(gm, device, "measure", why, modelled), nodes)
 
-    timeout = float(getattr(config, "op_timing_agreement_timeout_s", 300.0))
     begin = time.perf_counter()
-    agreed = agreement.agree("op_timing", _fingerprint(nodes, device), ranks, measure_here, timeout)
+    agreed = agreement.agree("op_timing", _fingerprint(nodes, device), ranks, measure_here, timeout_s)
     if agreed.payload is None:
-        flag = getattr(config, "op_timing", "auto")
         alone = "measure" if flag == "measure" else "model"
         log.warning("op_timing: %s; this rank plans with %s, so ranks may plan differently",
                     agreed.why, "its own measured times" if alone == "measure" else "the roofline")
@@ -362,15 +360,10 @@ def _decode(payload: str, nodes: list[fx.Node], modelled: dict[str, float], why:
                        data["new_measurements"], data["elapsed_s"])
 
 
-def graph_times(gm: fx.GraphModule, profile: DeviceProfile, config=None) -> dict[str, float]:
+def graph_times(gm: fx.GraphModule, profile: DeviceProfile, flag: str,
+                agreement_timeout_s: float) -> dict[str, float]:
     """Seconds per node name: measured where allowed (see ``time_graph``), else the roofline."""
-    return time_graph(gm, profile, config).times
-
-
-def _launches_kernel(node: fx.Node) -> bool:
-    """Views and getitem (an output of a multi-output op) launch nothing."""
-    return (node.op == "call_function" and not cost_model.is_view(node)
-            and node.target is not operator.getitem)
+    return time_graph(gm, profile, flag, agreement_timeout_s).times
 
 
 # --- signatures and refusals ----------------------------------------------------------------------
@@ -432,19 +425,19 @@ def why_not_timed(node: fx.Node, device: torch.device) -> str | None:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return "not an operator overload (a higher-order op or a Python function)"
-    if target.namespace in UNTIMED_NAMESPACES:
+    if op_facts.communicates(node):
         return (f"{target.namespace}:: op: it communicates or keeps state, so its time alone "
                 "means nothing")
-    if target._schema.is_mutable:
+    if op_facts.is_in_place(node):
         return "mutates its inputs"
-    tags = set(target.tags)
-    if torch.Tag.nondeterministic_seeded in tags and not _deterministic_attention(node):
+    random = op_facts.is_random(node)
+    if random and not _deterministic_attention(node):
         return "random: running it would advance the random generator"
-    if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
+    if op_facts.output_depends_on_data(node):
         return "its output depends on the data"
-    if torch.Tag.nondeterministic_seeded not in tags and node.is_impure():
+    if not random and node.is_impure():
         return "has side effects"
-    devices = {v.device.type for v in _flat([_val(a) for a in node.all_input_nodes]
+    devices = {v.device.type for v in _flat([op_facts.val(a) for a in node.all_input_nodes]
                                               + [node.meta.get("val")])
                if isinstance(v, torch.Tensor)} - {"meta"}
     if devices - {device.type}:
@@ -454,7 +447,7 @@ def why_not_timed(node: fx.Node, device: torch.device) -> str | None:
 
 def _deterministic_attention(node: fx.Node) -> bool:
     """Attention whose only randomness is dropout, with dropout 0."""
-    return cost_model.is_attention(node) and cost_model.argument(node, "dropout_p") == 0
+    return op_facts.is_attention(node) and op_facts.argument(node, "dropout_p") == 0
 
 
 # --- running one op on real inputs ------------------------------------------------------------------
@@ -539,7 +532,7 @@ def _hint(value: Any) -> Any:
 
 
 def _bytes_needed(node: fx.Node) -> int:
-    inputs = sum(cost_model.tensor_nbytes(_val(a)) for a in set(node.all_input_nodes))
+    inputs = sum(cost_model.tensor_nbytes(op_facts.val(a)) for a in set(node.all_input_nodes))
     return inputs + cost_model.tensor_nbytes(node.meta.get("val")) + cost_model.workspace_bytes(node)
 
 
@@ -549,10 +542,6 @@ def _free_bytes(device: torch.device) -> int | None:
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free + cached
-
-
-def _val(arg: Any) -> Any:
-    return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
 
 
 def _flat(value: Any) -> list:

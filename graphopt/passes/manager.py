@@ -15,27 +15,34 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from graphopt.config import ConfigSnapshot
+from graphopt.passes.plans import CompilePlans, JointSignature
 
 log = logging.getLogger("graphopt.passes")
 
 
 @dataclasses.dataclass
 class PassResult:
-    """What a pass did: the module, whether it changed, how many sites it matched, and why not."""
+    """What a pass did: the module, whether it changed, how many sites it matched, and why not.
+
+    ``notes`` (JSON facts) and ``files`` (name -> a function writing the file's text, called only
+    when a dump folder is set) go into the graph's dump beside the pass's own entry."""
 
     graph_module: fx.GraphModule
     modified: bool
     matched: int = 0
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     refusals: list[str] = dataclasses.field(default_factory=list)
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, Callable[[], str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class PassContext:
     """What a pass may know about the graph it rewrites.
 
-    stage: "pre_grad" (Dynamo's torch IR), "joint" (AOTAutograd joint graph), "forward",
-    "backward" or "inference" (aten graphs after partitioning).
+    stage: "pre_grad" (Dynamo's torch IR), "joint" (AOTAutograd joint graph), "partition" (the
+    joint graph, planned and cut into forward and backward), "forward", "backward" or "inference"
+    (aten graphs after partitioning).
     """
 
     stage: str
@@ -43,10 +50,10 @@ class PassContext:
     graph_id: str
     example_inputs: list[Any] = dataclasses.field(default_factory=list)
     recorder: Any = None  # graphopt.debug.dump.GraphRecorder
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # One dict shared by every stage of one compiled graph: how a plan made at partition time
-    # (for example which saved tensors to offload) reaches the forward and backward passes.
-    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # One object per compiled graph, shared by all its stages: how a decision made at one stage
+    # (the partition's plan, the forward's offload slots) reaches a later one.
+    plans: CompilePlans = dataclasses.field(default_factory=CompilePlans)
+    joint: JointSignature | None = None  # partition stage: how the joint graph's outputs divide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,4 +113,9 @@ def run_stage(stage: str, passes: list[GraphPass], gm: fx.GraphModule, ctx: Pass
             log.info("[%s] %s left a site unchanged: %s", ctx.graph_id, graph_pass.name, reason)
         if recorder is not None:
             recorder.pass_done(stage, graph_pass.name, before, gm, result, elapsed_ms)
+            for key, value in result.notes.items():
+                recorder.note(key, value)
+            if recorder.folder is not None:
+                for name, render in result.files.items():
+                    recorder.attach(name, render())
     return gm

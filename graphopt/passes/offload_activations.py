@@ -1,11 +1,11 @@
 """Offload saved activations to pinned host memory, overlapped, and reload them ahead of use (Memo).
 
 Runs on the partitioned graphs: the forward stage rewrites what the forward saves, the backward
-stage rewrites how the backward gets it back. The plan ``ctx.shared["offload_plan"]`` =
-{saved name: alpha} comes from the joint planner (plan_rematerialization); without one (and without
-a memory budget) this pass plans itself with ``offload_model.offload_options``: it offloads what the
-host link hides. Forward outputs saved for backward and the backward's placeholders carry the same
-names, in the same order.
+stage rewrites how the backward gets it back. The plan {saved name: alpha} is the joint planner's
+(``ctx.plans.partition.offloaded``, from plan_rematerialization); without one (and without a memory
+budget) this pass plans itself with ``offload_model.offload_options``: it offloads what the host link
+hides. Forward outputs saved for backward and the backward's placeholders carry the same names, in
+the same order. The forward stage hands its slots to the backward stage as ``ctx.plans.offload``.
 
 Forward, for a saved ``x`` offloaded with fraction alpha (alpha of its last tokens go to the host)::
 
@@ -56,7 +56,8 @@ memory stays alive anyway (views of graph inputs, memory a forward output holds,
 saved through a tensor the plan keeps); tensors with symbolic sizes; fractions below one token
 row; tensors beyond the host capacity. Under Inductor the backward's placeholders must be rewritten
 before AOTAutograd lowers the backward, so the forward stage needs the backward graph
-(``ctx.shared["backward_graph"]``, put there by the partitioner); without it the pass refuses.
+(``ctx.plans.backward_graph``, put there by the backend after the partition); without it the pass
+refuses.
 If the backward's placeholders do not match what the forward rewrote, the pass raises: the
 forward already returns the kept parts, and running the backward unchanged would be wrong.
 """
@@ -65,61 +66,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
 import torch
 import torch.fx as fx
 
 from graphopt import _compat
 from graphopt.analysis import liveness, offload_model
-from graphopt.analysis.cost_model import is_view, tensor_nbytes
+from graphopt.analysis.cost_model import tensor_nbytes
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
+from graphopt.analysis.op_facts import is_view
 from graphopt.measure import op_timing
 from graphopt.ops import offload as offload_ops
 from graphopt.passes.manager import PassContext, PassResult
+from graphopt.passes.plans import OffloadRewrite, Slot
 
 log = logging.getLogger("graphopt.passes.offload_activations")
 
 _OPS = torch.ops.graphopt
-
-PLAN_KEY = "offload_plan"
-REWRITE_KEY = "offload_rewrite"
-BACKWARD_GRAPH_KEY = "backward_graph"
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """Where one offloaded activation lives: its pool bytes and how it is split."""
-
-    name: str
-    offset: int            # byte offset in the pool
-    numel: int             # elements of the activation's dense memory
-    kept_numel: int        # leading elements (whole token rows) that stay on the device
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def host_bytes(self) -> int:
-        return (self.numel - self.kept_numel) * self.dtype.itemsize
-
-    @property
-    def alpha(self) -> float:
-        return (self.numel - self.kept_numel) / self.numel
-
-
-@dataclasses.dataclass
-class ForwardRewrite:
-    """What the forward stage did, for the backward stage of the same compiled graph."""
-
-    pool: str
-    pool_nbytes: int
-    saved_order: list[str]                 # names of the forward's saved outputs, in order
-    slots: dict[str, Slot]
-    original_vals: dict[str, Any]          # name -> the activation's meta["val"] before the rewrite
-    kept_vals: dict[str, Any]              # name -> the kept part's meta["val"]
-
 
 def offload_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.stage == "forward":
@@ -134,19 +98,20 @@ def offload_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     output = next(iter(gm.graph.find_nodes(op="output")))
     outputs = list(output.args[0])
-    plan = ctx.shared.get(PLAN_KEY)
+    partition = ctx.plans.partition
+    plan = dict(partition.offloaded) if partition is not None else None
     saved_positions = _saved_positions(gm, outputs, plan)
     if saved_positions is None:
         return PassResult(gm, False, refusals=[
             "cannot tell the forward's saved activations from its outputs: this torch attaches no "
-            "output descriptors and the partitioner wrote no ctx.shared['offload_plan']"])
+            "output descriptors and no partition plan names them"])
     saved_order = [outputs[i].name for i in saved_positions]
-    bw_gm = ctx.shared.get(BACKWARD_GRAPH_KEY)
+    bw_gm = ctx.plans.backward_graph
     if ctx.config.codegen == "inductor" and bw_gm is None:
         return PassResult(gm, False, refusals=[
             "under Inductor the backward's placeholders must change before AOTAutograd lowers the "
-            "backward, but the partitioner left no ctx.shared['backward_graph']; use a partitioner "
-            "that shares it (plan_rematerialization) or codegen='eager'"])
+            "backward, but no backward graph reached this pass (ctx.plans.backward_graph); "
+            "use codegen='eager'"])
     mismatch = _backward_mismatch(bw_gm, saved_order) if bw_gm is not None else None
     if mismatch:
         return PassResult(gm, False, refusals=[mismatch])
@@ -154,16 +119,16 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     refusals: list[str] = []
     candidates = _offloadable(gm, outputs, saved_positions, refusals)
     activation_bytes = _activation_bytes(outputs, saved_positions)
-    profile = current_profile(ctx.config)
-    fw_times = op_timing.graph_times(gm, profile, ctx.config)
-    profile = offload_model.planning_profile(profile, ctx.config)  # the link with the schedule's slack
+    profile = current_profile(ctx.config.device_profile)
+    fw_times = _times(gm, profile, ctx)
+    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)  # with slack
     if plan is None:
         if ctx.config.memory_budget is not None:
             return PassResult(gm, False, refusals=[
-                "memory_budget is set but the partitioner wrote no ctx.shared['offload_plan']; the "
-                "joint planner decides offload under a budget -- check plan_rematerialization"])
-        plan = _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order)
-        ctx.shared[PLAN_KEY] = plan
+                "memory_budget is set but no partition plan reached this pass (plan_rematerialization "
+                "switched off by disabled_passes, or a joint graph without backward); the joint "
+                "planner decides offload under a budget"])
+        plan = _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx)
     pool = f"{ctx.graph_id}"
     slots = _assign_slots(plan, candidates, saved_order, pool, ctx, refusals)
     if not slots:
@@ -197,9 +162,9 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kept_vals[name] = kept.meta["val"]
     output.args = (tuple(outputs),) + tuple(output.args[1:])
     sunk_s = _sink_forward_waits(gm, [(waits_added[n], slots[n], candidates[n]) for n in waits_added],
-                                 fw_times, ctx.shared.get("remat_plan", {}).get("planned_peak_bytes"))
-    rewrite = ForwardRewrite(pool, pool_nbytes, saved_order, slots, original_vals, kept_vals)
-    ctx.shared[REWRITE_KEY] = rewrite
+                                 fw_times, partition.planned_peak_bytes if partition else None)
+    rewrite = OffloadRewrite(pool, pool_nbytes, saved_order, slots, original_vals, kept_vals)
+    ctx.plans.offload = rewrite
     if bw_gm is not None:
         _retype_backward_inputs(bw_gm, rewrite)
     gm.graph.lint()
@@ -399,15 +364,21 @@ def _row_numel(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, in
     return int(shape[outer]), int(stride[outer])
 
 
-def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx, saved_order) -> dict[str, float]:
+def _times(gm: fx.GraphModule, profile, ctx: PassContext) -> dict[str, float]:
+    """The planners' op times of ``gm`` (``measure.op_timing``: measured where the flag says)."""
+    return op_timing.graph_times(gm, profile, ctx.config.op_timing,
+                                 ctx.config.op_timing_agreement_timeout_s)
+
+
+def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx) -> dict[str, float]:
     """The plan without a joint planner: per tensor the fraction the host link hides."""
-    saved = _saved_tensors(gm, bw_gm, candidates, fw_times, profile, ctx.config)
-    options = offload_model.offload_options(saved, profile, ctx.config)
-    return offload_model.hidden_plan(saved, options, offload_model.host_capacity_bytes(ctx.config),
-                                     profile=profile)
+    saved = _saved_tensors(gm, bw_gm, candidates, fw_times, profile, ctx)
+    capacity = ctx.config.offload_host_capacity
+    options = offload_model.offload_options(saved, profile, capacity)
+    return offload_model.hidden_plan(saved, options, capacity, profile=profile)
 
 
-def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, config) -> list[SavedTensor]:
+def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, ctx) -> list[SavedTensor]:
     """SavedTensor descriptions of the candidates, timed with the planners' op times (op_timing).
 
     Without the backward graph, the backward compute before a tensor's first use is estimated as
@@ -420,7 +391,7 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, config) -> list[Sav
         finish[node.name] = forward_s
     first_use_start, first_use_index = {}, {}
     if bw_gm is not None:
-        bw_times = op_timing.graph_times(bw_gm, profile, config)
+        bw_times = _times(bw_gm, profile, ctx)
         elapsed = 0.0
         for index, node in enumerate(bw_gm.graph.nodes):
             for arg in node.all_input_nodes:
@@ -443,7 +414,7 @@ def _saved_tensors(gm, bw_gm, candidates, fw_times, profile, config) -> list[Sav
 
 def _assign_slots(plan: dict[str, float], candidates: dict[str, _Candidate], saved_order: list[str],
                   pool: str, ctx: PassContext, refusals: list[str]) -> dict[str, Slot]:
-    capacity = offload_model.host_capacity_bytes(ctx.config)
+    capacity = ctx.config.offload_host_capacity
     plan = _whole_groups(plan, candidates, refusals)
     slots: dict[str, Slot] = {}
     offset = 0
@@ -538,7 +509,7 @@ def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Ca
     return sunk
 
 
-def _retype_backward_inputs(bw_gm: fx.GraphModule, rewrite: ForwardRewrite) -> None:
+def _retype_backward_inputs(bw_gm: fx.GraphModule, rewrite: OffloadRewrite) -> None:
     """The backward receives the kept parts now: its placeholders say so (AOTAutograd reads them)."""
     placeholders = _saved_placeholders(bw_gm, rewrite.saved_order)
     for name in rewrite.slots:
@@ -570,16 +541,16 @@ def _saved_placeholders(bw_gm: fx.GraphModule, saved_order: list[str]) -> dict[s
 # --- backward --------------------------------------------------------------------------------------
 
 def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    rewrite: ForwardRewrite | None = ctx.shared.get(REWRITE_KEY)
+    rewrite = ctx.plans.offload
     if rewrite is None:
         return PassResult(gm, False, refusals=["the forward stage offloaded nothing"])
     placeholders = _saved_placeholders(gm, rewrite.saved_order)
     for name in rewrite.slots:  # the cost model reads the shapes the backward computes with
         placeholders[name].meta["val"] = rewrite.original_vals[name]
-    profile = current_profile(ctx.config)
+    profile = current_profile(ctx.config.device_profile)
     nodes = list(gm.graph.nodes)
-    times = op_timing.graph_times(gm, profile, ctx.config)
-    profile = offload_model.planning_profile(profile, ctx.config)
+    times = _times(gm, profile, ctx)
+    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)
     start, elapsed = {}, 0.0
     for node in nodes:
         start[node] = elapsed

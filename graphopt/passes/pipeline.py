@@ -3,13 +3,15 @@
     dynamo FX graph (torch IR)
       -> pre_grad:  shard_attention
       -> AOTAutograd joint graph
-      -> joint:     overlap_matmul_allreduce
-      -> partition: plan_rematerialization (memory_budget / offload set) or torch's min-cut
+      -> joint:     overlap_matmul_collectives
+      -> partition: plan_rematerialization (memory_budget / offload_activations): plans the saved,
+                    recomputed and offloaded values and cuts the graph; with no plan, torch's min-cut
       -> forward / backward: offload_activations
       -> codegen: Inductor or eager
 
 A graph with no backward (inference) runs the joint and forward passes on its single graph.
-Passes are loaded when first enabled, so ``import graphopt`` stays light.
+Passes are loaded when first enabled, so ``import graphopt`` stays light. ``config.PASS_NAMES``
+names these passes for ``disabled_passes``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ SHARD_ATTENTION = GraphPass(
     "shard_attention", _load("graphopt.passes.shard_attention:shard_attention"),
     enabled=lambda c: c.sequence_parallel_attention,
     doc="SDPA / decomposed attention -> graphopt::sp_attention over the sequence-parallel group")
-OVERLAP_MATMUL_ALLREDUCE = GraphPass(
-    "overlap_matmul_allreduce",
-    _load("graphopt.passes.overlap_matmul_allreduce:overlap_matmul_allreduce"),
-    enabled=lambda c: c.overlap_matmul_allreduce,
+OVERLAP_MATMUL_COLLECTIVES = GraphPass(
+    "overlap_matmul_collectives",
+    _load("graphopt.passes.overlap_matmul_collectives:overlap_matmul_collectives"),
+    enabled=lambda c: c.overlap_matmul_collectives,
     doc="mm -> all_reduce / reduce_scatter, all_gather -> mm  ->  overlapped graphopt:: ops")
+PLAN_REMATERIALIZATION = GraphPass(
+    "plan_rematerialization",
+    _load("graphopt.passes.plan_rematerialization:plan_rematerialization"),
+    enabled=lambda c: c.memory_budget is not None or c.offload_activations,
+    doc="joint graph -> PartitionPlan: forward / backward under the memory budget, joint with offload")
 OFFLOAD_ACTIVATIONS = GraphPass(
     "offload_activations", _load("graphopt.passes.offload_activations:offload_activations"),
     enabled=lambda c: c.offload_activations,
@@ -48,18 +55,9 @@ OFFLOAD_ACTIVATIONS = GraphPass(
 
 PIPELINE: dict[str, list[GraphPass]] = {
     "pre_grad": [SHARD_ATTENTION],
-    "joint": [OVERLAP_MATMUL_ALLREDUCE],
+    "joint": [OVERLAP_MATMUL_COLLECTIVES],
+    "partition": [PLAN_REMATERIALIZATION],
     "forward": [OFFLOAD_ACTIVATIONS],
     "backward": [OFFLOAD_ACTIVATIONS],
-    "inference": [OVERLAP_MATMUL_ALLREDUCE],
+    "inference": [OVERLAP_MATMUL_COLLECTIVES],
 }
-
-
-def uses_graphopt_partitioner(config) -> bool:
-    """The planner replaces torch's min-cut when a budget or offload asks for a joint plan."""
-    return config.memory_budget is not None or config.offload_activations
-
-
-def graphopt_partitioner():
-    from graphopt.passes.plan_rematerialization import partition_with_plan
-    return partition_with_plan

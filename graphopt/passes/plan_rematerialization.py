@@ -1,7 +1,11 @@
 """plan_rematerialization: partition the joint graph so that peak memory fits a byte budget.
 
-Replaces torch's ``min_cut_rematerialization_partition`` when ``config.memory_budget`` is set or
-``config.offload_activations`` is on. The rewrite, on a joint graph::
+The pass of the "partition" stage: it replaces torch's ``min_cut_rematerialization_partition``
+when ``config.memory_budget`` is set or ``config.offload_activations`` is on (switched off by
+``disabled_passes``, torch's min-cut partitions). It plans and cuts; the cut graphs and what it
+decided (saved / recomputed / offloaded values, the planned peak) go to the backend and to the
+forward / backward passes as one ``PartitionPlan`` (``ctx.plans.partition``, ``passes/plans.py``).
+The rewrite, on a joint graph::
 
     before (joint)                              after (forward, backward)
       h  = mm(x, w1)                              fw: h = mm(x, w1); a = relu(h); y = mm(a, w2)
@@ -47,87 +51,47 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
-import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model, liveness, remat_solver
+from graphopt.analysis import cost_model, liveness, offload_model, op_facts, remat_solver
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.remat_solver import JointGraph, Option, Plan
 from graphopt.debug import memory_plot
 from graphopt.measure import op_timing
-from graphopt.passes.manager import PassContext
+from graphopt.passes.manager import PassContext, PassResult
+from graphopt.passes.plans import JointSignature, PartitionPlan
 
 log = logging.getLogger("graphopt.passes.plan_rematerialization")
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
-# Ops the min-cut may recompute for free besides views and pointwise ops: cheap reductions and copies.
-CHEAP_OPS = {
-    torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.dim, torch.ops.aten.amax.default,
-    torch.ops.aten.amin.default, torch.ops.aten._to_copy.default, torch.ops.aten.clone.default,
-    torch.ops.aten.cat.default, torch.ops.aten.full.default, torch.ops.aten.arange.start_step,
-    torch.ops.aten.arange.default, torch.ops.aten.scalar_tensor.default,
-}
-# Namespaces whose ops communicate or whose cost/effects the planner cannot see.
-NEVER_RECOMPUTE_NAMESPACES = ("_c10d_functional", "c10d_functional", "_dtensor", "graphopt")
-
-
-class BudgetError(ValueError):
-    pass
-
-
-def parse_budget(value: Any) -> tuple[str, float]:
-    """("fraction", f) or ("bytes", n) from a memory_budget flag value."""
-    if isinstance(value, bool):
-        raise BudgetError(f"memory_budget={value!r} is not a budget; give bytes ('40GiB') or a fraction (0.5)")
-    if isinstance(value, (int, float)):
-        number = float(value)
-        if 0 < number <= 1 and isinstance(value, float):
-            return "fraction", number
-        if number > 1:
-            return "bytes", number
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        if match:
-            number, unit = float(match.group(1)), match.group(2).lower()
-            if not unit:
-                return parse_budget(number if number <= 1 else int(number))
-            if unit in _UNITS:
-                return "bytes", number * _UNITS[unit]
-    raise BudgetError(
-        f"memory_budget={value!r} is not understood; give bytes as '40GiB', '512MiB' or an int, "
-        "or a fraction in (0, 1] of the activation peak of torch's min-cut plan, e.g. 0.5")
-
-
-def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext,
-                        **partition_kwargs) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Partition ``joint_gm`` into forward and backward under ``ctx.config.memory_budget``."""
-    num_fwd_outputs = partition_kwargs["num_fwd_outputs"]
-    static_indices = set(partition_kwargs.get("static_lifetime_input_indices") or ())
+def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Plan the partition of ``joint_gm`` under ``ctx.config.memory_budget`` (and, with
+    ``offload_activations``, jointly with offload) and cut it: ``ctx.plans.partition`` gets the
+    forward and backward graphs and the plan the forward / backward passes read."""
+    signature = ctx.joint
     joint_gm.graph.eliminate_dead_code()
     joint_gm.recompile()
     joint_gm = _compat.cleanup_recompute_tags(joint_gm)
-    profile = current_profile(ctx.config)
-    hold = ctx.config.codegen == "eager"  # the boxed FX call keeps backward inputs to the end
-    fuse = ctx.config.codegen == "inductor"  # Inductor computes pointwise chains in one kernel
-    timing = op_timing.time_graph(joint_gm, profile, ctx.config)
-    graph = build_joint_graph(joint_gm, num_fwd_outputs, profile, hold_backward_inputs=hold,
+    config = ctx.config
+    profile = current_profile(config.device_profile)
+    hold = config.codegen == "eager"  # the boxed FX call keeps backward inputs to the end
+    fuse = config.codegen == "inductor"  # Inductor computes pointwise chains in one kernel
+    timing = op_timing.time_graph(joint_gm, profile, config.op_timing,
+                                  config.op_timing_agreement_timeout_s)
+    graph = build_joint_graph(joint_gm, signature.num_fwd_outputs, profile, hold_backward_inputs=hold,
                               node_times=timing.times, fuse_pointwise=fuse)
     if not graph.bw_outputs or not any(graph.role[n] == "bw" for n in graph.order):
-        log.info("[%s] no backward in the joint graph; nothing to plan", ctx.graph_id)
-        return _compat.default_partition(joint_gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                         static_lifetime_input_indices=sorted(static_indices))
+        return PassResult(joint_gm, False, refusals=[
+            "no backward in the joint graph: nothing to plan; torch's min-cut partitions it"])
 
     base_saved = remat_solver.min_cut_saved(graph)
     base = remat_solver.evaluate(graph, base_saved)
-    budget = _budget_bytes(ctx.config.memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
-    offload, windows = (_offload_options(graph, base, profile, ctx) if ctx.config.offload_activations
+    budget = _budget_bytes(config.memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
+    offload, windows = (_offload_options(graph, base, profile, config) if config.offload_activations
                         else ({}, None))
     refusals = []
     if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
@@ -142,9 +106,9 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
                 f"{len(scored)} plans tried is {_fmt(plan.peak)} (at {plan.timeline.peak_label}); using "
                 "it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
 
-    fw_gm, bw_gm = _extract(joint_gm, graph, plan, num_fwd_outputs, static_indices)
-    realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs, hold_backward_inputs=hold,
-                                             fuse_pointwise=fuse)
+    fw_gm, bw_gm = _extract(joint_gm, graph, plan, signature)
+    realized = liveness.partitioned_timeline(fw_gm, bw_gm, signature.num_fwd_outputs,
+                                             hold_backward_inputs=hold, fuse_pointwise=fuse)
     summary = _summary(graph, base, plan, budget, realized, len(scored), refusals)
     # what the offload windows were sized with: the cost model's forward / backward and the link
     forward = graph.forward_run(plan.saved)
@@ -157,28 +121,32 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
         summary["offload_windows"] = windows
     timing_report = timing.report()
     summary["op_timing"] = {k: v for k, v in timing_report.items() if k != "table"}
-    ctx.shared["remat_plan"] = summary
-    if ctx.config.offload_activations:
-        ctx.shared["offload_plan"] = dict(plan.offloaded)
-        # Inductor reads the backward's placeholders before the backward stage runs, so the
-        # forward stage of offload_activations rewrites both graphs; it finds the backward here.
-        ctx.shared["backward_graph"] = bw_gm
-    _record(ctx, graph, base, plan, summary, timing_report)
+    ctx.plans.partition = PartitionPlan(
+        forward=fw_gm, backward=bw_gm, saved=tuple(plan.saved), recomputed=tuple(plan.recomputed),
+        offloaded=dict(plan.offloaded), planned_peak_bytes=plan.peak, report=summary)
     for reason in refusals:
         log.warning("[%s] plan_rematerialization: %s", ctx.graph_id, reason)
     log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), recompute %.3f ms, saved %d, "
              "recomputed %d, offloaded %d", ctx.graph_id, _fmt(base.peak), _fmt(plan.peak),
              _fmt(budget) if budget is not None else "-", plan.recompute_time_s * 1e3, len(plan.saved),
              len(plan.recomputed), len(plan.offloaded))
-    return fw_gm, bw_gm
+    return PassResult(
+        joint_gm, False, matched=len(plan.recomputed) + len(plan.offloaded), refusals=refusals,
+        stats={"saved": len(plan.saved), "recomputed": len(plan.recomputed),
+               "offloaded": len(plan.offloaded), "min_cut_peak_bytes": base.peak,
+               "planned_peak_bytes": plan.peak, "budget_bytes": budget},
+        notes={"remat_plan": _note(summary), "op_timing": timing_report},
+        files=_files(ctx.graph_id, base, plan, summary, timing_report))
 
 
-def _budget_bytes(value: Any, base_peak: int, base_saved: int) -> int | None:
-    """A fraction f keeps f of the min-cut plan's saved bytes at its peak: budget = peak - (1-f) saved."""
-    if value is None:
+def _budget_bytes(budget: int | float | None, base_peak: int, base_saved: int) -> int | None:
+    """Bytes of ``config.memory_budget``: an int is bytes; a fraction f (a float) keeps f of the
+    min-cut plan's saved bytes at its peak: budget = peak - (1 - f) saved."""
+    if budget is None:
         return None
-    kind, number = parse_budget(value)
-    return int(base_peak - (1.0 - number) * base_saved) if kind == "fraction" else int(number)
+    if isinstance(budget, float):
+        return int(base_peak - (1.0 - budget) * base_saved)
+    return budget
 
 
 # --- the joint graph as the solver sees it ----------------------------------------------------------
@@ -210,7 +178,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
     # them.
     for node in nodes:
         if (node.op == "call_function" and node not in forward and node not in tangent_dependent
-                and _recomputable(node)
+                and op_facts.recomputable(node)
                 and all(i.op == "placeholder" or i in forward for i in node.all_input_nodes)):
             forward.add(node)
     policy = _compat.checkpoint_policy()
@@ -230,14 +198,14 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
             shapes[name] = tuple(cost_model.size_hint(s) for s in value.shape)
             dtypes[name] = value.dtype
         nbytes[name] = logical[name]
-        aliasing = cost_model.is_view(node)
+        aliasing = op_facts.is_view(node)
         if isinstance(value, (tuple, list)):
             tuples.add(name)
             nbytes[name] = 0
             if not aliasing:  # split, unbind, ... allocate nothing: their outputs are views
                 tuple_outputs[name] = tuple(cost_model.tensor_nbytes(v) for v in value)
         parent = liveness.tuple_parent(node)
-        if parent is not None and not cost_model.is_view(parent):
+        if parent is not None and not op_facts.is_view(parent):
             getitem_of[name] = (parent.name, node.args[1])
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             symbolic.add(name)
@@ -252,10 +220,10 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
         else:
             times[name] = cost_model.node_time(node, profile)
         tag = node.meta.get("recompute")
-        recomputable[name] = node.op == "call_function" and _recomputable(node) and tag != policy.MUST_SAVE
+        recomputable[name] = node.op == "call_function" and op_facts.recomputable(node) and tag != policy.MUST_SAVE
         if tag == policy.MUST_RECOMPUTE and recomputable[name]:
             must_recompute.add(name)
-        if recomputable[name] and (cost_model.is_view(node) or _is_cheap(node)
+        if recomputable[name] and (op_facts.is_view(node) or _is_cheap(node)
                                    or tag == policy.PREFER_RECOMPUTE):
             cheap.add(name)
     return JointGraph(order=[n.name for n in nodes], inputs=inputs, role=role, nbytes=nbytes,
@@ -267,7 +235,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                       workspace={n.name: size for n in nodes
                                  if (size := cost_model.workspace_bytes(n))},
                       fuse_pointwise=fuse_pointwise,
-                      kind={n.name: kind for n in nodes if (kind := liveness.fusion_kind(n))})
+                      kind={n.name: kind for n in nodes if (kind := op_facts.fusion_kind(n))})
 
 
 def _is_backward_input(node: fx.Node) -> bool:
@@ -286,21 +254,6 @@ def _ancestors(seeds: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _recomputable(node: fx.Node) -> bool:
-    """Replaying this op in backward gives the same values and has no other effect."""
-    target = node.target
-    if target is operator.getitem:
-        parent = node.args[0]
-        return isinstance(parent, fx.Node) and parent.op == "call_function" and _recomputable(parent)
-    if not isinstance(target, torch._ops.OpOverload):
-        return False  # higher-order ops (with_effects, auto_functionalized, ...) and Python callables
-    if target.namespace in NEVER_RECOMPUTE_NAMESPACES or cost_model.is_attention(node):
-        return False
-    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
-        return False
-    return True
-
-
 # A reduction whose output is this many times smaller than what it reads is not recomputed for
 # free: keeping its output costs a fraction of the bytes its recomputation reads (a norm's
 # statistics: keeping the [S, 1] rsqrt spares the backward re-reading the [S, D] input to rebuild
@@ -309,11 +262,11 @@ SHRINK_NOT_CHEAP = 4
 
 
 def _is_cheap(node: fx.Node) -> bool:
-    target = node.target
-    if target is operator.getitem:
+    """Recomputed for free by the min-cut: an op of the "cheap" cost category (``op_facts``) that
+    does not shrink what it reads by ``SHRINK_NOT_CHEAP`` or more; getitem always."""
+    if node.target is operator.getitem:
         return True
-    if not (target in CHEAP_OPS or (isinstance(target, torch._ops.OpOverload)
-                                    and torch.Tag.pointwise in target.tags)):
+    if op_facts.cost_category(node) != "cheap":
         return False
     read = sum(cost_model.tensor_nbytes(i.meta.get("val")) for i in node.all_input_nodes)
     return cost_model.tensor_nbytes(node.meta.get("val")) * SHRINK_NOT_CHEAP >= read
@@ -365,17 +318,11 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
 
 
 def _offload_options(graph: JointGraph, base: Plan, profile,
-                     ctx: PassContext) -> tuple[dict[str, list[Option]], dict | None]:
+                     config) -> tuple[dict[str, list[Option]], dict | None]:
     """Offload options per saved tensor, and how many bytes the transfer windows reach."""
-    try:
-        from graphopt.analysis import offload_model
-    except ImportError:
-        log.info("[%s] graphopt.analysis.offload_model is not available; planning keep/recompute only",
-                 ctx.graph_id)
-        return {}, None
     saved = saved_tensors(graph, base)
-    profile = offload_model.planning_profile(profile, ctx.config)
-    options = offload_model.offload_options(saved, profile, ctx.config)
+    profile = offload_model.planning_profile(profile, config.offload_link_slack)
+    options = offload_model.offload_options(saved, profile, config.offload_host_capacity)
     return ({name: [Option("offload", o.device_bytes_freed, o.exposed_time_s, o.alpha, o.host_bytes)
                     for o in choices if o.device_bytes_freed > 0]
              for name, choices in sorted(options.items())},
@@ -385,15 +332,15 @@ def _offload_options(graph: JointGraph, base: Plan, profile,
 
 # --- cutting the graphs -----------------------------------------------------------------------------
 
-def _extract(joint_gm: fx.GraphModule, graph: JointGraph, plan: Plan, num_fwd_outputs: int,
-             static_indices: set[int]) -> tuple[fx.GraphModule, fx.GraphModule]:
+def _extract(joint_gm: fx.GraphModule, graph: JointGraph, plan: Plan,
+             signature: JointSignature) -> tuple[fx.GraphModule, fx.GraphModule]:
     by_name = {n.name: n for n in joint_gm.graph.nodes}
     saved_values = [by_name[n] for n in plan.saved if n not in graph.symbolic]
     saved_sym = [by_name[n] for n in plan.saved if n in graph.symbolic]
     primals = [n for n in joint_gm.graph.find_nodes(op="placeholder") if graph.role[n.name] == "primal"]
-    static = [p for i, p in enumerate(primals) if i in static_indices]
+    static = [p for i, p in enumerate(primals) if i in signature.static_input_indices]
     fw_gm, bw_gm = _compat.extract_fwd_bwd_modules(
-        joint_gm, saved_values, saved_sym, num_fwd_outputs=num_fwd_outputs,
+        joint_gm, saved_values, saved_sym, num_fwd_outputs=signature.num_fwd_outputs,
         static_lifetime_input_nodes=static)
     return fw_gm, reorder_backward(bw_gm)
 
@@ -483,28 +430,24 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
     }
 
 
-def _record(ctx: PassContext, graph: JointGraph, base: Plan, plan: Plan, summary: dict,
-            timing_report: dict) -> None:
-    recorder = ctx.recorder
-    if recorder is None:
-        return
+def _note(summary: dict) -> dict:
+    """The plan as the dump's "remat_plan" note: every figure, the per-tensor table last."""
     note = {k: v for k, v in summary.items() if k not in ("saved", "recomputed", "table")}
     note["table"] = summary["table"]
-    recorder.note("remat_plan", note)
-    recorder.note("op_timing", timing_report)
-    if recorder.folder is None:
-        return
-    with open(os.path.join(recorder.folder, "op_times.md"), "w") as handle:
-        handle.write(op_timing.table_markdown(
-            timing_report, f"{ctx.graph_id}: op times the planners used (joint graph)"))
-    svg = memory_plot.timeline_svg(
-        [("min-cut plan (torch's default)", base.timeline), ("graphopt plan", plan.timeline)],
-        budget=summary["budget_bytes"], title=f"{ctx.graph_id}: bytes live over forward + backward")
-    with open(os.path.join(recorder.folder, "remat_memory.svg"), "w") as handle:
-        handle.write(svg)
-    with open(os.path.join(recorder.folder, "remat_plan.md"), "w") as handle:
-        handle.write(memory_plot.plan_table_markdown(summary))
-    recorder.note("remat_files", ["remat_memory.svg", "remat_plan.md", "op_times.md"])
+    return note
+
+
+def _files(graph_id: str, base: Plan, plan: Plan, summary: dict,
+           timing_report: dict) -> dict[str, Callable[[], str]]:
+    """The plan's pages for a dump folder: op times, the memory timeline, the per-tensor table."""
+    return {
+        "op_times.md": lambda: op_timing.table_markdown(
+            timing_report, f"{graph_id}: op times the planners used (joint graph)"),
+        "remat_memory.svg": lambda: memory_plot.timeline_svg(
+            [("min-cut plan (torch's default)", base.timeline), ("graphopt plan", plan.timeline)],
+            budget=summary["budget_bytes"], title=f"{graph_id}: bytes live over forward + backward"),
+        "remat_plan.md": lambda: memory_plot.plan_table_markdown(summary),
+    }
 
 
 def _fmt(nbytes: float | None) -> str:

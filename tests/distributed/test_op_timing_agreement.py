@@ -61,8 +61,7 @@ def _times(group_names, rows, timeout_s, rank):
         torch.randn(rows, 16), torch.randn(16, 16), torch.randn(16, 16))
     clock = RankClock(rank)
     with op_timing.use_timer(clock):
-        timing = op_timing.time_graph(gm, CPU, config.snapshot(
-            op_timing="measure", op_timing_agreement_timeout_s=timeout_s))
+        timing = op_timing.time_graph(gm, CPU, "measure", timeout_s)
     nodes = [n.name for n in gm.graph.nodes]
     return {"times": [timing.times[n] for n in nodes], "measured": len(timing.measured),
             "calls": clock.calls, "why": timing.why}

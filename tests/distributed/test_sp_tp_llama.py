@@ -38,7 +38,7 @@ def _rewritten_sites(summaries) -> dict[str, int]:
     refused: dict[str, int] = {}
     for summary in summaries:
         for entry in summary["passes"]:
-            if entry["pass"] != "overlap_matmul_allreduce" or not entry.get("ran"):
+            if entry["pass"] != "overlap_matmul_collectives" or not entry.get("ran"):
                 continue
             for site in entry["stats"].get("sites", []):
                 if site["mode"] != "sequential":
@@ -64,7 +64,7 @@ def _run_sequence_parallel(model, mesh, tokens, targets, ref_logits, ref_grads) 
     # On CPU the cost model keeps these tiny GEMMs sequential; force the chunked runtime so the
     # rewritten graph runs.
     compiled = torch.compile(model, backend=graphopt.backend(
-        codegen="eager", overlap_matmul_allreduce=True, overlap_mode="chunked"))
+        codegen="eager", overlap_matmul_collectives=True, overlap_mode="chunked"))
     logits = compiled(tokens)
     llama_loss(logits, targets).backward()
     torch.testing.assert_close(logits, ref_logits, **FP32)

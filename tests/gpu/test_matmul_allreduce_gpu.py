@@ -107,7 +107,7 @@ def _row_parallel_case(rank: int, mode: str):
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     compiled = torch.compile(row_parallel, backend=graphopt.backend(
-        codegen="eager", overlap_matmul_allreduce=True, overlap_mode=mode))
+        codegen="eager", overlap_matmul_collectives=True, overlap_mode=mode))
     return row_parallel, x, w, compiled
 
 
@@ -230,7 +230,7 @@ def _tp_llama_steps(rank: int, world: int) -> tuple[float, float, dict]:
     eager = parallelize_llama(copy.deepcopy(base), mesh)
     model = parallelize_llama(copy.deepcopy(base), mesh)
     compiled = torch.compile(model, backend=graphopt.backend(
-        codegen="eager", overlap_matmul_allreduce=True, overlap_mode="copy_engine"))
+        codegen="eager", overlap_matmul_collectives=True, overlap_mode="copy_engine"))
     # foreach=False: the fused foreach kernels reject a list mixing DTensor (sharded) and plain
     # (replicated norm / embedding) parameters.
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5, foreach=False) for m in (eager, model)]

@@ -6,7 +6,7 @@ import sympy
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from graphopt.analysis import cost_model
+from graphopt.analysis import cost_model, op_facts
 from graphopt.analysis.device_profile import H200, load_profile
 
 
@@ -53,16 +53,16 @@ def test_roofline_compute_bound_gemm_and_memory_bound_pointwise():
 def test_views_cost_nothing_and_are_recognised():
     _, nodes = _nodes(lambda a: a.view(-1) * 2 + a.t().sum(), torch.randn(4, 4))
     view = nodes["aten.view.default"]
-    assert cost_model.is_view(view) and cost_model.is_view(nodes["aten.t.default"])
+    assert op_facts.is_view(view) and op_facts.is_view(nodes["aten.t.default"])
     assert cost_model.op_cost(view).evaluate() == (0.0, 0.0)
-    assert not cost_model.is_view(nodes["aten.mul.Tensor"])
+    assert not op_facts.is_view(nodes["aten.mul.Tensor"])
 
 
 def test_attention_is_recognised_with_causal_flops():
     q = torch.randn(1, 2, 128, 16)
     _, nodes = _nodes(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True), q, q, q)
-    attention = [n for n in nodes.values() if cost_model.is_attention(n)]
+    attention = [n for n in nodes.values() if op_facts.is_attention(n)]
     assert attention, f"no attention op among {list(nodes)}"
     flops, _ = cost_model.op_cost(attention[0]).evaluate()
     assert flops == 4 * 2 * 128 * 128 * 16 / 2

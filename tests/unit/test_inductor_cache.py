@@ -19,10 +19,14 @@ def test_partitioner_uuid_covers_every_flag_and_the_profile(tmp_path):
     assert base == _uuid()
     assert base != _uuid(overlap_chunks=3)
     assert base != _uuid(memory_budget="1GiB")
+    import dataclasses
+    import json
+    from graphopt.analysis.device_profile import H100
     profile = tmp_path / "profile.json"
-    profile.write_text("{}")
+    profile.write_text(json.dumps(H100.to_json()))
     with_profile = _uuid(device_profile=str(profile))
-    profile.write_text('{"name": "other"}')
+    assert with_profile != base
+    profile.write_text(json.dumps(dataclasses.replace(H100, hbm_gbps=2000.0).to_json()))
     assert with_profile != _uuid(device_profile=str(profile))
 
 

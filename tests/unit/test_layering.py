@@ -20,9 +20,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "graphopt"
 
 # Lowest floor first.
 FLOORS: list[tuple[str, ...]] = [
-    ("_compat", "config"),                 # torch shims; typed flags
+    ("_compat",),                          # every private torch API
     ("kernels",),                          # Triton kernels: tensors in, tensors out
     ("analysis", "distributed"),           # models of cost and memory; runtimes of communication
+    ("config",),                           # typed flags (a device profile is checked as one loads)
     ("debug", "measure", "ops"),           # dumps; measurement on the device; custom ops
     ("passes",),                           # graph rewrites and the pass manager
     ("backends",),                         # the torch.compile backend: the pipeline driver

@@ -180,7 +180,7 @@ def test_a_scatter_writes_into_its_first_input_when_that_dies_there():
 def test_fusion_kind_of_aten_ops():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from graphopt.analysis.liveness import fusion_kind
+    from graphopt.analysis.op_facts import fusion_kind
 
     def f(x, w, i):
         y = (x @ w).sigmoid()

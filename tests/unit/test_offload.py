@@ -1,6 +1,7 @@
 """offload_activations + graphopt::offload / reload ops on CPU: placement, numerics, static pool."""
 
 import copy
+import dataclasses
 import itertools
 import operator
 
@@ -14,9 +15,12 @@ from graphopt import _compat, config
 from graphopt.models.llama import Llama, LlamaConfig
 from graphopt.ops import offload as offload_ops
 from graphopt.passes.manager import PassContext, run_stage
-from graphopt.passes.pipeline import OFFLOAD_ACTIVATIONS
+from graphopt.passes.pipeline import OFFLOAD_ACTIVATIONS, PLAN_REMATERIALIZATION
+from graphopt.passes.plans import CompilePlans, JointSignature, PartitionPlan
 
 OPS = torch.ops.graphopt
+# The planner also without offload_activations (the reference runs of the joint-plan tests).
+ALWAYS_PLAN = dataclasses.replace(PLAN_REMATERIALIZATION, enabled=lambda c: True)
 _graph_ids = itertools.count()
 
 
@@ -32,12 +36,13 @@ def _one_thread():
 class Compiled:
     """AOTAutograd with torch's min-cut partition, then the offload pass on forward and backward.
 
-    The plan is given (``ctx.shared["offload_plan"]``) or left to the pass; the partitioner shares
-    the backward graph as plan_rematerialization does. With ``joint_plan`` the partition and the
-    plan come from plan_rematerialization itself (as in the graphopt backend)."""
+    The plan is given (an offload plan {name: alpha} on a PartitionPlan of the min-cut graphs) or
+    left to the pass; the backward graph is shared as the backend shares it. With ``joint_plan``
+    the partition and the plan come from plan_rematerialization itself (as in the graphopt
+    backend)."""
 
     def __init__(self, model, plan=None, run_pass=True, joint_plan=False, **flags):
-        self.shared = {} if plan is None else {"offload_plan": dict(plan)}
+        self.plans = CompilePlans()
         self.graphs = {}
         self.results = {}
         self.graph_id = f"test_offload_{next(_graph_ids)}"
@@ -45,16 +50,20 @@ class Compiled:
 
         def partition(joint, inputs, **kwargs):
             if joint_plan:
-                from graphopt.passes.plan_rematerialization import partition_with_plan
-                ctx = PassContext("partition", cfg, self.graph_id, list(inputs), None, {}, self.shared)
-                return partition_with_plan(joint, inputs, ctx, **kwargs)
-            fw, bw = _compat.min_cut_rematerialization_partition(joint, inputs, **kwargs)
-            self.shared["backward_graph"] = bw
+                ctx = PassContext("partition", cfg, self.graph_id, list(inputs), None, self.plans,
+                                  JointSignature.of(kwargs))
+                run_stage("partition", [ALWAYS_PLAN], joint, ctx)
+                fw, bw = self.plans.partition.forward, self.plans.partition.backward
+            else:
+                fw, bw = _compat.min_cut_rematerialization_partition(joint, inputs, **kwargs)
+                if plan is not None:
+                    self.plans.partition = offload_plan_of(fw, bw, plan)
+            self.plans.backward_graph = bw
             return fw, bw
 
         def stage(name):
             def compile_stage(gm, inputs):
-                ctx = PassContext(name, cfg, self.graph_id, list(inputs), None, {}, self.shared)
+                ctx = PassContext(name, cfg, self.graph_id, list(inputs), None, self.plans)
                 passes = [OFFLOAD_ACTIVATIONS] if run_pass else []
                 self.graphs[name] = run_stage(name, passes, gm, ctx)
                 return _compat.make_boxed_func(self.graphs[name].forward)
@@ -70,6 +79,12 @@ class Compiled:
         loss = self.module(tokens).float().pow(2).mean()
         loss.backward()
         return loss.detach()
+
+
+def offload_plan_of(fw, bw, offloaded, peak=None):
+    """A partition plan that offloads ``offloaded`` ({saved name: alpha}) from given graphs."""
+    return PartitionPlan(fw, bw, saved=(), recomputed=(), offloaded=dict(offloaded),
+                         planned_peak_bytes=peak)
 
 
 def tiny(seed=0, **overrides):
@@ -168,14 +183,14 @@ def _between(fw, first: str, last: str) -> list:
 
 
 def _computes(nodes) -> list:
-    from graphopt.analysis.cost_model import is_view
+    from graphopt.analysis.op_facts import is_view
     return [n for n in nodes if n.op == "call_function" and not is_view(n)
             and n.target is not operator.getitem and n.target is not OPS.offload.default]
 
 
 def _saved_view_after_compute(fw):
     """A saved view the forward takes after other compute has run since its base was written."""
-    from graphopt.analysis.cost_model import is_view
+    from graphopt.analysis.op_facts import is_view
     from graphopt.passes.offload_activations import _alias_root
     output = next(iter(fw.graph.find_nodes(op="output")))
     for node in output.args[0]:
@@ -312,8 +327,8 @@ def _partitioned(layers=1, seq=32):
 def _run_forward_pass(fw, bw, plan, **flags):
     from graphopt.passes.offload_activations import offload_activations
     cfg = config.snapshot(codegen="eager", offload_activations=True, **flags)
-    shared = {"offload_plan": plan, "backward_graph": bw}
-    ctx = PassContext("forward", cfg, f"test_offload_{next(_graph_ids)}", [], None, {}, shared)
+    plans = CompilePlans(partition=offload_plan_of(fw, bw, plan), backward_graph=bw)
+    ctx = PassContext("forward", cfg, f"test_offload_{next(_graph_ids)}", [], None, plans)
     return offload_activations(fw, ctx)
 
 
@@ -454,12 +469,28 @@ def test_joint_plan_offloads_rope_outputs_and_mlp_projections_saved_as_views():
     rotated = [root for _, root in views if root.target in (torch.ops.aten.stack.default,
                                                              torch.ops.aten.cat.default)]
     assert len(rotated) == 2 * cfg.n_layers  # q and k after RoPE
-    plan = planned.shared["remat_plan"]
+    plan = planned.plans.partition.report
     assert plan["planned_peak_bytes"] < plan["min_cut_peak_bytes"]
     # the table prices each view by its base, once
     rows = {row["tensor"]: row for row in plan["table"]}
     for node, root in views:
         assert rows[node.name]["bytes"] == root.meta["val"].numel() * root.meta["val"].element_size()
+
+
+def test_the_partition_plan_reaches_the_offload_pass():
+    """What plan_rematerialization decides (``PartitionPlan.offloaded``) is what the forward stage
+    offloads, and the forward's slots are what the backward stage reloads (``CompilePlans``)."""
+    compiled = Compiled(tiny(n_layers=1), joint_plan=True)
+    compiled.step(torch.randint(0, 128, (1, 64)))
+    plan, rewrite = compiled.plans.partition, compiled.plans.offload
+    assert plan.offloaded and set(rewrite.slots) == set(plan.offloaded)
+    from graphopt.passes.offload_activations import _row_numel
+    for name, slot in rewrite.slots.items():  # alphas rounded to whole token rows
+        rows = _row_numel(slot.shape, slot.stride)[0]
+        assert abs(slot.alpha - plan.offloaded[name]) <= 1 / rows + 1e-9, name
+    offloaded = {n.args[0].name for n in calls(compiled.graphs["forward"], OPS.offload)}
+    reloaded = {n.args[0].name for n in calls(compiled.graphs["backward"], OPS.reload)}
+    assert offloaded == set(plan.offloaded) == reloaded
 
 
 class _SharedBase(torch.nn.Module):
@@ -495,7 +526,7 @@ def test_views_sharing_a_base_are_offloaded_together_and_packed():
         view = offload.args[0].meta["val"]
         assert tuple(offload.args[5]) == (view.shape[1] * view.shape[2], view.shape[2], 1)  # packed
         assert tuple(view.stride()) != tuple(offload.args[5])
-    plan = planned.shared["remat_plan"]
+    plan = planned.plans.partition.report
     table = [row for row in plan["table"] if row["action"] == "offload"]
     assert sum(row["bytes"] for row in table) == base.numel() * base.element_size()  # counted once
     assert len({row["alpha"] for row in table}) == 1
@@ -559,16 +590,7 @@ def test_liveness_frees_a_base_only_when_every_saved_view_of_it_is_offloaded():
 # --- Inductor ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_inductor_keeps_the_ops_and_the_numerics(monkeypatch):
-    import graphopt.passes.plan_rematerialization as remat
-    partition = remat.partition_with_plan
-
-    def sharing_backward(joint, inputs, ctx, **kwargs):  # until the planner shares it itself
-        fw, bw = partition(joint, inputs, ctx, **kwargs)
-        ctx.shared.setdefault("backward_graph", bw)
-        return fw, bw
-
-    monkeypatch.setattr(remat, "partition_with_plan", sharing_backward)
+def test_inductor_keeps_the_ops_and_the_numerics():
     model = tiny(n_layers=1)
     reference = copy.deepcopy(model)
     torch._dynamo.reset()

@@ -42,7 +42,7 @@ def test_tensors_share_the_link_instead_of_each_using_the_whole_window():
 def test_exposed_time_is_the_queue_overrun():
     pair = [saved("a", 1_000_000, 0, after_ms=1.5, before_ms=10),
             saved("b", 1_000_000, 1, after_ms=1.5, before_ms=10)]
-    options = offload_model.offload_options(pair, LINK)
+    options = offload_model.offload_options(pair, LINK, None)
     by_alpha = {o.alpha: o for o in options["b"]}
     assert by_alpha[0.5].exposed_time_s == pytest.approx(0.0, abs=1e-9)
     assert by_alpha[1.0].exposed_time_s == pytest.approx(0.5e-3)  # 0.5 MB more behind a full link
@@ -61,18 +61,11 @@ def test_reload_queue_orders_by_first_use():
 def test_host_capacity_limits_options_and_plan():
     tensors = [saved(f"t{i}", 1_000_000, i, after_ms=100, before_ms=100) for i in range(4)]
     with config.patch(offload_host_capacity="2.5MB"):
-        snap = config.snapshot()
-        options = offload_model.offload_options(tensors, LINK, snap)
-        plan = offload_model.hidden_plan(tensors, options, offload_model.host_capacity_bytes(snap))
+        capacity = config.snapshot().offload_host_capacity
+    assert capacity == 2_500_000
+    options = offload_model.offload_options(tensors, LINK, capacity)
+    plan = offload_model.hidden_plan(tensors, options, capacity)
     assert plan == {"t0": 1.0, "t1": 1.0}  # earliest produced first, the third would exceed 2.5 MB
-
-
-def test_host_capacity_parsing():
-    assert offload_model.host_capacity_bytes(config.snapshot(offload_host_capacity="64GiB")) == 64 * 2**30
-    assert offload_model.host_capacity_bytes(config.snapshot(offload_host_capacity=1000)) == 1000
-    assert offload_model.host_capacity_bytes(config.snapshot()) is None
-    with pytest.raises(ValueError, match="offload_host_capacity"):
-        offload_model.host_capacity_bytes(config.snapshot(offload_host_capacity="lots"))
 
 
 tensor_lists = st.lists(
@@ -84,7 +77,7 @@ tensor_lists = st.lists(
 @given(tensor_lists)
 def test_hidden_plan_adds_no_stall_and_options_grow_with_alpha(specs):
     tensors = [saved(f"t{i}", n, i, after_ms=a, before_ms=b) for i, (n, a, b) in enumerate(specs)]
-    options = offload_model.offload_options(tensors, LINK)
+    options = offload_model.offload_options(tensors, LINK, None)
     plan = offload_model.hidden_plan(tensors, options, None, profile=LINK)
     forward, backward = offload_model.queue_stall_s(tensors, plan, LINK)
     # Each planned copy may expose up to the model's tolerance; their stalls add up in the queue.
@@ -96,7 +89,7 @@ def test_hidden_plan_adds_no_stall_and_options_grow_with_alpha(specs):
         assert all(x <= y + 1e-8 + 1e-6 * abs(y) for x, y in zip(exposed, exposed[1:]))
     # deterministic: the same input gives the same plan (every rank plans alike)
     again = [dataclasses.replace(t) for t in reversed(tensors)]
-    assert offload_model.hidden_plan(again, offload_model.offload_options(again, LINK), None,
+    assert offload_model.hidden_plan(again, offload_model.offload_options(again, LINK, None), None,
                                      profile=LINK) == plan
 
 
@@ -119,13 +112,13 @@ def test_window_bytes_say_where_the_link_time_goes():
 def test_link_slack_gives_each_copy_more_time_and_the_plan_fewer_bytes():
     # 5 ms of forward after a 10 MB tensor at 1 GB/s: 5 MB fit at the profile's bandwidth.
     tensors = [saved("x", 10_000_000, 0, after_ms=5, before_ms=100)]
-    exact = offload_model.planning_profile(LINK, config.snapshot(offload_link_slack=0))
+    exact = offload_model.planning_profile(LINK, config.snapshot(offload_link_slack=0).offload_link_slack)
     assert exact is LINK
-    slow = offload_model.planning_profile(LINK, config.snapshot(offload_link_slack=0.25))
+    slow = offload_model.planning_profile(LINK, 0.25)
     assert slow.host_link_gbps == pytest.approx(0.8)
     assert offload_model.transfer_time_s(1e6, slow) == pytest.approx(1.25e-3)
     assert offload_model.hidden_fractions(tensors, exact)["x"] == pytest.approx(0.5)
     assert offload_model.hidden_fractions(tensors, slow)["x"] == pytest.approx(0.4)
     assert config.snapshot().offload_link_slack > 0  # the default plans with slack
-    with pytest.raises(ValueError, match="offload_link_slack"):
-        offload_model.planning_profile(LINK, config.snapshot(offload_link_slack=-0.1))
+    with pytest.raises(config.ConfigError, match="offload_link_slack"):
+        config.snapshot(offload_link_slack=-0.1)

@@ -19,10 +19,12 @@ from graphopt.analysis.device_profile import CPU, DeviceProfile
 from graphopt.debug.dump import compile_summaries
 from graphopt.models.llama import Llama, LlamaConfig
 from graphopt.ops import offload as _offload_ops  # noqa: F401  registers graphopt::offload
-from graphopt.passes.manager import PassContext
-from graphopt.passes.plan_rematerialization import partition_with_plan
+from graphopt.passes.manager import PassContext, run_stage
+from graphopt.passes.pipeline import PLAN_REMATERIALIZATION
+from graphopt.passes.plans import JointSignature
 
 aten = torch.ops.aten
+TIMEOUT_S = 300.0  # the agreement's wait (config.op_timing_agreement_timeout_s); one rank here
 
 
 class ScaledRoofline:
@@ -54,13 +56,13 @@ def test_each_distinct_op_is_timed_once_and_cached_across_graphs():
     gm = fake_graph(_two_equal_layers, (64, 32), (32, 32), (32, 32))
     clock = ScaledRoofline(2.0)
     with op_timing.use_timer(clock) as cache:
-        first = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+        first = op_timing.time_graph(gm, CPU, "measure", TIMEOUT_S)
         # mm and relu on one signature each: 2 layers x (2 mm + 1 relu) = 6 nodes, 2 measurements
         mm_nodes = [n.name for n in gm.graph.nodes if n.target is aten.mm.default]
         assert len(mm_nodes) == 4 and set(mm_nodes) <= set(first.measured)
         assert sorted(clock.calls) == ["aten.mm.default", "aten.relu.default"]
         assert first.new_measurements == 2 and len(cache) == 2
-        second = op_timing.time_graph(copy.deepcopy(gm), CPU, config.snapshot(op_timing="measure"))
+        second = op_timing.time_graph(copy.deepcopy(gm), CPU, "measure", TIMEOUT_S)
     assert second.new_measurements == 0 and len(clock.calls) == 2
     for name, seconds in first.measured.items():
         assert seconds == pytest.approx(2.0 * first.modelled[name])
@@ -72,23 +74,22 @@ def test_model_and_auto_on_cpu_keep_the_roofline_without_timing():
     clock = ScaledRoofline(5.0)
     with op_timing.use_timer(clock):
         for flag in ("model", "auto"):
-            timing = op_timing.time_graph(gm, CPU, config.snapshot(op_timing=flag))
+            timing = op_timing.time_graph(gm, CPU, flag, TIMEOUT_S)
             assert timing.mode == "model" and not timing.measured
             assert timing.times == timing.modelled == cost_model.graph_times(gm, CPU)
     assert clock.calls == []
-    assert "cpu" in op_timing.resolve_mode(config.snapshot(), torch.device("cpu"))[1]
+    assert "cpu" in op_timing.resolve_mode(config.snapshot().op_timing, torch.device("cpu"))[1]
 
 
 def test_auto_with_several_ranks_measures_only_graphs_that_name_their_ranks(monkeypatch):
     monkeypatch.setattr(op_timing, "_world_size", lambda: 4)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
-    cuda, auto = torch.device("cuda", 0), config.snapshot(op_timing="auto")
+    cuda, auto = torch.device("cuda", 0), "auto"
     mode, why = op_timing.resolve_mode(auto, cuda, ranks=())
     assert mode == "model" and "names no process group" in why
     assert op_timing.resolve_mode(auto, cuda, ranks=(0, 1)) == ("measure", "op_timing='auto' on a GPU")
-    forced = config.snapshot(op_timing="measure")
-    assert op_timing.resolve_mode(forced, cuda, ranks=())[0] == "measure"
+    assert op_timing.resolve_mode("measure", cuda, ranks=())[0] == "measure"
 
 
 def test_a_rank_that_gets_no_agreed_times_plans_alone_and_says_so(monkeypatch):
@@ -97,13 +98,13 @@ def test_a_rank_that_gets_no_agreed_times_plans_alone_and_says_so(monkeypatch):
     from graphopt.measure import agreement
     monkeypatch.setattr(op_timing, "_world_size", lambda: 2)
     monkeypatch.setattr(agreement, "graph_group_ranks", lambda gm: (0, 1))
-    monkeypatch.setattr(op_timing, "resolve_mode", lambda config, device, ranks: ("measure", "forced"))
+    monkeypatch.setattr(op_timing, "resolve_mode", lambda flag, device, ranks: ("measure", "forced"))
     nothing = agreement.Agreement(None, 0, "rank 0 published nothing")
     monkeypatch.setattr(agreement, "agree", lambda *args: nothing)
     gm = fake_graph(_two_equal_layers, (64, 32), (32, 32), (32, 32))
     with op_timing.use_timer(ScaledRoofline(3.0)):
-        auto = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="auto"))
-        measured = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+        auto = op_timing.time_graph(gm, CPU, "auto", TIMEOUT_S)
+        measured = op_timing.time_graph(gm, CPU, "measure", TIMEOUT_S)
     assert auto.mode == "model" and not auto.measured and auto.times == auto.modelled
     assert measured.mode == "measure" and measured.measured
     for timing in (auto, measured):
@@ -122,7 +123,7 @@ def test_unsafe_ops_keep_the_roofline_and_say_why():
     gm = fake_graph(_unsafe_ops, (64, 32), (32, 32))
     clock = ScaledRoofline(3.0)
     with op_timing.use_timer(clock):
-        timing = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+        timing = op_timing.time_graph(gm, CPU, "measure", TIMEOUT_S)
     by_target = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_function"}
     reasons = {target: timing.refused.get(name) for target, name in by_target.items()}
     assert "random" in reasons["aten.rand_like.default"]
@@ -142,7 +143,7 @@ def test_ops_that_fail_run_out_of_memory_or_do_not_fit_keep_the_roofline():
     clock = ScaledRoofline(2.0, fail={aten.mm.default: torch.OutOfMemoryError("CUDA out of memory"),
                                       aten.relu.default: RuntimeError("no kernel for this dtype")})
     with op_timing.use_timer(clock) as cache:
-        timing = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+        timing = op_timing.time_graph(gm, CPU, "measure", TIMEOUT_S)
         reasons = set(timing.refused.values())
         assert reasons == {"out of memory when run alone", "failed when run alone: RuntimeError: no "
                            "kernel for this dtype"}
@@ -150,7 +151,7 @@ def test_ops_that_fail_run_out_of_memory_or_do_not_fit_keep_the_roofline():
         # a failure is remembered; running out of memory is not (a later compile may fit)
         assert [m.reason for m in cache.values()] == ["failed when run alone: RuntimeError: no kernel "
                                                       "for this dtype"]
-        op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+        op_timing.time_graph(gm, CPU, "measure", TIMEOUT_S)
     assert clock.calls == ["aten.mm.default", "aten.relu.default", "aten.mm.default"]
 
 
@@ -159,7 +160,7 @@ def test_ops_larger_than_the_free_memory_are_not_built(monkeypatch):
     monkeypatch.setattr(op_timing, "_free_bytes", lambda device: 4096)  # 4 KiB free
     clock = ScaledRoofline(2.0)
     with op_timing.use_timer(clock):
-        timing = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+        timing = op_timing.time_graph(gm, CPU, "measure", TIMEOUT_S)
     assert clock.calls == [] and all("GiB free" in r for r in timing.refused.values())
     assert len(timing.refused) == 6
 
@@ -182,7 +183,7 @@ def test_inputs_have_the_meta_layout_and_the_user_rng_is_untouched():
 
     state = torch.get_rng_state()
     with op_timing.use_timer(Recorder()):
-        timing = op_timing.time_graph(gm, CPU, config.snapshot(op_timing="measure"))
+        timing = op_timing.time_graph(gm, CPU, "measure", TIMEOUT_S)
     assert torch.equal(torch.get_rng_state(), state)
     (mm,) = seen
     key = timing.signatures[mm.name]
@@ -196,12 +197,15 @@ class Compiled:
     """AOTAutograd with graphopt's joint planner as the partitioner (eager graphs)."""
 
     def __init__(self, model, **flags):
-        self.shared = {}
+        self.plan = None
         cfg = config.snapshot(codegen="eager", **flags)
 
         def partition(joint, inputs, **kwargs):
-            ctx = PassContext("partition", cfg, "test_op_timing", list(inputs), None, {}, self.shared)
-            return partition_with_plan(joint, inputs, ctx, **kwargs)
+            ctx = PassContext("partition", cfg, "test_op_timing", list(inputs),
+                              joint=JointSignature.of(kwargs))
+            run_stage("partition", [PLAN_REMATERIALIZATION], joint, ctx)
+            self.plan = ctx.plans.partition.report
+            return ctx.plans.partition.forward, ctx.plans.partition.backward
 
         def nop(gm, _inputs):
             return _compat.make_boxed_func(gm.forward)
@@ -232,7 +236,7 @@ def _llama_plan(scale, profile_path, profile, **flags):
     clock = ScaledRoofline(scale, profile)
     with op_timing.use_timer(clock):
         compiled.module(tokens).float().pow(2).mean().backward()
-    return compiled.shared["remat_plan"], model
+    return compiled.plan, model
 
 
 def test_a_longer_measured_forward_lets_the_planner_offload_more(slow_link):
@@ -264,7 +268,7 @@ def test_recompute_costs_are_the_measured_times():
         compiled = Compiled(copy.deepcopy(model), memory_budget=0.3, op_timing=flag)
         with op_timing.use_timer(ScaledRoofline(scale)):
             compiled.module(x).sum().backward()
-        plans[flag] = compiled.shared["remat_plan"]
+        plans[flag] = compiled.plan
     assert plans["model"]["recomputed"] == plans["measure"]["recomputed"]
     assert plans["model"]["recompute_time_s"] > 0
     costs = {flag: {row["tensor"]: row["recompute_s"] for row in plans[flag]["table"]

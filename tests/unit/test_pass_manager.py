@@ -38,8 +38,9 @@ def _add_node_without_meta(gm, ctx):
     return PassResult(gm, modified=True, matched=1)
 
 
-def _ctx(tmp_path=None, **flags):
-    cfg = config.snapshot(**flags)
+def _ctx(tmp_path=None, disabled=(), **flags):
+    # disabled_passes takes graphopt's pass names only: switch this file's test pass off directly
+    cfg = config.ConfigSnapshot({**config.snapshot(**flags).as_dict(), "disabled_passes": disabled})
     recorder = GraphRecorder("g", str(tmp_path) if tmp_path else None, cfg.describe())
     return PassContext("pre_grad", cfg, "g", [], recorder)
 
@@ -66,14 +67,14 @@ def test_pass_runs_is_recorded_and_dumped(tmp_path, caplog):
 
 
 def test_disabled_pass_is_skipped_and_says_so():
-    ctx = _ctx(disabled_passes=("relu_to_sigmoid",))
+    ctx = _ctx(disabled=("relu_to_sigmoid",))
     gm = run_stage("pre_grad", [RELU], _module(), ctx)
     assert "torch.relu(" in gm.code
     assert ctx.recorder.summary["passes"][0]["ran"] is False
 
 
 def test_pass_not_enabled_by_its_flag_does_not_run():
-    off = GraphPass("relu_to_sigmoid", _relu_to_sigmoid, enabled=lambda c: c.overlap_matmul_allreduce)
+    off = GraphPass("relu_to_sigmoid", _relu_to_sigmoid, enabled=lambda c: c.overlap_matmul_collectives)
     gm = run_stage("pre_grad", [off], _module(), _ctx())
     assert "torch.relu(" in gm.code
 
@@ -83,3 +84,24 @@ def test_debug_lint_names_the_pass_that_dropped_meta():
     with pytest.raises(PassFailedLint, match="add_neg.*meta"):
         run_stage("pre_grad", [broken], _module(), _ctx(debug=True))
     run_stage("pre_grad", [broken], _module(), _ctx(debug=False))
+
+
+def test_a_pass_notes_and_files_go_into_the_dump(tmp_path):
+    rendered = []
+
+    def noting(gm, ctx):
+        def page():
+            rendered.append(ctx.graph_id)
+            return "# page\n"
+        return PassResult(gm, False, notes={"facts": {"n": 1}}, files={"page.md": page})
+
+    noting_pass = GraphPass("noting", noting, enabled=lambda c: True)
+    ctx = _ctx(tmp_path)
+    run_stage("pre_grad", [noting_pass], _module(), ctx)
+    assert ctx.recorder.summary["notes"]["facts"] == {"n": 1}
+    assert (tmp_path / "g" / "page.md").read_text() == "# page\n"
+    assert ctx.recorder.summary["files"] == ["page.md"]
+    without_folder = _ctx()
+    run_stage("pre_grad", [noting_pass], _module(), without_folder)
+    assert without_folder.recorder.summary["notes"]["facts"] == {"n": 1}
+    assert rendered == ["g"]  # no dump folder: the file is never rendered

@@ -13,10 +13,11 @@ from hypothesis import given, settings, strategies as st
 
 import graphopt
 from graphopt import _compat
-from graphopt.analysis import cost_model, liveness
+from graphopt.analysis import cost_model, liveness, op_facts
 from graphopt.debug.dump import compile_summaries
-from graphopt.passes.manager import PassContext
-from graphopt.passes.plan_rematerialization import BudgetError, parse_budget, partition_with_plan
+from graphopt.passes.manager import PassContext, run_stage
+from graphopt.passes.pipeline import PLAN_REMATERIALIZATION
+from graphopt.passes.plans import JointSignature
 
 
 def _nop(gm, _inputs):
@@ -39,9 +40,12 @@ def capture_joint(fn, *args):
 
 
 def plan(captured, budget, **flags):
-    ctx = PassContext("partition", graphopt.config.snapshot(memory_budget=budget, **flags), "test")
-    fw, bw = partition_with_plan(captured["joint"], captured["inputs"], ctx, **captured["kwargs"])
-    return fw, bw, ctx
+    """The partition stage (plan_rematerialization through run_stage) on the captured joint graph:
+    the cut forward and backward, and the context whose ``plans.partition`` holds the plan."""
+    ctx = PassContext("partition", graphopt.config.snapshot(memory_budget=budget, **flags), "test",
+                      list(captured["inputs"]), joint=JointSignature.of(captured["kwargs"]))
+    run_stage("partition", [PLAN_REMATERIALIZATION], captured["joint"], ctx)
+    return ctx.plans.partition.forward, ctx.plans.partition.backward, ctx
 
 
 def plan_keeping_graph(captured, budget, **flags):
@@ -94,7 +98,7 @@ def _targets(gm):
 
 def _recomputed_ops(captured, ctx):
     by_name = {n.name: n for n in captured["joint"].graph.nodes}
-    return [by_name[n] for n in ctx.shared["remat_plan"]["recomputed"]]
+    return [by_name[n] for n in ctx.plans.partition.report["recomputed"]]
 
 
 # --- numerics and the budget -------------------------------------------------------------------------
@@ -120,8 +124,8 @@ def test_mlp_numerics_equal_eager_under_every_budget(budget):
 
 def test_lower_budget_recomputes_more_and_fits():
     captured = capture_joint(mlp(4, 32, 256), torch.randn(512, 32, requires_grad=True))
-    full = plan(captured, 1.0)[2].shared["remat_plan"]
-    half = plan(captured, 0.5)[2].shared["remat_plan"]
+    full = plan(captured, 1.0)[2].plans.partition.report
+    half = plan(captured, 0.5)[2].plans.partition.report
     assert full["planned_peak_bytes"] == full["min_cut_peak_bytes"]
     assert half["feasible"] and half["planned_peak_bytes"] <= half["budget_bytes"]
     assert half["planned_peak_bytes"] < full["planned_peak_bytes"]
@@ -131,7 +135,7 @@ def test_lower_budget_recomputes_more_and_fits():
 
 def test_infeasible_budget_takes_the_lowest_peak_and_says_why():
     captured = capture_joint(mlp(2, 16, 64), torch.randn(64, 16, requires_grad=True))
-    summary = plan(captured, 1000)[2].shared["remat_plan"]
+    summary = plan(captured, 1000)[2].plans.partition.report
     assert not summary["feasible"]
     assert "no plan fits the budget" in summary["refusals"][0]
 
@@ -150,7 +154,7 @@ def test_more_budget_never_means_more_recompute_time(depth, hidden, transformer,
     captured = capture_joint(model, x)
     results = []
     for fraction in sorted(fractions):
-        summary = plan(captured, fraction)[2].shared["remat_plan"]
+        summary = plan(captured, fraction)[2].plans.partition.report
         assert summary["planned_peak_bytes"] == summary["realized_peak_bytes"]
         if summary["feasible"]:
             assert summary["planned_peak_bytes"] <= summary["budget_bytes"]
@@ -166,7 +170,7 @@ def test_plan_is_deterministic():
                              torch.randn(2, 64, 32, requires_grad=True))
     first = plan(captured, 0.4)
     second = plan(captured, 0.4)
-    assert first[2].shared["remat_plan"] == second[2].shared["remat_plan"]
+    assert first[2].plans.partition.report == second[2].plans.partition.report
     assert first[0].code == second[0].code and first[1].code == second[1].code
 
 
@@ -176,8 +180,8 @@ def test_attention_is_never_recomputed():
     model = nn.Sequential(Block(32, 4), Block(32, 4))
     captured = capture_joint(model, torch.randn(2, 64, 32, requires_grad=True))
     fw, bw, ctx = plan(captured, 0.05)
-    assert any(cost_model.is_attention(n) for n in captured["joint"].graph.nodes)
-    assert not [n for n in _recomputed_ops(captured, ctx) if cost_model.is_attention(n)]
+    assert any(op_facts.is_attention(n) for n in captured["joint"].graph.nodes)
+    assert not [n for n in _recomputed_ops(captured, ctx) if op_facts.is_attention(n)]
     forward_attention = [t for t in _targets(bw) if "attention" in t and "backward" not in t]
     assert not forward_attention, forward_attention
 
@@ -216,7 +220,7 @@ def test_collectives_are_never_recomputed_and_numerics_hold():
                                if "c10d_functional" in str(n.target) and not n.name.endswith("_1")}
         assert forward_collectives == {"all_reduce", "wait_tensor"}
         assert not forward_collectives & {n.name for n in bw.graph.nodes}
-        assert "mm" in ctx.shared["remat_plan"]["recomputed"], "the budget should force recomputation"
+        assert "mm" in ctx.plans.partition.report["recomputed"], "the budget should force recomputation"
         fn(x, w).backward()
         want = (x.grad.clone(), w.grad.clone())
         x.grad, w.grad = None, None
@@ -257,7 +261,7 @@ def test_must_save_tag_is_never_recomputed_even_under_a_tiny_budget():
     policy = _compat.checkpoint_policy()
     captured, (_, _, ctx) = _tag_case(policy.MUST_SAVE, 0.01)
     mm_names = {n.name for n in captured["joint"].graph.nodes if n.meta.get("recompute") == policy.MUST_SAVE}
-    assert not mm_names & set(ctx.shared["remat_plan"]["recomputed"])
+    assert not mm_names & set(ctx.plans.partition.report["recomputed"])
 
 
 def test_must_recompute_tag_is_never_saved_even_with_the_whole_budget():
@@ -265,17 +269,17 @@ def test_must_recompute_tag_is_never_saved_even_with_the_whole_budget():
     captured, (_, _, ctx) = _tag_case(policy.MUST_RECOMPUTE, 1.0)
     forced = {n.name for n in captured["joint"].graph.nodes
               if n.meta.get("recompute") == policy.MUST_RECOMPUTE and "mm" in str(n.target)}
-    assert forced and not forced & set(ctx.shared["remat_plan"]["saved"])
-    assert forced & set(ctx.shared["remat_plan"]["recomputed"])
+    assert forced and not forced & set(ctx.plans.partition.report["saved"])
+    assert forced & set(ctx.plans.partition.report["recomputed"])
 
 
-# --- joint plan with offload, dump, budget parsing -----------------------------------------------------
+# --- joint plan with offload, dump -----------------------------------------------------
 
 def test_offload_options_enter_the_plan(monkeypatch):
     offload_model = pytest.importorskip("graphopt.analysis.offload_model")
     seen = {}
 
-    def fake_options(saved, profile, config):
+    def fake_options(saved, profile, host_capacity):
         seen["saved"] = saved
         return {t.name: [offload_model.OffloadOption(1.0, t.nbytes, t.nbytes, 0.0)] for t in saved}
 
@@ -283,9 +287,9 @@ def test_offload_options_enter_the_plan(monkeypatch):
     captured = capture_joint(mlp(3, 32, 256), torch.randn(512, 32, requires_grad=True))
     _, _, ctx = plan(captured, 0.5, offload_activations=True)
     assert seen["saved"] and all(t.fw_index >= 0 and t.nbytes > 0 for t in seen["saved"])
-    assert ctx.shared["offload_plan"], "free offloads should be chosen over recomputation"
-    assert set(ctx.shared["offload_plan"]) <= set(ctx.shared["remat_plan"]["saved"])
-    assert ctx.shared["remat_plan"]["feasible"]
+    assert ctx.plans.partition.offloaded, "free offloads should be chosen over recomputation"
+    assert set(ctx.plans.partition.offloaded) <= set(ctx.plans.partition.report["saved"])
+    assert ctx.plans.partition.report["feasible"]
 
 
 def test_dump_has_the_memory_picture_and_the_table(tmp_path):
@@ -342,7 +346,7 @@ def test_min_cut_keeps_a_norms_statistics_instead_of_recomputing_its_reduction(m
     def planned():
         _, bw, ctx = plan(dict(captured, joint=copy.deepcopy(captured["joint"])), 1.0)
         reductions = [n for n in bw.graph.nodes if n.target is torch.ops.aten.mean.dim]
-        return reductions, ctx.shared["remat_plan"]
+        return reductions, ctx.plans.partition.report
 
     reductions, kept = planned()
     monkeypatch.setattr(remat, "SHRINK_NOT_CHEAP", 10**9)  # every reduction recomputed for free
@@ -412,18 +416,6 @@ def test_backward_only_ops_join_the_forward_candidates_unless_they_cannot_be_rep
     assert joint.role[out.name] == "fw" and joint.role[dx.name] == "bw"
 
 
-def test_parse_budget():
-    assert parse_budget("40GiB") == ("bytes", 40 * 2**30)
-    assert parse_budget("512MiB") == ("bytes", 512 * 2**20)
-    assert parse_budget(4e10) == ("bytes", 4e10)
-    assert parse_budget(0.5) == ("fraction", 0.5)
-    assert parse_budget("0.5") == ("fraction", 0.5)
-    assert parse_budget(1 << 20) == ("bytes", float(1 << 20))
-    for bad in ("lots", -1, 0.0, True):
-        with pytest.raises(BudgetError, match="memory_budget"):
-            parse_budget(bad)
-
-
 def test_dynamic_shapes_plan_and_numerics():
     model = mlp(2, 32, 128)
     compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", memory_budget=0.5),
@@ -444,7 +436,7 @@ import torch
 import test_remat as t
 captured = t.capture_joint(torch.nn.Sequential(t.Block(32, 4), t.Block(32, 4)),
                            torch.randn(2, 64, 32, requires_grad=True))
-summary = t.plan(captured, 0.4)[2].shared["remat_plan"]
+summary = t.plan(captured, 0.4)[2].plans.partition.report
 print(json.dumps({{k: summary[k] for k in ("saved", "recomputed", "planned_peak_bytes")}}))
 """
 
@@ -526,7 +518,7 @@ def test_full_activation_checkpointing_recomputes_region_by_region():
     captured = capture_joint(functools.partial(_full_ac, blocks), torch.randn(256, 32, requires_grad=True))
     policy = _compat.checkpoint_policy()
     _, bw, ctx = plan(captured, 1.0)
-    summary = ctx.shared["remat_plan"]
+    summary = ctx.plans.partition.report
     boundaries = {n.name for n in captured["joint"].graph.nodes if n.meta.get("recompute") == policy.MUST_SAVE}
     assert boundaries, "consecutive checkpointed regions should meet at a saved tensor"
     assert boundaries & set(summary["saved"])
@@ -537,10 +529,10 @@ def test_free_offloads_that_miss_the_peak_do_not_crowd_out_recomputation(monkeyp
     """With eager codegen the backward holds its inputs to the end, so a reloaded tensor is back on
     the device at the late-backward peak: offloading cannot meet the budget there, recomputing can."""
     offload_model = pytest.importorskip("graphopt.analysis.offload_model")
-    monkeypatch.setattr(offload_model, "offload_options", lambda saved, profile, config: {
+    monkeypatch.setattr(offload_model, "offload_options", lambda saved, profile, host_capacity: {
         t.name: [offload_model.OffloadOption(1.0, t.nbytes, t.nbytes, 0.0)] for t in saved})
     captured = capture_joint(mlp(3, 32, 256), torch.randn(512, 32, requires_grad=True))
-    summary = plan(captured, 0.5, codegen="eager", offload_activations=True)[2].shared["remat_plan"]
+    summary = plan(captured, 0.5, codegen="eager", offload_activations=True)[2].plans.partition.report
     assert summary["peak_at"].startswith("b:")
     assert summary["feasible"] and summary["planned_peak_bytes"] <= summary["budget_bytes"]
 
@@ -554,16 +546,16 @@ def test_kernel_workspace_counts_in_the_planned_and_realized_peak(monkeypatch):
     model = nn.Sequential(Block(32, 4), Block(32, 4))
     captured = capture_joint(model, torch.randn(2, 128, 32, requires_grad=True))
     eager = functools.partial(plan, codegen="eager")
-    without = eager(captured, 1.0)[2].shared["remat_plan"]
+    without = eager(captured, 1.0)[2].plans.partition.report
     backward = next(n for n in captured["joint"].graph.nodes
-                    if cost_model.is_attention(n) and "backward" in cost_model.op_name(n))
+                    if op_facts.is_attention(n) and "backward" in op_facts.op_name(n))
     workspace = without["min_cut_peak_bytes"] // 2
-    monkeypatch.setitem(cost_model.WORKSPACE_FORMULAS, cost_model.op_name(backward), lambda n: workspace)
-    with_workspace = eager(captured, 1.0)[2].shared["remat_plan"]
+    monkeypatch.setitem(cost_model.WORKSPACE_FORMULAS, op_facts.op_name(backward), lambda n: workspace)
+    with_workspace = eager(captured, 1.0)[2].plans.partition.report
     assert with_workspace["min_cut_peak_bytes"] > without["min_cut_peak_bytes"]
     assert with_workspace["peak_at"].startswith("b:") and "attention" in with_workspace["peak_at"]
     assert with_workspace["realized_peak_bytes"] == with_workspace["planned_peak_bytes"]
-    summary = eager(captured, without["min_cut_peak_bytes"])[2].shared["remat_plan"]
+    summary = eager(captured, without["min_cut_peak_bytes"])[2].plans.partition.report
     assert summary["feasible"] and summary["planned_peak_bytes"] <= without["min_cut_peak_bytes"]
     assert summary["realized_peak_bytes"] == summary["planned_peak_bytes"]
     assert summary["recompute_time_s"] > without["recompute_time_s"]
@@ -633,7 +625,7 @@ def test_local_search_recomputes_an_expensive_candidate_the_knapsack_keeps(chunk
 
     def planned(budget):
         _, _, ctx = plan(dict(captured, joint=copy.deepcopy(captured["joint"])), budget)
-        return ctx.shared["remat_plan"]
+        return ctx.plans.partition.report
 
     remat_solver._refine = family_only
     try:
@@ -672,7 +664,7 @@ def test_inductor_codegen_plans_with_fused_pointwise_chains(chunked_loss_llama, 
     reaches; the cut graphs' own timeline agrees with the solver's."""
     from graphopt.analysis import remat_solver
     ctx, graph, _ = plan_keeping_graph(chunked_loss_llama, budget, codegen="inductor")
-    summary = ctx.shared["remat_plan"]
+    summary = ctx.plans.partition.report
     assert graph.fuse_pointwise and summary["realized_peak_bytes"] == summary["planned_peak_bytes"]
     assert remat_solver.evaluate(graph, summary["saved"]).peak == summary["planned_peak_bytes"]
     saved, recomputed = remat_solver.recompute_closure(graph, summary["saved"])
@@ -694,16 +686,16 @@ def test_a_workspace_counts_where_its_kernel_runs(monkeypatch):
     model = nn.Sequential(Block(32, 4), Block(32, 4))
     captured = capture_joint(model, torch.randn(2, 128, 32, requires_grad=True))
     backward = next(n for n in captured["joint"].graph.nodes
-                    if cost_model.is_attention(n) and "backward" in cost_model.op_name(n))
+                    if op_facts.is_attention(n) and "backward" in op_facts.op_name(n))
     _, graph, base_saved = plan_keeping_graph(captured, 1.0)
     bare = remat_solver.evaluate(graph, base_saved).timeline
     top = max(bare.live_bytes[bare.boundary:])
     at = bare.labels.index(f"b:{backward.name}")
     assert bare.live_bytes[at] < top  # the attention backward is not where the backward peaks
     workspace = (top - bare.live_bytes[at]) // 2
-    monkeypatch.setitem(cost_model.WORKSPACE_FORMULAS, cost_model.op_name(backward), lambda n: workspace)
+    monkeypatch.setitem(cost_model.WORKSPACE_FORMULAS, op_facts.op_name(backward), lambda n: workspace)
     ctx, graph, base_saved = plan_keeping_graph(captured, 1.0)
-    summary = ctx.shared["remat_plan"]
+    summary = ctx.plans.partition.report
     timeline = remat_solver.evaluate(graph, base_saved).timeline
     assert timeline.live_bytes[at] == bare.live_bytes[at] + workspace
     assert summary["planned_peak_bytes"] == max(bare.live_bytes) == summary["realized_peak_bytes"]
@@ -738,3 +730,38 @@ def test_graphs_the_planner_partitions_compile_without_reuse_and_in_planned_orde
             compiled = torch.compile(model, backend=graphopt.backend(codegen="inductor", memory_budget=budget))
             compiled(x).square().sum().backward()
         assert sorted(seen) == [("backward", reuse, ordered), ("forward", reuse, ordered)]
+
+
+# --- the planner is a pass of the partition stage -------------------------------------------------------
+
+def _mlp_step(**flags):
+    model = mlp(2, 32, 128)
+    x = torch.randn(128, 32, requires_grad=True)
+    model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", memory_budget=0.3, **flags))
+    compiled(x).square().sum().backward()
+    for got, ref in zip([p.grad for p in model.parameters()], want):
+        torch.testing.assert_close(got, ref)
+    return compile_summaries()[-1]
+
+
+def test_the_planner_runs_as_a_pass_of_the_partition_stage():
+    summary = _mlp_step()
+    assert [s["stage"] for s in summary["stages"]] == ["pre_grad", "joint", "partition", "forward",
+                                                       "backward"]
+    (entry,) = [p for p in summary["passes"] if p["pass"] == "plan_rematerialization"]
+    assert entry["stage"] == "partition" and entry["ran"] and entry["ms"] > 0
+    note = summary["notes"]["remat_plan"]
+    recomputed = [row for row in note["table"] if row["action"].startswith("recompute")]
+    assert entry["stats"]["recomputed"] == len(recomputed) > 0 and entry["matched"] > 0
+    assert entry["stats"]["planned_peak_bytes"] == note["planned_peak_bytes"]
+
+
+def test_disabled_passes_switches_the_planner_off():
+    summary = _mlp_step(disabled_passes=("plan_rematerialization",))
+    (entry,) = [p for p in summary["passes"] if p["pass"] == "plan_rematerialization"]
+    assert entry["ran"] is False and "disabled_passes" in entry["reason"]
+    assert "remat_plan" not in summary.get("notes", {})  # torch's min-cut partitioned the graph

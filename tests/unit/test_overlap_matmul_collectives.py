@@ -1,4 +1,4 @@
-"""Graph tests of overlap_matmul_allreduce under a fake process group (no peers, no numerics)."""
+"""Graph tests of overlap_matmul_collectives under a fake process group (no peers, no numerics)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from graphopt import _compat
 from graphopt.config import snapshot
 from graphopt.debug.dump import compile_summaries
 from graphopt.passes.manager import PassContext
-from graphopt.passes.overlap_matmul_allreduce import overlap_matmul_allreduce
+from graphopt.passes.overlap_matmul_collectives import overlap_matmul_collectives
 
 WORLD = 2
 
@@ -61,7 +61,7 @@ def _stage_code(dump: str, stage: str) -> str:
 def _compile_and_run(module, dump, mode="chunked", grad=True, **flags):
     torch._dynamo.reset()
     compiled = torch.compile(module, backend=graphopt.backend(
-        codegen="eager", overlap_matmul_allreduce=True, overlap_mode=mode, dump_dir=str(dump),
+        codegen="eager", overlap_matmul_collectives=True, overlap_mode=mode, dump_dir=str(dump),
         debug=True, **flags))
     x = torch.randn(2, 8, 16, requires_grad=grad)
     out = compiled(x)
@@ -72,7 +72,7 @@ def _compile_and_run(module, dump, mode="chunked", grad=True, **flags):
 
 def test_row_parallel_forward_and_backward_sites_are_fused(tmp_path):
     _compile_and_run(_tensor_parallel(sequence_parallel=False), tmp_path)
-    joint = _stage_code(tmp_path, "joint.overlap_matmul_allreduce")
+    joint = _stage_code(tmp_path, "joint.overlap_matmul_collectives")
     # forward: row-parallel down projection; backward: input grad of the column-parallel up projection
     assert joint.count("graphopt.matmul_all_reduce.default(") == 2
     assert "_c10d_functional.all_reduce" not in joint
@@ -84,7 +84,7 @@ def test_row_parallel_forward_and_backward_sites_are_fused(tmp_path):
 
 def test_sequence_parallel_gather_and_scatter_sites_are_fused(tmp_path):
     _compile_and_run(_tensor_parallel(sequence_parallel=True), tmp_path)
-    joint = _stage_code(tmp_path, "joint.overlap_matmul_allreduce")
+    joint = _stage_code(tmp_path, "joint.overlap_matmul_collectives")
     assert joint.count("graphopt.all_gather_matmul.default(") == 2       # fw input, bw grad_output
     assert joint.count("graphopt.matmul_reduce_scatter.default(") == 2   # fw output, bw input grad
     for collective in ("all_gather_into_tensor", "reduce_scatter_tensor", "aten.cat"):
@@ -99,9 +99,9 @@ def test_sequence_parallel_gather_and_scatter_sites_are_fused(tmp_path):
 def _last_pass_summary():
     for summary in reversed(compile_summaries()):
         for entry in summary["passes"]:
-            if entry["pass"] == "overlap_matmul_allreduce" and entry.get("ran"):
+            if entry["pass"] == "overlap_matmul_collectives" and entry.get("ran"):
                 return entry
-    raise AssertionError("overlap_matmul_allreduce did not run")
+    raise AssertionError("overlap_matmul_collectives did not run")
 
 
 def _functional(fn):
@@ -126,7 +126,7 @@ def test_in_place_dist_all_reduce_traced_by_dynamo_is_fused(tmp_path):
         return partial.relu()
 
     _compile_and_run(_functional(in_place), tmp_path)
-    joint = _stage_code(tmp_path, "joint.overlap_matmul_allreduce")
+    joint = _stage_code(tmp_path, "joint.overlap_matmul_collectives")
     assert joint.count("graphopt.matmul_all_reduce.default(") == 1
     assert "aten.copy.default(mm" not in joint
     # the backward all-reduce of relu's gradient has no GEMM producer and stays as it is
@@ -164,7 +164,7 @@ def test_unsafe_sites_are_refused_and_left_unchanged(tmp_path, case, reason):
     assert not entry["modified"]
     assert any(reason in refusal for refusal in entry["refusals"]), entry["refusals"]
     stage = "joint" if case != "max" else "inference"
-    assert "graphopt.matmul_all_reduce" not in _stage_code(tmp_path, f"{stage}.overlap_matmul_allreduce")
+    assert "graphopt.matmul_all_reduce" not in _stage_code(tmp_path, f"{stage}.overlap_matmul_collectives")
 
 
 def test_auto_mode_keeps_small_sites_sequential_and_says_why(tmp_path):
@@ -195,9 +195,35 @@ def test_copy_engine_mode_is_refused_on_cpu(tmp_path):
     assert any("copy-engine runtime needs CUDA" in refusal for refusal in entry["refusals"])
 
 
+def test_backend_flags_reach_the_op_the_runtime_runs_over_a_patch_and_under_the_environment(
+        tmp_path, monkeypatch):
+    """Precedence down to a runtime consumer: the chunk count the chunked runtime runs is an
+    argument of the fused op, fixed from the compile's snapshot (environment > backend(...) >
+    patch)."""
+    import re
+    import torch.distributed._functional_collectives as funcol
+
+    def module():
+        return _functional(lambda x, w: funcol.wait_tensor(funcol.all_reduce(x @ w, "sum", _group())))
+
+    def chunks_run(dump):
+        (call,) = re.findall(r"graphopt\.matmul_all_reduce\.default\(([^)]*)\)",
+                             _stage_code(dump, "forward"))
+        return int(call.split(",")[5])
+
+    with graphopt.config.patch(overlap_chunks=2):
+        _compile_and_run(module(), tmp_path / "patch")
+        assert chunks_run(tmp_path / "patch") == 2
+        _compile_and_run(module(), tmp_path / "backend", overlap_chunks=3)
+        assert chunks_run(tmp_path / "backend") == 3
+        monkeypatch.setenv("GRAPHOPT_OVERLAP_CHUNKS", "4")
+        _compile_and_run(module(), tmp_path / "environment", overlap_chunks=3)
+        assert chunks_run(tmp_path / "environment") == 4
+
+
 def test_pass_ignores_other_stages():
     graph = torch.fx.symbolic_trace(nn.Linear(2, 2))
-    result = overlap_matmul_allreduce(graph, PassContext("forward", snapshot(), "g"))
+    result = overlap_matmul_collectives(graph, PassContext("forward", snapshot(), "g"))
     assert not result.modified and "not one of" in result.refusals[0]
 
 
@@ -253,7 +279,7 @@ def test_fused_op_compiles_through_inductor_and_keeps_one_call_per_graph(tmp_pat
     torch._dynamo.reset()
     module = _tensor_parallel(sequence_parallel=False)
     compiled = torch.compile(module, backend=graphopt.backend(
-        codegen="inductor", overlap_matmul_allreduce=True, overlap_mode="chunked",
+        codegen="inductor", overlap_matmul_collectives=True, overlap_mode="chunked",
         dump_dir=str(tmp_path)))
     x = torch.randn(2, 8, 16, requires_grad=True)
     compiled(x).sum().backward()

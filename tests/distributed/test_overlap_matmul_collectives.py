@@ -1,4 +1,4 @@
-"""Overlapped GEMM + collective ops and the overlap_matmul_allreduce pass over gloo, P = 2 and 3.
+"""Overlapped GEMM + collective ops and the overlap_matmul_collectives pass over gloo, P = 2 and 3.
 
 One spawn of 3 processes covers both world sizes: P = 2 runs on the subgroup of ranks {0, 1}
 (rank 2 sits those cases out), P = 3 on WORLD. Outputs and gradients with the pass on must equal
@@ -116,7 +116,7 @@ def _compiled_cases(rank: int, groups) -> list[str]:
             for overlap in (False, True):
                 model = _Projections(group, p, layout)
                 compiled = torch.compile(model, backend=graphopt.backend(
-                    codegen="eager", overlap_matmul_allreduce=overlap, overlap_mode="chunked",
+                    codegen="eager", overlap_matmul_collectives=overlap, overlap_mode="chunked",
                     overlap_chunks=3, debug=True))
                 xi = x.clone().requires_grad_()
                 out = compiled(xi)
@@ -161,7 +161,7 @@ def _llama_tensor_parallel(rank: int, world: int) -> dict[str, float]:
         model = parallelize_llama(Llama(cfg).double(), mesh)
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=graphopt.backend(
-            codegen="eager", overlap_matmul_allreduce=overlap, overlap_mode="chunked"))
+            codegen="eager", overlap_matmul_collectives=overlap, overlap_mode="chunked"))
         loss = llama_loss(compiled(tokens), targets)
         loss.backward()
         grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
@@ -169,7 +169,7 @@ def _llama_tensor_parallel(rank: int, world: int) -> dict[str, float]:
         runs.append((loss.detach(), grads))
     fused_sites = sum(entry.get("matched", 0) for summary in compile_summaries()
                       for entry in summary["passes"]
-                      if entry["pass"] == "overlap_matmul_allreduce" and entry.get("modified"))
+                      if entry["pass"] == "overlap_matmul_collectives" and entry.get("modified"))
     (loss_ref, grads_ref), (loss, grads) = runs
     errors = {"loss": (loss - loss_ref).abs().item(), "fused_sites": fused_sites}
     errors["grad"] = max((grads[n] - grads_ref[n]).abs().max().item() for n in grads_ref)
@@ -194,7 +194,7 @@ def _sequence_parallel_mlp(world: int) -> float:
             "0": ColwiseParallel(input_layouts=Shard(1)), "2": RowwiseParallel(output_layouts=Shard(1))})
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=graphopt.backend(
-            codegen="eager", overlap_matmul_allreduce=overlap, overlap_mode="chunked", overlap_chunks=2))
+            codegen="eager", overlap_matmul_collectives=overlap, overlap_mode="chunked", overlap_chunks=2))
         xi = x.clone().requires_grad_()
         out = compiled(xi)
         out.square().sum().backward()

@@ -65,9 +65,10 @@ import torch.fx as fx
 from graphopt import _compat
 from graphopt.analysis import overlap_cost
 from graphopt.analysis.device_profile import current_profile
+from graphopt.analysis.op_facts import val
 from graphopt.passes.manager import PassContext, PassResult
 
-log = logging.getLogger("graphopt.passes.overlap_matmul_allreduce")
+log = logging.getLogger("graphopt.passes.overlap_matmul_collectives")
 
 aten = torch.ops.aten
 c10d = _compat.functional_collectives_ops()
@@ -115,10 +116,6 @@ class Match:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else node
-
-
 def _world_size(group_name: Any) -> int | str:
     try:
         return _compat.resolve_process_group(group_name).size()
@@ -162,7 +159,7 @@ def _split_cat(node: fx.Node, world: int) -> Optional[tuple[fx.Node, int, int, l
     sizes = split.args[1]
     if split.target is aten.split.Tensor:
         sizes = [sizes] * world
-        if _val(split.args[0]).shape[split_dim] != sizes[0] * world:
+        if val(split.args[0]).shape[split_dim] != sizes[0] * world:
             return None
     if len(sizes) != world or len(set(sizes)) != 1 or not all(isinstance(s, int) for s in sizes):
         return None
@@ -181,7 +178,7 @@ def _gemm_operands(gemm: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]] 
 
 def _dtype_problem(gemm: fx.Node) -> Optional[str]:
     a, b, _ = _gemm_operands(gemm)
-    va, vb, vy = _val(a), _val(b), _val(gemm)
+    va, vb, vy = val(a), val(b), val(gemm)
     if not all(isinstance(v, torch.Tensor) for v in (va, vb, vy)):
         return f"{gemm.name}: operands carry no meta['val']"
     if not vy.dtype.is_floating_point or va.dtype != vb.dtype or va.dtype != vy.dtype:
@@ -191,7 +188,7 @@ def _dtype_problem(gemm: fx.Node) -> Optional[str]:
 
 def _gemm_mnk(gemm: fx.Node) -> tuple[Any, Any, Any]:
     a, b, _ = _gemm_operands(gemm)
-    shape_a, shape_b = _val(a).shape, _val(b).shape
+    shape_a, shape_b = val(a).shape, val(b).shape
     m = shape_a[0] * shape_a[1] if len(shape_a) == 3 else shape_a[0]
     return m, shape_b[-1], shape_a[-1]
 
@@ -199,7 +196,7 @@ def _gemm_mnk(gemm: fx.Node) -> tuple[Any, Any, Any]:
 def _fake_run(gm: fx.GraphModule, target, args, kwargs=None):
     """The value ``target`` produces on the args' meta['val'] (under the graph's fake mode)."""
     fake_mode = _compat.fake_tensor_mode_of(gm)
-    vals = torch.utils._pytree.tree_map_only(fx.Node, _val, (args, kwargs or {}))
+    vals = torch.utils._pytree.tree_map_only(fx.Node, val, (args, kwargs or {}))
     if fake_mode is None:
         from torch._subclasses.fake_tensor import FakeTensorMode
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -236,8 +233,8 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
     # reduced value in y's place, so it is a user of the result, not of the partial sums.
     copies = [user for user in source.users
               if user.target is aten.copy.default and user.args[:2] == (source, wait)
-              and isinstance(_val(user), torch.Tensor) and isinstance(_val(wait), torch.Tensor)
-              and _val(user).shape == _val(wait).shape and _val(user).dtype == _val(wait).dtype]
+              and isinstance(val(user), torch.Tensor) and isinstance(val(wait), torch.Tensor)
+              and val(user).shape == val(wait).shape and val(user).dtype == val(wait).dtype]
     if set(source.users) - set(copies) != {node}:
         return f"{node.name}: its input {source.name} has other users"
     layout: list[fx.Node] = []
@@ -259,10 +256,10 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
     if problem:
         return problem
     m, n, k = _gemm_mnk(gemm)
-    shape = list(_val(source).shape)
-    if shape[-1] != _val(gemm).shape[-1]:
+    shape = list(val(source).shape)
+    if shape[-1] != val(gemm).shape[-1]:
         return f"{node.name}: the reshapes between {gemm.name} and the collective change the last dim"
-    match = Match(pattern, gemm, node, wait, group_name, world, m, n, k, _val(gemm), reshapes, layout,
+    match = Match(pattern, gemm, node, wait, group_name, world, m, n, k, val(gemm), reshapes, layout,
                   dim, copies=copies)
     if pattern.kind == "reduce_scatter":
         if not all(isinstance(s, int) for s in shape):
@@ -294,17 +291,17 @@ def _match_all_gather(pattern: CollectivePattern, node: fx.Node) -> Match | str:
         found = _split_cat(next(iter(first_part.users)), world) if first_part.users else None
         if found is not None and found[1] == 0 and found[0] is wait:
             gathered, dim, layout = found[3][-1], found[2], found[3]
-    width = _val(gathered).shape[-1]
+    width = val(gathered).shape[-1]
     gemm = _first_gemm_user(gathered, width, pattern.gemms)
     if gemm is None:
         return f"{node.name}: no mm reads the gathered tensor through reshapes that keep the last dim"
     problem = _dtype_problem(gemm)
     if problem:
         return problem
-    if not isinstance(_val(gemm).shape[-1], int):
+    if not isinstance(val(gemm).shape[-1], int):
         return f"{gemm.name}: symbolic N; the output reshape needs a static last dim"
     m, n, k = _gemm_mnk(gemm)
-    return Match(pattern, gemm, node, wait, group_name, world, m, n, k, _val(gemm), [], layout, dim,
+    return Match(pattern, gemm, node, wait, group_name, world, m, n, k, val(gemm), [], layout, dim,
                  gathered=gathered, anchor=_first_user(gathered))
 
 
@@ -318,9 +315,9 @@ def _first_gemm_user(gathered: fx.Node, width: Any, gemms) -> Optional[fx.Node]:
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            if user.target in RESHAPES and _val(user).shape[-1] == width:
+            if user.target in RESHAPES and val(user).shape[-1] == width:
                 frontier.append(user)
-            elif user.target in gemms and user.args[0] is node and len(_val(node).shape) == 2:
+            elif user.target in gemms and user.args[0] is node and len(val(node).shape) == 2:
                 seen.append(user)
     order = {n: i for i, n in enumerate(gathered.graph.nodes)} if seen else {}
     return min(seen, key=order.__getitem__) if seen else None
@@ -349,7 +346,7 @@ def _rewrite_reduce_scatter(gm: fx.GraphModule, match: Match,
     a, b, _ = _gemm_operands(match.gemm)
     with gm.graph.inserting_before(match.gemm):
         if len(match.view_shape) != 2:
-            a = _call(gm, aten.view.default, (a, [*match.view_shape[:-1], _val(a).shape[-1]]))
+            a = _call(gm, aten.view.default, (a, [*match.view_shape[:-1], val(a).shape[-1]]))
         fused = _call(gm, torch.ops.graphopt.matmul_reduce_scatter.default,
                       (a, b, match.group_name, match.world_size, match.dim, choice.mode, choice.chunks,
                        choice.comm_sms, choice.taper, choice.replay))
@@ -369,7 +366,7 @@ def _rewrite_all_gather(gm: fx.GraphModule, match: Match, choice: overlap_cost.O
         for node in (gathered, product):
             _compat.mark_must_save(node)
     with gm.graph.inserting_before(match.gemm):
-        flat = _call(gm, aten.view.default, (product, [-1, _val(match.gemm).shape[-1]]))
+        flat = _call(gm, aten.view.default, (product, [-1, val(match.gemm).shape[-1]]))
     match.gemm.replace_all_uses_with(flat)
     match.gathered.replace_all_uses_with(gathered)
     _erase(gm, [match.collective, match.wait, *match.layout, match.gemm])
@@ -412,14 +409,14 @@ PATTERNS: tuple[CollectivePattern, ...] = (
 _BY_COLLECTIVE = {pattern.collective: pattern for pattern in PATTERNS}
 
 
-def overlap_matmul_allreduce(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+def overlap_matmul_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace GEMM + collective pairs with overlapped graphopt ops where the cost model gains."""
     if ctx.stage not in STAGES:
         return PassResult(gm, False, refusals=[f"stage {ctx.stage!r} is not one of {STAGES}"])
     import graphopt.ops.matmul_collectives  # noqa: F401  registers graphopt:: ops
     from graphopt.distributed import symm_mem
 
-    profile = current_profile(ctx.config)
+    profile = current_profile(ctx.config.device_profile)
     result = PassResult(gm, False, stats={"sites": []})
     for node in list(gm.graph.nodes):
         pattern = _BY_COLLECTIVE.get(node.target) if node.op == "call_function" else None

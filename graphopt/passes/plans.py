@@ -1,0 +1,92 @@
+"""What one stage of a compiled graph decides for a later stage, as typed objects.
+
+One :class:`CompilePlans` per compiled graph rides on every ``PassContext`` of it (the backend makes
+it; ``passes/README.md``, invariant 8)::
+
+    partition stage   plan_rematerialization       -> plans.partition (PartitionPlan: the cut graphs,
+                                                      saved / recomputed / offloaded, the peak)
+    the backend       after the partition           -> plans.backward_graph
+    forward stage     offload_activations           -> plans.offload (OffloadRewrite: slots, pool)
+    backward stage    offload_activations reads plans.offload
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+
+@dataclasses.dataclass(frozen=True)
+class JointSignature:
+    """How AOTAutograd divides the joint graph it hands the partitioner (its partition kwargs)."""
+
+    num_fwd_outputs: int                         # the forward's outputs come first
+    static_input_indices: tuple[int, ...] = ()   # primals whose memory lives beyond the step
+
+    @classmethod
+    def of(cls, partition_kwargs: Mapping[str, Any]) -> "JointSignature":
+        return cls(partition_kwargs["num_fwd_outputs"],
+                   tuple(partition_kwargs.get("static_lifetime_input_indices") or ()))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PartitionPlan:
+    """What plan_rematerialization decided for one joint graph. Names are the joint graph's: the
+    forward returns each saved value under its name and the backward's placeholders carry it."""
+
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    saved: tuple[str, ...]
+    recomputed: tuple[str, ...]
+    offloaded: Mapping[str, float]   # saved value -> alpha, the fraction of its token rows moved to host
+    planned_peak_bytes: int | None   # simulated activation peak of forward + backward, offloads
+                                     # counted: the bound offload_activations must not lift
+    report: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the dump's "remat_plan"
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one offloaded activation lives: its pool bytes and how it is split."""
+
+    name: str
+    offset: int            # byte offset in the pool
+    numel: int             # elements of the activation's dense memory
+    kept_numel: int        # leading elements (whole token rows) that stay on the device
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def host_bytes(self) -> int:
+        return (self.numel - self.kept_numel) * self.dtype.itemsize
+
+    @property
+    def alpha(self) -> float:
+        return (self.numel - self.kept_numel) / self.numel
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadRewrite:
+    """What offload_activations' forward stage did, for its backward stage."""
+
+    pool: str
+    pool_nbytes: int
+    saved_order: list[str]                 # names of the forward's saved outputs, in order
+    slots: dict[str, Slot]
+    original_vals: dict[str, Any]          # name -> the activation's meta["val"] before the rewrite
+    kept_vals: dict[str, Any]              # name -> the kept part's meta["val"]
+
+
+@dataclasses.dataclass
+class CompilePlans:
+    """Every decision a stage of one compiled graph hands on; None until its stage has run."""
+
+    partition: PartitionPlan | None = None
+    # The partition's backward graph (planned or torch's min-cut). Under Inductor the forward stage
+    # runs before AOTAutograd lowers the backward, so a forward pass that changes what the
+    # backward receives retypes its placeholders here.
+    backward_graph: fx.GraphModule | None = None
+    offload: OffloadRewrite | None = None
