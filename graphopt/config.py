@@ -15,9 +15,10 @@ Every value is parsed and checked where it is set, into the type its consumers t
 becomes an int of bytes ("40GiB" -> 42949672960), a fraction a float, a choice is checked against
 its choices, a path is checked on disk, a process group is checked to be one. A wrong value fails
 there -- at the assignment, at ``patch(...)``, at ``graphopt.backend(...)``, or (the environment)
-when a flag is first read or a graph compiles -- with the flag's name, the value, what is accepted
-and an example. A ``GRAPHOPT_*`` variable that names no flag, and a ``disabled_passes`` entry that
-names no pass, fail too, naming the closest match.
+when the flag is read, ``graphopt.backend(...)`` is made or a graph compiles -- with the flag's
+name, the value, what is accepted and an example. A ``GRAPHOPT_*`` variable that names no flag
+(checked when ``graphopt.backend(...)`` is made and when a graph compiles), and a
+``disabled_passes`` entry that names no pass, fail too, naming the closest match.
 
 The backend takes one :class:`ConfigSnapshot` (``compile_snapshot``) when a graph starts compiling;
 passes, planners and the ops they emit read that snapshot or values handed on from it, never this
@@ -54,7 +55,7 @@ ALIASES = {"overlap_matmul_allreduce": "overlap_matmul_collectives"}
 
 
 class ConfigError(ValueError):
-    """A flag value is wrong; the message names the flag, the value, what is accepted and an example."""
+    """A flag value is wrong; the message names the flag, the value, what is accepted, an example."""
 
 
 class UnknownFlagError(ConfigError, AttributeError):
@@ -277,7 +278,8 @@ def _pass_names(value: Any) -> tuple[str, ...]:
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
-            raise _Rejected(f"names no pass: {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _Rejected(f"names no pass: {name!r}{hint}")
     return tuple(dict.fromkeys(ALIASES.get(name, name) for name in names))
 
 
@@ -307,7 +309,8 @@ _choice_flag("general", "codegen", "inductor",
 _flag("general", "dump_dir", None,
       "Folder for the per-graph dump: code after every stage and pass, summary.json, index.html.",
       parse=_optional(_dump_dir), from_text=_optional_text(_text),
-      accepts="None or a folder that exists or can be created, writable", example="dump_dir='graphopt_dump'")
+      accepts="None or a folder that exists or can be created, writable",
+      example="dump_dir='graphopt_dump'")
 _flag("general", "debug", False,
       "Lint every graph between passes and fail at the pass that broke an invariant.", **_BOOL,
       example="debug=True")
@@ -448,40 +451,50 @@ def _parse_changes(changes: dict[str, Any], where: Callable[[str, Any], str]) ->
 
 # --- the environment --------------------------------------------------------------------------------
 
-_environment_cache: dict[tuple, dict[str, Any]] = {}
+_UNSET = object()
+# Flag -> the variables that set it: GRAPHOPT_<NAME>, and GRAPHOPT_<OLD NAME> for an alias.
+_ENV_KEYS = {name: (_ENV_PREFIX + name.upper(),) + tuple(_ENV_PREFIX + old.upper() for old, new
+                                                          in ALIASES.items() if new == name)
+             for name in _FLAGS}
+_ENV_NAMES = {key: name for name, keys in _ENV_KEYS.items() for key in keys}
+_parsed_environment: dict[tuple[str, str], Any] = {}  # (variable, text) -> typed value
+
+
+def _environment_value(name: str) -> Any:
+    """The typed value the environment gives flag ``name``, or _UNSET (parsed once per text)."""
+    value = _UNSET
+    for key in _ENV_KEYS[name]:
+        text = os.environ.get(key)
+        if text is None:
+            continue
+        typed = _parsed_environment.get((key, text), _UNSET)
+        if typed is _UNSET:
+            flag = _FLAGS[name]
+            if not flag.from_env:
+                raise ConfigError(f"environment variable {key}: {name} cannot be set from the "
+                                  f"environment (it takes {flag.accepts}); set it in code, for "
+                                  f"example {flag.example}")
+            typed = _parse(name, flag.from_text(text), f"environment variable {key}={text!r}")
+            _parsed_environment[(key, text)] = typed
+        if value is not _UNSET and value != typed:
+            raise ConfigError(f"environment variables {' and '.join(_ENV_KEYS[name])} (an old name "
+                              f"of {name}) disagree; set one of them")
+        value = typed
+    return value
 
 
 def _environment() -> dict[str, Any]:
-    """Flag -> typed value of every ``GRAPHOPT_*`` variable set now (parsed once per distinct
-    environment); an unknown variable or a bad value raises."""
-    items = tuple(sorted((key, text) for key, text in os.environ.items() if key.startswith(_ENV_PREFIX)))
-    cached = _environment_cache.get(items)
-    if cached is not None:
-        return cached
-    values: dict[str, Any] = {}
-    for key, text in items:
-        given = key[len(_ENV_PREFIX):].lower()
-        name = ALIASES.get(given, given)
-        flag = _FLAGS.get(name)
-        if flag is None:
-            known = [_ENV_PREFIX + n.upper() for n in list(_FLAGS) + list(ALIASES)]
-            close = difflib.get_close_matches(key, known, n=1)
+    """Flag -> typed value of every ``GRAPHOPT_*`` variable set now; an unknown variable or a bad
+    value raises."""
+    for key in os.environ:
+        if key.startswith(_ENV_PREFIX) and key not in _ENV_NAMES:
+            close = difflib.get_close_matches(key, list(_ENV_NAMES), n=1)
             raise ConfigError(f"environment variable {key} names no graphopt flag" +
                               (f"; did you mean {close[0]}?" if close else "") +
                               f" graphopt reads {_ENV_PREFIX}<FLAG> for the flags of "
                               "`python -m graphopt flags`; unset it or fix its name")
-        if not flag.from_env:
-            raise ConfigError(f"environment variable {key}: {name} cannot be set from the "
-                              f"environment (it takes {flag.accepts}); set it in code, for example "
-                              f"{flag.example}")
-        typed = _parse(name, flag.from_text(text), f"environment variable {key}={text!r}")
-        if name in values and values[name] != typed:
-            raise ConfigError(f"environment variables {_ENV_PREFIX}{name.upper()} and the old name "
-                              f"{key} disagree; set one of them")
-        values[name] = typed
-    _environment_cache.clear()
-    _environment_cache[items] = values
-    return values
+    values = {name: _environment_value(name) for name in _FLAGS}
+    return {name: value for name, value in values.items() if value is not _UNSET}
 
 
 # --- snapshots --------------------------------------------------------------------------------------
@@ -568,7 +581,8 @@ class patch(contextlib.ContextDecorator):
     give the flags to ``graphopt.backend(...)``)."""
 
     def __init__(self, **changes: Any):
-        self._changes = _parse_changes(changes, lambda name, value: f"graphopt.config.patch({name}={value!r})")
+        self._changes = _parse_changes(
+            changes, lambda name, value: f"graphopt.config.patch({name}={value!r})")
         self._saved: list[tuple[dict[str, Any], int]] = []
 
     def __enter__(self) -> "patch":
@@ -591,16 +605,16 @@ class _ConfigModule(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
         name = _canonical(name)
-        environment = _environment()
-        if name in environment:
-            return environment[name]
-        return _values.get(name, _FLAGS[name].default)
+        value = _environment_value(name)
+        return _values.get(name, _FLAGS[name].default) if value is _UNSET else value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("_") or name not in _FLAGS and name not in ALIASES and name in self.__dict__:
+        plain = name not in _FLAGS and name not in ALIASES and name in self.__dict__
+        if name.startswith("_") or plain:
             super().__setattr__(name, value)
             return
-        _values.update(_parse_changes({name: value}, lambda given, v: f"graphopt.config.{given}={v!r}"))
+        _values.update(_parse_changes({name: value},
+                                      lambda given, v: f"graphopt.config.{given}={v!r}"))
 
 
 def flags() -> dict[str, Flag]:

@@ -137,7 +137,8 @@ def is_view(node: fx.Node) -> bool:
 
 
 def is_attention(node: fx.Node) -> bool:
-    """aten SDPA / flash / efficient / cudnn attention (forward or backward), or a graphopt:: attention op."""
+    """aten SDPA / flash / efficient / cudnn attention (forward or backward), or a graphopt::
+    attention op."""
     if node.op != "call_function":
         return False
     name = op_name(node)

@@ -68,7 +68,8 @@ class _CompileState:
         self.example_inputs = example_inputs
         self.plans = CompilePlans()
 
-    def context(self, stage: str, example_inputs=None, joint: JointSignature | None = None) -> PassContext:
+    def context(self, stage: str, example_inputs=None,
+                joint: JointSignature | None = None) -> PassContext:
         return PassContext(stage, self.config, self.graph_id,
                            list(example_inputs if example_inputs is not None else self.example_inputs),
                            self.recorder, self.plans, joint)

@@ -220,7 +220,8 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
         else:
             times[name] = cost_model.node_time(node, profile)
         tag = node.meta.get("recompute")
-        recomputable[name] = node.op == "call_function" and op_facts.recomputable(node) and tag != policy.MUST_SAVE
+        recomputable[name] = (node.op == "call_function" and op_facts.recomputable(node)
+                              and tag != policy.MUST_SAVE)
         if tag == policy.MUST_RECOMPUTE and recomputable[name]:
             must_recompute.add(name)
         if recomputable[name] and (op_facts.is_view(node) or _is_cheap(node)

@@ -154,8 +154,9 @@ def test_a_bad_value_fails_where_it_is_set_with_name_value_accepted_and_example(
 ])
 def test_a_bad_environment_value_fails_naming_the_variable(variable, text, problem, monkeypatch):
     monkeypatch.setenv(variable, text)
+    name = variable[len("GRAPHOPT_"):].lower()
     for read in (config.snapshot, lambda: graphopt.backend(codegen="eager"),
-                 lambda: getattr(config, "codegen")):
+                 lambda: getattr(config, name)):
         with pytest.raises(config.ConfigError) as error:
             read()
         assert f"environment variable {variable}={text!r}" in str(error.value)
@@ -164,9 +165,10 @@ def test_a_bad_environment_value_fails_naming_the_variable(variable, text, probl
 
 def test_an_unknown_environment_variable_names_the_closest_flag(monkeypatch):
     monkeypatch.setenv("GRAPHOPT_MEMORY_BUDGT", "40GiB")
-    with pytest.raises(config.ConfigError, match="GRAPHOPT_MEMORY_BUDGT names no graphopt flag; did "
-                                                 "you mean GRAPHOPT_MEMORY_BUDGET?"):
-        config.snapshot()
+    for check in (config.snapshot, lambda: graphopt.backend(), config.compile_snapshot):
+        with pytest.raises(config.ConfigError, match="GRAPHOPT_MEMORY_BUDGT names no graphopt flag; "
+                                                     "did you mean GRAPHOPT_MEMORY_BUDGET?"):
+            check()
     monkeypatch.delenv("GRAPHOPT_MEMORY_BUDGT")
     monkeypatch.setenv("GRAPHOPT_SP_GROUP", "tp")
     with pytest.raises(config.ConfigError, match="sp_group cannot be set from the environment"):
