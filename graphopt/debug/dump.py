@@ -187,3 +187,14 @@ def write_index(dump_dir: str) -> None:
     with open(tmp, "w") as handle:
         handle.write(pages.index_page(summaries))
     os.replace(tmp, os.path.join(dump_dir, "index.html"))
+
+
+def describe_compiles() -> str:
+    """What graphopt did to every graph this process compiled, a line per stage and pass (the
+    demo and the examples print it; the dump's pages say the same with tables and diffs)."""
+    blocks = []
+    for summary in compile_summaries():
+        stages = ", ".join(stage["stage"] for stage in summary["stages"])
+        lines = pages.summary_lines(summary) or [f"no pass applies to this graph (stages: {stages})"]
+        blocks.append(f"{summary['graph']}:\n" + "\n".join(f"  {line}" for line in lines))
+    return "\n".join(blocks)
