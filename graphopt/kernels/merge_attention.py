@@ -151,29 +151,4 @@ def merge_parts_fused(out: Tensor, lse: Tensor, parts: list[tuple[Tensor, Tensor
                               BLOCK_R=block_r)
 
 
-def merge_parts(out: Tensor, lse: Tensor, parts: list[tuple[Tensor, Tensor]]) -> None:
-    """out, lse = the merge of the partial results ``parts``, in float32, rounded once: fused on
-    CUDA where the layouts allow, in torch elsewhere; more than MAX_PARTS parts are merged in
-    float32 groups. No part: out 0, lse -inf (rows that saw no key)."""
-    if not parts:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return
-    if out.is_cuda and all(flat_head_strides(*x) is not None for x in [(out, lse)] + parts):
-        while len(parts) > MAX_PARTS:
-            head = (torch.empty(out.shape, dtype=torch.float32, device=out.device),
-                    torch.empty(lse.shape, dtype=torch.float32, device=lse.device))
-            merge_parts_fused(*head, parts[:MAX_PARTS])
-            parts = [head] + parts[MAX_PARTS:]
-        merge_parts_fused(out, lse, parts)
-        return
-    from graphopt.ops.attention import merge_attention_blocks
-    out_acc = parts[0][0].float().clone()
-    lse_acc = parts[0][1].float().clone()
-    for part in parts[1:]:
-        merge_attention_blocks(out_acc, lse_acc, *part)
-    out.copy_(out_acc)
-    lse.copy_(lse_acc)
-
-
-__all__ = ["merge_blocks_fused", "merge_parts", "merge_parts_fused", "merge_rows", "MAX_PARTS"]
+__all__ = ["flat_head_strides", "merge_blocks_fused", "merge_parts_fused", "merge_rows", "MAX_PARTS"]

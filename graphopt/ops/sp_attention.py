@@ -45,7 +45,7 @@ from graphopt.distributed.p2p import exchanger_for
 from graphopt.distributed.sp_schedule import (DIAGONAL, HELPER, OWNER, Step, Task, build_schedule,
                                               index_range, local_blocks, split_diagonal)
 from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
-                                    attention_delta, cudnn_eligible)
+                                    attention_delta, cudnn_eligible, merge_attention_blocks)
 
 __all__ = ["sp_attention", "sp_attention_forward", "sp_attention_backward", "checkpoint_policy",
            "checkpoint_context_fn", "group_name_of"]
@@ -123,9 +123,57 @@ class _RowPartials:
             self.parts = [(0, self.rows, *(folded if isinstance(folded, tuple) else (folded,)))]
 
 
+def sum_partials(out: Tensor, inputs: list[Tensor]) -> None:
+    """out = sum(inputs) in float32, rounded once to out's dtype: in one Triton pass on CUDA where
+    the layouts allow (``graphopt.kernels.sum_partials``), in torch elsewhere -- so CPU runs need
+    no triton; more inputs than the kernel takes are summed in float32 groups."""
+    if not inputs:
+        out.zero_()
+        return
+    if out.is_cuda:
+        from graphopt.kernels import sum_partials as kernel
+        if all(kernel.flat_heads_stride(x) is not None for x in (out, *inputs)):
+            while len(inputs) > kernel.MAX_INPUTS:
+                head = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+                kernel.sum_partials_fused(head, inputs[:kernel.MAX_INPUTS])
+                inputs = [head] + inputs[kernel.MAX_INPUTS:]
+            kernel.sum_partials_fused(out, inputs)
+            return
+    total = inputs[0].float()
+    for x in inputs[1:]:
+        total = total + x.float()
+    out.copy_(total)
+
+
+def merge_parts(out: Tensor, lse: Tensor, parts: list[tuple[Tensor, Tensor]]) -> None:
+    """out, lse = the merge of the partial results ``parts``, in float32, rounded once: in one
+    Triton pass on CUDA where the layouts allow (``graphopt.kernels.merge_attention``), in torch
+    elsewhere; more parts than the kernel takes are merged in float32 groups. No part: out 0,
+    lse -inf (rows that saw no key)."""
+    if not parts:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    if out.is_cuda:
+        from graphopt.kernels import merge_attention as kernel
+        if all(kernel.flat_head_strides(*x) is not None for x in [(out, lse)] + parts):
+            while len(parts) > kernel.MAX_PARTS:
+                head = (torch.empty(out.shape, dtype=torch.float32, device=out.device),
+                        torch.empty(lse.shape, dtype=torch.float32, device=lse.device))
+                kernel.merge_parts_fused(*head, parts[:kernel.MAX_PARTS])
+                parts = [head] + parts[kernel.MAX_PARTS:]
+            kernel.merge_parts_fused(out, lse, parts)
+            return
+    out_acc = parts[0][0].float().clone()
+    lse_acc = parts[0][1].float().clone()
+    for part in parts[1:]:
+        merge_attention_blocks(out_acc, lse_acc, *part)
+    out.copy_(out_acc)
+    lse.copy_(lse_acc)
+
+
 class _Partials(_RowPartials):
-    """Gradient partials of one tensor ([B, H, S/P, D]), summed (``graphopt.kernels.sum_partials``
-    fuses the sum on CUDA)."""
+    """Gradient partials of one tensor ([B, H, S/P, D]), summed (``sum_partials``)."""
 
     def __init__(self, like: Tensor):
         super().__init__(like.shape[2])
@@ -133,7 +181,6 @@ class _Partials(_RowPartials):
 
     def total(self, dtype: torch.dtype) -> Tensor:
         """The sum over every row (rows no partial covers are zero)."""
-        from graphopt.kernels.sum_partials import sum_partials
         result = torch.empty(self.like.shape, dtype=dtype, device=self.like.device)
         for lo, hi, covering in _segments(self.parts, self.rows):
             sum_partials(_rows(result, lo, hi), [partial for (partial,) in covering])
@@ -142,7 +189,7 @@ class _Partials(_RowPartials):
 
 class _OutPartials(_RowPartials):
     """Partial attention results (out, lse) of this rank's query rows, merged with their
-    log-sum-exps (``graphopt.kernels.merge_attention.merge_parts`` fuses the merge on CUDA)."""
+    log-sum-exps (``merge_parts``)."""
 
     def __init__(self, q: Tensor):
         super().__init__(q.shape[2])
@@ -150,7 +197,6 @@ class _OutPartials(_RowPartials):
 
     def total(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(out in ``dtype``, lse float32) over every row (rows no part covers: 0 and -inf)."""
-        from graphopt.kernels.merge_attention import merge_parts
         out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
         lse = torch.empty(self.q.shape[:3], dtype=torch.float32, device=self.q.device)
         for lo, hi, covering in _segments(self.parts, self.rows):
