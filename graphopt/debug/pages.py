@@ -175,7 +175,9 @@ def _plan_counts(plan: dict) -> dict[str, int]:
 
 
 def _counts_text(plan: dict) -> str:
-    return ", ".join(f"{n} {what}" for what, n in _plan_counts(plan).items())
+    counts = _plan_counts(plan)
+    return (f"{counts['kept']} kept, {counts['recomputed']} recomputed, {counts['offloaded']} "
+            f"offloaded (+{counts['min-cut recomputed']} cheap recomputes, as in torch's plan)")
 
 
 def plan_headline(plan: dict) -> str:
@@ -415,8 +417,11 @@ def graph_page(summary: dict, code: dict[int, tuple[str, str]], pass_facts: dict
         out.append(f"<tr><td>{esc(entry.get('stage', '?'))}</td><td class='{cls}'>{name}</td>"
                    f"<td>{esc(pass_outcome(entry))}</td><td class='num'>{entry.get('ms', '-')}</td>"
                    f"<td class='why'>{why}</td><td>{_stats_cell(entry.get('stats', {}))}</td></tr>")
-    out.append("</table>")
     plan = remat_plan(summary)
+    if plan and not _has_remat_entry(summary):
+        out.append(f"<tr><td>partition</td><td class='fired'><a href='#remat'>{_REMAT_PASS}</a></td>"
+                   f"<td colspan=4>{esc(plan_headline(plan))}</td></tr>")
+    out.append("</table>")
     if plan:
         out.extend(_plan_section(plan, _facts_lookup(stage_facts, ("joint", "forward", "backward")),
                                  files))
