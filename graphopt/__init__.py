@@ -1,8 +1,8 @@
 """graphopt: a torch.compile backend for long-context, multi-GPU training.
 
     import graphopt
-    with graphopt.config.patch(sequence_parallel_attention=True, memory_budget="60GiB"):
-        model = torch.compile(model, backend="graphopt")
+    model = torch.compile(model, backend=graphopt.backend(sequence_parallel_attention=True,
+                                                          memory_budget="60GiB"))
 """
 
 from graphopt import config
