@@ -16,17 +16,15 @@ this layout: its host pool holds one forward per compiled graph until that forwa
 and the shared block graph runs once per layer, so it stops with an error naming that.
 """
 
-import copy
-
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import graphopt
-from graphopt.debug.dump import describe_compiles
 from graphopt.models.llama import Llama, LlamaConfig, llama_loss
 
-from common import LossCheck, init_distributed, log, parse_args, random_batch, training_dtype
+from common import (LEARNING_RATE, EagerCheck, init_distributed, parse_args, random_batch, report,
+                    training_dtype)
 
 
 def budget(text: str):
@@ -47,17 +45,14 @@ def main() -> None:
     config = (LlamaConfig.tiny if args.model == "tiny" else LlamaConfig.llama3_8b)(
         n_layers=args.layers, max_seq_len=args.seq_len)
     model = Llama(config).to(device, training_dtype(device))
-    reference = copy.deepcopy(model) if args.check else None
+    check = EagerCheck(model, device) if args.check else None
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
     compiled = torch.compile(model, backend=graphopt.backend(
         memory_budget=args.memory_budget, codegen=args.codegen, dump_dir=args.dump_dir))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    check = LossCheck(device) if args.check else None
-    if check:
-        reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
 
     for step in range(args.steps):
         # every rank trains on its own batch in real use; here all ranks share one to compare
@@ -66,18 +61,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step == 0:
-            log(describe_compiles())
-            if device.type == "cuda":
-                log(f"peak memory, rank 0: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        if check:
-            reference_loss = llama_loss(reference(inputs), targets)
-            reference_loss.backward()
-            reference_optimizer.step()
-            reference_optimizer.zero_grad(set_to_none=True)
-            check.compare(step, loss.item(), reference_loss.item())
-        else:
-            log(f"step {step}: loss {loss.item():.4f}")
+        report(step, loss.item(), check, lambda eager: llama_loss(eager(inputs), targets))
     if check:
         check.finish()
     torch.distributed.destroy_process_group()

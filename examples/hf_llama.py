@@ -16,18 +16,16 @@ To train real weights: ``LlamaForCausalLM.from_pretrained(name, torch_dtype=torc
 attn_implementation="sdpa")``.
 """
 
-import copy
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import graphopt
-from graphopt.debug.dump import describe_compiles
 from graphopt.distributed.sharding import shard_sequence
 
-from common import LossCheck, init_distributed, log, parse_args, random_batch, training_dtype
+from common import (LEARNING_RATE, EagerCheck, init_distributed, parse_args, random_batch, report,
+                    training_dtype)
 
 SIZES = {  # Llama 3 8B's layer dimensions, and a tiny model for CPU runs
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -52,15 +50,12 @@ def main() -> None:
     config = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=args.seq_len,
                          attn_implementation="sdpa", **SIZES[args.model])
     model = LlamaForCausalLM(config).to(device, training_dtype(device))
-    reference = copy.deepcopy(model) if args.check else None
+    check = EagerCheck(model, device) if args.check else None
 
     compiled = torch.compile(model, backend=graphopt.backend(
         sequence_parallel_attention=args.sequence_parallel, memory_budget=args.memory_budget,
         codegen=args.codegen, dump_dir=args.dump_dir))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    check = LossCheck(device) if args.check else None
-    if check:
-        reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
 
     for step in range(args.steps):
         inputs, targets = random_batch(step, config.vocab_size, args.batch, args.seq_len, device)
@@ -80,17 +75,9 @@ def main() -> None:
         total = loss.detach().clone()
         if args.sequence_parallel:
             dist.all_reduce(total)
-        if step == 0:
-            log(describe_compiles())
-        if check:
-            full_positions = torch.arange(args.seq_len, device=device).expand_as(inputs)
-            reference_loss = loss_of(reference, inputs, full_positions, targets)
-            reference_loss.backward()
-            reference_optimizer.step()
-            reference_optimizer.zero_grad(set_to_none=True)
-            check.compare(step, total.item(), reference_loss.item())
-        else:
-            log(f"step {step}: loss {total.item():.4f}")
+        full_positions = torch.arange(args.seq_len, device=device).expand_as(inputs)
+        report(step, total.item(), check,
+               lambda eager: loss_of(eager, inputs, full_positions, targets))
     if check:
         check.finish()
     dist.destroy_process_group()

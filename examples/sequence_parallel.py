@@ -11,17 +11,15 @@ slice (``shard_sequence``) with the same weights. Gradients are summed over the 
 data parallelism, since each rank's loss covers its own tokens.
 """
 
-import copy
-
 import torch
 import torch.distributed as dist
 
 import graphopt
-from graphopt.debug.dump import describe_compiles
 from graphopt.distributed.sharding import shard_sequence
 from graphopt.models.llama import Llama, LlamaConfig, llama_loss
 
-from common import LossCheck, init_distributed, log, parse_args, random_batch, training_dtype
+from common import (LEARNING_RATE, EagerCheck, init_distributed, parse_args, random_batch, report,
+                    training_dtype)
 
 
 def main() -> None:
@@ -33,15 +31,12 @@ def main() -> None:
     config = (LlamaConfig.tiny if args.model == "tiny" else LlamaConfig.llama3_8b)(
         n_layers=args.layers, max_seq_len=args.seq_len)
     model = Llama(config).to(device, training_dtype(device))
-    reference = copy.deepcopy(model) if args.check else None
+    check = EagerCheck(model, device) if args.check else None
 
     compiled = torch.compile(model, backend=graphopt.backend(
         sequence_parallel_attention=True, memory_budget=args.memory_budget,
         codegen=args.codegen, dump_dir=args.dump_dir))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    check = LossCheck(device) if args.check else None
-    if check:
-        reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
 
     for step in range(args.steps):
         inputs, targets = random_batch(step, config.vocab_size, args.batch, args.seq_len, device)
@@ -56,16 +51,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         total = loss.detach().clone()
         dist.all_reduce(total)
-        if step == 0:
-            log(describe_compiles())
-        if check:
-            reference_loss = llama_loss(reference(inputs), targets)
-            reference_loss.backward()
-            reference_optimizer.step()
-            reference_optimizer.zero_grad(set_to_none=True)
-            check.compare(step, total.item(), reference_loss.item())
-        else:
-            log(f"step {step}: loss {total.item():.4f}")
+        report(step, total.item(), check, lambda eager: llama_loss(eager(inputs), targets))
     if check:
         check.finish()
     dist.destroy_process_group()

@@ -12,17 +12,15 @@ GEMM + all-reduce (and reduce-scatter, all-gather + GEMM) in the compiled graph 
 model predicts a gain, replaces it with a chunked / copy-engine / tile-signalled kernel.
 """
 
-import copy
-
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import graphopt
-from graphopt.debug.dump import describe_compiles
 from graphopt.models.llama import Llama, LlamaConfig, llama_loss
 
-from common import LossCheck, init_distributed, log, parse_args, random_batch, training_dtype
+from common import (LEARNING_RATE, EagerCheck, init_distributed, parse_args, random_batch, report,
+                    training_dtype)
 
 TENSOR_PARALLEL_PLAN = {
     "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
@@ -42,17 +40,14 @@ def main() -> None:
     config = (LlamaConfig.tiny if args.model == "tiny" else LlamaConfig.llama3_8b)(
         n_layers=args.layers, max_seq_len=args.seq_len)
     model = Llama(config).to(device, training_dtype(device))
-    reference = copy.deepcopy(model) if args.check else None
+    check = EagerCheck(model, device) if args.check else None
     for block in model.layers:  # heads and MLP columns split over the ranks
         parallelize_module(block, mesh, TENSOR_PARALLEL_PLAN)
 
     compiled = torch.compile(model, backend=graphopt.backend(
         overlap_matmul_allreduce=True, overlap_mode=args.overlap_mode,
         codegen=args.codegen, dump_dir=args.dump_dir))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    check = LossCheck(device) if args.check else None
-    if check:
-        reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
 
     for step in range(args.steps):
         inputs, targets = random_batch(step, config.vocab_size, args.batch, args.seq_len, device)
@@ -60,16 +55,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step == 0:
-            log(describe_compiles())
-        if check:
-            reference_loss = llama_loss(reference(inputs), targets)
-            reference_loss.backward()
-            reference_optimizer.step()
-            reference_optimizer.zero_grad(set_to_none=True)
-            check.compare(step, loss.item(), reference_loss.item())
-        else:
-            log(f"step {step}: loss {loss.item():.4f}")
+        report(step, loss.item(), check, lambda eager: llama_loss(eager(inputs), targets))
     if check:
         check.finish()
     torch.distributed.destroy_process_group()
