@@ -86,7 +86,7 @@ def _expect(command: str, done: subprocess.CompletedProcess, folder: pathlib.Pat
     elif command.endswith(" demo"):
         assert "MISMATCH" not in out and out.count(" OK ") >= 4
         index = (folder / "graphopt_dump" / "index.html").read_text()
-        assert all(p in index for p in ("shard_attention", "overlap_matmul_allreduce",
+        assert all(p in index for p in ("shard_attention", "overlap_matmul",
                                         "plan_rematerialization", "offload_activations"))
     elif " calibrate " in command:
         profile = json.loads((folder / "profile.json").read_text())
