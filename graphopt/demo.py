@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import graphopt
 from graphopt.debug.dump import clear_compile_summaries, compile_summaries, write_index
+from graphopt.debug.pages import summary_lines
 from graphopt.distributed.launch import spawn
 from graphopt.models.llama import Llama, LlamaConfig, llama_loss, parallelize_llama
 
@@ -125,43 +126,28 @@ def _demo_rank(rank: int, world: int, opts: DemoOptions) -> dict:
     llama_loss(ref_logits, targets).backward()
     ref_grads = {n: p.grad.detach().clone() for n, p in reference.named_parameters()}
     ref_logits = ref_logits.detach()
-    clear_compile_summaries()
     parts = []
     for part in (_sequence_parallel_part, _tensor_parallel_part):
         # Dynamo recompiling the same Llama code for the DTensor model after the plain one hits
         # a RecursionError in AOTAutograd's tracing (torch 2.13); each part compiles afresh.
         torch._dynamo.reset()
+        clear_compile_summaries()
         start = time.perf_counter()
         result = part(rank, world, opts, cfg, device, reference, tokens, targets, ref_logits,
                       ref_grads)
         result["seconds"] = round(time.perf_counter() - start, 2)
+        result["summaries"] = compile_summaries()
         parts.append(result)
-    return {"rank": rank, "parts": parts, "summaries": compile_summaries()}
+    return {"rank": rank, "parts": parts}
 
 
 def _print_report(results: list[dict], opts: DemoOptions) -> bool:
-    rank0 = results[0]
-    print("\nWhat each pass did (rank 0):")
-    header = f"{'graph':<28} {'stage':<10} {'pass':<26} {'matched':>7} {'changed':>8} {'ms':>8}  stats"
-    print(header)
-    print("-" * len(header))
-    for summary in rank0["summaries"]:
-        plan = summary.get("notes", {}).get("remat_plan")
-        if plan:
-            facts = ", ".join(f"{k}={v}" for k, v in plan.items() if not isinstance(v, (list, dict)))
-            print(f"{summary['graph']:<28} {'partition':<10} {'plan_rematerialization':<26} "
-                  f"{'':>7} {'':>8} {'':>8}  {facts[:90]}")
-        for entry in summary["passes"]:
-            if not entry["ran"]:
-                print(f"{summary['graph']:<28} {entry['stage']:<10} {entry['pass']:<26} "
-                      f"{'-':>7} {'off':>8} {'':>8}  {entry['reason']}")
-                continue
-            stats = ", ".join(f"{k}={v}" for k, v in list(entry["stats"].items())[:4])
-            stats = stats if len(stats) <= 90 else stats[:87] + "..."
-            print(f"{summary['graph']:<28} {entry['stage']:<10} {entry['pass']:<26} "
-                  f"{entry['matched']:>7} {str(entry['modified']):>8} {entry['ms']:>8.1f}  {stats}")
-            for reason in entry["refusals"][:3]:
-                print(f"{'':<66}left alone: {reason}")
+    print("\nWhat each pass did (rank 0; every stage of every graph):")
+    for part in results[0]["parts"]:
+        for summary in part["summaries"]:
+            print(f"\n  {part['model']} model, {summary['graph']}:")
+            for line in summary_lines(summary):
+                print(f"    {line}")
     print("\nChecks against eager (every rank):")
     all_ok = True
     for result in results:

@@ -1,10 +1,33 @@
+"""Test set-up shared by every test: a fresh Dynamo per test, skip reasons a user understands, and
+the Triton-interpreter tests run in one subprocess with their results reported here.
+
+Markers (pyproject.toml): ``gpu`` needs a CUDA GPU, ``multigpu`` two of them; ``slow`` compiles
+through Inductor on CPU; ``triton_interpreter`` runs a Triton kernel under ``TRITON_INTERPRET=1``.
+The interpreter must be switched on before triton is first imported, which other tests do, so
+without it set, the first such test starts one ``pytest`` subprocess with it set for all of them,
+and each test passes, fails or skips here as it did there (counted as run, not as skipped).
+"""
+
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Set in the interpreter subprocess: where each test's outcome is written for the parent.
+_REPORT_ENV = "GRAPHOPT_INTERPRETER_REPORT"
+_INTERPRETER_TIMEOUT_S = 900
+_INTERPRETED_IDS = pytest.StashKey[list]()
+_INTERPRETED_RESULTS = pytest.StashKey[dict]()
+_INTERPRETER_TAIL = pytest.StashKey[str]()
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +42,87 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool)")
-    skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs 2 CUDA GPUs")
+    skip_triton = pytest.mark.skip(
+        reason="needs triton to run the Triton interpreter: pip install -e '.[test]'")
+    interpreted = []
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords and gpus == 0:
             item.add_marker(skip_gpu)
-        if "multigpu" in item.keywords and torch.cuda.device_count() < 2:
+        elif "multigpu" in item.keywords and gpus < 2:
             item.add_marker(skip_multi)
+        elif "triton_interpreter" in item.keywords:
+            if not _has_triton():
+                item.add_marker(skip_triton)
+            elif not INTERPRETED:
+                interpreted.append(item.nodeid)
+    config.stash[_INTERPRETED_IDS] = interpreted
+
+
+def _interpreter_results(config) -> dict:
+    """Run every collected ``triton_interpreter`` test once, in one subprocess; outcome by node id."""
+    if _INTERPRETED_RESULTS in config.stash:
+        return config.stash[_INTERPRETED_RESULTS]
+    with tempfile.TemporaryDirectory(prefix="graphopt_interpreter_") as folder:
+        report = os.path.join(folder, "report.jsonl")
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_REPORT_ENV: report})
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 *config.stash[_INTERPRETED_IDS]],
+                cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                timeout=_INTERPRETER_TIMEOUT_S)
+            tail = done.stdout[-4000:] + done.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            tail = f"the interpreter subprocess ran past {_INTERPRETER_TIMEOUT_S} s"
+        results = {}
+        if os.path.exists(report):
+            with open(report) as handle:
+                for line in handle:
+                    record = json.loads(line)
+                    results[record["nodeid"]] = record
+    config.stash[_INTERPRETED_RESULTS] = results
+    config.stash[_INTERPRETER_TAIL] = tail
+    return results
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A ``triton_interpreter`` test outside the interpreter reports its subprocess outcome."""
+    if INTERPRETED or "triton_interpreter" not in pyfuncitem.keywords:
+        return None
+    config = pyfuncitem.config
+    record = _interpreter_results(config).get(pyfuncitem.nodeid)
+    if record is None:
+        pytest.fail("the Triton-interpreter subprocess reported no result for this test:\n"
+                    + config.stash[_INTERPRETER_TAIL], pytrace=False)
+    if record["outcome"] == "skipped":
+        pytest.skip(record["message"])
+    if record["outcome"] == "failed":
+        pytest.fail("under TRITON_INTERPRET=1 in a subprocess:\n" + record["message"], pytrace=False)
+    return True
+
+
+def pytest_runtest_logreport(report):
+    """In the interpreter subprocess: write each test's outcome for the parent process."""
+    path = os.environ.get(_REPORT_ENV)
+    if not path or not INTERPRETED:
+        return
+    if report.when == "call" or report.outcome != "passed":
+        message = "" if report.passed else (
+            report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple)
+            else str(report.longrepr)[-6000:])
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"nodeid": report.nodeid, "outcome": report.outcome,
+                                     "message": message}) + "\n")
 
 
 BENCH_DIR = os.path.join(os.path.dirname(__file__), "..", "bench")

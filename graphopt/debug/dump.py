@@ -6,25 +6,27 @@ Layout of ``dump_dir`` (one sub-folder per rank when several processes compile):
     <graph_id>/00_pre_grad.py        the graph entering each stage, as annotated Python
     <graph_id>/01_pre_grad.shard_attention.py   the graph after each pass that ran
     <graph_id>/summary.json          per pass: matched, modified, stats, refusals, time, node diff
-    <graph_id>/index.html            per pass: before/after with the changed lines highlighted
+    <graph_id>/index.html            summary, plans as tables, memory picture, then the diffs
 
-Stats are also kept in memory (``compile_summaries()``) so the demo can print them, and every
+The pages are rendered by ``graphopt.debug.pages`` from the summary and, for the model source line
+and shape of a tensor a plan or a site names, from each node's ``stack_trace`` / module path / fake
+value (``node_facts``, kept in memory while the graph compiles). Stats are also kept in memory (``compile_summaries()``) so the demo can print them, and every
 snapshot is emitted as a ``trace_structured`` artifact so tlparse shows the rewritten graphs.
 """
 
 from __future__ import annotations
 
-import difflib
-import html
 import json
 import logging
 import os
+import re
 import threading
 from typing import Any
 
 import torch.fx as fx
 
 from graphopt import _compat
+from graphopt.debug import pages
 
 log = logging.getLogger("graphopt.debug")
 
@@ -44,9 +46,45 @@ def clear_compile_summaries() -> None:
 
 
 class Snapshot:
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, with_facts: bool = False):
         self.code = _compat.readable_code(gm)
         self.nodes = {n.name: str(n.target) for n in gm.graph.nodes}
+        self.facts = node_facts(gm) if with_facts else {}
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+_MODULE_ROOT = re.compile(r"^L\[['\"]self['\"]\]\.?|^L__self___?")
+
+
+def node_facts(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """Per node what a person needs to find it in the model: the innermost user source line, the
+    module path, the output's shape and dtype, and the input nodes (for GEMM shapes)."""
+    facts = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val", node.meta.get("example_value"))
+        shape = getattr(value, "shape", None)
+        entry: dict[str, Any] = {
+            "target": getattr(node.target, "__name__", str(node.target)),
+            "shape": [int(d) if str(d).lstrip("-").isdigit() else str(d) for d in shape]
+            if shape is not None else None,
+            "dtype": str(value.dtype).replace("torch.", "") if hasattr(value, "dtype") else None,
+            "inputs": [i.name for i in node.all_input_nodes],
+        }
+        tag = node.meta.get("partitioner_tag")  # joint graphs: which side of autograd
+        if tag in ("is_forward", "is_backward"):
+            entry["role"] = tag[3:]
+        frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+        if frames:
+            path, line, function, code = frames[-1]
+            short = "/".join(path.replace("\\", "/").split("/")[-2:])
+            entry["source"] = f"{short}:{line} in {function}: {code.strip()}"
+        stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+        if stack:
+            innermost = list(stack.values())[-1]
+            path = innermost[0] if isinstance(innermost, (tuple, list)) else str(innermost)
+            entry["module"] = _MODULE_ROOT.sub("", str(path))
+        facts[node.name] = entry
+    return facts
 
 
 class GraphRecorder:
@@ -61,13 +99,17 @@ class GraphRecorder:
                                         "stages": [], "passes": []}
         self._step = 0
         self._code: dict[int, tuple[str, str]] = {}  # pass index -> (before, after) code
+        # Only while a dump is written: the nodes of the graph each pass saw (sites are named by
+        # the node they matched) and of each stage's latest graph (plans name its tensors).
+        self._pass_facts: dict[int, dict[str, dict]] = {}
+        self._stage_facts: dict[str, dict[str, dict]] = {}
         if self.folder:
             os.makedirs(self.folder, exist_ok=True)
         with _lock:
             _summaries.append(self.summary)
 
     def snapshot(self, gm: fx.GraphModule) -> Snapshot:
-        return Snapshot(gm)
+        return Snapshot(gm, with_facts=self.folder is not None)
 
     def _write(self, label: str, code: str) -> str:
         name = f"{self._step:02d}_{label}.py"
@@ -80,6 +122,8 @@ class GraphRecorder:
 
     def stage(self, stage: str, gm: fx.GraphModule) -> None:
         file = self._write(stage, _compat.readable_code(gm))
+        if self.folder:
+            self._stage_facts[stage] = node_facts(gm)
         self.summary["stages"].append({"stage": stage, "file": file,
                                        "nodes": len(gm.graph.nodes)})
 
@@ -94,12 +138,16 @@ class GraphRecorder:
                 handle.write(text)
             self.summary.setdefault("files", []).append(name)
 
+    def off(self, stage: str, name: str, flags: str) -> None:
+        """A pass of ``stage`` that this graph's flags leave off (the page lists it as off)."""
+        self.summary.setdefault("off", []).append({"stage": stage, "pass": name, "flags": flags})
+
     def skipped(self, stage: str, name: str, reason: str) -> None:
         self.summary["passes"].append({"stage": stage, "pass": name, "ran": False, "reason": reason})
 
     def pass_done(self, stage: str, name: str, before: Snapshot, gm: fx.GraphModule, result,
                   elapsed_ms: float) -> None:
-        after = Snapshot(gm)
+        after = Snapshot(gm, with_facts=self.folder is not None)
         file = self._write(f"{stage}.{name}", after.code)
         entry = {
             "stage": stage, "pass": name, "ran": True, "matched": result.matched,
@@ -110,6 +158,9 @@ class GraphRecorder:
         }
         self.summary["passes"].append(entry)
         self._code[len(self.summary["passes"]) - 1] = (before.code, after.code)
+        if self.folder:
+            self._pass_facts[len(self.summary["passes"]) - 1] = before.facts
+            self._stage_facts[stage] = after.facts
 
     def finish(self) -> None:
         """Write summary.json and the HTML pages (no-op without a dump folder).
@@ -117,7 +168,8 @@ class GraphRecorder:
         Called after each stage, since AOTAutograd compiles the backward lazily."""
         if not self.folder:
             return
-        page = _graph_page(self.summary, self._code)
+        page = pages.graph_page(self.summary, self._code, self._pass_facts, self._stage_facts,
+                                files=set(os.listdir(self.folder)))
         with open(os.path.join(self.folder, "index.html"), "w") as handle:
             handle.write(page)
         # Atomic: another rank's write_index may be reading it right now.
@@ -133,88 +185,27 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
 
 
-_STYLE = """
-body{font-family:sans-serif;margin:1.5em;color:#222}
-table.diff{font-family:monospace;font-size:12px;border-collapse:collapse}
-.diff_header{background:#eee}.diff_next{background:#ddd}
-.diff_add{background:#b7f0b7}.diff_chg{background:#ffe48a}.diff_sub{background:#f7b3b3}
-table.stats td,table.stats th{border:1px solid #ccc;padding:2px 8px;text-align:left}
-.fired{background:#b7f0b7}.idle{color:#888}
-pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}
-details{margin:6px 0}
-"""
-
-
-def _graph_page(summary: dict[str, Any], code: dict[int, tuple[str, str]]) -> str:
-    esc = html.escape
-    parts = [f"<html><head><meta charset='utf-8'><title>{esc(summary['graph'])}</title>",
-             f"<style>{_STYLE}</style></head><body>",
-             f"<h1>graphopt: {esc(summary['graph'])}</h1>",
-             "<p><a href='summary.json'>summary.json</a></p>",
-             "<h2>Passes</h2><table class='stats'><tr><th>stage</th><th>pass</th><th>matched</th>"
-             "<th>modified</th><th>ms</th><th>stats</th></tr>"]
-    for i, entry in enumerate(summary["passes"]):
-        if not entry["ran"]:
-            parts.append(f"<tr class='idle'><td>{esc(entry['stage'])}</td><td>{esc(entry['pass'])}</td>"
-                         f"<td colspan=4>{esc(entry['reason'])}</td></tr>")
-            continue
-        cls = "fired" if entry["modified"] else "idle"
-        parts.append(f"<tr class='{cls}'><td>{esc(entry['stage'])}</td><td><a href='#p{i}'>"
-                     f"{esc(entry['pass'])}</a></td><td>{entry['matched']}</td><td>{entry['modified']}</td>"
-                     f"<td>{entry['ms']}</td><td>{esc(json.dumps(entry['stats']))}</td></tr>")
-    parts.append("</table>")
-    if summary.get("notes"):
-        parts.append("<h2>Notes</h2><pre>" + esc(json.dumps(summary["notes"], indent=1, default=repr))
-                     + "</pre>")
-    parts.append("<h2>Stages</h2><ul>")
-    for stage in summary["stages"]:
-        parts.append(f"<li><a href='{esc(stage['file'])}'>{esc(stage['stage'])}</a> "
-                     f"({stage['nodes']} nodes)</li>")
-    parts.append("</ul>")
-    differ = difflib.HtmlDiff(wrapcolumn=110)
-    for i, entry in enumerate(summary["passes"]):
-        if not entry["ran"]:
-            continue
-        parts.append(f"<h2 id='p{i}'>{esc(entry['stage'])} / {esc(entry['pass'])}</h2>")
-        parts.append(f"<p>matched {entry['matched']}, modified {entry['modified']}, {entry['ms']} ms; "
-                     f"added nodes: {esc(', '.join(entry['added_nodes'][:40]) or '-')}; removed: "
-                     f"{esc(', '.join(entry['removed_nodes'][:40]) or '-')}</p>")
-        if entry["refusals"]:
-            parts.append("<p>left unchanged:</p><ul>" + "".join(
-                f"<li>{esc(r)}</li>" for r in entry["refusals"]) + "</ul>")
-        before, after = code[i]
-        if entry["modified"]:
-            table = differ.make_table(before.splitlines(), after.splitlines(),
-                                      "before", "after", context=True, numlines=2)
-            parts.append(table)
-        parts.append(f"<details><summary>graph after {esc(entry['pass'])}</summary><pre>"
-                     f"{esc(after)}</pre></details>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def write_index(dump_dir: str) -> None:
-    """The top page: every graph below ``dump_dir`` (rank folders included), and which passes
-    fired in each. Written atomically, since several ranks may finish at once."""
-    rows = []
+    """The top page: every graph below ``dump_dir`` (rank folders included), every stage and pass.
+    Written atomically, since several ranks may finish at once."""
+    summaries = []
     for folder, _, files in sorted(os.walk(dump_dir)):
         if "summary.json" not in files:
             continue
         with open(os.path.join(folder, "summary.json")) as handle:
-            summary = json.load(handle)
-        name = os.path.relpath(folder, dump_dir)
-        fired = [f"{p['pass']} ({p['matched']})" for p in summary["passes"] if p.get("modified")]
-        idle = [p["pass"] for p in summary["passes"] if p.get("ran") and not p.get("modified")]
-        stages = ", ".join(s["stage"] for s in summary["stages"])
-        rows.append(
-            f"<tr><td><a href='{html.escape(name)}/index.html'>{html.escape(name)}</a></td>"
-            f"<td class='{'fired' if fired else 'idle'}'>{html.escape(', '.join(fired) or 'none')}</td>"
-            f"<td class='idle'>{html.escape(', '.join(idle))}</td><td>{html.escape(stages)}</td></tr>")
-    page = (f"<html><head><meta charset='utf-8'><title>graphopt dump</title><style>{_STYLE}</style>"
-            "</head><body><h1>graphopt dump</h1><table class='stats'><tr><th>graph</th>"
-            "<th>passes that rewrote it (sites)</th><th>passes that ran and changed nothing</th>"
-            "<th>stages</th></tr>" + "".join(rows) + "</table></body></html>")
+            summaries.append((os.path.relpath(folder, dump_dir), json.load(handle)))
     tmp = os.path.join(dump_dir, f".index.html.{os.getpid()}")
     with open(tmp, "w") as handle:
-        handle.write(page)
+        handle.write(pages.index_page(summaries))
     os.replace(tmp, os.path.join(dump_dir, "index.html"))
+
+
+def describe_compiles() -> str:
+    """What graphopt did to every graph this process compiled, a line per stage and pass (the
+    demo and the examples print it; the dump's pages say the same with tables and diffs)."""
+    blocks = []
+    for summary in compile_summaries():
+        stages = ", ".join(stage["stage"] for stage in summary["stages"])
+        lines = pages.summary_lines(summary) or [f"no pass applies to this graph (stages: {stages})"]
+        blocks.append(f"{summary['graph']}:\n" + "\n".join(f"  {line}" for line in lines))
+    return "\n".join(blocks)

@@ -69,24 +69,3 @@ def sum_partials_fused(out: Tensor, inputs: Sequence[Tensor]) -> None:
     grid = (triton.cdiv(inner, _BLOCK), batch * heads)
     _sum_kernel[grid](out, *operands, strides[0], *operand_strides, inner,
                       INPUTS=len(inputs), BLOCK=_BLOCK)
-
-
-def sum_partials(out: Tensor, inputs: Sequence[Tensor]) -> None:
-    """out = sum(inputs) in float32, rounded once to out's dtype: fused on CUDA where the layouts
-    allow, in torch elsewhere; more than MAX_INPUTS inputs are summed in float32 groups."""
-    inputs = list(inputs)
-    if not inputs:
-        out.zero_()
-        return
-    fused = out.is_cuda and all(flat_heads_stride(x) is not None for x in (out, *inputs))
-    while len(inputs) > MAX_INPUTS:
-        head = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        sum_partials(head, inputs[:MAX_INPUTS])
-        inputs = [head] + inputs[MAX_INPUTS:]
-    if fused:
-        sum_partials_fused(out, inputs)
-        return
-    total = inputs[0].float()
-    for x in inputs[1:]:
-        total = total + x.float()
-    out.copy_(total)

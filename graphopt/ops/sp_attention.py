@@ -123,9 +123,30 @@ class _RowPartials:
             self.parts = [(0, self.rows, *(folded if isinstance(folded, tuple) else (folded,)))]
 
 
+def sum_partials(out: Tensor, inputs: list[Tensor]) -> None:
+    """out = sum(inputs) in float32, rounded once to out's dtype: in one Triton pass on CUDA where
+    the layouts allow (``graphopt.kernels.sum_partials``), in torch elsewhere -- so CPU runs need
+    no triton; more inputs than the kernel takes are summed in float32 groups."""
+    if not inputs:
+        out.zero_()
+        return
+    if out.is_cuda:
+        from graphopt.kernels import sum_partials as kernel
+        if all(kernel.flat_heads_stride(x) is not None for x in (out, *inputs)):
+            while len(inputs) > kernel.MAX_INPUTS:
+                head = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+                kernel.sum_partials_fused(head, inputs[:kernel.MAX_INPUTS])
+                inputs = [head] + inputs[kernel.MAX_INPUTS:]
+            kernel.sum_partials_fused(out, inputs)
+            return
+    total = inputs[0].float()
+    for x in inputs[1:]:
+        total = total + x.float()
+    out.copy_(total)
+
+
 class _Partials(_RowPartials):
-    """Gradient partials of one tensor ([B, H, S/P, D]), summed (``graphopt.kernels.sum_partials``
-    fuses the sum on CUDA)."""
+    """Gradient partials of one tensor ([B, H, S/P, D]), summed (``sum_partials``)."""
 
     def __init__(self, like: Tensor):
         super().__init__(like.shape[2])
@@ -133,7 +154,6 @@ class _Partials(_RowPartials):
 
     def total(self, dtype: torch.dtype) -> Tensor:
         """The sum over every row (rows no partial covers are zero)."""
-        from graphopt.kernels.sum_partials import sum_partials
         result = torch.empty(self.like.shape, dtype=dtype, device=self.like.device)
         for lo, hi, covering in _segments(self.parts, self.rows):
             sum_partials(_rows(result, lo, hi), [partial for (partial,) in covering])

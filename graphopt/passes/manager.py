@@ -65,6 +65,12 @@ class GraphPass:
     enabled: Callable[[ConfigSnapshot], bool]
     doc: str = ""
 
+    @property
+    def flags(self) -> str:
+        """The flag(s) the predicate reads, e.g. 'sequence_parallel_attention' (for the dump)."""
+        names = getattr(self.enabled, "__code__", None)
+        return " / ".join(names.co_names) if names is not None and names.co_names else "its flag"
+
 
 class PassFailedLint(RuntimeError):
     pass
@@ -92,6 +98,8 @@ def run_stage(stage: str, passes: list[GraphPass], gm: fx.GraphModule, ctx: Pass
         recorder.stage(stage, gm)
     for graph_pass in passes:
         if not graph_pass.enabled(ctx.config):
+            if recorder is not None:
+                recorder.off(stage, graph_pass.name, graph_pass.flags)
             continue
         if graph_pass.name in ctx.config.disabled_passes:
             log.info("[%s] %s switched off by disabled_passes", ctx.graph_id, graph_pass.name)

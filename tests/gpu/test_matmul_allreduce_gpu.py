@@ -8,8 +8,7 @@ import torch
 
 from graphopt.distributed.launch import spawn
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 
 def _reference(a, b, scatter: bool):

@@ -1,16 +1,11 @@
 """The Triton flash-attention kernels, run by the Triton interpreter on CPU tensors.
 
-TRITON_INTERPRET must be set before triton is imported, and other test files import triton first,
-so ``test_kernels_under_the_triton_interpreter`` runs the ``interpreted`` tests of this file in a
-fresh Python with the variable set; in this process they are skipped. (Run with TRITON_INTERPRET=1
-already set, the interpreted tests run here directly and the launcher is skipped.)
+The ``triton_interpreter`` tests run in one subprocess with TRITON_INTERPRET=1 (tests/conftest.py
+starts it and reports each test's outcome here); run with TRITON_INTERPRET=1 already set, they run
+in this process.
 """
 
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,23 +14,7 @@ from hypothesis import strategies as st
 
 from attention_reference import plain_attention
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-interpreted = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of the launcher test")
-
-
-@pytest.mark.skipif(INTERPRETED, reason="already under the interpreter")
-def test_kernels_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
-         str(pathlib.Path(__file__))],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+interpreted = pytest.mark.triton_interpreter
 
 
 def make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, seed=0):
