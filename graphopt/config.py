@@ -79,8 +79,9 @@ _flag("attention", "attention_kernel", "auto", str,
 _flag("overlap_matmul_allreduce", "overlap_matmul_allreduce", False, bool,
       "Decompose GEMM + all-reduce / reduce-scatter / all-gather + GEMM into overlapped chunks.")
 _flag("overlap_matmul_allreduce", "overlap_mode", "auto", str,
-      "'auto' lets the cost model choose; force 'sequential', 'chunked', 'copy_engine' or 'tile' for "
-      "experiments.", choices=("auto", "sequential", "chunked", "copy_engine", "tile"))
+      "'auto' lets the cost model choose; force 'sequential', 'chunked', 'copy_engine', 'tile' or "
+      "'tracked' (cuBLASLt's chunk counters trigger the communication) for experiments.",
+      choices=("auto", "sequential", "chunked", "copy_engine", "tile", "tracked"))
 _flag("overlap_matmul_allreduce", "overlap_chunks", 0, int,
       "Chunks of the chunked runtime (sub-chunks per rank block of copy_engine); 0: the model picks.")
 _flag("overlap_matmul_allreduce", "overlap_graph_replay", True, bool,
