@@ -123,7 +123,10 @@ def _handle(device_index: int) -> int:
 def workspace_bytes() -> int:
     """torch's cuBLASLt workspace size (what its own GEMMs may use), where torch says it."""
     size = getattr(torch.backends.cuda, "cublaslt_workspace_size", None)
-    return int(size()) if size is not None else HOPPER_WORKSPACE_BYTES
+    try:
+        return int(size()) if size is not None else HOPPER_WORKSPACE_BYTES
+    except (AttributeError, RuntimeError):   # a build without CUDA has the Python side only
+        return HOPPER_WORKSPACE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
