@@ -377,7 +377,7 @@ def tracked_key(mode: str, chunks: int, comm_sms: int) -> str:
     return f"{mode}:{chunks}:{f'sm{comm_sms}' if comm_sms else 'ce'}"
 
 
-def _parse_tracked_key(key: str) -> tuple[str, int, int]:
+def parse_tracked_key(key: str) -> tuple[str, int, int]:
     mode, chunks, comm = key.split(":")
     return mode, int(chunks), 0 if comm == "ce" else int(comm[2:])
 
@@ -503,7 +503,7 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
                                  "no chunk counters for this site (tracked_chunks empty or misfit)",
                                  times)
         key = min(options)[1]
-        name, count, comm_sms = _parse_tracked_key(key)
+        name, count, comm_sms = parse_tracked_key(key)
         return OverlapChoice(name, count, comm_sms, f"forced tracked ({key})", times)
 
     def margin(key: str) -> float:
@@ -520,7 +520,7 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
     best_time, best_key = min(winners)
     reason = f"{best_key} estimated {best_time * 1e3:.3f} ms vs sequential {sequential * 1e3:.3f} ms"
     if best_key.startswith("tracked"):
-        name, count, comm_sms = _parse_tracked_key(best_key)
+        name, count, comm_sms = parse_tracked_key(best_key)
         return OverlapChoice(name, count, comm_sms, reason, times)
     name, value = best_key.split(":")
     if name == "tile":

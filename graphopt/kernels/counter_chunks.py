@@ -104,6 +104,17 @@ def copy_ready_chunks(counters: torch.Tensor, src: torch.Tensor, dst: torch.Tens
 
 
 @triton.jit
+def _stamp_kernel(stamps_ptr, index):
+    tl.store(stamps_ptr + index, _now())
+
+
+def stamp(stamps: torch.Tensor, index: int) -> None:
+    """Enqueue on the current stream: ``stamps[index]`` (int64) = the GPU's time in ns when the
+    stream reaches this point (after the work before it, e.g. the end of a GEMM)."""
+    _stamp_kernel[(1,)](stamps, index, num_warps=1)
+
+
+@triton.jit
 def _reduce_ready_chunks_kernel(counters_ptr, partial_ptrs, flag_ptrs, flags_ptr, epoch_ptr, out_ptr,
                                 stride_out, out_row0, N,
                                 RANK: tl.constexpr, WORLD: tl.constexpr, NUM_CHUNKS: tl.constexpr,
