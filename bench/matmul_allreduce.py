@@ -64,12 +64,15 @@ def shapes(world: int) -> list[tuple[str, int, int, int]]:
 
 
 def timed(fn, iters: int, warmup: int = 3, repeats: int = 3) -> float:
-    """Seconds per call: mean over ``iters`` back-to-back calls, best of ``repeats``, slowest rank."""
+    """Seconds per call: mean over ``iters`` back-to-back calls, best of ``repeats``, slowest rank
+    (this process alone where no process group is initialised)."""
+    distributed = dist.is_initialized()
     for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(repeats):
-        dist.barrier()
+        if distributed:
+            dist.barrier()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -78,6 +81,8 @@ def timed(fn, iters: int, warmup: int = 3, repeats: int = 3) -> float:
         end.record()
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    if not distributed:
+        return best
     value = torch.tensor([best], device="cuda")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.item()

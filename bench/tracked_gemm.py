@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.matmul_allreduce import rel_err, shapes, timed as seconds_per_call  # noqa: E402
 from graphopt.distributed import cuda_driver, tracked_gemm  # noqa: E402
 
 TARGETS = {"tracked_vs_cublas_min": ">= 0.97 (torch.mm time / tracked GEMM time, worst shape)"}
@@ -48,28 +49,12 @@ CHUNK_CHOICES = (4, 8, 16)
 
 
 def bench_shapes() -> list[tuple[str, int, int, int]]:
-    from bench.matmul_allreduce import shapes
     return shapes(2)
 
 
-def timed(fn, iters: int, repeats: int = 3) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / iters)
-    return best
-
-
-def rel_err(out, reference) -> float:
-    return ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+def timed(fn, iters: int) -> float:
+    """Milliseconds per call (mean of ``iters``, best of 3, after warm-up)."""
+    return seconds_per_call(fn, iters) * 1e3
 
 
 def operands(m, n, k, seed=0, dtype=torch.bfloat16):
