@@ -53,7 +53,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.machinery
+import importlib.util
 import logging
+import os
+import sys
+import types
 from typing import Optional
 
 import torch
@@ -75,12 +80,50 @@ _OP_N, _OP_T = 0, 1
 
 @functools.lru_cache(maxsize=1)
 def _bindings():
-    """``nvmath.bindings.cublasLt``, or the ImportError that says why it cannot be had."""
+    """``nvmath.bindings.cublasLt``, or the ImportError that says why it cannot be had.
+
+    ``import nvmath`` also imports nvmath's high-level APIs, which need ``cuda-core``; the bindings
+    themselves need only ``cuda-bindings`` and ``cuda-pathfinder``. Where the package import fails
+    for a dependency of those APIs, the bindings module is taken as far as it got, or imported
+    under a bare ``nvmath`` package that runs no ``__init__``."""
     try:
         from nvmath.bindings import cublasLt
         return cublasLt
     except ImportError as err:
-        return err
+        first = err
+    module = sys.modules.get("nvmath.bindings.cublasLt")
+    if module is not None:
+        return module
+    try:
+        return _import_without_package_init("nvmath.bindings.cublasLt")
+    except ImportError:
+        return first
+
+
+def _import_without_package_init(name: str):
+    """Import ``name`` with its parent packages as bare namespaces (their ``__init__`` not run);
+    the bare parents leave ``sys.modules`` afterwards, the imported modules stay."""
+    spec = importlib.util.find_spec(name.split(".")[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"no {name.split('.')[0]} package")
+    parents = name.split(".")[:-1]
+    added = []
+    try:
+        for depth in range(1, len(parents) + 1):
+            package = ".".join(parents[:depth])
+            if package in sys.modules:
+                continue
+            module = types.ModuleType(package)
+            module.__path__ = [os.path.join(location, *parents[1:depth])
+                               for location in spec.submodule_search_locations]
+            module.__spec__ = importlib.machinery.ModuleSpec(package, None, is_package=True)
+            module.__spec__.submodule_search_locations = module.__path__
+            sys.modules[package] = module
+            added.append(package)
+        return importlib.import_module(name)
+    finally:
+        for package in added:
+            sys.modules.pop(package, None)
 
 
 def bindings_error() -> Optional[str]:

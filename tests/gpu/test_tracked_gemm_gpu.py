@@ -36,6 +36,21 @@ def _close_to_mm(out, a, b):
     assert ((out.float() - reference.float()).abs().max() / scale).item() < 1e-2
 
 
+@pytest.mark.parametrize("batch", [True, False])
+def test_stream_memory_operations_through_cuda_bindings(batch):
+    """Writes and a wait enqueued through cuda-bindings land in order on the stream."""
+    from graphopt.distributed import cuda_driver
+    if not cuda_driver.stream_memops_available():
+        pytest.skip("cuda-bindings (cuda.bindings.driver) is not installed")
+    flags = torch.zeros(4, dtype=torch.int32, device="cuda")
+    base, W, A = flags.data_ptr(), cuda_driver.MEMOP_WRITE_32, cuda_driver.MEMOP_WAIT_32
+    stream = torch.cuda.current_stream()
+    cuda_driver.stream_memops(stream, [(W, base, 5, True), (W, base + 4, 7, False),
+                                       (A, base, 5, False), (W, base + 8, 9, False)], batch=batch)
+    torch.cuda.synchronize()
+    assert flags.tolist() == [5, 7, 9, 0]
+
+
 def test_plain_cublaslt_through_the_bindings_matches_torch_mm():
     from graphopt.distributed import tracked_gemm
     if tracked_gemm.bindings_error():

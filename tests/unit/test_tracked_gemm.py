@@ -253,3 +253,24 @@ def test_forced_tracked_mode_without_counters_keeps_the_graph_and_says_why():
     assert refused.mode == "sequential" and "cuBLASLt takes no chunk counters" in refused.reason
     forced = _choose("reduce_scatter", 8192, 8192, 4096, mode="tracked", tracked_chunks=(8,))
     assert forced.mode == "tracked" and forced.chunks == 8 and forced.reason.startswith("forced tracked")
+
+
+def test_the_bindings_import_without_the_package_init_that_needs_more(tmp_path, monkeypatch):
+    """nvmath's package __init__ imports APIs that need cuda-core; its cuBLASLt bindings do not.
+    Where the package import fails, the module is imported under bare parent packages, which leave
+    sys.modules afterwards."""
+    import sys
+    root = tmp_path / "heavypkg"
+    (root / "bindings").mkdir(parents=True)
+    (root / "__init__.py").write_text("import a_dependency_that_is_missing\n")
+    (root / "bindings" / "__init__.py").write_text("raise ImportError('not run')\n")
+    (root / "bindings" / "lt.py").write_text("from heavypkg.bindings import helper\nVALUE = helper.X\n")
+    (root / "bindings" / "helper.py").write_text("X = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError):
+        __import__("heavypkg.bindings.lt")
+    module = tracked_gemm._import_without_package_init("heavypkg.bindings.lt")
+    assert module.VALUE == 42
+    assert "heavypkg" not in sys.modules and "heavypkg.bindings" not in sys.modules
+    for name in ("heavypkg.bindings.lt", "heavypkg.bindings.helper"):
+        monkeypatch.delitem(sys.modules, name)
