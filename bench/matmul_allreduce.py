@@ -42,7 +42,7 @@ import torch.distributed as dist
 from graphopt import _compat
 from graphopt.analysis import overlap_cost
 from graphopt.analysis.device_profile import current_profile
-from graphopt.distributed import cuda_driver
+from graphopt.distributed import cuda_driver, tracked_gemm
 
 TARGETS = {"geomean_over_ideal": "<= 1.05", "worst_vs_sequential": "<= 1.00",
            "rs_vs_torch_fused": "< 1.00 (ours faster than torch fused_matmul_reduce_scatter)"}
@@ -64,12 +64,15 @@ def shapes(world: int) -> list[tuple[str, int, int, int]]:
 
 
 def timed(fn, iters: int, warmup: int = 3, repeats: int = 3) -> float:
-    """Seconds per call: mean over ``iters`` back-to-back calls, best of ``repeats``, slowest rank."""
+    """Seconds per call: mean over ``iters`` back-to-back calls, best of ``repeats``, slowest rank
+    (this process alone where no process group is initialised)."""
+    distributed = dist.is_initialized()
     for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(repeats):
-        dist.barrier()
+        if distributed:
+            dist.barrier()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -78,6 +81,8 @@ def timed(fn, iters: int, warmup: int = 3, repeats: int = 3) -> float:
         end.record()
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    if not distributed:
+        return best
     value = torch.tensor([best], device="cuda")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.item()
@@ -173,9 +178,15 @@ def main() -> None:
                 comm()
 
             variants = {"gemm": lambda: torch.mm(a, b, out=c), "comm": comm, "sequential": sequential}
+            tracked_chunks = tuple(
+                count for count in overlap_cost.TRACKED_CHUNK_CHOICES
+                if overlap_cost.tracked_chunk_ok(kind, m, world, count)
+                and tracked_gemm.support(m, n, k, torch.bfloat16, count) is None)
+            row["tracked_refusal"] = (None if tracked_chunks else
+                                      tracked_gemm.support(m, n, k, torch.bfloat16, 8))
             choice = overlap_cost.choose_overlap(
                 kind, m, n, k, 2, world, profile, is_cuda=True, symmetric_memory=symm_mem.available(),
-                replay=True)
+                replay=True, tracked_chunks=tracked_chunks)
             plan = overlap_cost.plan_key(choice)
 
             def overlapped(mode: str, chunks: int, sms: int, taper: float = 1.0, replay: bool = False):
@@ -195,6 +206,10 @@ def main() -> None:
                 key = overlap_cost.copy_engine_key(count, taper)
                 variants[key] = overlapped("copy_engine", count, 0, taper, replay=True)
                 variants[eager_key(key)] = overlapped("copy_engine", count, 0, taper)
+            for key in choice.estimates_s:
+                if key.startswith("tracked"):   # the tracked runtime, where cuBLASLt takes counters
+                    mode, count, sms = overlap_cost.parse_tracked_key(key)
+                    variants[key] = overlapped(mode, count, sms)
             if scatter:
                 variants["torch_fused_rs"] = lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(
                     a, b, "sum", 0, group_name)
@@ -244,8 +259,9 @@ def main() -> None:
             times = row["ms"]
             row["ms"]["ideal"] = max(times["gemm"], times["comm"])
             row["replay_stats"] = symm_mem.replay_stats()
-            for prefix in ("tile", "copy_engine", "copy_engine_eager"):
-                found = {key: v for key, v in times.items() if key.startswith(prefix + ":")}
+            for prefix in ("tile", "copy_engine", "copy_engine_eager", "tracked"):
+                found = {key: v for key, v in times.items() if key.startswith(prefix + ":")
+                         or prefix == "tracked" and key.startswith("tracked_two_shot:")}
                 if found:
                     row[f"best_{prefix}"] = min(found, key=found.get)
             best_ce = row.get("best_copy_engine")
@@ -453,7 +469,7 @@ def summarize(rows: list[dict]) -> dict:
     over_ideal, vs_sequential, rs_vs_fused = [], [], []
     # over ideal, vs sequential, RS vs fused
     best = {"tile": ([], [], []), "copy_engine": ([], [], []), "copy_engine_uniform": ([], [], []),
-            "copy_engine_eager": ([], [], [])}
+            "copy_engine_eager": ([], [], []), "tracked": ([], [], [])}
     for row in rows:
         t = row["ms"]
         over_ideal.append(t["graphopt_auto"] / t["ideal"])
@@ -505,10 +521,10 @@ def to_markdown(results: dict) -> str:
              f"torch {results['torch']}, triton {results['triton']}, bf16, times in ms "
              f"(mean of {results['iters']} calls, best of 3, slowest rank)", "",
              "| kind | shape | GEMM | comm | sequential | ideal | chunked:4 | best copy engine, op by op "
-             "| best copy engine, equal sub-chunks | best copy engine | best tile | torch fused RS "
+             "| best copy engine, equal sub-chunks | best copy engine | best tile | best tracked | torch fused RS "
              "| auto (choice) | auto/seq | auto/ideal | copy engine err |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-             "| --- |"]
+             "| --- | --- |"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-"  # noqa: E731
     for row in results["rows"]:
         t = row["ms"]
@@ -520,7 +536,7 @@ def to_markdown(results: dict) -> str:
             f"| {fmt(t.get('comm'))} | {fmt(t.get('sequential'))} | {fmt(t.get('ideal'))} "
             f"| {fmt(t.get('chunked:4'))} | {best('copy_engine_eager')} | {best('copy_engine_uniform')} "
             f"| {best('copy_engine')} "
-            f"| {best('tile')} "
+            f"| {best('tile')} | {best('tracked')} "
             f"| {fmt(t.get('torch_fused_rs'))} | {fmt(t.get('graphopt_auto'))} ({row['cost_model_choice']}) "
             f"| {fmt(t['graphopt_auto'] / t['sequential'])} | {fmt(t['graphopt_auto'] / t['ideal'])} "
             f"| {f'{error:.4f}' if error is not None else '-'} |")

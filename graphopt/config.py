@@ -358,8 +358,9 @@ _flag("overlap_matmul_collectives", "overlap_matmul_collectives", False,
       "(also accepted as overlap_matmul_allreduce, its name before it handled reduce-scatter and "
       "all-gather).", **_BOOL, example="overlap_matmul_collectives=True")
 _choice_flag("overlap_matmul_collectives", "overlap_mode", "auto",
-             "'auto' lets the cost model choose; force 'sequential', 'chunked', 'copy_engine' or "
-             "'tile' for experiments.", ("auto", "sequential", "chunked", "copy_engine", "tile"))
+             "'auto' lets the cost model choose; force 'sequential', 'chunked', 'copy_engine', 'tile' "
+             "or 'tracked' (cuBLASLt's chunk counters trigger the communication) for experiments.",
+             ("auto", "sequential", "chunked", "copy_engine", "tile", "tracked"))
 _flag("overlap_matmul_collectives", "overlap_chunks", 0,
       "Chunks of the chunked runtime (sub-chunks per rank block of copy_engine); 0: the model picks.",
       parse=_count, from_text=_int_text, accepts="an int >= 0", example="overlap_chunks=4")

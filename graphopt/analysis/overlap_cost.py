@@ -22,6 +22,15 @@ all-gather feeding a GEMM) it estimates, from the device profile:
                  they part (beyond 2 ranks, with the host near the GPU time: their sum).
                  With CUDA-graph replay (``replay``, the runtime's steady state from a call's
                  third repetition on) the host's part is the graph launch alone.
+    tracked(c, s) = the tracked runtime's timeline (``graphopt.ops.tracked_collectives``): ONE
+                 cuBLASLt GEMM (on SMs - s SMs where s communication CTAs run beside it) whose chunk
+                 q of c is final at (q + 1) / c of it; per chunk, after it is final on every rank:
+                 s > 0: the CTAs pull the peers' rows at min(p2p, s * sm_bw) and sum them in
+                 registers; s = 0 (the copy engine): a barrier, copy-engine pulls at p2p, and a
+                 summing kernel that gets SMs only once the GEMM ends. All-gather + GEMM: copy-engine
+                 pulls in row order, the GEMM's chunk q starting once its rows landed.
+                 Offered only where cuBLASLt takes the counters (``tracked_chunks``: the chunk
+                 counts the caller found supported; none on cuBLAS >= 13, which removed them).
 
 The copy-engine constants are fitted to the copy_engine columns of 2 x H200 runs of
 bench/matmul_allreduce.py (the ratio estimate / sequential within ~5% on most shapes, ~10% on the
@@ -144,7 +153,16 @@ CE_PULL_PEER_SLOWDOWN = 0.4
 # measured 0.89-1.004x of sequential and the estimated best up to 1.019x, over five bench runs on
 # 2 x H200 (three machines), where the estimates said 0.92-0.96x: the sequential baseline and the
 # GEMM under copies move by ~5% from run to run. A gain estimated below 7% is within that noise.
-MARGINS = {"chunked": MARGIN, "tile": MARGIN, "copy_engine": 0.07}
+MARGINS = {"chunked": MARGIN, "tile": MARGIN, "copy_engine": 0.07, "tracked": MARGIN,
+           "tracked_two_shot": MARGIN}
+# Tracked runtime (not yet measured: priced from the profile and the terms above). Chunk counts the
+# caller checks with cuBLASLt, communication CTAs beside the GEMM (0: the copy engine), the GEMM's
+# slowdown from its counter atomics and from the algorithms that take counters, and the host time
+# of one call (a barrier, a fill, a kernel launch and one cuBLASLt call through its bindings).
+TRACKED_CHUNK_CHOICES = (4, 8, 16)
+TRACKED_COMM_SMS = (0, 8, 16)
+TRACKED_GEMM_OVERHEAD = 0.02
+TRACKED_HOST_S = 150e-6
 # Beyond 2 ranks every runtime's terms rest on three 4 x H200 runs and one 4 x H100 run: a gain
 # estimated below 15% is not taken there. The copy-engine times that moved most between them (up
 # to 1.8x) are those CE_HOST_OVERLAP_LIMIT now prices; below it they moved by 6% or less, and the
@@ -156,10 +174,13 @@ MARGIN_MULTI = 0.15
 
 @dataclasses.dataclass(frozen=True)
 class OverlapChoice:
-    mode: str                 # "sequential", "chunked", "copy_engine" or "tile"
+    mode: str                 # "sequential", "chunked", "copy_engine", "tile", "tracked" or
+                              # "tracked_two_shot"
     chunks: int               # chunks of the chunked runtime, sub-chunks per rank block of the
-                              # copy-engine runtime (1 for the others)
-    comm_sms: int             # communication CTAs of the tile kernel (0 for the others)
+                              # copy-engine runtime, counters of the tracked one (per rank shard
+                              # for the all-gather; 1 for the others)
+    comm_sms: int             # communication CTAs of the tile kernel and the tracked runtime (0:
+                              # none, the copy engine)
     reason: str
     estimates_s: dict[str, float]
     taper: float = 1.0        # copy-engine sub-chunk j is about taper**j of the first (1: equal)
@@ -316,11 +337,13 @@ def copy_engine_supported(kind: str, m: int, world: int, is_cuda: bool,
 
 def estimate(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
              profile: DeviceProfile, *, tile_ok: bool, chunks: int = 0,
-             copy_engine_ok: bool = False, replay: bool = False) -> dict[str, float]:
-    """Estimated seconds of every candidate plan (keys 'sequential', 'chunked:c', 'tile:s' and
-    ``copy_engine_key(c, q)``). ``chunks`` > 0 fixes the chunk count of the chunked and copy-engine
-    candidates (every taper of CE_SCHEDULES is still tried); ``replay``: copy-engine calls replay
-    CUDA graphs."""
+             copy_engine_ok: bool = False, replay: bool = False,
+             tracked_chunks: tuple[int, ...] = ()) -> dict[str, float]:
+    """Estimated seconds of every candidate plan (keys 'sequential', 'chunked:c', 'tile:s',
+    ``copy_engine_key(c, q)`` and ``tracked_key(...)``). ``chunks`` > 0 fixes the chunk count of the
+    chunked and copy-engine candidates (every taper of CE_SCHEDULES is still tried); ``replay``:
+    copy-engine calls replay CUDA graphs; ``tracked_chunks``: the chunk counts at which the tracked
+    GEMM runs this site (none: no tracked candidate)."""
     t_gemm = _gemm_time(m, n, k, itemsize, profile)
     t_comm = _comm_time(kind, m, n, k, itemsize, world, profile)
     times = {"gemm": t_gemm, "comm": t_comm, "sequential": t_gemm + t_comm}
@@ -337,7 +360,79 @@ def estimate(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
         for count, taper in sorted(schedules):
             times[copy_engine_key(count, taper)] = _copy_engine_time(kind, m, n, k, itemsize, world,
                                                                      count, taper, profile, replay)
+    for count in tracked_chunks:
+        for mode in ("tracked", "tracked_two_shot") if kind == "all_reduce" and world > 2 else ("tracked",):
+            for comm_sms in (0,) if kind == "all_gather" else TRACKED_COMM_SMS:
+                if mode == "tracked_two_shot" and comm_sms == 0:
+                    continue
+                times[tracked_key(mode, count, comm_sms)] = _tracked_time(
+                    kind, m, n, k, itemsize, world, count, comm_sms, mode == "tracked_two_shot",
+                    profile)
     return times
+
+
+def tracked_key(mode: str, chunks: int, comm_sms: int) -> str:
+    """The estimate (and bench column) key of a tracked plan: 'tracked:8:sm16' (8 chunks, 16
+    communication CTAs), 'tracked:8:ce' (the copy engine), 'tracked_two_shot:8:sm16'."""
+    return f"{mode}:{chunks}:{f'sm{comm_sms}' if comm_sms else 'ce'}"
+
+
+def parse_tracked_key(key: str) -> tuple[str, int, int]:
+    mode, chunks, comm = key.split(":")
+    return mode, int(chunks), 0 if comm == "ce" else int(comm[2:])
+
+
+def tracked_chunk_ok(kind: str, m: int, world: int, chunks: int, two_shot: bool = False) -> bool:
+    """Whether ``chunks`` counters fit the tracked runtime's layout: equal row chunks, whole rank
+    blocks for the owner-reduced collectives, the all-gather's per-shard chunks."""
+    if kind == "all_gather":      # m counts gathered rows: chunks per rank shard
+        return m % world == 0 and (m // world) % chunks == 0
+    if m % chunks:
+        return False
+    return chunks % world == 0 if kind == "reduce_scatter" or two_shot else True
+
+
+def _tracked_time(kind: str, m: int, n: int, k: int, itemsize: int, world: int, chunks: int,
+                  comm_sms: int, two_shot: bool, profile: DeviceProfile) -> float:
+    """The tracked runtime's timeline on one rank (module docstring), never below its host time."""
+    if not tracked_chunk_ok(kind, m, world, chunks, two_shot):
+        return float("inf")
+    flops = profile.matmul_tflops if itemsize <= 2 else profile.matmul_tflops_fp32
+    sms_left = NUM_SMS - comm_sms
+    t_gemm = (2.0 * m * n * k / (flops * 1e12) * NUM_SMS / sms_left * (1 + TRACKED_GEMM_OVERHEAD)
+              + profile.kernel_launch_s)
+    if kind == "all_gather":
+        pieces = chunks * world
+        piece_bytes = m // pieces * k * itemsize
+        pulled = gemm = 0.0
+        for q in range(pieces):
+            if q // chunks != 0:      # rank 0's view: its own shard's chunks are ready at once
+                pulled += piece_bytes / (profile.p2p_gbps * 1e9) + profile.kernel_launch_s
+            gemm = max(gemm, pulled if q // chunks else 0.0) + t_gemm / pieces
+        gpu = ce_barrier_time(world) + gemm + ce_barrier_time(world)
+        return max(gpu, TRACKED_HOST_S + pieces * CE_HOST_PULL_S)
+    chunk_bytes = m // chunks * n * itemsize
+    rate = profile.p2p_gbps if comm_sms == 0 else min(profile.p2p_gbps, comm_sms * SM_PULL_GBPS)
+    pull = chunk_bytes * (world - 1) / (rate * 1e9) * (1 + CE_PULL_PEER_SLOWDOWN * (world - 2))
+    local_sum = world * chunk_bytes * 2 / (profile.hbm_gbps * 1e9)
+    owned = range(world - 1, chunks, world) if kind == "reduce_scatter" or two_shot else range(chunks)
+    comm = ce_barrier_time(world) if comm_sms else 0.0
+    summed = 0.0
+    for q in range(chunks):
+        ready = t_gemm * (q + 1) / chunks
+        if comm_sms:
+            if q in owned:
+                comm = max(comm, ready) + ce_barrier_time(2) + pull
+            elif two_shot:      # a copy of the owner's reduced chunk, once it is reduced
+                comm = max(comm, ready) + chunk_bytes / (rate * 1e9)
+        else:
+            comm = max(comm, ready) + ce_barrier_time(world) + (pull if q in owned else 0.0)
+            if q in owned:      # the summing kernel waits for SMs until the GEMM is done
+                summed = max(summed, comm, t_gemm) + local_sum + profile.kernel_launch_s
+    gpu = max(t_gemm, comm, summed) + (ce_barrier_time(world) if comm_sms == 0 else 0.0)
+    host = TRACKED_HOST_S + (0 if comm_sms else chunks * (CE_HOST_STEP_S + 3 * world * CE_HOST_MEMOP_S
+                                                          + (world - 1) * CE_HOST_PULL_S))
+    return max(gpu, host)
 
 
 def tile_supported(kind: str, m: int, n: int, k: int, itemsize: int, world: int, is_cuda: bool,
@@ -359,21 +454,26 @@ def tile_supported(kind: str, m: int, n: int, k: int, itemsize: int, world: int,
 def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
                    profile: DeviceProfile, *, is_cuda: bool, symmetric_memory: bool,
                    triton: bool = True, mode: str = "auto", chunks: int = 0,
-                   hints: Optional[Mapping[Any, int]] = None, replay: bool = False) -> OverlapChoice:
+                   hints: Optional[Mapping[Any, int]] = None, replay: bool = False,
+                   tracked_chunks: tuple[int, ...] = ()) -> OverlapChoice:
     """The plan for one site. ``mode`` (config.overlap_mode) forces a runtime; ``chunks``
     (config.overlap_chunks) fixes the chunk count of the chunked and copy-engine candidates (0: the
     model picks). ``symmetric_memory``: the site is a plain 2-D mm on CUDA with torch symmetric
     memory (copy-engine and tile runtimes); ``triton``: the tile kernel can also be built;
     ``replay`` (config.overlap_graph_replay): copy-engine calls replay CUDA graphs of repeated calls,
-    so they are priced at the graph's launch instead of op-by-op issue."""
+    so they are priced at the graph's launch instead of op-by-op issue; ``tracked_chunks``: the chunk
+    counts at which cuBLASLt runs the tracked GEMM of this site (``graphopt.distributed.
+    tracked_gemm.support``; empty where it is refused or absent, so no tracked plan is offered)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     m, n, k = (concrete(size, hints) for size in (m, n, k))
     tile_why_not = (tile_supported(kind, m, n, k, itemsize, world, is_cuda, symmetric_memory)
                     or (None if triton else "triton is unavailable"))
     ce_why_not = copy_engine_supported(kind, m, world, is_cuda, symmetric_memory)
+    tracked_chunks = tuple(count for count in tracked_chunks if symmetric_memory and is_cuda)
     times = estimate(kind, m, n, k, itemsize, world, profile, tile_ok=tile_why_not is None,
-                     chunks=chunks, copy_engine_ok=ce_why_not is None, replay=replay)
+                     chunks=chunks, copy_engine_ok=ce_why_not is None, replay=replay,
+                     tracked_chunks=tracked_chunks)
     sequential = times["sequential"]
 
     if mode == "sequential":
@@ -396,6 +496,16 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
         return OverlapChoice("copy_engine", count, 0, f"forced copy_engine ({key})", times,
                              taper=taper, replay=replay)
 
+    if mode == "tracked":
+        options = [(times[key], key) for key in times if key.startswith("tracked")]
+        if not options or min(options)[0] == float("inf"):
+            return OverlapChoice("sequential", 1, 0, "overlap_mode='tracked' refused: cuBLASLt takes "
+                                 "no chunk counters for this site (tracked_chunks empty or misfit)",
+                                 times)
+        key = min(options)[1]
+        name, count, comm_sms = parse_tracked_key(key)
+        return OverlapChoice(name, count, comm_sms, f"forced tracked ({key})", times)
+
     def margin(key: str) -> float:
         return max(MARGINS[key.split(":")[0]], MARGIN_MULTI if world > 2 else 0.0)
 
@@ -408,8 +518,11 @@ def choose_overlap(kind: str, m: Any, n: Any, k: Any, itemsize: int, world: int,
             f"best overlap {best_key} estimated {best_time * 1e3:.3f} ms vs sequential "
             f"{sequential * 1e3:.3f} ms: gain below {margin(best_key):.0%}", times)
     best_time, best_key = min(winners)
-    name, value = best_key.split(":")
     reason = f"{best_key} estimated {best_time * 1e3:.3f} ms vs sequential {sequential * 1e3:.3f} ms"
+    if best_key.startswith("tracked"):
+        name, count, comm_sms = parse_tracked_key(best_key)
+        return OverlapChoice(name, count, comm_sms, reason, times)
+    name, value = best_key.split(":")
     if name == "tile":
         return OverlapChoice("tile", 1, int(value), reason, times)
     if name == "copy_engine":
@@ -425,6 +538,8 @@ def plan_key(choice: OverlapChoice) -> str:
         return "sequential"
     if choice.mode == "copy_engine":
         return copy_engine_key(choice.chunks, choice.taper)
+    if choice.mode.startswith("tracked"):
+        return tracked_key(choice.mode, choice.chunks, choice.comm_sms)
     return f"{choice.mode}:{choice.comm_sms if choice.mode == 'tile' else choice.chunks}"
 
 

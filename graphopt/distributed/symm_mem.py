@@ -221,6 +221,15 @@ class CopyEngineWorkspace:
 _COMM_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
+def comm_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's communication stream, shared by the runtimes. High priority: a copy or a
+    communication kernel waiting behind GEMM blocks gets the next free SM."""
+    stream = _COMM_STREAMS.get(device)
+    if stream is None:
+        stream = _COMM_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return stream
+
+
 def copy_engine_workspace(group_name: str, m: int, n: int, dtype: torch.dtype,
                           device: torch.device) -> CopyEngineWorkspace:
     """The cached copy-engine workspace for this group and shape (a collective call the first time)."""
@@ -231,10 +240,7 @@ def copy_engine_workspace(group_name: str, m: int, n: int, dtype: torch.dtype,
     workspace = _WORKSPACES.get(key)
     if workspace is None:
         partial, handle, peers = _compat.symmetric_tensor((m, n), dtype, device, group_name)
-        stream = _COMM_STREAMS.get(device)
-        if stream is None:
-            # High priority: a copy launch waiting behind GEMM blocks gets the next free SM.
-            stream = _COMM_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+        stream = comm_stream(device)
         flags = flag_ptrs = None
         if cuda_driver.stream_memops_available():
             flags, flag_handle, flag_peers = _compat.symmetric_tensor(

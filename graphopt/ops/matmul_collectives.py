@@ -101,7 +101,7 @@ from graphopt.analysis.overlap_schedule import chunk_bounds, copy_engine_blocks
 
 log = logging.getLogger("graphopt.ops.matmul_collectives")
 
-MODES = ("chunked", "copy_engine", "tile")
+MODES = ("chunked", "copy_engine", "tile", "tracked", "tracked_two_shot")
 # torch 2.13 renamed these (same arguments); 2.11 has only the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -120,6 +120,26 @@ def _check_mode(mode: str, a: Tensor) -> None:
     if mode == "copy_engine" and not a.is_cuda:
         raise ValueError("mode='copy_engine' copies between CUDA symmetric-memory buffers and needs "
                          "CUDA tensors; use mode='chunked' on CPU")
+    if mode.startswith("tracked") and not a.is_cuda:
+        raise ValueError(f"mode={mode!r} runs cuBLASLt's tracked GEMM on symmetric memory and needs "
+                         "CUDA tensors; use mode='chunked' on CPU")
+
+
+def _tracked(a: Tensor, b: Tensor, bias: Optional[Tensor], group_name: str, mode: str, chunks: int,
+             comm_sms: int, scatter: bool, replay: bool) -> Tensor:
+    """The tracked runtime (``graphopt.ops.tracked_collectives``), or the copy-engine runtime where
+    cuBLASLt refuses the counters (logged once with the reason)."""
+    from graphopt.ops import tracked_collectives
+
+    if bias is not None or a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"mode={mode!r} supports a plain 2-D mm (no bias, no batch); the pass "
+                         "chooses 'chunked' for addmm and bmm")
+    collective = "reduce-scatter" if scatter else "all-reduce"
+    if tracked_collectives.fallback_reason(a, b, chunks, "out", collective) is not None:
+        world = _group(group_name).size()
+        return _copy_engine(a, b, group_name, max(1, chunks // world), 1.0, scatter, replay)
+    return tracked_collectives.matmul_reduce(a, b, group_name, chunks, comm_sms, scatter,
+                                             two_shot=mode == "tracked_two_shot")
 
 
 # --- copy-engine runtime ---------------------------------------------------------------------------
@@ -348,6 +368,8 @@ def matmul_all_reduce(a: Tensor, b: Tensor, bias: Optional[Tensor], group_name: 
             raise ValueError("mode='copy_engine' supports plain mm (no bias); the pass chooses "
                              "'chunked' for addmm")
         return _copy_engine(a, b, group_name, chunks, taper, scatter=False, replay=replay)
+    if mode.startswith("tracked"):
+        return _tracked(a, b, bias, group_name, mode, chunks, comm_sms, False, replay)
     return _matmul_all_reduce_chunked(a, b, bias, group_name, chunks)
 
 
@@ -402,6 +424,11 @@ def matmul_reduce_scatter(a: Tensor, b: Tensor, group_name: str, world_size: int
             raise ValueError("mode='copy_engine' scatters along rows (dim 0) only; the pass chooses "
                              "'chunked' otherwise")
         return _copy_engine(a, b, group_name, chunks, taper, scatter=True, replay=replay)
+    if mode.startswith("tracked"):
+        if scatter_dim != 0 or mode != "tracked":
+            raise ValueError(f"mode={mode!r}: the tracked reduce-scatter scatters along rows (dim 0), "
+                             "one-shot; the pass chooses 'chunked' otherwise")
+        return _tracked(a, b, None, group_name, mode, chunks, comm_sms, True, replay)
     return _matmul_reduce_scatter_chunked(a, b, group_name, world_size, scatter_dim, chunks)
 
 
@@ -441,13 +468,28 @@ def _all_gather_matmul_chunked(a_shard: Tensor, b: Tensor, group_name: str, worl
 
 @torch.library.custom_op("graphopt::all_gather_matmul", mutates_args=())
 def all_gather_matmul(a_shard: Tensor, b: Tensor, group_name: str, world_size: int, gather_dim: int,
-                      chunks: int) -> tuple[Tensor, Tensor]:
-    """(g, g @ b) with g = all_gather(a_shard) along ``gather_dim``, overlapped chunk by chunk."""
+                      chunks: int, mode: str = "chunked") -> tuple[Tensor, Tensor]:
+    """(g, g @ b) with g = all_gather(a_shard) along ``gather_dim``, overlapped chunk by chunk
+    (``mode`` "tracked": the GEMM's in-counters gate each gathered chunk, copy engine; where
+    cuBLASLt refuses them, the chunked runtime, logged once)."""
+    if mode == "tracked":
+        from graphopt.ops import tracked_collectives
+
+        _check_mode(mode, a_shard)
+        if a_shard.dim() != 2 or gather_dim != 0:
+            raise ValueError("mode='tracked' gathers a 2-D shard along rows (dim 0); the pass "
+                             "chooses 'chunked' otherwise")
+        total = world_size * len(chunk_bounds(a_shard.shape[0], chunks))
+        if tracked_collectives.fallback_reason(a_shard, b, total, "in", "all-gather",
+                                               a_rows=a_shard.shape[0] * world_size) is None:
+            return tracked_collectives.all_gather_matmul(a_shard, b, group_name, chunks)
+    elif mode != "chunked":
+        raise ValueError(f"all_gather_matmul mode={mode!r} is not 'chunked' or 'tracked'")
     return _all_gather_matmul_chunked(a_shard, b, group_name, world_size, gather_dim, chunks)
 
 
 @all_gather_matmul.register_fake
-def _(a_shard, b, group_name, world_size, gather_dim, chunks):
+def _(a_shard, b, group_name, world_size, gather_dim, chunks, mode="chunked"):
     shape = list(a_shard.shape)
     shape[gather_dim] *= world_size
     return a_shard.new_empty(shape), a_shard.new_empty(*shape[:-1], b.shape[-1])

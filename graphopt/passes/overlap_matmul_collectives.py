@@ -25,7 +25,7 @@ inference graphs. Three patterns, declared as data in ``PATTERNS``:
         g  = cat(split_with_sizes(g, [B]*P, 0), d)       # optional: gather along dim d, not 0
         y  = mm(view(g, [-1, K]), b)
       ->
-        g', o = graphopt::all_gather_matmul(s, b, group, P, d, chunks)
+        g', o = graphopt::all_gather_matmul(s, b, group, P, d, chunks, mode)
         y' = view(o, [-1, N])                            # other users of g read g'
 
 Safe when (checked per site, else the site is left unchanged and the reason is appended to
@@ -41,8 +41,11 @@ Safe when (checked per site, else the site is left unchanged and the reason is a
   front" permutation DTensor emits (P equal parts, taken in rank order); the shapes are static;
 - the cost model (``graphopt.analysis.overlap_cost``) estimates the overlapped runtime faster than
   sequential by its margin, unless ``config.overlap_mode`` forces a runtime;
-- runtime "copy_engine" or "tile" only for a plain 2-D mm (no bias, no batch; reduce-scatter along
-  dim 0 of a 2-D output) on CUDA with torch symmetric memory: the ops' ``mode`` argument says which
+- runtime "copy_engine", "tile" or "tracked" only for a plain 2-D mm (no bias, no batch;
+  reduce-scatter along dim 0 of a 2-D output; "tracked" also for an all-gather of a 2-D shard along
+  rows, and only where cuBLASLt takes the GEMM's chunk counters at some chunk count, asked of
+  ``graphopt.distributed.tracked_gemm.support``) on CUDA with torch symmetric memory: the ops'
+  ``mode`` argument says which
   runtime the fused op runs, ``chunks`` its chunk / sub-chunk count, ``taper`` how fast the
   copy-engine sub-chunks shrink (1: equal), and ``replay`` whether a copy-engine call replays CUDA
   graphs of repeated calls (``config.overlap_graph_replay``; the same device work, less host time).
@@ -302,7 +305,8 @@ def _match_all_gather(pattern: CollectivePattern, node: fx.Node) -> Match | str:
         return f"{gemm.name}: symbolic N; the output reshape needs a static last dim"
     m, n, k = _gemm_mnk(gemm)
     return Match(pattern, gemm, node, wait, group_name, world, m, n, k, val(gemm), [], layout, dim,
-                 gathered=gathered, anchor=_first_user(gathered))
+                 gathered=gathered, anchor=_first_user(gathered),
+                 plain_mm_layout=dim == 0 and len(val(shard).shape) == 2)
 
 
 def _first_user(node: fx.Node) -> fx.Node:
@@ -360,7 +364,8 @@ def _rewrite_all_gather(gm: fx.GraphModule, match: Match, choice: overlap_cost.O
     b = match.gemm.args[1]
     with gm.graph.inserting_before(match.anchor):  # every reader of the gathered tensor is after it
         fused = _call(gm, torch.ops.graphopt.all_gather_matmul.default,
-                      (shard, b, match.group_name, match.world_size, match.dim, choice.chunks))
+                      (shard, b, match.group_name, match.world_size, match.dim, choice.chunks,
+                       "tracked" if choice.mode == "tracked" else "chunked"))
         gathered = _call(gm, operator.getitem, (fused, 0))
         product = _call(gm, operator.getitem, (fused, 1))
         for node in (gathered, product):
@@ -397,6 +402,28 @@ def _hoist_operand(gm: fx.GraphModule, operand: Any, anchor: fx.Node) -> Optiona
 
 # --- the pass --------------------------------------------------------------------------------------
 
+def _tracked_chunks(kind: str, match: Match, is_cuda: bool) -> tuple[int, ...]:
+    """The chunk counts at which cuBLASLt runs this site's tracked GEMM (runtime "tracked"): none
+    off CUDA, outside a plain 2-D mm, or where the bindings or cuBLASLt refuse the counters."""
+    from graphopt.distributed import symm_mem, tracked_gemm
+
+    if not (is_cuda and match.plain_mm_layout and symm_mem.copy_engine_available()):
+        return ()
+    m, n, k = (overlap_cost.concrete(size) for size in (match.m, match.n, match.k))
+    a, b, _ = _gemm_operands(match.gemm)
+    weight_transposed = val(b).stride(0) == 1 and val(b).stride(1) != 1
+    found = []
+    for count in overlap_cost.TRACKED_CHUNK_CHOICES:
+        if not overlap_cost.tracked_chunk_ok(kind, m, match.world_size, count):
+            continue
+        total = count * match.world_size if kind == "all_gather" else count
+        if tracked_gemm.support(m, n, k, match.val.dtype, total, "rows",
+                                "in" if kind == "all_gather" else "out", weight_transposed,
+                                match.val.device) is None:
+            found.append(count)
+    return tuple(found)
+
+
 PATTERNS: tuple[CollectivePattern, ...] = (
     CollectivePattern("matmul_all_reduce", "all_reduce", c10d.all_reduce.default,
                       (aten.mm.default, aten.addmm.default, aten.bmm.default),
@@ -428,12 +455,14 @@ def overlap_matmul_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResu
             continue
         result.matched += 1
         is_cuda = match.val.device.type == "cuda"
+        tracked_chunks = _tracked_chunks(pattern.kind, match, is_cuda)
         choice = overlap_cost.choose_overlap(
             pattern.kind, match.m, match.n, match.k, match.val.dtype.itemsize, match.world_size,
             profile, is_cuda=is_cuda,
             symmetric_memory=match.plain_mm_layout and is_cuda and symm_mem.copy_engine_available(),
             triton=symm_mem.available(), mode=ctx.config.overlap_mode,
-            chunks=ctx.config.overlap_chunks, replay=ctx.config.overlap_graph_replay)
+            chunks=ctx.config.overlap_chunks, replay=ctx.config.overlap_graph_replay,
+            tracked_chunks=tracked_chunks)
         site = {"pattern": pattern.name, "gemm": match.gemm.name, "mode": choice.mode,
                 "chunks": choice.chunks, "comm_sms": choice.comm_sms, "taper": choice.taper,
                 "replay": choice.replay,

@@ -415,11 +415,34 @@ def test_copy_engine_mode_is_refused_on_cpu_tensors():
         torch.ops.graphopt.matmul_reduce_scatter(a, b, "unused", 2, 0, "copy_engine", 2, 0)
 
 
+class _FakeMemOps:
+    """Stands for ``cuda_driver.DriverMemOps``: records what would be enqueued; ``refuse(kind,
+    entries)`` says which calls the driver refuses (CUresult 1)."""
+
+    def __init__(self, refuse=lambda kind, entries: False):
+        self.calls, self.refuse = [], refuse
+
+    def batch(self, stream, entries):
+        if self.refuse("batch", entries):
+            return 1
+        self.calls.append(list(entries))
+        return 0
+
+    def write(self, stream, address, value, flags):
+        if self.refuse("write", [(2, address, value, flags)]):
+            return 1
+        self.calls.append((stream, address, value, flags))
+        return 0
+
+    def wait(self, stream, address, value, flags):
+        self.calls.append((stream, address, value, flags))
+        return 0
+
+
 def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch):
     """Barrier slot s on rank r of P: signal flags[s][r] on every peer (the first signal fenced, so
     the GEMM rows written before it are visible to the peers' pulls), then wait for and reset
-    flags[s][q] of every peer q on itself; enqueued in one driver call with the driver's layout."""
-    import ctypes
+    flags[s][q] of every peer q on itself; enqueued in one driver call."""
     from graphopt.distributed import cuda_driver
     from graphopt.distributed.symm_mem import CopyEngineWorkspace
 
@@ -433,32 +456,52 @@ def test_a_barrier_is_one_batch_of_memory_operations_with_one_fence(monkeypatch)
                    (A, flag(1, 0), 1, False), (W, flag(1, 0), 0, False),
                    (A, flag(1, 2), 1, False), (W, flag(1, 2), 0, False)]
 
-    calls = []
-
-    def batch(stream, count, params, flags):
-        array = ctypes.cast(params, ctypes.POINTER(cuda_driver._MemOpParams))
-        calls.append([(array[i].operation, array[i].address, array[i].value, array[i].flags)
-                      for i in range(count)])
-        return 0
-
-    def single(*args):
-        calls.append(args)
-        return 0
-
-    monkeypatch.setattr(cuda_driver, "_cuda_stream_memops", lambda: (single, single, batch))
+    memops = _FakeMemOps()
+    monkeypatch.setattr(cuda_driver, "_cuda_stream_memops", lambda: memops)
+    monkeypatch.setattr(cuda_driver, "_MEMOP_SUPPORT", {"batch": True, "unfenced": True})
     stream = type("Stream", (), {"cuda_stream": 7})()
     cuda_driver.stream_memops(stream, ops)
-    assert len(calls) == 1
+    assert len(memops.calls) == 1
     # Waits take CU_STREAM_WAIT_VALUE_EQ; unfenced writes CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER.
-    assert calls[0] == [(W, flag(0, 1), 1, 0), (W, flag(2, 1), 1, 1), (A, flag(1, 0), 1, 1),
-                        (W, flag(1, 0), 0, 1), (A, flag(1, 2), 1, 1), (W, flag(1, 2), 0, 1)]
-    assert ctypes.sizeof(cuda_driver._MemOpParams) == 48          # the driver union's size
-    assert (cuda_driver._MemOpParams.address.offset, cuda_driver._MemOpParams.value.offset,
-            cuda_driver._MemOpParams.flags.offset) == (8, 16, 24)
-    calls.clear()
+    assert memops.calls[0] == [(W, flag(0, 1), 1, 0), (W, flag(2, 1), 1, 1), (A, flag(1, 0), 1, 1),
+                               (W, flag(1, 0), 0, 1), (A, flag(1, 2), 1, 1), (W, flag(1, 2), 0, 1)]
+    memops.calls.clear()
     cuda_driver.stream_memops(stream, ops, batch=False)
-    assert calls == [(7, flag(0, 1), 1, 0), (7, flag(2, 1), 1, 1), (7, flag(1, 0), 1, 1),
-                     (7, flag(1, 0), 0, 1), (7, flag(1, 2), 1, 1), (7, flag(1, 2), 0, 1)]
+    assert memops.calls == [(7, flag(0, 1), 1, 0), (7, flag(2, 1), 1, 1), (7, flag(1, 0), 1, 1),
+                            (7, flag(1, 0), 0, 1), (7, flag(1, 2), 1, 1), (7, flag(1, 2), 0, 1)]
+
+
+def test_batched_parameters_fill_the_drivers_union_through_cuda_bindings():
+    """``DriverMemOps.batch`` hands cuStreamBatchMemOp one CUstreamBatchMemOpParams per operation,
+    its union member (waitValue / writeValue) holding address, value and flags -- the attribute
+    names cuda-bindings 12.x and 13.x share -- and builds each distinct list once."""
+    from types import SimpleNamespace
+    from graphopt.distributed import cuda_driver
+
+    class Member(SimpleNamespace):
+        pass
+
+    class Params:
+        def __init__(self):
+            self.operation, self.waitValue, self.writeValue = None, Member(), Member()
+
+    enqueued = []
+    driver = SimpleNamespace(
+        CUstreamBatchMemOpParams=Params, CUstreamBatchMemOpType=int,
+        cuStreamBatchMemOp=lambda stream, count, params, flags: (enqueued.append(
+            (stream, count, params, flags)), 0)[1:])
+    memops = cuda_driver.DriverMemOps(driver)
+    W, A = cuda_driver.MEMOP_WRITE_32, cuda_driver.MEMOP_WAIT_32
+    entries = ((W, 4096, 1, 0), (A, 8192, 1, 1))
+    assert memops.batch(7, entries) == 0
+    stream, count, params, flags = enqueued[0]
+    assert (stream, count, flags) == (7, 2, 0)
+    assert params[0].operation == W and vars(params[0].writeValue) == {
+        "operation": W, "address": 4096, "value": 1, "flags": 0}
+    assert params[1].operation == A and vars(params[1].waitValue) == {
+        "operation": A, "address": 8192, "value": 1, "flags": 1}
+    memops.batch(7, entries)
+    assert enqueued[1][2] is params          # built once, reused
 
 
 def test_a_handoff_is_one_fenced_signal_a_wait_and_a_reset():
@@ -482,39 +525,25 @@ def test_refused_memory_operations_fall_back_without_enqueuing_twice(monkeypatch
     """A driver that refuses unfenced writes (in a batch and alone), and maybe every batch: each
     refusal is logged once; every operation is enqueued exactly once, writes fenced, in one batch
     where the driver takes a fenced one."""
-    import ctypes
     from graphopt.distributed import cuda_driver
 
     W, A = cuda_driver.MEMOP_WRITE_32, cuda_driver.MEMOP_WAIT_32
-    enqueued = []
 
-    def batch(stream, count, params, flags):
-        array = ctypes.cast(params, ctypes.POINTER(cuda_driver._MemOpParams))
-        ops = [(array[i].operation, array[i].address, array[i].value, array[i].flags)
-               for i in range(count)]
-        if not fenced_batch_ok or any(op == W and f == 1 for op, _, _, f in ops):
-            return 1                                       # CUDA_ERROR_INVALID_VALUE
-        enqueued.extend(("write" if op == W else "wait", a, v, f) for op, a, v, f in ops)
-        return 0
+    def refuse(kind, entries):
+        unfenced = any(op == W and flags == 1 for op, _, _, flags in entries)
+        return unfenced or (kind == "batch" and not fenced_batch_ok)
 
-    def write(stream, address, value, flags):
-        if flags == 1:
-            return 1
-        enqueued.append(("write", address, value, flags))
-        return 0
-
-    def wait(stream, address, value, flags):
-        enqueued.append(("wait", address, value, flags))
-        return 0
-
-    monkeypatch.setattr(cuda_driver, "_cuda_stream_memops", lambda: (write, wait, batch))
+    memops = _FakeMemOps(refuse)
+    monkeypatch.setattr(cuda_driver, "_cuda_stream_memops", lambda: memops)
     monkeypatch.setattr(cuda_driver, "_MEMOP_SUPPORT", {"batch": True, "unfenced": True})
     stream = type("Stream", (), {"cuda_stream": 7})()
     ops = [(W, 100, 1, True), (W, 200, 1, False), (A, 300, 1, False), (W, 300, 0, False)]
     cuda_driver.stream_memops(stream, ops)
-    assert enqueued == [("write", 100, 1, 0), ("write", 200, 1, 0), ("wait", 300, 1, 1),
-                        ("write", 300, 0, 0)]
+    if fenced_batch_ok:
+        assert memops.calls == [[(W, 100, 1, 0), (W, 200, 1, 0), (A, 300, 1, 1), (W, 300, 0, 0)]]
+    else:
+        assert memops.calls == [(7, 100, 1, 0), (7, 200, 1, 0), (7, 300, 1, 1), (7, 300, 0, 0)]
     assert cuda_driver.stream_memops_mode() == ("batch" if fenced_batch_ok else "single") + ", fenced"
-    enqueued.clear()
+    memops.calls.clear()
     cuda_driver.stream_memops(stream, ops)                     # no more refused calls
-    assert len(enqueued) == 4
+    assert sum(len(c) if isinstance(c, list) else 1 for c in memops.calls) == 4
