@@ -65,15 +65,25 @@ _flag("sequence_parallel_attention", "sp_load_balance", True, bool,
       "Balance causal work token-level across ranks (idle ranks compute blocks for busy ones).")
 _flag("sequence_parallel_attention", "sp_split_diagonal", True, bool,
       "Open and close each rank's step sequence with half of its own diagonal block, so the first "
-      "inputs and the last returned partials travel under compute (read when the op runs; False "
-      "runs the diagonal whole, first in forward and last in backward).")
+      "inputs and the last returned partials travel under compute (an argument of each op the pass "
+      "emits; False runs the diagonal whole, first in forward and last in backward).")
+_flag("sequence_parallel_attention", "sp_local_attention", (), tuple,
+      "Module paths (fnmatch patterns, e.g. 'vision_tower.*') of attentions meant to stay local to "
+      "each rank's chunk; every other attention is rewritten or the compile fails naming it.")
+_flag("sequence_parallel_attention", "sp_peer_timeout_s", 30.0, (float, int),
+      "Seconds a rank waits for its peers at a sequence-parallel attention (the call check every "
+      "call makes, and P2P transfers on CPU) before raising; cover the compile-time skew of ranks.")
 
-# --- attention kernels (ops/attention.py; read when an attention op runs) -----------------------
+# --- attention kernels and masks (passes/specialize_attention_masks.py, ops/attention.py) -------
 _flag("attention", "attention_kernel", "auto", str,
       "CUDA attention blocks: 'auto' runs torch's cuDNN attention where it computes a block exactly "
       "(no mask or the diagonal block, fp16/bf16, D % 8 == 0, D <= 128, sm90+) and graphopt's "
-      "Triton kernels elsewhere; 'triton' always runs graphopt's kernels.",
-      choices=("auto", "triton"))
+      "Triton kernels elsewhere; 'triton' always runs graphopt's kernels (an argument of each op "
+      "the passes emit).", choices=("auto", "triton"))
+_flag("attention", "specialize_attention_masks", True, bool,
+      "Prove each attention's mask from the graph (transformers builds a [1, 1, S, S] mask under "
+      "torch.compile) and run the matching kernel: is_causal=True SDPA for a causal mask, graphopt's "
+      "block-skipping kernels for sliding-window and packed-document masks.")
 
 # --- GEMM + collective overlap (passes/overlap_matmul_allreduce.py) -----------------------------
 _flag("overlap_matmul_allreduce", "overlap_matmul_allreduce", False, bool,

@@ -196,3 +196,134 @@ def blocks_covered(schedule: tuple[Step, ...]) -> dict[tuple[int, int], list[tup
             if block is not None:
                 covered.setdefault(block[:2], []).append(block[2:])
     return covered
+
+
+# --- masked attention: sliding windows and packed documents -----------------------------------------
+#
+# A window or packed documents leave some blocks empty and make the others' work data-dependent:
+# the schedule is built from the work of every block, counted from the mask. An empty block is
+# neither computed nor sent. Every other block (i, j), i > j, is computed by its owner i (rows
+# [0, f), k/v of chunk j travel at step i - j) and/or its helper j (rows [f, 1), queries of chunk i
+# travel at step P - (i - j) and their partial results come back), with f chosen so that the ranks'
+# work is as even as the owner/helper choices allow (diagonal blocks stay with their rank).
+
+def visible_keys(world_size: int, chunk: int, window: int = 0, row_start=None):
+    """[P (key chunk), P (query chunk), chunk] int64: how many keys of key chunk j each query row of
+    chunk i sees under a causal mask narrowed by ``window`` and documents (``row_start`` [Bp, S]:
+    where each position's document starts), summed over the batch rows."""
+    import torch
+    length = world_size * chunk
+    positions = torch.arange(length)
+    first = torch.zeros(1, length, dtype=torch.long)
+    if window:
+        first = torch.maximum(first, positions - window + 1)
+    if row_start is not None:
+        first = torch.maximum(first, row_start.to(torch.long))
+    last = positions.expand_as(first)
+    key_chunks = torch.arange(world_size)[:, None, None] * chunk  # [P, 1, 1]
+    counts = []
+    for row_first, row_last in zip(first, last):
+        lo = torch.maximum(row_first[None], key_chunks[..., 0])   # [P, S]
+        hi = torch.minimum(row_last[None], key_chunks[..., 0] + chunk - 1)
+        counts.append((hi - lo + 1).clamp(min=0))
+    return torch.stack(counts).sum(0).reshape(world_size, world_size, chunk)
+
+
+def balance_shares(work: list[list[int]], diagonal: list[int], sweeps: int = 400) -> dict:
+    """{(i, j): owner's share of block (i, j)'s work}, i > j, minimising the sum of squared rank
+    loads (whose minimiser also has the least largest load) by coordinate descent: each block in
+    turn evens out its two ranks as far as its work allows."""
+    world = len(diagonal)
+    shares = {(i, j): float(work[i][j]) for i in range(world) for j in range(i) if work[i][j] > 0}
+    load = [float(d) for d in diagonal]
+    for (i, j), share in shares.items():
+        load[i] += share
+    total = sum(load) or 1.0
+    for _ in range(sweeps):
+        moved = 0.0
+        for (i, j), share in shares.items():
+            w = float(work[i][j])
+            rest_i, rest_j = load[i] - share, load[j] - (w - share)
+            best = min(max((rest_j + w - rest_i) / 2, 0.0), w)
+            if best != share:
+                moved = max(moved, abs(best - share))
+                load[i], load[j] = rest_i + best, rest_j + w - best
+                shares[(i, j)] = best
+        if moved < 1e-6 * total:
+            break
+    return shares
+
+
+# A split below this fraction of a block's work costs a second transfer for little: it is not made.
+MIN_SPLIT = 0.05
+
+
+def build_masked_schedule(counts, load_balance: bool = True) -> tuple[Step, ...]:
+    """The steps of causal attention whose per-row visible keys per block are ``counts`` (from
+    ``visible_keys``): step 0 is the diagonal, empty blocks are left out, steps where every rank
+    is idle are dropped."""
+    world, chunk = counts.shape[0], counts.shape[2]
+    work = [[int(counts[j, i].sum()) for j in range(world)] for i in range(world)]
+    if load_balance:
+        shares = balance_shares(work, [work[i][i] for i in range(world)])
+    else:
+        shares = {(i, j): float(work[i][j]) for i in range(world) for j in range(i)
+                  if work[i][j] > 0}
+    cuts = {}  # (i, j) -> owner rows [0, cut) of chunk i, helper rows [cut, chunk)
+    for (i, j), share in shares.items():
+        fraction = share / work[i][j]
+        if fraction < MIN_SPLIT:
+            cuts[(i, j)] = 0
+        elif fraction > 1 - MIN_SPLIT:
+            cuts[(i, j)] = chunk
+        else:
+            cumulative = counts[j, i].cumsum(0)
+            cuts[(i, j)] = int((cumulative < share).sum()) + 1
+            cuts[(i, j)] = min(max(cuts[(i, j)], 1), chunk - 1)
+    steps = [Step(0, tuple(Task(DIAGONAL) for _ in range(world)))]
+    for shift in range(1, world):
+        tasks = []
+        for rank in range(world):
+            if rank >= shift:
+                cut = cuts.get((rank, rank - shift), 0)
+                tasks.append(Task(OWNER, (Fraction(0), Fraction(cut, chunk))) if cut
+                             else Task(IDLE))
+            else:
+                cut = cuts.get((rank - shift + world, rank), chunk)
+                tasks.append(Task(HELPER, (Fraction(cut, chunk), Fraction(1))) if cut < chunk
+                             else Task(IDLE))
+        if any(task.kind != IDLE for task in tasks):
+            steps.append(Step(shift, tuple(tasks)))
+    return tuple(steps)
+
+
+def masked_work_per_rank(schedule: tuple[Step, ...], counts) -> list[int]:
+    """Visible (query, key) pairs each rank computes over ``schedule`` (counts from
+    ``visible_keys``)."""
+    chunk = counts.shape[2]
+    work = [0] * len(schedule[0].tasks)
+    for step in schedule:
+        for rank in range(len(step.tasks)):
+            block = computed_block(step, rank)
+            if block is None:
+                continue
+            query_chunk, key_chunk, rows, keys = block
+            start, stop = index_range(rows, chunk)
+            if keys != ALL_ROWS:  # a split diagonal: count the keys of its columns only
+                key_start, key_stop = index_range(keys, chunk)
+                work[rank] += _diagonal_part(counts, query_chunk, start, stop, key_start, key_stop)
+            else:
+                work[rank] += int(counts[key_chunk, query_chunk, start:stop].sum())
+    return work
+
+
+def _diagonal_part(counts, rank, start, stop, key_start, key_stop) -> int:
+    """Pairs of diagonal rows [start, stop) with keys in columns [key_start, key_stop): rows see a
+    contiguous run of keys ending at their own column."""
+    import torch
+    rows = torch.arange(start, stop)
+    seen = counts[rank, rank, start:stop]
+    first = rows - seen + 1
+    lo = torch.maximum(first, torch.tensor(key_start))
+    hi = torch.minimum(rows, torch.tensor(key_stop - 1))
+    return int((hi - lo + 1).clamp(min=0).sum())
