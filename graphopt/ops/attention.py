@@ -561,8 +561,11 @@ def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: b
                         window: int = 0, positions: Optional[Tensor] = None,
                         kernel: str = "auto") -> tuple[Tensor, Tensor]:
     row_start = _row_bounds(q, positions, kernel)[0]
-    return attention_block_forward(q, k, v, scale=scale, causal=causal, kernel=kernel,
-                                   window=window, row_start=row_start)
+    out, lse = attention_block_forward(q, k, v, scale=scale, causal=causal, kernel=kernel,
+                                       window=window, row_start=row_start)
+    # Contiguous whatever q's strides (q is often a transposed view) and whichever kernel ran, as
+    # the fake implementation says.
+    return out.contiguous(), lse
 
 
 def _row_bounds(q: Tensor, positions: Optional[Tensor],
@@ -593,7 +596,7 @@ def _(q, k, v, scale, causal, window=0, positions=None, kernel="auto"):
     check_kernel(kernel)
     if positions is not None:
         _check_positions(q, positions)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _flash_attention_setup_context(ctx, inputs, output):
@@ -625,15 +628,16 @@ def _flash_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     # A delta given to the op carries an LSE gradient (the forward's backward passes one only
     # then), so only a missing delta lets torch's cuDNN backward run.
     row_start, col_stop = _row_bounds(q, positions, kernel)
-    return attention_block_backward(
+    grads = attention_block_backward(
         q, k, v, out, lse, dout, scale=scale, causal=causal, delta=delta, kernel=kernel,
         lse_grad_in_delta=delta is not None, window=window, row_start=row_start,
         col_stop=col_stop)
+    return tuple(grad.contiguous() for grad in grads)
 
 
 @_flash_attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, delta, scale, causal, window, positions, kernel):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _flash_attention_op.register_autograd(_flash_attention_backward,

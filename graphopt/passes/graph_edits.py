@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from graphopt.analysis.attention_masks import Documents
 from graphopt.analysis.torch_ir import fake_value
 
 COPIED_META = ("nn_module_stack", "source_fn_stack", "stack_trace")
@@ -96,3 +97,24 @@ def _writes_in_place(node: fx.Node) -> bool:
 def topological(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
     order = {node: i for i, node in enumerate(graph.nodes)}
     return sorted({n for n in nodes if n in order}, key=order.__getitem__)
+
+
+def positions_arg(graph: fx.Graph, documents: Optional[Documents], keys,
+                  like: fx.Node) -> Optional[fx.Node]:
+    """An attention op's [1 or B, S] position ids: the documents' tensor, one row of it, or it
+    unsqueezed."""
+    if documents is None:
+        return None
+    positions = documents.positions
+    value = fake_value(positions)
+    with value.fake_mode:
+        if value.dim() == 1:
+            fake = value.unsqueeze(0)
+            return insert_call(graph, "unsqueeze", (positions, 0), None, lambda: fake, keys, like,
+                               method=True)
+        if documents.row is not None and value.shape[0] != 1:
+            row = documents.row
+            fake = value[row:row + 1]
+            return insert_call(graph, operator.getitem, (positions, slice(row, row + 1)), None,
+                               lambda: fake, keys, like)
+    return positions

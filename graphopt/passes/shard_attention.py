@@ -43,19 +43,17 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import operator
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis.attention_masks import Documents, MaskAnalysis, MaskStructure, Unproven
+from graphopt.analysis.attention_masks import MaskAnalysis, MaskStructure, Unproven
 from graphopt.analysis.attention_sites import AttentionSite, find_attention
 from graphopt.analysis.torch_ir import fake_value, module_path, module_type, source_line
 from graphopt.passes.graph_edits import (erase_dead, fake_args, fake_mode_of, insert_call,
-                                         meta_keys, output_of, topological)
+                                         meta_keys, output_of, positions_arg, topological)
 from graphopt.passes.manager import PassContext, PassResult
 
 log = logging.getLogger("graphopt.passes.shard_attention")
@@ -134,32 +132,12 @@ def _plan(site: AttentionSite, analysis: MaskAnalysis) -> _Plan:
     return _Plan(site, structure)
 
 
-def _positions_arg(graph: fx.Graph, documents: Optional[Documents], keys,
-                   like: fx.Node) -> Optional[fx.Node]:
-    """The op's [1 or B, S/P] position ids: the documents' tensor, one row of it, or unsqueezed."""
-    if documents is None:
-        return None
-    positions = documents.positions
-    value = fake_value(positions)
-    with value.fake_mode:
-        if value.dim() == 1:
-            fake = value.unsqueeze(0)
-            return insert_call(graph, "unsqueeze", (positions, 0), None, lambda: fake, keys, like,
-                               method=True)
-        if documents.row is not None and value.shape[0] != 1:
-            row = documents.row
-            fake = value[row:row + 1]
-            return insert_call(graph, operator.getitem, (positions, slice(row, row + 1)), None,
-                               lambda: fake, keys, like)
-    return positions
-
-
 def _rewrite(gm: fx.GraphModule, plan: _Plan, group_name: str, config) -> None:
     site, structure = plan.site, plan.structure
     graph, anchor = gm.graph, site.anchor
     keys = meta_keys(anchor)
     with graph.inserting_before(anchor):
-        positions = _positions_arg(graph, structure.documents, keys, anchor)
+        positions = positions_arg(graph, structure.documents, keys, anchor)
         args = (site.q, site.k_heads, site.v_heads, positions, site.scale, structure.causal,
                 structure.window or 0, group_name, config.sp_load_balance,
                 config.sp_split_diagonal, config.attention_kernel,
