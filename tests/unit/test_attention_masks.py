@@ -17,6 +17,9 @@ from graphopt.analysis.attention_masks import MaskAnalysis, MaskStructure, Unpro
 from graphopt.analysis.attention_sites import find_attention
 
 transformers = pytest.importorskip("transformers")
+# transformers 4.53 added packed-sequence detection (documents from position ids that restart);
+# before, packed position ids only move the rotary positions and the mask stays causal.
+ISOLATES_DOCUMENTS = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 53)
 
 S = 16
 
@@ -142,8 +145,10 @@ def test_transformers_masks_are_proven(kind, attn, packing, batch, expected):
     gm, inputs = capture(model, tokens, **kwargs)
     proven = proven_sites(gm, inputs)
     assert len(proven) == 2
+    if not ISOLATES_DOCUMENTS:
+        expected = expected.replace(" + documents", "")
     assert {structure.kind for _, structure in proven} == {expected}
-    if packing is not None:
+    if packing is not None and ISOLATES_DOCUMENTS:
         documents = proven[0][1].documents
         assert documents.positions.op == "placeholder"
         assert documents.row == (0 if batch == 1 else None)

@@ -12,6 +12,10 @@ import graphopt
 from graphopt.debug.dump import compile_summaries
 
 transformers = pytest.importorskip("transformers")
+VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+# 4.53 added packed-sequence detection, and from then on sdpa attention gets a mask under
+# torch.compile; before, sdpa got is_causal=True (nothing to specialise).
+ISOLATES_DOCUMENTS = BUILDS_SDPA_MASKS = VERSION >= (4, 53)
 
 S = 16
 PACKED = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]])
@@ -63,19 +67,26 @@ def test_transformers_attention_gets_the_kernel_of_its_mask(kind, attn, packed, 
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[1][name], atol=1e-5, rtol=1e-4)
     (entry,) = pass_entries()
+    if not ISOLATES_DOCUMENTS:
+        became = became.replace("causal + documents)", "causal)").replace(
+            "causal + documents + ", "causal + ")
+        if became == "graphopt.flash_attention (causal)":
+            became = "sdpa is_causal"
+    if attn == "sdpa" and became == "sdpa is_causal" and not BUILDS_SDPA_MASKS:
+        assert not entry["modified"] and not entry["refusals"], entry
+        return
     assert entry["stats"]["became"] == {became: 2} and not entry["refusals"], entry
-    assert any("mask" in name or "attention_mask" in name for name in entry["removed_nodes"])
+    assert any("mask" in name for name in entry["removed_nodes"])
 
 
 def test_before_and_after_are_in_the_dump(tmp_path):
-    model = tiny_model("llama", "sdpa")
+    model = tiny_model("llama", "eager")
     torch.compile(model, backend=graphopt.backend(codegen="eager", dump_dir=str(tmp_path)))(
         torch.randint(0, 64, (1, S)), use_cache=False)
     after = next(tmp_path.rglob("*pre_grad.specialize_attention_masks.py")).read_text()
     before = next(tmp_path.rglob("*_pre_grad.py")).read_text()
-    assert "attn_mask = attention_mask" in before and "is_causal = False" in before
-    assert "attn_mask = None" in after and "is_causal = True" in after
-    assert "packed_sequence_mask" not in after and "kv_arange" not in after
+    assert "softmax" in before and "scaled_dot_product_attention" not in before
+    assert "softmax" not in after and after.count("is_causal = True") == 2
 
 
 def _padding_masked(q, k, v, padding):
