@@ -130,6 +130,20 @@ def _rows(x: Tensor, start: int, stop: int) -> Tensor:
     return x[:, :, start:stop]
 
 
+HELPED, ASSISTED = "helped", "assisted"
+
+
+def _source_row_ranges(task: Task, chunk: int) -> list[tuple[str, tuple[int, int]]]:
+    """The source's query rows ``task`` computes, in the order they travel: a helper's rows
+    (against this rank's keys), then an assist's (against the source's own keys)."""
+    ranges = []
+    if task.kind == HELPER:
+        ranges.append((HELPED, task.row_range(chunk)))
+    if task.assist is not None:
+        ranges.append((ASSISTED, task.assist_range(chunk)))
+    return [(kind, (start, stop)) for kind, (start, stop) in ranges if start < stop]
+
+
 # --- agreement: checked on every call, on every rank --------------------------------------------
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -321,7 +335,11 @@ class _Runner:
 
     def local_blocks(self, task: Task) -> list[tuple[int, int, int, int]]:
         """The (row start, row stop, key start, key stop) blocks of a diagonal task, each one a
-        kernel without offsets computes exactly (a diagonal square, or every key visible)."""
+        kernel without offsets computes exactly (a diagonal square, or every key visible); under a
+        window or documents (graphopt's kernels, with offsets and masks) the task's rectangle."""
+        if self.masks.narrowed:
+            (r0, r1), (k0, k1) = task.row_range(self.chunk), task.key_range(self.chunk)
+            return [(r0, r1, k0, min(k1, r1))] if r0 < r1 and k0 < min(k1, r1) else []
         blocks = []
         for rows, keys in local_blocks(task, self.causal):
             (r0, r1), (k0, k1) = index_range(rows, self.chunk), index_range(keys, self.chunk)
@@ -413,24 +431,26 @@ def sp_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causa
                                                      k_cols.shape[2]), **acc)
 
     def start_inputs(step: Step):
-        sends, recvs = [], []
+        """k/v to a peer that owns a block of ours or assists our diagonal, query rows to a peer
+        that helps with or assists ours; buffers for what this rank's task reads."""
+        sends = []
         dst, src = step.destination(rank), step.source(rank)
         peer_task, task = step.tasks[dst], step.tasks[rank]
-        if peer_task.kind == OWNER:
+        if peer_task.needs_source_kv:
             sends += [(k, dst), (v, dst)]
-        elif peer_task.kind == HELPER:
-            sends.append((_rows(q, *peer_task.row_range(run.chunk)).contiguous(), dst))
-        if task.kind == OWNER:
-            buffers = (torch.empty_like(k), torch.empty_like(v))
-        elif task.kind == HELPER:
-            start, stop = task.row_range(run.chunk)
-            buffers = (q.new_empty(q.shape[0], q.shape[1], stop - start, q.shape[3]),)
-        else:
-            buffers = ()
-        recvs += [(buffer, src) for buffer in buffers]
-        return run.start(sends, recvs), buffers
+        for _, rows in _source_row_ranges(peer_task, run.chunk):
+            sends.append((_rows(q, *rows).contiguous(), dst))
+        buffers = {}
+        if task.needs_source_kv:
+            buffers["kv"] = (torch.empty_like(k), torch.empty_like(v))
+        buffers["rows"] = [(kind, rows, q.new_empty(q.shape[0], q.shape[1], rows[1] - rows[0],
+                                                    q.shape[3]))
+                           for kind, rows in _source_row_ranges(task, run.chunk)]
+        recvs = list(buffers.get("kv", ())) + [buffer for _, _, buffer in buffers["rows"]]
+        return run.start(sends, [(buffer, src) for buffer in recvs]), buffers
 
     def compute(step: Step, buffers):
+        """This step's blocks; returns the (out, lse) partials that go back to the source."""
         task, src = step.tasks[rank], step.source(rank)
         start, stop = task.row_range(run.chunk)
         if task.kind == DIAGONAL:
@@ -438,32 +458,34 @@ def sp_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causa
                 parts.add(r0, r1, *block(_rows(q, r0, r1), _rows(k, k0, k1), _rows(v, k0, k1),
                                          run.offset(rank, r0), run.offset(rank, k0)))
         elif task.kind == OWNER:
-            k_src, v_src = buffers
+            k_src, v_src = buffers["kv"]
             parts.add(start, stop, *block(_rows(q, start, stop), k_src, v_src,
                                           run.offset(rank, start), run.offset(src)))
-        elif task.kind == HELPER:
-            (q_src,) = buffers  # the result travels in q's dtype whichever kernel ran
+        results = []
+        for kind, (r0, r1), q_src in buffers["rows"]:
+            # A helper's rows against this rank's keys, an assist's against the source's own;
+            # the result travels in q's dtype whichever kernel ran.
+            (k_used, v_used), key_rank = ((k, v), rank) if kind == HELPED else (buffers["kv"], src)
             out, lse = attention_block_forward(
-                q_src, k, v, scale=scale, causal=causal, q_offset=run.offset(src, start),
-                k_offset=run.offset(rank), kernel=kernel,
-                **masks.block(run.offset(src, start), stop - start, run.offset(rank), run.chunk))
-            return [(out, src), (lse, src)]
-        return []
+                q_src, k_used, v_used, scale=scale, causal=causal, q_offset=run.offset(src, r0),
+                k_offset=run.offset(key_rank), kernel=kernel,
+                **masks.block(run.offset(src, r0), r1 - r0, run.offset(key_rank), run.chunk))
+            results += [(out, src), (lse, src)]
+        return results
 
     def start_results(step: Step, sends):
-        peer_task = step.tasks[step.destination(rank)]
-        buffers = ()
-        if peer_task.kind == HELPER:
-            start, stop = peer_task.row_range(run.chunk)
-            rows = (q.shape[0], q.shape[1], stop - start)
-            buffers = (q.new_empty(*rows, q.shape[3]),
-                       torch.empty(rows, dtype=torch.float32, device=q.device))
-        recvs = [(buffer, step.destination(rank)) for buffer in buffers]
+        dst = step.destination(rank)
+        buffers = []
+        for _, (r0, r1) in _source_row_ranges(step.tasks[dst], run.chunk):
+            rows = (q.shape[0], q.shape[1], r1 - r0)
+            buffers.append(((r0, r1), q.new_empty(*rows, q.shape[3]),
+                            torch.empty(rows, dtype=torch.float32, device=q.device)))
+        recvs = [(x, dst) for _, out, lse in buffers for x in (out, lse)]
         return run.start(sends, recvs), buffers
 
     def finish_results(step: Step, buffers):
-        if buffers:
-            parts.add(*step.tasks[step.destination(rank)].row_range(run.chunk), *buffers)
+        for (r0, r1), out, lse in buffers:
+            parts.add(r0, r1, out, lse)
 
     run.run(start_inputs, compute, start_results, finish_results)
     return parts.total(q.dtype)
@@ -527,23 +549,25 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         sends = []
         dst, src = step.destination(rank), step.source(rank)
         peer_task, task = step.tasks[dst], step.tasks[rank]
-        if peer_task.kind == OWNER:
+        if peer_task.needs_source_kv:
             sends += [(k, dst), (v, dst)]
-        elif peer_task.kind == HELPER:
-            start, stop = peer_task.row_range(run.chunk)
+        for _, (start, stop) in _source_row_ranges(peer_task, run.chunk):
             sends += [(_rows(x, start, stop).contiguous(), dst) for x in helper_rows]
-        if task.kind == OWNER:
-            buffers = (torch.empty_like(k), torch.empty_like(v))
-        elif task.kind == HELPER:
-            start, stop = task.row_range(run.chunk)
-            buffers = tuple(torch.empty_like(_rows(x, start, stop)) for x in helper_rows)
-        else:
-            buffers = ()
-        return run.start(sends, [(buffer, src) for buffer in buffers]), buffers
+        buffers = {}
+        if task.needs_source_kv:
+            buffers["kv"] = (torch.empty_like(k), torch.empty_like(v))
+        buffers["rows"] = [(kind, (start, stop), tuple(torch.empty_like(_rows(x, start, stop))
+                                                       for x in helper_rows))
+                           for kind, (start, stop) in _source_row_ranges(task, run.chunk)]
+        recvs = list(buffers.get("kv", ())) + [x for _, _, rows in buffers["rows"] for x in rows]
+        return run.start(sends, [(buffer, src) for buffer in recvs]), buffers
 
     def compute(step: Step, buffers):
+        """This step's blocks; returns what goes back to the source: dk/dv partials of its keys
+        (owner, assist), dq partials of its rows (helper, assist)."""
         task, src = step.tasks[rank], step.source(rank)
         start, stop = task.row_range(run.chunk)
+        source_kv_grads = None
         if task.kind == DIAGONAL:
             for r0, r1, k0, k1 in run.local_blocks(task):
                 dq, dk, dv = block_grads(
@@ -555,44 +579,50 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                 dk_parts.add(k0, k1, dk)
                 dv_parts.add(k0, k1, dv)
         elif task.kind == OWNER:
-            k_src, v_src = buffers
+            k_src, v_src = buffers["kv"]
             dq, dk, dv = block_grads(
                 _rows(q, start, stop), k_src, v_src, _rows(out, start, stop),
                 _rows(lse, start, stop), _rows(dout, start, stop),
                 None if delta is None else _rows(delta, start, stop),
                 run.offset(rank, start), run.offset(src))
             dq_parts.add(start, stop, dq)
-            return [(dk, src), (dv, src)]
-        elif task.kind == HELPER:
-            q_src, dout_src, lse_src, last = buffers
+            source_kv_grads = [dk, dv]
+        dq_back = []
+        for kind, (r0, r1), (q_src, dout_src, lse_src, last) in buffers["rows"]:
             out_src, delta_src = (last, None) if helper_rows[-1] is out else (None, last)
-            dq, dk, dv = block_grads(q_src, k, v, out_src, lse_src, dout_src, delta_src,
-                                     run.offset(src, start), run.offset(rank))
-            dk_parts.add(0, run.chunk, dk)
-            dv_parts.add(0, run.chunk, dv)
-            return [(dq, src)]
-        return []
+            if kind == HELPED:  # against this rank's keys
+                dq, dk, dv = block_grads(q_src, k, v, out_src, lse_src, dout_src, delta_src,
+                                         run.offset(src, r0), run.offset(rank))
+                dk_parts.add(0, run.chunk, dk)
+                dv_parts.add(0, run.chunk, dv)
+            else:  # an assist: against the source's own keys, whose gradients go back too
+                k_src, v_src = buffers["kv"]
+                dq, dk, dv = block_grads(q_src, k_src, v_src, out_src, lse_src, dout_src,
+                                         delta_src, run.offset(src, r0), run.offset(src))
+                source_kv_grads = [dk, dv] if source_kv_grads is None else [
+                    source_kv_grads[0].add_(dk), source_kv_grads[1].add_(dv)]
+            dq_back.append(dq)
+        return [(x, src) for x in (source_kv_grads or []) + dq_back]
 
     def start_results(step: Step, sends):
         dst = step.destination(rank)
         peer_task = step.tasks[dst]
-        if peer_task.kind == OWNER:
-            buffers = (torch.empty_like(k, dtype=kv_wire), torch.empty_like(v, dtype=kv_wire))
-        elif peer_task.kind == HELPER:
-            start, stop = peer_task.row_range(run.chunk)
-            buffers = (torch.empty_like(_rows(q, start, stop), dtype=dq_wire,
-                                        memory_format=torch.contiguous_format),)
-        else:
-            buffers = ()
-        return run.start(sends, [(buffer, dst) for buffer in buffers]), buffers
+        kv_grads = ()
+        if peer_task.needs_source_kv:
+            kv_grads = (torch.empty_like(k, dtype=kv_wire), torch.empty_like(v, dtype=kv_wire))
+        dq_rows = [((start, stop), torch.empty_like(_rows(q, start, stop), dtype=dq_wire,
+                                                    memory_format=torch.contiguous_format))
+                   for _, (start, stop) in _source_row_ranges(peer_task, run.chunk)]
+        recvs = list(kv_grads) + [buffer for _, buffer in dq_rows]
+        return run.start(sends, [(buffer, dst) for buffer in recvs]), (kv_grads, dq_rows)
 
     def finish_results(step: Step, buffers):
-        peer_task = step.tasks[step.destination(rank)]
-        if peer_task.kind == OWNER:
-            dk_parts.add(0, run.chunk, buffers[0])
-            dv_parts.add(0, run.chunk, buffers[1])
-        elif peer_task.kind == HELPER:
-            dq_parts.add(*peer_task.row_range(run.chunk), buffers[0])
+        kv_grads, dq_rows = buffers
+        if kv_grads:
+            dk_parts.add(0, run.chunk, kv_grads[0])
+            dv_parts.add(0, run.chunk, kv_grads[1])
+        for (start, stop), dq in dq_rows:
+            dq_parts.add(start, stop, dq)
 
     run.run(start_inputs, compute, start_results, finish_results)
     return dq_parts.total(q.dtype), dk_parts.total(k.dtype), dv_parts.total(v.dtype)

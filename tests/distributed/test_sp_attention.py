@@ -39,6 +39,12 @@ def _document_positions(batch: int, seq: int, gen) -> torch.Tensor:
     return positions
 
 
+def _front_loaded_positions(seq: int, chunk: int) -> torch.Tensor:
+    """One document filling the first chunk, two-token documents after it: all the work is on
+    rank 0's diagonal block, which the other ranks must take rows of (assists) to balance."""
+    return torch.cat([torch.arange(chunk), torch.arange(seq - chunk) % 2])[None]
+
+
 def _masked_reference(q, k, v, scale, causal, window, positions):
     """float64 attention over the full sequence with the mask written out: causal, a window, and
     document ids counted from position resets (independent of graphopt's document_bounds)."""
@@ -79,8 +85,11 @@ def _op_case(rank: int, group, p: int, case: dict) -> dict[str, float]:
         dlse.zero_()
     scale = case["scale"]
     window = case.get("window", 0)
-    positions = (_document_positions(1 if case.get("shared_documents") else b, seq, gen)
-                 if case.get("documents") else None)
+    positions = None
+    if case.get("documents") == "front_loaded":
+        positions = _front_loaded_positions(seq, chunk)
+    elif case.get("documents"):
+        positions = _document_positions(1 if case.get("shared_documents") else b, seq, gen)
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     out_ref, lse_ref = _masked_reference(*full, scale, case["causal"], window, positions)
     (out_ref * dout).sum().add_((lse_ref * dlse).sum()).backward()
@@ -239,6 +248,8 @@ def _masked_cases() -> list[dict]:
             cases.append(dict(world=world, causal=True, load_balance=load_balance, hq=4, hkv=2,
                               batch=2, chunk=6, dim=8, scale=0.3, seed=seed + 10, window=window,
                               documents=documents, shared_documents=shared))
+        cases.append(dict(world=world, causal=True, load_balance=True, hq=4, hkv=2, batch=2,
+                          chunk=8, dim=8, scale=0.3, seed=20, documents="front_loaded"))
     return cases
 
 
@@ -279,7 +290,7 @@ def test_sliding_window_and_documents_match_full_attention(op_checks):
     """With a window and/or packed documents (position ids sharded with the sequence), every rank's
     output, LSE and gradients equal float64 attention with the mask written out."""
     results = [r for rank in op_checks for r in rank["masked"]]
-    assert len(results) == 5 * (2 + 3 + 4)
+    assert len(results) == 6 * (2 + 3 + 4)
     for case, errors in results:
         assert max(errors.values()) < 2e-5, (case, errors)
 
