@@ -163,8 +163,8 @@ def _lin(value: Union[int, Term]) -> Lin:
 
 
 @dataclasses.dataclass(frozen=True)
-class ISel:
-    """``then`` where ``cond`` holds, else ``other`` (integers)."""
+class Select:
+    """``then`` where ``cond`` holds, else ``other`` (integers, or piecewise-constant floats)."""
 
     cond: Any
     then: Any
@@ -220,7 +220,7 @@ class Or:
 TRUE, FALSE = BConst(True), BConst(False)
 
 
-# --- symbolic floats: piecewise constants ---------------------------------------------------------
+# --- symbolic floats: piecewise constants (Select of FConst leaves) ---------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class FConst:
@@ -235,13 +235,6 @@ class FConst:
 
     def __repr__(self) -> str:
         return repr(self.value)
-
-
-@dataclasses.dataclass(frozen=True)
-class FSel:
-    cond: Any
-    then: Any
-    other: Any
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -324,7 +317,6 @@ def _int_size(size) -> Optional[int]:
 
 
 # Ops, as data. The interpreter's handler for each is ``_op_<name>``.
-_T = torch.Tensor
 OPS: tuple[OpSpec, ...] = (
     spec("arange", [torch.arange], params=("a", "b", "step"), ignored_kwargs=FACTORY_KWARGS,
          b=None, step=1),
@@ -490,27 +482,28 @@ class _Interpreter:
 
     # --- integer algebra ---
     def add(self, x, y):
-        if isinstance(x, ISel):
-            return self.isel(x.cond, self.add(x.then, y), self.add(x.other, y))
-        if isinstance(y, ISel):
-            return self.isel(y.cond, self.add(x, y.then), self.add(x, y.other))
+        if isinstance(x, Select):
+            return self.sel(x.cond, self.add(x.then, y), self.add(x.other, y))
+        if isinstance(y, Select):
+            return self.sel(y.cond, self.add(x, y.then), self.add(x, y.other))
         return x.plus(y)
 
     def scale(self, x, factor: int):
-        if isinstance(x, ISel):
-            return self.isel(x.cond, self.scale(x.then, factor), self.scale(x.other, factor))
+        if isinstance(x, Select):
+            return self.sel(x.cond, self.scale(x.then, factor), self.scale(x.other, factor))
         return x.times(factor)
 
-    def isel(self, cond, then, other):
+    def sel(self, cond, then, other):
+        """An integer or float select, simplified."""
         if cond == TRUE or then == other:
             return then
         if cond == FALSE:
             return other
-        if isinstance(then, ISel) and then.cond == cond:
+        if isinstance(then, Select) and then.cond == cond:
             then = then.then
-        if isinstance(other, ISel) and other.cond == cond:
+        if isinstance(other, Select) and other.cond == cond:
             other = other.other
-        return ISel(cond, then, other)
+        return Select(cond, then, other)
 
     def cmp(self, op: str, x, y):
         """x <op> y for integer expressions; op among le lt ge gt eq ne."""
@@ -522,7 +515,7 @@ class _Interpreter:
         return self._cmp_zero(op, diff)
 
     def _cmp_zero(self, op: str, diff):
-        if isinstance(diff, ISel):
+        if isinstance(diff, Select):
             return self.or_(self.and_(diff.cond, self._cmp_zero(op, diff.then)),
                             self.and_(self.not_(diff.cond), self._cmp_zero(op, diff.other)))
         return self.atom(op, diff)
@@ -565,29 +558,30 @@ class _Interpreter:
             return self.or_(*(self.not_(x) for x in b.items))
         return self.and_(*(self.not_(x) for x in b.items))
 
-    def and_(self, *items):
+    def _operands(self, items, connective, absorbing: BConst) -> Optional[set]:
+        """The operands of an and (or) -- nested ones flattened, the neutral constant dropped -- or
+        None where one is ``absorbing`` or two are complementary (the result is then absorbing)."""
         flat: set = set()
         for item in items:
-            if item == FALSE:
-                return FALSE
-            if item == TRUE:
-                continue
-            flat |= set(item.items) if isinstance(item, And) else {item}
+            if item == absorbing:
+                return None
+            if item != BConst(not absorbing.value):
+                flat |= set(item.items) if isinstance(item, connective) else {item}
         if any(self.not_(x) in flat for x in flat if not isinstance(x, (And, Or))):
+            return None
+        return flat
+
+    def and_(self, *items):
+        flat = self._operands(items, And, FALSE)
+        if flat is None:
             return FALSE
         if not flat:
             return TRUE
         return next(iter(flat)) if len(flat) == 1 else And(frozenset(flat))
 
     def or_(self, *items):
-        terms: set = set()
-        for item in items:
-            if item == TRUE:
-                return TRUE
-            if item == FALSE:
-                continue
-            terms |= set(item.items) if isinstance(item, Or) else {item}
-        if any(self.not_(x) in terms for x in terms if not isinstance(x, (And, Or))):
+        terms = self._operands(items, Or, TRUE)
+        if terms is None:
             return TRUE
         conjunctions = {frozenset(t.items) if isinstance(t, And) else frozenset({t})
                         for t in terms}
@@ -614,30 +608,17 @@ class _Interpreter:
         return merged[0] if len(merged) == 1 else Or(frozenset(merged))
 
     def select(self, kind: str, cond, then, other):
-        if kind == "int":
-            return self.isel(cond, then, other)
-        if kind == "float":
-            return self.fsel(cond, then, other)
-        return self.or_(self.and_(cond, then), self.and_(self.not_(cond), other))
+        if kind == "bool":
+            return self.or_(self.and_(cond, then), self.and_(self.not_(cond), other))
+        return self.sel(cond, then, other)
 
     # --- float algebra (piecewise constants) ---
-    def fsel(self, cond, then, other):
-        if cond == TRUE or then == other:
-            return then
-        if cond == FALSE:
-            return other
-        if isinstance(then, FSel) and then.cond == cond:
-            then = then.then
-        if isinstance(other, FSel) and other.cond == cond:
-            other = other.other
-        return FSel(cond, then, other)
-
     def fmap(self, node: fx.Node, fn: Callable[..., float], *operands):
         """fn applied leaf-wise to piecewise-constant floats."""
         for i, x in enumerate(operands):
-            if isinstance(x, FSel):
+            if isinstance(x, Select):
                 pick = lambda branch: operands[:i] + (branch,) + operands[i + 1:]  # noqa: E731
-                return self.fsel(x.cond, self.fmap(node, fn, *pick(x.then)),
+                return self.sel(x.cond, self.fmap(node, fn, *pick(x.then)),
                                  self.fmap(node, fn, *pick(x.other)))
             if not isinstance(x, FConst):
                 raise Unproven(node, f"computes with float data ({x!r}), not constants")
@@ -645,7 +626,7 @@ class _Interpreter:
 
     def truth(self, node: fx.Node, x):
         """A float element as a boolean (nonzero)."""
-        if isinstance(x, FSel):
+        if isinstance(x, Select):
             return self.select("bool", x.cond, self.truth(node, x.then), self.truth(node, x.other))
         if isinstance(x, FConst):
             return BConst(x.value != 0)
@@ -661,16 +642,16 @@ class _Interpreter:
         if source == "int" and target == "bool":
             return self.cmp("ne", x, Lin((), 0))
         if source == "int":  # -> float
-            if isinstance(x, ISel):
-                return self.fsel(x.cond, self.convert(node, x.then, "int", "float"),
+            if isinstance(x, Select):
+                return self.sel(x.cond, self.convert(node, x.then, "int", "float"),
                                  self.convert(node, x.other, "int", "float"))
             if x.is_const:
                 return FConst(float(x.const))
             raise Unproven(node, f"turns index data {x!r} into floats")
         if target == "bool":
             return self.truth(node, x)
-        if isinstance(x, FSel):  # float -> int
-            return self.isel(x.cond, self.convert(node, x.then, "float", "int"),
+        if isinstance(x, Select):  # float -> int
+            return self.sel(x.cond, self.convert(node, x.then, "float", "int"),
                              self.convert(node, x.other, "float", "int"))
         if isinstance(x, FConst) and math.isfinite(x.value):
             return Lin((), int(x.value))
@@ -720,8 +701,12 @@ class _Interpreter:
         if op is None:
             return self._opaque(node, shape, kind)
         args = op.bind(node)
-        handler = getattr(self, "_op_" + op.name.replace("_fn", ""))
-        element = handler(node, args, shape, kind)
+        if op.name in _COMPARISONS:
+            element = self._compare(node, args, shape, op.name)
+        else:
+            # x op= y is x op y: the writer's node is what later readers of x see (``read``).
+            name = _INPLACE.get(op.name, op.name).replace("_fn", "")
+            element = getattr(self, "_op_" + name)(node, args, shape, kind)
         cache: dict = {}
 
         def memo(idx, levels):
@@ -805,42 +790,36 @@ class _Interpreter:
         y = self.operand(node, a["other"], kind, shape)
         return lambda idx, lv: combine(x(idx, lv), y(idx, lv))
 
+    def _arithmetic(self, node, a, shape, kind, on_floats, on_bools, on_ints):
+        """A binary op: ``on_floats`` on constants leaf by leaf, ``on_bools`` / ``on_ints`` on the
+        symbolic elements (None: not modelled for that kind)."""
+        combine = {"float": lambda x, y: self.fmap(node, on_floats, x, y), "bool": on_bools,
+                   "int": on_ints}[kind]
+        if combine is None:
+            raise Unproven(node, f"is {node.target} of {kind} values, which is not modelled")
+        return self._binary(node, a, shape, kind, combine)
+
     def _op_add(self, node, a, shape, kind):
-        if kind == "float":
-            return self._binary(node, a, shape, kind,
-                                lambda x, y: self.fmap(node, operator.add, x, y))
-        if kind == "bool":
-            return self._binary(node, a, shape, kind, self.or_)
-        return self._binary(node, a, shape, kind, self.add)
+        return self._arithmetic(node, a, shape, kind, operator.add, self.or_, self.add)
 
     def _op_sub(self, node, a, shape, kind):
-        if kind == "float":
-            return self._binary(node, a, shape, kind,
-                                lambda x, y: self.fmap(node, operator.sub, x, y))
-        if kind != "int":
-            raise Unproven(node, "subtracts booleans")
-        return self._binary(node, a, shape, kind, lambda x, y: self.add(x, self.scale(y, -1)))
+        return self._arithmetic(node, a, shape, kind, operator.sub, None,
+                                lambda x, y: self.add(x, self.scale(y, -1)))
 
     def _op_rsub(self, node, a, shape, kind):
         return self._op_sub(node, dict(input=a["other"], other=a["input"]), shape, kind)
 
     def _op_mul(self, node, a, shape, kind):
-        if kind == "float":
-            return self._binary(node, a, shape, kind,
-                                lambda x, y: self.fmap(node, operator.mul, x, y))
-        if kind == "bool":
-            return self._binary(node, a, shape, kind, self.and_)
-
         def times(x, y):
             for factor, other in ((x, y), (y, x)):
                 if isinstance(factor, Lin) and factor.is_const:
                     return self.scale(other, factor.const)
-            if isinstance(x, ISel):
-                return self.isel(x.cond, times(x.then, y), times(x.other, y))
-            if isinstance(y, ISel):
-                return self.isel(y.cond, times(x, y.then), times(x, y.other))
+            if isinstance(x, Select):
+                return self.sel(x.cond, times(x.then, y), times(x.other, y))
+            if isinstance(y, Select):
+                return self.sel(y.cond, times(x, y.then), times(x, y.other))
             raise Unproven(node, f"multiplies {x!r} by {y!r}: not affine in the indices")
-        return self._binary(node, a, shape, kind, times)
+        return self._arithmetic(node, a, shape, kind, operator.mul, self.and_, times)
 
     def _op_neg(self, node, a, shape, kind):
         x = self.operand(node, a["input"], kind, shape)
@@ -849,25 +828,6 @@ class _Interpreter:
         if kind != "int":
             raise Unproven(node, "negates booleans")
         return lambda idx, lv: self.scale(x(idx, lv), -1)
-
-    def _inplace(self, node, a, shape, kind, name):
-        """x op= y: the new value of x (the writer's node is what later readers of x see)."""
-        return getattr(self, "_op_" + name)(node, a, shape, kind)
-
-    def _op_iadd(self, node, a, shape, kind):
-        return self._inplace(node, a, shape, kind, "add")
-
-    def _op_isub(self, node, a, shape, kind):
-        return self._inplace(node, a, shape, kind, "sub")
-
-    def _op_imul(self, node, a, shape, kind):
-        return self._inplace(node, a, shape, kind, "mul")
-
-    def _op_iand(self, node, a, shape, kind):
-        return self._inplace(node, a, shape, kind, "and")
-
-    def _op_ior(self, node, a, shape, kind):
-        return self._inplace(node, a, shape, kind, "or")
 
     def _compare(self, node, a, shape, op):
         kinds = {self.kind_of_arg(a["input"]), self.kind_of_arg(a["other"])}
@@ -886,24 +846,6 @@ class _Interpreter:
                 self.origins.setdefault(self.not_(atom), node)
             return result
         return element
-
-    def _op_le(self, node, a, shape, kind):
-        return self._compare(node, a, shape, "le")
-
-    def _op_lt(self, node, a, shape, kind):
-        return self._compare(node, a, shape, "lt")
-
-    def _op_ge(self, node, a, shape, kind):
-        return self._compare(node, a, shape, "ge")
-
-    def _op_gt(self, node, a, shape, kind):
-        return self._compare(node, a, shape, "gt")
-
-    def _op_eq(self, node, a, shape, kind):
-        return self._compare(node, a, shape, "eq")
-
-    def _op_ne(self, node, a, shape, kind):
-        return self._compare(node, a, shape, "ne")
 
     def _op_and(self, node, a, shape, kind):
         if kind != "bool":
@@ -1340,7 +1282,7 @@ class MaskAnalysis:
             raise Unproven(mask, "is added to the scores but is not a float tensor")
 
         def allowed(x):
-            if isinstance(x, FSel):
+            if isinstance(x, Select):
                 return interp.select("bool", x.cond, allowed(x.then), allowed(x.other))
             if isinstance(x, FConst):
                 scaled = x.value * value_scale

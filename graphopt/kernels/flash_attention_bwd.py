@@ -37,9 +37,9 @@ from graphopt.kernels.flash_attention_fwd import (
     dot_precision,
     dtype_family,
     head_dim_padded,
-    key_block_range,
     launch,
     on_gpu,
+    query_block_keys,
     row_start_arg,
     seq_bucket,
     tuned_by_dtype,
@@ -243,18 +243,9 @@ def _flash_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, RowStart,
     v_head = V + batch * stride_vb + kv_head * stride_vh
     q_pos = q_offset + offs_m
 
-    last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
-    row_start = offs_m  # unused unless HAS_ROW_START
-    first_row_start = 0
-    last_row_start = 0
-    if HAS_ROW_START:
-        row_starts = RowStart + batch * stride_rb
-        row_start = tl.load(row_starts + offs_m, mask=row_ok, other=0)
-        first_row_start = tl.load(row_starts + pid_m * BLOCK_M)
-        last_row_start = tl.load(row_starts + last_row)
-    start, full_start, full_stop, stop = key_block_range(
-        q_offset + pid_m * BLOCK_M, q_offset + last_row, first_row_start, last_row_start,
-        k_offset, seqlen_k, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
+    row_start, start, full_start, full_stop, stop = query_block_keys(
+        RowStart + batch * stride_rb, pid_m, offs_m, row_ok, seqlen_q, seqlen_k, q_offset,
+        k_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     if full_start < full_stop:

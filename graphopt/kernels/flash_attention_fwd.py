@@ -138,6 +138,26 @@ def key_block_range(first_row_pos, last_row_pos, first_row_start, last_row_start
     return start, full_start, full_stop, stop
 
 
+@triton.jit
+def query_block_keys(row_starts, pid_m, offs_m, row_ok, seqlen_q, seqlen_k, q_offset, k_offset,
+                     window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_ROW_START: tl.constexpr):
+    """For query block ``pid_m``: its rows' document starts (``offs_m``, unused, without
+    documents) and ``key_block_range``'s (start, full_start, full_stop, stop)."""
+    last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
+    row_start = offs_m
+    first_row_start = 0
+    last_row_start = 0
+    if HAS_ROW_START:
+        row_start = tl.load(row_starts + offs_m, mask=row_ok, other=0)
+        first_row_start = tl.load(row_starts + pid_m * BLOCK_M)
+        last_row_start = tl.load(row_starts + last_row)
+    start, full_start, full_stop, stop = key_block_range(
+        q_offset + pid_m * BLOCK_M, q_offset + last_row, first_row_start, last_row_start,
+        k_offset, seqlen_k, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
+    return row_start, start, full_start, full_stop, stop
+
+
 @triton.jit(do_not_specialize=UNSPECIALIZED + ["num_heads"])
 def _flash_fwd_kernel(Q, K, V, Out, Lse, RowStart,
                       stride_qb, stride_qh, stride_qm,
@@ -178,18 +198,9 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, RowStart,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
-    row_start = offs_m  # unused unless HAS_ROW_START
-    first_row_start = 0
-    last_row_start = 0
-    if HAS_ROW_START:
-        row_starts = RowStart + batch * stride_rb
-        row_start = tl.load(row_starts + offs_m, mask=row_ok, other=0)
-        first_row_start = tl.load(row_starts + pid_m * BLOCK_M)
-        last_row_start = tl.load(row_starts + last_row)
-    start, full_start, full_stop, stop = key_block_range(
-        q_offset + pid_m * BLOCK_M, q_offset + last_row, first_row_start, last_row_start,
-        k_offset, seqlen_k, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
+    row_start, start, full_start, full_stop, stop = query_block_keys(
+        RowStart + batch * stride_rb, pid_m, offs_m, row_ok, seqlen_q, seqlen_k, q_offset,
+        k_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
 
     if full_start < full_stop:
         acc, m_i, l_i = _attend_key_blocks(

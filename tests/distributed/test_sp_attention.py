@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from attention_helpers import masked_reference
 from graphopt.distributed.launch import spawn
 
 WORLD = 4
@@ -45,28 +46,6 @@ def _front_loaded_positions(seq: int, chunk: int) -> torch.Tensor:
     return torch.cat([torch.arange(chunk), torch.arange(seq - chunk) % 2])[None]
 
 
-def _masked_reference(q, k, v, scale, causal, window, positions):
-    """float64 attention over the full sequence with the mask written out: causal, a window, and
-    document ids counted from position resets (independent of graphopt's document_bounds)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (x.repeat_interleave(group, 1) for x in (k, v))
-    s = q @ k.transpose(-1, -2) * scale
-    i = torch.arange(q.shape[2])
-    keep = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool)
-    if causal:
-        keep = keep & (i[None, :] <= i[:, None])
-    if window:
-        keep = keep & (i[:, None] - i[None, :] < window)
-    keep = keep[None, None]
-    if positions is not None:
-        new = torch.ones_like(positions, dtype=torch.bool)
-        new[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-        ids = new.cumsum(1)
-        keep = keep & (ids[:, :, None] == ids[:, None, :])[:, None]
-    s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
-
-
 def _op_case(rank: int, group, p: int, case: dict) -> dict[str, float]:
     """Max abs error of this rank's out, lse and grads against the full-sequence float64 result."""
     from graphopt.ops.sp_attention import group_name_of
@@ -91,7 +70,7 @@ def _op_case(rank: int, group, p: int, case: dict) -> dict[str, float]:
     elif case.get("documents"):
         positions = _document_positions(1 if case.get("shared_documents") else b, seq, gen)
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    out_ref, lse_ref = _masked_reference(*full, scale, case["causal"], window, positions)
+    out_ref, lse_ref = masked_reference(*full, scale, case["causal"], window, positions)
     (out_ref * dout).sum().add_((lse_ref * dlse).sum()).backward()
 
     rows = slice(rank * chunk, (rank + 1) * chunk)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from attention_helpers import tiny_model
 from graphopt.distributed.launch import spawn
 
 transformers = pytest.importorskip("transformers")
@@ -21,21 +22,6 @@ transformers = pytest.importorskip("transformers")
 WORLD = 3
 SEQ = 24  # splits over 2 and 3 ranks
 PACKED = [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 0, 1]
-
-
-def tiny_model(kind: str, attn: str):
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  attention_dropout=0.0)
-    if kind == "mistral":
-        config = transformers.MistralConfig(**common, sliding_window=5)
-        model_type = transformers.MistralForCausalLM
-    else:
-        config = transformers.LlamaConfig(**common)
-        model_type = transformers.LlamaForCausalLM
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return model_type(config)
 
 
 CASES = [  # (model, attention, packed documents, P)

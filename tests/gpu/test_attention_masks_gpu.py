@@ -8,6 +8,8 @@ References: float64 attention with the mask written out, on the GPU.
 import pytest
 import torch
 
+from attention_helpers import masked_reference
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -20,24 +22,6 @@ def first_config_only(monkeypatch):
     tunes."""
     from graphopt.kernels import flash_attention_fwd
     monkeypatch.setattr(flash_attention_fwd, "AUTOTUNE", False)
-
-
-def masked_reference(q, k, v, scale, window, positions):
-    """float64, the mask written out: causal, window, documents counted from position resets."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (x.double().repeat_interleave(group, 1) for x in (k, v))
-    s = q.double() @ k.transpose(-1, -2) * scale
-    i = torch.arange(q.shape[2], device=q.device)
-    keep = (i[None, :] <= i[:, None])[None, None]
-    if window:
-        keep = keep & (i[:, None] - i[None, :] < window)
-    if positions is not None:
-        new = torch.ones_like(positions, dtype=torch.bool)
-        new[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-        ids = new.cumsum(1)
-        keep = keep & (ids[:, :, None] == ids[:, None, :])[:, None]
-    s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
 
 def packed_positions(lengths, device="cuda"):
@@ -66,7 +50,7 @@ def test_masked_kernels_match_float64(dtype, window, lengths):
     dout = torch.randn_like(out)
     out.backward(dout)
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out_ref, lse_ref = masked_reference(qd, kd, vd, q.shape[-1] ** -0.5, window, positions)
+    out_ref, lse_ref = masked_reference(qd, kd, vd, q.shape[-1] ** -0.5, True, window, positions)
     out_ref.backward(dout.double())
     torch.testing.assert_close(out.double(), out_ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.double(), lse_ref, atol=1e-2, rtol=1e-2)
@@ -91,7 +75,7 @@ def test_one_document_per_row_runs_cudnn_and_several_run_triton(monkeypatch):
     single = torch.arange(2048, device="cuda")[None] + 5
     out, _ = attention.flash_attention(q, k, v, causal=True, positions=single)
     assert calls == [1]
-    torch.testing.assert_close(out.double(), masked_reference(q, k, v, 128 ** -0.5, 0, single)[0],
+    torch.testing.assert_close(out.double(), masked_reference(q, k, v, 128 ** -0.5, True, 0, single)[0],
                                atol=2e-2, rtol=2e-2)
     attention.flash_attention(q, k, v, causal=True, positions=packed_positions([1000, 1048]))
     assert calls == [1]

@@ -13,13 +13,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from attention_helpers import tiny_model, transformers_version
 from graphopt.analysis.attention_masks import MaskAnalysis, MaskStructure, Unproven
 from graphopt.analysis.attention_sites import find_attention
 
 transformers = pytest.importorskip("transformers")
-# transformers 4.53 added packed-sequence detection (documents from position ids that restart);
-# before, packed position ids only move the rotary positions and the mask stays causal.
-ISOLATES_DOCUMENTS = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 53)
+ISOLATES_DOCUMENTS = transformers_version() >= (4, 53)  # see attention_helpers
 
 S = 16
 
@@ -107,20 +106,6 @@ def proven_sites(gm, inputs):
 
 
 # --- transformers models, as users compile them ---------------------------------------------------
-
-def tiny_model(kind: str, attn: str, **extra):
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "mistral":
-        config = transformers.MistralConfig(**common, sliding_window=5, **extra)
-        model_type = transformers.MistralForCausalLM
-    else:
-        config = transformers.LlamaConfig(**common, **extra)
-        model_type = transformers.LlamaForCausalLM
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return model_type(config).eval()
-
 
 PACKED = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3])
 

@@ -9,30 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
+from attention_helpers import tiny_model, transformers_version
 from graphopt.debug.dump import compile_summaries
 
 transformers = pytest.importorskip("transformers")
-VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-# 4.53 added packed-sequence detection, and from then on sdpa attention gets a mask under
-# torch.compile; before, sdpa got is_causal=True (nothing to specialise).
-ISOLATES_DOCUMENTS = BUILDS_SDPA_MASKS = VERSION >= (4, 53)
+ISOLATES_DOCUMENTS = BUILDS_SDPA_MASKS = transformers_version() >= (4, 53)  # see attention_helpers
 
 S = 16
 PACKED = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]])
-
-
-def tiny_model(kind: str, attn: str):
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "mistral":
-        config = transformers.MistralConfig(**common, sliding_window=5)
-        model_type = transformers.MistralForCausalLM
-    else:
-        config = transformers.LlamaConfig(**common)
-        model_type = transformers.LlamaForCausalLM
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    return model_type(config)
 
 
 def run(model, tokens, **kwargs):
