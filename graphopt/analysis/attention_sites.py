@@ -93,7 +93,8 @@ class AttentionSite:
     v: fx.Node
     k_heads: fx.Node           # without the grouped-query repeat, where there is one
     v_heads: fx.Node
-    scale: float
+    scale: Any                 # a float; an SDPA's scale may be a graph value (a SymFloat where
+                               # torch.compile(dynamic=True) made a module's float symbolic)
     is_causal: bool            # SDPA's flag (a decomposed attention has only its mask)
     mask: Optional[MaskUse]
     dropout_p: Any             # 0.0, a number, or a node
@@ -199,8 +200,8 @@ def _match_sdpa(node: fx.Node) -> Optional[AttentionSite]:
         if head_dim is None:
             raise _Refused("the head dim is symbolic, so the default scale is unknown")
         scale = 1.0 / math.sqrt(head_dim)
-    if not isinstance(scale, (int, float)):
-        raise _Refused(f"scale {scale!r} is not a constant")
+    if not isinstance(scale, (int, float, fx.Node)):
+        raise _Refused(f"scale {scale!r} is neither a constant nor a graph value")
     mask = args["attn_mask"]
     mask_use = None
     if mask is not None:
@@ -209,7 +210,8 @@ def _match_sdpa(node: fx.Node) -> Optional[AttentionSite]:
             raise _Refused(f"attn_mask {mask!r} is not a tensor")
         mask_use = MaskUse(mask, "keep" if mask_value.dtype == torch.bool else "additive")
     k_heads, v_heads = _heads(k, v)
-    return AttentionSite(node, "sdpa", q, k, v, k_heads, v_heads, float(scale), args["is_causal"],
+    return AttentionSite(node, "sdpa", q, k, v, k_heads, v_heads,
+                         scale if isinstance(scale, fx.Node) else float(scale), args["is_causal"],
                          mask_use, args["dropout_p"], bool(args["enable_gqa"]))
 
 

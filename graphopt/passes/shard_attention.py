@@ -110,6 +110,11 @@ def _plan(site: AttentionSite, analysis: MaskAnalysis) -> _Plan:
                        "cross attention or a KV cache, whose keys are not this rank's chunk of "
                        "the same sequence", "train without a KV cache (use_cache=False) "
                        + _local_fix(anchor))
+    if not isinstance(site.scale, float):
+        raise _Failure(anchor, f"its scale {site.scale.name} is computed in the graph, not a "
+                       "constant (torch.compile(dynamic=True) makes a module's float attributes "
+                       "symbolic)", "compile with dynamic=False or None (the default) "
+                       + _local_fix(anchor))
     if not (isinstance(site.dropout_p, (int, float)) and site.dropout_p == 0):
         raise _Failure(anchor, f"attention dropout p={site.dropout_p!r}: sequence-parallel "
                        "attention has no dropout", "set the attention dropout to 0.0 (transformers: "

@@ -92,6 +92,9 @@ def _sdpa_for_decomposed(gm: fx.GraphModule, site: AttentionSite, causal: bool) 
 def _flash_attention(gm: fx.GraphModule, site: AttentionSite, structure: MaskStructure,
                      kernel: str) -> fx.Node:
     _no_dropout(site, "graphopt's masked kernels")
+    if not isinstance(site.scale, float):
+        raise _Leave(f"its scale {site.scale.name} is computed in the graph; graphopt's masked "
+                     "kernels take a constant (compile with dynamic=False or None)")
     q = fake_value(site.q)
     if q.is_cuda and (q.shape[-1] > TRITON_MAX_HEAD_DIM or q.dtype not in TRITON_DTYPES):
         raise _Leave(f"{structure.kind} mask on CUDA with head dim {q.shape[-1]} and {q.dtype}: "
