@@ -11,15 +11,14 @@ pytest.importorskip("transformers")
 
 @pytest.mark.slow
 def test_smoke_run_writes_the_summary_keys(tmp_path):
-    """Nine compiles of a tiny model (about a minute on CPU)."""
+    """Four compiles of a tiny model."""
     bench = load_bench("hf_attention")
     result = bench.main(["--smoke", "--out", str(tmp_path)])
     assert {"speedup_vs_inductor_16k", "speedup_vs_eager_16k",
             "packed_over_causal_16k"} <= set(result["summary"])
     assert all(row.get("loss_diff_vs_eager", 0.0) < 1e-4 for row in result["rows"])
-    graphopt_rows = {row["case"]: row["mask_pass"] for row in result["rows"]
-                     if row["mode"] == "graphopt"}
-    assert graphopt_rows["16k"] == [{"sdpa is_causal": 2}]
-    assert graphopt_rows["16k packed"] == [{"graphopt.flash_attention (causal + documents)": 2}]
+    # One compile for both lengths (the sequence dim is dynamic), one for the packed batch.
+    assert result["mask_pass"] == [{"sdpa is_causal": 2},
+                                   {"graphopt.flash_attention (causal + documents)": 2}]
     saved = json.loads((tmp_path / "hf_attention.json").read_text())
     assert saved["summary"] == result["summary"] and (tmp_path / "hf_attention.md").exists()
