@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import logging
 from typing import Any, Callable
@@ -88,6 +89,30 @@ def fake_tensor_mode_of(gm: torch.fx.GraphModule):
 
 def is_symbolic(value: Any) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def vmap_add_batch_dim_functions() -> tuple:
+    """The functions Dynamo records for vmap's ``_add_batch_dim`` (transformers 4.53-4.57 vmap
+    their mask functions), as many as this torch has."""
+    return _functorch_functions("_add_batch_dim")
+
+
+def vmap_remove_batch_dim_functions() -> tuple:
+    return _functorch_functions("_remove_batch_dim")
+
+
+def _functorch_functions(name: str) -> tuple:
+    found = []
+    for module_name in ("torch._functorch.predispatch", "torch._C._functorch",
+                        "torch._functorch.vmap"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        function = getattr(module, name, None)
+        if function is not None and function not in found:
+            found.append(function)
+    return tuple(found)
 
 
 def hint_int(value: Any, fallback: int = 8192) -> int:

@@ -48,8 +48,8 @@ _ENV_PREFIX = "GRAPHOPT_"
 
 # The passes of graphopt/passes/pipeline.py, in order: the names `disabled_passes` takes (a test
 # checks that they are the pipeline's).
-PASS_NAMES = ("shard_attention", "overlap_matmul_collectives", "plan_rematerialization",
-              "offload_activations")
+PASS_NAMES = ("shard_attention", "specialize_attention_masks", "overlap_matmul_collectives",
+              "plan_rematerialization", "offload_activations")
 # Earlier names, accepted as flags and in disabled_passes: old name -> name.
 ALIASES = {"overlap_matmul_allreduce": "overlap_matmul_collectives"}
 
@@ -283,6 +283,15 @@ def _pass_names(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ALIASES.get(name, name) for name in names))
 
 
+def _patterns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) and item.strip() for item in value):
+        return tuple(item.strip() for item in value)
+    raise _Rejected(f"is {_a(value)}, not module-path patterns (a tuple of str or a "
+                    "comma-separated str)")
+
+
 # --- the flags ------------------------------------------------------------------------------------
 
 _FLAGS: dict[str, Flag] = {}
@@ -341,16 +350,32 @@ _flag("sequence_parallel_attention", "sp_load_balance", True,
       **_BOOL, example="sp_load_balance=False")
 _flag("sequence_parallel_attention", "sp_split_diagonal", True,
       "Open and close each rank's step sequence with half of its own diagonal block, so the first "
-      "inputs and the last returned partials travel under compute (read when the op runs; False "
-      "runs the diagonal whole, first in forward and last in backward).",
+      "inputs and the last returned partials travel under compute (an argument of each op the pass "
+      "emits; False runs the diagonal whole, first in forward and last in backward).",
       **_BOOL, example="sp_split_diagonal=False")
+_flag("sequence_parallel_attention", "sp_local_attention", (),
+      "Module paths (fnmatch patterns, e.g. 'vision_tower.*') of attentions meant to stay local to "
+      "each rank's chunk; every other attention is rewritten or the compile fails naming it.",
+      parse=_patterns, from_text=_text,
+      accepts="a tuple of fnmatch patterns of module paths (or one comma-separated str)",
+      example="sp_local_attention=('vision_tower.*',)")
+_flag("sequence_parallel_attention", "sp_peer_timeout_s", 30.0,
+      "Seconds a rank waits for its peers at a sequence-parallel attention (the call check every "
+      "call makes, and P2P transfers on CPU) before raising; cover the compile-time skew of ranks.",
+      parse=_non_negative, from_text=_float_text, accepts="a finite number of seconds >= 0",
+      example="sp_peer_timeout_s=120")
 
-# --- attention kernels (ops/attention.py; read when an attention op runs) -----------------------
+# --- attention kernels and masks (passes/specialize_attention_masks.py, ops/attention.py) -------
 _choice_flag("attention", "attention_kernel", "auto",
              "CUDA attention blocks: 'auto' runs torch's cuDNN attention where it computes a block "
              "exactly (no mask or the diagonal block, fp16/bf16, D % 8 == 0, D <= 128, sm90+) and "
-             "graphopt's Triton kernels elsewhere; 'triton' always runs graphopt's kernels.",
-             ("auto", "triton"))
+             "graphopt's Triton kernels elsewhere; 'triton' always runs graphopt's kernels (an "
+             "argument of each op the passes emit).", ("auto", "triton"))
+_flag("attention", "specialize_attention_masks", True,
+      "Prove each attention's mask from the graph (transformers builds a [1, 1, S, S] mask under "
+      "torch.compile) and run the matching kernel: is_causal=True SDPA for a causal mask, graphopt's "
+      "block-skipping kernels for sliding-window and packed-document masks.",
+      **_BOOL, example="specialize_attention_masks=False")
 
 # --- GEMM + collective overlap (passes/overlap_matmul_collectives.py) ---------------------------
 _flag("overlap_matmul_collectives", "overlap_matmul_collectives", False,

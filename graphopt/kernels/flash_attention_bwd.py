@@ -14,7 +14,9 @@ Two kernels, no atomics: one program per key block accumulates dK, dV over the q
 over the GROUP query heads sharing that key/value head, which sums grouped-query gradients in
 registers); one program per query block accumulates dQ over the key blocks, optionally adding into
 a float32 buffer that collects dQ over ring steps. Blocks wholly above the causal diagonal are
-skipped in both.
+skipped in both, as are blocks a sliding window or the documents hide (see flash_attention_fwd):
+the dK/dV program of a key block stops at the last query that may see it, which for documents is
+``col_stop`` (the end of the key's document, non-decreasing along keys).
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from graphopt.kernels.flash_attention_fwd import (
     LOG2E,
     LOG2E_IN_KERNEL,
     UNSPECIALIZED,
+    check_mask,
     check_supported,
     dot_precision,
     dtype_family,
     head_dim_padded,
     launch,
     on_gpu,
+    query_block_keys,
+    row_start_arg,
     seq_bucket,
     tuned_by_dtype,
+    visible,
 )
 
 DELTA_BLOCK_M = 64
@@ -64,15 +70,17 @@ def _delta_kernel(Out, DOut, Delta,
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qm, stride_dom,
-                       k_pos, start_m, seqlen_q, q_offset, qk_scale_log2, offs_m, offs_d,
+def _dkdv_query_blocks(dk, dv, k, v, q_head, do_head, lse_head, delta_head, row_starts,
+                       stride_qm, stride_dom, k_pos, start_m, stop_m, seqlen_q, q_offset, window,
+                       qk_scale_log2, offs_m, offs_d,
                        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_ROW_START: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     # Every query block is loaded with row masks and causally masked: one loop keeps the register
     # budget under the limit (three specialised loops spilled), and the masks cost little next to
     # the four products.
     d_ok = offs_d[None, :] < HEAD_DIM
-    for block_start in range(start_m, seqlen_q, BLOCK_M):
+    for block_start in range(start_m, stop_m, BLOCK_M):
         rows = block_start + offs_m
         row_ok = rows < seqlen_q
         q = tl.load(q_head + rows[:, None] * stride_qm + offs_d[None, :],
@@ -86,7 +94,12 @@ def _dkdv_query_blocks(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stri
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
         p_t = tl.exp2(s_t - lse_log2[None, :])
         if CAUSAL:
-            p_t = tl.where(k_pos[:, None] <= (q_offset + rows)[None, :], p_t, 0.0)
+            row_start = rows
+            if HAS_ROW_START:
+                row_start = tl.load(row_starts + rows, mask=row_ok, other=0)
+            seen = visible(q_offset + rows, row_start, k_pos, window, CAUSAL, HAS_WINDOW,
+                           HAS_ROW_START)
+            p_t = tl.where(tl.trans(seen), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -95,18 +108,19 @@ def _dkdv_query_blocks(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stri
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED + ["num_kv_heads"])
-def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
+def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, RowStart, ColStop,
                            stride_qb, stride_qh, stride_qm,
                            stride_kb, stride_kh, stride_kn,
                            stride_vb, stride_vh, stride_vn,
                            stride_dob, stride_doh, stride_dom,
                            stride_dkb, stride_dkh, stride_dkn,
                            stride_dvb, stride_dvh, stride_dvn,
-                           stride_lb, stride_lh,
-                           num_kv_heads, group, seqlen_q, seqlen_k, q_offset, k_offset,
+                           stride_lb, stride_lh, stride_rb, stride_cb,
+                           num_kv_heads, group, seqlen_q, seqlen_k, q_offset, k_offset, window,
                            qk_scale_log2, scale, SEQ_BUCKET,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                           CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                           HAS_ROW_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -123,12 +137,19 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     k_pos = k_offset + offs_n
 
-    # Query rows before ``lo`` see none of this key block.
+    # Query rows before ``lo`` see none of this key block, nor rows from ``hi`` on.
+    lo = 0
+    hi = seqlen_q
     if CAUSAL:
         first_row = tl.minimum(tl.maximum(k_offset + pid_n * BLOCK_N - q_offset, 0), seqlen_q)
         lo = (first_row // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
+        last_key_pos = k_offset + tl.minimum(pid_n * BLOCK_N + BLOCK_N, seqlen_k) - 1
+        if HAS_WINDOW:
+            hi = tl.minimum(hi, tl.maximum(last_key_pos + window - q_offset, 0))
+        if HAS_ROW_START:
+            col_stop = tl.load(ColStop + batch * stride_cb
+                               + tl.minimum(pid_n * BLOCK_N + BLOCK_N, seqlen_k) - 1)
+            hi = tl.minimum(hi, tl.maximum(col_stop - q_offset, 0))
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
@@ -137,9 +158,9 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
         dk, dv = _dkdv_query_blocks(
             dk, dv, k, v, Q + batch * stride_qb + head * stride_qh,
             DOut + batch * stride_dob + head * stride_doh, Lse + batch * stride_lb + head * stride_lh,
-            Delta + (batch * num_kv_heads * group + head) * seqlen_q, stride_qm, stride_dom, k_pos,
-            lo, seqlen_q, q_offset, qk_scale_log2, offs_m, offs_d, BLOCK_M, HEAD_DIM, CAUSAL,
-            DOT_PRECISION)
+            Delta + (batch * num_kv_heads * group + head) * seqlen_q, RowStart + batch * stride_rb,
+            stride_qm, stride_dom, k_pos, lo, hi, seqlen_q, q_offset, window, qk_scale_log2,
+            offs_m, offs_d, BLOCK_M, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_ROW_START, DOT_PRECISION)
 
     dk = dk * scale
     tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkn
@@ -150,9 +171,11 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
 
 @triton.jit
 def _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn,
-                   q_pos, start_n, stop_n, seqlen_k, k_offset, qk_scale_log2, offs_n, offs_d,
+                   q_pos, row_start, start_n, stop_n, seqlen_k, k_offset, window, qk_scale_log2,
+                   offs_n, offs_d,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ROW_START: tl.constexpr,
+                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     for block_start in range(start_n, stop_n, BLOCK_N):
         cols = block_start + offs_n
@@ -170,9 +193,8 @@ def _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         p = tl.exp2(s - lse_log2[:, None])
         if MASKED:
-            allowed = cols[None, :] < seqlen_k
-            if CAUSAL:
-                allowed = allowed & ((k_offset + cols)[None, :] <= q_pos[:, None])
+            allowed = visible(q_pos, row_start, k_offset + cols, window, CAUSAL, HAS_WINDOW,
+                              HAS_ROW_START) & (cols[None, :] < seqlen_k)
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -181,17 +203,18 @@ def _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED + ["num_heads"])
-def _flash_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
+def _flash_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, RowStart,
                          stride_qb, stride_qh, stride_qm,
                          stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn,
                          stride_dob, stride_doh, stride_dom,
                          stride_dqb, stride_dqh, stride_dqm,
-                         stride_lb, stride_lh,
-                         num_heads, group, seqlen_q, seqlen_k, q_offset, k_offset,
+                         stride_lb, stride_lh, stride_rb,
+                         num_heads, group, seqlen_q, seqlen_k, q_offset, k_offset, window,
                          qk_scale_log2, scale, SEQ_BUCKET,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                         CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
+                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         HAS_ROW_START: tl.constexpr, ACCUMULATE: tl.constexpr,
                          DOT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     if CAUSAL:
@@ -220,22 +243,29 @@ def _flash_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
     v_head = V + batch * stride_vb + kv_head * stride_vh
     q_pos = q_offset + offs_m
 
-    if CAUSAL:
-        first_row_pos = q_offset + pid_m * BLOCK_M
-        stop = tl.minimum(tl.maximum(first_row_pos + BLOCK_M - k_offset, 0), seqlen_k)
-        full_stop = tl.minimum(tl.maximum(first_row_pos + 1 - k_offset, 0), seqlen_k)
-    else:
-        stop = seqlen_k
-        full_stop = seqlen_k
-    full_stop = (full_stop // BLOCK_N) * BLOCK_N
+    row_start, start, full_start, full_stop, stop = query_block_keys(
+        RowStart + batch * stride_rb, pid_m, offs_m, row_ok, seqlen_q, seqlen_k, q_offset,
+        k_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, q_pos,
-                        0, full_stop, seqlen_k, k_offset, qk_scale_log2, offs_n, offs_d,
-                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, DOT_PRECISION)
-    dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn, q_pos,
-                        full_stop, stop, seqlen_k, k_offset, qk_scale_log2, offs_n, offs_d,
-                        BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, DOT_PRECISION)
+    if full_start < full_stop:
+        dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn,
+                            q_pos, row_start, start, full_start, seqlen_k, k_offset, window,
+                            qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
+                            HAS_WINDOW, HAS_ROW_START, True, DOT_PRECISION)
+        dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn,
+                            q_pos, row_start, full_start, full_stop, seqlen_k, k_offset, window,
+                            qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
+                            HAS_WINDOW, HAS_ROW_START, False, DOT_PRECISION)
+        dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn,
+                            q_pos, row_start, full_stop, stop, seqlen_k, k_offset, window,
+                            qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
+                            HAS_WINDOW, HAS_ROW_START, True, DOT_PRECISION)
+    else:
+        dq = _dq_key_blocks(dq, q, do, lse_log2, delta, k_head, v_head, stride_kn, stride_vn,
+                            q_pos, row_start, start, stop, seqlen_k, k_offset, window,
+                            qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
+                            HAS_WINDOW, HAS_ROW_START, True, DOT_PRECISION)
     dq = dq * scale
 
     dq_ptrs = (DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm
@@ -245,7 +275,7 @@ def _flash_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
-_TUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL"]
+_TUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "HAS_WINDOW", "HAS_ROW_START"]
 
 # Hopper configs for bf16/fp16 first, then float32. At D = 128 these compile for sm_90a with no or
 # little (<= 96 bytes) register spilling.
@@ -285,9 +315,13 @@ def flash_attention_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor
 
 
 def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool,
-                             q_offset: int = 0, k_offset: int = 0, delta=None, dq_acc=None):
+                             q_offset: int = 0, k_offset: int = 0, delta=None, dq_acc=None,
+                             window: int = 0, row_start=None, col_stop=None):
     """Launches the backward kernels; see graphopt.ops.attention.attention_block_backward."""
     check_supported(q, k, v, dout)
+    check_mask(q, causal, window, row_start)
+    if (row_start is None) != (col_stop is None):
+        raise ValueError("document masks need both row_start (queries) and col_stop (keys)")
     q, k, v, dout = (unit_last_stride(x) for x in (q, k, v, dout))
     lse = lse.float()
     lse = unit_last_stride(lse)
@@ -310,26 +344,29 @@ def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
             dq.zero_()
         return dq, dk.zero_(), dv.zero_()
 
+    starts, stride_rb = row_start_arg(row_start, q.device)
+    stops, stride_cb = row_start_arg(col_stop, q.device)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), CAUSAL=bool(causal),
+                  HAS_WINDOW=window > 0, HAS_ROW_START=row_start is not None,
                   DOT_PRECISION=dot_precision(q.dtype, on_gpu(q)))
-    scalars = (seqlen_q, seqlen_k, q_offset, k_offset, scale * LOG2E, scale,
+    scalars = (seqlen_q, seqlen_k, q_offset, k_offset, window, scale * LOG2E, scale,
                seq_bucket(seqlen_q, seqlen_k))
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv,
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, starts, stops,
                  q.stride(0), q.stride(1), q.stride(2),
                  k.stride(0), k.stride(1), k.stride(2),
                  v.stride(0), v.stride(1), v.stride(2),
                  dout.stride(0), dout.stride(1), dout.stride(2),
                  dk.stride(0), dk.stride(1), dk.stride(2),
                  dv.stride(0), dv.stride(1), dv.stride(2),
-                 lse.stride(0), lse.stride(1),
+                 lse.stride(0), lse.stride(1), stride_rb, stride_cb,
                  heads_kv, group) + scalars
-    dq_args = (q, k, v, dout, lse, delta, dq,
+    dq_args = (q, k, v, dout, lse, delta, dq, starts,
                q.stride(0), q.stride(1), q.stride(2),
                k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2),
                dq.stride(0), dq.stride(1), dq.stride(2),
-               lse.stride(0), lse.stride(1),
+               lse.stride(0), lse.stride(1), stride_rb,
                heads_q, group) + scalars
     if on_gpu(q):
         family = dtype_family(q.dtype)

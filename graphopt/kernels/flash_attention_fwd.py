@@ -12,6 +12,13 @@ in registers (online softmax, base 2). Key blocks wholly visible to every row of
 without masks; the blocks on the causal diagonal and the ragged last block run with masks.
 Query head h reads key/value head h // group (grouped-query attention, no K/V copies).
 
+Causal masks may also be narrowed per row (both in global positions, so ring steps keep them):
+  WINDOW w > 0   a query at position p sees keys at positions (p - w, p]     (sliding window)
+  ROW_START rs   a query row sees keys at positions >= rs[row]               (packed documents:
+                 rs is where the row's document starts; rows of a batch element are non-decreasing)
+Key blocks no row of the program may see are skipped, not masked: with documents of length L (or a
+window of L), a program walks about L / BLOCK_N key blocks instead of position / BLOCK_N.
+
 ACCUMULATE merges the result into an existing float32 (out, lse) pair in place:
   lse = logaddexp(lse_acc, lse_blk);  out = out_acc * exp(lse_acc - lse) + out_blk * exp(lse_blk - lse)
 """
@@ -40,7 +47,8 @@ UNTUNED_CONFIG = 0
 
 # Lengths, offsets and head counts vary from call to call (ring steps, GQA) and need no alignment:
 # specialising on them (== 1, % 16 == 0) would only multiply compilations.
-UNSPECIALIZED = ["group", "seqlen_q", "seqlen_k", "q_offset", "k_offset", "SEQ_BUCKET"]
+UNSPECIALIZED = ["group", "seqlen_q", "seqlen_k", "q_offset", "k_offset", "window", "SEQ_BUCKET",
+                 "stride_rb"]
 
 # Blocks used under the Triton interpreter and for CPU tensors (the smallest tl.dot accepts).
 INTERPRET_BLOCK_M = 16
@@ -49,10 +57,11 @@ INTERPRET_BLOCK_N = 16
 
 @triton.jit
 def _attend_key_blocks(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
-                       q_pos, start_n, stop_n, seqlen_k, k_offset, qk_scale_log2,
-                       offs_n, offs_d,
+                       q_pos, row_start, start_n, stop_n, seqlen_k, k_offset, window,
+                       qk_scale_log2, offs_n, offs_d,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                       HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_ROW_START: tl.constexpr, MASKED: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     d_ok = offs_d[None, :] < HEAD_DIM
     for block_start in range(start_n, stop_n, BLOCK_N):
@@ -68,9 +77,8 @@ def _attend_key_blocks(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
             k = tl.load(k_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         if MASKED:
-            allowed = cols[None, :] < seqlen_k
-            if CAUSAL:
-                allowed = allowed & ((k_offset + cols)[None, :] <= q_pos[:, None])
+            allowed = visible(q_pos, row_start, k_offset + cols, window, CAUSAL, HAS_WINDOW,
+                              HAS_ROW_START) & (cols[None, :] < seqlen_k)
             s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
@@ -90,17 +98,78 @@ def _attend_key_blocks(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
     return acc, m_i, l_i
 
 
+@triton.jit
+def visible(q_pos, row_start, k_pos, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+            HAS_ROW_START: tl.constexpr):
+    """[rows, keys]: which keys (global positions k_pos) each query (q_pos, row_start) sees."""
+    allowed = (k_pos[None, :] * 0 + q_pos[:, None] * 0) == 0  # all true, of the block's shape
+    if CAUSAL:
+        allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+    if HAS_ROW_START:
+        allowed = allowed & (k_pos[None, :] >= row_start[:, None])
+    return allowed
+
+
+@triton.jit
+def key_block_range(first_row_pos, last_row_pos, first_row_start, last_row_start, k_offset,
+                    seqlen_k, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_ROW_START: tl.constexpr):
+    """Key blocks [start, stop) some row of a query block (rows at positions first_row_pos ..
+    last_row_pos) may see, and [full_start, full_stop) inside it that every row sees whole;
+    block-aligned (full_start >= full_stop: no block is wholly visible)."""
+    start = 0
+    full_start = 0
+    stop = seqlen_k
+    full_stop = seqlen_k
+    if CAUSAL:
+        stop = tl.minimum(tl.maximum(last_row_pos + 1 - k_offset, 0), seqlen_k)
+        full_stop = tl.minimum(tl.maximum(first_row_pos + 1 - k_offset, 0), seqlen_k)
+    if HAS_WINDOW:
+        start = tl.maximum(start, first_row_pos - window + 1 - k_offset)
+        full_start = tl.maximum(full_start, last_row_pos - window + 1 - k_offset)
+    if HAS_ROW_START:
+        start = tl.maximum(start, first_row_start - k_offset)
+        full_start = tl.maximum(full_start, last_row_start - k_offset)
+    start = (tl.minimum(start, stop) // BLOCK_N) * BLOCK_N
+    full_start = tl.minimum(((full_start + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, stop)
+    full_stop = (full_stop // BLOCK_N) * BLOCK_N
+    return start, full_start, full_stop, stop
+
+
+@triton.jit
+def query_block_keys(row_starts, pid_m, offs_m, row_ok, seqlen_q, seqlen_k, q_offset, k_offset,
+                     window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_ROW_START: tl.constexpr):
+    """For query block ``pid_m``: its rows' document starts (``offs_m``, unused, without
+    documents) and ``key_block_range``'s (start, full_start, full_stop, stop)."""
+    last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
+    row_start = offs_m
+    first_row_start = 0
+    last_row_start = 0
+    if HAS_ROW_START:
+        row_start = tl.load(row_starts + offs_m, mask=row_ok, other=0)
+        first_row_start = tl.load(row_starts + pid_m * BLOCK_M)
+        last_row_start = tl.load(row_starts + last_row)
+    start, full_start, full_stop, stop = key_block_range(
+        q_offset + pid_m * BLOCK_M, q_offset + last_row, first_row_start, last_row_start,
+        k_offset, seqlen_k, window, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
+    return row_start, start, full_start, full_stop, stop
+
+
 @triton.jit(do_not_specialize=UNSPECIALIZED + ["num_heads"])
-def _flash_fwd_kernel(Q, K, V, Out, Lse,
+def _flash_fwd_kernel(Q, K, V, Out, Lse, RowStart,
                       stride_qb, stride_qh, stride_qm,
                       stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn,
                       stride_ob, stride_oh, stride_om,
-                      stride_lb, stride_lh,
-                      num_heads, group, seqlen_q, seqlen_k, q_offset, k_offset,
+                      stride_lb, stride_lh, stride_rb,
+                      num_heads, group, seqlen_q, seqlen_k, q_offset, k_offset, window,
                       qk_scale_log2, SEQ_BUCKET,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                      CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      HAS_ROW_START: tl.constexpr, ACCUMULATE: tl.constexpr,
                       DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     if CAUSAL:
@@ -129,24 +198,28 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    # Keys [0, full_stop) are visible to every row of this block; [full_stop, stop) need masks.
-    if CAUSAL:
-        first_row_pos = q_offset + pid_m * BLOCK_M
-        stop = tl.minimum(tl.maximum(first_row_pos + BLOCK_M - k_offset, 0), seqlen_k)
-        full_stop = tl.minimum(tl.maximum(first_row_pos + 1 - k_offset, 0), seqlen_k)
-    else:
-        stop = seqlen_k
-        full_stop = seqlen_k
-    full_stop = (full_stop // BLOCK_N) * BLOCK_N
+    row_start, start, full_start, full_stop, stop = query_block_keys(
+        RowStart + batch * stride_rb, pid_m, offs_m, row_ok, seqlen_q, seqlen_k, q_offset,
+        k_offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_ROW_START)
 
-    acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, 0, full_stop, seqlen_k,
-        k_offset, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
-        False, DOT_PRECISION)
-    acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, full_stop, stop, seqlen_k,
-        k_offset, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
-        True, DOT_PRECISION)
+    if full_start < full_stop:
+        acc, m_i, l_i = _attend_key_blocks(
+            acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, row_start, start,
+            full_start, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, DOT_PRECISION)
+        acc, m_i, l_i = _attend_key_blocks(
+            acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, row_start, full_start,
+            full_stop, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, False, DOT_PRECISION)
+        acc, m_i, l_i = _attend_key_blocks(
+            acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, row_start, full_stop,
+            stop, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, DOT_PRECISION)
+    else:
+        acc, m_i, l_i = _attend_key_blocks(
+            acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, q_pos, row_start, start,
+            stop, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, DOT_PRECISION)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -205,7 +278,8 @@ def dtype_family(dtype: torch.dtype) -> str:
 # Accumulate mode rewrites Out/Lse in place, so tuning runs restore them between trials.
 _flash_fwd_tuned = tuned_by_dtype(
     _flash_fwd_kernel, HALF_CONFIGS, FP32_CONFIGS,
-    key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "ACCUMULATE"], restore_value=["Out", "Lse"],
+    key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "HAS_WINDOW", "HAS_ROW_START", "ACCUMULATE"],
+    restore_value=["Out", "Lse"],
     small_head_configs=HALF_CONFIGS_SMALL_HEAD)
 
 
@@ -264,10 +338,35 @@ def check_supported(*tensors: torch.Tensor) -> None:
             "are sized for; pass impl='reference' (or split the heads)")
 
 
+def check_mask(q, causal: bool, window: int, row_start) -> None:
+    """Raises for a window or document mask the kernels cannot take, naming the fix."""
+    if (window or row_start is not None) and not causal:
+        raise ValueError("a sliding window or document mask narrows a causal mask; pass "
+                         "causal=True with it")
+    if window < 0:
+        raise ValueError(f"window={window} must be >= 0 (0: no window)")
+    if row_start is not None and (row_start.dim() != 2 or row_start.shape[-1] != q.shape[2]
+                                  or row_start.shape[0] not in (1, q.shape[0])):
+        raise ValueError(f"row_start {tuple(row_start.shape)} must be [1 or B, Sq] for q "
+                         f"{tuple(q.shape)}")
+
+
+def row_start_arg(row_start, device):
+    """(tensor, batch stride) the kernels take for ``row_start`` (int32), or a placeholder."""
+    if row_start is None:
+        return torch.empty(1, dtype=torch.int32, device=device), 0
+    row_start = row_start.to(device=device, dtype=torch.int32)
+    if row_start.stride(-1) != 1:
+        row_start = row_start.contiguous()
+    return row_start, row_start.stride(0) if row_start.shape[0] > 1 else 0
+
+
 def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: int = 0,
-                            k_offset: int = 0, out_acc=None, lse_acc=None):
+                            k_offset: int = 0, out_acc=None, lse_acc=None, window: int = 0,
+                            row_start=None):
     """Launches the forward kernel; see graphopt.ops.attention.attention_block_forward."""
     check_supported(q, k, v)
+    check_mask(q, causal, window, row_start)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
@@ -281,16 +380,18 @@ def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: in
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if seqlen_q == 0 or batch * heads_q == 0:
         return out, lse
-    args = (q, k, v, out, lse,
+    starts, stride_rb = row_start_arg(row_start, q.device)
+    args = (q, k, v, out, lse, starts,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, q_offset, k_offset, scale * LOG2E,
-            seq_bucket(seqlen_q, seqlen_k))
+            lse.stride(0), lse.stride(1), stride_rb,
+            heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, q_offset, k_offset, window,
+            scale * LOG2E, seq_bucket(seqlen_q, seqlen_k))
     meta = dict(HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=head_dim_padded(head_dim), CAUSAL=bool(causal),
+                HAS_WINDOW=window > 0, HAS_ROW_START=row_start is not None,
                 ACCUMULATE=accumulate, DOT_PRECISION=dot_precision(q.dtype, on_gpu(q)))
     if on_gpu(q):
         query_blocks = lambda cfg: (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)  # noqa

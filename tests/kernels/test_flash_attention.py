@@ -168,6 +168,94 @@ def test_interpreted_kernels_accept_row_views():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def random_documents(batch, length, generator):
+    """(position ids restarting at each document, document id per position), [batch, length]."""
+    positions, ids = torch.zeros(batch, length, dtype=torch.long), torch.zeros(batch, length,
+                                                                              dtype=torch.long)
+    for b in range(batch):
+        cuts = sorted(torch.randperm(length - 1, generator=generator)[:3].add(1).tolist())
+        for doc, (lo, hi) in enumerate(zip([0] + cuts, cuts + [length])):
+            positions[b, lo:hi] = torch.arange(hi - lo)
+            ids[b, lo:hi] = doc
+    return positions, ids
+
+
+@interpreted
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), window=st.sampled_from([0, 1, 5, 17]), documents=st.booleans(),
+       shared_documents=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       q_start=st.integers(0, 30), k_start=st.integers(0, 30), seqlen_q=st.integers(1, 35),
+       seqlen_k=st.integers(1, 35))
+def test_interpreted_window_and_document_masks(seed, window, documents, shared_documents, dtype,
+                                              q_start, k_start, seqlen_q, seqlen_k):
+    """A block of rows [q_start, +Sq) against keys [k_start, +Sk) of a 70-token sequence, with a
+    sliding window and/or packed documents: both kernels and the reference path equal float64
+    attention, forward and backward (blocks whose rows see no key give out 0, lse -inf)."""
+    from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
+                                        document_bounds)
+    if not window and not documents:
+        window = 3
+    gen = torch.Generator().manual_seed(seed)
+    batch = 2
+    q, k, v = make_qkv(batch, 4, 2, seqlen_q, seqlen_k, 16, dtype, seed)
+    positions, ids = random_documents(1 if shared_documents else batch, 70, gen)
+    rows, cols = slice(q_start, q_start + seqlen_q), slice(k_start, k_start + seqlen_k)
+    masks = dict(window=window)
+    if documents:
+        row_start, col_stop = document_bounds(positions)
+        masks.update(row_start=row_start[:, rows], col_stop=col_stop[:, cols])
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    out_ref, lse_ref = plain_attention(qd, kd, vd, 0.3, True, q_start, k_start, window,
+                                       ids.expand(batch, -1) if documents else None)
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    grads_ref = torch.autograd.grad(out_ref, (qd, kd, vd), dout.double())
+    grad_tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for impl in ("triton", "reference"):
+        forward_masks = {key: value for key, value in masks.items() if key != "col_stop"}
+        out, lse = attention_block_forward(q, k, v, scale=0.3, causal=True, q_offset=q_start,
+                                           k_offset=k_start, impl=impl, **forward_masks)
+        torch.testing.assert_close(out.double(), out_ref.detach(), **tolerance(dtype))
+        assert_lse_close(lse, lse_ref.detach())
+        grads = attention_block_backward(q, k, v, out_ref.detach().to(dtype), lse_ref.float(),
+                                         dout, scale=0.3, causal=True, q_offset=q_start,
+                                         k_offset=k_start, impl=impl, **masks)
+        for grad, grad_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(grad.double(), grad_ref, **grad_tol)
+
+
+@interpreted
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), window=st.sampled_from([0, 6, 20]), documents=st.booleans(),
+       q_offset=st.integers(0, 20), k_offset=st.integers(0, 20))
+def test_interpreted_key_block_ranges_are_exactly_the_visible_blocks(seed, window, documents,
+                                                                     q_offset, k_offset):
+    """The key blocks a query block walks are those holding a key one of its rows sees (hidden
+    blocks are skipped, not masked), and the unmasked middle ones are seen whole by every row."""
+    import triton
+    from key_ranges import key_ranges_kernel
+
+    from graphopt.ops.attention import _allowed, document_bounds
+
+    if not window and not documents:
+        window = 6
+    seqlen_q, seqlen_k, block = 40, 40, 8
+    positions, _ = random_documents(1, 64, torch.Generator().manual_seed(seed))
+    row_start = document_bounds(positions)[0][:, q_offset:q_offset + seqlen_q].contiguous()
+    out = torch.zeros(triton.cdiv(seqlen_q, block), 4, dtype=torch.int32)
+    key_ranges_kernel[(out.shape[0],)](out, row_start, q_offset, k_offset, seqlen_q, seqlen_k, window,
+                                       BLOCK_M=block, BLOCK_N=block, HAS_WINDOW=window > 0,
+                                       HAS_ROW_START=documents)
+    seen = _allowed(seqlen_q, seqlen_k, True, q_offset, k_offset, torch.device("cpu"), window,
+                    row_start if documents else None).reshape(seqlen_q, seqlen_k)
+    for program, (start, full_start, full_stop, stop) in enumerate(out.tolist()):
+        rows = seen[program * block:(program + 1) * block]
+        blocks = [j for j in range(0, seqlen_k, block) if rows[:, j:j + block].any()]
+        walked = list(range(start, stop, block))
+        assert walked == blocks, (program, walked, blocks)
+        for j in range(full_start, full_stop, block):
+            assert rows[:, j:j + block].all()
+
+
 @interpreted
 def test_interpreted_fused_merge_matches_the_torch_merge():
     """The one-pass merge used after cuDNN blocks, into row views, with rows that saw no key."""
