@@ -124,21 +124,10 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
 
     base_saved = remat_solver.min_cut_saved(graph)
     base = remat_solver.evaluate(graph, base_saved)
-    budget = _budget_bytes(ctx.config.memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
-    offload, windows = (_offload_options(graph, base, profile, ctx) if ctx.config.offload_activations
-                        else ({}, None))
-    refusals = []
-    if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
-        plan, scored = remat_solver.plan_under_budget(graph, base.peak, base_saved, offload)
-        plan = min((p for p in scored if p.cost_s <= base.cost_s + 1e-12),
-                   key=lambda p: (p.peak, p.cost_s), default=base)
-    else:
-        plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
-        if not plan.feasible:
-            refusals.append(
-                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak of the "
-                f"{len(scored)} plans tried is {_fmt(plan.peak)} (at {plan.timeline.peak_label}); using "
-                "it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
+    offload, windows = (offload_choices(graph, base, profile, ctx.config)
+                        if ctx.config.offload_activations else ({}, None))
+    plan, scored, budget, refusals = choose_plan(graph, base_saved, base, ctx.config.memory_budget,
+                                                 offload)
 
     fw_gm, bw_gm = _extract(joint_gm, graph, plan, num_fwd_outputs, static_indices)
     realized = liveness.partitioned_timeline(fw_gm, bw_gm, num_fwd_outputs, hold_backward_inputs=hold,
@@ -169,6 +158,28 @@ def partition_with_plan(joint_gm: fx.GraphModule, joint_inputs, ctx: PassContext
              _fmt(budget) if budget is not None else "-", plan.recompute_time_s * 1e3, len(plan.saved),
              len(plan.recomputed), len(plan.offloaded))
     return fw_gm, bw_gm
+
+
+def choose_plan(graph: JointGraph, base_saved: list[str], base: Plan, memory_budget: Any,
+                offload: dict[str, list[Option]]) -> tuple[Plan, list[Plan], int | None, list[str]]:
+    """The plan for ``memory_budget`` (a flag value) from the min-cut saved set ``base_saved`` and
+    its plan ``base``: (plan, every plan scored, the budget in bytes or None, refusals). Without a
+    budget (offload alone) the lowest peak that costs nothing more than ``base``. The layout
+    planner runs this too, on the graphs it traces."""
+    budget = _budget_bytes(memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
+    refusals = []
+    if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
+        plan, scored = remat_solver.plan_under_budget(graph, base.peak, base_saved, offload)
+        plan = min((p for p in scored if p.cost_s <= base.cost_s + 1e-12),
+                   key=lambda p: (p.peak, p.cost_s), default=base)
+    else:
+        plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
+        if not plan.feasible:
+            refusals.append(
+                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak of the "
+                f"{len(scored)} plans tried is {_fmt(plan.peak)} (at {plan.timeline.peak_label}); using "
+                "it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
+    return plan, scored, budget, refusals
 
 
 def _budget_bytes(value: Any, base_peak: int, base_saved: int) -> int | None:
@@ -362,18 +373,14 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
     return result
 
 
-def _offload_options(graph: JointGraph, base: Plan, profile,
-                     ctx: PassContext) -> tuple[dict[str, list[Option]], dict | None]:
-    """Offload options per saved tensor, and how many bytes the transfer windows reach."""
-    try:
-        from graphopt.analysis import offload_model
-    except ImportError:
-        log.info("[%s] graphopt.analysis.offload_model is not available; planning keep/recompute only",
-                 ctx.graph_id)
-        return {}, None
+def offload_choices(graph: JointGraph, base: Plan, profile,
+                    config) -> tuple[dict[str, list[Option]], dict | None]:
+    """Offload options per saved tensor of ``base``, and how many bytes the transfer windows reach."""
+    from graphopt.analysis import offload_model
+
     saved = saved_tensors(graph, base)
-    profile = offload_model.planning_profile(profile, ctx.config)
-    options = offload_model.offload_options(saved, profile, ctx.config)
+    profile = offload_model.planning_profile(profile, config)
+    options = offload_model.offload_options(saved, profile, config)
     return ({name: [Option("offload", o.device_bytes_freed, o.exposed_time_s, o.alpha, o.host_bytes)
                     for o in choices if o.device_bytes_freed > 0]
              for name, choices in sorted(options.items())},
