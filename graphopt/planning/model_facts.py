@@ -353,7 +353,7 @@ def capture_joint(fn: Callable, args: tuple, kwargs: dict) -> tuple[fx.GraphModu
         raise _Captured
 
     backend = _compat.aot_autograd(fw_compiler=never, bw_compiler=never, partition_fn=partition)
-    runner = _fresh_function(fn)
+    runner = with_own_code(fn, f"graphopt_plan_trace_{next(_trace_ids)}")
     try:
         torch.compile(runner, backend=backend, fullgraph=True)(*args, **kwargs)
     except Exception as err:  # _Captured arrives wrapped in Dynamo's BackendCompilerFailed
@@ -368,13 +368,14 @@ def capture_joint(fn: Callable, args: tuple, kwargs: dict) -> tuple[fx.GraphModu
     return captured[0]
 
 
-def _fresh_function(fn: Callable) -> Callable:
-    """A function calling ``fn`` whose code object is new, so that Dynamo's cache entries for this
-    trace land on it and never on the model's own code (where the user's compiles live)."""
-    def run(*args, **kwargs):
+def with_own_code(fn: Callable, name: str) -> Callable:
+    """A function calling ``fn`` whose code object is its own, so that Dynamo's cache entries for
+    it (and what it compiles) are kept apart from every other function's -- the model's own code,
+    where the user's compiles live, or another block's."""
+    def call(*args, **kwargs):
         return fn(*args, **kwargs)
-    code = run.__code__.replace(co_name=f"graphopt_plan_trace_{next(_trace_ids)}")
-    return types.FunctionType(code, run.__globals__, code.co_name, None, run.__closure__)
+    code = call.__code__.replace(co_name=name)
+    return types.FunctionType(code, call.__globals__, name, None, call.__closure__)
 
 
 def _first_line(error: BaseException) -> str:

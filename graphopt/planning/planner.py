@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch.nn as nn
 
 from graphopt.planning import explain
-from graphopt.planning.layouts import Layout, Refused, SearchSpace, enumerate_layouts
+from graphopt.planning.layouts import MIN_CUT, Layout, Refused, SearchSpace, enumerate_layouts
 from graphopt.planning.model_facts import LossFn, ModelFacts, trace_model
 from graphopt.planning.predict import Prediction, Predictor, Training, itemsize
 from graphopt.planning.world import GIB, World
@@ -97,6 +97,32 @@ class PlanReport:
         return path
 
 
+def _predict_all(predictor: Predictor, layouts: list[Layout]) -> list[Prediction]:
+    """Predictions of ``layouts``, skipping the dominated ones: a memory plan other than the
+    min-cut plan only adds recomputation or copies, so it is predicted only where the min-cut plan
+    of the same layout does not fit -- and, for the explanation, for the fastest layout that fits."""
+    def base_of(layout: Layout) -> Layout:
+        return dataclasses.replace(layout, memory=MIN_CUT)
+
+    enumerated = set(layouts)
+    predictions: dict[Layout, Prediction] = {}
+    for layout in layouts:
+        base = base_of(layout)
+        if base in enumerated and base not in predictions:
+            predictions[base] = predictor.predict(base)
+        if base in predictions and predictions[base].fits and layout != base:
+            continue
+        if layout not in predictions:
+            predictions[layout] = predictor.predict(layout)
+    fitting = sorted((p for p in predictions.values() if p.fits), key=lambda p: (p.step_s, p.layout.key()))
+    if fitting:
+        best = base_of(fitting[0].layout)
+        for layout in layouts:
+            if base_of(layout) == best and layout not in predictions:
+                predictions[layout] = predictor.predict(layout)
+    return list(predictions.values())
+
+
 def layout_flags(layout: Layout) -> dict[str, Any]:
     flags: dict[str, Any] = {"codegen": layout.codegen, **layout.memory.flags()}
     if layout.sp > 1:
@@ -124,7 +150,7 @@ def plan(model: Union[nn.Module, ModelFacts], world: Optional[World] = None, *, 
                         2 * size if optimizer_bytes is None else optimizer_bytes)
     layouts, refused = enumerate_layouts(facts, world, seq_len, global_batch_tokens, space)
     predictor = Predictor(facts, world, seq_len, global_batch_tokens, training)
-    predictions = [predictor.predict(layout) for layout in layouts]
+    predictions = _predict_all(predictor, layouts)
     order = sorted(predictions, key=lambda p: (p.step_s, p.layout.key()))
     ranked = [p for p in order if p.fits]
     report = PlanReport(ranked[0] if ranked else None, ranked, [p for p in order if not p.fits],

@@ -49,11 +49,14 @@ from typing import Any, Optional
 from graphopt.analysis import liveness, overlap_cost, remat_solver
 from graphopt.analysis.device_profile import DeviceProfile
 from graphopt.analysis.remat_solver import JointGraph, Plan
-from graphopt.planning.layouts import Layout, MemoryPlan
+from graphopt.planning.layouts import MIN_CUT, Layout, MemoryPlan
 from graphopt.planning.model_facts import BlockFacts, JointGraphAtSize, ModelFacts
 from graphopt.planning.world import GIB, World
 
 NUM_SMS = overlap_cost.NUM_SMS
+# Kernels one ring step of sequence-parallel attention launches besides its attention block
+# (exchange, partial-output merge, log-sum-exp update), each at least a launch.
+SP_STEP_KERNELS = 4
 GEMM_TILE = 128   # rows and columns of one output tile: a GEMM runs whole waves of NUM_SMS tiles
 
 
@@ -246,11 +249,13 @@ class Predictor:
         graph = self.graph(block, mb, s_local, codegen)
         base_saved = remat_solver.min_cut_saved(graph)
         base = remat_solver.evaluate(graph, base_saved)
-        offload = {}
-        if memory.offload:
-            config = _OffloadConfig()
-            offload, _ = offload_choices(graph, base, self.world.profile, config)
-        plan, _, _, refusals = choose_plan(graph, base_saved, base, memory.budget, offload)
+        if memory == MIN_CUT:  # the min-cut plan is what budget 1.0 alone chooses: nothing frees
+            plan, refusals = base, []  # bytes at no cost, so the knapsack's cheapest member is it
+        else:
+            offload = {}
+            if memory.offload:
+                offload, _ = offload_choices(graph, base, self.world.profile, _OffloadConfig())
+            plan, _, _, refusals = choose_plan(graph, base_saved, base, memory.budget, offload)
         times = self._schedule_seconds(block.traces.at(mb, s_local), graph, plan, mb, s_local, sp)
         timeline = plan.timeline
         forward_end = timeline.live_bytes[timeline.boundary - 1] if timeline.boundary else 0
@@ -363,12 +368,15 @@ class Predictor:
         if sp == 1:
             return 0.0
         kv_bytes = self._kv_bytes(block, mb, s_local)
-        latency = self.world.profile.collective_latency_s
+        profile = self.world.profile
+        latency = profile.collective_latency_s
         steps = sp - 1
         forward_step = kv_bytes / (link.p2p_gbps * 1e9) + latency
         backward_step = 2 * kv_bytes / (link.p2p_gbps * 1e9) + latency
-        return steps * (max(0.0, forward_step - run.attention_forward_s / sp)
-                        + max(0.0, backward_step - run.attention_backward_s / sp))
+        # every step also waits for its exchange and launches the merge of partial results
+        overhead = 2 * steps * (latency + SP_STEP_KERNELS * profile.kernel_launch_s)
+        return overhead + steps * (max(0.0, forward_step - run.attention_forward_s / sp)
+                                   + max(0.0, backward_step - run.attention_backward_s / sp))
 
     def _kv_bytes(self, block: BlockFacts, mb: int, s_local: int) -> float:
         """Bytes of one rank's keys and values (GQA: the key/value heads, not their repeats)."""
@@ -419,19 +427,30 @@ class Predictor:
         return self.facts.n_blocks * block.params + self.facts.head_params
 
     def _memory(self, layout: Layout, block: BlockFacts, run: BlockRun, head: HeadRun) -> dict[str, int]:
+        """What the peak is made of. Gradients are counted where they are alive: all of them from
+        the second micro-batch on (accumulated in ``.grad``) and in the optimizer step; in the
+        first micro-batch only those already computed (the head's, when a block's backward runs;
+        each graph's own are in its peak). The loop zeroes gradients to None before each step."""
         t = self.training
         shard = self._local_params(block) / layout.fsdp
         layers = self.facts.n_blocks
-        memory = {"parameters": int(shard * t.param_bytes), "gradients": int(shard * t.grad_bytes),
+        memory = {"parameters": int(shard * t.param_bytes),
                   "optimizer_state": int(shard * t.optimizer_bytes), "gathered_parameters": 0}
         if layout.fsdp > 1:
             blocks_gathered = 2 if layout.reshard_after_forward else layers
             memory["gathered_parameters"] = int(
                 (blocks_gathered * block.params + self.facts.head_params) * self.compute_bytes)
-        others = (layers - 1) * run.forward_end_bytes
-        block_phase = others + run.peak_bytes + head.held_bytes
-        head_phase = layers * run.forward_end_bytes + head.peak_bytes
-        memory["activations"] = int(max(block_phase, head_phase))
+        all_grads = shard * t.grad_bytes
+        carried = all_grads if layout.grad_accum > 1 else 0.0
+        head_grads = self.facts.head_params * t.grad_bytes / layout.fsdp
+        phases = (  # (activations, gradients) while the head runs, while a block's backward runs, at the end
+            (layers * run.forward_end_bytes + head.peak_bytes, carried),
+            ((layers - 1) * run.forward_end_bytes + run.peak_bytes + head.held_bytes,
+             max(carried, head_grads)),
+            (0.0, all_grads))
+        activations, gradients = max(phases, key=sum)
+        memory["gradients"] = int(gradients)
+        memory["activations"] = int(activations)
         return memory
 
     # -- MFU --
