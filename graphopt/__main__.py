@@ -1,4 +1,4 @@
-"""``python -m graphopt {demo,calibrate,flags}``."""
+"""``python -m graphopt {demo,calibrate,flags,plan}``."""
 
 from __future__ import annotations
 
@@ -19,11 +19,19 @@ def main(argv: list[str] | None = None) -> int:
                           "profile for the planners", add_help=False)
     calibrate.add_argument("rest", nargs=argparse.REMAINDER)
     commands.add_parser("flags", help="list every config flag with its default and comment")
+    # layout planner (graphopt/planning/cli.py)
+    plan = commands.add_parser(
+        "plan", help="choose data / tensor / sequence-parallel degrees, micro-batch and memory plan "
+                     "for a model on a world; print the best layouts and why the others lost")
+    from graphopt.planning import cli as plan_cli
+    plan_cli.add_arguments(plan)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "calibrate":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         return 0 if demo_module.run_demo(demo_module.options_from_args(args)) else 1
+    if args.command == "plan":
+        return plan_cli.run(args)
     if args.command == "calibrate":
         from graphopt.analysis.calibrate import main as calibrate_main
         return calibrate_main(args.rest + rest)

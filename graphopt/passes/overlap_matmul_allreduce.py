@@ -42,7 +42,8 @@ Safe when (checked per site, else the site is left unchanged and the reason is a
 - the cost model (``graphopt.analysis.overlap_cost``) estimates the overlapped runtime faster than
   sequential by its margin, unless ``config.overlap_mode`` forces a runtime;
 - runtime "copy_engine" or "tile" only for a plain 2-D mm (no bias, no batch; reduce-scatter along
-  dim 0 of a 2-D output) on CUDA with torch symmetric memory: the ops' ``mode`` argument says which
+  dim 0 of a 2-D output) on CUDA with torch symmetric memory, over a group inside one node
+  (``graphopt.distributed.topology``; NCCL runtimes elsewhere): the ops' ``mode`` argument says which
   runtime the fused op runs, ``chunks`` its chunk / sub-chunk count, ``taper`` how fast the
   copy-engine sub-chunks shrink (1: equal), and ``replay`` whether a copy-engine call replays CUDA
   graphs of repeated calls (``config.overlap_graph_replay``; the same device work, less host time).
@@ -417,7 +418,7 @@ def overlap_matmul_allreduce(gm: fx.GraphModule, ctx: PassContext) -> PassResult
     if ctx.stage not in STAGES:
         return PassResult(gm, False, refusals=[f"stage {ctx.stage!r} is not one of {STAGES}"])
     import graphopt.ops.matmul_collectives  # noqa: F401  registers graphopt:: ops
-    from graphopt.distributed import symm_mem
+    from graphopt.distributed import symm_mem, topology
 
     profile = current_profile(ctx.config)
     result = PassResult(gm, False, stats={"sites": []})
@@ -434,7 +435,8 @@ def overlap_matmul_allreduce(gm: fx.GraphModule, ctx: PassContext) -> PassResult
         choice = overlap_cost.choose_overlap(
             pattern.kind, match.m, match.n, match.k, match.val.dtype.itemsize, match.world_size,
             profile, is_cuda=is_cuda,
-            symmetric_memory=match.plain_mm_layout and is_cuda and symm_mem.copy_engine_available(),
+            symmetric_memory=(match.plain_mm_layout and is_cuda and symm_mem.copy_engine_available()
+                              and not topology.group_spans_nodes(match.group_name)),
             triton=symm_mem.available(), mode=ctx.config.overlap_mode,
             chunks=ctx.config.overlap_chunks, replay=ctx.config.overlap_graph_replay)
         site = {"pattern": pattern.name, "gemm": match.gemm.name, "mode": choice.mode,

@@ -42,9 +42,10 @@ def reasons(report: "PlanReport") -> list[dict[str, Any]]:
     for rival in report.unfit:
         if rival.step_s >= chosen.step_s:
             break
-        result.append({"choice": "memory", "alternative": rival.layout.describe(),
+        result.append({"choice": "does not fit", "alternative": rival.layout.describe(),
                        "step_s": rival.step_s,
-                       "reason": f"{(1 - rival.step_s / chosen.step_s) * 100:.0f} % faster but does "
+                       "reason": f"{rival.layout.describe()} would be "
+                                 f"{(1 - rival.step_s / chosen.step_s) * 100:.1f} % faster but does "
                                  f"not fit: {rival.why_not_fit()}"})
         if len(result) >= len(CHOICES) + 3:
             break
@@ -59,8 +60,15 @@ def lost_because(chosen: Prediction, rival: Prediction) -> str:
     better = sorted((d, p) for p, d in deltas.items() if d < 0)
     detail = ", ".join(f"{p} {d * 1e3:+.1f} ms" for d, p in (worse[:2] + better[:1])
                        if abs(d) >= 1e-3 * chosen.step_s)
-    verdict = (f"{slower * 100:.1f} % less step time" if slower >= 0.0005
-               else "the same predicted step time; kept by the layout order")
+    if slower >= 0.0005:
+        verdict = f"{slower * 100:.1f} % less step time"
+    elif rival.peak_bytes > chosen.peak_bytes:
+        verdict = (f"the same predicted step time in {(rival.peak_bytes - chosen.peak_bytes) / GIB:.1f} "
+                   "GiB less memory")
+    else:
+        verdict = (f"the same predicted step time (the alternative holds "
+                   f"{(chosen.peak_bytes - rival.peak_bytes) / GIB:.1f} GiB less; the simpler layout "
+                   "is kept)")
     return f"{_short(chosen)} beats {_short(rival)}: {verdict}" + (f" ({detail})" if detail else "")
 
 
