@@ -7,6 +7,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["calibrate"]:  # its own parser: argparse's REMAINDER would reorder its options
+        from graphopt.analysis.calibrate import main as calibrate_main
+        return calibrate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m graphopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,9 @@ import torch.nn as nn
 
 from graphopt.planning.layouts import Layout
 from graphopt.planning.model_facts import ModelFamily, blocks_of, detect_family, with_own_code
+
+if TYPE_CHECKING:
+    from graphopt.planning.planner import PlanReport
 
 log = logging.getLogger("graphopt.distributed.parallelize")
 

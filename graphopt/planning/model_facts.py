@@ -509,6 +509,11 @@ class ModelFacts:
         self.block_params = sum(p.numel() for p in self._block.parameters())
         self.total_params = sum(p.numel() for p in params)
         self.head_params = self.total_params - self.n_blocks * self.block_params
+        # parameters a token's forward multiplies with (all but embedding tables that no linear
+        # shares): the 6 N of the usual model-FLOPs count
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        embeddings -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+        self.matmul_params = self.total_params - sum(p.numel() for p in params if id(p) in embeddings)
         self._model = model
         self._blocks: dict[int, BlockFacts] = {}
         self._head = SizedTraces(self._trace_head, "head")

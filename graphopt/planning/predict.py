@@ -456,19 +456,19 @@ class Predictor:
     # -- MFU --
 
     def model_flops_per_step(self) -> float:
-        """Model FLOPs of one step over the world: 3x the forward's GEMM and (causal) attention
-        FLOPs of every block and the head at the full sequence (recomputation not counted)."""
+        """Model FLOPs of one step over the world, the usual count: 6 per parameter a token
+        multiplies with per token, plus 3x the forward's causal attention FLOPs at the full
+        sequence (recomputation not counted)."""
         if self._model_flops is None:
-            per_sequence = 3 * (self.facts.n_blocks
-                                * self._forward_flops(self.facts.block(1).traces.at(1, self.seq_len))
-                                + self._forward_flops(self.facts.head(1, self.seq_len)))
-            self._model_flops = per_sequence * self.global_batch_tokens / self.seq_len
+            traced = self.facts.block(1).traces.at(1, self.seq_len)
+            graph = traced.reference
+            attention = sum(traced.value(traced.costs[name].flops, 1, self.seq_len)
+                            for name in graph.order
+                            if graph.role[name] == "fw" and traced.costs[name].kind == "attention")
+            sequences = self.global_batch_tokens / self.seq_len
+            self._model_flops = (6 * self.facts.matmul_params * self.global_batch_tokens
+                                 + 3 * self.facts.n_blocks * attention * sequences)
         return self._model_flops
-
-    def _forward_flops(self, traced: JointGraphAtSize) -> float:
-        graph = traced.reference
-        return sum(traced.value(traced.costs[name].flops, 1, self.seq_len) for name in graph.order
-                   if graph.role[name] == "fw" and traced.costs[name].kind in ("gemm", "attention"))
 
 
 class _OffloadConfig:
