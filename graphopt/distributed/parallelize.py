@@ -94,13 +94,16 @@ class ParallelModel:
             yield self._shard(tokens[rows], None if labels is None else labels[rows])
 
     def _shard(self, tokens: torch.Tensor, labels: Optional[torch.Tensor]) -> MicroBatch:
+        """This rank's slice of the sequence (sp > 1) with global positions; contiguous, as models
+        that ``view`` their inputs (Hugging Face's loss does) need."""
         if self.layout.sp == 1:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-            return MicroBatch(tokens, labels, positions)
-        from graphopt.distributed.sharding import shard_sequence
-        local, positions = shard_sequence(tokens, group=self.sp_group)
-        local_labels = None if labels is None else shard_sequence(labels, group=self.sp_group)[0]
-        return MicroBatch(local.contiguous(), None if local_labels is None else local_labels.contiguous(),
+        else:
+            from graphopt.distributed.sharding import shard_sequence
+            if labels is not None:
+                labels = shard_sequence(labels, group=self.sp_group)[0]
+            tokens, positions = shard_sequence(tokens, group=self.sp_group)
+        return MicroBatch(tokens.contiguous(), None if labels is None else labels.contiguous(),
                           positions.contiguous())
 
 

@@ -120,7 +120,19 @@ def _predict_all(predictor: Predictor, layouts: list[Layout]) -> list[Prediction
         for layout in layouts:
             if base_of(layout) == best and layout not in predictions:
                 predictions[layout] = predictor.predict(layout)
-    return list(predictions.values())
+    # A lower budget no plan reaches runs the same lowest-peak plan as a higher one: keep the first.
+    seen: set[tuple] = set()
+    kept = []
+    for layout in layouts:
+        prediction = predictions.get(layout)
+        if prediction is None:
+            continue
+        outcome = (base_of(layout), layout.memory.offload, round(prediction.step_s, 9),
+                   prediction.peak_bytes)
+        if outcome not in seen:
+            seen.add(outcome)
+            kept.append(prediction)
+    return kept
 
 
 def layout_flags(layout: Layout) -> dict[str, Any]:

@@ -54,6 +54,11 @@ from graphopt.planning.model_facts import BlockFacts, JointGraphAtSize, ModelFac
 from graphopt.planning.world import GIB, World
 
 NUM_SMS = overlap_cost.NUM_SMS
+# Remat / offload plans solved exactly (graphopt's own planner at the layout's size), per
+# (tp, memory plan, codegen, tokens per micro-batch); beyond, a layout replays the plan solved at
+# the nearest token count (simulated at its own size): a search over hundreds of layouts stays at
+# seconds per plan, and the one-GPU sweep, with fewer keys, is planned exactly.
+MAX_EXACT_PLANS = 48
 # Kernels one ring step of sequence-parallel attention launches besides its attention block
 # (exchange, partial-output merge, log-sum-exp update), each at least a launch.
 SP_STEP_KERNELS = 4
@@ -163,6 +168,7 @@ class Predictor:
         self._runs: dict[tuple, BlockRun] = {}
         self._heads: dict[tuple, HeadRun] = {}
         self._graphs: dict[tuple, JointGraph] = {}
+        self._solved: dict[tuple, Plan] = {}
         self._model_flops: Optional[float] = None
 
     # -- the whole step --
@@ -249,13 +255,22 @@ class Predictor:
         graph = self.graph(block, mb, s_local, codegen)
         base_saved = remat_solver.min_cut_saved(graph)
         base = remat_solver.evaluate(graph, base_saved)
+        refusals: list[str] = []
         if memory == MIN_CUT:  # the min-cut plan is what budget 1.0 alone chooses: nothing frees
-            plan, refusals = base, []  # bytes at no cost, so the knapsack's cheapest member is it
+            plan = base  # bytes at no cost, so the knapsack's cheapest member is it
         else:
-            offload = {}
-            if memory.offload:
-                offload, _ = offload_choices(graph, base, self.world.profile, _OffloadConfig())
-            plan, _, _, refusals = choose_plan(graph, base_saved, base, memory.budget, offload)
+            key = (block.tp, memory, codegen, mb * s_local)
+            solved = self._solved.get(key) or self._nearest_solved(key)
+            if solved is None:
+                offload = {}
+                if memory.offload:
+                    offload, _ = offload_choices(graph, base, self.world.profile, _OffloadConfig())
+                plan, _, _, refusals = choose_plan(graph, base_saved, base, memory.budget, offload)
+                self._solved[key] = plan
+            else:  # the same choices, simulated at this size
+                offloaded = {name: remat_solver.Option("offload", 0, 0.0, alpha)
+                             for name, alpha in solved.offloaded.items()}
+                plan = remat_solver.evaluate(graph, solved.saved, offloaded)
         times = self._schedule_seconds(block.traces.at(mb, s_local), graph, plan, mb, s_local, sp)
         timeline = plan.timeline
         forward_end = timeline.live_bytes[timeline.boundary - 1] if timeline.boundary else 0
@@ -268,6 +283,16 @@ class Predictor:
                         attention_backward_s=times["attention_backward"],
                         saved=len(plan.saved), recomputed=len(plan.recomputed),
                         refusals=tuple(f"block memory plan: {r}" for r in refusals))
+
+    def _nearest_solved(self, key: tuple) -> Optional[Plan]:
+        """A plan solved for the same tokens per micro-batch split otherwise, or past
+        MAX_EXACT_PLANS the one of the nearest token count (same tp, memory plan and codegen);
+        None: solve this one."""
+        tp, memory, codegen, tokens = key
+        same = [(abs(math.log(k[3] / tokens)), k) for k in self._solved if k[:3] == (tp, memory, codegen)]
+        if not same or (min(same)[0] > 0 and len(self._solved) < MAX_EXACT_PLANS):
+            return None
+        return self._solved[min(same)[1]]
 
     def _schedule_seconds(self, traced: JointGraphAtSize, graph: JointGraph, plan: Plan, mb: int,
                           s_local: int, sp: int) -> dict[str, float]:
