@@ -155,21 +155,21 @@ def loss_for(group: Group) -> Callable:
 
 def train_step(par, optimizer, group: Group, tokens: torch.Tensor, labels: torch.Tensor) -> float:
     layout = par.layout
-    total = 0.0
+    losses = []  # read after the step: a read per micro-batch would stall the GPU between them
     for mb in par.micro_batches(tokens, labels):
         if group.model == "hf":
             out = par.model(input_ids=mb.tokens, position_ids=mb.position_ids, labels=mb.labels,
                             use_cache=False)
             (out.loss / layout.grad_accum).backward()
-            total += float(out.loss.detach())
+            losses.append(out.loss.detach())
             del out
         else:
             loss = loss_for(group)(par.model, mb.tokens, mb.labels, mb.position_ids)
             (loss / layout.grad_accum).backward()
-            total += float(loss.detach())
+            losses.append(loss.detach())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / layout.grad_accum
+    return float(sum(losses)) / layout.grad_accum
 
 
 def measure(group: Group, layout: Layout, device: str, repeats: int) -> dict:

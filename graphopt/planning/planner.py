@@ -154,7 +154,11 @@ def plan(model: Union[nn.Module, ModelFacts], world: Optional[World] = None, *, 
     ``model``: an nn.Module (best built on the meta device) or the ``ModelFacts`` of one.
     ``optimizer_bytes``: optimizer state per parameter (default: Adam in the parameters' dtype,
     2 x its size); ``param_bytes`` / ``grad_bytes``: stored parameter and gradient bytes (default:
-    the parameters' dtype). Raises :class:`NoLayoutFitsError` when none fits (``require_fit``)."""
+    the parameters' dtype). The report goes to ``dump_dir`` (default: graphopt.config.dump_dir)
+    as layout_plan.json / .md. Raises :class:`NoLayoutFitsError` when none fits (``require_fit``)."""
+    if dump_dir is None:
+        from graphopt import config
+        dump_dir = config.dump_dir
     facts = model if isinstance(model, ModelFacts) else trace_model(model, loss_fn)
     world = world or World(gpus_per_node=1)
     size = itemsize(facts.param_dtype)

@@ -278,7 +278,9 @@ class Predictor:
         return BlockRun(forward_s=times["forward"], backward_s=times["backward"],
                         recompute_s=times["recompute"], forward_end_bytes=forward_end,
                         peak_bytes=timeline.peak, offloaded_bytes=offloaded,
-                        exposed_copies_s=plan.exposed_offload_s,
+                        # the copies' own bytes through device memory (read for the offload, written
+                        # by the reload), taken from the compute kernels they run beside
+                        exposed_copies_s=plan.exposed_offload_s + 2 * offloaded / self.rates.hbm,
                         attention_forward_s=times["attention_forward"],
                         attention_backward_s=times["attention_backward"],
                         saved=len(plan.saved), recomputed=len(plan.recomputed),
