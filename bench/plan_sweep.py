@@ -26,11 +26,17 @@ space (which the measured grid covers); the summary compares:
 MFU: model FLOPs (3x the forward's GEMM and causal-attention FLOPs, recomputation not counted) per
 second over the device's data-sheet dense BF16 peak (H100 / H200: 989.4 TFLOP/s).
 
-    python3 bench/plan_sweep.py --out $OUT                          # one H100: ~4 minutes
+    python3 bench/plan_sweep.py --out $OUT                          # one H100: plan, measure, compare
+    python3 bench/plan_sweep.py --out $OUT --measure-only           # GPU: calibrate + measure, ~4 minutes
+    python3 bench/plan_sweep.py --out DIR --predict-only            # anywhere: add the predictions to DIR
+    python3 bench/plan_sweep.py --out DIR --predict-only --merge OTHER/plan_sweep.json   # join two runs
     python3 bench/plan_sweep.py --out $OUT --only hf-8k,ref-8k      # a subset
     python3 bench/plan_sweep.py --out $OUT --only hf-32k --resume   # add to the results in --out
     python3 bench/plan_sweep.py --out /tmp/sweep --dry-run          # CPU: predictions and GPU time estimate
     python3 bench/plan_sweep.py --out /tmp/sweep --smoke            # CPU: tiny models, every code path
+
+Planning the four groups takes about a minute of CPU (tracing, remat plans); --measure-only keeps it
+off the GPU machine, and --predict-only then uses the profile the measuring run calibrated.
 """
 
 from __future__ import annotations
@@ -244,11 +250,11 @@ def device_profile(args, out: pathlib.Path) -> str:
     return str(path)
 
 
-def plan_group(group: Group, profile_path: str, device: str):
-    """(the planner's report for the group's search space, its predictor)."""
+def plan_group(group: Group, profile_path: str, memory: int):
+    """(the planner's report for the group's search space, its predictor) on one GPU of ``memory``
+    bytes."""
     meta = build_model(group, "meta")
     facts = trace_model(meta, loss_fn=loss_for(group))
-    memory = (torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 80 * 10**9)
     world = World(gpus_per_node=1, nodes=1, memory_per_gpu=memory, profile=resolve_profile(profile_path))
     tokens = group.sequences * group.seq
     report = plan(facts, world, seq_len=group.seq, global_batch_tokens=tokens, space=group.space(),
@@ -281,7 +287,7 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    measured = [r for r in rows if r.get("step_s")]
+    measured = [r for r in rows if r.get("step_s") and "predicted_step_s" in r]
     errors = [abs(r["predicted_step_s"] - r["step_s"]) / r["step_s"] for r in measured]
     by_group: dict[str, dict] = {}
     for name in sorted({r["group"] for r in rows}):
@@ -298,7 +304,7 @@ def summarize(rows: list[dict]) -> dict:
         by_group[name] = entry
     ratios = [g["chosen_vs_best_measured"] for g in by_group.values() if "chosen_vs_best_measured" in g]
     mfus = [g["mfu_chosen"] for g in by_group.values() if "mfu_chosen" in g]
-    fit_rows = [r for r in rows if "oom" in r or r.get("peak_bytes")]
+    fit_rows = [r for r in rows if ("oom" in r or r.get("peak_bytes")) and "predicted_fits" in r]
     agree = sum(1 for r in fit_rows if r["predicted_fits"] == (not r.get("oom")))
     peak_ratio = [r["peak_bytes"] / r["predicted_peak_bytes"] for r in measured if r.get("peak_bytes")]
     summary = {
@@ -352,12 +358,14 @@ def markdown(result: dict) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         measured = "out of memory" if r.get("oom") else fmt(r.get("step_s") and r["step_s"] * 1e3, 1)
-        error = (f"{(r['predicted_step_s'] / r['step_s'] - 1) * 100:+.1f} %" if r.get("step_s") else "-")
+        predicted = r.get("predicted_step_s")
+        error = (f"{(predicted / r['step_s'] - 1) * 100:+.1f} %" if r.get("step_s") and predicted else "-")
+        peak = ("-" if predicted is None else f"{r['predicted_peak_bytes'] / 2**30:.1f}"
+                + ("" if r["predicted_fits"] else " (no fit)"))
         lines.append(
             f"| {r['group']} | {r['layout_name']} | {'yes' if r.get('chosen') else ''} | "
-            f"{r['predicted_step_s'] * 1e3:.1f} | {measured} | {error} | "
-            f"{r['predicted_peak_bytes'] / 2**30:.1f}{'' if r['predicted_fits'] else ' (no fit)'} | "
-            f"{fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**30, 1)} | {r['predicted_mfu']:.3f} | "
+            f"{fmt(predicted and predicted * 1e3, 1)} | {measured} | {error} | {peak} | "
+            f"{fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**30, 1)} | {fmt(r.get('predicted_mfu'))} | "
             f"{fmt(r.get('mfu'))} | {fmt(r.get('compile_step_s'), 1)} |")
     lines += ["", *[f"- {note}" for note in result.get("notes", [])]]
     return "\n".join(lines) + "\n"
@@ -384,7 +392,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--time-limit", type=float, default=540.0,
                         help="seconds: no configuration starts past it (results so far are kept)")
-    parser.add_argument("--dry-run", action="store_true", help="plan and predict only, with a GPU-time estimate")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--measure-only", action="store_true",
+                      help="GPU: calibrate and measure every configuration of the grid, plan nothing "
+                           "(the planner's choice is in the grid; --predict-only adds the predictions)")
+    mode.add_argument("--predict-only", action="store_true",
+                      help="plan and predict the rows in --out/plan_sweep.json with the profile measured "
+                           "with them (on any machine: the planner is pure modelling)")
+    mode.add_argument("--dry-run", action="store_true", help="plan and predict only, with a GPU-time estimate")
+    parser.add_argument("--merge", nargs="*", default=(),
+                        help="plan_sweep.json files of other runs (other groups) whose rows join --out's")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, eager codegen")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -397,60 +414,58 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--only {sorted(unknown)}: no such group; choose from {[g.name for g in groups]}")
         groups = tuple(g for g in groups if g.name in wanted)
-    previous = json.loads((out / "plan_sweep.json").read_text()) if args.resume and \
+    resume = args.resume or args.predict_only
+    if args.predict_only and not (out / "plan_sweep.json").exists():
+        raise SystemExit(f"--predict-only needs the measured rows: {out / 'plan_sweep.json'} does not exist")
+    previous = json.loads((out / "plan_sweep.json").read_text()) if resume and \
         (out / "plan_sweep.json").exists() else {"rows": []}
-    profile_path = device_profile(args, out)
-    import transformers
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "-"
-    profile = resolve_profile(profile_path)
-    result = {
-        "name": "plan_sweep", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-        "codegen": "per row (blocks compiled by graphopt, the rest eager)",
-        "timing": f"step: median of {args.repeats} steps after a compile step and a warm-up step",
-        "device_profile": profile.to_json(),
-        "profile_summary": (f"GEMM {profile.matmul_tflops:.0f} TFLOP/s ({profile.sustained_matmul_tflops or 0:.0f} "
-                            f"sustained), attention {profile.attention_tflops or 0:.0f} TFLOP/s, HBM "
-                            f"{profile.hbm_gbps:.0f} GB/s"),
-        "model": {"dims": {g.dims: DIMS[g.dims] for g in groups},
-                  "groups": [dataclasses.asdict(g) for g in groups]},
-        "rows": previous["rows"],
-        "notes": previous.get("notes", []),
-    }
+    for path in args.merge:
+        known = {(r["group"], r["layout_name"]) for r in previous["rows"]}
+        previous["rows"] += [r for r in json.loads(pathlib.Path(path).read_text())["rows"]
+                             if (r["group"], r["layout_name"]) not in known]
+    if args.predict_only:
+        result = previous
+        profile_path = args.profile or str(out / "plan_sweep_device_profile.json")
+        memory = result["device_memory_bytes"]
+    else:
+        profile_path = device_profile(args, out)
+        memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 80 * 10**9
+        result = header(args, device, profile_path, memory, previous)
+    predicting = not args.measure_only
     done = {(r["group"], r["layout_name"]) for r in result["rows"] if r.get("step_s") or r.get("oom")}
     estimate = 0.0
     for group in groups:
-        report, predictor = plan_group(group, profile_path, device)
-        chosen = report.chosen.layout if report.chosen else None
+        chosen, predictor = None, None
+        if predicting:
+            report, predictor = plan_group(group, profile_path, memory)
+            chosen = report.chosen.layout if report.chosen else None
+            print(f"{group.name}: planner chose {chosen.describe() if chosen else 'nothing that fits'}",
+                  flush=True)
         layouts = group.grid() + ([chosen] if chosen and chosen not in group.grid() else [])
-        print(f"{group.name}: planner chose {chosen.describe() if chosen else 'nothing that fits'}", flush=True)
         for layout in layouts:
-            prediction = predictor.predict(layout)
             row = next((r for r in result["rows"] if (r["group"], r["layout_name"]) ==
                         (group.name, layout.describe())), None)
             if row is None:
-                row = {"group": group.name, "layout_name": layout.describe()}
+                row = {"group": group.name, "layout_name": layout.describe(), "layout": layout.to_json()}
                 result["rows"].append(row)
-            row.update(layout=layout.to_json(), chosen=layout == chosen,
-                       predicted_step_s=prediction.step_s, predicted_parts_s=prediction.parts_s,
-                       predicted_peak_bytes=prediction.peak_bytes, predicted_fits=prediction.fits,
-                       predicted_memory_bytes=prediction.memory_bytes, predicted_mfu=prediction.mfu)
-            steps = 2 + args.repeats
-            estimate += COMPILE_ESTIMATE_S[layout.codegen] * (group.layers if layout.memory.offload else 1) \
-                + steps * prediction.step_s
-            if args.dry_run or (group.name, layout.describe()) in done:
-                continue
-            if time.monotonic() - started > args.time_limit:
-                result["notes"].append(f"{group.name} {layout.describe()}: not run, past --time-limit")
-                continue
-            row.update(measure(group, layout, device, args.repeats))
-            if row.get("step_s"):
-                row["mfu"] = (predictor.model_flops_per_step()
-                              / (row["step_s"] * predictor.world.peak_flops()))
+            if predictor is not None:
+                prediction = predictor.predict(layout)
+                row.update(chosen=layout == chosen, predicted_step_s=prediction.step_s,
+                           predicted_parts_s=prediction.parts_s, predicted_peak_bytes=prediction.peak_bytes,
+                           predicted_fits=prediction.fits, predicted_memory_bytes=prediction.memory_bytes,
+                           predicted_mfu=prediction.mfu)
+                estimate += COMPILE_ESTIMATE_S[layout.codegen] * (
+                    group.layers if layout.memory.offload else 1) + (2 + args.repeats) * prediction.step_s
+            if not (args.dry_run or args.predict_only or (group.name, layout.describe()) in done):
+                if time.monotonic() - started > args.time_limit:
+                    result["notes"].append(f"{group.name} {layout.describe()}: not run, past --time-limit")
+                else:
+                    row.update(measure(group, layout, device, args.repeats))
+            if predictor is not None and row.get("step_s"):
+                row["mfu"] = predictor.model_flops_per_step() / (row["step_s"] * predictor.world.peak_flops())
+            if predicting and chosen is not None and layout == chosen and not (row.get("step_s") or row.get("oom")):
+                result["notes"].append(f"{group.name}: the planner's choice {layout.describe()} has not "
+                                       "been measured; run the group again with --resume")
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                    if k in ("group", "layout_name", "predicted_step_s", "step_s", "peak_bytes", "oom",
                             "compile_step_s")}, flush=True)
@@ -458,10 +473,37 @@ def main(argv=None) -> int:
     if args.dry_run:
         result["notes"].append(f"dry run: about {estimate:.0f} s of GPU time for these groups "
                                f"(compiles estimated at {COMPILE_ESTIMATE_S} s each)")
+    if predicting:
+        result["predicted_with"] = {"torch": torch.__version__, "profile": profile_path}
     write(out, result)
     print(markdown(result))
     print(f"wall {time.monotonic() - started:.0f} s")
     return 0
+
+
+def header(args, device: str, profile_path: str, memory: int, previous: dict) -> dict:
+    """What the measuring machine was: device, versions, the profile it measured."""
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    profile = resolve_profile(profile_path)
+    return {
+        "name": "plan_sweep", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device_memory_bytes": memory,
+        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+        "codegen": "per row (blocks compiled by graphopt, the rest eager)",
+        "timing": f"step: median of {args.repeats} steps after a compile step and a warm-up step",
+        "device_profile": profile.to_json(),
+        "profile_summary": (f"GEMM {profile.matmul_tflops:.0f} TFLOP/s ({profile.sustained_matmul_tflops or 0:.0f} "
+                            f"sustained), attention {profile.attention_tflops or 0:.0f} TFLOP/s, HBM "
+                            f"{profile.hbm_gbps:.0f} GB/s"),
+        "model": {"dims": {name: DIMS[name] for name in DIMS}, "groups": [dataclasses.asdict(g) for g in GROUPS]},
+        "rows": previous["rows"],
+        "notes": previous.get("notes", []),
+    }
 
 
 if __name__ == "__main__":
