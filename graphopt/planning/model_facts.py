@@ -463,10 +463,6 @@ class SizedTraces:
         self.traces.append(traced)
         return traced
 
-    @property
-    def first(self) -> JointGraphAtSize:
-        return self.at(TRACE_BATCH, TRACE_SEQ)
-
 
 @dataclasses.dataclass
 class BlockFacts:

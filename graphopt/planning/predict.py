@@ -7,7 +7,8 @@ accumulation repeats that and the optimizer updates its shard. The model, part b
   block      the block's joint graph traced at toy size (``model_facts``) evaluated at
              (micro-batch, local sequence); the memory plan is graphopt's own
              (``plan_rematerialization.choose_plan``: min-cut, then remat budget / offload), planned
-             on that graph exactly as the pass plans it. Its schedule (forward, backward with
+             on that graph as the pass plans it (exactly up to MAX_EXACT_PLANS sizes, then replayed
+             from the nearest size). Offload adds its copies' traffic through device memory. Its schedule (forward, backward with
              recomputation before first use) is priced kernel by kernel: GEMMs at the sustained
              GEMM rate (less the last partial wave of 128 x 128 tiles over the SMs), attention at
              the profile's attention rate, everything else at HBM bandwidth over the bytes the
@@ -24,7 +25,8 @@ accumulation repeats that and the optimizer updates its shard. The model, part b
   SP         graphopt's sequence-parallel attention: each rank holds seq/sp tokens; causal work is
              balanced, so each rank does 1/sp of the attention; K/V travel around the ring in
              sp - 1 steps (forward: K and V; backward: K, V and their gradients), each step hidden
-             under that step's attention unless the link is slower.
+             under that step's attention unless the link is slower, plus a latency and a few
+             launches per step (SP_STEP_KERNELS).
   FSDP2      parameters, gradients and optimizer state sharded over dp x sp ranks: per micro-batch
              and block an all-gather in forward (and again in backward when parameters are
              resharded after forward) and a reduce-scatter of the gradients, each overlapped with

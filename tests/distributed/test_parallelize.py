@@ -78,13 +78,13 @@ def _two_ranks(rank: int, world: int) -> dict:
 
     from graphopt.distributed.parallelize import PlanMismatchError, parallelize
     from graphopt.planning import World, plan, trace_model
-    from graphopt.planning.layouts import Layout, SearchSpace
+    from graphopt.planning.layouts import MIN_CUT, Layout, SearchSpace
 
     # every rank plans, and gets the same plan
     with torch.device("meta"):
         meta = _hf_model()
     report = plan(trace_model(meta), World(gpus_per_node=2), seq_len=SEQ, global_batch_tokens=4 * SEQ,
-                  space=SearchSpace(min_tokens_per_sp_rank=4))
+                  space=SearchSpace(micro_batches=(1, 2), memory_plans=(MIN_CUT,), min_tokens_per_sp_rank=4))
     fingerprints = [None] * world
     dist.all_gather_object(fingerprints, report.fingerprint())
     errors = {layout.describe(): _check_layout("hf", layout)
