@@ -87,6 +87,17 @@ def fake_tensor_mode_of(gm: torch.fx.GraphModule):
     return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
 
 
+def fake_tensor_mode():
+    """A FakeTensorMode that also accepts real (and meta) tensors: shapes flow, nothing is computed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def shape_guards(shape_env) -> list:
+    """The sympy expressions of the guards a ShapeEnv recorded (each must hold for its graph)."""
+    return [guard.expr for guard in getattr(shape_env, "guards", ())]
+
+
 def is_symbolic(value: Any) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
 

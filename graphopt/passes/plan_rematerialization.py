@@ -90,21 +90,10 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
 
     base_saved = remat_solver.min_cut_saved(graph)
     base = remat_solver.evaluate(graph, base_saved)
-    budget = _budget_bytes(config.memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
-    offload, windows = (_offload_options(graph, base, profile, config) if config.offload_activations
+    offload, windows = (offload_choices(graph, base, profile, config) if config.offload_activations
                         else ({}, None))
-    refusals = []
-    if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
-        plan, scored = remat_solver.plan_under_budget(graph, base.peak, base_saved, offload)
-        plan = min((p for p in scored if p.cost_s <= base.cost_s + 1e-12),
-                   key=lambda p: (p.peak, p.cost_s), default=base)
-    else:
-        plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
-        if not plan.feasible:
-            refusals.append(
-                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak of the "
-                f"{len(scored)} plans tried is {_fmt(plan.peak)} (at {plan.timeline.peak_label}); using "
-                "it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
+    plan, scored, budget, refusals = choose_plan(graph, base_saved, base, config.memory_budget,
+                                                 offload)
 
     fw_gm, bw_gm = _extract(joint_gm, graph, plan, signature)
     realized = liveness.partitioned_timeline(fw_gm, bw_gm, signature.num_fwd_outputs,
@@ -137,6 +126,28 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
                "planned_peak_bytes": plan.peak, "budget_bytes": budget},
         notes={"remat_plan": _note(summary), "op_timing": timing_report},
         files=_files(ctx.graph_id, base, plan, summary, timing_report))
+
+
+def choose_plan(graph: JointGraph, base_saved: list[str], base: Plan, memory_budget: int | float | None,
+                offload: dict[str, list[Option]]) -> tuple[Plan, list[Plan], int | None, list[str]]:
+    """The plan for ``memory_budget`` (the typed flag value) from the min-cut saved set
+    ``base_saved`` and its plan ``base``: (plan, every plan scored, the budget in bytes or None,
+    refusals). Without a budget (offload alone) the lowest peak that costs nothing more than
+    ``base``. The layout planner runs this too, on the graphs it traces."""
+    budget = _budget_bytes(memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
+    refusals = []
+    if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
+        plan, scored = remat_solver.plan_under_budget(graph, base.peak, base_saved, offload)
+        plan = min((p for p in scored if p.cost_s <= base.cost_s + 1e-12),
+                   key=lambda p: (p.peak, p.cost_s), default=base)
+    else:
+        plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
+        if not plan.feasible:
+            refusals.append(
+                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak of the "
+                f"{len(scored)} plans tried is {_fmt(plan.peak)} (at {plan.timeline.peak_label}); using "
+                "it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
+    return plan, scored, budget, refusals
 
 
 def _budget_bytes(budget: int | float | None, base_peak: int, base_saved: int) -> int | None:
@@ -318,9 +329,9 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
     return result
 
 
-def _offload_options(graph: JointGraph, base: Plan, profile,
-                     config) -> tuple[dict[str, list[Option]], dict | None]:
-    """Offload options per saved tensor, and how many bytes the transfer windows reach."""
+def offload_choices(graph: JointGraph, base: Plan, profile,
+                    config) -> tuple[dict[str, list[Option]], dict | None]:
+    """Offload options per saved tensor of ``base``, and how many bytes the transfer windows reach."""
     saved = saved_tensors(graph, base)
     profile = offload_model.planning_profile(profile, config.offload_link_slack)
     options = offload_model.offload_options(saved, profile, config.offload_host_capacity)
