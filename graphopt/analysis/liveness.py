@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from typing import Iterable
 
 import torch
 import torch.fx as fx
@@ -457,17 +458,21 @@ def graph_schedule(gm: fx.GraphModule, seconds: dict[str, float | None] | None =
     return steps, pinned, preloaded
 
 
-def graph_timeline(gm: fx.GraphModule, hold_inputs: bool = False,
+def graph_timeline(gm: fx.GraphModule, hold_inputs: bool | Iterable[str] = False,
                    fuse_pointwise: bool = False) -> tuple[list[fx.Node], Timeline]:
     """Bytes live after each call_function node of one graph (the nodes, and the timeline).
 
-    Its placeholders exist from the start and are freed at their last use (held to the end with
-    ``hold_inputs``, where the caller keeps the argument list); what it returns lives to the end.
+    Its placeholders exist from the start and are freed at their last use, but those the caller
+    holds anyway: every one with ``hold_inputs=True`` (the caller keeps the argument list), or the
+    placeholders named in ``hold_inputs`` (parameters, which the module holds); what it returns
+    lives to the end.
     ``fuse_pointwise``: as Inductor runs the graph (``inline_pointwise``); the bytes are still
     listed in the graph's node order, each node's the bytes after the kernel that computes it."""
     steps, pinned, preloaded = graph_schedule(gm)
-    if hold_inputs:
+    if hold_inputs is True:
         pinned |= set(preloaded)
+    elif hold_inputs:
+        pinned |= {f"in:{name}" for name in hold_inputs} & set(preloaded)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     if not fuse_pointwise:
         return nodes, simulate(steps, pinned, preloaded)
