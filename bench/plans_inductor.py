@@ -409,9 +409,9 @@ def summarize(rows: list[dict]) -> dict:
             if torch_ms is not None:
                 r["step_vs_torch_budget"], r["torch_comparison"] = r["step_ms"] / torch_ms, "interpolated"
             else:
-                above = [ms for peak, ms in curve if peak >= r["peak_bytes"]]
-                if above:
-                    r["step_vs_torch_budget"], r["torch_comparison"] = r["step_ms"] / min(above), "bound"
+                above = [(peak, ms) for peak, ms in curve if peak >= r["peak_bytes"]]
+                if above:  # against torch's lowest-peak point above ours
+                    r["step_vs_torch_budget"], r["torch_comparison"] = r["step_ms"] / min(above)[1], "bound"
             if name.startswith("offload"):
                 remat_ms = interpolate(remat_points, r["peak_bytes"]) if remat_points else None
                 if remat_ms is not None:

@@ -40,18 +40,22 @@ def step_seconds(steps: Iterable[Step], bytes_per_s: float, launch_s: float,
     reads them."""
     steps = list(steps)
     value_bytes = dict(preloaded or {})
+    computed_inside: set[str] = set()  # values (and their views) no kernel stores: never read
     for step in steps:
         value_bytes[step.key] = step.value_bytes
         for index, nbytes in enumerate(step.outputs):
             value_bytes[f"{step.key}#{index}"] = nbytes
+        if step.inlined or (step.storage != step.key and step.storage in computed_inside):
+            computed_inside.add(step.key)
     result = []
     for step in steps:
         if step.inlined:
             result.append(0.0)
         elif step.seconds is not None:
             result.append(step.seconds)
-        else:
-            reads = sum(value_bytes.get(name, 0) for name in dict.fromkeys(step.inputs))
+        else:  # an inlined input's own reads are among the step's inputs (inline_pointwise)
+            reads = sum(value_bytes.get(name, 0) for name in dict.fromkeys(step.inputs)
+                        if name not in computed_inside)
             writes = step.nbytes + sum(step.outputs)
             result.append(launch_s + (reads + writes) / bytes_per_s)
     return result

@@ -158,8 +158,7 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
     ctx.plans.partition = PartitionPlan(
         forward=fw_gm, backward=bw_gm, saved=tuple(plan.saved), recomputed=tuple(plan.recomputed),
         offloaded=dict(plan.offloaded), planned_peak_bytes=plan.peak, report=summary,
-        copy_points={name: tuple(None if key is None else key.split(":", 1)[1] for key in pair)
-                     for name, pair in plan.copy_points.items()})
+        copy_points={name: tuple(_node_of(key) for key in pair) for name, pair in plan.copy_points.items()})
     for reason in warned:
         warnings.warn(f"[{ctx.graph_id}] {reason}", BudgetNotMetWarning, stacklevel=2)
     log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), modelled step %.3f -> %.3f ms, "
@@ -173,6 +172,12 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
                "planned_peak_bytes": plan.peak, "budget_bytes": summary["budget_bytes"]},
         notes={"remat_plan": _note(summary), "op_timing": timing_report},
         files=_files(ctx.graph_id, base, plan, summary, timing_report))
+
+
+def _node_of(key: str | None) -> str | None:
+    """The cut graphs' node a schedule key stands for; None for none, or a backward input (a
+    tangent: the backward's start)."""
+    return None if key is None or key.startswith("t:") else key.split(":", 1)[1]
 
 
 # --- the budget: what it bounds, and what it counts ----------------------------------------------

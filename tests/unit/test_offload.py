@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import itertools
+import json
 import operator
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import graphopt
 from graphopt import _compat, config
+from graphopt.debug.dump import compile_summaries
 from graphopt.models.llama import Llama, LlamaConfig
 from graphopt.ops import offload as offload_ops
 from graphopt.passes.manager import PassContext, run_stage
@@ -603,3 +605,60 @@ def test_inductor_keeps_the_ops_and_the_numerics():
     assert offload_ops.pool_stats()["pool_allocations"] == before + 1  # the ops ran
     for g, r in zip(grads(model), grads(reference)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# --- the plan's copy points and the planned peak -------------------------------------------------------
+
+def test_the_pass_waits_and_reloads_no_earlier_or_later_than_the_plan_simulated():
+    """The joint plan times each offload on its own schedule (copy_points); the pass starts from
+    there and may only wait later / reload earlier where memory allows."""
+    compiled = Compiled(tiny(n_layers=2), joint_plan=True)
+    compiled.step(torch.randint(0, 128, (1, 64)))
+    points = compiled.plans.partition.copy_points
+    assert points and set(points) == set(compiled.plans.partition.offloaded)
+    fw, bw = compiled.graphs["forward"], compiled.graphs["backward"]
+    fw_order = {n.name: i for i, n in enumerate(fw.graph.nodes)}
+    bw_order = {n.name: i for i, n in enumerate(bw.graph.nodes)}
+    waits = {n.args[1].name: n for n in calls(fw, OPS.offload_wait)}
+    reloads = {n.args[0].name: n for n in calls(bw, OPS.reload)}
+    for name, (wait_before, issue_before) in points.items():
+        if wait_before is not None and wait_before in fw_order:
+            assert fw_order[waits[name].name] >= fw_order[wait_before] - 1, name
+        if issue_before is not None and issue_before in bw_order:
+            assert bw_order[reloads[name].name] <= bw_order[issue_before], name
+
+
+def test_the_allocator_sees_the_planned_peak_with_offload():
+    """Eager codegen on CPU, offload on: the CPU allocator's peak over a step is the planned one
+    (the pool is allocated once, at the first step)."""
+    from test_remat import _allocator_peak  # the CPU allocator probe of the remat tests
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.tiny(dim=128, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=500))
+    tokens = torch.randint(0, 500, (1, 256))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda: model.loss(tokens, tokens, chunks=4),
+                             backend=graphopt.backend(codegen="eager", offload_activations=True))
+    compiled().backward()
+    plan = compile_summaries()[-1]["notes"]["remat_plan"]
+    assert plan["offloaded"]
+    model.zero_grad(set_to_none=True)
+    measured = _allocator_peak(lambda: compiled().backward())
+    assert measured == plan["planned_peak_bytes"], (measured, plan["planned_peak_bytes"], plan["peak_at"])
+
+
+def test_offload_alone_moves_only_what_the_link_hides_and_says_what_it_left(tmp_path):
+    """With no budget the plan is no slower than the min-cut plan (modelled, within
+    OFFLOAD_ALONE_SLOWDOWN); a link too slow for all of the saved activations moves less, and the
+    plan says how much and why."""
+    from graphopt.analysis.device_profile import CPU
+    from graphopt.passes.plan_rematerialization import OFFLOAD_ALONE_SLOWDOWN
+    path = tmp_path / "slow_link.json"
+    path.write_text(json.dumps(dataclasses.replace(CPU, name="slow link", host_link_gbps=0.2).to_json()))
+    compiled = Compiled(tiny(n_layers=2), joint_plan=True, device_profile=str(path))
+    compiled.step(torch.randint(0, 128, (1, 64)))
+    plan = compiled.plans.partition.report
+    assert plan["model_step_s"] <= plan["min_cut_model_step_s"] * (1 + OFFLOAD_ALONE_SLOWDOWN)
+    (reason,) = [r for r in plan["refusals"] if r.startswith("offloads ")]
+    assert "the rest stays on the device" in reason and "0.2 GB/s" in reason
+    moved = sum(row["bytes"] * row["alpha"] for row in plan["table"] if row["action"] == "offload")
+    assert 0 <= moved < plan["offload_windows"]["saved_bytes"]

@@ -801,3 +801,32 @@ def test_disabled_passes_switches_the_planner_off():
     (entry,) = [p for p in summary["passes"] if p["pass"] == "plan_rematerialization"]
     assert entry["ran"] is False and "disabled_passes" in entry["reason"]
     assert "remat_plan" not in summary.get("notes", {})  # torch's min-cut partitioned the graph
+
+
+# --- the joint plan against its parts -----------------------------------------------------------------
+
+def test_the_joint_plan_is_never_slower_than_remat_alone_or_offload_alone(chunked_loss_llama):
+    """At one budget the joint plan's modelled step is at most the faster of the best plan that
+    only recomputes and the best plan that only offloads (the family holds each kind alone)."""
+    from graphopt.analysis import remat_solver
+    from graphopt.passes import plan_rematerialization as planner
+    ctx, graph, base_saved = plan_keeping_graph(chunked_loss_llama, 0.5, offload_activations=True)
+    base = remat_solver.evaluate(graph, base_saved)
+    options, _ = planner._offload_options(graph, planner.saved_tensors(graph, base), base, ctx.config)
+    budget = remat_solver.Budget(peak_bytes=base.peak, kept_bytes=base.kept_bytes // 2)
+    items = remat_solver.candidates(graph, base_saved, options)
+    groups = {c.name: c.names for c in items}
+
+    def best_of(kind):
+        only = [dataclasses.replace(c, options=(remat_solver.KEEP, *[o for o in c.options[1:]
+                                                                    if o.kind == kind]))
+                for c in items]
+        family = remat_solver.knapsack_family([c for c in only if len(c.options) > 1])
+        return min((remat_solver._score(graph, base_saved, budget, choice, groups) for choice in family),
+                   key=remat_solver._objective)
+
+    joint = remat_solver.plan_under_budget(graph, budget, base_saved, options)[0]
+    parts = [p for p in (best_of("recompute"), best_of("offload")) if p.feasible]
+    assert joint.feasible and parts
+    assert joint.step_s <= min(p.step_s for p in parts) * (1 + 1e-9)
+    assert ctx.plans.partition.report["model_step_s"] == pytest.approx(joint.step_s)
