@@ -26,17 +26,18 @@ Backward::
     y = first_use(x)                    x = graphopt.reload_wait(r, pool, offset, shape, stride)
                                         y = first_use(x)
 
-Placement: the forward waits no earlier than the first node by which the D2H queue (all
-offloads, in production order, at the profile's host-link bandwidth slowed by
-``config.offload_link_slack``; node times measured on CUDA, see ``graphopt.measure.op_timing``,
-else the roofline) has finished the copy, and after the last forward use of ``x`` and its views;
-from there each wait moves as late as the forward's simulated memory allows without lifting the
-planned peak (``_sink_forward_waits``), so a copy running late stalls nothing until then. In the
-backward each reload
-must be issued no later than the H2D queue (in order of first use, each copy due at its first use,
-with the same slack) allows, and is issued as much earlier as the backward's memory allows: no
-earlier than the reload before it, and never where its bytes would raise the backward's simulated
-peak (``_hoist_reloads``). Memory the backward does not use at its peak so buys the copy slack
+Placement: where the joint planner simulated the copies (``PartitionPlan.copy_points``), else
+on this graph's own times (``op_timing.codegen_times``: Inductor's kernels under Inductor) with the
+same queues (``offload_model.copy_points``; the host link slowed by ``config.offload_link_slack``,
+more under Inductor, ``kernel_time.copy_slack``): the forward waits no earlier than the first node
+by which the D2H queue (all offloads, in production order) has finished the copy, and after the
+last forward use of ``x`` and its views; from there each wait moves as late as the forward's
+simulated memory allows without lifting the planned peak (``_sink_forward_waits``), so a copy
+running late stalls nothing until then. In the backward each reload must be issued no later than
+the H2D queue (in order of first use, each copy due at its first use, with the same slack) allows,
+and is issued as much earlier as the backward's memory allows: no earlier than the reload before
+it, and never where its bytes would raise the backward's simulated peak (``_hoist_reloads``; the
+forward's own inputs, parameters, stay live through it). Memory the backward does not use at its peak so buys the copy slack
 against a late arrival, at no cost in peak.
 
 Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
@@ -71,7 +72,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import liveness, offload_model
+from graphopt.analysis import kernel_time, liveness, offload_model
 from graphopt.analysis.cost_model import tensor_nbytes
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
@@ -121,7 +122,7 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     activation_bytes = _activation_bytes(outputs, saved_positions)
     profile = current_profile(ctx.config.device_profile)
     fw_times = _times(gm, profile, ctx)
-    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)  # with slack
+    profile = _planning_profile(profile, ctx)  # with slack
     if plan is None:
         if ctx.config.memory_budget is not None:
             return PassResult(gm, False, refusals=[
@@ -368,6 +369,13 @@ def _row_numel(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, in
     return int(shape[outer]), int(stride[outer])
 
 
+def _planning_profile(profile, ctx: PassContext):
+    """The profile copies are placed with: the host link slowed by the planning slack
+    (``kernel_time.copy_slack``: more under Inductor, whose times are modelled)."""
+    return offload_model.planning_profile(profile, kernel_time.copy_slack(
+        ctx.config.offload_link_slack, ctx.config.codegen == "inductor"))
+
+
 def _times(gm: fx.GraphModule, profile, ctx: PassContext) -> dict[str, float]:
     """Seconds per node of ``gm`` as its code runs (``op_timing.codegen_times``: op times measured
     where the flag says; under Inductor the time of the kernel each node is part of)."""
@@ -557,7 +565,7 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     profile = current_profile(ctx.config.device_profile)
     nodes = list(gm.graph.nodes)
     times = _times(gm, profile, ctx)
-    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)
+    profile = _planning_profile(profile, ctx)
     position = {node: i for i, node in enumerate(nodes)}
     first_use = {}
     for name in rewrite.slots:

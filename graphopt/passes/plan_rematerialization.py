@@ -72,7 +72,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model, liveness, offload_model, op_facts, remat_solver
+from graphopt.analysis import cost_model, kernel_time, liveness, offload_model, op_facts, remat_solver
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.remat_solver import JointGraph, Option, Plan
 from graphopt.debug import memory_plot
@@ -107,7 +107,8 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
     fuse = config.codegen == "inductor"  # Inductor computes pointwise chains in one kernel
     timing = op_timing.time_graph(joint_gm, profile, config.op_timing,
                                   config.op_timing_agreement_timeout_s)
-    copy_profile = (offload_model.planning_profile(profile, config.offload_link_slack)
+    copy_profile = (offload_model.planning_profile(
+        profile, kernel_time.copy_slack(config.offload_link_slack, fuse))
                     if config.offload_activations else None)
     graph = build_joint_graph(joint_gm, signature.num_fwd_outputs, profile, hold_backward_inputs=hold,
                               node_times=timing.times, fuse_pointwise=fuse,
