@@ -65,8 +65,8 @@ def test_the_priority_plan_asks_for_the_issues_rows_first():
         models, seqs, rows = "hf,ref", "8192,16384,65536", ""
 
     rows = bench.plan_rows(Args)
-    first = rows[:12]
-    assert ("hf", 16384, "inductor") == rows[0] and ("hf", 65536, "offload") in first
+    first = rows[:12]  # offload against Inductor at every S on both models
+    assert ("hf", 16384, "inductor") == rows[0] and {r for _, _, r in first} == {"inductor", "offload"}
     assert len(rows) == len(set(rows))
     for model in ("hf", "ref"):
         for seq in (8192, 16384, 65536):
