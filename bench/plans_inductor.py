@@ -22,6 +22,8 @@ the comparison is between the partitions. Rows (--rows, per model and sequence l
   graphopt:B    graphopt memory_budget=B (a fraction, or bytes such as 20GiB)
   offload       graphopt offload_activations=True, no budget
   offload:B     graphopt offload_activations=True and memory_budget=B
+  ROW+expandable  ROW with the caching allocator's expandable segments (what reserved memory is
+                without fragmentation; a diagnostic for the static arena of issue 23, item 6)
 
 Every row records the step, forward and backward times (CUDA events, median), the allocator's
 allocated and reserved peaks (torch.cuda.max_memory_allocated / max_memory_reserved over a step
@@ -93,6 +95,8 @@ PRIORITY = [
     ("ref", 8192, "graphopt:1.0,graphopt:0.5,torch:0.5,torch:0.0,offload:0.5,full_ac,save_on_cpu"),
     ("hf", 65536, "save_on_cpu"),
     ("ref", 65536, "save_on_cpu"),
+    ("hf", 65536, "offload" + "+expandable"),
+    ("ref", 65536, "offload" + "+expandable"),
 ]
 
 
@@ -271,12 +275,22 @@ def _is_number(text: str) -> bool:
         return False
 
 
+EXPANDABLE = "+expandable"
+
+
 def measure_row(row: str, model: Model, inputs, clock: Clock, args, profile_path) -> dict:
     """Compile (first step), one step for the peaks after the cache was emptied, then timed steps."""
-    fresh_start(clock)
-    fn, context = row_callable(row, model, args, profile_path)
-    with model.checkpointed() if row == "full_ac" else contextlib.nullcontext():
-        return _measure(row, model, fn, context, inputs, clock, args)
+    kind = row.removesuffix(EXPANDABLE)
+    allocator = (_compat.cuda_allocator_settings("expandable_segments:True", "expandable_segments:False")
+                 if kind != row and clock.cuda else contextlib.nullcontext())
+    with allocator:
+        fresh_start(clock)
+        fn, context = row_callable(kind, model, args, profile_path)
+        with model.checkpointed() if kind == "full_ac" else contextlib.nullcontext():
+            result = _measure(kind, model, fn, context, inputs, clock, args)
+        fresh_start(clock)  # segments of this kind go back before the next row
+    result["row"] = row
+    return result
 
 
 def _measure(row: str, model: Model, fn, context, inputs, clock: Clock, args) -> dict:
@@ -380,7 +394,8 @@ def summarize(rows: list[dict]) -> dict:
                               interpolated over its frontier (inductor and torch:F rows of that S no
                               other row beats on both); rows below torch's lowest peak are listed
                               apart (a bound against its lowest-peak point)
-    reserved_over_allocated_max  the largest reserved / allocated peak over every row (and at 64K)
+    reserved_over_allocated_max  the largest reserved / allocated peak over every row with the
+                              default allocator (and at 64K; with expandable segments apart)
     model_forward_vs_measured_max_error  |modelled forward / measured forward - 1| over graphopt rows
     """
     ok = [r for r in rows if "error" not in r]
@@ -435,6 +450,7 @@ def summarize(rows: list[dict]) -> dict:
         return max(values) if values else None
 
     ours = [r for r in ok if r["row"].startswith(("graphopt", "offload"))]
+    default_allocator = [r for r in ok if not r["row"].endswith(EXPANDABLE)]
     fitting = [r for r in ours if r.get("plan_feasible") is not False]
     compared = {m: [r["step_vs_torch_budget"] for r in ours
                     if r["model"] == m and r.get("torch_comparison") == "interpolated"] for m in ("hf", "ref")}
@@ -448,9 +464,11 @@ def summarize(rows: list[dict]) -> dict:
         "step_vs_torch_budget_max_ref": largest(compared["ref"]),
         "below_torch_frontier": [[r["model"], r["seq"], r["row"], round(r["step_vs_torch_budget"], 3)]
                                  for r in ours if r.get("torch_comparison") == "bound"],
-        "reserved_over_allocated_max": largest(r.get("reserved_over_allocated") for r in ok),
-        "reserved_over_allocated_max_64k": largest(r.get("reserved_over_allocated") for r in ok
+        "reserved_over_allocated_max": largest(r.get("reserved_over_allocated") for r in default_allocator),
+        "reserved_over_allocated_max_64k": largest(r.get("reserved_over_allocated") for r in default_allocator
                                                    if r["seq"] == 65536),
+        "reserved_over_allocated_max_expandable": largest(r.get("reserved_over_allocated") for r in ok
+                                                          if r["row"].endswith(EXPANDABLE)),
         "model_forward_vs_measured_max_error": largest(
             abs(r["model_forward_vs_measured"] - 1) for r in ours if r.get("model_forward_vs_measured")),
         "op_sum_forward_vs_measured": sorted({round(r["op_sum_forward_vs_measured"], 3) for r in ours
@@ -484,6 +502,7 @@ def markdown(result: dict) -> str:
         lines.append(f"- {key}: {_f(s.get(key))} (target {s['targets'][key]}: "
                      f"{'met' if met else 'not met' if met is False else 'not measured'})")
     for key in ("peak_over_planned_max_all_plans", "reserved_over_allocated_max_64k",
+                "reserved_over_allocated_max_expandable",
                 "op_sum_forward_vs_measured", "below_torch_frontier"):
         lines.append(f"- {key}: {s.get(key)}")
     lines += ["", "## Rows", "",

@@ -281,6 +281,18 @@ def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] 
 
 
 
+@contextlib.contextmanager
+def cuda_allocator_settings(settings: str, restore: str):
+    """The CUDA caching allocator configured with ``settings`` (``PYTORCH_CUDA_ALLOC_CONF``
+    syntax, e.g. "expandable_segments:True") for the scope, ``restore`` after; segments allocated
+    before keep their kind."""
+    torch.cuda.memory._set_allocator_settings(settings)
+    try:
+        yield
+    finally:
+        torch.cuda.memory._set_allocator_settings(restore)
+
+
 def record_cuda_memory_history(enabled: bool, max_entries: int = 200_000) -> None:
     """Start (or stop) the CUDA caching allocator's record of allocations and frees."""
     torch.cuda.memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
