@@ -612,11 +612,14 @@ def _allocator_peak(step) -> int:
     return peak
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.4])
-def test_planned_peak_is_the_peak_the_allocator_sees(fraction):
+@pytest.mark.parametrize("flags", [dict(memory_budget=1.0), dict(memory_budget=0.4),
+                                   dict(offload_activations=True)])
+def test_planned_peak_is_the_peak_the_allocator_sees(flags):
     """The simulation against the runtime: a compiled Llama step (eager codegen, chunked loss) on
     CPU, where no kernel at the peak takes scratch memory, reaches exactly the planned peak --
-    forward values, saved tensors held by the backward's boxed call, gradients, temporaries."""
+    forward values, saved tensors held by the backward's boxed call, gradients, temporaries, and
+    with offload the kept parts and the reloads where the plan put them (the host pool is
+    allocated once, at the first step)."""
     from graphopt.models.llama import Llama, LlamaConfig
 
     torch.manual_seed(0)
@@ -624,9 +627,10 @@ def test_planned_peak_is_the_peak_the_allocator_sees(fraction):
     tokens = torch.randint(0, 1000, (1, 256))
     torch._dynamo.reset()
     compiled = torch.compile(lambda: model.loss(tokens, tokens, chunks=4),
-                             backend=graphopt.backend(codegen="eager", memory_budget=fraction))
+                             backend=graphopt.backend(codegen="eager", **flags))
     compiled().backward()
     summary = compile_summaries()[-1]["notes"]["remat_plan"]
+    assert bool(summary["offloaded"]) == bool(flags.get("offload_activations"))
     model.zero_grad(set_to_none=True)
     measured = _allocator_peak(lambda: compiled().backward())
     assert measured == summary["planned_peak_bytes"], (measured, summary["planned_peak_bytes"], summary["peak_at"])
