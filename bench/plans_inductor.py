@@ -620,7 +620,7 @@ def device_profile(device: str, out: str) -> str | None:
         return None
     from graphopt.measure.calibrate import calibrate
     profile, _ = calibrate()
-    path = os.path.abspath(os.path.join(out, "device_profile.json"))
+    path = os.path.abspath(os.path.join(out, "plans_inductor_device_profile.json"))
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as handle:
         json.dump(profile.to_json(), handle, indent=1)
