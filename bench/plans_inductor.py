@@ -239,14 +239,11 @@ def fresh_start(clock: Clock) -> None:
 def row_callable(row: str, model: Model, args, profile_path: str | None):
     """(the compiled loss function, the context each step's forward runs in) of one row."""
     kind, _, value = row.partition(":")
-    context = contextlib.nullcontext
+    context = _save_on_cpu if kind == "save_on_cpu" else contextlib.nullcontext
     codegen_flags = {} if args.codegen == "inductor" else {"codegen": args.codegen}
     if kind in ("inductor", "torch", "save_on_cpu", "full_ac"):
         backend = "inductor" if args.codegen == "inductor" else "aot_eager"
         loss = model.full_ac_loss if kind == "full_ac" else model.loss
-        if kind == "save_on_cpu":
-            def context():
-                return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
         fn = torch.compile(loss, backend=backend)
         if kind == "torch":
             budget = float(value)
@@ -265,6 +262,10 @@ def row_callable(row: str, model: Model, args, profile_path: str | None):
         raise ValueError(f"unknown row {row!r}; rows: inductor, torch:F, full_ac, save_on_cpu, graphopt, "
                          "graphopt:B, offload, offload:B")
     return torch.compile(model.loss, backend=graphopt.backend(**flags)), context
+
+
+def _save_on_cpu():
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
 def _is_number(text: str) -> bool:
