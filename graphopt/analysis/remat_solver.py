@@ -229,10 +229,6 @@ class Plan:
         """Modelled forward + backward on the compute stream, copy stalls included."""
         return self.timeline.forward_s + self.timeline.backward_s + self.exposed_offload_s
 
-    @property
-    def cost_s(self) -> float:
-        return self.step_s
-
 
 # --- stage 1: min-cut -----------------------------------------------------------------------------
 
@@ -660,8 +656,8 @@ def _score(graph: JointGraph, base_saved: list[str], budget: Budget, choice: dic
 
 
 def _objective(plan: Plan) -> tuple:
-    """The cheapest plan that fits; while none fits, the lowest peak."""
-    return (0, plan.cost_s) if plan.feasible else (1, plan.peak, plan.cost_s)
+    """The fastest plan that fits; while none fits, the lowest peak."""
+    return (0, plan.step_s) if plan.feasible else (1, plan.peak, plan.step_s)
 
 
 def _refine(graph: JointGraph, plan: Plan, items: list[Candidate], base_saved: list[str],
