@@ -28,8 +28,8 @@ from typing import Iterable
 from graphopt.analysis import liveness, op_facts
 from graphopt.analysis.liveness import Step
 
-# Where no memory-bound op of the graph was measured: this share of the profile's peak bandwidth
-# (Triton's pointwise kernels reach about 0.9 of it on large tensors).
+# Where no memory-bound op of the graph was measured (op_timing="model", CPU tests): this share of
+# the profile's bandwidth, an assumption; on a GPU under op_timing="auto" the measured one is used.
 PROFILE_BANDWIDTH_SHARE = 0.9
 # The error this model is held to against a measured compiled forward (issue 23: within 10 %).
 # Offload copies under Inductor are planned with that much more slack on the host link
