@@ -214,6 +214,24 @@ def mark_must_save(node: torch.fx.Node) -> None:
     node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
+def pin_input_strides(node: torch.fx.Node) -> None:
+    """Have Inductor hand a custom op that a pass inserted its tensor inputs in the strides of their
+    ``meta["val"]``. Inductor honours a custom op's default layout constraint (exact strides) only
+    where the node carries the values it was called with eagerly (``eager_input_vals``); a node a
+    pass inserted has none, so Inductor gives it whatever layout it picked for the producer --
+    measured on CPU: the rotated q / k of an HF Llama came contiguous [B, H, S, D] where the graph
+    said [B, S, H, D] memory, and the offload copied them into the planned layout first (a second
+    copy of each on the device). With them, Inductor lays the producer out as the graph says."""
+    def value(arg: Any) -> Any:
+        if isinstance(arg, torch.fx.Node):
+            return arg.meta.get("val")
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    node.meta["eager_input_vals"] = (value(tuple(node.args)), value(dict(node.kwargs)))
+
+
 def fake_process_group(rank: int, world_size: int) -> None:
     """Initialise torch.distributed with the in-process fake backend (graph tests, no peers)."""
     import torch.distributed as dist
@@ -297,6 +315,18 @@ def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] 
         return None
     return [i for i, desc in enumerate(descs) if type(desc).__name__.startswith("SavedForBackwards")]
 
+
+
+@contextlib.contextmanager
+def cuda_allocator_settings(settings: str, restore: str):
+    """The CUDA caching allocator configured with ``settings`` (``PYTORCH_CUDA_ALLOC_CONF``
+    syntax, e.g. "expandable_segments:True") for the scope, ``restore`` after; segments allocated
+    before keep their kind."""
+    torch.cuda.memory._set_allocator_settings(settings)
+    try:
+        yield
+    finally:
+        torch.cuda.memory._set_allocator_settings(restore)
 
 
 def record_cuda_memory_history(enabled: bool, max_entries: int = 200_000) -> None:

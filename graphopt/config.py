@@ -411,9 +411,13 @@ _flag("planning", "op_timing_agreement_timeout_s", 300.0,
 
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
 _flag("rematerialization", "memory_budget", None,
-      "Peak activation-memory budget: bytes ('40GiB', 4e10; parsed to an int) or a fraction f in "
-      "(0, 1] (a float): the min-cut plan's peak less (1 - f) of what it saves (1.0: the "
-      "runtime-optimal min-cut plan, as torch's budget 1.0).",
+      "Memory budget of each compiled graph's step: bytes ('40GiB', 4e10; parsed to an int) bound "
+      "its peak device memory -- the graph's inputs (parameters, buffers, the batch) plus what its "
+      "forward and backward allocate (activations, gradients, workspaces); not optimizer state. A "
+      "fraction f in (0, 1] (a float) keeps at most f of the activation bytes torch's min-cut plan "
+      "saves, at no higher peak (torch's activation_memory_budget; the same bytes under either "
+      "codegen; 1.0: the min-cut plan). A budget no plan meets runs the lowest-peak plan and warns "
+      "once, naming the floor in bytes.",
       parse=_optional(_memory_budget), from_text=_optional_text(_text),
       accepts="None, bytes (an int > 1, a whole float such as 4e10, or a size with a unit: '40GiB', "
               "'512MiB', '1.5GB') or a fraction in (0, 1] (0.5, '0.5', 1)",
@@ -431,7 +435,8 @@ _flag("offload", "offload_host_capacity", None,
 _flag("offload", "offload_link_slack", 0.02,
       "Slack the offload schedule leaves on the host link: copies are planned, waited for and "
       "reloaded as if the link ran this fraction slower than the device profile says, so a copy "
-      "that runs a little late does not stall the step. 0 plans at the profile's bandwidth. "
+      "that runs a little late does not stall the step; under Inductor 0.10 more, the error its "
+      "modelled kernel times are held to (analysis/kernel_time). 0 plans at the profile's bandwidth. "
       "Measured at S = 8K on one H100 (bench/offload.py, link margins): 0 / 0.02 / 0.06 offloaded "
       "93 / 91 / 88% of what the forward's link time could carry, each at 2.1-2.3% step overhead.",
       parse=_non_negative, from_text=_float_text, accepts="a finite fraction >= 0",

@@ -26,17 +26,18 @@ Backward::
     y = first_use(x)                    x = graphopt.reload_wait(r, pool, offset, shape, stride)
                                         y = first_use(x)
 
-Placement: the forward waits no earlier than the first node by which the D2H queue (all
-offloads, in production order, at the profile's host-link bandwidth slowed by
-``config.offload_link_slack``; node times measured on CUDA, see ``graphopt.measure.op_timing``,
-else the roofline) has finished the copy, and after the last forward use of ``x`` and its views;
-from there each wait moves as late as the forward's simulated memory allows without lifting the
-planned peak (``_sink_forward_waits``), so a copy running late stalls nothing until then. In the
-backward each reload
-must be issued no later than the H2D queue (in order of first use, each copy due at its first use,
-with the same slack) allows, and is issued as much earlier as the backward's memory allows: no
-earlier than the reload before it, and never where its bytes would raise the backward's simulated
-peak (``_hoist_reloads``). Memory the backward does not use at its peak so buys the copy slack
+Placement: where the joint planner simulated the copies (``PartitionPlan.copy_points``), else
+on this graph's own times (``op_timing.codegen_times``: Inductor's kernels under Inductor) with the
+same queues (``offload_model.copy_points``; the host link slowed by ``config.offload_link_slack``,
+more under Inductor, ``kernel_time.copy_slack``): the forward waits no earlier than the first node
+by which the D2H queue (all offloads, in production order) has finished the copy, and after the
+last forward use of ``x`` and its views; from there each wait moves as late as the forward's
+simulated memory allows without lifting the planned peak (``_sink_forward_waits``), so a copy
+running late stalls nothing until then. In the backward each reload must be issued no later than
+the H2D queue (in order of first use, each copy due at its first use, with the same slack) allows,
+and is issued as much earlier as the backward's memory allows: no earlier than the reload before
+it, and never where its bytes would raise the backward's simulated peak (``_hoist_reloads``; the
+forward's own inputs, parameters, stay live through it). Memory the backward does not use at its peak so buys the copy slack
 against a late arrival, at no cost in peak.
 
 Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
@@ -71,7 +72,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import liveness, offload_model
+from graphopt.analysis import kernel_time, liveness, offload_model
 from graphopt.analysis.cost_model import tensor_nbytes
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
@@ -121,7 +122,7 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     activation_bytes = _activation_bytes(outputs, saved_positions)
     profile = current_profile(ctx.config.device_profile)
     fw_times = _times(gm, profile, ctx)
-    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)  # with slack
+    profile = _planning_profile(profile, ctx)  # with slack
     if plan is None:
         if ctx.config.memory_budget is not None:
             return PassResult(gm, False, refusals=[
@@ -140,7 +141,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for name in slots:  # a saved view's elements exist once its base does: copy them from there
         _hoist_view_chain(gm, candidates[name].node, candidates[name].root)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    waits = _place_forward_waits(gm, slots, candidates, fw_times, profile, order)
+    planned = dict(partition.copy_points) if partition is not None else {}
+    waits = _place_forward_waits(gm, slots, candidates, fw_times, profile, order, planned)
     original_vals, kept_vals, waits_added = {}, {}, {}
     for name, slot in slots.items():
         node = candidates[name].node
@@ -154,6 +156,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 _OPS.offload_wait.default, (ticket, node, pool, slot.offset, slot.kept_numel,
                                             list(slot.stride)))
         kept.meta["val"] = node.meta["val"].new_empty(slot.kept_numel)
+        for op_node in (ticket, kept):  # x in the layout the slot was planned in, not Inductor's own
+            _compat.pin_input_strides(op_node)
         waits_added[name] = kept
         outputs[candidates[name].position] = kept
         val = node.meta["val"]  # what the backward reads: the reload comes back in the slot's layout
@@ -162,7 +166,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kept_vals[name] = kept.meta["val"]
     output.args = (tuple(outputs),) + tuple(output.args[1:])
     sunk_s = _sink_forward_waits(gm, [(waits_added[n], slots[n], candidates[n]) for n in waits_added],
-                                 fw_times, partition.planned_peak_bytes if partition else None)
+                                 fw_times, partition.planned_peak_bytes if partition else None,
+                                 fuse_pointwise=ctx.config.codegen == "inductor")
     rewrite = OffloadRewrite(pool, pool_nbytes, saved_order, slots, original_vals, kept_vals)
     ctx.plans.offload = rewrite
     if bw_gm is not None:
@@ -364,10 +369,19 @@ def _row_numel(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, in
     return int(shape[outer]), int(stride[outer])
 
 
+def _planning_profile(profile, ctx: PassContext):
+    """The profile copies are placed with: the host link slowed by the planning slack
+    (``kernel_time.copy_slack``: more under Inductor, whose times are modelled)."""
+    return offload_model.planning_profile(profile, kernel_time.copy_slack(
+        ctx.config.offload_link_slack, ctx.config.codegen == "inductor"))
+
+
 def _times(gm: fx.GraphModule, profile, ctx: PassContext) -> dict[str, float]:
-    """The planners' op times of ``gm`` (``measure.op_timing``: measured where the flag says)."""
-    return op_timing.graph_times(gm, profile, ctx.config.op_timing,
-                                 ctx.config.op_timing_agreement_timeout_s)
+    """Seconds per node of ``gm`` as its code runs (``op_timing.codegen_times``: op times measured
+    where the flag says; under Inductor the time of the kernel each node is part of)."""
+    return op_timing.codegen_times(gm, profile, ctx.config.op_timing,
+                                   ctx.config.op_timing_agreement_timeout_s,
+                                   fuse_pointwise=ctx.config.codegen == "inductor")
 
 
 def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx) -> dict[str, float]:
@@ -451,29 +465,30 @@ def _assign_slots(plan: dict[str, float], candidates: dict[str, _Candidate], sav
     return slots
 
 
-def _place_forward_waits(gm, slots, candidates, fw_times, profile, order) -> dict[str, fx.Node]:
-    """Per offloaded tensor, the node before which the forward waits for its copy."""
+def _place_forward_waits(gm, slots, candidates, fw_times, profile, order,
+                         planned: dict) -> dict[str, fx.Node]:
+    """Per offloaded tensor, the node before which the forward waits for its copy: where the
+    joint planner simulated it (``PartitionPlan.copy_points``), else where the D2H queue on this
+    graph's times finishes it (``offload_model.copy_points``); never before its last forward use."""
     nodes = list(gm.graph.nodes)
-    start, elapsed = [], 0.0
-    for node in nodes:
-        start.append(elapsed)
-        elapsed += fw_times.get(node.name, 0.0)
-    output = nodes[-1]
-    link_free = 0.0
+    by_name = {node.name: node for node in nodes}
+    copies = [offload_model.Copy(name, slots[name].host_bytes, order[candidates[name].node],
+                                 candidates[name].last_forward_use, 0) for name in slots]
+    queued, _ = offload_model.copy_points([fw_times.get(n.name, 0.0) for n in nodes[:-1]], [], copies,
+                                          profile)
     waits = {}
-    for name in sorted(slots, key=lambda n: order[candidates[n].node]):
-        produced_at = order[candidates[name].node]
-        begin = max(link_free, start[produced_at] + fw_times.get(name, 0.0))
-        link_free = begin + offload_model.transfer_time_s(slots[name].host_bytes, profile)
+    for name in slots:
+        point = planned.get(name)
+        wait = (nodes[-1] if point[0] is None else by_name[point[0]]) if point and (
+            point[0] is None or point[0] in by_name) else nodes[queued[name][0]]
         earliest = candidates[name].last_forward_use + 1
-        index = next((i for i in range(earliest, len(nodes) - 1) if start[i] >= link_free),
-                     len(nodes) - 1)
-        waits[name] = nodes[index] if index < len(nodes) - 1 else output
+        waits[name] = wait if order[wait] >= earliest else nodes[earliest]
     return waits
 
 
 def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Candidate]],
-                        times: dict[str, float], planned_peak: int | None) -> dict[str, float]:
+                        times: dict[str, float], planned_peak: int | None,
+                        fuse_pointwise: bool = False) -> dict[str, float]:
     """Move each offload wait as late in the forward as its memory allows: the copy then has
     until there to finish, not just the time the D2H queue was planned to take, and a copy
     running late (op times or the link off the model) costs no stall unless it is later still.
@@ -486,7 +501,7 @@ def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Ca
     much later (modelled seconds) each wait now runs."""
     if not waits:
         return {}
-    nodes, timeline = liveness.graph_timeline(gm, hold_inputs=True)
+    nodes, timeline = liveness.graph_timeline(gm, hold_inputs=True, fuse_pointwise=fuse_pointwise)
     index = {node: i for i, node in enumerate(nodes)}
     live = list(timeline.live_bytes)
     inputs = sum(tensor_nbytes(p.meta.get("val")) for p in gm.graph.find_nodes(op="placeholder"))
@@ -550,11 +565,7 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     profile = current_profile(ctx.config.device_profile)
     nodes = list(gm.graph.nodes)
     times = _times(gm, profile, ctx)
-    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)
-    start, elapsed = {}, 0.0
-    for node in nodes:
-        start[node] = elapsed
-        elapsed += times.get(node.name, 0.0)
+    profile = _planning_profile(profile, ctx)
     position = {node: i for i, node in enumerate(nodes)}
     first_use = {}
     for name in rewrite.slots:
@@ -562,7 +573,9 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if users:
             first_use[name] = min(users, key=position.__getitem__)
     compute = [n for n in nodes if n.op not in ("placeholder", "output")]
-    issue = _place_reloads(rewrite, first_use, start, compute, profile)
+    partition = ctx.plans.partition
+    issue = _place_reloads(rewrite, first_use, times, compute, profile,
+                           dict(partition.copy_points) if partition is not None else {})
     by_first_use = sorted(first_use, key=lambda n: position[first_use[n]])
     reloads = []
     for name in by_first_use:
@@ -584,7 +597,8 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for name in rewrite.slots:
         if name not in first_use:
             placeholders[name].meta["val"] = rewrite.kept_vals[name]
-    hoisted_s = _hoist_reloads(gm, reloads, times, hold_inputs=ctx.config.codegen == "eager")
+    hoisted_s = _hoist_reloads(gm, reloads, times, hold_inputs=_held_inputs(gm, ctx),
+                               fuse_pointwise=ctx.config.codegen == "inductor")
     gm.graph.lint()
     return PassResult(gm, True, matched=len(first_use), stats={
         "reloaded": len(first_use),
@@ -592,8 +606,27 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         "reload_lead_ms": {n: round(t * 1e3, 3) for n, t in zip(by_first_use, hoisted_s)}})
 
 
+def _held_inputs(gm: fx.GraphModule, ctx: PassContext) -> bool | set[str]:
+    """The backward's inputs that stay alive through it whatever it frees: all of them under
+    eager codegen (the boxed call holds its argument list); under Inductor the forward's own
+    inputs saved for it (parameters: the module holds them), while saved activations and
+    tangents die at their last use. Counting a parameter as freed at its last use would show the
+    reloads headroom that is not there (measured on CPU: a hoisted reload lifted the allocator's
+    peak to 1.10x the planned one)."""
+    if ctx.config.codegen == "eager":
+        return True
+    partition = ctx.plans.partition
+    if partition is not None:
+        forward_inputs = {p.name for p in partition.forward.graph.find_nodes(op="placeholder")}
+    else:
+        forward_inputs = {p.name for p in gm.graph.find_nodes(op="placeholder")
+                          if p.name.startswith("primals")}
+    return {p.name for p in gm.graph.find_nodes(op="placeholder") if p.name in forward_inputs}
+
+
 def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int]],
-                   times: dict[str, float], hold_inputs: bool) -> list[float]:
+                   times: dict[str, float], hold_inputs: bool | set[str],
+                   fuse_pointwise: bool = False) -> list[float]:
     """Issue each reload as early as the backward's memory allows: no earlier than the reload
     before it (the H2D queue stays in order of first use) and never where its bytes would lift the
     backward's simulated peak (``liveness.graph_timeline``, with every reload holding its memory
@@ -607,7 +640,7 @@ def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int
     gives it at no cost in peak."""
     if not reloads:
         return []
-    nodes, timeline = liveness.graph_timeline(gm, hold_inputs)
+    nodes, timeline = liveness.graph_timeline(gm, hold_inputs, fuse_pointwise)
     index = {node: i for i, node in enumerate(nodes)}
     live = list(timeline.live_bytes)
     for ticket, value, nbytes in reloads:  # bytes in flight between each reload and its first use
@@ -633,20 +666,23 @@ def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int
     return leads
 
 
-def _place_reloads(rewrite, first_use, start, compute, profile) -> dict[str, fx.Node]:
-    """As late as the H2D queue allows: walking back from the last first use, each copy must end
-    by its first use and before the next copy starts; it is issued before the last compute node
-    that starts no later than the copy must."""
+def _place_reloads(rewrite, first_use, times, compute, profile, planned: dict) -> dict[str, fx.Node]:
+    """Per reloaded tensor, the node before which its reload is issued: where the joint planner
+    simulated it (``PartitionPlan.copy_points``), else as late as the H2D queue on this graph's
+    times allows (``offload_model.copy_points``: each copy due at its first use and before the
+    next copy starts); never after its first use."""
+    index = {node: i for i, node in enumerate(compute)}
+    by_name = {node.name: node for node in compute}
+    copies = [offload_model.Copy(name, rewrite.slots[name].host_bytes, 0, 0, index[first_use[name]])
+              for name in first_use]
+    queued, _ = offload_model.copy_points([], [times.get(n.name, 0.0) for n in compute], copies, profile)
     issue = {}
-    next_start = float("inf")
-    for name in sorted(first_use, key=lambda n: start[first_use[n]], reverse=True):
-        due = min(start[first_use[name]], next_start)
-        begin = due - offload_model.transfer_time_s(rewrite.slots[name].host_bytes, profile)
-        anchor = compute[0]
-        for node in compute:
-            if start[node] > begin or node is first_use[name]:
-                break
-            anchor = node
-        issue[name] = anchor
-        next_start = begin
+    for name in first_use:
+        point = planned.get(name)
+        if point and point[1] in by_name and index[by_name[point[1]]] <= index[first_use[name]]:
+            issue[name] = by_name[point[1]]
+        elif point and point[1] is None:
+            issue[name] = compute[0]
+        else:
+            issue[name] = compute[queued[name][1]]
     return issue

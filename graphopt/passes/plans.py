@@ -45,6 +45,10 @@ class PartitionPlan:
     planned_peak_bytes: int | None   # simulated activation peak of forward + backward, offloads
                                      # counted: the bound offload_activations must not lift
     report: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the dump's "remat_plan"
+    # Per offloaded value, where the plan simulated its copies: (forward node before which the
+    # forward waits for the offload, None: at its output; backward node before which the reload
+    # is issued, None: at the backward's start). Names of the cut graphs' nodes.
+    copy_points: Mapping[str, tuple[str | None, str | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
