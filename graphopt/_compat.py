@@ -86,6 +86,13 @@ def fake_tensor_mode_of(gm: torch.fx.GraphModule):
     return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
 
 
+
+def is_static_graph_input(node: torch.fx.Node) -> bool:
+    """A placeholder of a Dynamo graph that stands for a parameter or buffer of the model (Dynamo
+    marks the inputs it lifted from modules as static)."""
+    return node.op == "placeholder" and \
+        "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {})
+
 def is_symbolic(value: Any) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
 
