@@ -136,6 +136,10 @@ class Selector:
     # --- graphs -------------------------------------------------------------------------------
 
     def register(self, graph: GraphSelection) -> None:
+        """Drive ``graph`` from now on; a graph compiled earlier for the same modules (a
+        recompile) is dropped."""
+        names = {m.name for m in graph.modules}
+        self.graphs = [g for g in self.graphs if not names & {m.name for m in g.modules}]
         self.graphs.append(graph)
         if graph.strategy == "score":
             log.warning("[%s] attention selection 'score' ranks samples by the scores kept per "
@@ -189,16 +193,16 @@ class Selector:
         if unknown:
             raise KeyError(f"no selected attention module named {unknown}; the modules are "
                            f"{sorted(known)}")
+        for name, picked in chosen.items():
+            module, picked = known[name], list(picked)
+            if len(picked) != module.capacity or len(set(picked)) != len(picked) or \
+                    not all(0 <= i < module.batch for i in picked):
+                raise ValueError(f"{module.name} runs on {module.capacity} distinct samples of "
+                                 f"{module.batch}; got {picked}")
         for graph in self.graphs:
             rows = torch.zeros(tuple(graph.priority.shape), dtype=torch.float32)
             for module in graph.partial:
-                picked = list(chosen.get(module.name, ()))
-                if module.name in chosen and (len(picked) != module.capacity
-                                              or len(set(picked)) != len(picked)
-                                              or not all(0 <= i < module.batch for i in picked)):
-                    raise ValueError(f"{module.name} runs on {module.capacity} distinct samples of "
-                                     f"{module.batch}; got {picked}")
-                rows[module.priority_row, picked] = 1.0
+                rows[module.priority_row, list(chosen.get(module.name, ()))] = 1.0
             graph.priority.copy_(rows)
 
     def _priorities(self, module: SelectedModule, sample_ids: list[Hashable]) -> list[float]:
