@@ -448,10 +448,10 @@ _flag("attention_selection", "attention_selection_kept_fraction", 0.6,
       "is compiled into the graph.", parse=_kept_fraction, from_text=_float_text,
       accepts="a fraction in (0, 1]", example="attention_selection_kept_fraction=0.5")
 _choice_flag("attention_selection", "attention_selection_strategy", "random",
-             "Which samples run: 'random' (a fresh random choice every step), 'score' (the samples "
-             "whose attention output was largest against their residual when last measured; needs "
-             "plan_step(sample_ids)), 'layer' (per-module capacities fixed from a warm-up: "
-             "attention_selection_layer_fractions).", ("random", "score", "layer"))
+             "Which samples run: 'random' (a fresh random choice every step), 'score' (drawn in "
+             "proportion to how large their attention output was against their residual when last "
+             "measured; needs plan_step(sample_ids)), 'layer' (per-module capacities fixed from a "
+             "warm-up: attention_selection_layer_fractions).", ("random", "score", "layer"))
 _flag("attention_selection", "attention_selection_layer_fractions", None,
       "Kept fraction of each attention module in graph order (strategy 'layer'), e.g. from "
       "graphopt.ops.attention_selection.selector().layer_fractions() after a warm-up; None: "

@@ -30,9 +30,10 @@ A training loop drives it through the process's :func:`selector`::
 Strategies (``attention_selection_strategy``, fixed when the graph compiles):
 - ``random``: without ``plan_step`` the graph draws a fresh random choice every step; with it, the
   host draws one from (seed, step), the same on every rank.
-- ``score``: a sample's priority in a module is the relative norm it had there when last measured
-  (this module's mean before it ever was): the samples whose attention moved them most run.
-  Scores are kept per sample id, so ``plan_step`` needs the ids.
+- ``score``: a module runs samples drawn without replacement with probability proportional to the
+  relative norm each had there when last measured (this module's mean before it ever was;
+  Gumbel top-k): the samples whose attention moved them most run most often, and every sample
+  keeps being measured. Scores are kept per sample id, so ``plan_step`` needs the ids.
 - ``layer``: capacities fixed per module (``attention_selection_layer_fractions``, e.g. from
   :meth:`Selector.layer_fractions` after warm-up steps under any strategy); random within a module.
 
@@ -176,7 +177,7 @@ class Selector:
             raise ValueError("plan_step: sample ids repeat within the batch; give each sample of "
                              "the global batch its own id (e.g. its dataset index)")
         plan = attention_work.plan_step(
-            [self._priorities(m, sample_ids) for m in modules], [m.capacity for m in modules],
+            self.priorities(sample_ids), [m.capacity for m in modules],
             batch, ranks, per_node, [m.seconds_per_sample for m in modules])
         positions = plan.rank_samples[rank]
         chosen = {m.name: plan.chosen[rank][k] for k, m in enumerate(modules)}
@@ -205,6 +206,11 @@ class Selector:
                 rows[module.priority_row, list(chosen.get(module.name, ()))] = 1.0
             graph.priority.copy_(rows)
 
+    def priorities(self, sample_ids: Sequence[Hashable]) -> list[list[float]]:
+        """Every module's priority for each of ``sample_ids`` this step (the strategy's), the same
+        on every rank."""
+        return [self._priorities(m, list(sample_ids)) for m in self.modules()]
+
     def _priorities(self, module: SelectedModule, sample_ids: list[Hashable]) -> list[float]:
         """Module's priority for each sample of the global batch, the same on every rank."""
         strategy = self._strategy_of(module)
@@ -215,7 +221,10 @@ class Selector:
         memory = self.memory.get(module.name, {})
         total, count = self.totals.get(module.name, (0.0, 0))
         fallback = total / count if count else 1.0
-        return [memory.get(sid, fallback) + 1e-9 * draw for sid, draw in zip(sample_ids, draws)]
+        # Gumbel top-k: the top of log(score) + Gumbel noise are drawn without replacement with
+        # probability proportional to the score, so every sample keeps being measured
+        return [math.log(max(memory.get(sid, fallback), 1e-30)) - math.log(-math.log(max(u, 1e-300)))
+                for sid, u in zip(sample_ids, draws)]
 
     def _graph_of(self, module: SelectedModule) -> GraphSelection:
         return next(g for g in self.graphs if any(m is module for m in g.modules))

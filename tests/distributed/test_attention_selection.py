@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-
 from graphopt.distributed.launch import spawn
 
 BATCH, SEQ, HIDDEN, STEPS = 4, 8, 32, 3
