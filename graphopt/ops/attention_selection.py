@@ -292,10 +292,14 @@ class Selector:
             balance = (f"; work max/mean {record['work_max_over_mean_before']} -> "
                        f"{record['work_max_over_mean_after']}" if record["planned"] else "")
             log.info("attention selection step %d: %s%s", record["step"], "; ".join(parts), balance)
-        for folder in {g.log_dir for g in self.graphs if g.log_dir}:
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "attention_selection_steps.jsonl"), "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        for graph in self.graphs:
+            if not graph.log_dir:
+                continue
+            names = {m.name for m in graph.modules}
+            own = {**record, "modules": {k: v for k, v in record["modules"].items() if k in names}}
+            os.makedirs(graph.log_dir, exist_ok=True)
+            with open(os.path.join(graph.log_dir, "attention_selection_steps.jsonl"), "a") as handle:
+                handle.write(json.dumps(own) + "\n")
 
     # --- warm-up -> fixed per-module capacities ----------------------------------------------------
 

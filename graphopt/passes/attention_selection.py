@@ -81,7 +81,6 @@ class _Site:
     """One module and how it is rewritten."""
 
     module: AttentionModule
-    index: int
     batch: int
     capacity: int
     output: fx.Node
@@ -115,8 +114,8 @@ def _residual_add(output: fx.Node, members: set) -> tuple[Optional[fx.Node], Opt
     users = [u for u in output.users if u not in members]
     if len(users) != 1:
         return None, None
-    args = ADD.bind(users[0])
-    if args is None or set(args) - {"input", "other"}:
+    args = ADD.bind(users[0])  # no alpha: ADD takes input and other only
+    if args is None:
         return None, None
     other = args["other"] if args["input"] is output else args["input"]
     if other is output or not isinstance(other, fx.Node):
@@ -245,7 +244,7 @@ def _resize(site: _Site, fake_mode) -> None:
                       "inputs")
 
 
-def _analyse(module: AttentionModule, index: int, fraction: float, fake_mode) -> _Site:
+def _analyse(module: AttentionModule, fraction: float, fake_mode) -> _Site:
     if module.distributed:
         raise Refused(f"{module.path}: sequence-parallel attention ({module.core.name}); every rank "
                       "of the group holds part of the same samples and would have to choose alike")
@@ -266,7 +265,7 @@ def _analyse(module: AttentionModule, index: int, fraction: float, fake_mode) ->
     if not batched:
         raise Refused(f"{module.path}: none of its inputs carries the batch of {batch} samples")
     members = set(module.nodes)
-    site = _Site(module, index, batch, attention_work.capacity(fraction, batch), output, batched)
+    site = _Site(module, batch, attention_work.capacity(fraction, batch), output, batched)
     site.residual_add, site.residual = _residual_add(output, members)
     if 0 < site.capacity < batch:
         _resize(site, fake_mode)
@@ -434,7 +433,7 @@ def select_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for index, module in enumerate(modules):
         fraction = fractions[index] if fractions is not None else cfg.attention_selection_kept_fraction
         try:
-            sites.append(_analyse(module, index, fraction, fake_mode))
+            sites.append(_analyse(module, fraction, fake_mode))
         except Refused as reason:
             refusals.append(str(reason))
     if not sites:
@@ -469,7 +468,9 @@ def select_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         offset += site.capacity
         described.append(entry)
     gm.graph.lint()
-    log_dir = _log_dir(cfg.dump_dir)
+    log.debug("[%s] %d attention modules: capacities %s of %d", ctx.graph_id, len(sites),
+              [s.capacity for s in sites], batch)
+    log_dir = _log_dir(cfg.dump_dir, ctx.graph_id)
     runtime.register_graph(runtime.GraphSelection(
         ctx.graph_id, cfg.attention_selection_strategy, cfg.attention_selection_seed,
         tuple(described), priority, selected, scores, log_dir))
@@ -487,13 +488,14 @@ def select_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                       notes=notes, files={"attention_selection.txt": lambda: _table(described)})
 
 
-def _log_dir(dump_dir: Optional[str]) -> Optional[str]:
+def _log_dir(dump_dir: Optional[str], graph_id: str) -> Optional[str]:
+    """The graph's dump folder (per rank with several ranks), where the per-step log goes."""
     if not dump_dir:
         return None
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return os.path.join(dump_dir, f"rank{dist.get_rank()}")
-    return dump_dir
+        dump_dir = os.path.join(dump_dir, f"rank{dist.get_rank()}")
+    return os.path.join(dump_dir, graph_id)
 
 
 def _table(modules) -> str:

@@ -344,3 +344,24 @@ def test_inductor_graph_matches_hand_skipped_modules():
         selector().end_step()
         _assert_same(ours, _reference(model, chosen, x), atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_dump_shows_capacities_and_work_and_the_per_step_log_the_selections(tmp_path):
+    import json
+    model = _llama()
+    compiled = _compiled(model, attention_selection_kept_fraction=0.5, dump_dir=str(tmp_path))
+    x = torch.randn(B, S, HIDDEN)
+    for _ in range(2):
+        _step(model, compiled, x)
+        selector().end_step()
+    (folder,) = [p for p in tmp_path.iterdir() if (p / "summary.json").exists()]
+    notes = json.loads((folder / "summary.json").read_text())["notes"]["attention_selection"]
+    assert [m["capacity"] for m in notes["modules"]] == [2, 2]
+    assert all(m["flops_per_sample"] > 0 for m in notes["modules"])
+    assert "capacity / batch" in (folder / "attention_selection.txt").read_text()
+    steps = [json.loads(line) for line in
+             (folder / "attention_selection_steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 1]
+    for record in steps:
+        assert all(len(m["selected"]) == 2 and len(m["scores"]) == 2
+                   for m in record["modules"].values())
