@@ -401,10 +401,10 @@ def run_cpu(args) -> dict:
                                        and summary["rank_work_imbalance"] <= TARGET_IMBALANCE)
     return {
         "name": "attention_selection",
-        "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
-                  "threads",
+        "device": f"{_cpu_name()}, {torch.get_num_threads()} thread(s) on a shared machine",
         "torch": torch.__version__, "codegen": "eager (FX graphs of aten ops; FLOPs counted per op)",
         "quick": args.quick, "seeds": seeds, "epochs": args.epochs,
+        "run": time.strftime("%Y-%m-%d"),
         "pretrain": {"task": "digits 0-4 (sklearn load_digits, 70/30 split)",
                      "epochs": args.pretrain_epochs, "test_accuracy": pre_accuracy},
         "finetune": {"task": "digits 5-9, new head (50/50 split)", "train": len(fine_train),
@@ -522,6 +522,17 @@ def _timed(step, on_cuda: bool) -> float:
     return begin.elapsed_time(end)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _triton_version() -> str | None:
     try:
         import triton
@@ -546,7 +557,8 @@ def render(result: dict) -> str:
     lines = [
         "# Attention selection for fine-tuning", "",
         f"CPU evaluation: {result['device']}, torch {result['torch']}, codegen {result['codegen']}, "
-        f"seeds {result['seeds']}, {result['wall_s'] / 60:.1f} minutes.",
+        f"seeds {result['seeds']}, {result['wall_s'] / 60:.1f} minutes"
+        + (f" ({result['run']})." if result.get("run") else "."),
         f"Model: {result['model']}.",
         f"Pretrained on {result['pretrain']['task']} for {result['pretrain']['epochs']} epochs: "
         f"{result['pretrain']['test_accuracy']:.1f}% test accuracy. Fine-tuned on "
@@ -558,6 +570,9 @@ def render(result: dict) -> str:
         lines.append(f"| {row['name']} | {row['accuracy_mean']:.2f} +- {row['accuracy_std']:.2f} | "
                      f"{row['accuracy_drop_points']:+.2f} | {row['step_flops'] / 1e9:.4f} | "
                      f"{row['attention_flops_saved']:.3f} |")
+    lines += ["", "drop = the same kind's full fine-tuning (full, or lora) minus the variant, in "
+              "accuracy points over the seeds' means (negative: the variant scored higher); test "
+              f"accuracy resolution {100 / max(1, result['finetune']['test']):.2f} points."]
     layer = next((r for r in result["rows"] if r["strategy"] == "layer"), None)
     if layer is not None and layer["runs"][0].get("layer_fractions"):
         lines += ["", "Layer strategy, per-module kept fractions after the warm-up (seed 0): "

@@ -32,10 +32,11 @@ def _fresh_selector():
     selector().reset()
 
 
-def _llama(layers: int = 2, seed: int = 0) -> nn.Module:
+def _llama(layers: int = 2, seed: int = 0, attention: str = "sdpa") -> nn.Module:
     config = transformers.LlamaConfig(hidden_size=HIDDEN, intermediate_size=64,
                                       num_hidden_layers=layers, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=50)
+                                      num_key_value_heads=2, vocab_size=50,
+                                      attn_implementation=attention)
     torch.manual_seed(seed)
     return transformers.LlamaModel(config)
 
@@ -144,6 +145,17 @@ def test_one_graph_serves_steps_with_different_selections_and_matches_hand_skipp
         _assert_same(ours, _reference(model, chosen, x))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert len(selector().graphs) == 1
+
+
+def test_written_out_attention_is_selected_alike():
+    """attn_implementation='eager': matmul, mask add, softmax, matmul instead of SDPA."""
+    model = _llama(attention="eager")
+    compiled = _compiled(model, attention_selection_kept_fraction=0.5)
+    x = torch.randn(B, S, HIDDEN)
+    _step(model, compiled, x)
+    assert [m.capacity for m in selector().modules()] == [2, 2]
+    chosen = [[0, 3], [1, 2]]
+    _assert_same(_run_with(compiled, model, x, chosen), _reference(model, chosen, x))
 
 
 def test_without_a_plan_each_step_draws_a_new_random_selection():
