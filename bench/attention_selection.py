@@ -32,9 +32,9 @@ graphopt with every attention at capacity 0 and zero gradients for its parameter
 modules' share of the step). Writes ``attention_selection_gpu.json`` under
 ``--out``; ``--merge FILE`` folds it into the committed results.
 
-    python bench/attention_selection.py                 # CPU evaluation, 3 seeds (~10 minutes, 2 cores)
-    python bench/attention_selection.py --quick         # 1 seed, fewer variants (~2 minutes)
-    python bench/attention_selection.py --gpu --out $OUT   # one H100, under 2 minutes
+    python bench/attention_selection.py                 # CPU evaluation, 3 seeds (~15 min, 1 thread)
+    python bench/attention_selection.py --quick         # 1 seed, 4 variants (~3 minutes)
+    python bench/attention_selection.py --gpu --out $OUT   # one H100: 3 Inductor compiles, ~1.5 min
     python bench/attention_selection.py --merge $OUT/attention_selection_gpu.json
 """
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import random
@@ -453,33 +452,10 @@ def run_gpu(args) -> dict:
         else:
             compiled = torch.compile(fn, dynamic=False, backend=graphopt.backend(
                 codegen=args.gpu_codegen, **flags))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
         # Without attention its parameters get no gradient; zeros keep the optimizer's work the
         # same, so the difference to the full step is the attention modules' forward + backward.
-        zeros = {p: torch.zeros_like(p) for p in model.parameters()} if name == "no_attention" \
-            else {}
-
-        def step():
-            loss = compiled(x).float().pow(2).mean()
-            loss.backward()
-            for param, zero in zeros.items():
-                if param.grad is None:
-                    param.grad = zero
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        started = time.perf_counter()
-        for _ in range(3):
-            step()
-        _synchronize(on_cuda)
-        compile_s = time.perf_counter() - started
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times = [_timed(step, on_cuda) for _ in range(args.gpu_iters)]
-        rows[name] = {"step_ms": statistics.median(times), "step_ms_all": times,
-                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-                      "warmup_and_compile_s": compile_s}
-        del opt, zeros
+        rows[name] = _time_steps(compiled, model, x, args.gpu_iters, on_cuda,
+                                 zero_missing_grads=name == "no_attention")
         print(f"{name:>13}: {rows[name]['step_ms']:.2f} ms, peak {rows[name]['peak_gib']} GiB",
               flush=True)
     base, selected, none = (rows[k]["step_ms"] for k in ("inductor", "selected", "no_attention"))
@@ -501,6 +477,34 @@ def run_gpu(args) -> dict:
         "target_met": saved >= TARGET_TIME_EFFICIENCY * share * flops_saved,
         "peak_saved_gib": peaks[0] - peaks[1] if None not in peaks else None,
     }
+
+
+def _time_steps(compiled, model: nn.Module, x: torch.Tensor, iters: int, on_cuda: bool,
+                zero_missing_grads: bool) -> dict:
+    """Median step time (forward + backward + AdamW) and peak memory after 3 warm-up steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    zeros = {p: torch.zeros_like(p) for p in model.parameters()} if zero_missing_grads else {}
+
+    def step():
+        loss = compiled(x).float().pow(2).mean()
+        loss.backward()
+        for param, zero in zeros.items():
+            if param.grad is None:
+                param.grad = zero
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for _ in range(3):
+        step()
+    _synchronize(on_cuda)
+    compile_s = time.perf_counter() - started
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = [_timed(step, on_cuda) for _ in range(iters)]
+    return {"step_ms": statistics.median(times), "step_ms_all": times,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+            "warmup_and_compile_s": compile_s}
 
 
 def _synchronize(on_cuda: bool) -> None:

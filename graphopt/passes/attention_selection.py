@@ -212,7 +212,6 @@ def _check_resized(node: fx.Node, old: Any, new: Any, batch: int, capacity: int)
 def _resize(site: _Site, fake_mode) -> None:
     """Recompute every node that depends on the batch at ``capacity`` samples (fake tensors)."""
     module, batch, capacity = site.module, site.batch, site.capacity
-    members = set(module.nodes)
     env: dict[fx.Node, Any] = {}
     with fake_mode:
         for x in site.batched_inputs:
@@ -287,7 +286,7 @@ def _gemms(site: _Site) -> list[attention_work.Gemm]:
             gemms.append(attention_work.Gemm(2.0 * out.numel() * weight.shape[-1] / site.batch, False,
                                              bool(weight.requires_grad)))
         elif matmul is not None and isinstance(out, torch.Tensor):
-            a, b = _val(matmul["input"]), _val(matmul["other"])
+            a = _val(matmul["input"])
             weight = next((_val(x) for x in (matmul["input"], matmul["other"]) if is_parameter(x)),
                           None)
             flops = 2.0 * out.numel() * a.shape[-1] / site.batch

@@ -163,7 +163,7 @@ def test_without_a_plan_each_step_draws_a_new_random_selection():
     compiled = _compiled(model, attention_selection_kept_fraction=0.5)
     x = torch.randn(B, S, HIDDEN)
     seen = set()
-    for _ in range(8):
+    for _ in range(5):
         _step(model, compiled, x)
         record = selector().end_step()
         seen.add(tuple(tuple(info["selected"]) for info in record["modules"].values()))
