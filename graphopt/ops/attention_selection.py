@@ -37,6 +37,10 @@ Strategies (``attention_selection_strategy``, fixed when the graph compiles):
 - ``layer``: capacities fixed per module (``attention_selection_layer_fractions``, e.g. from
   :meth:`Selector.layer_fractions` after warm-up steps under any strategy); random within a module.
 
+Keep the batch size fixed (``drop_last=True``): capacities are compiled for one batch size, and a
+batch of another size makes Dynamo compile a dynamic-batch graph, which the pass leaves whole.
+Evaluate under ``torch.no_grad()``: a graph compiled with grad is a training graph and selects.
+
 With data parallelism ``plan_step`` takes the global batch's ids, assigns samples to ranks with the
 hierarchical multiple-knapsack of ``analysis.attention_work.plan_step`` (every rank computes the
 same plan from the same inputs) and ``end_step`` all-gathers the scores so every rank keeps the same

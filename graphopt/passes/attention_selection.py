@@ -6,15 +6,14 @@ C = round(f x B) of its batch B, f from ``attention_selection_kept_fraction`` or
 of ``attention_selection_layer_fractions``; C is compiled in, the samples are chosen every step::
 
     before                                  after (0 < C < B)
-    q = linear(x, Wq); k = ...; v = ...     p   = priority[j] + 1e-3 * rand(B)   # host-written row
-    o = sdpa(q, k, v, mask)                 idx = sort(topk(p, C).indices)
+    q = linear(x, Wq); k = ...; v = ...     idx = graphopt.select_samples(rand(B), graph, j, o, C)
+    o = sdpa(q, k, v, mask)                     # top C of priority[j] + 1e-3 * rand; idx recorded
     y = linear(o', Wo)                      xs, ms = x[idx], mask[idx]          # batched inputs
     h2 = h + y                              ... the same module on xs, ms: [C, ...] ...
-                                            h2 = index_add(h, 0, idx, ys)       # others: h2 = h
-                                            selected[o:o+C] = idx
-                                            scores[o:o+C] = |ys| / |h[idx]|     # per sample
+                                            h2 = graphopt.add_selected(h, idx, ys, h, graph, o)
+                                                # index_add(h, 0, idx, ys); |ys| / |h[idx]| recorded
 
-    C == B: the module is unchanged; scores[o:o+B] = |y| / |h|.
+    C == B: h2 = graphopt.add_selected(h, None, y, h, graph, o)   (h + y, scores recorded)
     C == 0: h2 = h; the module is gone.
 
 One compiled graph serves every step: the choice is data (``priority``, written by
@@ -29,8 +28,9 @@ batched input is recomputed on fake tensors at C samples and must give its old s
 scaled by C / B; a node that indexes, reduces, sorts or concatenates along dim 0, reads the batch
 size as a value, or fails at C samples leaves the module unchanged (reason in the refusals). The
 size arguments of view / reshape / expand / new_* whose first entry is B (or a multiple of it) are
-scaled to C. The output is added into the residual stream with index_add when the module's one
-consumer is ``h + y`` of equal shape and dtype, else scattered into zeros (index_copy).
+scaled to C. ``add_selected`` replaces the module's one consumer when that is ``h + y`` of equal
+shape and dtype; otherwise it adds the output into zeros (scores against the module input) and the
+consumers read that.
 
 Refused (module unchanged): more than one output; a batch of one sample or a symbolic batch;
 sequence-parallel attention (shard_attention's op; each rank holds a slice of the same samples and
@@ -255,7 +255,9 @@ def _analyse(module: AttentionModule, fraction: float, fake_mode) -> _Site:
     value = _val(output)
     if not isinstance(value, torch.Tensor) or value.dim() == 0 or not _static_shape(value):
         raise Refused(f"{module.path}: its output {output.name} is not a tensor of static shape "
-                      "[B, ...]; compile with dynamic=False")
+                      "[B, ...] (a symbolic batch: Dynamo makes it dynamic after a batch of "
+                      "another size); keep the batch size fixed (drop_last=True) or compile with "
+                      "dynamic=False")
     batch = int(value.shape[0])
     if batch < 2:
         raise Refused(f"{module.path}: a batch of {batch} sample(s); selection picks samples")
@@ -428,6 +430,10 @@ def select_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                          "again")
     fake_mode = next((v.fake_mode for v in (_val(n) for n in gm.graph.nodes)
                       if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode")), None)
+    if fake_mode is None:
+        return PassResult(gm, modified=False, refusals=refusals + [
+            "the graph's nodes carry no fake values (meta['example_value'] / ['val']), so shapes at "
+            "a smaller batch cannot be checked"])
     sites: list[_Site] = []
     for index, module in enumerate(modules):
         fraction = fractions[index] if fractions is not None else cfg.attention_selection_kept_fraction
