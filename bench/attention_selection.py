@@ -33,7 +33,7 @@ modules' share of the step). Writes ``attention_selection_gpu.json`` under
 ``--out``; ``--merge FILE`` folds it into the committed results.
 
     python bench/attention_selection.py                 # CPU evaluation, 3 seeds (~15 min, 1 thread)
-    python bench/attention_selection.py --quick         # 1 seed, 4 variants (~3 minutes)
+    python bench/attention_selection.py --quick         # 1 seed, 4 variants (~2 minutes)
     python bench/attention_selection.py --gpu --out $OUT   # one H100: 3 Inductor compiles, ~1.5 min
     python bench/attention_selection.py --merge $OUT/attention_selection_gpu.json
 """
