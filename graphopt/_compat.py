@@ -98,6 +98,13 @@ def shape_guards(shape_env) -> list:
     return [guard.expr for guard in getattr(shape_env, "guards", ())]
 
 
+def is_static_graph_input(node: torch.fx.Node) -> bool:
+    """A placeholder of a Dynamo graph that stands for a parameter or buffer of the model (Dynamo
+    marks the inputs it lifted from modules as static)."""
+    return node.op == "placeholder" and \
+        "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {})
+
+
 def is_symbolic(value: Any) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
 

@@ -48,8 +48,8 @@ _ENV_PREFIX = "GRAPHOPT_"
 
 # The passes of graphopt/passes/pipeline.py, in order: the names `disabled_passes` takes (a test
 # checks that they are the pipeline's).
-PASS_NAMES = ("shard_attention", "specialize_attention_masks", "overlap_matmul_collectives",
-              "plan_rematerialization", "offload_activations")
+PASS_NAMES = ("shard_attention", "specialize_attention_masks", "attention_selection",
+              "overlap_matmul_collectives", "plan_rematerialization", "offload_activations")
 # Earlier names, accepted as flags and in disabled_passes: old name -> name.
 ALIASES = {"overlap_matmul_allreduce": "overlap_matmul_collectives"}
 
@@ -441,6 +441,57 @@ _flag("offload", "offload_link_slack", 0.02,
       "93 / 91 / 88% of what the forward's link time could carry, each at 2.1-2.3% step overhead.",
       parse=_non_negative, from_text=_float_text, accepts="a finite fraction >= 0",
       example="offload_link_slack=0.05")
+
+
+# --- attention selection for fine-tuning (passes/attention_selection.py) ------------------------
+
+def _kept_fraction(value: Any) -> float:
+    number = _non_negative(value)
+    if not 0 < number <= 1:
+        raise _Rejected("is not in (0, 1]")
+    return number
+
+
+def _layer_fractions(value: Any) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Rejected(f"is {_a(value)}, not a non-empty tuple of fractions")
+    fractions = []
+    for item in value:
+        if isinstance(item, str):
+            item = _float_text(item)
+        number = _non_negative(item)
+        if number > 1:
+            raise _Rejected(f"has {number}, more than 1")
+        fractions.append(number)
+    return tuple(fractions)
+
+
+_flag("attention_selection", "attention_selection", False,
+      "Fine-tuning: every attention module (q/k/v projections to the output projection) runs on "
+      "the samples a run-time selection picks and adds zero to the residual of the others, forward "
+      "and backward (graphopt.ops.attention_selection drives the selection); graphs compiled without "
+      "grad are left whole.", **_BOOL, example="attention_selection=True")
+_flag("attention_selection", "attention_selection_kept_fraction", 0.6,
+      "Fraction of the samples each attention module runs on: its capacity, round(fraction x batch), "
+      "is compiled into the graph.", parse=_kept_fraction, from_text=_float_text,
+      accepts="a fraction in (0, 1]", example="attention_selection_kept_fraction=0.5")
+_choice_flag("attention_selection", "attention_selection_strategy", "random",
+             "Which samples run: 'random' (a fresh random choice every step), 'score' (drawn in "
+             "proportion to how large their attention output was against their residual when last "
+             "measured; needs plan_step(sample_ids)), 'layer' (per-module capacities fixed from a "
+             "warm-up: attention_selection_layer_fractions).", ("random", "score", "layer"))
+_flag("attention_selection", "attention_selection_layer_fractions", None,
+      "Kept fraction of each attention module in graph order (strategy 'layer'), e.g. from "
+      "graphopt.ops.attention_selection.selector().layer_fractions() after a warm-up; None: "
+      "attention_selection_kept_fraction everywhere.",
+      parse=_optional(_layer_fractions), from_text=_optional_text(_text),
+      accepts="None or a tuple of fractions in [0, 1] (environment: comma-separated)",
+      example="attention_selection_layer_fractions=(1.0, 0.5, 0.25, 0.65)")
+_flag("attention_selection", "attention_selection_seed", 0,
+      "Seed of the host-side random choices of plan_step (the same on every rank).",
+      parse=_count, from_text=_int_text, accepts="an int >= 0", example="attention_selection_seed=1")
 
 
 def _unknown(name: str) -> UnknownFlagError:
