@@ -17,12 +17,24 @@ Causal masks may also be narrowed per row (both in global positions, so ring ste
   ROW_START rs   a query row sees keys at positions >= rs[row]               (packed documents:
                  rs is where the row's document starts; rows of a batch element are non-decreasing)
 Key blocks no row of the program may see are skipped, not masked: with documents of length L (or a
-window of L), a program walks about L / BLOCK_N key blocks instead of position / BLOCK_N.
+window of L), a program walks about L / BLOCK_N key blocks instead of position / BLOCK_N
+(``graphopt.kernels.attention_tiles`` counts them).
 
 ACCUMULATE merges the result into an existing float32 (out, lse) pair in place:
   lse = logaddexp(lse_acc, lse_blk);  out = out_acc * exp(lse_acc - lse) + out_blk * exp(lse_blk - lse)
-"""
 
+Variants (FORWARD_VARIANTS; the same function):
+  pointer         K/V tiles by pointer loads, software-pipelined over num_stages (the kernel before
+                  issue 32; runs anywhere, and is what the others fall back to)
+  (all others)    unmasked tiles fold the scale into the exponent's FMA (scale > 0)
+  tma             K/V tiles by TMA descriptors built on the device per head (bounds are the head's
+                  rows, so ragged tiles load zeros without masks); Hopper or newer
+  tma_ws          tma with Triton's warp specialisation of the key loop (producer warps load)
+  tma_persistent  tma with one program per SM walking the (query block, head) tiles
+The default (DEFAULT_FORWARD_VARIANT) runs where TMA can address the tensors, else "pointer"; a
+default-chosen variant that this Triton cannot compile for a specialisation is logged once
+(VARIANT_FAILURES) and its fallback runs. ``launch_counts`` records which variant ran.
+"""
 from __future__ import annotations
 
 import logging
@@ -96,7 +108,7 @@ def _attend_key_blocks(acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                        HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_ROW_START: tl.constexpr, MASKED: tl.constexpr,
-                       SCALE_POSITIVE: tl.constexpr, USE_TMA: tl.constexpr,
+                       FMA_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr,
                        WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for block_start in tl.range(start_n, stop_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = load_rows(k_src, block_start, offs_n, seqlen_k, stride_kn, offs_d, HEAD_DIM,
@@ -111,9 +123,10 @@ def _attend_key_blocks(acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn,
             # A row with nothing visible yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_new_safe[:, None])
-        elif SCALE_POSITIVE:
-            # max(qk) * scale = max(qk * scale) for scale > 0, and qk * scale - m is one FMA: the
-            # exponent's ALU work bounds the forward on Hopper, not the tensor cores.
+        elif FMA_SOFTMAX:
+            # max(qk) * scale = max(qk * scale) for scale > 0 (the host checks), and
+            # qk * scale - m is one FMA: on Hopper the softmax's ALU work, not the tensor cores,
+            # bounds the forward.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
             m_new_safe = m_new
             p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
@@ -165,7 +178,8 @@ def key_block_range(first_row_pos, last_row_pos, first_row_start, last_row_start
     if HAS_ROW_START:
         start = tl.maximum(start, first_row_start - k_offset)
         full_start = tl.maximum(full_start, last_row_start - k_offset)
-    start = (tl.minimum(start, stop) // BLOCK_N) * BLOCK_N
+    # A block whose rows see no key at all (a window or document past the block's keys) walks none.
+    start = tl.where(start < stop, (start // BLOCK_N) * BLOCK_N, stop)
     full_start = tl.minimum(((full_start + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, stop)
     full_stop = (full_stop // BLOCK_N) * BLOCK_N
     return start, full_start, full_stop, stop
@@ -199,7 +213,7 @@ def _forward_tile(pid_m, pid_bh, Q, K, V, Out, Lse, RowStart,
                   num_heads, group, seqlen_q, seqlen_k, q_offset, k_offset, window, qk_scale_log2,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_ROW_START: tl.constexpr,
-                  ACCUMULATE: tl.constexpr, SCALE_POSITIVE: tl.constexpr, USE_TMA: tl.constexpr,
+                  ACCUMULATE: tl.constexpr, FMA_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr,
                   WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query block pid_m of (batch, head) pid_bh: its out and lse, over the key blocks it sees."""
@@ -233,23 +247,23 @@ def _forward_tile(pid_m, pid_bh, Q, K, V, Out, Lse, RowStart,
         acc, m_i, l_i = _attend_key_blocks(
             acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, q_pos, row_start, start,
             full_start, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N,
-            HEAD_DIM, HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, SCALE_POSITIVE,
+            HEAD_DIM, HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, FMA_SOFTMAX,
             USE_TMA, WARP_SPECIALIZE, DOT_PRECISION)
         acc, m_i, l_i = _attend_key_blocks(
             acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, q_pos, row_start, full_start,
             full_stop, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N,
-            HEAD_DIM, HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, False, SCALE_POSITIVE,
+            HEAD_DIM, HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, False, FMA_SOFTMAX,
             USE_TMA, WARP_SPECIALIZE, DOT_PRECISION)
         acc, m_i, l_i = _attend_key_blocks(
             acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, q_pos, row_start, full_stop,
             stop, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM,
-            HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, SCALE_POSITIVE, USE_TMA,
+            HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, FMA_SOFTMAX, USE_TMA,
             WARP_SPECIALIZE, DOT_PRECISION)
     else:
         acc, m_i, l_i = _attend_key_blocks(
             acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, q_pos, row_start, start,
             stop, seqlen_k, k_offset, window, qk_scale_log2, offs_n, offs_d, BLOCK_N, HEAD_DIM,
-            HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, SCALE_POSITIVE, USE_TMA,
+            HEAD_DIM_PAD, CAUSAL, HAS_WINDOW, HAS_ROW_START, True, FMA_SOFTMAX, USE_TMA,
             WARP_SPECIALIZE, DOT_PRECISION)
 
     seen = l_i > 0.0
@@ -280,7 +294,7 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, RowStart,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       HAS_ROW_START: tl.constexpr, ACCUMULATE: tl.constexpr,
-                      SCALE_POSITIVE: tl.constexpr, USE_TMA: tl.constexpr,
+                      FMA_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr,
                       WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
                       DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -298,7 +312,7 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, RowStart,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                           stride_lb, stride_lh, stride_rb, num_heads, group, seqlen_q, seqlen_k,
                           q_offset, k_offset, window, qk_scale_log2, HEAD_DIM, HEAD_DIM_PAD,
-                          CAUSAL, HAS_WINDOW, HAS_ROW_START, ACCUMULATE, SCALE_POSITIVE, USE_TMA,
+                          CAUSAL, HAS_WINDOW, HAS_ROW_START, ACCUMULATE, FMA_SOFTMAX, USE_TMA,
                           WARP_SPECIALIZE, DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
         if CAUSAL:
@@ -311,7 +325,7 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, RowStart,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                       stride_lb, stride_lh, stride_rb, num_heads, group, seqlen_q, seqlen_k,
                       q_offset, k_offset, window, qk_scale_log2, HEAD_DIM, HEAD_DIM_PAD,
-                      CAUSAL, HAS_WINDOW, HAS_ROW_START, ACCUMULATE, SCALE_POSITIVE, USE_TMA,
+                      CAUSAL, HAS_WINDOW, HAS_ROW_START, ACCUMULATE, FMA_SOFTMAX, USE_TMA,
                       WARP_SPECIALIZE, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
@@ -357,7 +371,7 @@ def dtype_family(dtype: torch.dtype) -> str:
 _flash_fwd_tuned = tuned_by_dtype(
     _flash_fwd_kernel, HALF_CONFIGS, FP32_CONFIGS,
     key=["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "HAS_WINDOW", "HAS_ROW_START", "ACCUMULATE",
-         "SCALE_POSITIVE", "USE_TMA", "WARP_SPECIALIZE", "PERSISTENT"],
+         "FMA_SOFTMAX", "USE_TMA", "WARP_SPECIALIZE", "PERSISTENT"],
     restore_value=["Out", "Lse"],
     small_head_configs=HALF_CONFIGS_SMALL_HEAD)
 
@@ -380,10 +394,12 @@ class ForwardVariant:
     tma: bool  # K/V tiles through TMA descriptors (Hopper's bulk copies) instead of pointer loads
     warp_specialize: bool = False  # producer warps issue the loads, consumer warps compute
     persistent: bool = False  # one program per SM walks the query tiles
+    fma_softmax: bool = True  # unmasked tiles scale inside the exponent's FMA
 
 
 FORWARD_VARIANTS = {
-    "pointer": ForwardVariant(tma=False),  # the kernel before issue 32; the fallback everywhere
+    # The kernel before issue 32, arithmetic included; the fallback everywhere.
+    "pointer": ForwardVariant(tma=False, fma_softmax=False),
     "tma": ForwardVariant(tma=True),
     "tma_ws": ForwardVariant(tma=True, warp_specialize=True),
     "tma_persistent": ForwardVariant(tma=True, persistent=True),
@@ -582,7 +598,7 @@ def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: in
     meta = dict(HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=head_dim_padded(head_dim), CAUSAL=bool(causal),
                 HAS_WINDOW=window > 0, HAS_ROW_START=row_start is not None,
-                ACCUMULATE=accumulate, SCALE_POSITIVE=scale > 0,
+                ACCUMULATE=accumulate,
                 DOT_PRECISION=dot_precision(q.dtype, on_gpu(q)))
     name, strict = pick_variant(FORWARD_VARIANTS, variant or FORWARD_VARIANT,
                                 DEFAULT_FORWARD_VARIANT, FORWARD_FALLBACKS, tma_ready(k, v),
@@ -591,7 +607,7 @@ def flash_attention_forward(q, k, v, *, scale: float, causal: bool, q_offset: in
     def run(name: str) -> None:
         chosen = FORWARD_VARIANTS[name]
         flags = dict(meta, USE_TMA=chosen.tma, WARP_SPECIALIZE=chosen.warp_specialize,
-                     PERSISTENT=chosen.persistent)
+                     PERSISTENT=chosen.persistent, FMA_SOFTMAX=chosen.fma_softmax and scale > 0)
         if chosen.tma and not interpreting():
             ensure_descriptor_scratch()
         if on_gpu(q):

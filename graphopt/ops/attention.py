@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from graphopt.kernels import unit_last_stride
+from graphopt.kernels import launch_counts, unit_last_stride
 
 __all__ = [
     "attention_block_forward",
@@ -335,6 +335,7 @@ def _cudnn_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
             return _cudnn_block_forward(q, k, v, scale=scale, is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
+    launch_counts["cudnn_forward"] += 1
     return out, lse.reshape(q.shape[:3]).float()
 
 
@@ -358,6 +359,7 @@ def _cudnn_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                                          is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
+    launch_counts["cudnn_backward"] += 1
     if hq != hkv and not native:
         dk = dk.unflatten(1, (hkv, hq // hkv)).float().sum(2)
         dv = dv.unflatten(1, (hkv, hq // hkv)).float().sum(2)
