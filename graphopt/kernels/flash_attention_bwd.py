@@ -538,7 +538,6 @@ def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
     lse = unit_last_stride(lse)
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    group = heads_q // heads_kv
     if delta is None:
         delta = flash_attention_delta(out, dout)
     else:
