@@ -19,8 +19,11 @@ the row's document starts), and the backward also takes ``col_stop`` [1 or B, Sk
 position of the last query each key's document holds). ``document_bounds`` derives both from
 position ids that restart at every document. Key blocks no query may see are skipped.
 
-CUDA tensors run the Triton kernels in ``graphopt/kernels``; CPU tensors run a float32 torch
-reference of the same function. ``impl="triton"`` forces the kernels (CPU tensors then need
+CUDA tensors run the Triton kernels in ``graphopt/kernels`` (their default variants: K/V and Q/dO
+tiles by TMA on Hopper, dQ added with atomics; the kernel modules list the variants and what each
+falls back to); CPU tensors run a float32 torch reference of the same function.
+``graphopt.kernels.launch_counts`` counts the kernels that ran ("cudnn_forward",
+"triton_backward:atomic_dq_tma", ...), so a benchmark can say which one it timed. ``impl="triton"`` forces the kernels (CPU tensors then need
 TRITON_INTERPRET=1 set before triton is imported); ``impl="reference"`` forces the torch path.
 
 A third implementation, ``impl="cudnn"``, runs torch's cuDNN attention kernels
