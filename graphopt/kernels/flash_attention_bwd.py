@@ -384,10 +384,10 @@ def _flash_bwd_fused_kernel(Q, K, V, DOut, Lse, Delta, DQ, DK, DV, RowStart, Col
                             HAS_ROW_START: tl.constexpr, USE_TMA: tl.constexpr,
                             TMA_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Key blocks in order: under a causal mask the first ones see the most queries, so the longest
-    # programs start first.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Key blocks outer, heads inner: under a causal mask the first key blocks of every head see
+    # the most queries, so the longest programs start first and the short ones fill the tail.
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     batch = (pid_bh // num_kv_heads).to(tl.int64)
     kv_head = (pid_bh % num_kv_heads).to(tl.int64)
 
@@ -644,9 +644,9 @@ def _run_fused(dq_acc, tma: bool, *, q, k, v, dout, lse, delta, dk, dv, starts, 
             heads_kv, heads_q // heads_kv) + scalars
     meta = dict(common, USE_TMA=tma, TMA_REDUCE=tma_reduce)
     if on_gpu(q):
-        key_blocks = lambda cfg: (triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * heads_kv)  # noqa
+        key_blocks = lambda cfg: (batch * heads_kv, triton.cdiv(seqlen_k, cfg["BLOCK_N"]))  # noqa
         launch(_fused_tuned[dtype_family(q.dtype)], key_blocks, args, meta)
     else:
-        _flash_bwd_fused_kernel[(triton.cdiv(seqlen_k, INTERPRET_BLOCK_N), batch * heads_kv)](
+        _flash_bwd_fused_kernel[(batch * heads_kv, triton.cdiv(seqlen_k, INTERPRET_BLOCK_N))](
             *args, **meta, BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
     return dq32 if dq_acc is not None else dq32.to(q.dtype)

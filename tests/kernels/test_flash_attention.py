@@ -325,7 +325,7 @@ def test_interpreted_merge_of_partial_results_matches_the_torch_merge(count):
 VARIANT_CASES = [
     # batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, q_offset, k_offset, window, docs
     (1, 4, 2, 37, 45, 64, torch.float32, 8, 0, 0, False),     # GQA, ragged, causal with offset
-    (1, 2, 1, 33, 21, 96, torch.float16, 0, 12, 0, False),    # head dim padded, offset keys
+    (1, 2, 1, 33, 21, 32, torch.float16, 0, 12, 0, False),    # fp16, offset keys
     (2, 2, 1, 40, 40, 16, torch.float32, 0, 0, 7, True),      # window and documents
     (1, 2, 2, 24, 30, 32, torch.float16, 30, 4, 5, False),    # rows past every key's window
 ]
@@ -335,10 +335,12 @@ VARIANT_CASES = [
 @pytest.mark.parametrize("forward, backward", [
     ("pointer", "two_pass"), ("tma", "atomic_dq_tma"), ("tma_ws", "atomic_dq"),
     ("tma_persistent", "atomic_dq_tma")])
-def test_interpreted_kernel_variants_match_float64(forward, backward):
+def test_interpreted_kernel_variants_match_float64(forward, backward, monkeypatch):
     """Every forward and backward variant computes the same attention: TMA descriptor loads,
-    warp-specialised and persistent loops, dQ by atomics (float32, added over key blocks)."""
-    from graphopt.kernels import launch_counts
+    warp-specialised and persistent loops, dQ by atomics (float32, added over key blocks); the
+    grouped tile order with one head per group (an L2 budget below one head's K/V)."""
+    from graphopt.kernels import flash_attention_fwd, launch_counts
+    monkeypatch.setattr(flash_attention_fwd, "L2_BUDGET_BYTES", 1)
     from graphopt.kernels.flash_attention_bwd import flash_attention_backward
     from graphopt.kernels.flash_attention_fwd import flash_attention_forward
     from graphopt.ops.attention import document_bounds
@@ -376,20 +378,46 @@ def test_interpreted_kernel_variants_match_float64(forward, backward):
 
 @interpreted
 def test_interpreted_defaults_fall_back_where_tma_cannot_address_the_tensors():
-    """Row strides that are no 16-byte multiple (D = 20 in float16 = 40 bytes) run the pointer
-    kernels by default; forcing a TMA variant there is refused with the way out; a negative
-    scale (no FMA softmax) still computes the right function."""
+    """Head dims that are no power of two (96: padded tiles) and row strides that are no 16-byte
+    multiple (D = 20 in float16 = 40 bytes) run the pointer kernels by default; forcing a TMA
+    variant there is refused with the way out; a negative scale (no FMA softmax) still computes
+    the right function."""
     from graphopt.kernels import launch_counts
+    from graphopt.kernels.flash_attention_bwd import flash_attention_backward
     from graphopt.kernels.flash_attention_fwd import flash_attention_forward
-    q, k, v = make_qkv(1, 2, 1, 19, 23, 20, torch.float16, seed=8)
-    before = launch_counts["triton_forward:pointer"]
-    out, _ = flash_attention_forward(q, k, v, scale=-0.2, causal=True)
-    assert launch_counts["triton_forward:pointer"] == before + 1
-    expected, _ = plain_attention(q, k, v, -0.2, True)
-    torch.testing.assert_close(out.double(), expected, **tolerance(torch.float16))
+    for head_dim in (96, 20):
+        q, k, v = make_qkv(1, 2, 1, 19, 23, head_dim, torch.float16, seed=8)
+        before = dict(launch_counts)
+        out, lse = flash_attention_forward(q, k, v, scale=-0.2, causal=True)
+        flash_attention_backward(q, k, v, out, lse, torch.ones_like(q), scale=-0.2, causal=True)
+        assert launch_counts["triton_forward:pointer"] == before.get("triton_forward:pointer",
+                                                                     0) + 1
+        assert launch_counts["triton_backward:atomic_dq"] == before.get(
+            "triton_backward:atomic_dq", 0) + 1
+        expected, _ = plain_attention(q, k, v, -0.2, True)
+        torch.testing.assert_close(out.double(), expected, **tolerance(torch.float16))
     with pytest.raises(ValueError, match="TMA descriptors"):
         flash_attention_forward(q, k, v, scale=0.2, causal=True, variant="tma")
     q, k, v = make_qkv(1, 2, 1, 19, 23, 32, torch.float32, seed=8)
     out, _ = flash_attention_forward(q, k, v, scale=-0.2, causal=False, variant="tma")
     torch.testing.assert_close(out.double(), plain_attention(q, k, v, -0.2, False)[0],
                                **tolerance(torch.float32))
+
+
+@interpreted
+@pytest.mark.parametrize("query_blocks, batch_heads, head_group", [(5, 7, 3), (4, 6, 6), (3, 5, 1)])
+def test_interpreted_grouped_tile_order(query_blocks, batch_heads, head_group):
+    """The grouped order visits every (query block, head) once; within a group of heads the
+    longest (last, causal) query blocks of every head come before any shorter one."""
+    from key_ranges import tile_order_kernel
+    tiles = query_blocks * batch_heads
+    out = torch.zeros(tiles, 2, dtype=torch.int32)
+    tile_order_kernel[(tiles,)](out, query_blocks, batch_heads, head_group, CAUSAL=True)
+    order = [tuple(pair) for pair in out.tolist()]
+    assert sorted(order) == [(m, bh) for m in range(query_blocks) for bh in range(batch_heads)]
+    for first in range(0, batch_heads, head_group):
+        heads = range(first, min(first + head_group, batch_heads))
+        section = [pair for pair in order if pair[1] in heads]
+        assert [m for m, _ in section] == sorted((m for m, _ in section), reverse=True)
+        start = order.index(section[0])
+        assert order[start:start + len(section)] == section  # a group's tiles run together
