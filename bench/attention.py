@@ -28,7 +28,9 @@ forward + backward, the FlashAttention convention), so ratios between columns ar
 
 Phases, results written after each step (a time-out keeps what finished):
   compile      every Triton config the run tunes and FlexAttention for every case, in --jobs
-               processes (Triton's and Inductor's disk caches then serve this process)
+               processes (Triton's and Inductor's disk caches then serve this process); with
+               --gpu-tests S, the attention GPU tests run beside it (log: gpu_tests.log) and
+               are waited for (at most S seconds from the start) before anything is timed
   correctness  at S = 8K, fresh random inputs: each kernel and each Triton variant, output and
                dQ/dK/dV of one key/value head group, against float32 attention
   variants     old and new Triton kernels side by side (each forward and backward variant, kernel
@@ -45,14 +47,17 @@ import math
 import multiprocessing
 import pathlib
 import platform
+import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 # Sizes (``configure_smoke`` shrinks them for a CPU run of the control flow).
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -62,13 +67,16 @@ MASKS = ("causal", "window", "docs")
 SEQLENS = (8192, 16384, 32768, 65536)
 HEADS_KV = (32, 8)
 CORRECTNESS_SEQLEN = 8192
+FLEX_BLOCK = 128
 VARIANTS_SEQLEN = 16384
 # Long-tailed document lengths: Pareto with this minimum and tail index, cut at the sequence end.
 DOC_MIN_LEN, DOC_TAIL = 256, 1.1
 TARGETS = {"triton_fwd_bwd_vs_cudnn_causal_min": 0.9, "docs_fwd_bwd_vs_flex_min": 1.2,
            "window_fwd_bwd_vs_flex_min": 1.2}
 ERROR_LIMITS = {"out": 2e-2, "dq": 5e-2, "dk": 5e-2, "dv": 5e-2}  # max |x - ref| / max |ref|
-TIMING = {"budget_ms": 400.0, "least": 3, "most": 25}
+TIMING = {"budget_ms": 250.0, "least": 3, "most": 25}
+# --gpu-tests: run beside the compile phase, finished (or stopped) before anything is timed.
+GPU_TESTS = ("tests/gpu/test_flash_attention_gpu.py", "tests/gpu/test_attention_masks_gpu.py")
 FORWARD_VARIANTS = ("pointer", "tma", "tma_ws", "tma_persistent")
 BACKWARD_VARIANTS = ("two_pass", "atomic_dq", "atomic_dq_tma")
 
@@ -132,10 +140,38 @@ class Mask:
         return {"causal": causal, "window": sliding, "docs": documents}[self.kind]
 
     def block_mask(self):
+        """FlexAttention's BlockMask of this mask, 128 x 128 blocks: partly visible blocks (the
+        mask_mod runs there), wholly visible ones (no mask_mod) and, implicitly, skipped ones.
+        Derived per block from the mask's structure -- create_block_mask would evaluate the
+        mask_mod on all S^2 pairs, more memory than the GPU has at 64K."""
         if self._block_mask is None:
-            from torch.nn.attention.flex_attention import create_block_mask
-            self._block_mask = create_block_mask(self.mask_mod(), None, None, self.seqlen,
-                                                 self.seqlen, device=DEVICE)
+            from torch.nn.attention.flex_attention import BlockMask
+            block = FLEX_BLOCK
+            starts = torch.arange(0, self.seqlen, block, device=DEVICE)
+            ends = (starts + block).clamp_max(self.seqlen) - 1
+            q_first, q_last = starts[:, None], ends[:, None]
+            k_first, k_last = starts[None, :], ends[None, :]
+            visible = k_first <= q_last
+            complete = ends - starts + 1 == block  # flex masks a ragged block's padding
+            whole = (k_last <= q_first) & complete[:, None] & complete[None, :]
+            if self.window:
+                visible &= q_first - k_last < self.window
+                whole &= q_last - k_first < self.window
+            if self.doc_ids is not None:
+                docs = self.doc_ids
+                visible &= (docs[k_last] >= docs[q_first]) & (docs[k_first] <= docs[q_last])
+                whole &= ((docs[q_first] == docs[q_last]) & (docs[k_first] == docs[k_last])
+                          & (docs[q_first] == docs[k_first]))
+            partial = visible & ~whole
+
+            def listed(blocks):
+                order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+                return (blocks.sum(-1).to(torch.int32)[None, None],
+                        order.to(torch.int32)[None, None].contiguous())
+
+            self._block_mask = BlockMask.from_kv_blocks(
+                *listed(partial), *listed(whole), BLOCK_SIZE=block, mask_mod=self.mask_mod(),
+                seq_lengths=(self.seqlen, self.seqlen))
         return self._block_mask
 
     def dense(self, device) -> torch.Tensor:
@@ -326,11 +362,16 @@ def _compile_item(item):
 
 
 def triton_compile_items(masks) -> list:
+    """(mask, forward/backward, variant, config index) for every config the autotuners try at
+    this head dim."""
     from graphopt.kernels import flash_attention_bwd, flash_attention_fwd
-    count = {"forward": len(flash_attention_fwd.HALF_CONFIGS),
-             "two_pass": max(len(flash_attention_bwd._dkdv_tuned["half"].configs),
-                             len(flash_attention_bwd._dq_tuned["half"].configs)),
-             "fused": len(flash_attention_bwd._fused_tuned["half"].configs)}
+
+    def configs(tuner) -> int:
+        return len(tuner.early_config_prune(tuner.configs, {}, HEAD_DIM_PAD=HEAD_DIM))
+    count = {"forward": configs(flash_attention_fwd._flash_fwd_tuned["half"]),
+             "two_pass": max(configs(flash_attention_bwd._dkdv_tuned["half"]),
+                             configs(flash_attention_bwd._dq_tuned["half"])),
+             "fused": configs(flash_attention_bwd._fused_tuned["half"])}
     items = [(m, "forward", variant, i) for m in masks for variant in FORWARD_VARIANTS
              for i in range(count["forward"])]
     items += [(m, "backward", variant, i) for m in masks for variant in BACKWARD_VARIANTS
@@ -714,6 +755,29 @@ def write(out_dir: pathlib.Path, result: dict, started: float) -> None:
     (out_dir / "attention.md").write_text(markdown(result))
 
 
+def start_gpu_tests(out_dir: pathlib.Path) -> subprocess.Popen:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / "gpu_tests.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *GPU_TESTS],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)))
+
+
+def finish_gpu_tests(tests: subprocess.Popen, out_dir: pathlib.Path, deadline: float) -> str:
+    """Waits for the GPU tests until ``deadline``, then stops them; their closing line."""
+    try:
+        tests.wait(timeout=max(deadline - time.time(), 0.0))
+        stopped = ""
+    except subprocess.TimeoutExpired:
+        tests.kill()
+        tests.wait()
+        stopped = " (stopped at the deadline)"
+    lines = (out_dir / "gpu_tests.log").read_text().strip().splitlines()
+    return (lines[-1] if lines else "no output") + stopped
+
+
 def configure_smoke() -> None:
     """Sizes for a CPU run under the Triton interpreter (tests/kernels/test_attention_bench.py)."""
     global DEVICE, DTYPE, HEADS, HEAD_DIM, WINDOW, SEQLENS, HEADS_KV, CORRECTNESS_SEQLEN
@@ -736,6 +800,9 @@ def main(argv=None):
                         help="compile everything first in this many processes (0: no)")
     parser.add_argument("--budget-s", type=float, default=0.0,
                         help="start no new case past this many seconds (0: no limit)")
+    parser.add_argument("--gpu-tests", type=float, default=0.0, metavar="SECONDS",
+                        help="run the attention GPU tests beside the compile phase, stopping them "
+                             "after this many seconds at the latest; timing waits for them")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes on the CPU under TRITON_INTERPRET=1: checks the control "
                              "flow (its times mean nothing)")
@@ -756,7 +823,9 @@ def main(argv=None):
     result = {"environment": dict(environment(), sdpa_default=" / ".join(
                   f"Hkv {h}: {name}" for h, name in defaults.items())),
               "columns": columns, "correctness": [], "variants": [], "cases": [], "skipped": []}
+    tests = start_gpu_tests(args.out) if args.gpu_tests else None
     if args.jobs:
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # per pool process
         result["compile_failures"] = precompile(masks, seqlens, heads_kv, args.jobs,
                                                 with_flex="flex" in columns and "matrix" in phases)
         write(args.out, result, started)
@@ -778,6 +847,10 @@ def main(argv=None):
                           flush=True)
                     write(args.out, result, started)
                     release_memory()
+    if tests is not None:
+        result["gpu_tests"] = finish_gpu_tests(tests, args.out, started + args.gpu_tests)
+        print(f"GPU tests: {result['gpu_tests']}", flush=True)
+        write(args.out, result, started)
     if "variants" in phases:
         for mask in masks:
             for h in heads_kv:
