@@ -424,12 +424,13 @@ def relative_errors(result: dict, reference: dict, group: int) -> dict:
     return errors
 
 
-def check_case(mask_kind: str, heads_kv: int, columns) -> list:
+def check_case(mask_kind: str, heads_kv: int, columns, on_row: Callable[[dict], None]) -> None:
+    """Checks every column and Triton variant; ``on_row`` gets each result as it is known (a
+    kernel that brings the process down leaves the ones before it on disk)."""
     mask = Mask(mask_kind, CORRECTNESS_SEQLEN, DEVICE)
     q, k, v, dout = make_inputs(CORRECTNESS_SEQLEN, heads_kv, seed=1000 + heads_kv)
     group = HEADS // heads_kv
     reference = dict(zip(("out", "dq", "dk", "dv"), reference_group(q, k, v, dout, mask, group)))
-    rows = []
 
     def record(name, produce):
         row = dict(mask=mask_kind, heads_kv=heads_kv, seqlen=CORRECTNESS_SEQLEN, kernel=name)
@@ -439,7 +440,7 @@ def check_case(mask_kind: str, heads_kv: int, columns) -> list:
             row["ok"] = all(errors[key] <= ERROR_LIMITS[key] for key in errors)
         except Exception as err:  # noqa: BLE001 - a kernel that fails is a result of the run
             row.update(ok=False, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        rows.append(row)
+        on_row(row)
 
     for column in columns:
         if column.startswith("sdpa") and mask_kind != "causal":
@@ -458,15 +459,17 @@ def check_case(mask_kind: str, heads_kv: int, columns) -> list:
     masks, fwd_masks = kernel_masks(mask)
     scale = 1 / math.sqrt(HEAD_DIM)
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    out, lse = flash_attention_forward(qd, kd, vd, scale=scale, causal=True, **fwd_masks)
     for variant in FORWARD_VARIANTS:
         record(f"forward:{variant}", lambda variant=variant: {"out": flash_attention_forward(
             qd, kd, vd, scale=scale, causal=True, variant=variant, **fwd_masks)[0]})
+    def backward(variant):
+        # From the out and lse of the kernel before issue 32 (so every variant gets the same).
+        out, lse = flash_attention_forward(qd, kd, vd, scale=scale, causal=True,
+                                           variant="pointer", **fwd_masks)
+        return dict(zip(("dq", "dk", "dv"), flash_attention_backward(
+            qd, kd, vd, out, lse, dout, scale=scale, causal=True, variant=variant, **masks)))
     for variant in BACKWARD_VARIANTS:
-        record(f"backward:{variant}", lambda variant=variant: dict(zip(
-            ("dq", "dk", "dv"), flash_attention_backward(
-                qd, kd, vd, out, lse, dout, scale=scale, causal=True, variant=variant, **masks))))
-    return rows
+        record(f"backward:{variant}", lambda variant=variant: backward(variant))
 
 
 def kernel_masks(mask: Mask) -> tuple[dict, dict]:
@@ -493,7 +496,8 @@ def variant_case(mask_kind: str, heads_kv: int, seqlen: int) -> dict:
     flops = 4 * BATCH * HEADS * HEAD_DIM * visible_pairs(
         seqlen, seqlen, causal=True, window=mask.window, row_start=masks.get("row_start"))
     row = dict(heads_kv=heads_kv, seqlen=seqlen, **mask.describe())
-    out, lse = flash_attention_forward(q, k, v, scale=scale, causal=True, **fwd_masks)
+    out, lse = flash_attention_forward(q, k, v, scale=scale, causal=True, variant="pointer",
+                                       **fwd_masks)
     delta = flash_attention_delta(out, dout)
     for variant in FORWARD_VARIANTS:
         try:
@@ -840,12 +844,18 @@ def main(argv=None):
         for mask in masks:
             for h in heads_kv:
                 if in_budget(f"correctness {mask} Hkv {h}"):
-                    rows = check_case(mask, h, columns)
-                    result["correctness"] += rows
-                    bad = [r["kernel"] for r in rows if not r.get("ok")]
+                    def on_row(row):
+                        result["correctness"].append(row)
+                        write(args.out, result, started)
+                    try:
+                        check_case(mask, h, columns, on_row)
+                    except Exception as err:  # noqa: BLE001 - recorded; the run goes on
+                        on_row(dict(mask=mask, heads_kv=h, kernel="(setup)", ok=False,
+                                    error=f"{type(err).__name__}: {str(err).splitlines()[0]}"))
+                    bad = [r["kernel"] for r in result["correctness"]
+                           if r["mask"] == mask and r["heads_kv"] == h and not r.get("ok")]
                     print(f"correctness {mask} Hkv={h}: {'ok' if not bad else 'FAILED ' + str(bad)}",
                           flush=True)
-                    write(args.out, result, started)
                     release_memory()
     if tests is not None:
         result["gpu_tests"] = finish_gpu_tests(tests, args.out, started + args.gpu_tests)
@@ -855,7 +865,11 @@ def main(argv=None):
         for mask in masks:
             for h in heads_kv:
                 if in_budget(f"variants {mask} Hkv {h}"):
-                    row = variant_case(mask, h, VARIANTS_SEQLEN)
+                    try:
+                        row = variant_case(mask, h, VARIANTS_SEQLEN)
+                    except Exception as err:  # noqa: BLE001 - recorded; the run goes on
+                        row = dict(mask=mask, heads_kv=h, seqlen=VARIANTS_SEQLEN,
+                                   error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
                     result["variants"].append(row)
                     print(f"variants {mask} Hkv={h}: fwd {row.get('fwd_best_new')} "
                           f"{_cell(row.get('fwd_best_new_vs_pointer'))}x, bwd "
@@ -869,7 +883,11 @@ def main(argv=None):
                 for h in heads_kv:
                     if not in_budget(f"{mask} S={seqlen} Hkv={h}"):
                         continue
-                    row = matrix_case(mask, h, seqlen, columns, defaults[h])
+                    try:
+                        row = matrix_case(mask, h, seqlen, columns, defaults[h])
+                    except Exception as err:  # noqa: BLE001 - recorded; the run goes on
+                        row = dict(mask=mask, heads_kv=h, seqlen=seqlen,
+                                   error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
                     result["cases"].append(row)
                     print(f"{mask} S={seqlen} Hkv={h}: "
                           + ", ".join(f"{c} {row[f'{c}_fwd_bwd_ms']:.2f}" for c in columns
