@@ -89,6 +89,61 @@ def _delta_kernel(Out, DOut, Delta,
 
 
 @triton.jit
+def key_tile_grads(dk, dv, k, v, q, do, lse_head, delta_head, row_starts, rows, row_ok, k_pos,
+                   q_offset, window, qk_scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_ROW_START: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """One query block's share of a key block's dK, dV (added into dk, dv), and dS^T in q's
+    dtype (for dQ): P^T = exp2(K Q^T * scale - lse), dS^T = P^T * (V dO^T - delta)."""
+    lse = tl.load(lse_head + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_head + rows, mask=row_ok, other=0.0)
+    # A row that sees no key at all has lse = -inf: shift it by +inf so its p is 0.
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_IN_KERNEL)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+    p_t = tl.exp2(s_t - lse_log2[None, :])
+    if MASKED:
+        row_start = rows
+        if HAS_ROW_START:
+            row_start = tl.load(row_starts + rows, mask=row_ok, other=0)
+        seen = visible(q_offset + rows, row_start, k_pos, window, CAUSAL, HAS_WINDOW,
+                       HAS_ROW_START)
+        p_t = tl.where(tl.trans(seen), p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    return dk, dv, ds_t
+
+
+@triton.jit
+def load_key_block(K, V, batch, kv_head, pid_n, stride_kb, stride_kh, stride_kn, stride_vb,
+                   stride_vh, stride_vn, seqlen_k, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr):
+    """Key block pid_n of one (batch, key/value head): (k, v, key indices, valid elements); keys
+    past seqlen_k load as 0."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v, offs_n, kv_mask
+
+
+@triton.jit
+def store_key_block_grads(dk, dv, DK, DV, batch, kv_head, offs_n, kv_mask, stride_dkb, stride_dkh,
+                          stride_dkn, stride_dvb, stride_dvh, stride_dvn, scale,
+                          HEAD_DIM_PAD: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    dk = dk * scale
+    tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
 def _dkdv_query_blocks(dk, dv, k, v, q_head, do_head, lse_head, delta_head, row_starts,
                        stride_qm, stride_dom, k_pos, start_m, stop_m, seqlen_q, q_offset, window,
                        qk_scale_log2, offs_m, offs_d,
@@ -106,23 +161,9 @@ def _dkdv_query_blocks(dk, dv, k, v, q_head, do_head, lse_head, delta_head, row_
                     mask=row_ok[:, None] & d_ok, other=0.0)
         do = tl.load(do_head + rows[:, None] * stride_dom + offs_d[None, :],
                      mask=row_ok[:, None] & d_ok, other=0.0)
-        lse = tl.load(lse_head + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_head + rows, mask=row_ok, other=0.0)
-        # A row that sees no key at all has lse = -inf: shift it by +inf so its p is 0.
-        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_IN_KERNEL)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        p_t = tl.exp2(s_t - lse_log2[None, :])
-        if CAUSAL:
-            row_start = rows
-            if HAS_ROW_START:
-                row_start = tl.load(row_starts + rows, mask=row_ok, other=0)
-            seen = visible(q_offset + rows, row_start, k_pos, window, CAUSAL, HAS_WINDOW,
-                           HAS_ROW_START)
-            p_t = tl.where(tl.trans(seen), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk, dv, _ = key_tile_grads(dk, dv, k, v, q, do, lse_head, delta_head, row_starts, rows,
+                                   row_ok, k_pos, q_offset, window, qk_scale_log2, CAUSAL,
+                                   CAUSAL, HAS_WINDOW, HAS_ROW_START, DOT_PRECISION)
     return dk, dv
 
 
@@ -146,14 +187,11 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, RowStart, ColStop,
     batch = (pid_bh // num_kv_heads).to(tl.int64)
     kv_head = (pid_bh % num_kv_heads).to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k, v, offs_n, kv_mask = load_key_block(K, V, batch, kv_head, pid_n, stride_kb, stride_kh,
+                                           stride_kn, stride_vb, stride_vh, stride_vn, seqlen_k,
+                                           BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
     k_pos = k_offset + offs_n
 
     # Query rows before ``lo`` see none of this key block, nor rows from ``hi`` on.
@@ -180,12 +218,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, RowStart, ColStop,
             Delta + (batch * num_kv_heads * group + head) * seqlen_q, RowStart + batch * stride_rb,
             stride_qm, stride_dom, k_pos, lo, hi, seqlen_q, q_offset, window, qk_scale_log2,
             offs_m, offs_d, BLOCK_M, HEAD_DIM, CAUSAL, HAS_WINDOW, HAS_ROW_START, DOT_PRECISION)
-
-    dk = dk * scale
-    tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    store_key_block_grads(dk, dv, DK, DV, batch, kv_head, offs_n, kv_mask, stride_dkb, stride_dkh,
+                          stride_dkn, stride_dvb, stride_dvh, stride_dvn, scale, HEAD_DIM_PAD)
 
 
 @triton.jit
@@ -340,23 +374,9 @@ def _fused_query_blocks(dk, dv, k, v, q_src, do_src, dq_dst, lse_head, delta_hea
                       HEAD_DIM_PAD, True, USE_TMA)
         do = load_rows(do_src, block_start, offs_m, seqlen_q, stride_dom, offs_d, HEAD_DIM,
                        HEAD_DIM_PAD, True, USE_TMA)
-        lse = tl.load(lse_head + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_head + rows, mask=row_ok, other=0.0)
-        # A row that sees no key at all has lse = -inf: shift it by +inf so its p is 0.
-        lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_IN_KERNEL)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        p_t = tl.exp2(s_t - lse_log2[None, :])
-        if MASKED:
-            row_start = rows
-            if HAS_ROW_START:
-                row_start = tl.load(row_starts + rows, mask=row_ok, other=0)
-            seen = visible(q_offset + rows, row_start, k_pos, window, CAUSAL, HAS_WINDOW,
-                           HAS_ROW_START)
-            p_t = tl.where(tl.trans(seen), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        dk, dv, ds_t = key_tile_grads(dk, dv, k, v, q, do, lse_head, delta_head, row_starts,
+                                      rows, row_ok, k_pos, q_offset, window, qk_scale_log2,
+                                      MASKED, CAUSAL, HAS_WINDOW, HAS_ROW_START, DOT_PRECISION)
         # This key block's share of dQ, added where other key blocks add theirs (float32).
         dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale
         if TMA_REDUCE:
@@ -391,14 +411,11 @@ def _flash_bwd_fused_kernel(Q, K, V, DOut, Lse, Delta, DQ, DK, DV, RowStart, Col
     batch = (pid_bh // num_kv_heads).to(tl.int64)
     kv_head = (pid_bh % num_kv_heads).to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k, v, offs_n, kv_mask = load_key_block(K, V, batch, kv_head, pid_n, stride_kb, stride_kh,
+                                           stride_kn, stride_vb, stride_vh, stride_vn, seqlen_k,
+                                           BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
     k_pos = k_offset + offs_n
 
     last_key = tl.minimum(pid_n * BLOCK_N + BLOCK_N, seqlen_k) - 1
@@ -446,12 +463,8 @@ def _flash_bwd_fused_kernel(Q, K, V, DOut, Lse, Delta, DQ, DK, DV, RowStart, Col
                 stride_qm, stride_dom, stride_dqm, k_pos, lo, hi, seqlen_q, q_offset, window,
                 qk_scale_log2, scale, offs_m, offs_d, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, CAUSAL,
                 HAS_WINDOW, HAS_ROW_START, True, USE_TMA, TMA_REDUCE, DOT_PRECISION)
-
-    dk = dk * scale
-    tl.store(DK + batch * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + batch * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    store_key_block_grads(dk, dv, DK, DV, batch, kv_head, offs_n, kv_mask, stride_dkb, stride_dkh,
+                          stride_dkn, stride_dvb, stride_dvh, stride_dvn, scale, HEAD_DIM_PAD)
 
 
 _TUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM_PAD", "CAUSAL", "HAS_WINDOW", "HAS_ROW_START"]
@@ -537,7 +550,7 @@ def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
     lse = lse.float()
     lse = unit_last_stride(lse)
     batch, heads_q, seqlen_q, head_dim = q.shape
-    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    seqlen_k = k.shape[2]
     if delta is None:
         delta = flash_attention_delta(out, dout)
     else:
