@@ -20,7 +20,8 @@ Variants (BACKWARD_VARIANTS):
   atomic_dq      one kernel: the dK/dV program also computes each query block's share of dQ from
                  the dS it already has and adds it into a float32 buffer with atomics (dq_acc
                  itself when given: ring steps accumulate there directly), then dQ is rounded to
-                 q's dtype. Summation order varies run to run (float32 rounding, not results).
+                 q's dtype. Summation order varies run to run (float32 rounding, not results);
+                 under torch.use_deterministic_algorithms(True) the default is two_pass.
   atomic_dq_tma  atomic_dq with Q, dO tiles by TMA descriptors and dQ added by TMA reductions
                  (one bulk add per tile); Hopper or newer, element atomics under the interpreter.
 Blocks wholly above the causal diagonal are skipped in all of them, as are blocks a sliding window
@@ -575,9 +576,12 @@ def flash_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
     kernel_args = dict(q=q, k=k, v=v, dout=dout, lse=lse, delta=delta, dk=dk, dv=dv,
                        starts=starts, stops=stops, stride_rb=stride_rb, stride_cb=stride_cb,
                        scalars=scalars, common=common)
-    name, strict = pick_variant(BACKWARD_VARIANTS, variant or BACKWARD_VARIANT,
-                                DEFAULT_BACKWARD_VARIANT, BACKWARD_FALLBACKS,
-                                tma_ready(q, dout), "backward")
+    # Atomics add dQ in a run-dependent order; torch's deterministic mode gets the two-pass
+    # kernels, whose dQ is bitwise reproducible.
+    default = ("two_pass" if torch.are_deterministic_algorithms_enabled()
+               else DEFAULT_BACKWARD_VARIANT)
+    name, strict = pick_variant(BACKWARD_VARIANTS, variant or BACKWARD_VARIANT, default,
+                                BACKWARD_FALLBACKS, tma_ready(q, dout), "backward")
     result = {}
 
     def run(name: str) -> None:

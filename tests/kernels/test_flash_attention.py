@@ -398,6 +398,14 @@ def test_interpreted_defaults_fall_back_where_tma_cannot_address_the_tensors():
         torch.testing.assert_close(out.double(), expected, **tolerance(torch.float16))
     with pytest.raises(ValueError, match="TMA descriptors"):
         flash_attention_forward(q, k, v, scale=0.2, causal=True, variant="tma")
+    # Deterministic mode: the backward without atomics.
+    before = launch_counts["triton_backward:two_pass"]
+    torch.use_deterministic_algorithms(True)
+    try:
+        flash_attention_backward(q, k, v, out, lse, torch.ones_like(q), scale=-0.2, causal=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launch_counts["triton_backward:two_pass"] == before + 1
     q, k, v = make_qkv(1, 2, 1, 19, 23, 32, torch.float32, seed=8)
     out, _ = flash_attention_forward(q, k, v, scale=-0.2, causal=False, variant="tma")
     torch.testing.assert_close(out.double(), plain_attention(q, k, v, -0.2, False)[0],
