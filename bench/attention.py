@@ -76,7 +76,12 @@ TARGETS = {"triton_fwd_bwd_vs_cudnn_causal_min": 0.9, "docs_fwd_bwd_vs_flex_min"
 ERROR_LIMITS = {"out": 2e-2, "dq": 5e-2, "dk": 5e-2, "dv": 5e-2}  # max |x - ref| / max |ref|
 TIMING = {"budget_ms": 250.0, "least": 3, "most": 25}
 # --gpu-tests: run beside the compile phase, finished (or stopped) before anything is timed.
-GPU_TESTS = ("tests/gpu/test_flash_attention_gpu.py", "tests/gpu/test_attention_masks_gpu.py")
+# Most telling first: a test stopped at the deadline leaves the ones before it in the log.
+GPU_TESTS = ("tests/gpu/test_flash_attention_gpu.py::test_kernel_variants_match_float64",
+             "tests/gpu/test_attention_masks_gpu.py",
+             "tests/gpu/test_flash_attention_gpu.py::test_ring_steps_merge_and_accumulate",
+             "tests/gpu/test_flash_attention_gpu.py::test_flash_attention_op_matches_sdpa",
+             "tests/gpu/test_flash_attention_gpu.py::test_forward_backward_match_float64")
 FORWARD_VARIANTS = ("pointer", "tma", "tma_ws", "tma_persistent")
 BACKWARD_VARIANTS = ("two_pass", "atomic_dq", "atomic_dq_tma")
 
@@ -246,11 +251,30 @@ def column_function(column: str, mask: Mask, heads_kv: int) -> Callable:
         return lambda q, k, v: sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
     from torch.nn.attention import sdpa_kernel
     backend = sdpa_backend_names()[column]
+    native = not gqa or takes_grouped_heads(backend, heads_kv)
 
     def forced_sdpa(q, k, v):
+        if not native:  # this backend refuses grouped heads: K/V repeated (timed with it)
+            k, v = (x.repeat_interleave(HEADS // heads_kv, 1) for x in (k, v))
         with sdpa_kernel(backend):
-            return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
+            return sdpa(q, k, v, is_causal=True, enable_gqa=gqa and native)
+    forced_sdpa.grouped_heads = "enable_gqa" if native else "repeat_interleave"
     return forced_sdpa
+
+
+def takes_grouped_heads(backend, heads_kv: int) -> bool:
+    """Whether an SDPA backend runs enable_gqa=True itself (forward and backward)."""
+    from torch.nn.attention import sdpa_kernel
+    q = torch.randn(1, HEADS, 256, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    k = torch.randn(1, heads_kv, 256, HEAD_DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    try:
+        with sdpa_kernel(backend):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True,
+                                                                   enable_gqa=True)
+        out.sum().backward()
+        return True
+    except RuntimeError:
+        return False
 
 
 def make_inputs(seqlen: int, heads_kv: int, seed: int):
@@ -552,10 +576,12 @@ def matrix_case(mask_kind: str, heads_kv: int, seqlen: int, columns, sdpa_defaul
         if column == "sdpa_cudnn" and sdpa_default == "cudnn":
             continue  # the sdpa_default column ran cuDNN
         try:
-            forward, forward_backward = forward_and_backward(
-                column_function(column, mask, heads_kv), q, k, v, dout)
+            function = column_function(column, mask, heads_kv)
+            forward, forward_backward = forward_and_backward(function, q, k, v, dout)
             if column in ("triton", "triton_v1", "auto"):
                 row[f"{column}_ran"] = launched_by(forward_backward)
+            if hasattr(function, "grouped_heads") and heads_kv != HEADS:
+                row[f"{column}_grouped_heads"] = function.grouped_heads
             row[f"{column}_fwd_ms"] = time_ms(forward)
             if column == "triton":
                 block_m, block_n = forward_blocks()
@@ -763,7 +789,7 @@ def start_gpu_tests(out_dir: pathlib.Path) -> subprocess.Popen:
     out_dir.mkdir(parents=True, exist_ok=True)
     log = open(out_dir / "gpu_tests.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *GPU_TESTS],
+        [sys.executable, "-m", "pytest", "-v", "--tb=short", "-p", "no:cacheprovider", *GPU_TESTS],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)))
