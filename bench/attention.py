@@ -1,6 +1,6 @@
 """Attention kernels on one GPU, every column naming the kernel it runs.
 
-    python3 bench/attention.py --out $OUT/attention --jobs 12 --budget-s 270
+    python3 bench/attention.py --out $OUT/attention --jobs 10 --gpu-tests 110 --budget-s 235
 
 Causal, sliding-window (4K) and packed-document (long-tailed lengths) attention, B = 1, Hq = 32,
 D = 128, bf16, S = 8K..64K, Hkv = 32 and 8, forward and forward + backward. Columns:
