@@ -9,8 +9,9 @@ mask. ``count_tiles`` repeats that walk on the host, in torch, for whole sequenc
 
 so a benchmark can report TFLOP/s on the FLOPs a mask really needs (``visible_pairs``: 4 * D FLOPs
 each, forward), what fraction of the dense tiles a kernel computed, and how much of the computed
-work the mask threw away (``efficiency``). The backward kernels walk the same tiles from the key
-side. No Triton here: the walk is the kernel's arithmetic on integers.
+work the mask threw away (``efficiency``). The backward kernels walk about the same tiles from the key side (their
+blocks are key-block aligned instead). No Triton here: the walk is the kernel's arithmetic on
+integers.
 """
 
 from __future__ import annotations
