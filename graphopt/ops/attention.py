@@ -19,8 +19,11 @@ the row's document starts), and the backward also takes ``col_stop`` [1 or B, Sk
 position of the last query each key's document holds). ``document_bounds`` derives both from
 position ids that restart at every document. Key blocks no query may see are skipped.
 
-CUDA tensors run the Triton kernels in ``graphopt/kernels``; CPU tensors run a float32 torch
-reference of the same function. ``impl="triton"`` forces the kernels (CPU tensors then need
+CUDA tensors run the Triton kernels in ``graphopt/kernels`` (their default variants: K/V and Q/dO
+tiles by TMA on Hopper, dQ added with atomics; the kernel modules list the variants and what each
+falls back to); CPU tensors run a float32 torch reference of the same function.
+``graphopt.kernels.launch_counts`` counts the kernels that ran ("cudnn_forward",
+"triton_backward:atomic_dq_tma", ...), so a benchmark can say which one it timed. ``impl="triton"`` forces the kernels (CPU tensors then need
 TRITON_INTERPRET=1 set before triton is imported); ``impl="reference"`` forces the torch path.
 
 A third implementation, ``impl="cudnn"``, runs torch's cuDNN attention kernels
@@ -52,7 +55,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from graphopt.kernels import unit_last_stride
+from graphopt.kernels import launch_counts, unit_last_stride
 
 __all__ = [
     "attention_block_forward",
@@ -335,6 +338,7 @@ def _cudnn_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
             return _cudnn_block_forward(q, k, v, scale=scale, is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
+    launch_counts["cudnn_forward"] += 1
     return out, lse.reshape(q.shape[:3]).float()
 
 
@@ -358,6 +362,7 @@ def _cudnn_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                                          is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
+    launch_counts["cudnn_backward"] += 1
     if hq != hkv and not native:
         dk = dk.unflatten(1, (hkv, hq // hkv)).float().sum(2)
         dv = dv.unflatten(1, (hkv, hq // hkv)).float().sum(2)

@@ -1,10 +1,10 @@
-"""A test kernel that stores what ``key_block_range`` gives every query block (imported only by the
-interpreted tests, under TRITON_INTERPRET=1)."""
+"""Test kernels that store what ``key_block_range`` gives every query block and the forward's tile
+order (imported only by the interpreted tests, under TRITON_INTERPRET=1)."""
 
 import triton
 import triton.language as tl
 
-from graphopt.kernels.flash_attention_fwd import key_block_range
+from graphopt.kernels.flash_attention_fwd import key_block_range, tile_coordinates
 
 
 @triton.jit
@@ -22,3 +22,12 @@ def key_ranges_kernel(Out, RowStart, q_offset, k_offset, seqlen_q, seqlen_k, win
     tl.store(Out + pid * 4 + 1, full_start)
     tl.store(Out + pid * 4 + 2, full_stop)
     tl.store(Out + pid * 4 + 3, stop)
+
+
+@triton.jit
+def tile_order_kernel(Out, query_blocks, batch_heads, head_group, CAUSAL: tl.constexpr):
+    """Stores (query block, batch * head) of every tile of the forward's grouped order."""
+    tile = tl.program_id(0)
+    pid_m, pid_bh = tile_coordinates(tile, query_blocks, batch_heads, head_group, CAUSAL)
+    tl.store(Out + tile * 2, pid_m)
+    tl.store(Out + tile * 2 + 1, pid_bh)
