@@ -232,10 +232,12 @@ def measure(group: Group, layout: Layout, device: str, repeats: int) -> dict:
 # --- the run ------------------------------------------------------------------------------------
 
 def device_profile(args, out: pathlib.Path) -> str:
-    """The profile the predictions use: --profile, the one a resumed run measured, or a fresh
-    ``python -m graphopt calibrate`` (as a user would run it)."""
+    """The profile the predictions use: --profile, the one a resumed run measured, H100's data sheet
+    for a dry run without a GPU, or a fresh ``python -m graphopt calibrate`` (as a user would run it)."""
     if args.profile:
         return args.profile
+    if args.dry_run and not torch.cuda.is_available():
+        return "h100"  # a GPU-time estimate from this machine's CPU profile would mean nothing
     path = out / "plan_sweep_device_profile.json"
     out.mkdir(parents=True, exist_ok=True)
     if args.resume and path.exists():
