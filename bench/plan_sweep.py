@@ -432,6 +432,17 @@ def write(out: pathlib.Path, result: dict, stem: str = "plan_sweep",
         os.replace(path.with_suffix(".tmp"), path)  # a run killed mid-write keeps the last file
 
 
+def select_groups(groups: tuple, only: str | None) -> tuple:
+    """The groups ``--only`` names (all when it is not given)."""
+    if not only:
+        return groups
+    wanted = [name.strip() for name in only.split(",")]
+    unknown = set(wanted) - {g.name for g in groups}
+    if unknown:
+        raise SystemExit(f"--only {sorted(unknown)}: no such group; choose from {[g.name for g in groups]}")
+    return tuple(g for g in groups if g.name in wanted)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -458,13 +469,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     out = pathlib.Path(args.out)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    groups = SMOKE_GROUPS if args.smoke else GROUPS
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",")]
-        unknown = set(wanted) - {g.name for g in groups}
-        if unknown:
-            raise SystemExit(f"--only {sorted(unknown)}: no such group; choose from {[g.name for g in groups]}")
-        groups = tuple(g for g in groups if g.name in wanted)
+    groups = select_groups(SMOKE_GROUPS if args.smoke else GROUPS, args.only)
     resume = args.resume or args.predict_only
     if args.predict_only and not (out / "plan_sweep.json").exists():
         raise SystemExit(f"--predict-only needs the measured rows: {out / 'plan_sweep.json'} does not exist")

@@ -319,13 +319,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    groups = SMOKE_GROUPS if args.smoke else GROUPS
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",")]
-        unknown = set(wanted) - {g.name for g in groups}
-        if unknown:
-            raise SystemExit(f"--only {sorted(unknown)}: no such group; choose from {[g.name for g in groups]}")
-        groups = tuple(g for g in groups if g.name in wanted)
+    groups = single.select_groups(SMOKE_GROUPS if args.smoke else GROUPS, args.only)
     if args.layers:
         groups = tuple(dataclasses.replace(g, layers=args.layers) for g in groups)
     if args.worker:
