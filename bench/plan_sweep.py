@@ -178,7 +178,11 @@ def train_step(par, optimizer, group: Group, tokens: torch.Tensor, labels: torch
     return float(sum(losses)) / layout.grad_accum
 
 
-def measure(group: Group, layout: Layout, device: str, repeats: int) -> dict:
+def measure(group: Group, layout: Layout, device: str, repeats: int, distributed: bool = False) -> dict:
+    """One layout's compile step, warm-up and ``repeats`` timed steps. ``distributed`` (every rank
+    of a process group calls it): each step's time and the peaks are the maximum over the ranks,
+    and running out of memory is raised, not recorded -- the other ranks wait in a collective for
+    this one, so only ending the processes (torchrun does, when one fails) frees them."""
     vocab = DIMS[group.dims]["vocab_size"]
     from graphopt.planning.parallelize import parallelize
 
@@ -217,9 +221,14 @@ def measure(group: Group, layout: Layout, device: str, repeats: int) -> dict:
             losses.append(train_step(par, optimizer, group, tokens, labels))
             sync()
             times.append(time.perf_counter() - start)
+        peaks = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()] if cuda else []
+        if distributed:
+            times, peaks = max_over_ranks(times), [int(v) for v in max_over_ranks(peaks)]
         row.update(step_s=statistics.median(times), step_s_all=times, loss=losses[-1],
-                   peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+                   peak_bytes=peaks[0] if cuda else None, peak_reserved_bytes=peaks[1] if cuda else None)
     except torch.OutOfMemoryError as error:
+        if distributed:
+            raise
         row.update(oom=True, error=str(error).splitlines()[0][:200])
     finally:
         del model, par, optimizer
@@ -227,6 +236,17 @@ def measure(group: Group, layout: Layout, device: str, repeats: int) -> dict:
         if cuda:
             torch.cuda.empty_cache()
     return row
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise maximum over the process group's ranks."""
+    import torch.distributed as dist
+    if not values:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -252,16 +272,40 @@ def device_profile(args, out: pathlib.Path) -> str:
     return str(path)
 
 
-def plan_group(group: Group, profile_path: str, memory: int):
-    """(the planner's report for the group's search space, its predictor) on one GPU of ``memory``
-    bytes."""
+def plan_group(group: Group, profile_path: str, memory: int, gpus: int = 1):
+    """(the planner's report for the group's search space, its predictor) on one node of ``gpus``
+    GPUs of ``memory`` bytes."""
     meta = build_model(group, "meta")
     facts = trace_model(meta, loss_fn=loss_for(group))
-    world = World(gpus_per_node=1, nodes=1, memory_per_gpu=memory, profile=resolve_profile(profile_path))
+    world = World(gpus_per_node=gpus, nodes=1, memory_per_gpu=memory, profile=resolve_profile(profile_path))
     tokens = group.sequences * group.seq
     report = plan(facts, world, seq_len=group.seq, global_batch_tokens=tokens, space=group.space(),
                   require_fit=False)
     return report, Predictor(facts, world, group.seq, tokens, report.training)
+
+
+def add_prediction(row: dict, predictor: Predictor, layout: Layout, chosen: Layout | None):
+    """The planner's prediction of ``layout`` into its row, with what its measured MFU needs."""
+    prediction = predictor.predict(layout)
+    row.update(chosen=layout == chosen, predicted_step_s=prediction.step_s,
+               predicted_parts_s=prediction.parts_s, predicted_peak_bytes=prediction.peak_bytes,
+               predicted_fits=prediction.fits, predicted_memory_bytes=prediction.memory_bytes,
+               predicted_mfu=prediction.mfu, predicted_tokens_per_s_per_gpu=prediction.tokens_per_s_per_gpu,
+               model_flops_per_step=predictor.model_flops_per_step(),
+               peak_flops_per_gpu=predictor.world.peak_flops())
+    add_rates(row, predictor.global_batch_tokens)
+    return prediction
+
+
+def add_rates(row: dict, tokens_per_step: int) -> None:
+    """Measured tokens/s per GPU and MFU (model FLOPs per second per GPU over the data-sheet peak,
+    as the prediction's) of a measured row."""
+    if not row.get("step_s"):
+        return
+    gpus = Layout.from_json(row["layout"]).world_size
+    row["tokens_per_s_per_gpu"] = tokens_per_step / (row["step_s"] * gpus)
+    if row.get("model_flops_per_step"):
+        row["mfu"] = row["model_flops_per_step"] / (row["step_s"] * gpus * row["peak_flops_per_gpu"])
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -339,7 +383,8 @@ def markdown(result: dict) -> str:
     def fmt(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"# Layout planner vs measured single-GPU layouts ({result['device']})", "",
+    title = result.get("title", "Layout planner vs measured single-GPU layouts")
+    lines = [f"# {title} ({result['device']})", "",
              f"torch {result['torch']}, triton {result['triton']}, transformers {result['transformers']}; "
              f"{result['timing']}; device profile measured in the run (`python -m graphopt "
              f"calibrate`): {result['profile_summary']}", "",
@@ -356,10 +401,11 @@ def markdown(result: dict) -> str:
                      f"{fmt(g.get('chosen_vs_best_measured'))}, {fmt(g.get('rank_correlation'))}, "
                      f"{fmt(g.get('mfu_chosen'))} |")
     lines += ["", "| group | layout | chosen | predicted ms | measured ms | error | predicted GiB | "
-              "measured GiB | predicted MFU | measured MFU | compile+first step s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "measured GiB | predicted MFU | measured MFU | tokens/s/GPU | compile+first step s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
-        measured = "out of memory" if r.get("oom") else fmt(r.get("step_s") and r["step_s"] * 1e3, 1)
+        measured = ("out of memory" if r.get("oom") else "failed" if r.get("error")
+                    else fmt(r.get("step_s") and r["step_s"] * 1e3, 1))
         predicted = r.get("predicted_step_s")
         error = (f"{(predicted / r['step_s'] - 1) * 100:+.1f} %" if r.get("step_s") and predicted else "-")
         peak = ("-" if predicted is None else f"{r['predicted_peak_bytes'] / 2**30:.1f}"
@@ -368,19 +414,33 @@ def markdown(result: dict) -> str:
             f"| {r['group']} | {r['layout_name']} | {'yes' if r.get('chosen') else ''} | "
             f"{fmt(predicted and predicted * 1e3, 1)} | {measured} | {error} | {peak} | "
             f"{fmt(r.get('peak_bytes') and r['peak_bytes'] / 2**30, 1)} | {fmt(r.get('predicted_mfu'))} | "
-            f"{fmt(r.get('mfu'))} | {fmt(r.get('compile_step_s'), 1)} |")
+            f"{fmt(r.get('mfu'))} | {fmt(r.get('tokens_per_s_per_gpu'), 0)} | {fmt(r.get('compile_step_s'), 1)} |")
     lines += ["", *[f"- {note}" for note in result.get("notes", [])]]
     return "\n".join(lines) + "\n"
 
 
-def write(out: pathlib.Path, result: dict) -> None:
-    result["summary"] = summarize(result["rows"])
+def write(out: pathlib.Path, result: dict, stem: str = "plan_sweep",
+          summary_of: Callable[[dict], dict] = lambda result: summarize(result["rows"]),
+          render: Callable[[dict], str] = markdown) -> None:
+    """``stem``.json and .md in ``out``, replacing the previous pair whole."""
+    result["summary"] = summary_of(result)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("plan_sweep.json", json.dumps(result, indent=1, default=str)),
-                       ("plan_sweep.md", markdown(result))):
+    for name, text in ((f"{stem}.json", json.dumps(result, indent=1, default=str)),
+                       (f"{stem}.md", render(result))):
         path = out / name
         path.with_suffix(".tmp").write_text(text)
         os.replace(path.with_suffix(".tmp"), path)  # a run killed mid-write keeps the last file
+
+
+def select_groups(groups: tuple, only: str | None) -> tuple:
+    """The groups ``--only`` names (all when it is not given)."""
+    if not only:
+        return groups
+    wanted = [name.strip() for name in only.split(",")]
+    unknown = set(wanted) - {g.name for g in groups}
+    if unknown:
+        raise SystemExit(f"--only {sorted(unknown)}: no such group; choose from {[g.name for g in groups]}")
+    return tuple(g for g in groups if g.name in wanted)
 
 
 def main(argv=None) -> int:
@@ -409,13 +469,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     out = pathlib.Path(args.out)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    groups = SMOKE_GROUPS if args.smoke else GROUPS
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",")]
-        unknown = set(wanted) - {g.name for g in groups}
-        if unknown:
-            raise SystemExit(f"--only {sorted(unknown)}: no such group; choose from {[g.name for g in groups]}")
-        groups = tuple(g for g in groups if g.name in wanted)
+    groups = select_groups(SMOKE_GROUPS if args.smoke else GROUPS, args.only)
     resume = args.resume or args.predict_only
     if args.predict_only and not (out / "plan_sweep.json").exists():
         raise SystemExit(f"--predict-only needs the measured rows: {out / 'plan_sweep.json'} does not exist")
@@ -451,11 +505,7 @@ def main(argv=None) -> int:
                 row = {"group": group.name, "layout_name": layout.describe(), "layout": layout.to_json()}
                 result["rows"].append(row)
             if predictor is not None:
-                prediction = predictor.predict(layout)
-                row.update(chosen=layout == chosen, predicted_step_s=prediction.step_s,
-                           predicted_parts_s=prediction.parts_s, predicted_peak_bytes=prediction.peak_bytes,
-                           predicted_fits=prediction.fits, predicted_memory_bytes=prediction.memory_bytes,
-                           predicted_mfu=prediction.mfu)
+                prediction = add_prediction(row, predictor, layout, chosen)
                 estimate += COMPILE_ESTIMATE_S[layout.codegen] * (
                     group.layers if layout.memory.offload else 1) + (2 + args.repeats) * prediction.step_s
             if not (args.dry_run or args.predict_only or (group.name, layout.describe()) in done):
@@ -463,8 +513,7 @@ def main(argv=None) -> int:
                     result["notes"].append(f"{group.name} {layout.describe()}: not run, past --time-limit")
                 else:
                     row.update(measure(group, layout, device, args.repeats))
-            if predictor is not None and row.get("step_s"):
-                row["mfu"] = predictor.model_flops_per_step() / (row["step_s"] * predictor.world.peak_flops())
+            add_rates(row, group.sequences * group.seq)
             if predicting and chosen is not None and layout == chosen and not (row.get("step_s") or row.get("oom")):
                 result["notes"].append(f"{group.name}: the planner's choice {layout.describe()} has not "
                                        "been measured; run the group again with --resume")
