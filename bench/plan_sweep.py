@@ -386,8 +386,7 @@ def markdown(result: dict) -> str:
     title = result.get("title", "Layout planner vs measured single-GPU layouts")
     lines = [f"# {title} ({result['device']})", "",
              f"torch {result['torch']}, triton {result['triton']}, transformers {result['transformers']}; "
-             f"{result['timing']}; device profile measured in the run (`python -m graphopt "
-             f"calibrate`): {result['profile_summary']}", "",
+             f"{result['timing']}; device profile {result.get('profile_source', 'measured in the run')}: {result['profile_summary']}", "",
              f"- chosen_vs_best_measured: {fmt(s['chosen_vs_best_measured'])} (target <= 1.05)",
              f"- median_abs_time_error: {fmt(s['median_abs_time_error'])} (target <= 0.10; max "
              f"{fmt(s['max_abs_time_error'])})",
@@ -548,6 +547,8 @@ def header(args, device: str, profile_path: str, memory: int, previous: dict) ->
         "codegen": "per row (blocks compiled by graphopt, the rest eager)",
         "timing": f"step: median of {args.repeats} steps after a compile step and a warm-up step",
         "device_profile": profile.to_json(),
+        "profile_source": (f"given (--profile {args.profile})" if args.profile else
+                           "measured in the run (`python -m graphopt calibrate`)"),
         "profile_summary": (f"GEMM {profile.matmul_tflops:.0f} TFLOP/s ({profile.sustained_matmul_tflops or 0:.0f} "
                             f"sustained), attention {profile.attention_tflops or 0:.0f} TFLOP/s, HBM "
                             f"{profile.hbm_gbps:.0f} GB/s"),
