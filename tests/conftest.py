@@ -132,5 +132,6 @@ def load_bench(name: str):
     """bench/<name>.py as a module (the benches are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module

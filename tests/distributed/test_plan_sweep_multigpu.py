@@ -5,22 +5,19 @@ ones included. torchtitan (not installed here): its variants, command and log pa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+from conftest import load_bench
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _titan():
-    spec = importlib.util.spec_from_file_location("torchtitan_llama", REPO / "bench" / "torchtitan_llama.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["torchtitan_llama"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("torchtitan_llama")
 
 
 def test_smoke_measures_and_predicts_every_layout(tmp_path):
