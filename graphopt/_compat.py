@@ -105,6 +105,21 @@ def hint_int(value: Any, fallback: int = 8192) -> int:
     return int(value)
 
 
+def statically_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for sizes that may be symbolic, decided without adding a guard to the shape
+    environment (False where the symbols alone do not decide it)."""
+    if not is_symbolic(a) and not is_symbolic(b):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
+    return bool(statically_known_true(sym_eq(a, b)))
+
+
+def sympy_floor_div():
+    """The sympy function symbolic sizes use for ``//`` (torch.utils._sympy.functions.FloorDiv)."""
+    from torch.utils._sympy.functions import FloorDiv
+    return FloorDiv
+
+
 def functional_collectives_ops():
     """The ``_c10d_functional`` op namespace (all_reduce, reduce_scatter_tensor, wait_tensor, ...)."""
     import torch.distributed._functional_collectives  # noqa: F401  registers the ops

@@ -34,8 +34,9 @@ import dataclasses
 import hashlib
 import logging
 from datetime import timedelta
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
+import torch
 import torch.distributed as dist
 import torch.fx as fx
 
@@ -132,6 +133,66 @@ def _span(ranks: tuple[int, ...]) -> str:
     if ranks == tuple(range(ranks[0], ranks[-1] + 1)):
         return f"{ranks[0]}-{ranks[-1]}"
     return ", ".join(map(str, ranks))
+
+
+def describe_graph(gm: fx.GraphModule) -> list[str]:
+    """One line per node of ``gm``: its op, target, arguments (nodes by position, process groups by
+    their canonical name, devices by type) and value (dtype, shape with symbols, device type).
+    The same for the same program in every process and on every rank: no object addresses, device
+    indices or group names of this rank."""
+    nodes = list(gm.graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+    groups = canonical_group_names(nodes)
+
+    def show(value: Any) -> str:
+        if isinstance(value, fx.Node):
+            return f"%{index[value]}"
+        if isinstance(value, (list, tuple)):
+            inner = ", ".join(show(v) for v in value)
+            return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}={show(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, str):
+            return repr(groups.get(value, value))
+        if isinstance(value, torch.device):
+            return f"device({value.type})"
+        if isinstance(value, torch.Tensor):
+            return _value(value)
+        if callable(value) or isinstance(value, type):
+            return _target(value)
+        return repr(value) if isinstance(value, (int, float, bool, type(None), torch.dtype,
+                                                 torch.SymInt, torch.layout, torch.memory_format)) \
+            else type(value).__name__
+
+    return [f"{node.op} {_target(node.target) if node.op != 'placeholder' else ''}"
+            f"({show(node.args)[1:-1]}{', ' if node.args and node.kwargs else ''}"
+            f"{show(node.kwargs)[1:-1]}) -> {_value(node.meta.get('val', node.meta.get('example_value')))}"
+            for node in nodes]
+
+
+def _target(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return str(target)
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    return f"{module}.{name}" if name else type(target).__name__
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype}{list(value.shape)}@{value.device.type}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_value(v) for v in value) + ")"
+    if isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return type(value).__name__ if not isinstance(value, (int, float, bool)) else repr(value)
+    return "" if value is None else type(value).__name__
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> str:
+    """A short hash of ``describe_graph(gm)``."""
+    return fingerprint(describe_graph(gm))
 
 
 def fingerprint(parts: Iterable[object]) -> str:

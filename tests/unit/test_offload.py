@@ -114,10 +114,10 @@ def test_ops_round_trip_through_the_pool(kept_rows, layout):
     x = torch.randn(8, 5, 6) if layout == "contiguous" else torch.randn(5, 8, 6).transpose(0, 1)
     row = max(x.stride())
     pool = f"roundtrip_{kept_rows}_{layout}"
-    ticket = OPS.offload(x, pool, 4096, 512, kept_rows * row, list(x.stride()))
-    kept = OPS.offload_wait(ticket, x, pool, 512, kept_rows * row, list(x.stride()))
+    ticket = OPS.offload(x, pool, 4096, 0, 512, kept_rows * row, list(x.stride()))
+    kept = OPS.offload_wait(ticket, x, pool, 0, kept_rows * row, list(x.stride()))
     assert kept.numel() == kept_rows * row
-    back = OPS.reload_wait(OPS.reload(kept, pool, 4096, 512, x.numel()), pool, 512,
+    back = OPS.reload_wait(OPS.reload(kept, pool, 0, x.numel()), pool, 0,
                            list(x.shape), list(x.stride()))
     assert back.stride() == x.stride() and torch.equal(back, x)
     offload_ops.release_pool(pool)
@@ -127,21 +127,71 @@ def test_ops_fake_impls_give_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         x = torch.empty(4, 6, dtype=torch.bfloat16)
-        ticket = OPS.offload(x, "fake", 1024, 0, 12, [6, 1])
+        ticket = OPS.offload(x, "fake", 1024, 0, 0, 12, [6, 1])
         kept = OPS.offload_wait(ticket, x, "fake", 0, 12, [6, 1])
-        back = OPS.reload_wait(OPS.reload(kept, "fake", 1024, 0, 24), "fake", 0, [4, 6], [6, 1])
+        back = OPS.reload_wait(OPS.reload(kept, "fake", 0, 24), "fake", 0, [4, 6], [6, 1])
     assert ticket.numel() == 0 and kept.shape == (12,) and back.shape == (4, 6)
     assert back.dtype == torch.bfloat16
 
 
-def test_second_forward_in_flight_is_refused_not_corrupted():
-    x = torch.randn(4, 4)
-    kept = OPS.offload_wait(OPS.offload(x, "inflight", 1024, 0, 0, [4, 1]), x, "inflight", 0, 0, [4, 1])
-    with pytest.raises(RuntimeError, match="backward has not run"):
-        OPS.offload(x, "inflight", 1024, 0, 0, [4, 1])
-    del kept  # the first forward's graph is gone: the slot is free again
-    OPS.offload(x, "inflight", 1024, 0, 0, [4, 1])
+def _offload(x, pool, slot=0, offset=0, pool_nbytes=1024):
+    ticket = OPS.offload(x, pool, pool_nbytes, slot, offset, 0, list(x.stride()))
+    return OPS.offload_wait(ticket, x, pool, slot, 0, list(x.stride()))
+
+
+def _reload(kept, x, pool, slot=0):
+    ticket = OPS.reload(kept, pool, slot, x.numel())
+    return OPS.reload_wait(ticket, pool, slot, list(x.shape), list(x.stride()))
+
+
+def test_forwards_in_flight_get_a_generation_each_and_reload_their_own():
+    xs = [torch.randn(4, 4) for _ in range(3)]
+    kept = [_offload(x, "inflight") for x in xs]   # three forwards before any backward
+    assert offload_ops.pool_stats()["generations"] == 3
+    for x, k in reversed(list(zip(xs, kept))):     # backwards in any order find their bytes
+        assert torch.equal(_reload(k, x, "inflight"), x)
+    del kept, k  # the forwards' graphs are gone: one generation serves the next forward
+    again = _offload(xs[0], "inflight")
+    assert offload_ops.pool_stats()["generations"] == 3 and offload_ops.pool_stats()["slots_held"] == 1
+    assert torch.equal(_reload(again, xs[0], "inflight"), xs[0])
     offload_ops.release_pool("inflight")
+
+
+def test_forwards_in_flight_are_bounded():
+    x = torch.randn(4, 4)
+    kept = [_offload(x, "bounded") for _ in range(offload_ops.MAX_FORWARDS_IN_FLIGHT)]
+    with pytest.raises(RuntimeError, match="before any of their backwards ran"):
+        _offload(x, "bounded")
+    del kept[0]
+    _offload(x, "bounded")
+    offload_ops.release_pool("bounded")
+
+
+def test_pool_grows_for_a_larger_step_only_while_no_forward_holds_it():
+    small, large = torch.randn(2, 256), torch.randn(4, 256)
+    kept = _offload(small, "grows", pool_nbytes=2048)
+    kept_large = _offload(large, "grows", pool_nbytes=4096)  # the first generation is held: another
+    assert offload_ops.pool_stats()["generations"] == 2
+    assert torch.equal(_reload(kept, small, "grows"), small)
+    del kept, kept_large
+    _offload(large, "grows", pool_nbytes=8192)
+    assert offload_ops.pool_stats()["generations"] == 2  # an idle one grew
+    offload_ops.release_pool("grows")
+
+
+def test_a_held_owners_pools_are_freed_with_the_last_holder_once_idle():
+    x = torch.randn(4, 4)
+    release_one, release_two = offload_ops.hold("graph_a"), offload_ops.hold("graph_a")
+    kept = _offload(x, "graph_a/layout")
+    _offload(x, "unheld/layout")
+    release_one()
+    assert offload_ops.pool_stats()["pools"] == 2
+    release_two()  # no compiled graph names it any more, but a forward's bytes are in it
+    assert offload_ops.pool_stats()["pools"] == 2
+    assert torch.equal(_reload(kept, x, "graph_a/layout"), x)
+    del kept  # the backward ran and freed the kept part: the pool goes
+    assert offload_ops.pool_stats()["pools"] == 1  # a pool nobody held stays until released
+    offload_ops.release_pools()
 
 
 # --- the pass: placement ---------------------------------------------------------------------------
@@ -173,7 +223,7 @@ def test_offload_right_after_producer_and_reload_right_before_first_use():
         assert bw_order[reload] < bw_order[wait]
     half = next(n for n in offloads if n.args[0].name == "add_6")
     total = half.args[0].meta["val"].numel()
-    assert half.args[4] == total // 2  # alpha 0.5 keeps the first half of the token rows
+    assert half.args[5] == total // 2  # alpha 0.5 keeps the first half of the token rows
 
 
 def _between(fw, first: str, last: str) -> list:
@@ -388,7 +438,7 @@ def test_gradients_equal_the_graph_without_offload(layers, seq, alpha, capacity)
     offloads = calls(compiled.graphs["forward"], OPS.offload)
     assert offloads
     if alpha < 1.0:
-        assert any(n.args[4] > 0 for n in offloads)  # token fractions stay on the device
+        assert any(n.args[5] > 0 for n in offloads)  # token fractions stay on the device
     if capacity is not None:
         assert offloads[0].args[2] <= capacity  # the pool's size
     for g_plain, g_off in zip(plain_grads, grads(offloaded)):
@@ -524,8 +574,8 @@ def test_views_sharing_a_base_are_offloaded_together_and_packed():
     assert offloads[0].args[3] != offloads[1].args[3]  # own slots
     for offload in offloads:
         view = offload.args[0].meta["val"]
-        assert tuple(offload.args[5]) == (view.shape[1] * view.shape[2], view.shape[2], 1)  # packed
-        assert tuple(view.stride()) != tuple(offload.args[5])
+        assert tuple(offload.args[6]) == (view.shape[1] * view.shape[2], view.shape[2], 1)  # packed
+        assert tuple(view.stride()) != tuple(offload.args[6])
     plan = planned.plans.partition.report
     table = [row for row in plan["table"] if row["action"] == "offload"]
     assert sum(row["bytes"] for row in table) == base.numel() * base.element_size()  # counted once
