@@ -11,9 +11,9 @@ Forward, for a saved ``x`` offloaded with fraction alpha (alpha of its last toke
 
     before                              after
     x = producer(...)                   x = producer(...)
-                                        t = graphopt.offload(x, pool, size, offset, kept_numel, stride)
+                                        t = graphopt.offload(x, pool, size, slot, offset, kept_numel, stride)
     ... forward compute ...             ... forward compute covering the copy (cost model) ...
-                                        x_kept = graphopt.offload_wait(t, x, pool, offset, kept_numel, stride)
+                                        x_kept = graphopt.offload_wait(t, x, pool, slot, kept_numel, stride)
     return (out, ..., x, ...)           return (out, ..., x_kept, ...)     # x's memory is free
 
 Backward::
@@ -21,9 +21,9 @@ Backward::
     before                              after
     x = placeholder                     x_kept = placeholder
                                         ... backward compute ...
-                                        r = graphopt.reload(x_kept, pool, size, offset, numel)
+                                        r = graphopt.reload(x_kept, pool, slot, numel)
                                         ... enough backward compute to hide the copy, no more ...
-    y = first_use(x)                    x = graphopt.reload_wait(r, pool, offset, shape, stride)
+    y = first_use(x)                    x = graphopt.reload_wait(r, pool, slot, shape, stride)
                                         y = first_use(x)
 
 Placement: the forward waits no earlier than the first node by which the D2H queue (all
@@ -42,8 +42,17 @@ against a late arrival, at no cost in peak.
 Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
 planned here, the pool allocated once and reused every step, within
 ``config.offload_host_capacity`` (per compiled graph: a model split by graph breaks gets one pool
-per graph, each within the capacity). Reloaded device memory is allocated on the compute stream at
-the reload point, so the caching allocator hands the same blocks back every step.
+per graph, each within the capacity; checked at the sizes' hints). Reloaded device memory is
+allocated on the compute stream at the reload point, so the caching allocator hands the same
+blocks back every step. The pool is named after the graph's content (``ctx.content_key``) and
+a digest of its slots, so compiled code from Inductor's cache in another process names the pool
+its own plan made, and the backend frees it with the compiled graph.
+
+Symbolic sizes (``dynamic=True``, or a second input shape): sizes, offsets and the pool's size
+become expressions of the graph's symbols, computed in the graph (``_SizeArgs``: from its SymInt
+inputs, else the sizes of its tensor inputs) and evaluated at every step; a fraction alpha < 1
+keeps ``(rows * n + d / 2) // d`` rows (alpha ~ n / d). The backward must be able to read every
+symbol from an input other than the offloaded tensors.
 
 Saved views are offloaded like any tensor, the copy issued where their base is written (the
 views between are moved up to it, ``_hoist_view_chain``): it moves the view's elements, in its own
@@ -53,8 +62,11 @@ one base are offloaded together or not at all.
 
 Refused (left in device memory, with a reason): names the forward does not save; tensors whose
 memory stays alive anyway (views of graph inputs, memory a forward output holds, a base also
-saved through a tensor the plan keeps); tensors with symbolic sizes; fractions below one token
-row; tensors beyond the host capacity. Under Inductor the backward's placeholders must be rewritten
+saved through a tensor the plan keeps); symbolic sizes the forward or the backward cannot
+compute (``_SizeArgs.why_not``); fractions below one token row; tensors beyond the host
+capacity. Where the joint plan counted on an offload refused here, the plan's peak rises by the
+bytes it was to free: the dump's ``remat_plan`` lists it under ``offloads_refused`` and says
+``feasible: false`` when that peak exceeds the budget (a warning names the bytes). Under Inductor the backward's placeholders must be rewritten
 before AOTAutograd lowers the backward, so the forward stage needs the backward graph
 (``ctx.plans.backward_graph``, put there by the backend after the partition); without it the pass
 refuses.
