@@ -15,7 +15,9 @@ import hashlib
 import itertools
 import logging
 import os
-from typing import Any, Sequence
+import sys
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,6 +26,7 @@ from graphopt import _compat, config
 from graphopt.config import ConfigSnapshot
 from graphopt.backends.planned_order import PlannedOrder
 from graphopt.debug.dump import GraphRecorder
+from graphopt.measure import agreement
 from graphopt.passes.manager import PassContext, run_stage
 from graphopt.passes.pipeline import PIPELINE
 from graphopt.passes.plans import CompilePlans, JointSignature
@@ -54,10 +57,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
              cfg.codegen, ", ".join(p.name for stage in PIPELINE.values() for p in stage
                                     if p.enabled(cfg)) or "none")
     gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
+    state.content_key = agreement.fingerprint([agreement.describe_graph(gm), cfg.digest()])
     recorder.finish()
     if cfg.codegen == "inductor":
-        return _compile_inductor(gm, example_inputs, state)
-    return _compile_eager(gm, example_inputs, state)
+        compiled = _compile_inductor(gm, example_inputs, state)
+    else:
+        compiled = _compile_eager(gm, example_inputs, state)
+    return _tied_to_compiled_graph(compiled, state.content_key)
 
 
 class _CompileState:
@@ -67,12 +73,13 @@ class _CompileState:
         self.recorder = recorder
         self.example_inputs = example_inputs
         self.plans = CompilePlans()
+        self.content_key = ""
 
     def context(self, stage: str, example_inputs=None,
                 joint: JointSignature | None = None) -> PassContext:
         return PassContext(stage, self.config, self.graph_id,
                            list(example_inputs if example_inputs is not None else self.example_inputs),
-                           self.recorder, self.plans, joint)
+                           self.recorder, self.plans, joint, self.content_key)
 
     def run_graph_stage(self, stage: str, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         gm = run_stage(stage, PIPELINE[stage], gm, self.context(stage, example_inputs))
@@ -197,6 +204,44 @@ def _compile_eager(gm: fx.GraphModule, example_inputs, state: _CompileState):
         keep_inference_input_mutations=True,
     )
     return compiler(gm, example_inputs)
+
+
+# Runtime caches of graphopt's ops that no compiled graph names (symmetric-memory workspaces and
+# their CUDA graphs, the tracked GEMM's plans and buffers): freed when no graph graphopt compiled
+# is alive any more (each module bounds them while graphs live; symm_mem.MAX_WORKSPACES).
+_RUNTIME_CACHES = ("graphopt.distributed.symm_mem", "graphopt.ops.tracked_collectives",
+                   "graphopt.distributed.tracked_gemm")
+_live_graphs = 0
+
+
+def _tied_to_compiled_graph(compiled: Callable, content_key: str) -> Callable:
+    """``compiled`` in a function that lives exactly as long as Dynamo keeps the compiled graph:
+    when it goes (``torch._dynamo.reset()``, the code cache dropped, garbage collection), the
+    graph's offload pools go with it (once no forward holds them), and with the last graph alive
+    the runtime caches of graphopt's ops. (Dynamo keeps the backend's callable; AOTAutograd's
+    own function is not kept by it, so a finalizer on that would run at once.)"""
+    global _live_graphs
+    from graphopt.ops import offload as offload_ops
+
+    def run(*args):
+        return compiled(*args)
+
+    if getattr(compiled, "_boxed_call", False):
+        run._boxed_call = True
+    _live_graphs += 1
+    weakref.finalize(run, _graph_gone, offload_ops.hold(offload_ops.pool_owner(content_key)))
+    return run
+
+
+def _graph_gone(release_pools: Callable[[], None]) -> None:
+    global _live_graphs
+    release_pools()
+    _live_graphs -= 1
+    if _live_graphs == 0:
+        for name in _RUNTIME_CACHES:
+            module = sys.modules.get(name)
+            if module is not None:
+                module.clear_cache()
 
 
 def _graph_id() -> str:

@@ -62,7 +62,7 @@ from graphopt import _compat
 
 log = logging.getLogger("graphopt.ops.offload")
 
-__all__ = ["SLOT_ALIGNMENT", "MAX_FORWARDS_IN_FLIGHT", "HostPool", "hold", "pool_stats",
+__all__ = ["SLOT_ALIGNMENT", "MAX_FORWARDS_IN_FLIGHT", "HostPool", "hold", "pool_owner", "pool_stats",
            "release_pool", "release_pools", "offload", "offload_wait", "reload", "reload_wait"]
 
 SLOT_ALIGNMENT = 512  # bytes; every slot starts at a multiple, so any dtype view of a slot is aligned
@@ -201,6 +201,11 @@ _POOLS: dict[str, HostPool] = {}
 _HOLDERS: dict[str, int] = {}    # owner -> compiled graphs alive that name its pools
 _STREAMS: dict[torch.device, tuple] = {}
 _STATS = {"pool_allocations": 0}
+
+
+def pool_owner(content_key: str) -> str:
+    """The owner part of the pool names a compiled graph of this content key uses."""
+    return f"offload-{content_key}"
 
 
 def hold(owner: str) -> Callable[[], None]:

@@ -616,8 +616,8 @@ def _pool_name(ctx: PassContext, gm: fx.GraphModule, slots: dict[str, Slot]) -> 
         (name, slot.index, str(slot.offset), str(slot.numel), str(slot.kept_numel),
          tuple(map(str, slot.shape)), tuple(map(str, slot.stride)), str(slot.dtype))
         for name, slot in slots.items())
-    owner = ctx.content_key or agreement.graph_fingerprint(gm)
-    return f"offload-{owner}/{layout[:12]}"
+    owner = offload_ops.pool_owner(ctx.content_key or agreement.graph_fingerprint(gm))
+    return f"{owner}/{layout[:12]}"
 
 
 def _plan_kept(gm: fx.GraphModule, partition, slots: dict[str, Slot], refusals: list[str],
