@@ -652,3 +652,130 @@ def test_inductor_keeps_the_ops_and_the_numerics():
     assert offload_ops.pool_stats()["pool_allocations"] == before + 1  # the ops ran
     for g, r in zip(grads(model), grads(reference)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# --- dynamic shapes, forwards in flight, a warm cache in another process --------------------------------
+
+def _offload_summaries():
+    from graphopt.debug.dump import compile_summaries
+    found = []
+    for summary in compile_summaries():
+        entries = {e["stage"]: e for e in summary["passes"]
+                   if e["pass"] == "offload_activations" and e.get("ran")}
+        if "forward" in entries:
+            found.append((entries["forward"], summary.get("notes", {}).get("remat_plan")))
+    return found
+
+
+@pytest.mark.parametrize("dynamic", [True, None])  # None: the second shape recompiles dynamic
+def test_symbolic_sizes_are_offloaded_as_planned_and_match_eager(dynamic):
+    from graphopt.debug.dump import clear_compile_summaries
+    clear_compile_summaries()
+    generations = offload_ops.pool_stats()["generations"]
+    model = micro(n_layers=2)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=graphopt.backend(
+        codegen="eager", offload_activations=True, memory_budget=0.5), dynamic=dynamic)
+    for seq in (48, 32, 40):
+        tokens = torch.randint(0, 64, (1, seq), generator=torch.Generator().manual_seed(seq))
+        model.zero_grad()
+        reference.zero_grad()
+        compiled(tokens).float().pow(2).mean().backward()
+        reference(tokens).float().pow(2).mean().backward()
+        for g, r in zip(grads(model), grads(reference)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    found = _offload_summaries()
+    symbolic = [(entry, plan) for entry, plan in found if entry["stats"].get("symbolic_sizes")]
+    assert symbolic, "a graph with symbolic sizes offloaded nothing"
+    for entry, plan in found:  # every offload the plan counted on is carried out
+        assert entry["matched"] == len(plan["offloaded"]) > 0
+        assert "offloads_refused" not in plan
+    # one buffer per graph, grown for a larger step rather than added
+    assert offload_ops.pool_stats()["generations"] == generations + len(found)
+
+
+def test_planned_offloads_the_pass_refuses_raise_the_plans_peak_over_the_budget(monkeypatch, caplog):
+    from graphopt.debug.dump import clear_compile_summaries
+    from graphopt.passes import offload_activations
+    clear_compile_summaries()
+    monkeypatch.setattr(offload_activations._SizeArgs, "why_not",
+                        lambda self, values: "a test refuses it")
+    model = micro(n_layers=1)
+    compiled = torch.compile(model, backend=graphopt.backend(
+        codegen="eager", offload_activations=True, memory_budget=0.4))
+    with caplog.at_level("WARNING", logger="graphopt.passes.offload_activations"):
+        compiled(torch.randint(0, 64, (1, 48))).float().pow(2).mean().backward()
+    ((entry, plan),) = _offload_summaries()
+    assert not entry["modified"] and plan["offloaded"] == {}
+    assert plan["feasible"] is False and plan["planned_peak_bytes"] > plan["budget_bytes"]
+    assert set(plan["offloads_refused"]) and all("a test refuses it" in why
+                                                 for why in plan["offloads_refused"].values())
+    assert not any(row["action"] == "offload" for row in plan["table"])
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "bytes over the memory budget" in warning and "a test refuses it" in warning
+
+
+def test_two_forwards_before_one_backward_match_eager_with_a_generation_each():
+    model = micro(n_layers=1)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", offload_activations=True))
+    first, second = (torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(s))
+                     for s in (1, 2))
+    before = offload_ops.pool_stats()
+    for _ in range(3):  # a siamese loss: both forwards' activations in flight at once
+        model.zero_grad()
+        reference.zero_grad()
+        (compiled(first) - compiled(second)).float().pow(2).mean().backward()
+        (reference(first) - reference(second)).float().pow(2).mean().backward()
+        for g, r in zip(grads(model), grads(reference)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    stats = offload_ops.pool_stats()
+    assert stats["generations"] == before["generations"] + 2 and stats["slots_held"] == 0
+    assert stats["pool_allocations"] == before["pool_allocations"] + 2  # each once, at step one
+
+
+_CACHE_SCRIPT = """
+import copy, sys, torch, graphopt
+from graphopt.models.llama import Llama, LlamaConfig
+from graphopt.ops import offload as offload_ops
+
+def model(dim):  # dim 32: compiled with dynamic shapes; the others static
+    torch.manual_seed(dim)
+    return Llama(LlamaConfig.tiny(n_layers=2, dim=dim, n_heads=2, n_kv_heads=1, ffn_dim=2 * dim,
+                                  vocab_size=64))
+
+pools = set()
+for dim in map(int, sys.argv[1:]):
+    eager = model(dim)
+    compiled = model(dim)
+    run = torch.compile(compiled, backend=graphopt.backend(offload_activations=True, memory_budget=0.5),
+                        dynamic=dim == 32)
+    for seq in ((48, 32) if dim == 32 else (32,)):
+        tokens = torch.randint(0, 64, (1, seq))
+        for m in (eager, compiled):
+            m.zero_grad()
+        run(tokens).float().pow(2).mean().backward()
+        eager(tokens).float().pow(2).mean().backward()
+        for a, b in zip(compiled.parameters(), eager.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    pools.update(offload_ops._POOLS)
+print("pools", sorted(pools))
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_inductor_cache_in_another_process_names_the_same_pools(tmp_path):
+    """Process one compiles a static and a dynamic model, process two the same in the other order
+    from the warm cache: the cached code names pools by content, never by compile order."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    pools = []
+    for order in (["32", "40"], ["40", "32"]):
+        done = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, *order], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        pools.append(done.stdout.strip().splitlines()[-1])
+    assert pools[0] == pools[1] and pools[0].count("offload-") == 2, pools
