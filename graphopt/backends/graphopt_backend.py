@@ -26,6 +26,7 @@ from graphopt import _compat, config
 from graphopt.config import ConfigSnapshot
 from graphopt.backends.planned_order import PlannedOrder
 from graphopt.debug.dump import GraphRecorder
+from graphopt.distributed import faults
 from graphopt.measure import agreement
 from graphopt.passes.manager import PassContext, run_stage
 from graphopt.passes.pipeline import PIPELINE
@@ -56,13 +57,22 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
     log.info("[%s] compiling %d nodes, codegen %s, passes on: %s", graph_id, len(gm.graph.nodes),
              cfg.codegen, ", ".join(p.name for stage in PIPELINE.values() for p in stage
                                     if p.enabled(cfg)) or "none")
-    gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
-    state.content_key = agreement.fingerprint([agreement.describe_graph(gm), cfg.digest()])
-    recorder.finish()
-    if cfg.codegen == "inductor":
-        compiled = _compile_inductor(gm, example_inputs, state)
-    else:
-        compiled = _compile_eager(gm, example_inputs, state)
+    try:
+        gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
+        state.content_key = agreement.fingerprint([agreement.describe_graph(gm), cfg.digest()])
+        recorder.finish()
+        # before AOTAutograd: a rank that compiled another graph fails here, not after waiting
+        # out the measured op times of a graph its peers never compile
+        agreed = agreement.check_graph(gm, cfg, graph_id)
+        if cfg.codegen == "inductor":
+            compiled = _compile_inductor(gm, example_inputs, state)
+        else:
+            compiled = _compile_eager(gm, example_inputs, state)
+        agreement.check_decisions(agreed, gm, _decisions(state), cfg.rank_agreement_timeout_s,
+                                  graph_id)
+    except Exception as error:
+        faults.report(error)  # the peers' graphopt waits end now, with this message
+        raise
     return _tied_to_compiled_graph(compiled, state.content_key)
 
 
@@ -148,6 +158,29 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
         # A cache hit skips the stages after pre_grad; a dump is asked for to see them all.
         patches["force_disable_caches"] = True
     return _compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+
+
+def _decisions(state: _CompileState) -> dict[str, Any] | None:
+    """What the passes after pre_grad decided for this graph, for the rank agreement: the overlap
+    pass's runtime per site, the memory plan, the offload slots. None where those stages did not
+    run (Inductor served the graph from its cache)."""
+    if not any(stage["stage"] != "pre_grad" for stage in state.recorder.summary["stages"]):
+        return None
+    decided: dict[str, Any] = {}
+    for entry in state.recorder.summary["passes"]:
+        if entry.get("ran") and entry["pass"] == "overlap_matmul_collectives":
+            decided[f"overlap_matmul_collectives at the {entry['stage']} stage"] = [
+                [site.get(key) for key in ("pattern", "gemm", "mode", "chunks", "comm_sms", "taper",
+                                           "replay")] for site in entry["stats"].get("sites", [])]
+    plan = state.plans.partition
+    if plan is not None:
+        decided["plan_rematerialization"] = [sorted(plan.saved), sorted(plan.recomputed),
+                                             sorted((n, round(a, 4)) for n, a in plan.offloaded.items())]
+    if state.plans.offload is not None:
+        decided["offload_activations"] = sorted(
+            (name, slot.index, str(slot.offset), str(slot.kept_numel))
+            for name, slot in state.plans.offload.slots.items())
+    return decided
 
 
 def _planned_graph_patches(state: _CompileState, stage: str) -> dict[str, Any]:
