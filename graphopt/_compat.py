@@ -79,6 +79,16 @@ def trace_structured(name: str, payload: Callable[[], str], encoding: str = "str
     emit("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload)
 
 
+def structured_trace_enabled() -> bool:
+    """Whether ``trace_structured`` artifacts go anywhere (``TORCH_TRACE`` set): else their
+    payloads need not be made."""
+    try:
+        from torch._logging._internal import trace_log
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(trace_log.handlers)
+
+
 def fake_tensor_mode_of(gm: torch.fx.GraphModule):
     """The FakeTensorMode that produced ``node.meta['val']`` in ``gm``, or None."""
     from torch._guards import detect_fake_mode

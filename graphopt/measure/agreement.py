@@ -230,10 +230,13 @@ def fingerprint(parts: Iterable[object]) -> str:
 # O(ranks) store operations a graph. A rank whose record equals one it agreed on already (a
 # recompile of the same graph on some ranks only) checks nothing. A rank that fails meanwhile
 # (a compile error, an uncaught exception: ``graphopt.distributed.faults``) ends every such wait
-# at once with its message. At its first compile a rank also compares its
-# flags with rank 0's (waiting at most ``FLAGS_GRACE_S`` for them): a rank whose flags leave a
-# graph without collectives (sequence parallelism off on one rank) has no ranks to wait for, but
-# must not run while its peers shard the sequence.
+# at once with its message.
+#
+# A graph without collectives has no ranks to agree with (under pipeline parallelism other ranks
+# run other graphs), but a flag that adds collectives can leave it without them on one rank only
+# (sequence parallelism switched off in one rank's environment): the first such graph of a rank
+# compares those flags with the ones rank 0 compiled its first graph with (waiting at most
+# ``FLAGS_GRACE_S`` for them).
 
 class RankDisagreement(RuntimeError):
     """Ranks that run a graph together compiled different graphs or flags, decided differently, or
@@ -241,6 +244,8 @@ class RankDisagreement(RuntimeError):
 
 
 FLAGS_GRACE_S = 5.0         # a rank's first compile waits this long for rank 0's flags
+# Flags that add collectives to a graph (graphopt's passes that communicate themselves).
+COMMUNICATION_FLAGS = ("sequence_parallel_attention",)
 _POLL_FIRST_S, _POLL_MAX_S = 0.005, 0.25
 _sequence: dict[tuple[int, ...], int] = {}
 _agreed: set[tuple[tuple[int, ...], str]] = set()
@@ -318,9 +323,9 @@ def check_graph(gm: fx.GraphModule, cfg, graph_id: str) -> str | None:
         return None
     faults.install_excepthook()
     record = graph_record(gm, cfg)
+    ranks = graph_ranks(gm)
     with _ending_the_epoch_on_disagreement():
-        _check_flags_once(record["flags"], cfg.rank_agreement_timeout_s)
-        ranks = graph_ranks(gm)
+        _check_flags_once(record["flags"], alone=not ranks, timeout_s=cfg.rank_agreement_timeout_s)
         if not ranks or dist.get_rank() not in ranks:
             return None
         digest = fingerprint([json.dumps(record, sort_keys=True)])
@@ -361,15 +366,17 @@ def _ending_the_epoch_on_disagreement():
         raise
 
 
-def _check_flags_once(flags: dict[str, str], timeout_s: float) -> None:
-    """At a rank's first compile: its flags are rank 0's (waiting at most FLAGS_GRACE_S for them;
-    ranks that compile later compare theirs when they do)."""
+def _check_flags_once(flags: dict[str, str], alone: bool, timeout_s: float) -> None:
+    """Publish the flags of this rank's first compile; at its first graph without collectives
+    (``alone``), compare the flags that add collectives with rank 0's (waiting at most
+    FLAGS_GRACE_S for them)."""
     global _flags_checked
-    if _flags_checked:
+    store, rank = _compat.default_store(), dist.get_rank()
+    if not store.check([f"graphopt/ranks/flags/{rank}"]):
+        store.set(f"graphopt/ranks/flags/{rank}", json.dumps(flags))
+    if _flags_checked or not alone:
         return
     _flags_checked = True
-    store, rank = _compat.default_store(), dist.get_rank()
-    store.set(f"graphopt/ranks/flags/{rank}", json.dumps(flags))
     if rank == 0:
         return
     key = "graphopt/ranks/flags/0"
@@ -377,7 +384,9 @@ def _check_flags_once(flags: dict[str, str], timeout_s: float) -> None:
         log.info("rank 0 compiled nothing within %g s; its flags are compared when it does",
                  FLAGS_GRACE_S)
         return
-    differences = _flag_differences(flags, json.loads(store.get(key)), rank, 0)
+    theirs = json.loads(store.get(key))
+    differences = _flag_differences({n: flags.get(n) for n in COMMUNICATION_FLAGS},
+                                    {n: theirs.get(n) for n in COMMUNICATION_FLAGS}, rank, 0)
     if differences:
         raise RankDisagreement(_message(differences))  # the backend reports it to the peers
 

@@ -547,7 +547,8 @@ class _SizeArgs:
         return None
 
     def _check(self, expr) -> None:
-        if not (expr.is_Integer or expr.is_Symbol or expr.func in _SYMPY_OPERATORS):
+        power = expr.is_Pow and expr.exp.is_Integer and expr.exp > 0
+        if not (expr.is_Integer or expr.is_Symbol or power or expr.func in _SYMPY_OPERATORS):
             raise _Inexpressible(str(expr))
         for arg in expr.args:
             self._check(arg)
@@ -571,8 +572,11 @@ class _SizeArgs:
             node = self._add(torch.ops.aten.sym_size.int, (placeholder, dim),
                              placeholder.meta["val"].shape[dim])
         else:
-            operator_fn = _SYMPY_OPERATORS[expr.func]
-            args = [self._emit(arg) for arg in expr.args]
+            if expr.is_Pow:  # s**n (an attention's [S, S] scores): s * s * ...
+                operator_fn, args = operator.mul, [self._emit(expr.base)] * int(expr.exp)
+            else:
+                operator_fn = _SYMPY_OPERATORS[expr.func]
+                args = [self._emit(arg) for arg in expr.args]
             node = args[0]
             for arg in args[1:]:
                 node = self._add(operator_fn, (node, arg),

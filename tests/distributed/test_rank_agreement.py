@@ -133,29 +133,32 @@ def test_a_difference_fails_every_rank_within_seconds_naming_it(outcomes, case, 
         assert outcome["seconds"] < WITHIN_S, (case, rank, outcome)
 
 
-def _peer_fails(rank: int, world: int, report_path: str) -> None:
-    """Rank 1 raises in user code before its first compile; rank 0 waits in the agreement."""
+def _peer_fails(rank: int, world: int, report_path: str, when: str) -> None:
+    """Rank 1 raises in user code: before its first compile (rank 0 waits in the agreement) or
+    after a first step (rank 0 waits in the overlap pass's chunked all-reduce)."""
+    import graphopt
+    model = torch.compile(ReducedLinear(), backend=graphopt.backend(
+        codegen="eager", overlap_matmul_collectives=True, overlap_mode="chunked"))
+    x = torch.randn(4, 8)
+    if when == "mid_step":
+        model(x)
     if rank == 1:
         time.sleep(1.0)
         raise ValueError("a user op failed on rank 1")
     begin = time.monotonic()
     try:
-        _attempt_without_barrier(ReducedLinear, torch.randn(4, 8))
+        model(x)
     except Exception as raised:  # noqa: BLE001
         with open(report_path, "w") as handle:
             handle.write(f"{time.monotonic() - begin:.2f} {type(raised).__name__}: {raised}")
         raise
 
 
-def _attempt_without_barrier(make, *inputs):
-    import graphopt
-    torch.compile(make(), backend=graphopt.backend(codegen="eager"))(*inputs)
-
-
-def test_a_rank_that_raises_ends_its_peers_wait_at_once_with_its_message(tmp_path):
+@pytest.mark.parametrize("when", ["before_compile", "mid_step"])
+def test_a_rank_that_raises_ends_its_peers_wait_at_once_with_its_message(tmp_path, when):
     report = tmp_path / "rank0.txt"
     with pytest.raises(WorkerFailed):
-        spawn(_peer_fails, WORLD, str(report), timeout_s=120)
+        spawn(_peer_fails, WORLD, str(report), when, timeout_s=120)
     seconds, message = report.read_text().split(" ", 1)
     assert "rank 1 failed: ValueError: a user op failed on rank 1" in message
     assert float(seconds) < WITHIN_S
