@@ -779,3 +779,24 @@ def test_a_warm_inductor_cache_in_another_process_names_the_same_pools(tmp_path)
         assert done.returncode == 0, done.stderr[-4000:]
         pools.append(done.stdout.strip().splitlines()[-1])
     assert pools[0] == pools[1] and pools[0].count("offload-") == 2, pools
+
+
+def test_a_compiled_graphs_pools_go_with_it_and_recompiles_share_them():
+    from graphopt.backends import graphopt_backend
+    model = micro(n_layers=1)
+    tokens = torch.randint(0, 64, (1, 32))
+    allocations = offload_ops.pool_stats()["pool_allocations"]
+    for _ in range(3):  # compiled afresh each time: one pool, named by the graph's content
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=graphopt.backend(codegen="eager",
+                                                                 offload_activations=True))
+        compiled(tokens).float().pow(2).mean().backward()
+        owned = [p for p in offload_ops._POOLS if p.startswith("offload-")]
+        assert len(owned) == 1
+    del compiled
+    torch._dynamo.reset()
+    import gc
+    gc.collect()
+    assert not [p for p in offload_ops._POOLS if p.startswith("offload-")]
+    assert offload_ops.pool_stats()["pool_allocations"] == allocations + 3
+    assert graphopt_backend._live_graphs == 0
