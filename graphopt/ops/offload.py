@@ -276,13 +276,20 @@ def _streams(device: torch.device):
     return streams
 
 
-def _follow(stream, cell: _Cell, device: torch.device) -> None:
-    """Order ``stream`` after the work queued so far on the compute stream (the cell's own event,
-    recorded anew each time: a wait binds to the record before it)."""
+def _copy_after_compute(stream, cell: _Cell, dst: Tensor, src: Tensor, event: str,
+                        device: torch.device) -> None:
+    """``dst <- src`` on the copy ``stream``, ordered after the work queued so far on the compute
+    stream (the cell's own issue event, recorded anew each time: a wait binds to the record before
+    it); the cell's event named ``event`` records the copy's end."""
     if cell.issue_event is None:
         cell.issue_event = torch.cuda.Event()
     cell.issue_event.record(torch.cuda.current_stream(device))
     stream.wait_event(cell.issue_event)
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+        if getattr(cell, event) is None:
+            setattr(cell, event, torch.cuda.Event())
+        getattr(cell, event).record(stream)
 
 
 # --- registration ---------------------------------------------------------------------------------
@@ -353,12 +360,7 @@ def _(x, pool, pool_nbytes, slot, offset, kept_numel, stride):
 def _(x, pool, pool_nbytes, slot, offset, kept_numel, stride):
     cell, tail, host, ticket = _begin_offload(x, pool, pool_nbytes, slot, offset, kept_numel, stride)
     d2h, _ = _streams(x.device)
-    _follow(d2h, cell, x.device)
-    with torch.cuda.stream(d2h):
-        host.copy_(tail, non_blocking=True)
-        if cell.offload_event is None:
-            cell.offload_event = torch.cuda.Event()
-        cell.offload_event.record(d2h)
+    _copy_after_compute(d2h, cell, host, tail, "offload_event", x.device)
     return ticket
 
 
@@ -446,12 +448,8 @@ def _(kept, pool, slot, numel):
 def _(kept, pool, slot, numel):
     cell, tail, host, ticket = _begin_reload(kept, pool, slot, numel)
     _, h2d = _streams(kept.device)
-    _follow(h2d, cell, kept.device)  # tail's block may be freshly reused
-    with torch.cuda.stream(h2d):
-        tail.copy_(host, non_blocking=True)
-        if cell.reload_event is None:
-            cell.reload_event = torch.cuda.Event()
-        cell.reload_event.record(h2d)
+    # after the compute stream's queued work: tail's block may be freshly reused
+    _copy_after_compute(h2d, cell, tail, host, "reload_event", kept.device)
     return ticket
 
 

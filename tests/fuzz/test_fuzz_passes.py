@@ -8,7 +8,7 @@ overlap_matmul_collectives, and the memory passes on top). Every pass runs in at
 ``PROFILE.passes`` examples. Profiles (examples per phase):
 
     default (local):        distributed 24, single-process 2 x 12, Inductor 1 per rank
-    CI (CI=true):           distributed 200, single-process 2 x 40, Inductor 1 per rank
+    CI (CI=true):           distributed 200, single-process 2 x 20, Inductor 1 per rank
     FUZZ_PROFILE=long:      distributed 1000, single-process 2 x 500, Inductor 4 per rank
 
 ``FUZZ_SEED`` fixes the seed (else a new one every run, printed with any failure together with the
@@ -42,14 +42,22 @@ class Profile:
     passes: int          # examples every pass must have run in
 
 
-PROFILES = {"default": Profile(24, 12, 1, 24), "ci": Profile(200, 40, 1, 200),
+PROFILES = {"default": Profile(24, 12, 1, 24), "ci": Profile(200, 20, 1, 200),
             "long": Profile(1000, 500, 4, 1000)}
 PROFILE = PROFILES[os.environ.get("FUZZ_PROFILE") or ("ci" if os.environ.get("CI") == "true"
                                                       else "default")]
 SEED = int(os.environ.get("FUZZ_SEED") or random.SystemRandom().randrange(2**31))
 
 # Cases the fuzzer once failed on (each ran wrong or raised until the fix named with it).
-REGRESSIONS: list[dict] = []
+REGRESSIONS: list[dict] = [
+    # float64 sequence-parallel attention off by 7e-9: graphopt::sp_attention merges in float32 by
+    # design, so such cases are held to float32's tolerance (fuzz_models.tolerance)
+    {"batch": 1, "blocks": [["sdpa", 1, True], ["tp_mlp", "all_reduce", False]], "dim": 8,
+     "dtype": "float64", "dynamic": False, "forwards": 1, "seed": 0, "seq": 4, "world": 2,
+     "flags": {"codegen": "eager", "debug": True, "offload_activations": True,
+               "overlap_matmul_collectives": True, "overlap_mode": "chunked",
+               "sequence_parallel_attention": True}},
+]
 
 
 class FuzzFailure(AssertionError):
@@ -140,6 +148,21 @@ def test_regressions(case):
         assert result["worst"] <= 1, result["errors"]
 
 
+def test_regression_attention_scores_of_symbolic_length_are_offloaded():
+    """Found by the fuzzer: under dynamic shapes the planned offload of a softmax [B, H, S, S] was
+    refused ("s**2 has no FX form"), leaving the plan's peak unmet; the size is now computed."""
+    from graphopt.debug.dump import compile_summaries
+    case = {"seed": 1, "batch": 1, "seq": 12, "dim": 16, "dtype": "float32", "world": 1,
+            "blocks": [["attention", 2, True], ["residual", "gelu"]], "dynamic": True,
+            "forwards": 1, "flags": {"codegen": "eager", "memory_budget": 0.5,
+                                     "offload_activations": True}}
+    assert fuzz_models.run_case(case)["worst"] <= 1
+    (entry,) = [e for s in compile_summaries() for e in s["passes"]
+                if e["pass"] == "offload_activations" and e["stage"] == "forward"]
+    assert "_softmax" in entry["stats"]["symbolic_sizes"], entry
+    assert not any("FX form" in refusal for refusal in entry["refusals"])
+
+
 def _rerun(rank: int, world: int, case: dict) -> dict:
     return fuzz_models.run_case(case)
 
@@ -183,7 +206,7 @@ def test_an_injected_error_of_1e4_in_reloaded_activations_is_caught():
 
     outcomes = []
 
-    @settings(max_examples=16, database=None, deadline=None, phases=[Phase.generate],
+    @settings(max_examples=30, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @fixed_seed(25)
     @given(case=fuzz_models.cases(world=1, offload=1.0))
@@ -194,5 +217,6 @@ def test_an_injected_error_of_1e4_in_reloaded_activations_is_caught():
             outcomes.append(result["worst"] > 1)
 
     injected()
+    print(f"injected 1e-4 reload error caught in {sum(outcomes)} of {len(outcomes)} offloading examples")
     assert len(outcomes) >= 6, "too few examples offloaded anything"
     assert sum(outcomes) >= 0.9 * len(outcomes), outcomes
