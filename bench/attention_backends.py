@@ -3,7 +3,8 @@
     python3 bench/attention_backends.py --out DIR
 
 Causal, B=1, H=32, D=128, bf16. For each S and Hkv: SDPA forward+backward under each backend
-(default choice, flash, cuDNN, memory-efficient), graphopt's Triton forward and backward, and the
+(default choice, flash, cuDNN, memory-efficient), graphopt's Triton forward and backward (their
+default variants; ``triton_ran`` names the variants that ran), and the
 backward kernels graphopt can call with its own (out, lse): torch's flash (FA2) and cuDNN
 backward ops (graphopt runs cuDNN's forward and backward on eligible blocks since this comparison). Each backward kernel is first checked against float32 SDPA gradients (max error /
 SDPA-bf16's error). Writes attention_backends.json / .md; times are triton.testing.do_bench medians.
@@ -26,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from graphopt.kernels import launch_counts  # noqa: E402
 from graphopt.ops.attention import (  # noqa: E402
     _cudnn_block_backward, _cudnn_block_forward, _expand_heads, attention_block_backward,
     attention_block_forward)
@@ -81,7 +83,11 @@ def case(seq: int, hkv: int, check: bool) -> dict:
                 row[f"sdpa_{name}_fwd_bwd_ms"] = triton.testing.do_bench(fwd_bwd)
         except RuntimeError as err:
             row[f"sdpa_{name}"] = f"unavailable: {str(err).splitlines()[0][:120]}"
+    before = dict(launch_counts)
     out, lse = attention_block_forward(q, k, v, scale=scale, causal=True, impl="triton")
+    attention_block_backward(q, k, v, out, lse, dout, scale=scale, causal=True, impl="triton")
+    row["triton_ran"] = sorted(name for name, count in launch_counts.items()
+                               if count > before.get(name, 0))
     row["ours_fwd_ms"] = triton.testing.do_bench(
         lambda: attention_block_forward(q, k, v, scale=scale, causal=True, impl="triton"))
     row["cudnn_block_fwd_ms"] = triton.testing.do_bench(

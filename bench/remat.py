@@ -172,7 +172,12 @@ def measure(variant: str, fraction, fn, budget_ctx, model, inputs, memory: Memor
         plan = notes[-1]["remat_plan"]
         if "planned_order" in notes[-1]:  # kernels Inductor's sort had moved, put back in plan order
             row["planned_order"] = notes[-1]["planned_order"]
-        row.update(budget_bytes=base + plan["budget_bytes"], planned_peak_bytes=base + plan["planned_peak_bytes"],
+        # a fraction bounds the saved activations (plan["saved_budget_bytes"]), bytes the step's peak
+        byte_budget = plan.get("saved_budget_bytes") is None and plan.get("budget_bytes") is not None
+        row.update(budget_bytes=base + plan["budget_bytes"] if byte_budget else None,
+                   saved_budget_bytes=plan.get("saved_budget_bytes"),
+                   kept_saved_bytes=plan.get("kept_saved_bytes"),
+                   planned_peak_bytes=base + plan["planned_peak_bytes"],
                    plan_feasible=plan["feasible"], plan_recompute_ms=plan["recompute_time_s"] * 1e3,
                    plan_saved_bytes=plan["saved_bytes"], min_cut_saved_bytes=plan["min_cut_saved_bytes"],
                    min_cut_planned_peak_bytes=base + plan["min_cut_peak_bytes"],

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from graphopt import config
 
 TARGETS = {"efficiency_min": 0.92, "speedup_vs_context_parallel_min": 1.2,
            "speedup_vs_unbalanced_ring_min": 1.6}
@@ -137,9 +136,8 @@ def bench_config(mesh, seq_local: int, hkv: int, iters: int, warmup: int) -> dic
     for name, balance in (("ours_ms", True), ("ring_ms", False)):
         fn = lambda a, b, c, lb=balance: sp_attention(a, b, c, causal=True, load_balance=lb)  # noqa: E731
         row[name] = time_ms(fwd_bwd(fn, mine, grad), iters, warmup)
-    balanced = lambda a, b, c: sp_attention(a, b, c, causal=True)  # noqa: E731
-    with config.patch(attention_kernel="triton"):
-        row["ours_triton_ms"] = time_ms(fwd_bwd(balanced, mine, grad), iters, warmup)
+    balanced = lambda a, b, c: sp_attention(a, b, c, causal=True, kernel="triton")  # noqa: E731
+    row["ours_triton_ms"] = time_ms(fwd_bwd(balanced, mine, grad), iters, warmup)
     del mine
     torch.cuda.empty_cache()
 

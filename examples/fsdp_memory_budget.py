@@ -8,8 +8,9 @@
     torchrun --standalone --nproc-per-node 2 examples/fsdp_memory_budget.py --model tiny --seq-len 64 --codegen eager --memory-budget 0.5 --check
 
 FSDP2 shards parameters, gradients and optimizer state; activations are what is left, and that is
-what ``memory_budget`` bounds: graphopt's partitioner keeps or recomputes each saved activation
-so that the modelled forward + backward peak fits, recomputing the cheapest ones. Dynamo breaks
+what ``memory_budget`` plans: graphopt's partitioner keeps or recomputes each saved activation so
+that each graph's step fits (a fraction: at most that share of the activation bytes torch's plan
+saves; bytes: the graph's inputs plus its peak), recomputing the cheapest ones. Dynamo breaks
 the graph at FSDP's hooks, so each ``fully_shard`` block is a graph of its own (identical blocks
 share one compiled graph) and the budget applies per graph. ``offload_activations`` does not fit
 this layout: its host pool holds one forward per compiled graph until that forward's backward,

@@ -14,6 +14,14 @@ from graphopt.backends import backend, compile_graph
 __version__ = "0.1.0"
 
 
+def parallelize(model, plan, **flag_overrides):
+    """Apply a layout plan (``graphopt.planning.plan``'s report, or a Layout) to ``model``: device
+    mesh, tensor parallelism, per-block graphopt compile, FSDP2, sequence sharding.
+    See graphopt/planning/parallelize.py."""
+    from graphopt.planning.parallelize import parallelize as apply
+    return apply(model, plan, **flag_overrides)
+
+
 def _register() -> None:
     from graphopt import _compat
     try:
@@ -24,4 +32,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["backend", "compile_graph", "config", "__version__"]
+__all__ = ["backend", "compile_graph", "config", "parallelize", "__version__"]

@@ -1,4 +1,4 @@
-"""``python -m graphopt {demo,calibrate,flags}`` (also installed as the ``graphopt`` command)."""
+"""``python -m graphopt {demo,calibrate,flags,plan}`` (also installed as the ``graphopt`` command)."""
 
 from __future__ import annotations
 
@@ -49,9 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate", help="measure GEMM TFLOP/s and HBM/NVLink/PCIe bandwidth; write a device "
                           "profile for the planners (`calibrate --help` for its options)")
     commands.add_parser("flags", help="list every config flag with its default and comment")
+    # layout planner (graphopt/planning/cli.py)
+    plan = commands.add_parser(
+        "plan", help="choose data / tensor / sequence-parallel degrees, micro-batch and memory plan "
+                     "for a model on a world; print the best layouts and why the others lost")
+    from graphopt.planning import cli as plan_cli
+    plan_cli.add_arguments(plan)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return 0 if demo_module.run_demo(demo_module.options_from_args(args)) else 1
+    if args.command == "plan":
+        return plan_cli.run(args)
     from graphopt import config
     print(config.describe_flags())
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import logging
 from typing import Any, Callable
@@ -96,8 +97,50 @@ def fake_tensor_mode_of(gm: torch.fx.GraphModule):
     return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
 
 
+def fake_tensor_mode():
+    """A FakeTensorMode that also accepts real (and meta) tensors: shapes flow, nothing is computed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def shape_guards(shape_env) -> list:
+    """The sympy expressions of the guards a ShapeEnv recorded (each must hold for its graph)."""
+    return [guard.expr for guard in getattr(shape_env, "guards", ())]
+
+
+def is_static_graph_input(node: torch.fx.Node) -> bool:
+    """A placeholder of a Dynamo graph that stands for a parameter or buffer of the model (Dynamo
+    marks the inputs it lifted from modules as static)."""
+    return node.op == "placeholder" and \
+        "_dynamo_static_input_type" in (node.meta.get("tensor_dict") or {})
+
+
 def is_symbolic(value: Any) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def vmap_add_batch_dim_functions() -> tuple:
+    """The functions Dynamo records for vmap's ``_add_batch_dim`` (transformers 4.53-4.57 vmap
+    their mask functions), as many as this torch has."""
+    return _functorch_functions("_add_batch_dim")
+
+
+def vmap_remove_batch_dim_functions() -> tuple:
+    return _functorch_functions("_remove_batch_dim")
+
+
+def _functorch_functions(name: str) -> tuple:
+    found = []
+    for module_name in ("torch._functorch.predispatch", "torch._C._functorch",
+                        "torch._functorch.vmap"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        function = getattr(module, name, None)
+        if function is not None and function not in found:
+            found.append(function)
+    return tuple(found)
 
 
 def hint_int(value: Any, fallback: int = 8192) -> int:
@@ -203,6 +246,24 @@ def mark_must_save(node: torch.fx.Node) -> None:
     node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
+def pin_input_strides(node: torch.fx.Node) -> None:
+    """Have Inductor hand a custom op that a pass inserted its tensor inputs in the strides of their
+    ``meta["val"]``. Inductor honours a custom op's default layout constraint (exact strides) only
+    where the node carries the values it was called with eagerly (``eager_input_vals``); a node a
+    pass inserted has none, so Inductor gives it whatever layout it picked for the producer --
+    measured on CPU: the rotated q / k of an HF Llama came contiguous [B, H, S, D] where the graph
+    said [B, S, H, D] memory, and the offload copied them into the planned layout first (a second
+    copy of each on the device). With them, Inductor lays the producer out as the graph says."""
+    def value(arg: Any) -> Any:
+        if isinstance(arg, torch.fx.Node):
+            return arg.meta.get("val")
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    node.meta["eager_input_vals"] = (value(tuple(node.args)), value(dict(node.kwargs)))
+
+
 def fake_process_group(rank: int, world_size: int) -> None:
     """Initialise torch.distributed with the in-process fake backend (graph tests, no peers)."""
     import torch.distributed as dist
@@ -286,6 +347,18 @@ def saved_for_backward_output_indices(fw_gm: torch.fx.GraphModule) -> list[int] 
         return None
     return [i for i, desc in enumerate(descs) if type(desc).__name__.startswith("SavedForBackwards")]
 
+
+
+@contextlib.contextmanager
+def cuda_allocator_settings(settings: str, restore: str):
+    """The CUDA caching allocator configured with ``settings`` (``PYTORCH_CUDA_ALLOC_CONF``
+    syntax, e.g. "expandable_segments:True") for the scope, ``restore`` after; segments allocated
+    before keep their kind."""
+    torch.cuda.memory._set_allocator_settings(settings)
+    try:
+        yield
+    finally:
+        torch.cuda.memory._set_allocator_settings(restore)
 
 
 def record_cuda_memory_history(enabled: bool, max_entries: int = 200_000) -> None:

@@ -48,8 +48,8 @@ _ENV_PREFIX = "GRAPHOPT_"
 
 # The passes of graphopt/passes/pipeline.py, in order: the names `disabled_passes` takes (a test
 # checks that they are the pipeline's).
-PASS_NAMES = ("shard_attention", "overlap_matmul_collectives", "plan_rematerialization",
-              "offload_activations")
+PASS_NAMES = ("shard_attention", "specialize_attention_masks", "attention_selection",
+              "overlap_matmul_collectives", "plan_rematerialization", "offload_activations")
 # Earlier names, accepted as flags and in disabled_passes: old name -> name.
 ALIASES = {"overlap_matmul_allreduce": "overlap_matmul_collectives"}
 
@@ -285,6 +285,15 @@ def _pass_names(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ALIASES.get(name, name) for name in names))
 
 
+def _patterns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) and item.strip() for item in value):
+        return tuple(item.strip() for item in value)
+    raise _Rejected(f"is {_a(value)}, not module-path patterns (a tuple of str or a "
+                    "comma-separated str)")
+
+
 # --- the flags ------------------------------------------------------------------------------------
 
 _FLAGS: dict[str, Flag] = {}
@@ -358,16 +367,32 @@ _flag("sequence_parallel_attention", "sp_load_balance", True,
       **_BOOL, example="sp_load_balance=False")
 _flag("sequence_parallel_attention", "sp_split_diagonal", True,
       "Open and close each rank's step sequence with half of its own diagonal block, so the first "
-      "inputs and the last returned partials travel under compute (read when the op runs; False "
-      "runs the diagonal whole, first in forward and last in backward).",
+      "inputs and the last returned partials travel under compute (an argument of each op the pass "
+      "emits; False runs the diagonal whole, first in forward and last in backward).",
       **_BOOL, example="sp_split_diagonal=False")
+_flag("sequence_parallel_attention", "sp_local_attention", (),
+      "Module paths (fnmatch patterns, e.g. 'vision_tower.*') of attentions meant to stay local to "
+      "each rank's chunk; every other attention is rewritten or the compile fails naming it.",
+      parse=_patterns, from_text=_text,
+      accepts="a tuple of fnmatch patterns of module paths (or one comma-separated str)",
+      example="sp_local_attention=('vision_tower.*',)")
+_flag("sequence_parallel_attention", "sp_peer_timeout_s", 30.0,
+      "Seconds a rank waits for its peers at a sequence-parallel attention (the call check every "
+      "call makes, and P2P transfers on CPU) before raising; cover the compile-time skew of ranks.",
+      parse=_non_negative, from_text=_float_text, accepts="a finite number of seconds >= 0",
+      example="sp_peer_timeout_s=120", rank_local=True)
 
-# --- attention kernels (ops/attention.py; read when an attention op runs) -----------------------
+# --- attention kernels and masks (passes/specialize_attention_masks.py, ops/attention.py) -------
 _choice_flag("attention", "attention_kernel", "auto",
              "CUDA attention blocks: 'auto' runs torch's cuDNN attention where it computes a block "
              "exactly (no mask or the diagonal block, fp16/bf16, D % 8 == 0, D <= 128, sm90+) and "
-             "graphopt's Triton kernels elsewhere; 'triton' always runs graphopt's kernels.",
-             ("auto", "triton"))
+             "graphopt's Triton kernels elsewhere; 'triton' always runs graphopt's kernels (an "
+             "argument of each op the passes emit).", ("auto", "triton"))
+_flag("attention", "specialize_attention_masks", True,
+      "Prove each attention's mask from the graph (transformers builds a [1, 1, S, S] mask under "
+      "torch.compile) and run the matching kernel: is_causal=True SDPA for a causal mask, graphopt's "
+      "block-skipping kernels for sliding-window and packed-document masks.",
+      **_BOOL, example="specialize_attention_masks=False")
 
 # --- GEMM + collective overlap (passes/overlap_matmul_collectives.py) ---------------------------
 _flag("overlap_matmul_collectives", "overlap_matmul_collectives", False,
@@ -403,9 +428,13 @@ _flag("planning", "op_timing_agreement_timeout_s", 300.0,
 
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
 _flag("rematerialization", "memory_budget", None,
-      "Peak activation-memory budget: bytes ('40GiB', 4e10; parsed to an int) or a fraction f in "
-      "(0, 1] (a float): the min-cut plan's peak less (1 - f) of what it saves (1.0: the "
-      "runtime-optimal min-cut plan, as torch's budget 1.0).",
+      "Memory budget of each compiled graph's step: bytes ('40GiB', 4e10; parsed to an int) bound "
+      "its peak device memory -- the graph's inputs (parameters, buffers, the batch) plus what its "
+      "forward and backward allocate (activations, gradients, workspaces); not optimizer state. A "
+      "fraction f in (0, 1] (a float) keeps at most f of the activation bytes torch's min-cut plan "
+      "saves, at no higher peak (torch's activation_memory_budget; the same bytes under either "
+      "codegen; 1.0: the min-cut plan). A budget no plan meets runs the lowest-peak plan and warns "
+      "once, naming the floor in bytes.",
       parse=_optional(_memory_budget), from_text=_optional_text(_text),
       accepts="None, bytes (an int > 1, a whole float such as 4e10, or a size with a unit: '40GiB', "
               "'512MiB', '1.5GB') or a fraction in (0, 1] (0.5, '0.5', 1)",
@@ -423,11 +452,63 @@ _flag("offload", "offload_host_capacity", None,
 _flag("offload", "offload_link_slack", 0.02,
       "Slack the offload schedule leaves on the host link: copies are planned, waited for and "
       "reloaded as if the link ran this fraction slower than the device profile says, so a copy "
-      "that runs a little late does not stall the step. 0 plans at the profile's bandwidth. "
+      "that runs a little late does not stall the step; under Inductor 0.10 more, the error its "
+      "modelled kernel times are held to (analysis/kernel_time). 0 plans at the profile's bandwidth. "
       "Measured at S = 8K on one H100 (bench/offload.py, link margins): 0 / 0.02 / 0.06 offloaded "
       "93 / 91 / 88% of what the forward's link time could carry, each at 2.1-2.3% step overhead.",
       parse=_non_negative, from_text=_float_text, accepts="a finite fraction >= 0",
       example="offload_link_slack=0.05")
+
+
+# --- attention selection for fine-tuning (passes/attention_selection.py) ------------------------
+
+def _kept_fraction(value: Any) -> float:
+    number = _non_negative(value)
+    if not 0 < number <= 1:
+        raise _Rejected("is not in (0, 1]")
+    return number
+
+
+def _layer_fractions(value: Any) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Rejected(f"is {_a(value)}, not a non-empty tuple of fractions")
+    fractions = []
+    for item in value:
+        if isinstance(item, str):
+            item = _float_text(item)
+        number = _non_negative(item)
+        if number > 1:
+            raise _Rejected(f"has {number}, more than 1")
+        fractions.append(number)
+    return tuple(fractions)
+
+
+_flag("attention_selection", "attention_selection", False,
+      "Fine-tuning: every attention module (q/k/v projections to the output projection) runs on "
+      "the samples a run-time selection picks and adds zero to the residual of the others, forward "
+      "and backward (graphopt.ops.attention_selection drives the selection); graphs compiled without "
+      "grad are left whole.", **_BOOL, example="attention_selection=True")
+_flag("attention_selection", "attention_selection_kept_fraction", 0.6,
+      "Fraction of the samples each attention module runs on: its capacity, round(fraction x batch), "
+      "is compiled into the graph.", parse=_kept_fraction, from_text=_float_text,
+      accepts="a fraction in (0, 1]", example="attention_selection_kept_fraction=0.5")
+_choice_flag("attention_selection", "attention_selection_strategy", "random",
+             "Which samples run: 'random' (a fresh random choice every step), 'score' (drawn in "
+             "proportion to how large their attention output was against their residual when last "
+             "measured; needs plan_step(sample_ids)), 'layer' (per-module capacities fixed from a "
+             "warm-up: attention_selection_layer_fractions).", ("random", "score", "layer"))
+_flag("attention_selection", "attention_selection_layer_fractions", None,
+      "Kept fraction of each attention module in graph order (strategy 'layer'), e.g. from "
+      "graphopt.ops.attention_selection.selector().layer_fractions() after a warm-up; None: "
+      "attention_selection_kept_fraction everywhere.",
+      parse=_optional(_layer_fractions), from_text=_optional_text(_text),
+      accepts="None or a tuple of fractions in [0, 1] (environment: comma-separated)",
+      example="attention_selection_layer_fractions=(1.0, 0.5, 0.25, 0.65)")
+_flag("attention_selection", "attention_selection_seed", 0,
+      "Seed of the host-side random choices of plan_step (the same on every rank).",
+      parse=_count, from_text=_int_text, accepts="an int >= 0", example="attention_selection_seed=1")
 
 
 def _unknown(name: str) -> UnknownFlagError:

@@ -23,15 +23,24 @@ class DeviceProfile:
     host_link_gbps: float       # pinned host <-> device copy, each way
     kernel_launch_s: float = 5e-6
     collective_latency_s: float = 15e-6
+    # What a training step's kernels run at, for the layout planner (None: matmul_tflops):
+    # causal SDPA forward + backward (FLOPs counted as the cost model counts them), and bf16 GEMMs
+    # issued back to back for a second or more, when the clock has settled under the power limit.
+    attention_tflops: float | None = None
+    sustained_matmul_tflops: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+# attention_tflops: SDPA (cuDNN) causal forward + backward at B=1 H=32 D=128, S=8K-32K (GPU.md);
+# sustained_matmul_tflops: bench/results/gemm_power.md (H100 at its power limit, ~1400 MHz).
 H200 = DeviceProfile("H200", matmul_tflops=790.0, matmul_tflops_fp32=50.0, hbm_gbps=4300.0,
-                     allreduce_bus_gbps=285.0, p2p_gbps=350.0, host_link_gbps=55.0)
+                     allreduce_bus_gbps=285.0, p2p_gbps=350.0, host_link_gbps=55.0,
+                     attention_tflops=540.0)
 H100 = DeviceProfile("H100", matmul_tflops=780.0, matmul_tflops_fp32=50.0, hbm_gbps=3000.0,
-                     allreduce_bus_gbps=329.0, p2p_gbps=350.0, host_link_gbps=55.0)
+                     allreduce_bus_gbps=329.0, p2p_gbps=350.0, host_link_gbps=55.0,
+                     attention_tflops=520.0, sustained_matmul_tflops=700.0)
 # CPU: only so that plans made in CPU tests have sane relative costs.
 CPU = DeviceProfile("cpu", matmul_tflops=0.2, matmul_tflops_fp32=0.1, hbm_gbps=20.0,
                     allreduce_bus_gbps=5.0, p2p_gbps=5.0, host_link_gbps=20.0,
@@ -50,7 +59,11 @@ def load_profile(path: str) -> DeviceProfile:
     unknown = sorted(set(data) - set(fields))
     missing = sorted(name for name, f in fields.items()
                      if f.default is dataclasses.MISSING and name not in data)
+    # A field whose default is None may be null: calibrate writes null where it measured nothing
+    # (the attention and sustained GEMM rates on a machine without a GPU).
+    optional = {name for name, f in fields.items() if f.default is None}
     not_figures = sorted(name for name, value in data.items() if name != "name" and name in fields
+                         and not (value is None and name in optional)
                          and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not value >= 0 or value == float("inf")))
     problems = ([f"unknown keys {unknown}"] if unknown else []) + \

@@ -7,7 +7,9 @@ rematerialization planner and the offload model (issue 7) exchange lists of them
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
+from typing import Iterable
 
 import torch
 import torch.fx as fx
@@ -57,15 +59,31 @@ class Step:
     outputs: tuple[int, ...] = ()
     workspace: int = 0
     kind: str = ""  # fusion_kind of the op: "pointwise", "reduction" or "" (see inline_pointwise)
+    # Time of the op on the compute stream where it is priced whole (a GEMM, attention, a
+    # collective; every op under eager codegen; 0 for views); None: a kernel Inductor writes,
+    # priced from the bytes it reads and writes (``kernel_time.step_seconds``).
+    seconds: float | None = None
+    value_bytes: int = 0   # bytes of its value: what a reader of it reads (a view: its elements)
+    inlined: bool = False  # computed inside its readers' kernels (``inline_pointwise``)
 
 
 @dataclasses.dataclass
 class Timeline:
-    """Bytes live after every step of a schedule (inputs to the graph not counted)."""
+    """Bytes live after every step of a schedule (inputs to the graph not counted), and the
+    seconds each step takes on the compute stream (empty when the schedule was not priced)."""
 
     labels: list[str]
     live_bytes: list[int]
     boundary: int  # index of the first backward step (len(labels) when there is none)
+    seconds: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def forward_s(self) -> float:
+        return math.fsum(self.seconds[:self.boundary])
+
+    @property
+    def backward_s(self) -> float:
+        return math.fsum(self.seconds[self.boundary:])
 
     @property
     def peak(self) -> int:
@@ -85,7 +103,7 @@ class Timeline:
 
 
 def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[str, int] | None = None,
-             boundary: int | None = None) -> Timeline:
+             boundary: int | None = None, seconds: list[float] | None = None) -> Timeline:
     """Run a schedule over a memory counter.
 
     An op's output storage is allocated when the op runs and freed right after the last step that
@@ -114,7 +132,24 @@ def simulate(steps: list[Step], pinned: set[str] = frozenset(), preloaded: dict[
             live -= size.get(storage, 0)
     for index, step in enumerate(steps):
         live_bytes[index] += step.workspace
-    return Timeline(labels, live_bytes, boundary)
+    return Timeline(labels, live_bytes, boundary, list(seconds or []))
+
+
+def live_storages(steps: list[Step], pinned: set[str], index: int) -> tuple[dict[str, int], int]:
+    """The storages live at step ``index`` of ``simulate``'s count (bytes by storage), and the
+    workspace of the kernel that runs there: what its bytes are made of."""
+    storage_of, size, last_use = _storages(steps)
+    kept = {storage_of.get(key, key) for key in pinned}
+    live: dict[str, int] = {}
+    for step in steps[:index + 1]:
+        if storage_of[step.key] == step.key:
+            live[step.key] = size[step.key]
+        for position, nbytes in enumerate(step.outputs):
+            live[f"{step.key}#{position}"] = nbytes
+    for storage in list(live):
+        if storage not in kept and last_use.get(storage, index) < index:
+            del live[storage]
+    return live, steps[index].workspace if steps else 0
 
 
 def _storages(steps: list[Step], preloaded: dict[str, int] | None = None):
@@ -182,7 +217,7 @@ def inline_pointwise(steps: list[Step], pinned: set[str] = frozenset(), boundary
         extra = tuple(r for r in reads if r not in step.inputs)
         if extra:  # (the constructor: dataclasses.replace costs twice as much here)
             step = Step(step.key, step.nbytes, step.storage, step.inputs + extra, step.outputs,
-                        step.workspace, step.kind)
+                        step.workspace, step.kind, step.seconds, step.value_bytes)
         if step.storage in expanded and step.nbytes == 0 and not step.outputs:  # a view of one
             expanded[step.key] = expanded[step.storage]
             result.append(step)
@@ -197,7 +232,7 @@ def inline_pointwise(steps: list[Step], pinned: set[str] = frozenset(), boundary
                     and (len(users) == 1 or (len(reads) <= REUSE_READS and count <= MAX_OPS))):
                 expanded[step.key], ops[step.key] = tuple(reads), count
                 result.append(Step(step.key, 0, step.storage, step.inputs, step.outputs, step.workspace,
-                                   step.kind))
+                                   step.kind, step.seconds, step.value_bytes, inlined=True))
                 continue
         result.append(step)
     return _write_in_place(_fuse_siblings(result, boundary), pinned)
@@ -321,7 +356,7 @@ def _write_in_place(steps: list[Step], pinned: set[str]) -> list[Step]:
                 moved[step.key] = storage
                 last_use[storage] = last_use.get(step.key, index)
                 step = Step(step.key, step.nbytes, storage, step.inputs, step.outputs, step.workspace,
-                            step.kind)
+                            step.kind, step.seconds, step.value_bytes)
         result.append(step)
     return result
 
@@ -350,9 +385,12 @@ def output_nodes(gm: fx.GraphModule) -> list:
     return list(pytree.tree_leaves(output.args[0]))
 
 
-def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> list[Step]:
+def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str],
+                 seconds: dict[str, float | None] | None = None) -> list[Step]:
     """Steps of the call_function nodes of ``gm``; ``key_of`` maps node names to schedule keys
-    (placeholders are looked up there and are free when absent)."""
+    (placeholders are looked up there and are free when absent). ``seconds``: per node name the
+    ``Step.seconds`` (absent or None: priced from its bytes); views take none."""
+    seconds = seconds or {}
     steps = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -361,22 +399,26 @@ def _graph_steps(gm: fx.GraphModule, prefix: str, key_of: dict[str, str]) -> lis
         key_of[node.name] = key
         inputs = tuple(key_of.get(i.name, f"in:{i.name}") for i in node.all_input_nodes)
         value = node.meta.get("val")
+        size = tensor_nbytes(value)
         parent = tuple_parent(node)
         base = aliased_input(node)
         if base is not None and inputs and not is_view(node):  # an output of split, unbind, ...
-            steps.append(Step(key, 0, key_of.get(base.name, f"in:{base.name}"), inputs))
+            steps.append(Step(key, 0, key_of.get(base.name, f"in:{base.name}"), inputs, seconds=0.0,
+                              value_bytes=size))
         elif isinstance(value, (tuple, list)) and is_view(node):
-            steps.append(Step(key, 0, inputs[0], inputs) if inputs else Step(key, 0, key, ()))
+            steps.append(Step(key, 0, inputs[0], inputs, seconds=0.0) if inputs
+                         else Step(key, 0, key, (), seconds=0.0))
         elif isinstance(value, (tuple, list)):
             steps.append(Step(key, 0, key, inputs, tuple(tensor_nbytes(v) for v in value),
-                              workspace_bytes(node)))
+                              workspace_bytes(node), seconds=seconds.get(node.name)))
         elif parent is not None and parent.name in key_of:
-            steps.append(Step(key, 0, f"{key_of[parent.name]}#{node.args[1]}", inputs))
+            steps.append(Step(key, 0, f"{key_of[parent.name]}#{node.args[1]}", inputs, seconds=0.0,
+                              value_bytes=size))
         elif is_view(node) and inputs:
-            steps.append(Step(key, 0, inputs[0], inputs))
+            steps.append(Step(key, 0, inputs[0], inputs, seconds=0.0, value_bytes=size))
         else:
-            steps.append(Step(key, tensor_nbytes(value), key, inputs, workspace=workspace_bytes(node),
-                              kind=fusion_kind(node)))
+            steps.append(Step(key, size, key, inputs, workspace=workspace_bytes(node),
+                              kind=fusion_kind(node), seconds=seconds.get(node.name), value_bytes=size))
     return steps
 
 
@@ -403,22 +445,40 @@ def tuple_parent(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def graph_timeline(gm: fx.GraphModule, hold_inputs: bool = False) -> tuple[list[fx.Node], Timeline]:
-    """Bytes live after each call_function node of one graph (the nodes, and the timeline).
-
-    Its placeholders exist from the start and are freed at their last use (held to the end with
-    ``hold_inputs``, where the caller keeps the argument list); what it returns lives to the end."""
+def graph_schedule(gm: fx.GraphModule, seconds: dict[str, float | None] | None = None):
+    """One graph as a schedule: (steps of its call_function nodes keyed by node name, the keys its
+    outputs hold, its placeholders' bytes keyed "in:<name>"). ``seconds``: see ``_graph_steps``."""
     key_of: dict[str, str] = {}
     preloaded = {}
     for node in gm.graph.find_nodes(op="placeholder"):
         key_of[node.name] = f"in:{node.name}"
         preloaded[f"in:{node.name}"] = tensor_nbytes(node.meta.get("val"))
-    steps = _graph_steps(gm, "", key_of)
+    steps = _graph_steps(gm, "", key_of, seconds)
     pinned = {key_of[n.name] for n in output_nodes(gm) if isinstance(n, fx.Node) and n.name in key_of}
-    if hold_inputs:
+    return steps, pinned, preloaded
+
+
+def graph_timeline(gm: fx.GraphModule, hold_inputs: bool | Iterable[str] = False,
+                   fuse_pointwise: bool = False) -> tuple[list[fx.Node], Timeline]:
+    """Bytes live after each call_function node of one graph (the nodes, and the timeline).
+
+    Its placeholders exist from the start and are freed at their last use, but those the caller
+    holds anyway: every one with ``hold_inputs=True`` (the caller keeps the argument list), or the
+    placeholders named in ``hold_inputs`` (parameters, which the module holds); what it returns
+    lives to the end.
+    ``fuse_pointwise``: as Inductor runs the graph (``inline_pointwise``); the bytes are still
+    listed in the graph's node order, each node's the bytes after the kernel that computes it."""
+    steps, pinned, preloaded = graph_schedule(gm)
+    if hold_inputs is True:
         pinned |= set(preloaded)
+    elif hold_inputs:
+        pinned |= {f"in:{name}" for name in hold_inputs} & set(preloaded)
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    return nodes, simulate(steps, pinned, preloaded)
+    if not fuse_pointwise:
+        return nodes, simulate(steps, pinned, preloaded)
+    timeline = simulate(inline_pointwise(steps, pinned), pinned, preloaded)
+    after = dict(zip(timeline.labels, timeline.live_bytes))
+    return nodes, Timeline([n.name for n in nodes], [after[n.name] for n in nodes], len(nodes))
 
 
 def partitioned_timeline(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int,

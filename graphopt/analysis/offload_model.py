@@ -151,6 +151,70 @@ def window_fractions(saved: Sequence, profile: DeviceProfile) -> tuple[dict[str,
     return forward_cap, hidden
 
 
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """One offloaded tensor on a timed schedule: indices into its forward and backward steps."""
+
+    name: str
+    host_bytes: int   # what crosses the link each way
+    produced: int     # the forward step that writes its allocation: the copy starts as it ends
+    last_read: int    # the last forward step that reads it: its wait comes after
+    first_use: int    # the first backward step that reads it (len(backward): none does)
+
+
+def copy_points(forward_s: Sequence[float], backward_s: Sequence[float], copies: Sequence[Copy],
+                profile: DeviceProfile) -> tuple[dict[str, tuple[int, int]], float]:
+    """Where each copy's wait and reload go, and the stall the two queues add to the step.
+
+    Forward: the D2H queue copies in production order, each copy starting once its tensor is
+    written and the copy before it is done; the compute stream waits for it before the first step
+    that starts after the copy ends (and after its last reader), or at the forward's end --
+    ``len(forward_s)`` -- where the forward stalls by any overrun. Backward: the H2D queue in order
+    of first use, each reload issued before the last step that starts no later than the copy must
+    (walking back from the last first use, every copy due at its first use and before the next
+    copy starts), so a reload holds its memory no longer than the link needs; a copy that cannot
+    make it is issued at the start and stalls its first use by its lateness.
+    Returns ({name: (wait index, issue index)}, forward stall + backward stall)."""
+    fw_start = _starts(forward_s)
+    forward_end = fw_start[-1]
+    points: dict[str, list[int]] = {}
+    link_free = 0.0
+    for copy in sorted(copies, key=lambda c: (c.produced, c.name)):
+        ready = fw_start[copy.produced + 1] if copy.produced < len(forward_s) else forward_end
+        link_free = max(link_free, ready) + transfer_time_s(copy.host_bytes, profile)
+        wait = next((i for i in range(copy.last_read + 1, len(forward_s)) if fw_start[i] >= link_free),
+                    len(forward_s))
+        points[copy.name] = [wait, 0]
+    stall = max(0.0, link_free - forward_end) if copies else 0.0
+    bw_start = _starts(backward_s)
+    used = sorted((c for c in copies if c.first_use < len(backward_s)),
+                  key=lambda c: (c.first_use, c.name))
+    next_begin = float("inf")
+    for copy in reversed(used):
+        begin = min(bw_start[copy.first_use], next_begin) - transfer_time_s(copy.host_bytes, profile)
+        points[copy.name][1] = max((i for i in range(copy.first_use + 1) if bw_start[i] <= begin),
+                                   default=0)
+        next_begin = begin
+    link_free, late = 0.0, 0.0
+    for copy in used:
+        link_free = max(link_free, bw_start[points[copy.name][1]] + late) + transfer_time_s(
+            copy.host_bytes, profile)
+        late += max(0.0, link_free - (bw_start[copy.first_use] + late))
+    for copy in copies:
+        if copy.first_use >= len(backward_s):
+            points[copy.name][1] = len(backward_s)
+    return {name: (wait, issue) for name, (wait, issue) in points.items()}, stall + late
+
+
+def _starts(seconds: Sequence[float]) -> list[float]:
+    """Start time of every step and, last, the end of the schedule."""
+    starts, elapsed = [], 0.0
+    for value in seconds:
+        starts.append(elapsed)
+        elapsed += value
+    return starts + [elapsed]
+
+
 def _fraction(window_bytes: float, nbytes: int) -> float:
     if nbytes <= 0 or window_bytes <= 0:
         return 0.0

@@ -19,6 +19,8 @@ For a node of an FX graph (aten ops, collectives, graphopt:: ops):
     launches a kernel  launches_kernel        op timing (views and getitems are not timed)
     fusion kind        fusion_kind            liveness and the planner (what Inductor computes
                                               inside its readers' kernels)
+    Inductor's kernel  inductor_writes_kernel the time model (priced from bytes under Inductor,
+                                              not from the op's own time; analysis/kernel_time)
     output from data   output_depends_on_data op timing
 
 The rows are data below (namespaces, op sets, tags); a new op is classified here, once.
@@ -223,3 +225,16 @@ def fusion_kind(node: fx.Node) -> str:
     if torch.Tag.reduction in op.tags or op_name(node) in REDUCTION_NAMES:
         return "reduction"
     return ""
+
+
+# Namespaces of the ops Inductor lowers to kernels of its own (every other op is a call out).
+INDUCTOR_LOWERED_NAMESPACES = frozenset({"aten", "prims"})
+
+
+def inductor_writes_kernel(node: fx.Node) -> bool:
+    """Inductor writes the kernel of this op itself (pointwise ops, reductions, copies, scatters,
+    fills, indexing: the memory-bound aten ops), rather than calling a library or a custom op
+    (GEMMs, attention, collectives, graphopt:: ops)."""
+    op = _overload(node)
+    return (op is not None and op.namespace in INDUCTOR_LOWERED_NAMESPACES
+            and cost_category(node) in ("cheap", "memory"))

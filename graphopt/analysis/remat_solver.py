@@ -1,4 +1,5 @@
-"""Which activations to save, recompute or offload so that the peak stays under a byte budget.
+"""Which activations to save, recompute or offload so that a plan fits its budget: a peak of
+live bytes, or the saved activations' bytes (``Budget``).
 
 Two stages, both deterministic (every loop walks the joint graph's order; no timing is measured):
 
@@ -14,10 +15,13 @@ Two stages, both deterministic (every loop walks the joint graph's order; no tim
    multiple-choice knapsack DP over bytes freed (bucketed) gives, for every reduction level, the
    cheapest set of options under an additive model. Every member of that budget-independent
    family is then scored with the liveness simulation of the real schedule (forward, then backward
-   with recomputation inserted just before first use) and the cheapest member whose simulated
-   peak fits the budget wins. Because the family does not depend on the budget, a larger budget
-   chooses from a superset and never pays more recompute time. With offload options the family
-   also holds the DP's choices over each kind of option alone (see ``plan_under_budget``).
+   with recomputation inserted just before first use, offload copies where the host link's
+   queues put them), priced as the codegen runs it (``kernel_time``: Inductor's fused kernels),
+   and the fastest member that fits the budget wins. Because the family does not depend on the
+   budget, a larger budget chooses from a superset and never pays more modelled time. With offload
+   options the family also holds the DP's choices over each kind of option alone (see
+   ``plan_under_budget``), so the joint plan is never slower (modelled) than the best plan of
+   remat alone or of offload alone that fits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Iterable
 
 import networkx as nx
 
+from graphopt.analysis import kernel_time, offload_model
+from graphopt.analysis.device_profile import DeviceProfile
 from graphopt.analysis.liveness import Step, Timeline, inline_pointwise, simulate
 
 log = logging.getLogger("graphopt.analysis.remat_solver")
@@ -72,6 +78,12 @@ class JointGraph:
     # ``kind`` holds liveness.fusion_kind per node.
     fuse_pointwise: bool = False
     kind: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Nodes priced from their bytes (kernels Inductor writes, ``kernel_time``); empty op by op.
+    priced_by_bytes: set[str] = dataclasses.field(default_factory=set)
+    memory_bytes_per_s: float = 2.7e12   # bandwidth those kernels reach (measured where possible)
+    launch_s: float = 5e-6               # a kernel's launch
+    # The profile offload copies are scheduled with (its host link slowed by the planning slack).
+    copy_profile: DeviceProfile | None = None
 
     def __post_init__(self) -> None:
         self.position = {name: i for i, name in enumerate(self.order)}
@@ -171,25 +183,51 @@ class Candidate:
         return self.members or (self.name,)
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What a plan must fit: a peak of live bytes over forward and backward (graph inputs not
+    counted), and / or a bound on the saved activations' device bytes at the forward / backward
+    boundary (what torch's ``activation_memory_budget`` bounds). None: no bound."""
+
+    peak_bytes: int | None = None
+    kept_bytes: int | None = None
+
+    def fits(self, peak: int, kept: int) -> bool:
+        return ((self.peak_bytes is None or peak <= self.peak_bytes)
+                and (self.kept_bytes is None or kept <= self.kept_bytes))
+
+
+def as_budget(budget: Budget | int) -> Budget:
+    """A bare int is a peak budget in bytes."""
+    return budget if isinstance(budget, Budget) else Budget(peak_bytes=int(budget))
+
+
 @dataclasses.dataclass
 class Plan:
     saved: list[str]                 # forward nodes the backward receives, forward order
     recomputed: list[str]            # forward nodes recomputed in backward, forward order
     offloaded: dict[str, float]      # saved node -> fraction offloaded to host (every group member)
-    timeline: Timeline
-    recompute_time_s: float          # all recomputation in backward (cheap min-cut part included)
-    exposed_offload_s: float
-    budget: int
+    timeline: Timeline               # bytes and seconds of every step (kernel_time)
+    recompute_time_s: float          # the recomputed nodes' own times (cheap min-cut part included)
+    exposed_offload_s: float         # stall the offload copies add (their queues, simulated)
+    budget: Budget
     feasible: bool
     choices: dict[str, Option] = dataclasses.field(default_factory=dict)
+    kept_bytes: int = 0              # device bytes of the saved activations at the boundary
+    # Per offloaded tensor, where its copies were simulated: (the forward step before which the
+    # compute stream waits for the offload, None at the forward's end; the backward step before
+    # which its reload is issued, None at the backward's start), as step keys ("f:<node>",
+    # "b:<node>", "t:<tangent>"). offload_activations places them there.
+    copy_points: dict[str, tuple[str | None, str | None]] = dataclasses.field(default_factory=dict)
 
     @property
     def peak(self) -> int:
         return self.timeline.peak
 
     @property
-    def cost_s(self) -> float:
-        return self.recompute_time_s + self.exposed_offload_s
+    def step_s(self) -> float:
+        """Modelled forward + backward on the compute stream, copy stalls included."""
+        return self.timeline.forward_s + self.timeline.backward_s + self.exposed_offload_s
 
 
 # --- stage 1: min-cut -----------------------------------------------------------------------------
@@ -296,16 +334,21 @@ def backward_order(graph: JointGraph, recomputed: Iterable[str]) -> list[str]:
 
 
 def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
-               offloaded: dict[str, float] | None = None) -> tuple[list[Step], set[str], int]:
+               offloaded: dict[str, float] | None = None,
+               points: dict[str, tuple[str | None, str | None]] | None = None,
+               ) -> tuple[list[Step], set[str], int]:
     """Steps of forward then backward, the keys that stay live to the end, and the boundary.
 
     ``offloaded`` maps saved tensors to the fraction alpha sent to the host. Its copy is modelled
-    as the runtime does it: after the tensor's last forward reader, "o:x" allocates the kept part
-    ((1 - alpha) of x's elements, a fresh tensor) and is x's last reader, so x's allocation is
-    freed unless something else still lives in it; before the first backward reader, "r:x"
-    allocates all of x's elements (a fresh dense tensor, views included) from the kept part, and
-    the backward reads "r:x"."""
+    as the runtime does it: "o:x" (the offload's wait) allocates the kept part ((1 - alpha) of x's
+    elements, a fresh tensor) and is x's last reader, so x's allocation is freed there unless
+    something else still lives in it; "r:x" (the reload) allocates all of x's elements (a fresh
+    dense tensor, views included) from the kept part, and the backward reads "r:x". Where they
+    go: ``points`` (see ``Plan.copy_points``; keys "f:<node>" / "b:<node>" / "t:<node>"), else
+    right after x's last forward reader and right before its first backward reader; never
+    before the last forward reader, never after the first backward one."""
     offloaded = offloaded or {}
+    points = points or {}
     kept = {n: graph.logical_bytes[n] - int(alpha * graph.logical_bytes[n])
             for n, alpha in offloaded.items()}
     steps: list[Step] = []
@@ -314,17 +357,30 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
     for name in forward:
         for source in graph.inputs[name]:
             last_fw_reader[source] = name
-    for name in forward:
+    position = {f"f:{name}": i for i, name in enumerate(forward)}
+    # index of the forward step each wait goes after: its planned point, not before the last reader
+    wait_after: dict[int, list[str]] = {}
+    for source in offloaded:
+        last = position.get(f"f:{last_fw_reader.get(source, source)}", len(forward) - 1)
+        wait, _ = points.get(source, (None, None))
+        planned = (position.get(wait, len(forward)) - 1) if source in points else last
+        wait_after.setdefault(max(last, planned), []).append(source)
+    for index, name in enumerate(forward):
         steps.append(_step(graph, name, "f:", lambda i: f"f:{i}"))
-        for source in offloaded:
-            if last_fw_reader.get(source, source) == name:
-                steps.append(Step(f"o:{source}", kept[source], f"o:{source}", (f"f:{source}",)))
+        for source in wait_after.get(index, ()):
+            steps.append(_copy_step(graph, f"o:{source}", kept[source], kept[source], (f"f:{source}",)))
     boundary = len(steps)
     for name in graph.order:
         if graph.role[name] == "tangent":
-            steps.append(Step(f"t:{name}", graph.nbytes[name], f"t:{name}", ()))
+            steps.append(Step(f"t:{name}", graph.nbytes[name], f"t:{name}", (), seconds=0.0,
+                              value_bytes=graph.nbytes[name]))
     recomputed_set = set(recomputed)
     reloaded: set[str] = set()
+    issue_before: dict[str, list[str]] = {}
+    for source in offloaded:
+        if source in points:  # a reload planned at a tangent or at no step: the backward's start
+            issue = points[source][1] or ""
+            issue_before.setdefault(issue if issue.startswith("b:") else "", []).append(source)
 
     def key(source: str) -> str:
         if source in recomputed_set or graph.role[source] == "bw":
@@ -335,12 +391,20 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
             return f"r:{source}" if source in reloaded else f"o:{source}"
         return f"f:{source}"
 
+    def reload(source: str) -> None:
+        if source not in reloaded:
+            steps.append(_copy_step(graph, f"r:{source}", graph.logical_bytes[source], kept[source],
+                                    (f"o:{source}",)))
+            reloaded.add(source)
+
+    for source in issue_before.get("", ()):  # at the backward's start
+        reload(source)
     for name in backward_order(graph, recomputed):
+        for source in issue_before.get(f"b:{name}", ()):
+            reload(source)
         for source in graph.inputs[name]:
-            if source in offloaded and source not in reloaded:
-                steps.append(Step(f"r:{source}", graph.logical_bytes[source], f"r:{source}",
-                                  (f"o:{source}",)))
-                reloaded.add(source)
+            if source in offloaded:
+                reload(source)
         steps.append(_step(graph, name, "b:", key))
     pinned = {f"f:{n}" for n in graph.fw_outputs if graph.role.get(n) == "fw"}
     pinned |= {key(n) for n in graph.bw_outputs if n in graph.role and graph.role[n] != "primal"}
@@ -350,30 +414,58 @@ def plan_steps(graph: JointGraph, saved: list[str], recomputed: list[str],
     return steps, pinned, boundary
 
 
+def _copy_step(graph: JointGraph, key: str, nbytes: int, kept: int, inputs: tuple[str, ...]) -> Step:
+    """An offload's wait ("o:") or a reload ("r:"): it allocates ``nbytes``, and on the compute
+    stream copies the kept part (``kept`` bytes read and written; nothing when all of it moves);
+    the host copy runs on its own stream."""
+    seconds = graph.launch_s + 2 * kept / graph.memory_bytes_per_s if kept else 0.0
+    return Step(key, nbytes, key, inputs, seconds=seconds, value_bytes=nbytes)
+
+
 def _step(graph: JointGraph, name: str, prefix: str, key) -> Step:
     inputs = tuple(key(i) for i in graph.inputs[name] if graph.role[i] != "primal")
+    value = graph.logical_bytes[name]
+    seconds = None if name in graph.priced_by_bytes else graph.time_s[name]
     if name in graph.tuple_outputs:
         return Step(prefix + name, 0, prefix + name, inputs, graph.tuple_outputs[name],
-                    graph.workspace.get(name, 0))
+                    graph.workspace.get(name, 0), seconds=seconds)
     if name in graph.getitem_of:
         parent, index = graph.getitem_of[name]
-        return Step(prefix + name, 0, f"{key(parent)}#{index}", inputs)
+        return Step(prefix + name, 0, f"{key(parent)}#{index}", inputs, seconds=0.0, value_bytes=value)
     base = graph.view_of.get(name)
     if base is not None and graph.role[base] != "primal":
-        return Step(prefix + name, 0, key(base), inputs)
+        return Step(prefix + name, 0, key(base), inputs, seconds=0.0, value_bytes=value)
     if base is not None:
-        return Step(prefix + name, 0, f"in:{base}", inputs)
+        return Step(prefix + name, 0, f"in:{base}", inputs, seconds=0.0, value_bytes=value)
     return Step(prefix + name, graph.nbytes[name], prefix + name, inputs,
-                workspace=graph.workspace.get(name, 0), kind=graph.kind.get(name, ""))
+                workspace=graph.workspace.get(name, 0), kind=graph.kind.get(name, ""),
+                seconds=seconds, value_bytes=value)
+
+
+def schedule(graph: JointGraph, saved: list[str], recomputed: list[str],
+             alphas: dict[str, float] | None = None,
+             points: dict[str, tuple[str | None, str | None]] | None = None,
+             ) -> tuple[list[Step], set[str], int, list[float]]:
+    """``plan_steps`` as the codegen runs them (Inductor's kernels where it fuses), the keys kept
+    to the end, the boundary, and each step's seconds (``kernel_time``)."""
+    steps, pinned, boundary = plan_steps(graph, saved, recomputed, alphas, points)
+    if graph.fuse_pointwise:
+        steps = inline_pointwise(steps, pinned, boundary)
+    return steps, pinned, boundary, kernel_time.step_seconds(steps, graph.memory_bytes_per_s,
+                                                              graph.launch_s)
 
 
 def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Option] | None = None,
-             budget: int = 0, choices: dict[str, Option] | None = None,
+             budget: Budget | int = 0, choices: dict[str, Option] | None = None,
              groups: dict[str, tuple[str, ...]] | None = None) -> Plan:
-    """The plan that saves ``saved`` (plus what correctness forces), simulated.
+    """The plan that saves ``saved`` (plus what correctness forces), simulated and priced.
 
     ``offloaded`` maps a candidate to its offload option; ``groups`` names the saved tensors a
-    candidate stands for (itself when absent): each of them is offloaded with the option's alpha."""
+    candidate stands for (itself when absent): each of them is offloaded with the option's alpha.
+    Offloads are simulated twice: once with each copy at its earliest point, to time the
+    schedule; then with each wait and reload where the host link's queues put them on that
+    schedule (``offload_model.copy_points``), which is where offload_activations places them."""
+    budget = as_budget(budget)
     offloaded = offloaded or {}
     groups = groups or {}
     saved, recomputed = recompute_closure(graph, saved)
@@ -381,14 +473,60 @@ def evaluate(graph: JointGraph, saved: Iterable[str], offloaded: dict[str, Optio
     live_offloads = {n: o for n, o in offloaded.items()
                      if all(m in saved_set for m in groups.get(n, (n,)))}
     alphas = {m: o.alpha for n, o in live_offloads.items() for m in groups.get(n, (n,))}
-    steps, pinned, boundary = plan_steps(graph, saved, recomputed, alphas)
-    if graph.fuse_pointwise:
-        steps = inline_pointwise(steps, pinned, boundary)
-    timeline = simulate(steps, pinned, boundary=boundary)
+    steps, pinned, boundary, seconds = schedule(graph, saved, recomputed, alphas)
+    exposed, points = 0.0, {}
+    if alphas and graph.copy_profile is not None:
+        points, exposed = _copy_points(graph, steps, boundary, seconds, alphas)
+        steps, pinned, boundary, seconds = schedule(graph, saved, recomputed, alphas, points)
+    elif alphas:
+        exposed = sum(o.cost_s for o in live_offloads.values())
+    timeline = simulate(steps, pinned, boundary=boundary, seconds=seconds)
+    kept = kept_bytes(graph, saved, alphas)
     return Plan(saved=saved, recomputed=recomputed, offloaded=alphas, timeline=timeline,
                 recompute_time_s=sum(graph.time_s[n] for n in recomputed),
-                exposed_offload_s=sum(o.cost_s for o in live_offloads.values()),
-                budget=budget, feasible=timeline.peak <= budget, choices=dict(choices or {}))
+                exposed_offload_s=exposed, budget=budget, feasible=budget.fits(timeline.peak, kept),
+                choices=dict(choices or {}), kept_bytes=kept, copy_points=points)
+
+
+def kept_bytes(graph: JointGraph, saved: Iterable[str], alphas: dict[str, float]) -> int:
+    """Device bytes the saved activations hold at the forward / backward boundary: each
+    allocation once; an allocation whose every saved tensor is offloaded holds only their kept
+    parts."""
+    saved = list(saved)
+    total = graph.saved_storage_bytes(saved)
+    for root, members in graph.freeable_groups(saved).items():
+        if members and all(m in alphas for m in members):
+            kept = sum(graph.logical_bytes[m] - int(alphas[m] * graph.logical_bytes[m]) for m in members)
+            total -= graph.storage_nbytes(root) - kept
+    return total
+
+
+def _copy_points(graph: JointGraph, steps: list[Step], boundary: int, seconds: list[float],
+                 alphas: dict[str, float]) -> tuple[dict[str, tuple[str | None, str | None]], float]:
+    """Where each offload's wait and reload go on this schedule (step keys; None: the forward's
+    end / the backward's start) and the stall the two copy queues add."""
+    copies_at = {i for i, step in enumerate(steps) if step.key[:2] in ("o:", "r:")}
+    forward = [i for i in range(boundary) if i not in copies_at]
+    backward = [i for i in range(boundary, len(steps)) if i not in copies_at]
+    fw_index = {steps[i].key: k for k, i in enumerate(forward)}
+    copies = []
+    for name, alpha in alphas.items():
+        reads = [k for k, i in enumerate(forward) if f"f:{name}" in steps[i].inputs]
+        uses = [k for k, i in enumerate(backward) if f"r:{name}" in steps[i].inputs]
+        root = graph.storage_root(name)
+        copies.append(offload_model.Copy(
+            name=name, host_bytes=int(alpha * graph.logical_bytes[name]),
+            produced=fw_index.get(f"f:{root}", fw_index.get(f"f:{name}", 0)),
+            last_read=max(reads, default=fw_index.get(f"f:{name}", 0)),
+            first_use=min(uses, default=len(backward))))
+    placed, stall = offload_model.copy_points([seconds[i] for i in forward],
+                                              [seconds[i] for i in backward], copies,
+                                              graph.copy_profile)
+    keyed = {}
+    for name, (wait, issue) in placed.items():
+        keyed[name] = (steps[forward[wait]].key if wait < len(forward) else None,
+                       steps[backward[issue]].key if issue < len(backward) else None)
+    return keyed, stall
 
 
 # --- stage 2: the choice under the budget -----------------------------------------------------------
@@ -480,11 +618,13 @@ def knapsack_family(items: list[Candidate], buckets: int = 256) -> list[dict[str
     return family
 
 
-def plan_under_budget(graph: JointGraph, budget: int, base_saved: list[str],
+def plan_under_budget(graph: JointGraph, budget: Budget | int, base_saved: list[str],
                       offload_options: dict[str, list[Option]] | None = None,
                       buckets: int = 256) -> tuple[Plan, list[Plan]]:
-    """The cheapest plan of the family whose simulated peak fits ``budget`` (or, when none fits,
-    the one with the lowest peak, marked infeasible), and every plan scored."""
+    """The cheapest plan of the family that fits ``budget`` (or, when none fits, the one with the
+    lowest peak, marked infeasible), and every plan scored. Cheapest: the lowest modelled step
+    time (``Plan.step_s``: the simulated schedule's seconds, copy stalls included)."""
+    budget = as_budget(budget)
     items = candidates(graph, base_saved, offload_options)
     # The additive model cannot tell where the peak is: an offload frees bytes only while the
     # tensor is on the host, a recomputation until its first backward use. So the family holds the
@@ -507,7 +647,7 @@ def plan_under_budget(graph: JointGraph, budget: int, base_saved: list[str],
     return _refine(graph, best, items, base_saved, budget, groups, scored), scored
 
 
-def _score(graph: JointGraph, base_saved: list[str], budget: int, choice: dict[str, Option],
+def _score(graph: JointGraph, base_saved: list[str], budget: Budget, choice: dict[str, Option],
            groups: dict[str, tuple[str, ...]]) -> Plan:
     freed = {m for n, o in choice.items() if o.kind == "recompute" for m in groups[n]}
     offloads = {n: o for n, o in choice.items() if o.kind == "offload"}
@@ -516,12 +656,12 @@ def _score(graph: JointGraph, base_saved: list[str], budget: int, choice: dict[s
 
 
 def _objective(plan: Plan) -> tuple:
-    """The cheapest plan that fits; while none fits, the lowest peak."""
-    return (0, plan.cost_s) if plan.feasible else (1, plan.peak, plan.cost_s)
+    """The fastest plan that fits; while none fits, the lowest peak."""
+    return (0, plan.step_s) if plan.feasible else (1, plan.peak, plan.step_s)
 
 
 def _refine(graph: JointGraph, plan: Plan, items: list[Candidate], base_saved: list[str],
-            budget: int, groups: dict[str, tuple[str, ...]], scored: list[Plan]) -> Plan:
+            budget: Budget, groups: dict[str, tuple[str, ...]], scored: list[Plan]) -> Plan:
     """Local search from the family's best plan, one candidate's recomputation switched on or off
     per round, the best simulated move taken while it improves ``_objective``.
 

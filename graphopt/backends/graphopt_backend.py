@@ -63,7 +63,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
         recorder.finish()
         # before AOTAutograd: a rank that compiled another graph fails here, not after waiting
         # out the measured op times of a graph its peers never compile
-        agreed = agreement.check_graph(gm, cfg, graph_id)
+        agreed = agreement.check_graph(gm, cfg, graph_id, _pre_grad_decisions(state))
         if cfg.codegen == "inductor":
             compiled = _compile_inductor(gm, example_inputs, state)
         else:
@@ -158,6 +158,22 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
         # A cache hit skips the stages after pre_grad; a dump is asked for to see them all.
         patches["force_disable_caches"] = True
     return _compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+
+
+def _pre_grad_decisions(state: _CompileState) -> dict[str, Any]:
+    """What the pre_grad passes decided (attentions sharded, masks specialised and to what,
+    attention modules selected and their capacities), for the rank agreement: the graph's
+    fingerprint leaves scalar constants out, so the passes' own accounts of what they did are
+    compared besides it."""
+    decided: dict[str, Any] = {}
+    for entry in state.recorder.summary["passes"]:
+        if entry["stage"] == "pre_grad" and entry.get("ran"):
+            decided[f"{entry['pass']} at the pre_grad stage"] = [entry["matched"], entry["stats"]]
+    selection = state.recorder.summary.get("notes", {}).get("attention_selection")
+    if selection is not None:
+        decided["attention_selection capacities"] = [
+            [module.get("name"), module.get("capacity")] for module in selection["modules"]]
+    return decided
 
 
 def _decisions(state: _CompileState) -> dict[str, Any] | None:

@@ -77,8 +77,19 @@ def plan_table_markdown(summary: dict) -> str:
     realized = "realized graphs" + (f", before the offload pass moves {offloaded} "
                                     f"tensor{'s' if offloaded > 1 else ''} off the device"
                                     if offloaded else "")
+    budget = summary.get("memory_budget")
+    if summary.get("saved_budget_bytes") is not None:
+        budget_line = (f"{budget}: keep at most {_gib(summary['saved_budget_bytes'])} of saved activations "
+                       f"(kept: {_gib(summary.get('kept_saved_bytes'))})")
+    elif summary.get("budget_bytes") is not None:
+        step = summary.get("planned_step_peak_bytes")
+        budget_line = (f"{_gib(budget if isinstance(budget, int) else summary['budget_bytes'])} for the "
+                       "step with the graph's inputs" + (f" (planned: {_gib(step)})" if step else ""))
+    else:
+        budget_line = "none"
     lines = ["# Rematerialization plan", "",
-             f"- budget: {_gib(summary['budget_bytes']) if summary['budget_bytes'] else 'none'}",
+             f"- budget: {budget_line}",
+             *([f"- counts: {summary['counts']}"] if summary.get("counts") else []),
              f"- planned peak: {_gib(summary['planned_peak_bytes'])} (min-cut plan: "
              f"{_gib(summary['min_cut_peak_bytes'])}; {realized}: "
              f"{_gib(summary['realized_peak_bytes'])})",

@@ -153,16 +153,27 @@ def _counts_text(plan: dict) -> str:
             f"offloaded (+{counts['min-cut recomputed']} cheap recomputes, as in torch's plan)")
 
 
+def budget_text(plan: dict) -> str:
+    """What the budget bounded and whether the plan met it: bytes bound the step's peak (the
+    graph's inputs counted), a fraction the saved activations' device bytes."""
+    value, fits = plan.get("memory_budget"), plan.get("feasible", True)
+    if plan.get("saved_budget_bytes") is not None:
+        kept, bound = plan.get("kept_saved_bytes"), plan["saved_budget_bytes"]
+        return (f"keeps {fmt_bytes(kept)} of saved activations, budget {value} of torch's plan: at most "
+                f"{fmt_bytes(bound)}" + ("" if fits else " -- MISSED (no plan reaches it; the lowest-peak "
+                                                          "plan is used)"))
+    if plan.get("budget_bytes") is not None and isinstance(value, (int, float)):
+        step = plan.get("planned_step_peak_bytes")
+        return (f"step peak {fmt_bytes(step)} with the graph's inputs, budget {fmt_bytes(value)}"
+                + ("" if fits else f" -- MISSED by {fmt_bytes(step - value)} (no plan reaches it; the "
+                                   "lowest-peak plan is used)"))
+    return "no budget"
+
+
 def plan_headline(plan: dict) -> str:
-    """One line: planned peak against budget and torch's min-cut plan; what is kept/recomputed/offloaded."""
-    peak, budget, base = (plan.get("planned_peak_bytes"), plan.get("budget_bytes"),
-                          plan.get("min_cut_peak_bytes"))
-    parts = [f"planned peak {fmt_bytes(peak)}"]
-    if budget:
-        fits = plan.get("feasible", True)
-        parts[0] += (f" under the budget of {fmt_bytes(budget)}" if fits else
-                     f" MISSES the budget of {fmt_bytes(budget)} by {fmt_bytes(peak - budget)} "
-                     "(no plan reaches it; the lowest-peak plan is used)")
+    """One line: planned peak, the budget, torch's min-cut plan; what is kept/recomputed/offloaded."""
+    peak, base = plan.get("planned_peak_bytes"), plan.get("min_cut_peak_bytes")
+    parts = [f"planned peak {fmt_bytes(peak)}", budget_text(plan)]
     if isinstance(base, (int, float)) and isinstance(peak, (int, float)) and base:
         parts.append(f"torch's min-cut plan {fmt_bytes(base)} ({(peak - base) / base:+.0%})")
     parts.append(f"{_counts_text(plan)}; recompute time +{_fmt_ms(plan.get('extra_recompute_time_s'))} "
@@ -440,7 +451,7 @@ def _cell(summary: dict, stage: str) -> str:
         if plan:
             fits = plan.get("feasible", True)
             parts.append(f"<div class='fired'><b>{_REMAT_PASS}</b>: peak {fmt_bytes(plan.get('planned_peak_bytes'))}"
-                         f" / budget {fmt_bytes(plan.get('budget_bytes'))}"
+                         f"; {html.escape(budget_text(plan))}"
                          f"{'' if fits else ' <span class=warn>(misses)</span>'}; "
                          f"{_counts_text(plan)}</div>")
         elif not _has_remat_entry(summary):

@@ -1,7 +1,13 @@
 """Triton kernels. This package module itself imports no triton: the layout helper below serves
 callers that may never launch a kernel (torch's cuDNN path in ``graphopt.ops.attention``)."""
 
+from collections import Counter
+
 import torch
+
+# How often each attention kernel ran, by name ("triton_forward:tma", "cudnn_forward", ...): the
+# benchmark reads which kernel a path really ran (fallbacks included) instead of inferring it.
+launch_counts: Counter = Counter()
 
 
 def unit_last_stride(x: torch.Tensor) -> torch.Tensor:

@@ -315,14 +315,16 @@ def _communicates(node: fx.Node) -> bool:
         *op_facts.COMMUNICATING_NAMESPACES, op_facts.GRAPHOPT_NAMESPACE)
 
 
-def check_graph(gm: fx.GraphModule, cfg, graph_id: str) -> str | None:
-    """Every rank running ``gm`` compiled it with the same flags (``RankDisagreement`` where not);
-    returns the key under which its decisions are checked later (``check_decisions``), or None
+def check_graph(gm: fx.GraphModule, cfg, graph_id: str,
+                pre_grad: dict[str, Any] | None = None) -> str | None:
+    """Every rank running ``gm`` compiled it with the same flags and the pre_grad passes decided
+    the same for it (``pre_grad``: pass -> what it decided; ``RankDisagreement`` where not);
+    returns the key under which its later decisions are checked (``check_decisions``), or None
     where there is nothing to check."""
     if not (cfg.rank_agreement and faults.several_ranks()):
         return None
     faults.install_excepthook()
-    record = graph_record(gm, cfg)
+    record = {**graph_record(gm, cfg), "pre_grad": _decision_digests(pre_grad or {})}
     ranks = graph_ranks(gm)
     with _ending_the_epoch_on_disagreement():
         _check_flags_once(record["flags"], alone=not ranks, timeout_s=cfg.rank_agreement_timeout_s)
@@ -347,9 +349,7 @@ def check_decisions(key: str | None, ranks_of: fx.GraphModule, decisions: dict[s
     cache hit; it is compared with no one)."""
     if key is None:
         return
-    record = {"decisions": {name: fingerprint([json.dumps(value, sort_keys=True, default=str)])
-                            for name, value in (decisions or {}).items()},
-              "decided": decisions is not None}
+    record = {"decisions": _decision_digests(decisions or {}), "decided": decisions is not None}
     with _ending_the_epoch_on_disagreement():
         _exchange(f"{key}/decisions", record, graph_ranks(ranks_of), timeout_s,
                   _decision_differences, f"graph {graph_id}")
@@ -448,6 +448,9 @@ def _flag_differences(mine: dict, theirs: dict, rank: int, leader: int) -> list[
 
 def _graph_differences(mine: dict, theirs: dict, rank: int, leader: int) -> list[str]:
     found = _flag_differences(mine["flags"], theirs["flags"], rank, leader)
+    if not found:  # the same flags: a pre_grad pass that decided otherwise saw other inputs
+        found = _differing(mine["pre_grad"], theirs["pre_grad"], rank, leader,
+                           "with the same flags (the model's code or inputs differ between ranks)")
     if mine["graph"] != theirs["graph"]:
         detail = []
         if mine["inputs"] != theirs["inputs"]:
@@ -463,13 +466,24 @@ def _graph_differences(mine: dict, theirs: dict, rank: int, leader: int) -> list
     return found
 
 
+def _decision_digests(decisions: dict[str, Any]) -> dict[str, str]:
+    return {name: fingerprint([json.dumps(value, sort_keys=True, default=str)])
+            for name, value in decisions.items()}
+
+
 def _decision_differences(mine: dict, theirs: dict, rank: int, leader: int) -> list[str]:
     if not (mine["decided"] and theirs["decided"]):
         return []  # one of them took its compiled code from the cache
-    return [f"{name}: rank {rank} decided otherwise than rank {leader} from the same graph and "
-            "flags (a device profile or op times that differ between ranks)"
-            for name in sorted(set(mine["decisions"]) | set(theirs["decisions"]))
-            if mine["decisions"].get(name) != theirs["decisions"].get(name)]
+    return _differing(mine["decisions"], theirs["decisions"], rank, leader,
+                      "from the same graph and flags (a device profile or op times that differ "
+                      "between ranks)")
+
+
+def _differing(mine: dict[str, str], theirs: dict[str, str], rank: int, leader: int,
+               cause: str) -> list[str]:
+    return [f"{name}: rank {rank} decided otherwise than rank {leader} {cause}"
+            for name in sorted(set(mine) | set(theirs))
+            if mine.get(name) != theirs.get(name)]
 
 
 def _message(differences: list[str]) -> str:

@@ -1,6 +1,7 @@
 """``python -m graphopt calibrate``: measure this machine and write a device profile.
 
-Measures bf16 and fp32 GEMM throughput, device-memory bandwidth (a large copy: read + write),
+Measures bf16 and fp32 GEMM throughput (briefly, and sustained at the power limit), causal
+attention forward + backward throughput, device-memory bandwidth (a large copy: read + write),
 peer-to-peer and all-reduce bandwidth between the first two GPUs when there are two or more, and
 pinned host <-> device bandwidth. Each figure is the median of several timed repetitions after a
 warm-up. The JSON it writes (``--out``) is what ``graphopt.config.device_profile`` points at; a
@@ -56,6 +57,37 @@ def measure_gemm_tflops(device: str, dtype: torch.dtype, size: int, repeats: int
     else:
         seconds = _median_time(lambda: torch.mm(a, b), repeats, lambda: None)
     return 2 * size**3 / seconds / 1e12
+
+
+def measure_sustained_gemm_tflops(size: int, warm_s: float, repeats: int) -> float:
+    """bf16 GEMM throughput after ``warm_s`` seconds of GEMMs back to back: the clock a training
+    step's GEMMs run at once the GPU sits at its power limit (bench/results/gemm_power.md: an H100
+    drops from ~1975 to ~1400 MHz within the first second)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warm_s:
+        for _ in range(20):
+            torch.mm(a, b)
+        torch.cuda.synchronize()
+    return 2 * size**3 / _cuda_time(lambda: torch.mm(a, b), repeats) / 1e12
+
+
+def measure_attention_tflops(seq: int, repeats: int) -> float:
+    """Causal SDPA forward + backward (torch's default kernel: cuDNN on Hopper), bf16, B=1, H=32,
+    D=128, FLOPs counted as graphopt's cost model counts them (backward 2.5x the forward)."""
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(1, 32, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn(1, 32, seq, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+    forward_flops = 4 * 32 * seq * seq * 128 / 2
+    return 3.5 * forward_flops / _cuda_time(step, repeats) / 1e12
 
 
 def measure_copy_gbps(device: str, nbytes: int, repeats: int) -> float:
@@ -126,6 +158,8 @@ def calibrate(quick: bool = False) -> tuple[DeviceProfile, dict[str, float]]:
         "matmul_tflops_fp32": measure_gemm_tflops("cuda", torch.float32, size, repeats),
         "hbm_gbps": measure_copy_gbps("cuda", (256 if quick else 2048) * 2**20, repeats),
         "host_link_gbps": measure_host_link_gbps((64 if quick else 512) * 2**20, repeats),
+        "attention_tflops": measure_attention_tflops(4096 if quick else 8192, repeats),
+        "sustained_matmul_tflops": measure_sustained_gemm_tflops(size, 0.3 if quick else 1.5, repeats),
     }
     if torch.cuda.device_count() >= 2:
         figures["p2p_gbps"] = measure_p2p_gbps((64 if quick else 512) * 2**20, repeats)

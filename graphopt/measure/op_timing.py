@@ -55,7 +55,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model, op_facts
+from graphopt.analysis import cost_model, kernel_time, op_facts
 from graphopt.analysis.device_profile import DeviceProfile
 from graphopt.measure import agreement
 
@@ -92,6 +92,9 @@ class GraphTiming:
     signatures: dict[str, tuple]                # node -> its cache key (timed or refused nodes)
     new_measurements: int = 0
     elapsed_s: float = 0.0
+    # Bandwidth the graph's measured memory-bound ops reached (``measured_bandwidth``), bytes read +
+    # written per second; None where none was measured.
+    memory_bytes_per_s: float | None = None
 
     def total(self, names) -> tuple[float, float]:
         """(planner seconds, roofline seconds) summed over ``names``."""
@@ -114,6 +117,7 @@ class GraphTiming:
         return {"mode": self.mode, "why": self.why, "measured_nodes": len(self.measured),
                 "refused_nodes": len(self.refused), "distinct_ops": len(rows),
                 "new_measurements": self.new_measurements, "elapsed_s": self.elapsed_s,
+                "memory_gbps": None if self.memory_bytes_per_s is None else self.memory_bytes_per_s / 1e9,
                 "refusals": reasons,
                 "table": sorted(rows.values(), key=lambda r: -(r["measured_s"] or r["roofline_s"])
                                 * r["nodes"])}
@@ -275,6 +279,7 @@ def _local_timing(gm: fx.GraphModule, device: torch.device, mode: str, why: str,
             timing.measured[node.name] = cached.seconds
             timing.times[node.name] = cached.seconds
     timing.elapsed_s = time.perf_counter() - begin
+    timing.memory_bytes_per_s = measured_bandwidth(gm, timing.measured)
     planner, roofline = timing.total(timing.measured)
     log.info("op_timing: %d nodes measured (%d new measurements, %.2f s), %d kept the roofline; "
              "measured nodes %.3f ms vs roofline %.3f ms", len(timing.measured),
@@ -357,13 +362,58 @@ def _decode(payload: str, nodes: list[fx.Node], modelled: dict[str, float], why:
     signatures = {name: key for name in [*measured, *refused]
                   if (key := signature(by_name[name])) is not None}
     return GraphTiming("measure", why, times, modelled, measured, refused, signatures,
-                       data["new_measurements"], data["elapsed_s"])
+                       data["new_measurements"], data["elapsed_s"],
+                       measured_bandwidth_of(nodes, measured))
 
 
 def graph_times(gm: fx.GraphModule, profile: DeviceProfile, flag: str,
                 agreement_timeout_s: float) -> dict[str, float]:
     """Seconds per node name: measured where allowed (see ``time_graph``), else the roofline."""
     return time_graph(gm, profile, flag, agreement_timeout_s).times
+
+
+def codegen_times(gm: fx.GraphModule, profile: DeviceProfile, flag: str, agreement_timeout_s: float,
+                  fuse_pointwise: bool) -> dict[str, float]:
+    """Seconds per node name as the graph's code runs: each op's own time (``graph_times``), or
+    under Inductor (``fuse_pointwise``) the time of the kernel Inductor writes for it, 0 where it
+    is computed inside another kernel (``analysis/kernel_time``)."""
+    timing = time_graph(gm, profile, flag, agreement_timeout_s)
+    return kernel_time.graph_seconds(gm, timing.times, memory_bandwidth(timing, profile),
+                                     profile.kernel_launch_s, fuse_pointwise)
+
+
+# Memory-bound ops smaller than this say more about launch latency than bandwidth: left out of
+# the measured bandwidth.
+BANDWIDTH_SAMPLE_MIN_BYTES = 32 * 2**20
+
+
+def measured_bandwidth(gm: fx.GraphModule, measured: dict[str, float]) -> float | None:
+    """Bytes per second (read + written) the graph's measured elementwise ops reached, over every
+    one moving at least ``BANDWIDTH_SAMPLE_MIN_BYTES``: the rate Inductor's own memory-bound
+    kernels are priced at (``analysis/kernel_time``); None where none qualifies."""
+    return measured_bandwidth_of(list(gm.graph.nodes), measured)
+
+
+def measured_bandwidth_of(nodes: list[fx.Node], measured: dict[str, float]) -> float | None:
+    moved = seconds = 0.0
+    for node in nodes:
+        if node.name not in measured or op_facts.fusion_kind(node) != "pointwise":
+            continue
+        nbytes = cost_model.tensor_nbytes(node.meta.get("val")) + sum(
+            cost_model.tensor_nbytes(op_facts.val(i)) for i in node.all_input_nodes)
+        if nbytes >= BANDWIDTH_SAMPLE_MIN_BYTES and measured[node.name] > 0:
+            moved += nbytes
+            seconds += measured[node.name]
+    return moved / seconds if seconds else None
+
+
+def memory_bandwidth(timing: GraphTiming, profile: DeviceProfile) -> float:
+    """Bytes per second the planners price Inductor's memory-bound kernels at: measured on the
+    graph's own ops where ``timing`` has them, else ``kernel_time.PROFILE_BANDWIDTH_SHARE`` of the
+    profile's peak."""
+    if timing.memory_bytes_per_s:
+        return timing.memory_bytes_per_s
+    return profile.hbm_gbps * 1e9 * kernel_time.PROFILE_BANDWIDTH_SHARE
 
 
 # --- signatures and refusals ----------------------------------------------------------------------

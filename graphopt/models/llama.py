@@ -241,6 +241,15 @@ class _ChunkedOutputLoss(torch.autograd.Function):
         return grad_hidden * factor, grad_weight * factor, None, None, None
 
 
+# Megatron-style tensor parallelism of a TransformerBlock as data (linear -> how it splits): what
+# parallelize_llama applies without sequence parallelism, and what the layout planner traces.
+TENSOR_PARALLEL_LINEARS = {
+    "attention.wq": "colwise", "attention.wk": "colwise", "attention.wv": "colwise",
+    "attention.wo": "rowwise",
+    "feed_forward.w1": "colwise", "feed_forward.w3": "colwise", "feed_forward.w2": "rowwise",
+}
+
+
 def parallelize_llama(model: Llama, tp_mesh, sequence_parallel: bool = False) -> Llama:
     """Megatron-style tensor parallelism through DTensor: column-parallel q/k/v and w1/w3,
     row-parallel wo and w2 (whose outputs are all-reduced, or reduce-scattered with

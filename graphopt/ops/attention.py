@@ -12,8 +12,18 @@ key blocks merge exactly:
 The backward of one key block needs the FINAL (merged) out and lse of the whole attention:
 p = exp(q k^T * scale - lse), delta = rowsum(dout * out), ds = p * (dout v^T - delta).
 
-CUDA tensors run the Triton kernels in ``graphopt/kernels``; CPU tensors run a float32 torch
-reference of the same function. ``impl="triton"`` forces the kernels (CPU tensors then need
+A causal mask may be narrowed, in global positions: ``window`` w > 0 lets a query see only the
+keys less than w positions back (sliding window); ``row_start`` [1 or B, Sq] (int, non-decreasing
+along rows) lets query row i see only keys at positions >= row_start[:, i] (packed documents: where
+the row's document starts), and the backward also takes ``col_stop`` [1 or B, Sk] (one past the
+position of the last query each key's document holds). ``document_bounds`` derives both from
+position ids that restart at every document. Key blocks no query may see are skipped.
+
+CUDA tensors run the Triton kernels in ``graphopt/kernels`` (their default variants: K/V and Q/dO
+tiles by TMA on Hopper, dQ added with atomics; the kernel modules list the variants and what each
+falls back to); CPU tensors run a float32 torch reference of the same function.
+``graphopt.kernels.launch_counts`` counts the kernels that ran ("cudnn_forward",
+"triton_backward:atomic_dq_tma", ...), so a benchmark can say which one it timed. ``impl="triton"`` forces the kernels (CPU tensors then need
 TRITON_INTERPRET=1 set before triton is imported); ``impl="reference"`` forces the torch path.
 
 A third implementation, ``impl="cudnn"``, runs torch's cuDNN attention kernels
@@ -23,11 +33,15 @@ return the same (out, lse), but know no offsets, so they run only blocks without
 every key visible, or the diagonal block of a causal attention (q_offset == k_offset, Sq == Sk) --
 and their backward derives delta from out, so it cannot take a gradient on the LSE. Their per-block
 results are rounded to q's dtype (fp16/bf16) before a float32 merge or sum. With ``impl=None`` on
-CUDA they run wherever they apply unless ``graphopt.config.attention_kernel = "triton"``; a
-configuration cuDNN refuses is logged once and falls back to Triton.
+CUDA they run wherever they apply unless ``kernel="triton"`` (the ops take it as an argument: the
+passes emit ``graphopt.config.attention_kernel`` of the compile); a configuration cuDNN refuses is
+logged once and falls back to Triton.
 
-``graphopt::flash_attention(q, k, v, scale, causal) -> (out, lse)`` is the differentiable custom op;
-its backward uses the saved out and lse and never re-runs the forward.
+``graphopt::flash_attention(q, k, v, scale, causal, window, positions, kernel) -> (out, lse)`` is
+the differentiable custom op (``positions``: position ids [1 or B, S] whose restarts delimit packed
+documents); its backward uses the saved out and lse and never re-runs the forward. On CUDA with
+``kernel="auto"``, positions that hold a single document per row (checked on every call: one
+device-to-host read) run torch's cuDNN kernels as plain causal attention.
 ``graphopt::attention_block_forward`` / ``graphopt::attention_block_backward`` are the traceable
 (functional, offset-taking) forms of the two block functions, for graphs that schedule blocks.
 """
@@ -41,7 +55,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from graphopt.kernels import unit_last_stride
+from graphopt.kernels import launch_counts, unit_last_stride
 
 __all__ = [
     "attention_block_forward",
@@ -52,10 +66,12 @@ __all__ = [
     "flash_attention",
     "reference_attention",
     "cudnn_eligible",
+    "document_bounds",
     "uses_cudnn",
 ]
 
 _IMPLS = (None, "triton", "reference", "cudnn")
+KERNELS = ("auto", "triton")  # what impl=None may pick on CUDA: cuDNN where exact, or never
 _CUDNN_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -91,28 +107,39 @@ def _grouped(x: Tensor, hkv: int) -> Tensor:
 
 
 def _allowed(sq: int, sk: int, causal: bool, q_offset: int, k_offset: int,
-             device: torch.device) -> Optional[Tensor]:
+             device: torch.device, window: int = 0,
+             row_start: Optional[Tensor] = None) -> Optional[Tensor]:
+    """[Sq, Sk] (or [1 or B, Sq, Sk] with row_start): which keys each query sees; None: all."""
     if not causal:
         return None
     q_pos = torch.arange(sq, device=device) + q_offset
     k_pos = torch.arange(sk, device=device) + k_offset
-    return k_pos[None, :] <= q_pos[:, None]
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+    if row_start is not None:
+        allowed = allowed & (k_pos[None, None, :] >= row_start.to(device)[:, :, None])
+    return allowed
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, causal: bool, q_offset: int, k_offset: int,
-            dtype: torch.dtype) -> Tensor:
+            dtype: torch.dtype, window: int = 0, row_start: Optional[Tensor] = None) -> Tensor:
     """Scaled, masked scores [B, Hkv, G, Sq, Sk] in ``dtype`` (masked entries are -inf)."""
     hkv = k.shape[1]
     s = torch.einsum("bhgqd,bhkd->bhgqk", _grouped(q.to(dtype), hkv), k.to(dtype)) * scale
-    allowed = _allowed(q.shape[2], k.shape[2], causal, q_offset, k_offset, q.device)
+    allowed = _allowed(q.shape[2], k.shape[2], causal, q_offset, k_offset, q.device, window,
+                       row_start)
     if allowed is not None:
+        if allowed.dim() == 3:
+            allowed = allowed[:, None, None]
         s = s.masked_fill(~allowed, float("-inf"))
     return s
 
 
-def _reference_forward(q, k, v, scale, causal, q_offset, k_offset, dtype=torch.float32):
+def _reference_forward(q, k, v, scale, causal, q_offset, k_offset, dtype=torch.float32,
+                       window=0, row_start=None):
     """(out, lse) in ``dtype``; rows without an allowed key give out 0 and lse -inf."""
-    s = _scores(q, k, scale, causal, q_offset, k_offset, dtype)
+    s = _scores(q, k, scale, causal, q_offset, k_offset, dtype, window, row_start)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
     out = torch.einsum("bhgqk,bhkd->bhgqd", p, v.to(dtype))
@@ -120,10 +147,10 @@ def _reference_forward(q, k, v, scale, causal, q_offset, k_offset, dtype=torch.f
 
 
 def _reference_backward(q, k, v, out, lse, dout, scale, causal, q_offset, k_offset, delta,
-                        dtype=torch.float32):
+                        dtype=torch.float32, window=0, row_start=None):
     """(dq, dk, dv) in ``dtype`` from the final out/lse; dk, dv summed over each query group."""
     hkv = k.shape[1]
-    s = _scores(q, k, scale, causal, q_offset, k_offset, dtype)
+    s = _scores(q, k, scale, causal, q_offset, k_offset, dtype, window, row_start)
     lse_g = _grouped(lse.to(dtype), hkv)
     p = torch.exp(s - lse_g.masked_fill(torch.isneginf(lse_g), float("inf"))[..., None])
     if delta is None:
@@ -139,10 +166,30 @@ def _reference_backward(q, k, v, out, lse, dout, scale, causal, q_offset, k_offs
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,
                         q_offset: int = 0, k_offset: int = 0,
-                        dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+                        dtype: torch.dtype = torch.float64, window: int = 0,
+                        row_start: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Plain (non-blocked) attention in ``dtype`` with the same conventions, for tests."""
     _check_shapes(q, k, v)
-    return _reference_forward(q, k, v, scale, causal, q_offset, k_offset, dtype)
+    return _reference_forward(q, k, v, scale, causal, q_offset, k_offset, dtype, window,
+                              row_start)
+
+
+def document_bounds(positions: Tensor) -> tuple[Tensor, Tensor]:
+    """(row_start, col_stop), int32 [Bp, S], of position ids ``positions`` [Bp, S]: a document
+    starts at index 0 and wherever a position is not the previous one plus one (transformers'
+    packed-sequence rule); row_start[b, i] is the index where token i's document starts, col_stop
+    [b, i] one past the index where it ends."""
+    if positions.dim() != 2:
+        raise ValueError(f"positions must be [batch, sequence]; got {tuple(positions.shape)}")
+    length = positions.shape[1]
+    index = torch.arange(length, device=positions.device).expand_as(positions)
+    starts_here = torch.ones_like(positions, dtype=torch.bool)
+    starts_here[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
+    row_start = torch.cummax(torch.where(starts_here, index, 0), dim=1).values
+    ends_after = torch.ones_like(starts_here)
+    ends_after[:, :-1] = starts_here[:, 1:]
+    col_stop = torch.where(ends_after, index + 1, length).flip(1).cummin(dim=1).values.flip(1)
+    return row_start.to(torch.int32), col_stop.to(torch.int32)
 
 
 # --- torch's cuDNN attention kernels on one block ------------------------------------------------
@@ -173,11 +220,18 @@ def flash_block_mask(seqlen_q: int, seqlen_k: int, causal: bool, q_offset: int,
     return None
 
 
-def cudnn_eligible(q: Tensor, k: Tensor) -> bool:
-    """Whether ``impl=None`` may run q and k's blocks on cuDNN: config, device, dtype and head dim,
-    independent of the block's mask and of refusals seen so far (ranks decide alike)."""
-    from graphopt import config
-    return config.attention_kernel == "auto" and _cudnn_supports(q, k)
+def check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS} (graphopt.config."
+                         "attention_kernel)")
+
+
+def cudnn_eligible(q: Tensor, k: Tensor, kernel: str = "auto", masked: bool = False) -> bool:
+    """Whether ``impl=None`` may run q and k's blocks on cuDNN: kernel choice, device, dtype and
+    head dim, and no window or document mask (``masked``) -- independent of the block's offsets
+    and of refusals seen so far (ranks decide alike)."""
+    check_kernel(kernel)
+    return kernel == "auto" and not masked and _cudnn_supports(q, k)
 
 
 def cudnn_block_causal(q: Tensor, k: Tensor, causal: bool, q_offset: int,
@@ -192,24 +246,25 @@ def cudnn_block_causal(q: Tensor, k: Tensor, causal: bool, q_offset: int,
 
 
 def uses_cudnn(q: Tensor, k: Tensor, causal: bool, q_offset: int, k_offset: int,
-               impl: Optional[str] = None) -> bool:
+               impl: Optional[str] = None, kernel: str = "auto", masked: bool = False) -> bool:
     """Whether the block functions run torch's cuDNN kernels on this block (the backward also
-    needs out and no LSE gradient)."""
+    needs out and no LSE gradient); ``masked``: a window or document mask narrows it."""
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {_IMPLS}; pass None to pick by device")
+    check_kernel(kernel)
     if impl is None:
-        from graphopt import config
-        if config.attention_kernel != "auto":
+        if kernel != "auto":
             return False
     elif impl != "cudnn":
         return False
-    applies = cudnn_block_causal(q, k, causal, q_offset, k_offset) is not None
+    applies = not masked and cudnn_block_causal(q, k, causal, q_offset, k_offset) is not None
     if impl == "cudnn" and not applies:
         raise ValueError(
             f"impl='cudnn' needs CUDA fp16/bf16 tensors with D % 8 == 0, D <= 128 on sm90+ and a "
             f"block without a partial causal mask; got {q.dtype} on {q.device}, D={q.shape[-1]}, "
             f"Sq={q.shape[2]}, Sk={k.shape[2]}, q_offset={q_offset}, k_offset={k_offset}, "
-            f"causal={causal}. Use impl=None to fall back to graphopt's kernel")
+            f"causal={causal}, window or documents={masked}. Use impl=None to fall back to "
+            "graphopt's kernel")
     return applies
 
 
@@ -283,6 +338,7 @@ def _cudnn_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
             return _cudnn_block_forward(q, k, v, scale=scale, is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
+    launch_counts["cudnn_forward"] += 1
     return out, lse.reshape(q.shape[:3]).float()
 
 
@@ -306,6 +362,7 @@ def _cudnn_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                                          is_causal=is_causal)
         _cudnn_refused(q, k, is_causal, err)
         return None
+    launch_counts["cudnn_backward"] += 1
     if hq != hkv and not native:
         dk = dk.unflatten(1, (hkv, hq // hkv)).float().sum(2)
         dv = dv.unflatten(1, (hkv, hq // hkv)).float().sum(2)
@@ -381,16 +438,18 @@ def _check_acc(q: Tensor, out_acc: Optional[Tensor], lse_acc: Optional[Tensor]) 
 def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,
                             q_offset: int = 0, k_offset: int = 0,
                             out_acc: Optional[Tensor] = None, lse_acc: Optional[Tensor] = None,
-                            impl: Optional[str] = None) -> tuple[Tensor, Tensor]:
+                            impl: Optional[str] = None, kernel: str = "auto", window: int = 0,
+                            row_start: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Attention of q over one key block: (out in q.dtype, lse float32 [B, Hq, Sq]).
 
     With ``out_acc`` (float32 [B, Hq, Sq, D]) and ``lse_acc`` (float32 [B, Hq, Sq]), the block is
     merged into them in float32 (in place) and they are returned. Start a merge with out_acc = 0 and
-    lse_acc = -inf.
+    lse_acc = -inf. ``window`` and ``row_start`` (this block's query rows) narrow a causal mask.
     """
     _check_shapes(q, k, v)
     _check_acc(q, out_acc, lse_acc)
-    if uses_cudnn(q, k, causal, q_offset, k_offset, impl):
+    masked = bool(window) or row_start is not None
+    if uses_cudnn(q, k, causal, q_offset, k_offset, impl, kernel, masked):
         result = _cudnn_block_forward(q, k, v, scale=scale,
                                       is_causal=flash_block_mask(q.shape[2], k.shape[2], causal,
                                                                  q_offset, k_offset))
@@ -403,8 +462,10 @@ def attention_block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, ca
     if _use_triton(q, impl):
         from graphopt.kernels.flash_attention_fwd import flash_attention_forward
         return flash_attention_forward(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
-                                       k_offset=k_offset, out_acc=out_acc, lse_acc=lse_acc)
-    out, lse = _reference_forward(q, k, v, scale, causal, q_offset, k_offset)
+                                       k_offset=k_offset, out_acc=out_acc, lse_acc=lse_acc,
+                                       window=window, row_start=row_start)
+    out, lse = _reference_forward(q, k, v, scale, causal, q_offset, k_offset, window=window,
+                                  row_start=row_start)
     if out_acc is None:
         return out.to(q.dtype), lse
     merge_attention_blocks(out_acc, lse_acc, out, lse)
@@ -425,7 +486,9 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
                              dq_acc: Optional[Tensor] = None, dk_acc: Optional[Tensor] = None,
                              dv_acc: Optional[Tensor] = None,
                              kv_grad_dtype: Optional[torch.dtype] = None, impl: Optional[str] = None,
-                             lse_grad_in_delta: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                             lse_grad_in_delta: bool = False, kernel: str = "auto",
+                             window: int = 0, row_start: Optional[Tensor] = None,
+                             col_stop: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one key block: (dq, dk, dv); dk, dv [B, Hkv, Sk, D] summed over query groups.
 
     ``out`` and ``lse`` are the final (merged over all key blocks) output and log-sum-exp; ``delta``
@@ -436,7 +499,8 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
     (float32, q's shape) dq is added into it and returned, and dk, dv come back in float32;
     otherwise dq, dk, dv have q's / k's dtype. With ``dk_acc`` and ``dv_acc`` (float32, k's shape)
     dk and dv are added into them, straight from the kernel's output, and they are returned;
-    ``kv_grad_dtype`` otherwise sets the dtype of the returned dk, dv.
+    ``kv_grad_dtype`` otherwise sets the dtype of the returned dk, dv. ``window``, ``row_start``
+    (this block's query rows) and ``col_stop`` (its keys) narrow a causal mask.
     """
     _check_shapes(q, k, v)
     if out is None and delta is None:
@@ -454,7 +518,8 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
             f"{tuple(dk_acc.shape)} / {dv_acc.dtype} {tuple(dv_acc.shape)}")
     grads = _block_grads(q, k, v, out, lse, dout, scale=scale, causal=causal, q_offset=q_offset,
                          k_offset=k_offset, delta=delta, dq_acc=dq_acc, impl=impl,
-                         lse_grad_in_delta=lse_grad_in_delta)
+                         lse_grad_in_delta=lse_grad_in_delta, kernel=kernel, window=window,
+                         row_start=row_start, col_stop=col_stop)
     dq, dk, dv = grads
     if dq_acc is None:
         dq = dq.to(q.dtype)
@@ -467,14 +532,16 @@ def attention_block_backward(q: Tensor, k: Tensor, v: Tensor, out: Optional[Tens
 
 
 def _block_grads(q, k, v, out, lse, dout, *, scale, causal, q_offset, k_offset, delta, dq_acc,
-                 impl, lse_grad_in_delta) -> tuple[Tensor, Tensor, Tensor]:
+                 impl, lse_grad_in_delta, kernel, window, row_start,
+                 col_stop) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) as the chosen kernel produces them; dq already in dq_acc where the kernel
     accumulates (Triton), else separate."""
     if impl == "cudnn" and (out is None or lse_grad_in_delta):
         raise ValueError("impl='cudnn' derives delta from out: pass out, and no LSE gradient "
                          "(use impl=None to fall back to graphopt's kernel)")
+    masked = bool(window) or row_start is not None
     if (out is not None and not lse_grad_in_delta
-            and uses_cudnn(q, k, causal, q_offset, k_offset, impl)):
+            and uses_cudnn(q, k, causal, q_offset, k_offset, impl, kernel, masked)):
         result = _cudnn_block_backward(
             q, k, v, out, lse, dout, scale=scale,
             is_causal=flash_block_mask(q.shape[2], k.shape[2], causal, q_offset, k_offset))
@@ -485,8 +552,10 @@ def _block_grads(q, k, v, out, lse, dout, *, scale, causal, q_offset, k_offset, 
         from graphopt.kernels.flash_attention_bwd import flash_attention_backward
         return flash_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
                                         q_offset=q_offset, k_offset=k_offset, delta=delta,
-                                        dq_acc=dq_acc)
-    return _reference_backward(q, k, v, out, lse, dout, scale, causal, q_offset, k_offset, delta)
+                                        dq_acc=dq_acc, window=window, row_start=row_start,
+                                        col_stop=col_stop)
+    return _reference_backward(q, k, v, out, lse, dout, scale, causal, q_offset, k_offset, delta,
+                               window=window, row_start=row_start)
 
 
 # --- custom ops ------------------------------------------------------------------------------------
@@ -521,35 +590,87 @@ def _(q, k, v, out, lse, dout, delta, scale, causal, q_offset, k_offset):
 
 
 @torch.library.custom_op("graphopt::flash_attention", mutates_args=())
-def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                        causal: bool) -> tuple[Tensor, Tensor]:
-    return attention_block_forward(q, k, v, scale=scale, causal=causal)
+def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                        window: int = 0, positions: Optional[Tensor] = None,
+                        kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    row_start = _row_bounds(q, positions, kernel)[0]
+    out, lse = attention_block_forward(q, k, v, scale=scale, causal=causal, kernel=kernel,
+                                       window=window, row_start=row_start)
+    # Contiguous whatever q's strides (q is often a transposed view) and whichever kernel ran, as
+    # the fake implementation says.
+    return out.contiguous(), lse
+
+
+def _row_bounds(q: Tensor, positions: Optional[Tensor],
+                kernel: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(row_start, col_stop) of ``positions``' documents; (None, None) without positions, and on
+    CUDA where cuDNN may run and every row holds one document (then plain causal is the same
+    function, and cuDNN runs it)."""
+    if positions is None:
+        return None, None
+    _check_positions(q, positions)
+    row_start, col_stop = document_bounds(positions)
+    if cudnn_eligible(q, q, kernel) and not bool((row_start != 0).any()):
+        return None, None
+    return row_start, col_stop
+
+
+def _check_positions(q: Tensor, positions: Tensor) -> None:
+    if positions.dim() != 2 or positions.shape[1] != q.shape[2] or \
+            positions.shape[0] not in (1, q.shape[0]) or positions.is_floating_point():
+        raise ValueError(f"positions must be integer position ids [1 or B, S] = [1 or "
+                         f"{q.shape[0]}, {q.shape[2]}]; got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v, scale, causal):
+def _(q, k, v, scale, causal, window=0, positions=None, kernel="auto"):
     _check_shapes(q, k, v)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    check_kernel(kernel)
+    if positions is not None:
+        _check_positions(q, positions)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _flash_attention_setup_context(ctx, inputs, output):
-    q, k, v, scale, causal = inputs
+    q, k, v, scale, causal, window, positions, kernel = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.causal = scale, causal
+    ctx.save_for_backward(q, k, v, out, lse, positions)
+    ctx.options = (scale, causal, window, kernel)
     ctx.set_materialize_grads(False)  # an unused LSE gets None, so torch's cuDNN backward can run
 
 
 def _flash_attention_backward(ctx, dout, dlse):
     # d lse / d s = p, so a gradient on the LSE folds into delta: ds = p * (dp - (delta - dlse)).
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, positions = ctx.saved_tensors
+    scale, causal, window, kernel = ctx.options
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     delta = None
     if dlse is not None:
         delta = attention_delta(out, dout) - dlse
-    dq, dk, dv = _attention_block_backward_op(q, k, v, out, lse, dout, delta, ctx.scale,
-                                              ctx.causal, 0, 0)
-    return dq, dk, dv, None, None
+    dq, dk, dv = torch.ops.graphopt.flash_attention_backward(
+        q, k, v, out, lse, dout, delta, scale, causal, window, positions, kernel)
+    return dq, dk, dv, None, None, None, None, None
+
+
+@torch.library.custom_op("graphopt::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 dout: Tensor, delta: Optional[Tensor], scale: float,
+                                 causal: bool, window: int, positions: Optional[Tensor],
+                                 kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    # A delta given to the op carries an LSE gradient (the forward's backward passes one only
+    # then), so only a missing delta lets torch's cuDNN backward run.
+    row_start, col_stop = _row_bounds(q, positions, kernel)
+    grads = attention_block_backward(
+        q, k, v, out, lse, dout, scale=scale, causal=causal, delta=delta, kernel=kernel,
+        lse_grad_in_delta=delta is not None, window=window, row_start=row_start,
+        col_stop=col_stop)
+    return tuple(grad.contiguous() for grad in grads)
+
+
+@_flash_attention_backward_op.register_fake
+def _(q, k, v, out, lse, dout, delta, scale, causal, window, positions, kernel):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _flash_attention_op.register_autograd(_flash_attention_backward,
@@ -557,8 +678,11 @@ _flash_attention_op.register_autograd(_flash_attention_backward,
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-                    causal: bool = False) -> tuple[Tensor, Tensor]:
-    """Differentiable attention returning (out, lse); scale defaults to 1/sqrt(D)."""
+                    causal: bool = False, window: int = 0, positions: Optional[Tensor] = None,
+                    kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """Differentiable attention returning (out, lse); scale defaults to 1/sqrt(D). ``window`` and
+    the documents of ``positions`` [1 or B, S] narrow a causal mask."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.graphopt.flash_attention(q, k, v, float(scale), bool(causal))
+    return torch.ops.graphopt.flash_attention(q, k, v, float(scale), bool(causal), int(window),
+                                              positions, kernel)

@@ -26,17 +26,18 @@ Backward::
     y = first_use(x)                    x = graphopt.reload_wait(r, pool, slot, shape, stride)
                                         y = first_use(x)
 
-Placement: the forward waits no earlier than the first node by which the D2H queue (all
-offloads, in production order, at the profile's host-link bandwidth slowed by
-``config.offload_link_slack``; node times measured on CUDA, see ``graphopt.measure.op_timing``,
-else the roofline) has finished the copy, and after the last forward use of ``x`` and its views;
-from there each wait moves as late as the forward's simulated memory allows without lifting the
-planned peak (``_sink_forward_waits``), so a copy running late stalls nothing until then. In the
-backward each reload
-must be issued no later than the H2D queue (in order of first use, each copy due at its first use,
-with the same slack) allows, and is issued as much earlier as the backward's memory allows: no
-earlier than the reload before it, and never where its bytes would raise the backward's simulated
-peak (``_hoist_reloads``). Memory the backward does not use at its peak so buys the copy slack
+Placement: where the joint planner simulated the copies (``PartitionPlan.copy_points``), else
+on this graph's own times (``op_timing.codegen_times``: Inductor's kernels under Inductor) with the
+same queues (``offload_model.copy_points``; the host link slowed by ``config.offload_link_slack``,
+more under Inductor, ``kernel_time.copy_slack``): the forward waits no earlier than the first node
+by which the D2H queue (all offloads, in production order) has finished the copy, and after the
+last forward use of ``x`` and its views; from there each wait moves as late as the forward's
+simulated memory allows without lifting the planned peak (``_sink_forward_waits``), so a copy
+running late stalls nothing until then. In the backward each reload must be issued no later than
+the H2D queue (in order of first use, each copy due at its first use, with the same slack) allows,
+and is issued as much earlier as the backward's memory allows: no earlier than the reload before
+it, and never where its bytes would raise the backward's simulated peak (``_hoist_reloads``; the
+forward's own inputs, parameters, stay live through it). Memory the backward does not use at its peak so buys the copy slack
 against a late arrival, at no cost in peak.
 
 Every offloaded tensor gets a slot of one static pinned pool (``graphopt.ops.offload``): offsets
@@ -66,8 +67,9 @@ saved through a tensor the plan keeps); symbolic sizes the forward or the backwa
 compute (``_SizeArgs.why_not``); fractions below one token row; tensors beyond the host
 capacity. Where the joint plan counted on an offload refused here, the plan's peak rises by the
 bytes it was to free: the dump's ``remat_plan`` lists it under ``offloads_refused`` and says
-``feasible: false`` when that peak exceeds the budget (a warning names the bytes). Under Inductor the backward's placeholders must be rewritten
-before AOTAutograd lowers the backward, so the forward stage needs the backward graph
+``feasible: false`` when the budget is no longer met (a ``BudgetNotMetWarning`` names the
+bytes). Under Inductor the backward's placeholders must be rewritten before AOTAutograd lowers
+the backward, so the forward stage needs the backward graph
 (``ctx.plans.backward_graph``, put there by the backend after the partition); without it the pass
 refuses.
 If the backward's placeholders do not match what the forward rewrote, the pass raises: the
@@ -84,7 +86,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import liveness, offload_model
+from graphopt.analysis import kernel_time, liveness, offload_model
 from graphopt.analysis.cost_model import tensor_nbytes
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
@@ -92,7 +94,7 @@ from graphopt.analysis.op_facts import is_view
 from graphopt.measure import agreement, op_timing
 from graphopt.ops import offload as offload_ops
 from graphopt.passes.manager import PassContext, PassResult
-from graphopt.passes.plans import OffloadRewrite, Size, Slot
+from graphopt.passes.plans import OffloadRewrite, Size, Slot, warn_budget_not_met
 
 log = logging.getLogger("graphopt.passes.offload_activations")
 
@@ -138,7 +140,7 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     activation_bytes = _activation_bytes(outputs, saved_positions)
     profile = current_profile(ctx.config.device_profile)
     fw_times = _times(gm, profile, ctx)
-    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)  # with slack
+    profile = _planning_profile(profile, ctx)  # with slack
     if plan is None:
         if ctx.config.memory_budget is not None:
             return PassResult(gm, False, refusals=[
@@ -161,7 +163,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for name in slots:  # a saved view's elements exist once its base does: copy them from there
         _hoist_view_chain(gm, candidates[name].node, candidates[name].root)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    waits = _place_forward_waits(gm, slots, candidates, fw_times, profile, order)
+    planned = dict(partition.copy_points) if partition is not None else {}
+    waits = _place_forward_waits(gm, slots, candidates, fw_times, profile, order, planned)
     original_vals, kept_vals, waits_added = {}, {}, {}
     for name, slot in slots.items():
         node = candidates[name].node
@@ -176,6 +179,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 _OPS.offload_wait.default, (ticket, node, pool, slot.index,
                                             fw_sizes.arg(slot.kept_numel), stride))
         kept.meta["val"] = node.meta["val"].new_empty(slot.kept_numel)
+        for op_node in (ticket, kept):  # x in the layout the slot was planned in, not Inductor's own
+            _compat.pin_input_strides(op_node)
         waits_added[name] = kept
         outputs[candidates[name].position] = kept
         val = node.meta["val"]  # what the backward reads: the reload comes back in the slot's layout
@@ -184,7 +189,8 @@ def _rewrite_forward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kept_vals[name] = kept.meta["val"]
     output.args = (tuple(outputs),) + tuple(output.args[1:])
     sunk_s = _sink_forward_waits(gm, [(waits_added[n], slots[n], candidates[n]) for n in waits_added],
-                                 fw_times, partition.planned_peak_bytes if partition else None)
+                                 fw_times, partition.planned_peak_bytes if partition else None,
+                                 fuse_pointwise=ctx.config.codegen == "inductor")
     rewrite = OffloadRewrite(pool, pool_nbytes, saved_order, saved_tensors, slots, original_vals,
                              kept_vals)
     ctx.plans.offload = rewrite
@@ -391,10 +397,19 @@ def _row_numel(shape: tuple[Size, ...], stride: tuple[Size, ...]) -> tuple[Size,
     return shape[outer], stride[outer]
 
 
+def _planning_profile(profile, ctx: PassContext):
+    """The profile copies are placed with: the host link slowed by the planning slack
+    (``kernel_time.copy_slack``: more under Inductor, whose times are modelled)."""
+    return offload_model.planning_profile(profile, kernel_time.copy_slack(
+        ctx.config.offload_link_slack, ctx.config.codegen == "inductor"))
+
+
 def _times(gm: fx.GraphModule, profile, ctx: PassContext) -> dict[str, float]:
-    """The planners' op times of ``gm`` (``measure.op_timing``: measured where the flag says)."""
-    return op_timing.graph_times(gm, profile, ctx.config.op_timing,
-                                 ctx.config.op_timing_agreement_timeout_s)
+    """Seconds per node of ``gm`` as its code runs (``op_timing.codegen_times``: op times measured
+    where the flag says; under Inductor the time of the kernel each node is part of)."""
+    return op_timing.codegen_times(gm, profile, ctx.config.op_timing,
+                                   ctx.config.op_timing_agreement_timeout_s,
+                                   fuse_pointwise=ctx.config.codegen == "inductor")
 
 
 def _plan_hidden(gm, bw_gm, candidates, fw_times, profile, ctx) -> dict[str, float]:
@@ -627,9 +642,10 @@ def _pool_name(ctx: PassContext, gm: fx.GraphModule, slots: dict[str, Slot]) -> 
 def _plan_kept(gm: fx.GraphModule, partition, slots: dict[str, Slot], refusals: list[str],
                ctx: PassContext) -> dict:
     """The partition plan as this pass carries it out: where planned offloads are refused, the
-    device bytes they were to free stay, the plan's peak rises by them, and a budget it no longer
-    meets is reported (a warning, and the dump's ``remat_plan`` says ``feasible: false``). Returns
-    the pass's notes (the corrected ``remat_plan``), empty where everything planned is done."""
+    device bytes they were to free stay, so the plan's peak and its saved bytes rise by them; a
+    budget the plan met and no longer meets is a ``BudgetNotMetWarning`` (the planner's one
+    warning path), and the dump's ``remat_plan`` says ``feasible: false``. Returns the pass's notes
+    (the corrected ``remat_plan``), empty where everything planned is done."""
     if partition is None:
         return {}
     refused = {name: alpha for name, alpha in partition.offloaded.items()
@@ -643,19 +659,28 @@ def _plan_kept(gm: fx.GraphModule, partition, slots: dict[str, Slot], refusals: 
         nbytes = tensor_nbytes(root.meta.get("val")) if root is not None else 0
         freed[root or name] = max(freed.get(root or name, 0), int(min(alpha, 1.0) * nbytes))
     kept_bytes = sum(freed.values())
-    report = dict(partition.report)
-    budget = report.get("budget_bytes")
+    report = partition.report
     peak = (partition.planned_peak_bytes or 0) + kept_bytes
-    feasible = bool(report.get("feasible", True)) and (budget is None or peak <= budget)
+    saved = report.get("kept_saved_bytes", 0) + kept_bytes
+    over = [f"{peak - bound} bytes over the activation peak of {bound} it bounds"
+            for bound in [report.get("budget_bytes")] if bound is not None and peak > bound]
+    over += [f"{saved - bound} bytes over the {bound} saved bytes it allows"
+             for bound in [report.get("saved_budget_bytes")] if bound is not None and saved > bound]
+    planned_feasible = bool(report.get("feasible", True))
+    feasible = planned_feasible and not over
     reasons = {name: next((r for r in refusals if r.startswith(f"{name}:")), "refused")
                for name in refused}
     message = (f"offload_activations carries out {len(slots)} of the "
                f"{len(slots) + len(refused)} offloads the memory plan counted on; "
                f"{len(refused)} stay on the device ({kept_bytes} bytes: "
                f"{'; '.join(list(reasons.values())[:3])}), so the planned peak rises to {peak} bytes"
-               + (f", {peak - budget} bytes over the memory budget of {budget}" if not feasible
-                  and budget is not None else ""))
-    (log.warning if not feasible else log.info)("[%s] %s", ctx.graph_id, message)
+               + (f": memory_budget={report.get('memory_budget')} is missed by "
+                  f"{' and '.join(over)}. Mark the dimensions static, raise "
+                  "offload_host_capacity where it refused, or raise memory_budget" if over else ""))
+    if planned_feasible and over:
+        warn_budget_not_met(ctx.graph_id, message)
+    else:  # met anyway, or the planner already warned that no plan meets it
+        log.info("[%s] %s", ctx.graph_id, message)
     note = ctx.recorder.summary.get("notes", {}).get("remat_plan") if ctx.recorder else None
     if note is None:
         return {}
@@ -665,34 +690,37 @@ def _plan_kept(gm: fx.GraphModule, partition, slots: dict[str, Slot], refusals: 
     corrected.update(feasible=feasible, offloaded={n: a for n, a in note.get("offloaded", {}).items()
                                                    if n not in refused},
                      offloads_refused={name: reasons[name] for name in refused},
-                     planned_peak_bytes=peak, planned_peak_is="raised by the offloads refused",
+                     planned_peak_bytes=peak, kept_saved_bytes=saved,
+                     planned_step_peak_bytes=note.get("inputs_bytes", 0) + peak,
+                     planned_peak_is="raised by the offloads refused",
                      refusals=[*note.get("refusals", []), message], table=table)
     return {"remat_plan": corrected}
 
 
-def _place_forward_waits(gm, slots, candidates, fw_times, profile, order) -> dict[str, fx.Node]:
-    """Per offloaded tensor, the node before which the forward waits for its copy."""
+def _place_forward_waits(gm, slots, candidates, fw_times, profile, order,
+                         planned: dict) -> dict[str, fx.Node]:
+    """Per offloaded tensor, the node before which the forward waits for its copy: where the
+    joint planner simulated it (``PartitionPlan.copy_points``), else where the D2H queue on this
+    graph's times finishes it (``offload_model.copy_points``); never before its last forward use."""
     nodes = list(gm.graph.nodes)
-    start, elapsed = [], 0.0
-    for node in nodes:
-        start.append(elapsed)
-        elapsed += fw_times.get(node.name, 0.0)
-    output = nodes[-1]
-    link_free = 0.0
+    by_name = {node.name: node for node in nodes}
+    copies = [offload_model.Copy(name, _hint(slots[name].host_bytes), order[candidates[name].node],
+                                 candidates[name].last_forward_use, 0) for name in slots]
+    queued, _ = offload_model.copy_points([fw_times.get(n.name, 0.0) for n in nodes[:-1]], [], copies,
+                                          profile)
     waits = {}
-    for name in sorted(slots, key=lambda n: order[candidates[n].node]):
-        produced_at = order[candidates[name].node]
-        begin = max(link_free, start[produced_at] + fw_times.get(name, 0.0))
-        link_free = begin + offload_model.transfer_time_s(_hint(slots[name].host_bytes), profile)
+    for name in slots:
+        point = planned.get(name)
+        wait = (nodes[-1] if point[0] is None else by_name[point[0]]) if point and (
+            point[0] is None or point[0] in by_name) else nodes[queued[name][0]]
         earliest = candidates[name].last_forward_use + 1
-        index = next((i for i in range(earliest, len(nodes) - 1) if start[i] >= link_free),
-                     len(nodes) - 1)
-        waits[name] = nodes[index] if index < len(nodes) - 1 else output
+        waits[name] = wait if order[wait] >= earliest else nodes[earliest]
     return waits
 
 
 def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Candidate]],
-                        times: dict[str, float], planned_peak: int | None) -> dict[str, float]:
+                        times: dict[str, float], planned_peak: int | None,
+                        fuse_pointwise: bool = False) -> dict[str, float]:
     """Move each offload wait as late in the forward as its memory allows: the copy then has
     until there to finish, not just the time the D2H queue was planned to take, and a copy
     running late (op times or the link off the model) costs no stall unless it is later still.
@@ -705,7 +733,7 @@ def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Ca
     much later (modelled seconds) each wait now runs."""
     if not waits:
         return {}
-    nodes, timeline = liveness.graph_timeline(gm, hold_inputs=True)
+    nodes, timeline = liveness.graph_timeline(gm, hold_inputs=True, fuse_pointwise=fuse_pointwise)
     index = {node: i for i, node in enumerate(nodes)}
     live = list(timeline.live_bytes)
     inputs = sum(tensor_nbytes(p.meta.get("val")) for p in gm.graph.find_nodes(op="placeholder"))
@@ -777,11 +805,7 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     profile = current_profile(ctx.config.device_profile)
     nodes = list(gm.graph.nodes)
     times = _times(gm, profile, ctx)
-    profile = offload_model.planning_profile(profile, ctx.config.offload_link_slack)
-    start, elapsed = {}, 0.0
-    for node in nodes:
-        start[node] = elapsed
-        elapsed += times.get(node.name, 0.0)
+    profile = _planning_profile(profile, ctx)
     position = {node: i for i, node in enumerate(nodes)}
     first_use = {}
     for name in rewrite.slots:
@@ -789,7 +813,9 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if users:
             first_use[name] = min(users, key=position.__getitem__)
     compute = [n for n in nodes if n.op not in ("placeholder", "output")]
-    issue = _place_reloads(rewrite, first_use, start, compute, profile)
+    partition = ctx.plans.partition
+    issue = _place_reloads(rewrite, first_use, times, compute, profile,
+                           dict(partition.copy_points) if partition is not None else {})
     by_first_use = sorted(first_use, key=lambda n: position[first_use[n]])
     sizes = _SizeArgs(gm, "backward", skip=set(rewrite.slots))
     reloads = []
@@ -812,7 +838,8 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for name in rewrite.slots:
         if name not in first_use:
             placeholders[name].meta["val"] = rewrite.kept_vals[name]
-    hoisted_s = _hoist_reloads(gm, reloads, times, hold_inputs=ctx.config.codegen == "eager")
+    hoisted_s = _hoist_reloads(gm, reloads, times, hold_inputs=_held_inputs(gm, ctx),
+                               fuse_pointwise=ctx.config.codegen == "inductor")
     gm.graph.lint()
     return PassResult(gm, True, matched=len(first_use), stats={
         "reloaded": len(first_use),
@@ -820,8 +847,27 @@ def _rewrite_backward(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         "reload_lead_ms": {n: round(t * 1e3, 3) for n, t in zip(by_first_use, hoisted_s)}})
 
 
+def _held_inputs(gm: fx.GraphModule, ctx: PassContext) -> bool | set[str]:
+    """The backward's inputs that stay alive through it whatever it frees: all of them under
+    eager codegen (the boxed call holds its argument list); under Inductor the forward's own
+    inputs saved for it (parameters: the module holds them), while saved activations and
+    tangents die at their last use. Counting a parameter as freed at its last use would show the
+    reloads headroom that is not there (measured on CPU: a hoisted reload lifted the allocator's
+    peak to 1.10x the planned one)."""
+    if ctx.config.codegen == "eager":
+        return True
+    partition = ctx.plans.partition
+    if partition is not None:
+        forward_inputs = {p.name for p in partition.forward.graph.find_nodes(op="placeholder")}
+    else:
+        forward_inputs = {p.name for p in gm.graph.find_nodes(op="placeholder")
+                          if p.name.startswith("primals")}
+    return {p.name for p in gm.graph.find_nodes(op="placeholder") if p.name in forward_inputs}
+
+
 def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int]],
-                   times: dict[str, float], hold_inputs: bool) -> list[float]:
+                   times: dict[str, float], hold_inputs: bool | set[str],
+                   fuse_pointwise: bool = False) -> list[float]:
     """Issue each reload as early as the backward's memory allows: no earlier than the reload
     before it (the H2D queue stays in order of first use) and never where its bytes would lift the
     backward's simulated peak (``liveness.graph_timeline``, with every reload holding its memory
@@ -835,7 +881,7 @@ def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int
     gives it at no cost in peak."""
     if not reloads:
         return []
-    nodes, timeline = liveness.graph_timeline(gm, hold_inputs)
+    nodes, timeline = liveness.graph_timeline(gm, hold_inputs, fuse_pointwise)
     index = {node: i for i, node in enumerate(nodes)}
     live = list(timeline.live_bytes)
     for ticket, value, nbytes in reloads:  # bytes in flight between each reload and its first use
@@ -863,20 +909,23 @@ def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int
     return leads
 
 
-def _place_reloads(rewrite, first_use, start, compute, profile) -> dict[str, fx.Node]:
-    """As late as the H2D queue allows: walking back from the last first use, each copy must end
-    by its first use and before the next copy starts; it is issued before the last compute node
-    that starts no later than the copy must."""
+def _place_reloads(rewrite, first_use, times, compute, profile, planned: dict) -> dict[str, fx.Node]:
+    """Per reloaded tensor, the node before which its reload is issued: where the joint planner
+    simulated it (``PartitionPlan.copy_points``), else as late as the H2D queue on this graph's
+    times allows (``offload_model.copy_points``: each copy due at its first use and before the
+    next copy starts); never after its first use."""
+    index = {node: i for i, node in enumerate(compute)}
+    by_name = {node.name: node for node in compute}
+    copies = [offload_model.Copy(name, _hint(rewrite.slots[name].host_bytes), 0, 0, index[first_use[name]])
+              for name in first_use]
+    queued, _ = offload_model.copy_points([], [times.get(n.name, 0.0) for n in compute], copies, profile)
     issue = {}
-    next_start = float("inf")
-    for name in sorted(first_use, key=lambda n: start[first_use[n]], reverse=True):
-        due = min(start[first_use[name]], next_start)
-        begin = due - offload_model.transfer_time_s(_hint(rewrite.slots[name].host_bytes), profile)
-        anchor = compute[0]
-        for node in compute:
-            if start[node] > begin or node is first_use[name]:
-                break
-            anchor = node
-        issue[name] = anchor
-        next_start = begin
+    for name in first_use:
+        point = planned.get(name)
+        if point and point[1] in by_name and index[by_name[point[1]]] <= index[first_use[name]]:
+            issue[name] = by_name[point[1]]
+        elif point and point[1] is None:
+            issue[name] = compute[0]
+        else:
+            issue[name] = compute[queued[name][1]]
     return issue

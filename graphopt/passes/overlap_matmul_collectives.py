@@ -44,8 +44,9 @@ Safe when (checked per site, else the site is left unchanged and the reason is a
 - runtime "copy_engine", "tile" or "tracked" only for a plain 2-D mm (no bias, no batch;
   reduce-scatter along dim 0 of a 2-D output; "tracked" also for an all-gather of a 2-D shard along
   rows, and only where cuBLASLt takes the GEMM's chunk counters at some chunk count, asked of
-  ``graphopt.distributed.tracked_gemm.support``) on CUDA with torch symmetric memory: the ops'
-  ``mode`` argument says which
+  ``graphopt.distributed.tracked_gemm.support``) on CUDA with torch symmetric memory, over a group
+  inside one node (``graphopt.distributed.topology``; NCCL runtimes elsewhere): the ops' ``mode``
+  argument says which
   runtime the fused op runs, ``chunks`` its chunk / sub-chunk count, ``taper`` how fast the
   copy-engine sub-chunks shrink (1: equal), and ``replay`` whether a copy-engine call replays CUDA
   graphs of repeated calls (``config.overlap_graph_replay``; the same device work, less host time).
@@ -444,7 +445,7 @@ def overlap_matmul_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResu
     if ctx.stage not in STAGES:
         return PassResult(gm, False, refusals=[f"stage {ctx.stage!r} is not one of {STAGES}"])
     import graphopt.ops.matmul_collectives  # noqa: F401  registers graphopt:: ops
-    from graphopt.distributed import symm_mem
+    from graphopt.distributed import symm_mem, topology
 
     profile = current_profile(ctx.config.device_profile)
     result = PassResult(gm, False, stats={"sites": []})
@@ -462,7 +463,8 @@ def overlap_matmul_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResu
         choice = overlap_cost.choose_overlap(
             pattern.kind, match.m, match.n, match.k, match.val.dtype.itemsize, match.world_size,
             profile, is_cuda=is_cuda,
-            symmetric_memory=match.plain_mm_layout and is_cuda and symm_mem.copy_engine_available(),
+            symmetric_memory=(match.plain_mm_layout and is_cuda and symm_mem.copy_engine_available()
+                              and not topology.group_spans_nodes(match.group_name)),
             triton=symm_mem.available(), mode=ctx.config.overlap_mode,
             chunks=ctx.config.overlap_chunks, replay=ctx.config.overlap_graph_replay,
             tracked_chunks=tracked_chunks)

@@ -1,7 +1,7 @@
 """The pipeline, in order, in one place.
 
     dynamo FX graph (torch IR)
-      -> pre_grad:  shard_attention
+      -> pre_grad:  shard_attention, specialize_attention_masks, attention_selection
       -> AOTAutograd joint graph
       -> joint:     overlap_matmul_collectives
       -> partition: plan_rematerialization (memory_budget / offload_activations): plans the saved,
@@ -38,6 +38,16 @@ SHARD_ATTENTION = GraphPass(
     "shard_attention", _load("graphopt.passes.shard_attention:shard_attention"),
     enabled=lambda c: c.sequence_parallel_attention,
     doc="SDPA / decomposed attention -> graphopt::sp_attention over the sequence-parallel group")
+SPECIALIZE_ATTENTION_MASKS = GraphPass(
+    "specialize_attention_masks",
+    _load("graphopt.passes.specialize_attention_masks:specialize_attention_masks"),
+    enabled=lambda c: c.specialize_attention_masks,
+    doc="attention with a proven causal / sliding-window / document mask -> is_causal SDPA or "
+        "graphopt::flash_attention")
+ATTENTION_SELECTION = GraphPass(
+    "attention_selection", _load("graphopt.passes.attention_selection:select_attention"),
+    enabled=lambda c: c.attention_selection,
+    doc="attention module -> gather the selected samples, run it on them, add back to the residual")
 OVERLAP_MATMUL_COLLECTIVES = GraphPass(
     "overlap_matmul_collectives",
     _load("graphopt.passes.overlap_matmul_collectives:overlap_matmul_collectives"),
@@ -54,7 +64,7 @@ OFFLOAD_ACTIVATIONS = GraphPass(
     doc="saved activations chosen by the plan -> offload / reload / wait ops")
 
 PIPELINE: dict[str, list[GraphPass]] = {
-    "pre_grad": [SHARD_ATTENTION],
+    "pre_grad": [SHARD_ATTENTION, SPECIALIZE_ATTENTION_MASKS, ATTENTION_SELECTION],
     "joint": [OVERLAP_MATMUL_COLLECTIVES],
     "partition": [PLAN_REMATERIALIZATION],
     "forward": [OFFLOAD_ACTIVATIONS],

@@ -21,35 +21,49 @@ emits it) fits the budget. The graphs themselves are cut by torch's own extracti
 set, and the backward is reordered so every recomputed value is produced right before its first
 reader (the order the simulation assumed).
 
-Budget: bytes ("40GiB", "512MiB", 4e10) bound the activation peak of the graph -- every tensor the
-graph allocates in forward and backward (saved activations, transients, tangents, gradients),
-not its inputs (parameters, user inputs). A fraction f in (0, 1] scales the saved set of the
-min-cut plan (torch's runtime-optimal plan, f = 1): budget = peak(min-cut) - (1 - f) * saved(min-cut),
-so 0.5 asks for a peak lower by half of what the min-cut plan saves. With codegen "eager" the
-simulation keeps the backward's inputs until it returns (the boxed FX call holds its argument
-list) and stores every intermediate, as the FX code does. With Inductor each input is freed at its
-last use and the simulation runs the graphs as Inductor's kernels (``liveness.inline_pointwise``):
+Budget: bytes ("40GiB", "512MiB", 4e10) bound the step's device memory: the graph's inputs
+(parameters, buffers, the batch), live through the step, plus the peak of what forward and backward
+allocate (saved activations, transients, tangents, gradients, kernel workspaces). Optimizer state,
+gradients accumulated before the step and other graphs' memory are not the graph's to count (the
+dump's "counts" line says so). A fraction f in (0, 1] bounds the saved activations, as torch's
+``activation_memory_budget`` does: at most f of the device bytes the min-cut plan (torch's
+runtime-optimal plan, f = 1) saves, offloaded bytes not counted, at a peak no higher than that
+plan's. The saved set does not depend on the codegen, so a fraction means the same bytes under
+both; the peaks do (eager code stores every intermediate). With codegen "eager" the simulation
+keeps the backward's inputs until it returns (the boxed FX call holds its argument list) and
+stores every intermediate, as the FX code does. With Inductor each input is freed at its last use
+and the simulation runs the graphs as Inductor's kernels (``liveness.inline_pointwise``):
 pointwise chains computed inside their readers, sibling kernels that share reads written together,
 scatters written into the buffer of an input that dies there, and a kernel's workspace live while
-it runs. The graphs it plans compile without Inductor's buffer reuse, which would hold dead buffers
-up to Inductor's own estimate of the peak (``graphopt_backend._planned_graph_patches``), and their
-kernels run in the order simulated, not in the one Inductor's sort after fusion gives
-(``backends/planned_order.py``; Inductor's ``reorder_for_peak_memory`` is off for them). On a
-4-layer 7B-dimension Llama (H100, bench/results/remat.md and remat_32k.md) every plan that fits
-its budget measured 0.996-1.000 of its planned peak, and the lowest-peak plans for budgets no
-plan reaches 0.979-1.000 (1.007 in an earlier run).
+it runs; a plan's time is that schedule's, priced kernel by kernel (``analysis/kernel_time``:
+Inductor's own kernels at the memory bandwidth measured on the graph's ops, GEMMs and attention at
+their measured times), and offload copies are timed on it (``offload_model.copy_points``: the
+host link's two queues) and placed where the pass will put them. The graphs it plans compile
+without Inductor's buffer reuse, which would hold dead buffers up to Inductor's own estimate of the
+peak (``graphopt_backend._planned_graph_patches``), and their kernels run in the order simulated,
+not in the one Inductor's sort after fusion gives (``backends/planned_order.py``; Inductor's
+``reorder_for_peak_memory`` is off for them). On a 4-layer 7B-dimension Llama (H100,
+bench/results/remat.md and remat_32k.md) every plan that fits its budget measured 0.996-1.000 of
+its planned peak, and the lowest-peak plans for budgets no plan reaches 0.979-1.000 (1.007 in an
+earlier run).
+
+With ``offload_activations`` and no budget the plan is the lowest-peak one whose modelled step is
+within ``OFFLOAD_ALONE_SLOWDOWN`` of the min-cut plan's: only copies the host link hides; where it
+cannot hide all of the saved activations the refusals say how much it moved and why.
 
 Safe because recomputation replays the same deterministic ops on the same inputs. Never
 recomputed: collectives (``_c10d_functional``) and every ``graphopt::`` op (they may communicate),
 attention (aten SDPA / flash / efficient / cudnn, graphopt attention), random ops, ops with
 effects or mutation, and values tagged MUST_SAVE; values tagged MUST_RECOMPUTE are never saved.
 When no plan fits the budget, the lowest-peak plan is used and the refusal says by how much it
-misses; numerics are never changed.
+misses, in one ``plans.BudgetNotMetWarning`` naming the floor in bytes and what holds it; numerics are
+never changed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from typing import Any, Callable
 
@@ -57,15 +71,21 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import cost_model, liveness, offload_model, op_facts, remat_solver
+from graphopt.analysis import cost_model, kernel_time, liveness, offload_model, op_facts, remat_solver
 from graphopt.analysis.device_profile import current_profile
 from graphopt.analysis.remat_solver import JointGraph, Option, Plan
 from graphopt.debug import memory_plot
 from graphopt.measure import op_timing
 from graphopt.passes.manager import PassContext, PassResult
-from graphopt.passes.plans import JointSignature, PartitionPlan
+from graphopt.passes.plans import JointSignature, PartitionPlan, warn_budget_not_met
 
 log = logging.getLogger("graphopt.passes.plan_rematerialization")
+
+
+# offload_activations with no budget: the plan may be slower than the min-cut plan by this share of
+# its modelled step (the device copies of kept parts, a recomputation Inductor fuses for nearly
+# free); the copies themselves must hide.
+OFFLOAD_ALONE_SLOWDOWN = 0.005
 
 
 def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -82,71 +102,188 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
     fuse = config.codegen == "inductor"  # Inductor computes pointwise chains in one kernel
     timing = op_timing.time_graph(joint_gm, profile, config.op_timing,
                                   config.op_timing_agreement_timeout_s)
+    copy_profile = (offload_model.planning_profile(
+        profile, kernel_time.copy_slack(config.offload_link_slack, fuse))
+                    if config.offload_activations else None)
     graph = build_joint_graph(joint_gm, signature.num_fwd_outputs, profile, hold_backward_inputs=hold,
-                              node_times=timing.times, fuse_pointwise=fuse)
+                              node_times=timing.times, fuse_pointwise=fuse,
+                              memory_bytes_per_s=op_timing.memory_bandwidth(timing, profile),
+                              copy_profile=copy_profile)
     if not graph.bw_outputs or not any(graph.role[n] == "bw" for n in graph.order):
         return PassResult(joint_gm, False, refusals=[
             "no backward in the joint graph: nothing to plan; torch's min-cut partitions it"])
 
+    inputs = _input_bytes(graph, signature)
     base_saved = remat_solver.min_cut_saved(graph)
     base = remat_solver.evaluate(graph, base_saved)
-    budget = _budget_bytes(config.memory_budget, base.peak, graph.saved_storage_bytes(base.saved))
-    offload, windows = (_offload_options(graph, base, profile, config) if config.offload_activations
-                        else ({}, None))
-    refusals = []
-    if budget is None:  # offload alone: the lowest peak that costs nothing more than the base plan
-        plan, scored = remat_solver.plan_under_budget(graph, base.peak, base_saved, offload)
-        plan = min((p for p in scored if p.cost_s <= base.cost_s + 1e-12),
-                   key=lambda p: (p.peak, p.cost_s), default=base)
-    else:
-        plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
-        if not plan.feasible:
-            refusals.append(
-                f"no plan fits the budget of {_fmt(budget)}: the lowest simulated peak of the "
-                f"{len(scored)} plans tried is {_fmt(plan.peak)} (at {plan.timeline.peak_label}); using "
-                "it. Raise graphopt.config.memory_budget, or reduce the sequence or batch size")
+    saved_base = saved_tensors(graph, base) if config.offload_activations else []
+    offload, windows = (_offload_options(graph, saved_base, base, graph.copy_profile,
+                                         config.offload_host_capacity) if saved_base else ({}, None))
+    plan, scored, budget, warned = choose_plan(graph, base_saved, base, config.memory_budget, offload,
+                                               inputs)
+    refusals = _offload_shortfall(graph, saved_base, plan, windows) if saved_base else []
 
     fw_gm, bw_gm = _extract(joint_gm, graph, plan, signature)
     realized = liveness.partitioned_timeline(fw_gm, bw_gm, signature.num_fwd_outputs,
                                              hold_backward_inputs=hold, fuse_pointwise=fuse)
-    summary = _summary(graph, base, plan, budget, realized, len(scored), refusals)
-    # what the offload windows were sized with: the cost model's forward / backward and the link
+    summary = _summary(graph, base, plan, budget, realized, len(scored), refusals + warned, inputs,
+                       config.memory_budget)
     forward = graph.forward_run(plan.saved)
-    summary["model_forward_s"] = sum(graph.time_s[n] for n in forward)
-    summary["model_backward_s"] = (sum(graph.time_s[n] for n in graph.order if graph.role[n] == "bw")
-                                   + plan.recompute_time_s)
-    summary["host_link_gbps"] = profile.host_link_gbps
-    summary["roofline_forward_s"] = timing.total(forward)[1]
+    summary.update(
+        # the plan's forward / backward as the codegen runs them (Inductor's kernels: kernel_time),
+        # what the offload windows were sized with, beside the op-by-op sum and the roofline
+        model_forward_s=plan.timeline.forward_s, model_backward_s=plan.timeline.backward_s,
+        model_step_s=plan.step_s, min_cut_model_step_s=base.step_s,
+        op_sum_forward_s=timing.total(forward)[0], roofline_forward_s=timing.total(forward)[1],
+        memory_gbps=graph.memory_bytes_per_s / 1e9, host_link_gbps=profile.host_link_gbps,
+        codegen=config.codegen)
     if windows is not None:
         summary["offload_windows"] = windows
     timing_report = timing.report()
     summary["op_timing"] = {k: v for k, v in timing_report.items() if k != "table"}
     ctx.plans.partition = PartitionPlan(
         forward=fw_gm, backward=bw_gm, saved=tuple(plan.saved), recomputed=tuple(plan.recomputed),
-        offloaded=dict(plan.offloaded), planned_peak_bytes=plan.peak, report=summary)
-    for reason in refusals:
-        log.warning("[%s] plan_rematerialization: %s", ctx.graph_id, reason)
-    log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), recompute %.3f ms, saved %d, "
-             "recomputed %d, offloaded %d", ctx.graph_id, _fmt(base.peak), _fmt(plan.peak),
-             _fmt(budget) if budget is not None else "-", plan.recompute_time_s * 1e3, len(plan.saved),
-             len(plan.recomputed), len(plan.offloaded))
+        offloaded=dict(plan.offloaded), planned_peak_bytes=plan.peak, report=summary,
+        copy_points={name: tuple(_node_of(key) for key in pair) for name, pair in plan.copy_points.items()})
+    for reason in warned:
+        warn_budget_not_met(ctx.graph_id, reason)
+    log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), modelled step %.3f -> %.3f ms, "
+             "saved %d, recomputed %d, offloaded %d", ctx.graph_id, _fmt(base.peak), _fmt(plan.peak),
+             _budget_text(config.memory_budget, budget), base.step_s * 1e3, plan.step_s * 1e3,
+             len(plan.saved), len(plan.recomputed), len(plan.offloaded))
     return PassResult(
-        joint_gm, False, matched=len(plan.recomputed) + len(plan.offloaded), refusals=refusals,
+        joint_gm, False, matched=len(plan.recomputed) + len(plan.offloaded), refusals=refusals + warned,
         stats={"saved": len(plan.saved), "recomputed": len(plan.recomputed),
                "offloaded": len(plan.offloaded), "min_cut_peak_bytes": base.peak,
-               "planned_peak_bytes": plan.peak, "budget_bytes": budget},
+               "planned_peak_bytes": plan.peak, "budget_bytes": summary["budget_bytes"]},
         notes={"remat_plan": _note(summary), "op_timing": timing_report},
         files=_files(ctx.graph_id, base, plan, summary, timing_report))
 
 
-def _budget_bytes(budget: int | float | None, base_peak: int, base_saved: int) -> int | None:
-    """Bytes of ``config.memory_budget``: an int is bytes; a fraction f (a float) keeps f of the
-    min-cut plan's saved bytes at its peak: budget = peak - (1 - f) saved."""
-    if budget is None:
+def choose_plan(graph: JointGraph, base_saved: list[str], base: Plan,
+                memory_budget: int | float | None, offload: dict[str, list[Option]],
+                inputs: dict[str, int] | None = None
+                ) -> tuple[Plan, list[Plan], "remat_solver.Budget | None", list[str]]:
+    """The plan for ``memory_budget`` (the typed flag value) from the min-cut saved set
+    ``base_saved`` and its plan ``base``, with ``offload`` options per saved tensor: (plan, every
+    plan scored, the budget, the one warning a budget no plan meets gives). Without a budget
+    (offload alone) the lowest peak within OFFLOAD_ALONE_SLOWDOWN of ``base``'s modelled step.
+    ``inputs``: the graph's input bytes (``_input_bytes``), which a budget in bytes counts. The
+    layout planner runs this too, on the graphs it traces."""
+    inputs = inputs or {"total": 0, "parameters": 0, "other": 0}
+    budget = _budget(memory_budget, base, inputs["total"])
+    warned = []
+    if budget is None:  # offload alone: the lowest peak that costs no more than the base plan
+        plan, scored = remat_solver.plan_under_budget(graph, remat_solver.Budget(), base_saved, offload)
+        allowed = base.step_s * (1 + OFFLOAD_ALONE_SLOWDOWN)
+        plan = min((p for p in scored if p.step_s <= allowed), key=lambda p: (p.peak, p.step_s),
+                   default=base)
+    else:
+        plan, scored = remat_solver.plan_under_budget(graph, budget, base_saved, offload)
+        if not plan.feasible:
+            warned.append(_budget_miss(memory_budget, budget, graph, plan, scored, base, inputs))
+    return plan, scored, budget, warned
+
+
+def offload_choices(graph: JointGraph, base: Plan, profile,
+                    config) -> tuple[dict[str, list[Option]], dict]:
+    """Offload options per saved tensor of ``base`` and the windows they were sized with, for the
+    layout planner (its traced graphs carry no copy profile: the link from ``profile`` with
+    ``config.offload_link_slack``)."""
+    copy_profile = graph.copy_profile or offload_model.planning_profile(profile,
+                                                                        config.offload_link_slack)
+    return _offload_options(graph, saved_tensors(graph, base), base, copy_profile,
+                            config.offload_host_capacity)
+
+
+def _node_of(key: str | None) -> str | None:
+    """The cut graphs' node a schedule key stands for; None for none, or a backward input (a
+    tangent: the backward's start)."""
+    return None if key is None or key.startswith("t:") else key.split(":", 1)[1]
+
+
+# --- the budget: what it bounds, and what it counts ----------------------------------------------
+
+def _input_bytes(graph: JointGraph, signature: JointSignature) -> dict[str, int]:
+    """Device bytes of the graph's inputs, live before the step and through it: parameters and
+    buffers (the primals whose memory outlives the step) and the rest (the batch, ...)."""
+    primals = [n for n in graph.order if graph.role[n] == "primal"]
+    static = set(signature.static_input_indices)
+    parameters = sum(graph.nbytes[n] for i, n in enumerate(primals) if i in static)
+    total = sum(graph.nbytes[n] for n in primals)
+    return {"total": total, "parameters": parameters, "other": total - parameters}
+
+
+def _budget(value: int | float | None, base: Plan, inputs: int) -> remat_solver.Budget | None:
+    """``config.memory_budget`` as the plan's bound. Bytes bound the step's device memory: the
+    graph's inputs (parameters, buffers, the batch) plus the peak of what the graph allocates
+    (activations, gradients, workspaces). A fraction f bounds the saved activations: at most f of
+    the device bytes the min-cut plan saves (torch's ``activation_memory_budget``; the same bytes
+    whichever codegen runs the graphs), at a peak no higher than the min-cut plan's (saving less
+    can peak higher, where the recomputations meet in the backward)."""
+    if value is None:
         return None
-    if isinstance(budget, float):
-        return int(base_peak - (1.0 - budget) * base_saved)
-    return budget
+    if isinstance(value, float):
+        return remat_solver.Budget(peak_bytes=base.peak, kept_bytes=int(value * base.kept_bytes))
+    return remat_solver.Budget(peak_bytes=value - inputs)
+
+
+def _budget_text(value, budget: remat_solver.Budget | None) -> str:
+    if budget is None:
+        return "-"
+    if budget.kept_bytes is not None:
+        return f"{value} of the saved activations ({_fmt(budget.kept_bytes)})"
+    return _fmt(value)
+
+
+def _budget_miss(value, budget: remat_solver.Budget, graph: JointGraph, plan: Plan, scored: list,
+                 base: Plan, inputs: dict[str, int]) -> str:
+    """The one warning a budget no plan meets gives: the floor in bytes and what holds it."""
+    held = _peak_breakdown(graph, plan)
+    parts = ", ".join(f"{what} {_fmt(nbytes)}" for what, nbytes in held.items() if nbytes)
+    floor = inputs["total"] + plan.peak
+    where = (f"{_fmt(floor)}: graph inputs {_fmt(inputs['total'])} (parameters and buffers "
+             f"{_fmt(inputs['parameters'])}, other inputs {_fmt(inputs['other'])}) + "
+             f"{_fmt(plan.peak)} at {plan.timeline.peak_label} ({parts})")
+    if budget.kept_bytes is not None:
+        least = min(p.kept_bytes for p in scored)
+        if least <= budget.kept_bytes:
+            return (f"memory_budget={value} keeps at most {_fmt(budget.kept_bytes)} of the "
+                    f"{_fmt(base.kept_bytes)} of activations torch's min-cut plan saves; the plans that "
+                    f"do peak above the min-cut plan's {_fmt(base.peak)} (their recomputations meet in "
+                    f"the backward), so the lowest-peak plan runs, whose step peaks at {where}. Raise "
+                    "memory_budget, turn on offload_activations, or set a budget in bytes")
+        return (f"memory_budget={value} keeps at most {_fmt(budget.kept_bytes)} of the "
+                f"{_fmt(base.kept_bytes)} of activations torch's min-cut plan saves, but no plan of the "
+                f"{len(scored)} scored keeps less than {_fmt(least)} (values never recomputed -- "
+                "attention outputs, collectives, random ops -- and what recomputation starts from); "
+                f"using the lowest-peak plan, whose step peaks at {where}. Set memory_budget to at "
+                f"least {math.ceil(100 * least / max(base.kept_bytes, 1)) / 100:.2f}, turn on "
+                "offload_activations, or reduce the sequence or batch size")
+    return (f"no plan fits memory_budget={_fmt(value)}: the lowest peak of the {len(scored)} plans "
+            f"scored is {where}; using it. Set memory_budget to at least {_fmt(floor)}, turn on "
+            "offload_activations, or reduce the sequence or batch size")
+
+
+def _peak_breakdown(graph: JointGraph, plan: Plan) -> dict[str, int]:
+    """What is live at ``plan``'s peak, by kind: gradients, forward outputs (the loss), saved
+    activations, incoming gradients, working memory, and the workspace of the kernel running."""
+    steps, pinned, boundary, _ = remat_solver.schedule(graph, plan.saved, plan.recomputed,
+                                                       plan.offloaded, plan.copy_points)
+    index = plan.timeline.peak_index
+    live, workspace = liveness.live_storages(steps, pinned, index)
+    gradients = {f"b:{n}" for n in graph.bw_outputs} | {f"f:{n}" for n in graph.bw_outputs}
+    outputs = {f"f:{n}" for n in graph.fw_outputs}
+    saved = {f"{prefix}{n}" for n in plan.saved for prefix in ("f:", "o:", "r:")}
+    kinds = {"gradients": 0, "forward outputs (the loss)": 0, "saved activations": 0,
+             "incoming gradients": 0, "working memory": 0, "kernel workspace": workspace}
+    for storage, nbytes in live.items():
+        key = storage.split("#", 1)[0]
+        kind = ("gradients" if key in gradients else "forward outputs (the loss)" if key in outputs
+                else "saved activations" if key in saved else "incoming gradients"
+                if key.startswith("t:") else "working memory")
+        kinds[kind] += nbytes
+    return kinds
 
 
 # --- the joint graph as the solver sees it ----------------------------------------------------------
@@ -154,9 +291,12 @@ def _budget_bytes(budget: int | float | None, base_peak: int, base_saved: int) -
 def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                       hold_backward_inputs: bool = False,
                       node_times: dict[str, float] | None = None,
-                      fuse_pointwise: bool = False) -> JointGraph:
+                      fuse_pointwise: bool = False, memory_bytes_per_s: float | None = None,
+                      copy_profile=None) -> JointGraph:
     """The joint graph as the solver sees it; node times from ``node_times`` (measured, see
-    ``op_timing``) where given, else the roofline on ``profile``."""
+    ``op_timing``) where given, else the roofline on ``profile``. With ``fuse_pointwise``
+    (Inductor) the kernels Inductor writes are priced from their bytes at ``memory_bytes_per_s``
+    (``kernel_time``); ``copy_profile`` schedules offload copies (None: no offload)."""
     nodes = [n for n in joint_gm.graph.nodes if n.op != "output"]
     outputs = liveness.output_nodes(joint_gm)
     fw_outputs = [o for o in outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
@@ -236,7 +376,11 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                       workspace={n.name: size for n in nodes
                                  if (size := cost_model.workspace_bytes(n))},
                       fuse_pointwise=fuse_pointwise,
-                      kind={n.name: kind for n in nodes if (kind := op_facts.fusion_kind(n))})
+                      kind={n.name: kind for n in nodes if (kind := op_facts.fusion_kind(n))},
+                      priced_by_bytes={n.name for n in nodes
+                                       if fuse_pointwise and op_facts.inductor_writes_kernel(n)},
+                      memory_bytes_per_s=memory_bytes_per_s or profile.hbm_gbps * 1e9,
+                      launch_s=profile.kernel_launch_s, copy_profile=copy_profile)
 
 
 def _is_backward_input(node: fx.Node) -> bool:
@@ -275,29 +419,31 @@ def _is_cheap(node: fx.Node) -> bool:
 
 # --- offload options (issue 7's model) --------------------------------------------------------------
 
-def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None = None) -> list:
+def saved_tensors(graph: JointGraph, plan: Plan) -> list:
     """``liveness.SavedTensor`` for every allocation the saved activations of ``plan`` hold and
     could free (``JointGraph.freeable_groups``; primals, SymInts and memory a forward output keeps
-    are left out).
+    are left out), timed on the plan's schedule as the codegen runs it (``remat_solver.schedule``:
+    Inductor's kernels under Inductor).
 
     A saved view counts its base's bytes as freed (``device_nbytes``) and its own elements as
     moved (``nbytes``). Saved tensors sharing one allocation become one entry, named after the
     first: produced when the allocation is written (offload_activations copies a view from
     there), needed when the first of them is."""
-    times = times or graph.time_s
-    forward = graph.forward_run(plan.saved)
-    backward = remat_solver.backward_order(graph, plan.recomputed)
-    fw_pos = {n: i for i, n in enumerate(forward)}
-    fw_after, running = {}, sum(times[n] for n in forward)
-    for name in forward:
-        running -= times[name]
-        fw_after[name] = running
-    first_use, bw_before, elapsed = {}, {}, 0.0
-    for index, name in enumerate(backward):
-        for source in graph.inputs[name]:
+    steps, _, boundary, seconds = remat_solver.schedule(graph, plan.saved, plan.recomputed)
+    fw_index = {step.key: i for i, step in enumerate(steps[:boundary])}
+    forward_s = math.fsum(seconds[:boundary])
+    elapsed = 0.0
+    fw_after = {}
+    for index in range(boundary):
+        elapsed += seconds[index]
+        fw_after[steps[index].key] = forward_s - elapsed
+    first_use: dict[str, tuple[int, float]] = {}
+    elapsed = 0.0
+    for index in range(boundary, len(steps)):
+        for source in steps[index].inputs:
             if source not in first_use:
-                first_use[source], bw_before[source] = index, elapsed
-        elapsed += times[name]
+                first_use[source] = (index - boundary, elapsed)
+        elapsed += seconds[index]
     available = set(plan.saved) | set(plan.recomputed)
     result = []
     for root, members in graph.freeable_groups(plan.saved).items():
@@ -306,29 +452,45 @@ def saved_tensors(graph: JointGraph, plan: Plan, times: dict[str, float] | None 
             continue
         recomputable = all(graph.recomputable[m] for m in members)
         chain = remat_solver.recompute_chain(graph, members, available)[0] if recomputable else None
+        produced = f"f:{root}" if f"f:{root}" in fw_index else min(
+            (f"f:{m}" for m in members), key=fw_index.__getitem__)
+        uses = [first_use.get(f"f:{m}", (len(steps) - boundary, elapsed)) for m in members]
         result.append(liveness.SavedTensor(
             name=members[0], nbytes=sum(graph.logical_bytes[m] for m in members),
             shape=graph.shapes[members[0]], dtype=graph.dtypes[members[0]],
-            fw_index=fw_pos.get(root, max(fw_pos[m] for m in members)),
-            bw_index=min(first_use.get(m, len(backward)) for m in members),
-            fw_time_after_s=fw_after.get(root, min(fw_after[m] for m in members)),
-            bw_time_before_s=min(bw_before.get(m, elapsed) for m in members),
-            recompute_time_s=None if chain is None else sum(times[n] for n in chain),
+            fw_index=fw_index[produced], bw_index=min(u[0] for u in uses),
+            fw_time_after_s=fw_after[produced], bw_time_before_s=min(u[1] for u in uses),
+            recompute_time_s=None if chain is None else sum(graph.time_s[n] for n in chain),
             device_nbytes=freed))
     return result
 
 
-def _offload_options(graph: JointGraph, base: Plan, profile,
-                     config) -> tuple[dict[str, list[Option]], dict | None]:
-    """Offload options per saved tensor, and how many bytes the transfer windows reach."""
-    saved = saved_tensors(graph, base)
-    profile = offload_model.planning_profile(profile, config.offload_link_slack)
-    options = offload_model.offload_options(saved, profile, config.offload_host_capacity)
+def _offload_options(graph: JointGraph, saved: list, base: Plan, profile,
+                     host_capacity: int | None) -> tuple[dict[str, list[Option]], dict]:
+    """Offload options per saved tensor over the copy link ``profile``, and how many bytes the
+    transfer windows reach."""
+    options = offload_model.offload_options(saved, profile, host_capacity)
     return ({name: [Option("offload", o.device_bytes_freed, o.exposed_time_s, o.alpha, o.host_bytes)
                     for o in choices if o.device_bytes_freed > 0]
              for name, choices in sorted(options.items())},
-            offload_model.window_bytes(saved, profile, sum(
-                graph.time_s[n] for n in graph.forward_run(base.saved))))
+            offload_model.window_bytes(saved, profile, base.timeline.forward_s))
+
+
+def _offload_shortfall(graph: JointGraph, saved: list, plan: Plan, windows: dict) -> list[str]:
+    """What the plan leaves on the device that offload could have moved, and why: the forward's
+    copy window (the host link over the modelled forward, less where it idles) and the reloads'
+    deadlines hide only so much, and copies beyond them would stall the step."""
+    candidate = sum(t.nbytes for t in saved)
+    moved = sum(int(alpha * graph.logical_bytes[name]) for name, alpha in plan.offloaded.items())
+    if candidate == 0 or moved >= 0.99 * candidate:
+        return []
+    return [f"offloads {_fmt(moved)} of the {_fmt(candidate)} of saved activations "
+            f"({moved / candidate:.0%}): the host link ({graph.copy_profile.host_link_gbps:.1f} GB/s "
+            f"planned) hides {_fmt(windows['d2h_window_bytes'])} in the modelled forward of "
+            f"{windows.get('forward_s', 0.0) * 1e3:.1f} ms ({windows.get('d2h_before_first_s', 0.0) * 1e3:.1f}"
+            f" ms before the first saved tensor exists) and "
+            f"{_fmt(windows['d2h_and_h2d_window_bytes'])} once every reload must arrive before its "
+            "first use; more would stall the step, so the rest stays on the device"]
 
 
 # --- cutting the graphs -----------------------------------------------------------------------------
@@ -390,8 +552,9 @@ def reorder_backward(bw_gm: fx.GraphModule) -> fx.GraphModule:
 
 # --- what the dump shows ------------------------------------------------------------------------------
 
-def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, realized, family: int,
-             refusals: list[str]) -> dict[str, Any]:
+def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: remat_solver.Budget | None,
+             realized, family: int, refusals: list[str], inputs: dict[str, int],
+             value: int | float | None) -> dict[str, Any]:
     base_recomputed = set(base.recomputed)
     rows = []
     for root, members in graph.freeable_groups(plan.saved).items():
@@ -405,9 +568,20 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
                      else "recompute (min-cut)", "bytes": graph.nbytes[name], "alpha": 0.0,
                      "recompute_s": graph.time_s[name]})
     return {
-        "budget_bytes": budget,
+        "memory_budget": value,
+        # the bound on the activation peak (a budget in bytes less the graph's inputs), or None
+        "budget_bytes": None if budget is None else budget.peak_bytes,
+        # the bound on the saved activations' device bytes (a fraction of the min-cut plan's), or None
+        "saved_budget_bytes": None if budget is None else budget.kept_bytes,
         "feasible": plan.feasible if budget is not None else True,
         "planned_peak_bytes": plan.peak,
+        "planned_step_peak_bytes": inputs["total"] + plan.peak,
+        "inputs_bytes": inputs["total"], "parameter_bytes": inputs["parameters"],
+        "counts": ("planned_step_peak_bytes = the graph's inputs (parameters and buffers "
+                   f"{_fmt(inputs['parameters'])}, other inputs {_fmt(inputs['other'])}), live through "
+                   "the step, + planned_peak_bytes: the peak of what the forward and backward allocate "
+                   "(activations, the parameters' gradients, the loss, kernel workspaces); not counted: "
+                   "optimizer state, gradients accumulated before this step, memory other graphs hold"),
         # the cut graphs' own liveness; with offloads planned it is the graphs before
         # offload_activations moves anything (so it can exceed the planned peak, which counts them)
         "realized_peak_bytes": realized.peak,
@@ -417,6 +591,7 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
         if plan.timeline.boundary else 0,
         "planned_forward_peak_bytes": max(plan.timeline.live_bytes[:plan.timeline.boundary], default=0),
         "saved_bytes": graph.saved_storage_bytes(plan.saved),
+        "kept_saved_bytes": plan.kept_bytes,
         "min_cut_saved_bytes": graph.saved_storage_bytes(base.saved),
         "recompute_time_s": plan.recompute_time_s,
         "extra_recompute_time_s": plan.recompute_time_s - base.recompute_time_s,
@@ -424,6 +599,7 @@ def _summary(graph: JointGraph, base: Plan, plan: Plan, budget: int | None, real
         "saved": list(plan.saved),
         "recomputed": list(plan.recomputed),
         "offloaded": dict(plan.offloaded),
+        "copy_points": {name: list(pair) for name, pair in plan.copy_points.items()},
         "plans_scored": family,
         "peak_at": plan.timeline.peak_label,
         "refusals": list(refusals),

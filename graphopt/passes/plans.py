@@ -13,6 +13,7 @@ it; ``passes/README.md``, invariant 8)::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Mapping, Union
 
 import torch
@@ -21,6 +22,17 @@ import torch.fx as fx
 from graphopt import _compat
 
 Size = Union[int, torch.SymInt]
+
+
+class BudgetNotMetWarning(UserWarning):
+    """The step will not fit ``memory_budget``: no plan reaches it (plan_rematerialization), or
+    offloads the plan counted on were refused (offload_activations) and the plan's peak rose above
+    it. The message names the bytes and what holds them."""
+
+
+def warn_budget_not_met(graph_id: str, reason: str) -> None:
+    """The one way a compiled graph says its memory plan misses the budget."""
+    warnings.warn(f"[{graph_id}] {reason}", BudgetNotMetWarning, stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +61,10 @@ class PartitionPlan:
     planned_peak_bytes: int | None   # simulated activation peak of forward + backward, offloads
                                      # counted: the bound offload_activations must not lift
     report: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the dump's "remat_plan"
+    # Per offloaded value, where the plan simulated its copies: (forward node before which the
+    # forward waits for the offload, None: at its output; backward node before which the reload
+    # is issued, None: at the backward's start). Names of the cut graphs' nodes.
+    copy_points: Mapping[str, tuple[str | None, str | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

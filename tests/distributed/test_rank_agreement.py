@@ -44,6 +44,18 @@ class ReducedLinear(nn.Module):
         return torch.tanh(funcol.all_reduce(partial, "sum", dist.group.WORLD)).sum()
 
 
+class MaskedAttention(nn.Module):
+    """Causal attention through a mask built from positions (the mask pass proves it causal),
+    its output all-reduced."""
+
+    def forward(self, q, k, v):
+        import torch.distributed._functional_collectives as funcol
+        positions = torch.arange(q.shape[-2])
+        mask = positions[:, None] >= positions[None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return funcol.all_reduce(out, "sum", dist.group.WORLD).sum()
+
+
 def _attempt(rank: int, make, *inputs, reset: bool = True, **flags) -> dict:
     """Compile and run ``make()`` on ``inputs``; the error this rank raised and the seconds taken."""
     import graphopt
@@ -102,6 +114,16 @@ def _cases(rank: int, world: int) -> dict[str, dict]:
     results["decision"] = _attempt(rank, ReducedLinear, x.requires_grad_(),
                                    overlap_matmul_collectives=True, overlap_mode="chunked")
     overlap_cost.choose_overlap = choose
+
+    from graphopt.analysis.attention_masks import Unproven
+    from graphopt.passes import specialize_attention_masks
+    specialize = specialize_attention_masks._specialize
+    if rank == 1:  # same flags, but the mask pass decides otherwise (other model code, say)
+        def unproven(*args, **kwargs):
+            raise Unproven(None, "this rank's mask differs")
+        specialize_attention_masks._specialize = unproven
+    results["pre_grad_decision"] = _attempt(rank, MaskedAttention, *qkv)
+    specialize_attention_masks._specialize = specialize
     return results
 
 
@@ -123,6 +145,8 @@ def test_ranks_that_agree_compile_without_error(outcomes):
     ("shapes", ["rank 1 compiled another graph than rank 0", "inputs"]),
     ("graph_break_on_one_rank", ["rank 1 compiled another graph than rank 0"]),
     ("decision", ["overlap_matmul_collectives at the joint stage: rank 1 decided otherwise"]),
+    ("pre_grad_decision", ["specialize_attention_masks at the pre_grad stage: rank 1 decided "
+                           "otherwise than rank 0 with the same flags"]),
 ])
 def test_a_difference_fails_every_rank_within_seconds_naming_it(outcomes, case, names):
     for rank in range(WORLD):

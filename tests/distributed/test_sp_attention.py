@@ -9,11 +9,13 @@ so P is drawn like any other parameter.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from attention_helpers import masked_reference
 from graphopt.distributed.launch import spawn
 
 WORLD = 4
@@ -24,9 +26,28 @@ def _subgroups() -> dict[int, dist.ProcessGroup]:
     return {p: dist.new_group(list(range(p))) for p in (2, 3)} | {4: dist.group.WORLD}
 
 
+def _document_positions(batch: int, seq: int, gen) -> torch.Tensor:
+    """Position ids [batch, seq] of packed documents of random lengths (some longer than a chunk,
+    some of one token), restarting at 0 at every document."""
+    positions = torch.zeros(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        start = 0
+        while start < seq:
+            length = int(torch.randint(1, seq, (1,), generator=gen)) if b % 2 == 0 else \
+                int(torch.randint(1, 4, (1,), generator=gen))
+            positions[b, start:start + length] = torch.arange(min(length, seq - start))
+            start += length
+    return positions
+
+
+def _front_loaded_positions(seq: int, chunk: int) -> torch.Tensor:
+    """One document filling the first chunk, two-token documents after it: all the work is on
+    rank 0's diagonal block, which the other ranks must take rows of (assists) to balance."""
+    return torch.cat([torch.arange(chunk), torch.arange(seq - chunk) % 2])[None]
+
+
 def _op_case(rank: int, group, p: int, case: dict) -> dict[str, float]:
     """Max abs error of this rank's out, lse and grads against the full-sequence float64 result."""
-    from graphopt.ops.attention import reference_attention
     from graphopt.ops.sp_attention import group_name_of
 
     gen = torch.Generator().manual_seed(case["seed"])
@@ -42,14 +63,22 @@ def _op_case(rank: int, group, p: int, case: dict) -> dict[str, float]:
     if not case.get("lse_grad", True):
         dlse.zero_()
     scale = case["scale"]
+    window = case.get("window", 0)
+    positions = None
+    if case.get("documents") == "front_loaded":
+        positions = _front_loaded_positions(seq, chunk)
+    elif case.get("documents"):
+        positions = _document_positions(1 if case.get("shared_documents") else b, seq, gen)
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    out_ref, lse_ref = reference_attention(*full, scale=scale, causal=case["causal"])
+    out_ref, lse_ref = masked_reference(*full, scale, case["causal"], window, positions)
     (out_ref * dout).sum().add_((lse_ref * dlse).sum()).backward()
 
     rows = slice(rank * chunk, (rank + 1) * chunk)
     local = [x[:, :, rows].to(dtype).requires_grad_() for x in (q, k, v)]
-    out, lse = torch.ops.graphopt.sp_attention(*local, scale, case["causal"], group_name_of(group),
-                                               case["load_balance"])
+    out, lse = torch.ops.graphopt.sp_attention(
+        *local, None if positions is None else positions[:, rows], scale, case["causal"], window,
+        group_name_of(group), case["load_balance"], case.get("split_diagonal", True), "auto",
+        30.0)
     loss = (out.float() * dout[:, :, rows].float()).sum()
     if case.get("lse_grad", True):
         loss = loss + (lse * dlse[:, :, rows].float()).sum()
@@ -168,12 +197,13 @@ def _through_kernel_contract(rank: int, groups, cases: list[dict]) -> tuple[list
 
 def _run_op_checks(rank: int, groups, cases: list[dict]) -> dict:
     import graphopt.ops.sp_attention as sp
-    from graphopt import config
     errors = [_op_case(rank, groups[case["world"]], case["world"], case)
               for case in cases if rank < case["world"]]
-    with config.patch(sp_split_diagonal=False):  # the diagonal whole: first / last
-        errors_whole = [_op_case(rank, groups[case["world"]], case["world"], case)
-                        for case in cases if rank < case["world"]]
+    errors_whole = [_op_case(rank, groups[case["world"]], case["world"],  # diagonal whole
+                             dict(case, split_diagonal=False))
+                    for case in cases if rank < case["world"]]
+    masked = [(case, _op_case(rank, groups[case["world"]], case["world"], case))
+              for case in _masked_cases() if rank < case["world"]]
     contract_errors, contract_bf16, contract_calls = _through_kernel_contract(rank, groups, cases)
     examples = _hypothesis_cases(rank, groups)
     original = sp.attention_block_forward
@@ -183,7 +213,23 @@ def _run_op_checks(rank: int, groups, cases: list[dict]) -> dict:
     sp.attention_block_forward = original
     return dict(errors=errors, errors_whole=errors_whole, examples=examples, with_policy=with_policy,
                 without_policy=without_policy, contract_errors=contract_errors,
-                contract_bf16=contract_bf16, contract_calls=contract_calls)
+                contract_bf16=contract_bf16, contract_calls=contract_calls, masked=masked)
+
+
+def _masked_cases() -> list[dict]:
+    """P = 2, 3, 4 x sliding window (narrower and wider than a chunk) / packed documents (one row of
+    position ids for the batch, or one per row) / both, balanced or not, GQA."""
+    cases = []
+    for world in (2, 3, 4):
+        for seed, (window, documents, shared, load_balance) in enumerate((
+                (3, False, False, True), (9, False, False, False), (0, True, True, True),
+                (0, True, False, True), (5, True, False, False))):
+            cases.append(dict(world=world, causal=True, load_balance=load_balance, hq=4, hkv=2,
+                              batch=2, chunk=6, dim=8, scale=0.3, seed=seed + 10, window=window,
+                              documents=documents, shared_documents=shared))
+        cases.append(dict(world=world, causal=True, load_balance=True, hq=4, hkv=2, batch=2,
+                          chunk=8, dim=8, scale=0.3, seed=20, documents="front_loaded"))
+    return cases
 
 
 def _grid_cases() -> list[dict]:
@@ -217,6 +263,15 @@ def test_blocks_routed_to_cudnn_keep_outputs_and_gradients_exact(op_checks):
     assert worst < 2e-5, errors
     bf16 = [e for rank in op_checks for e in rank["contract_bf16"]]
     assert len(bf16) == len(errors) and max(max(e.values()) for e in bf16) < 5e-2, bf16
+
+
+def test_sliding_window_and_documents_match_full_attention(op_checks):
+    """With a window and/or packed documents (position ids sharded with the sequence), every rank's
+    output, LSE and gradients equal float64 attention with the mask written out."""
+    results = [r for rank in op_checks for r in rank["masked"]]
+    assert len(results) == 6 * (2 + 3 + 4)
+    for case, errors in results:
+        assert max(errors.values()) < 2e-5, (case, errors)
 
 
 def test_sp_attention_hypothesis_shapes_world_sizes_gqa(op_checks):
@@ -281,20 +336,43 @@ def _run_llama_checks(rank: int, groups) -> dict:
     return results
 
 
-def _unequal_chunks(rank: int, group) -> str:
-    from graphopt.ops.sp_attention import sp_attention
-    q = torch.randn(1, 2, 4 + rank, 8)  # rank 1 holds one more position than rank 0
+def _unequal_chunks(rank: int, group) -> tuple[str, float]:
+    """The issue's case: both ranks ran 32-token chunks, then get 33 and 32 tokens."""
+    from graphopt.ops.sp_attention import SequenceParallelError, sp_attention
+    q = torch.randn(1, 2, 32, 8)
+    sp_attention(q, q, q, causal=True, group=group)
+    q = torch.randn(1, 2, 33 - rank, 8)
+    start = time.monotonic()
     try:
         sp_attention(q, q, q, causal=True, group=group)
-    except ValueError as err:
-        return str(err)
-    return "no error"
+    except SequenceParallelError as err:
+        return str(err), time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+def _absent_peer(rank: int, group) -> tuple[str, float]:
+    """Rank 1 skips an attention rank 0 makes (another graph, say): rank 0 gives up in seconds."""
+    from graphopt.distributed.p2p import PeerTimeout
+    from graphopt.ops.sp_attention import sp_attention
+    if rank == 1:
+        time.sleep(4)
+        return "skipped", 0.0
+    q = torch.randn(1, 2, 8, 8)
+    start = time.monotonic()
+    try:
+        sp_attention(q, q, q, causal=True, group=group, peer_timeout_s=2.0)
+    except PeerTimeout as err:
+        return str(err), time.monotonic() - start
+    return "no error", time.monotonic() - start
 
 
 def _run_all_checks(rank: int, world: int, cases: list[dict]) -> dict:
     groups = _subgroups()  # once: every rank must create the same groups in the same order
-    return {"op": _run_op_checks(rank, groups, cases), "llama": _run_llama_checks(rank, groups),
-            "unequal": _unequal_chunks(rank, groups[2]) if rank < 2 else None}
+    results = {"op": _run_op_checks(rank, groups, cases), "llama": _run_llama_checks(rank, groups),
+               "unequal": _unequal_chunks(rank, groups[2]) if rank < 2 else None}
+    # Last: after a peer is given up on, the group is not used again.
+    results["absent"] = _absent_peer(rank, groups[2]) if rank < 2 else None
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +409,15 @@ def test_compiled_llama_backward_never_runs_attention_forward(llama_checks):
 
 
 
-def test_unequal_chunks_are_an_error_that_names_the_fix(checks):
-    messages = [rank["unequal"] for rank in checks[:2]]
-    assert all("chunks of different lengths (4 to 5" in m and "shard_sequence" in m
-               for m in messages), messages
+def test_unequal_chunks_fail_on_every_rank_at_once_naming_the_fix(checks):
+    """Both ranks ran 32-token chunks, then got 33 and 32: every rank raises, in well under the
+    10 s budget (no rank skips the check: it runs on every call)."""
+    for message, seconds in (rank["unequal"] for rank in checks[:2]):
+        assert "positions per rank: rank 0 33, rank 1 32" in message, message
+        assert "shard_sequence" in message and seconds < 10
+
+
+def test_a_rank_skipping_an_attention_is_a_graphopt_error_within_seconds(checks):
+    message, seconds = checks[0]["absent"]
+    assert "waited 2 s" in message and "sp_peer_timeout_s" in message, message
+    assert 2 <= seconds < 10

@@ -171,3 +171,61 @@ def test_autotuned_launch_matches_the_default_config(monkeypatch):
                                                                   scale=0.09, causal=True)
     for a, b in zip(results[False], results[True]):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("forward, backward", [
+    ("pointer", "two_pass"), ("tma", "atomic_dq_tma"), ("tma_ws", "atomic_dq"),
+    ("tma_persistent", "atomic_dq_tma")])
+def test_kernel_variants_match_float64(forward, backward, dtype):
+    """Every variant on the GPU (TMA loads and reductions, warp specialisation, persistent tiles,
+    dQ by atomics): ragged lengths, GQA, offsets, a window, documents, and ring-step dQ
+    accumulation into a float32 buffer."""
+    from graphopt.kernels.flash_attention_bwd import flash_attention_backward
+    from graphopt.kernels.flash_attention_fwd import flash_attention_forward
+    from graphopt.ops.attention import document_bounds
+    fwd_tol, bwd_tol = tolerances(dtype)
+    lengths = [100, 37, 400, 230]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    row_start, col_stop = document_bounds(positions)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].cuda()
+    for seqlen_q, seqlen_k, q_offset, k_offset, window, docs in [
+            (300, 500, 200, 0, 0, False), (640, 767, 0, 0, 0, True), (333, 401, 300, 100, 129, True),
+            (256, 256, 0, 0, 64, False)]:
+        q, k, v = make_qkv(1, 8, 2, seqlen_q, seqlen_k, 128, dtype, seed=seqlen_q)
+        masks = dict(window=window)
+        if docs:
+            masks.update(row_start=row_start[:, q_offset:q_offset + seqlen_q],
+                         col_stop=col_stop[:, k_offset:k_offset + seqlen_k])
+        scale = 1.0 / math.sqrt(128)
+        qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+        s = qd @ kd.repeat_interleave(4, 1).transpose(-1, -2) * scale
+        q_pos = torch.arange(seqlen_q, device="cuda") + q_offset
+        k_pos = torch.arange(seqlen_k, device="cuda") + k_offset
+        hidden = k_pos[None, :] > q_pos[:, None]
+        if window:
+            hidden |= q_pos[:, None] - k_pos[None, :] >= window
+        if docs:
+            hidden |= ids[0, q_pos][:, None] != ids[0, k_pos][None, :]
+        s = s.masked_fill(hidden, float("-inf"))
+        lse_ref = torch.logsumexp(s, -1)
+        out_ref = torch.softmax(s, -1).nan_to_num(0.0) @ vd.repeat_interleave(4, 1)
+        dout = torch.randn_like(q)
+        grads_ref = torch.autograd.grad(out_ref, (qd, kd, vd), dout.double())
+        fwd_masks = {key: value for key, value in masks.items() if key != "col_stop"}
+        out, lse = flash_attention_forward(q, k, v, scale=scale, causal=True, q_offset=q_offset,
+                                           k_offset=k_offset, variant=forward, **fwd_masks)
+        torch.testing.assert_close(out.double(), out_ref.detach(), **fwd_tol)
+        assert_lse_close(lse, lse_ref.detach())
+        grads = flash_attention_backward(q, k, v, out_ref.detach().to(dtype), lse_ref.float(),
+                                         dout, scale=scale, causal=True, q_offset=q_offset,
+                                         k_offset=k_offset, variant=backward, **masks)
+        for grad, grad_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(grad.double(), grad_ref, **bwd_tol)
+        # A ring step: dQ added into a float32 accumulator that already holds a partial sum.
+        dq_acc = torch.ones(q.shape, dtype=torch.float32, device="cuda")
+        dq, _, _ = flash_attention_backward(
+            q, k, v, out_ref.detach().to(dtype), lse_ref.float(), dout, scale=scale, causal=True,
+            q_offset=q_offset, k_offset=k_offset, variant=backward, dq_acc=dq_acc, **masks)
+        assert dq is dq_acc
+        torch.testing.assert_close(dq.double() - 1.0, grads_ref[0], **bwd_tol)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 
-def _errors(rank: int, world: int, causal: bool, load_balance: bool, hkv: int) -> float:
+def _errors(rank: int, world: int, causal: bool, load_balance: bool, hkv: int,
+            kernel: str) -> float:
     from graphopt.ops.sp_attention import sp_attention
     gen = torch.Generator(device="cuda").manual_seed(0)
     heads, seq, dim = 8, 1024 * world, 64
@@ -31,7 +32,7 @@ def _errors(rank: int, world: int, causal: bool, load_balance: bool, hkv: int) -
     reference = attend([x.float().requires_grad_() for x in (q, k, v)], dout.float())
     baseline = attend([x.clone().requires_grad_() for x in (q, k, v)], dout)
     mine = [x[:, :, chunk].clone().requires_grad_() for x in (q, k, v)]
-    out = sp_attention(*mine, causal=causal, load_balance=load_balance)
+    out = sp_attention(*mine, causal=causal, load_balance=load_balance, kernel=kernel)
     out.backward(dout[:, :, chunk])
     ratios = []
     for ours, base, ref in zip([out] + [x.grad for x in mine], baseline, reference):
@@ -43,9 +44,7 @@ def _errors(rank: int, world: int, causal: bool, load_balance: bool, hkv: int) -
 
 
 def _run(rank: int, world: int, kernel: str) -> list[float]:
-    from graphopt import config
-    config.attention_kernel = kernel
-    return [_errors(rank, world, causal, balance, hkv)
+    return [_errors(rank, world, causal, balance, hkv, kernel)
             for causal, balance, hkv in ((True, True, 8), (True, True, 2), (True, False, 2),
                                          (False, True, 8))]
 

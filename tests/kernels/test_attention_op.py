@@ -147,6 +147,37 @@ def test_flash_attention_op_passes_opcheck():
     q, k, v = make_qkv(1, 2, 1, 5, 7, 8, seed=4)
     args = tuple(x.requires_grad_() for x in (q, k, v)) + (0.5, True)
     torch.library.opcheck(torch.ops.graphopt.flash_attention, args)
+    q, k, v = make_qkv(2, 2, 1, 7, 7, 8, seed=4)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1]])
+    args = tuple(x.requires_grad_() for x in (q, k, v)) + (0.5, True, 2, positions, "auto")
+    torch.library.opcheck(torch.ops.graphopt.flash_attention, args)
+
+
+def test_flash_attention_op_with_window_and_documents_matches_float64():
+    """Documents from position ids that restart (any value that does not continue the previous
+    position starts one), a window, GQA, a batch with one row of documents each."""
+    q, k, v = make_qkv(2, 4, 2, 12, 12, 8, seed=8)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 7, 8, 9, 10, 11],
+                              [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+    ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2], [0] * 12])
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = flash_attention(q, k, v, scale=0.4, causal=True, window=4, positions=positions)
+    weight = torch.randn_like(lse)
+    (out.square().sum() + (lse * weight).sum()).backward()
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out_ref, lse_ref = plain_attention(qd, kd, vd, 0.4, True, window=4, documents=ids)
+    (out_ref.square().sum() + (lse_ref * weight.double()).sum()).backward()
+    torch.testing.assert_close(out.double(), out_ref, **TOL)
+    for x, x_ref in zip((q, k, v), (qd, kd, vd)):
+        torch.testing.assert_close(x.grad.double(), x_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_document_bounds_follow_position_resets():
+    from graphopt.ops.attention import document_bounds
+    row_start, col_stop = document_bounds(torch.tensor([[3, 4, 0, 1, 2, 9, 0], [0, 1, 2, 3, 4,
+                                                                                5, 6]]))
+    assert row_start.tolist() == [[0, 0, 2, 2, 2, 5, 6], [0] * 7]
+    assert col_stop.tolist() == [[2, 2, 5, 5, 5, 6, 7], [7] * 7]
 
 
 def test_flash_attention_op_traces_under_torch_compile():

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from attention_reference import plain_attention
 
 import graphopt.ops.attention as attention
-from graphopt import config
 
 
 def _repeat(q, k, v):
@@ -170,11 +169,15 @@ def test_grouped_heads_reach_cudnn_unrepeated_or_repeated_where_refused(monkeypa
         assert heads_seen == [2, 2, 2, 2] and "grouped" not in caplog.text
 
 
-def test_lse_gradient_or_triton_config_keeps_graphopt_kernels(stand_in):
+def test_lse_gradient_triton_kernel_or_a_mask_keeps_graphopt_kernels(stand_in):
     q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
-    with config.patch(attention_kernel="triton"):
-        out, lse = attention.attention_block_forward(q, k, v, scale=0.5, causal=True)
-        assert not attention.uses_cudnn(q, k, True, 0, 0) and not attention.cudnn_eligible(q, k)
+    out, lse = attention.attention_block_forward(q, k, v, scale=0.5, causal=True, kernel="triton")
+    assert not attention.uses_cudnn(q, k, True, 0, 0, kernel="triton")
+    assert not attention.cudnn_eligible(q, k, "triton")
+    attention.attention_block_forward(q, k, v, scale=0.5, causal=True, window=3)
+    attention.attention_block_forward(q, k, v, scale=0.5, causal=True,
+                                      row_start=torch.zeros(1, 8, dtype=torch.int32))
+    assert not attention.cudnn_eligible(q, k, masked=True)
     dout = torch.randn(q.shape)
     delta = attention.attention_delta(out, dout) - torch.randn(lse.shape)
     attention.attention_block_backward(q, k, v, out, lse, dout, scale=0.5, causal=True,

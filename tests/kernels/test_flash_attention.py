@@ -168,6 +168,94 @@ def test_interpreted_kernels_accept_row_views():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def random_documents(batch, length, generator):
+    """(position ids restarting at each document, document id per position), [batch, length]."""
+    positions, ids = torch.zeros(batch, length, dtype=torch.long), torch.zeros(batch, length,
+                                                                              dtype=torch.long)
+    for b in range(batch):
+        cuts = sorted(torch.randperm(length - 1, generator=generator)[:3].add(1).tolist())
+        for doc, (lo, hi) in enumerate(zip([0] + cuts, cuts + [length])):
+            positions[b, lo:hi] = torch.arange(hi - lo)
+            ids[b, lo:hi] = doc
+    return positions, ids
+
+
+@interpreted
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), window=st.sampled_from([0, 1, 5, 17]), documents=st.booleans(),
+       shared_documents=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       q_start=st.integers(0, 30), k_start=st.integers(0, 30), seqlen_q=st.integers(1, 35),
+       seqlen_k=st.integers(1, 35))
+def test_interpreted_window_and_document_masks(seed, window, documents, shared_documents, dtype,
+                                              q_start, k_start, seqlen_q, seqlen_k):
+    """A block of rows [q_start, +Sq) against keys [k_start, +Sk) of a 70-token sequence, with a
+    sliding window and/or packed documents: both kernels and the reference path equal float64
+    attention, forward and backward (blocks whose rows see no key give out 0, lse -inf)."""
+    from graphopt.ops.attention import (attention_block_backward, attention_block_forward,
+                                        document_bounds)
+    if not window and not documents:
+        window = 3
+    gen = torch.Generator().manual_seed(seed)
+    batch = 2
+    q, k, v = make_qkv(batch, 4, 2, seqlen_q, seqlen_k, 16, dtype, seed)
+    positions, ids = random_documents(1 if shared_documents else batch, 70, gen)
+    rows, cols = slice(q_start, q_start + seqlen_q), slice(k_start, k_start + seqlen_k)
+    masks = dict(window=window)
+    if documents:
+        row_start, col_stop = document_bounds(positions)
+        masks.update(row_start=row_start[:, rows], col_stop=col_stop[:, cols])
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    out_ref, lse_ref = plain_attention(qd, kd, vd, 0.3, True, q_start, k_start, window,
+                                       ids.expand(batch, -1) if documents else None)
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    grads_ref = torch.autograd.grad(out_ref, (qd, kd, vd), dout.double())
+    grad_tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for impl in ("triton", "reference"):
+        forward_masks = {key: value for key, value in masks.items() if key != "col_stop"}
+        out, lse = attention_block_forward(q, k, v, scale=0.3, causal=True, q_offset=q_start,
+                                           k_offset=k_start, impl=impl, **forward_masks)
+        torch.testing.assert_close(out.double(), out_ref.detach(), **tolerance(dtype))
+        assert_lse_close(lse, lse_ref.detach())
+        grads = attention_block_backward(q, k, v, out_ref.detach().to(dtype), lse_ref.float(),
+                                         dout, scale=0.3, causal=True, q_offset=q_start,
+                                         k_offset=k_start, impl=impl, **masks)
+        for grad, grad_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(grad.double(), grad_ref, **grad_tol)
+
+
+@interpreted
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), window=st.sampled_from([0, 6, 20]), documents=st.booleans(),
+       q_offset=st.integers(0, 20), k_offset=st.integers(0, 20))
+def test_interpreted_key_block_ranges_are_exactly_the_visible_blocks(seed, window, documents,
+                                                                     q_offset, k_offset):
+    """The key blocks a query block walks are those holding a key one of its rows sees (hidden
+    blocks are skipped, not masked), and the unmasked middle ones are seen whole by every row."""
+    import triton
+    from key_ranges import key_ranges_kernel
+
+    from graphopt.ops.attention import _allowed, document_bounds
+
+    if not window and not documents:
+        window = 6
+    seqlen_q, seqlen_k, block = 40, 40, 8
+    positions, _ = random_documents(1, 64, torch.Generator().manual_seed(seed))
+    row_start = document_bounds(positions)[0][:, q_offset:q_offset + seqlen_q].contiguous()
+    out = torch.zeros(triton.cdiv(seqlen_q, block), 4, dtype=torch.int32)
+    key_ranges_kernel[(out.shape[0],)](out, row_start, q_offset, k_offset, seqlen_q, seqlen_k, window,
+                                       BLOCK_M=block, BLOCK_N=block, HAS_WINDOW=window > 0,
+                                       HAS_ROW_START=documents)
+    seen = _allowed(seqlen_q, seqlen_k, True, q_offset, k_offset, torch.device("cpu"), window,
+                    row_start if documents else None).reshape(seqlen_q, seqlen_k)
+    for program, (start, full_start, full_stop, stop) in enumerate(out.tolist()):
+        rows = seen[program * block:(program + 1) * block]
+        blocks = [j for j in range(0, seqlen_k, block) if rows[:, j:j + block].any()]
+        walked = list(range(start, stop, block))
+        assert walked == blocks, (program, walked, blocks)
+        for j in range(full_start, full_stop, block):
+            assert rows[:, j:j + block].all()
+
+
 @interpreted
 def test_interpreted_fused_merge_matches_the_torch_merge():
     """The one-pass merge used after cuDNN blocks, into row views, with rows that saw no key."""
@@ -232,3 +320,112 @@ def test_interpreted_merge_of_partial_results_matches_the_torch_merge(count):
     torch.testing.assert_close(out, out_acc.half(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, lse_acc, atol=1e-5, rtol=1e-5)
     assert torch.isneginf(lse[:, :, :2]).all() and (out[:, :, :2] == 0).all()
+
+
+VARIANT_CASES = [
+    # batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, q_offset, k_offset, window, docs
+    (1, 4, 2, 37, 45, 64, torch.float32, 8, 0, 0, False),     # GQA, ragged, causal with offset
+    (1, 2, 1, 33, 21, 32, torch.float16, 0, 12, 0, False),    # fp16, offset keys
+    (2, 2, 1, 40, 40, 16, torch.float32, 0, 0, 7, True),      # window and documents
+    (1, 2, 2, 24, 30, 32, torch.float16, 30, 4, 5, False),    # rows past every key's window
+]
+
+
+@interpreted
+@pytest.mark.parametrize("forward, backward", [
+    ("pointer", "two_pass"), ("tma", "atomic_dq_tma"), ("tma_ws", "atomic_dq"),
+    ("tma_persistent", "atomic_dq_tma")])
+def test_interpreted_kernel_variants_match_float64(forward, backward, monkeypatch):
+    """Every forward and backward variant computes the same attention: TMA descriptor loads,
+    warp-specialised and persistent loops, dQ by atomics (float32, added over key blocks); the
+    grouped tile order with one head per group (an L2 budget below one head's K/V)."""
+    from graphopt.kernels import flash_attention_fwd, launch_counts
+    monkeypatch.setattr(flash_attention_fwd, "L2_BUDGET_BYTES", 1)
+    from graphopt.kernels.flash_attention_bwd import flash_attention_backward
+    from graphopt.kernels.flash_attention_fwd import flash_attention_forward
+    from graphopt.ops.attention import document_bounds
+    for case in VARIANT_CASES:
+        batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, q_offset, k_offset, \
+            window, docs = case
+        q, k, v = make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, seed=5)
+        masks, ids = {}, None
+        if docs:
+            positions, ids = random_documents(batch, 80, torch.Generator().manual_seed(6))
+            row_start, col_stop = document_bounds(positions)
+            masks = dict(row_start=row_start[:, q_offset:q_offset + seqlen_q],
+                         col_stop=col_stop[:, k_offset:k_offset + seqlen_k])
+        qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+        out_ref, lse_ref = plain_attention(qd, kd, vd, 0.3, True, q_offset, k_offset, window, ids)
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+        grads_ref = torch.autograd.grad(out_ref, (qd, kd, vd), dout.double())
+        before = dict(launch_counts)
+        out, lse = flash_attention_forward(
+            q, k, v, scale=0.3, causal=True, q_offset=q_offset, k_offset=k_offset, window=window,
+            row_start=masks.get("row_start"), variant=forward)
+        torch.testing.assert_close(out.double(), out_ref.detach(), **tolerance(dtype))
+        assert_lse_close(lse, lse_ref.detach())
+        grads = flash_attention_backward(
+            q, k, v, out_ref.detach().to(dtype), lse_ref.float(), dout, scale=0.3, causal=True,
+            q_offset=q_offset, k_offset=k_offset, window=window, variant=backward, **masks)
+        grad_tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else \
+            dict(atol=2e-2, rtol=2e-2)
+        for grad, grad_ref in zip(grads, grads_ref):
+            assert grad.dtype == dtype
+            torch.testing.assert_close(grad.double(), grad_ref, **grad_tol)
+        for name in (f"triton_forward:{forward}", f"triton_backward:{backward}"):
+            assert launch_counts[name] == before.get(name, 0) + 1
+
+
+@interpreted
+def test_interpreted_defaults_fall_back_where_tma_cannot_address_the_tensors():
+    """Head dims that are no power of two (96: padded tiles) and row strides that are no 16-byte
+    multiple (D = 20 in float16 = 40 bytes) run the pointer kernels by default; forcing a TMA
+    variant there is refused with the way out; a negative scale (no FMA softmax) still computes
+    the right function."""
+    from graphopt.kernels import launch_counts
+    from graphopt.kernels.flash_attention_bwd import flash_attention_backward
+    from graphopt.kernels.flash_attention_fwd import flash_attention_forward
+    for head_dim in (96, 20):
+        q, k, v = make_qkv(1, 2, 1, 19, 23, head_dim, torch.float16, seed=8)
+        before = dict(launch_counts)
+        out, lse = flash_attention_forward(q, k, v, scale=-0.2, causal=True)
+        flash_attention_backward(q, k, v, out, lse, torch.ones_like(q), scale=-0.2, causal=True)
+        assert launch_counts["triton_forward:pointer"] == before.get("triton_forward:pointer",
+                                                                     0) + 1
+        assert launch_counts["triton_backward:atomic_dq"] == before.get(
+            "triton_backward:atomic_dq", 0) + 1
+        expected, _ = plain_attention(q, k, v, -0.2, True)
+        torch.testing.assert_close(out.double(), expected, **tolerance(torch.float16))
+    with pytest.raises(ValueError, match="TMA descriptors"):
+        flash_attention_forward(q, k, v, scale=0.2, causal=True, variant="tma")
+    # Deterministic mode: the backward without atomics.
+    before = launch_counts["triton_backward:two_pass"]
+    torch.use_deterministic_algorithms(True)
+    try:
+        flash_attention_backward(q, k, v, out, lse, torch.ones_like(q), scale=-0.2, causal=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launch_counts["triton_backward:two_pass"] == before + 1
+    q, k, v = make_qkv(1, 2, 1, 19, 23, 32, torch.float32, seed=8)
+    out, _ = flash_attention_forward(q, k, v, scale=-0.2, causal=False, variant="tma")
+    torch.testing.assert_close(out.double(), plain_attention(q, k, v, -0.2, False)[0],
+                               **tolerance(torch.float32))
+
+
+@interpreted
+@pytest.mark.parametrize("query_blocks, batch_heads, head_group", [(5, 7, 3), (4, 6, 6), (3, 5, 1)])
+def test_interpreted_grouped_tile_order(query_blocks, batch_heads, head_group):
+    """The grouped order visits every (query block, head) once; within a group of heads the
+    longest (last, causal) query blocks of every head come before any shorter one."""
+    from key_ranges import tile_order_kernel
+    tiles = query_blocks * batch_heads
+    out = torch.zeros(tiles, 2, dtype=torch.int32)
+    tile_order_kernel[(tiles,)](out, query_blocks, batch_heads, head_group, CAUSAL=True)
+    order = [tuple(pair) for pair in out.tolist()]
+    assert sorted(order) == [(m, bh) for m in range(query_blocks) for bh in range(batch_heads)]
+    for first in range(0, batch_heads, head_group):
+        heads = range(first, min(first + head_group, batch_heads))
+        section = [pair for pair in order if pair[1] in heads]
+        assert [m for m, _ in section] == sorted((m for m, _ in section), reverse=True)
+        start = order.index(section[0])
+        assert order[start:start + len(section)] == section  # a group's tiles run together

@@ -296,3 +296,22 @@ def test_a_patch_active_at_the_first_call_binds_and_does_not_warn(no_earlier_pat
             covered = torch.compile(_tiny_model(), backend=graphopt.backend(codegen="eager",
                                                                             memory_budget=0.5))
         covered(torch.randn(4, 8))
+
+
+def test_a_profile_calibrate_writes_without_a_gpu_is_accepted(tmp_path):
+    """calibrate writes null for the rates it cannot measure on a CPU (attention, sustained GEMM);
+    such a profile loads, while null in a figure every profile has is still refused."""
+    import dataclasses
+    import json
+
+    from graphopt.analysis.device_profile import CPU
+
+    figures = dataclasses.asdict(CPU)
+    figures.update(attention_tflops=None, sustained_matmul_tflops=None)
+    profile = tmp_path / "cpu_profile.json"
+    profile.write_text(json.dumps(figures))
+    assert config.snapshot(device_profile=str(profile)).device_profile == str(profile)
+    figures["hbm_gbps"] = None
+    profile.write_text(json.dumps(figures))
+    with pytest.raises(config.ConfigError, match=r"keys \['hbm_gbps'\] are not finite numbers"):
+        config.patch(device_profile=str(profile))

@@ -90,7 +90,8 @@ def test_overlap_decisions_render_as_a_table_with_the_chosen_mode_marked():
 def test_plan_recorded_as_the_planner_pass_renders_like_the_note():
     """Where the pipeline records the planner as a pass of the partition stage, its stats carry
     the plan: the index and the page show it the same way."""
-    plan = {"budget_bytes": 1000, "planned_peak_bytes": 1200, "min_cut_peak_bytes": 1500,
+    plan = {"memory_budget": 1100, "budget_bytes": 1000, "planned_peak_bytes": 1200,
+            "planned_step_peak_bytes": 1300, "inputs_bytes": 100, "min_cut_peak_bytes": 1500,
             "feasible": False, "refusals": ["no plan fits the budget"],
             "table": [{"tensor": "relu", "action": "recompute", "bytes": 512, "recompute_s": 2e-6},
                       {"tensor": "mm", "action": "save", "bytes": 256}]}
@@ -99,7 +100,7 @@ def test_plan_recorded_as_the_planner_pass_renders_like_the_note():
     summary = _summary([entry])
     assert pages.remat_plan(summary) is plan
     page = pages.graph_page(summary, {}, {}, {"joint": {"relu": {"shape": [4, 128]}}}, set())
-    assert "MISSES the budget of 1000 B by 200 B" in page
+    assert "step peak 1.27 KiB with the graph&#x27;s inputs, budget 1.07 KiB -- MISSED by 200 B" in page
     assert "<td>relu</td><td>recompute</td><td class='num'>512 B</td><td>[4, 128]</td>" in page
     assert "2.0 us" in page
     index = pages.index_page([("rank0/g", summary)])

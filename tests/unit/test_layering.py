@@ -27,7 +27,9 @@ FLOORS: list[tuple[str, ...]] = [
     ("debug", "measure", "ops"),           # dumps; measurement on the device; custom ops
     ("passes",),                           # graph rewrites and the pass manager
     ("backends",),                         # the torch.compile backend: the pipeline driver
-    ("__init__", "models"),                # `import graphopt`; the reference Llama
+    ("models",),                           # the reference Llama
+    ("planning",),                         # the layout planner, and applying its plan
+    ("__init__",),                         # `import graphopt` (graphopt.parallelize: the planner's)
     ("demo",),                             # `python -m graphopt demo`
     ("__main__",),                         # the command line
 ]

@@ -122,3 +122,27 @@ def test_link_slack_gives_each_copy_more_time_and_the_plan_fewer_bytes():
     assert config.snapshot().offload_link_slack > 0  # the default plans with slack
     with pytest.raises(config.ConfigError, match="offload_link_slack"):
         config.snapshot(offload_link_slack=-0.1)
+
+
+def test_copy_points_wait_where_the_d2h_queue_is_done_and_reload_as_late_as_the_h2d_queue_allows():
+    # 10 forward steps of 1 ms; a (1 MB = 1 ms) is written by step 0, b (2 MB) by step 1, both last
+    # read at step 2: a's copy ends at 2 ms, b's (queued behind it) at 4 ms.
+    forward = [1e-3] * 10
+    backward = [1e-3] * 10
+    copies = [offload_model.Copy("a", 1_000_000, produced=0, last_read=2, first_use=6),
+              offload_model.Copy("b", 2_000_000, produced=1, last_read=2, first_use=3)]
+    points, stall = offload_model.copy_points(forward, backward, copies, LINK)
+    assert points["a"][0] == 3   # done at 2 ms, but read until step 2
+    assert points["b"][0] == 4   # starts at 2 ms (behind a), done at 4 ms
+    # backward: b is needed at 3 ms and takes 2 ms: issued at step 1; a at 6 ms: issued at step 5
+    assert points["b"][1] == 1 and points["a"][1] == 5
+    assert stall == 0.0
+
+
+def test_copy_points_put_a_late_copy_at_the_ends_and_count_its_stall():
+    copies = [offload_model.Copy("a", 3_000_000, produced=0, last_read=0, first_use=1)]
+    points, stall = offload_model.copy_points([1e-3] * 2, [1e-3] * 3, copies, LINK)
+    # 3 ms of copy in a 2 ms forward: the wait is at the forward's end (index 2), 2 ms late;
+    # the reload is due 1 ms into the backward: issued at its start, 2 ms late
+    assert points["a"] == (2, 0)
+    assert stall == pytest.approx(2e-3 + 2e-3)

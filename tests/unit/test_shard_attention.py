@@ -1,4 +1,5 @@
-"""shard_attention on Dynamo graphs: which attentions become graphopt::sp_attention, which stay.
+"""shard_attention on Dynamo graphs: every attention becomes graphopt::sp_attention, or the compile
+fails naming it; only attentions declared local stay.
 
 A one-process gloo group makes sp_attention plain attention over the local sequence, so every
 rewritten graph is also checked numerically against the original module.
@@ -17,7 +18,7 @@ import graphopt
 import graphopt.ops.sp_attention  # noqa: F401  registers graphopt::sp_attention
 from graphopt.distributed.launch import free_port
 from graphopt.passes.manager import PassContext
-from graphopt.passes.shard_attention import shard_attention
+from graphopt.passes.shard_attention import UnshardedAttentionError, shard_attention
 
 SP_ATTENTION = torch.ops.graphopt.sp_attention.default
 B, H, HKV, S, D = 2, 4, 2, 8, 16
@@ -35,9 +36,10 @@ def _capture(fn, *args):
     return captured[0]
 
 
-def _run_pass(fn, *args):
+def _run_pass(fn, *args, **flags):
     gm, inputs = _capture(fn, *args)
-    ctx = PassContext("pre_grad", graphopt.config.snapshot(sequence_parallel_attention=True), "t")
+    ctx = PassContext("pre_grad", graphopt.config.snapshot(sequence_parallel_attention=True,
+                                                           **flags), "t")
     result = shard_attention(gm, ctx)
     result.graph_module.recompile()
     return result, inputs
@@ -73,19 +75,19 @@ def _check_rewritten(fn, args, *, causal, scale, kv_heads, atol=1e-5):
     gm = result.graph_module
     assert result.modified and result.matched == 1 and not result.refusals
     (node,) = _sp_nodes(gm)
-    assert node.args[3] == pytest.approx(scale) and node.args[4] is causal
+    assert node.args[4] == pytest.approx(scale) and node.args[5] is causal
     assert node.args[1].meta["example_value"].shape[1] == kv_heads  # only Hkv heads travel
     assert "val" in node.meta and "example_value" in node.meta
     torch.testing.assert_close(gm(*inputs)[0], fn(*args), atol=atol, rtol=1e-4)
     return gm
 
 
-def test_without_torch_distributed_attention_is_left_alone():
+def test_without_torch_distributed_the_compile_fails_naming_the_fix():
     """Runs before the module's process group exists (file order)."""
     if dist.is_initialized():
         pytest.skip("a process group from another test module is still initialised")
-    result, _ = _run_pass(_sdpa_gqa, *_qkv())
-    assert not result.modified and "init_process_group" in result.refusals[0]
+    with pytest.raises(UnshardedAttentionError, match="init_process_group"):
+        _run_pass(_sdpa_gqa, *_qkv())
 
 
 # --- scaled_dot_product_attention -----------------------------------------------------------------
@@ -163,7 +165,7 @@ def test_decomposed_attention_becomes_sp_attention(one_rank_group, fn, causal, s
     assert out.meta["example_value"].dtype == fn(*_qkv(hkv=H, dtype=dtype)).dtype
 
 
-# --- refusals: the graph is left exactly as it was ---------------------------------------------
+# --- never silently local: the compile fails naming the attention ---------------------------------
 
 def _sdpa_dropout(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
@@ -179,7 +181,7 @@ def _decomposed_input_mask(q, k, v, mask):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _decomposed_sliding_window(q, k, v):
+def _decomposed_off_by_one(q, k, v):
     mask = torch.full((S, S), float("-inf")).triu(2)  # one extra diagonal: not causal
     return torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1) @ v
 
@@ -205,28 +207,83 @@ def _cross_attention(q, k, v):
 
 
 @pytest.mark.parametrize("fn, extra, reason", [
-    (_sdpa_dropout, (), "dropout_p=0.1"),
-    (_sdpa_mask, (), "attn_mask"),
-    (_decomposed_input_mask, (torch.zeros(S, S),), "cannot be proven causal"),
-    (_decomposed_sliding_window, (), "cannot be proven causal"),
-    (_decomposed_dropout, (), "dropout"),
+    (_sdpa_dropout, (), "dropout p=0.1"),
+    (_sdpa_mask, (), "cannot be proven"),
+    (_decomposed_input_mask, (torch.zeros(S, S),), "adds data"),
+    (_decomposed_off_by_one, (), "k - q - 1 <= 0"),
+    (_decomposed_dropout, (), "dropout p=0.2"),
     (_probs_returned, (), "used outside"),
     (_scaled_by_tensor, (), "not a positive constant"),
 ])
-def test_unprovable_attention_is_left_alone_with_a_reason(one_rank_group, fn, extra, reason):
+def test_unshardable_attention_fails_the_compile_naming_line_reason_and_fix(one_rank_group, fn,
+                                                                            extra, reason):
     args = _qkv(hkv=H) + extra
     gm, _ = _capture(fn, *args)
-    before = gm.code
     ctx = PassContext("pre_grad", graphopt.config.snapshot(sequence_parallel_attention=True), "t")
+    with pytest.raises(UnshardedAttentionError) as raised:
+        shard_attention(gm, ctx)
+    message = str(raised.value)
+    assert reason in message and "test_shard_attention.py" in message and "fix:" in message
+    assert "sp_local_attention" in message
+
+
+def test_cross_attention_fails_the_compile(one_rank_group):
+    with pytest.raises(UnshardedAttentionError, match="differ in length"):
+        _run_pass(_cross_attention, *_qkv(hkv=H, s_k=2 * S))
+
+
+class _CrossAttention(torch.nn.Module):
+    def forward(self, q, context):
+        return F.scaled_dot_product_attention(q, context, context)
+
+
+class _TwoAttentions(torch.nn.Module):
+    """An encoder attention over a separate (unsharded) context, and a causal self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = _CrossAttention()
+
+    def forward(self, q, k, v, context):
+        local = self.encoder(q, context)
+        return F.scaled_dot_product_attention(local, k, v, is_causal=True)
+
+
+def test_declared_local_attention_is_kept_and_the_rest_rewritten(one_rank_group):
+    q, k, v = _qkv(hkv=H)
+    context = torch.randn(B, H, 3 * S, D)
+    module = _TwoAttentions()
+    with pytest.raises(UnshardedAttentionError, match="differ in length"):
+        _run_pass(module, q, k, v, context)
+    gm, inputs = _capture(module, q, k, v, context)
+    ctx = PassContext("pre_grad", graphopt.config.snapshot(
+        sequence_parallel_attention=True, sp_local_attention=("encoder*",)), "t")
     result = shard_attention(gm, ctx)
-    assert not result.modified and result.matched == 0
-    assert len(result.refusals) == 1 and reason in result.refusals[0], result.refusals
-    assert gm.code == before
+    gm.recompile()
+    assert result.matched == 1 and "kept local" in result.refusals[0]
+    assert F.scaled_dot_product_attention in _targets(gm) and len(_sp_nodes(gm)) == 1
+    torch.testing.assert_close(gm(*inputs)[0], module(q, k, v, context), atol=1e-5, rtol=1e-4)
 
 
-def test_cross_attention_is_refused(one_rank_group):
-    result, _ = _run_pass(_cross_attention, *_qkv(hkv=H, s_k=2 * S))
-    assert not result.modified and "key length" in result.refusals[0]
+def test_backend_flags_reach_the_op_when_it_runs(one_rank_group, monkeypatch):
+    """graphopt.backend(sp_split_diagonal=False, ...) is what the op gets at run time: the pass
+    emits the snapshot's values as arguments; nothing reads graphopt.config then."""
+    import graphopt.ops.sp_attention as sp
+    seen, original = [], sp.sp_attention_forward
+
+    def recorded(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "sp_attention_forward", recorded)
+    compiled = torch.compile(_sdpa_gqa, backend=graphopt.backend(
+        codegen="eager", sequence_parallel_attention=True, sp_split_diagonal=False,
+        attention_kernel="triton", sp_load_balance=False, sp_peer_timeout_s=7))
+    with graphopt.config.patch(sp_split_diagonal=True, attention_kernel="auto"):
+        compiled(*_qkv())
+    assert seen and all(call["split_diagonal"] is False and call["kernel"] == "triton"
+                        and call["load_balance"] is False and call["peer_timeout_s"] == 7.0
+                        for call in seen)
 
 
 def test_sequence_that_does_not_split_evenly_names_the_fix(one_rank_group):
@@ -243,6 +300,9 @@ def test_sequence_that_does_not_split_evenly_names_the_fix(one_rank_group):
 def test_matmuls_that_are_not_attention_are_not_candidates(one_rank_group):
     result, _ = _run_pass(lambda a, b: torch.matmul(torch.relu(a @ b), b), torch.randn(4, 4),
                           torch.randn(4, 4))
+    assert not result.modified and not result.refusals
+    router = torch.nn.Linear(4, 3)
+    result, _ = _run_pass(lambda x: torch.softmax(router(x), -1).topk(2).values, torch.randn(5, 4))
     assert not result.modified and not result.refusals
 
 

@@ -23,13 +23,6 @@ COMMANDS = [line.split("#")[0].strip()
             for line in block.splitlines()
             if line.startswith(("python -m graphopt", "torchrun "))]
 
-# transformers' Llama builds its causal mask as a tensor; until the attention-mask pass proves it
-# causal, sequence-parallel attention cannot rewrite it and --check finds the losses apart.
-_HF_SEQUENCE_PARALLEL = pytest.mark.xfail(
-    strict=True, reason="sequence-parallel attention on transformers' Llama needs the "
-                        "attention-mask pass (issue 21): HF's mask is not proven causal yet")
-
-
 def _run(argv: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
     (cwd / "examples").symlink_to(REPO / "examples")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -100,9 +93,7 @@ def _expect(command: str, done: subprocess.CompletedProcess, folder: pathlib.Pat
 
 
 @pytest.mark.parametrize("command", [
-    pytest.param(c, id=c.replace("torchrun --standalone ", ""),
-                 marks=_HF_SEQUENCE_PARALLEL if "hf_llama.py" in c and "--no-sequence-parallel"
-                 not in c else ()) for c in COMMANDS])
+    pytest.param(c, id=c.replace("torchrun --standalone ", "")) for c in COMMANDS])
 def test_command_runs_as_printed(command, tmp_path):
     done = _run(_argv(command), tmp_path)
     _expect(command, done, tmp_path)

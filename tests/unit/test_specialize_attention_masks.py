@@ -1,0 +1,121 @@
+"""specialize_attention_masks on transformers models compiled as users compile them: proven masks
+become is_causal SDPA or graphopt's masked kernel, numerics stay those of eager, and what cannot
+be proven stays as it was (with the reason in the pass's refusals)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphopt
+from attention_helpers import tiny_model, transformers_version
+from graphopt.debug.dump import compile_summaries
+
+transformers = pytest.importorskip("transformers")
+ISOLATES_DOCUMENTS = BUILDS_SDPA_MASKS = transformers_version() >= (4, 53)  # see attention_helpers
+
+S = 16
+PACKED = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]])
+
+
+def run(model, tokens, **kwargs):
+    """(logits, {name: grad}) of one forward + backward."""
+    model.zero_grad()
+    logits = model(tokens, use_cache=False, **kwargs).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n.removeprefix("_orig_mod."): p.grad.clone()
+                             for n, p in model.named_parameters()}
+
+
+def pass_entries() -> list[dict]:
+    return [p for s in compile_summaries() for p in s["passes"]
+            if p["pass"] == "specialize_attention_masks"]
+
+
+@pytest.mark.parametrize("kind, attn, packed, became", [
+    ("llama", "sdpa", False, "sdpa is_causal"),
+    ("llama", "eager", False, "sdpa is_causal"),
+    ("mistral", "sdpa", False, "graphopt.flash_attention (causal + window 5)"),
+    ("mistral", "eager", True, "graphopt.flash_attention (causal + documents + window 5)"),
+    ("llama", "sdpa", True, "graphopt.flash_attention (causal + documents)"),
+])
+def test_transformers_attention_gets_the_kernel_of_its_mask(kind, attn, packed, became):
+    model = tiny_model(kind, attn)
+    tokens = torch.randint(0, 64, (2, S))
+    kwargs = dict(position_ids=PACKED.expand(2, -1)) if packed else {}
+    expected = run(model, tokens, **kwargs)
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager"))
+    logits, grads = run(compiled, tokens, **kwargs)
+    torch.testing.assert_close(logits, expected[0], atol=1e-5, rtol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[1][name], atol=1e-5, rtol=1e-4)
+    (entry,) = pass_entries()
+    if not ISOLATES_DOCUMENTS:
+        became = became.replace("causal + documents)", "causal)").replace(
+            "causal + documents + ", "causal + ")
+        if became == "graphopt.flash_attention (causal)":
+            became = "sdpa is_causal"
+    if attn == "sdpa" and became == "sdpa is_causal" and not BUILDS_SDPA_MASKS:
+        assert not entry["modified"] and not entry["refusals"], entry
+        return
+    assert entry["stats"]["became"] == {became: 2} and not entry["refusals"], entry
+    assert any("mask" in name for name in entry["removed_nodes"])
+
+
+def test_before_and_after_are_in_the_dump(tmp_path):
+    model = tiny_model("llama", "eager")
+    torch.compile(model, backend=graphopt.backend(codegen="eager", dump_dir=str(tmp_path)))(
+        torch.randint(0, 64, (1, S)), use_cache=False)
+    after = next(tmp_path.rglob("*pre_grad.specialize_attention_masks.py")).read_text()
+    before = next(tmp_path.rglob("*_pre_grad.py")).read_text()
+    assert "softmax" in before and "scaled_dot_product_attention" not in before
+    assert "softmax" not in after and after.count("is_causal = True") == 2
+
+
+def _padding_masked(q, k, v, padding):
+    keep = torch.ones(S, S, dtype=torch.bool).tril() & padding[:, None, None, :].bool()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def _decomposed_with_dropout(q, k, v):
+    mask = torch.full((S, S), float("-inf")).triu(1)
+    probs = F.dropout(torch.softmax(q @ k.transpose(-2, -1) + mask, dim=-1), p=0.2, training=True)
+    return probs @ v
+
+
+@pytest.mark.parametrize("fn, extra, reason", [
+    (_padding_masked, (torch.ones(2, S),), "mask not proven"),
+    (_decomposed_with_dropout, (), "other random numbers"),
+])
+def test_what_cannot_be_specialised_is_left_with_the_reason(fn, extra, reason):
+    args = tuple(torch.randn(2, 2, S, 8) for _ in range(3)) + extra
+    torch.manual_seed(1)
+    expected = fn(*args)
+    torch.manual_seed(1)
+    out = torch.compile(fn, backend=graphopt.backend(codegen="eager"))(*args)
+    torch.testing.assert_close(out, expected)
+    (entry,) = pass_entries()
+    assert not entry["modified"] and reason in entry["refusals"][0], entry["refusals"]
+
+
+def test_the_pass_can_be_switched_off():
+    model = tiny_model("llama", "sdpa")
+    torch.compile(model, backend=graphopt.backend(codegen="eager",
+                                                  specialize_attention_masks=False))(
+        torch.randint(0, 64, (1, S)), use_cache=False)
+    assert pass_entries() == []
+
+
+@pytest.mark.slow
+def test_transformers_llama_through_inductor():
+    """The specialised graph through the default codegen: same logits and gradients as eager."""
+    model = tiny_model("llama", "sdpa")
+    tokens = torch.randint(0, 64, (2, S))
+    expected = run(model, tokens)
+    logits, grads = run(torch.compile(model, backend="graphopt"), tokens)
+    torch.testing.assert_close(logits, expected[0], atol=1e-4, rtol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[1][name], atol=1e-4, rtol=1e-4)
+    (entry,) = pass_entries()
+    assert entry["stats"]["became"] == {"sdpa is_causal": 2}
