@@ -1,7 +1,8 @@
 """Random small models for differential fuzzing of graphopt's passes against eager.
 
 A *case* is a JSON-able dict drawn by ``cases()`` (hypothesis): a model (blocks over a hidden
-state ``h`` of shape [B, S, D]), its dtype and inputs, and the graphopt flags it compiles with::
+state ``h`` of shape [B, S, D]; attention as SDPA, decomposed, or SDPA under a mask built from
+positions), its dtype and inputs, and the graphopt flags it compiles with::
 
     {"seed": 3, "batch": 2, "seq": 8, "dim": 16, "dtype": "float32", "world": 1,
      "blocks": [["norm", "rms"], ["sdpa", 2, true], ["inplace", "slice_mul"], ...],
@@ -37,7 +38,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 # of an activation is caught in float32 and float64 (tests/fuzz: the injected-error test).
 TOLERANCE = {"float64": 1e-9, "float32": 2e-5, "bfloat16": 3e-2}
 # graphopt::sp_attention merges its blocks in float32 whatever the inputs' dtype (its docstring):
-# sequence-parallel cases are held to float32's tolerance at best.
+# sequence-parallel cases are held to float32's tolerance at best (and others, ``tolerance``).
 SEQUENCE_PARALLEL_TOLERANCE = TOLERANCE["float32"]
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
                "sigmoid": torch.sigmoid}
@@ -68,8 +69,9 @@ def cases(world: int = 1, codegen: str = "eager", offload: float = 0.8):
         ["gather_scatter", "all_reduce", "all_reduce_2d", "all_reduce_in_place"]), st.booleans())
     if world > 1:
         blocks = sequence_local + [tp_mlp]
-    else:
-        blocks = sequence_local + [st.tuples(st.just("buffer"), st.just("running"))]
+    else:  # a mask built from positions, as transformers builds one (specialize_attention_masks)
+        masked = st.tuples(st.just("masked_sdpa"), heads, st.sampled_from(["causal", "window", "full"]))
+        blocks = sequence_local + [st.tuples(st.just("buffer"), st.just("running")), masked]
     flags = {
         "memory_budget": st.sampled_from([None, None, 0.1, 0.3, 0.5, 0.8, 1.0, "24KiB"]),
         "offload_activations": st.floats(0, 1).map(lambda u: u < offload),
@@ -87,7 +89,11 @@ def cases(world: int = 1, codegen: str = "eager", offload: float = 0.8):
     block_lists = (st.tuples(st.lists(st.one_of(*blocks), max_size=2), attention, tp_mlp,
                              st.lists(st.one_of(*blocks), max_size=2))
                    .map(lambda parts: parts[0] + [parts[1], parts[2]] + parts[3]) if world > 1
-                   else st.lists(st.one_of(*blocks), min_size=1, max_size=5))
+                   # half of them around an attention under a mask (the mask pass's work)
+                   else st.tuples(st.lists(st.one_of(*blocks), max_size=2),
+                                  st.one_of(masked, st.one_of(*blocks)),
+                                  st.lists(st.one_of(*blocks), max_size=2))
+                   .map(lambda parts: parts[0] + [parts[1]] + parts[2]))
     return st.fixed_dictionaries({
         "seed": st.integers(0, 2**16), "batch": st.integers(1, 2),
         "seq": st.sampled_from([4, 6, 8, 12]) if world > 1 else st.integers(3, 12),
@@ -132,7 +138,7 @@ class FuzzModel(nn.Module):
             layer.linear = nn.Linear(dim, dim)
         elif kind == "view":
             layer.linear = nn.Linear(dim, 2 * dim if block[1] == "glu" else dim)
-        elif kind in ("sdpa", "attention"):
+        elif kind in ("sdpa", "attention", "masked_sdpa"):
             layer.qkv, layer.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         elif kind == "buffer":
             layer.register_buffer("state", 1 + 0.1 * torch.randn(dim) if block[1] == "scale"
@@ -220,6 +226,14 @@ class FuzzModel(nn.Module):
     def _sdpa(self, layer, h, heads, causal):
         q, k, v = self._heads(layer, h, heads)
         return self._merge(layer, h, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+    def _masked_sdpa(self, layer, h, heads, mask):
+        q, k, v = self._heads(layer, h, heads)
+        positions = torch.arange(h.shape[1], device=h.device)
+        seen = positions[:, None] - positions[None, :]  # query - key
+        visible = {"causal": seen >= 0, "window": (seen >= 0) & (seen < 3),
+                   "full": seen == seen}[mask]
+        return self._merge(layer, h, F.scaled_dot_product_attention(q, k, v, attn_mask=visible))
 
     def _attention(self, layer, h, heads, causal):
         q, k, v = self._heads(layer, h, heads)
@@ -337,7 +351,14 @@ def _compare(errors: dict, name: str, got, expected, case: dict) -> None:
 
 
 def tolerance(case: dict) -> float:
-    if case["flags"].get("sequence_parallel_attention"):
+    """The case's tolerance: its dtype's, float32's at best where an attention computes in float32
+    on one side -- sequence parallelism merges in float32; the decomposed attention's own softmax
+    is float32, which the mask pass replaces by SDPA in the inputs' dtype; graphopt's masked
+    kernel (a window) runs a float32 reference on CPU."""
+    float32_attention = case["flags"].get("sequence_parallel_attention") or (
+        case["flags"].get("specialize_attention_masks", True)
+        and any(block[0] in ("attention", "masked_sdpa") for block in case["blocks"]))
+    if float32_attention:
         return max(TOLERANCE[case["dtype"]], SEQUENCE_PARALLEL_TOLERANCE)
     return TOLERANCE[case["dtype"]]
 

@@ -30,8 +30,11 @@ import torch.distributed as dist
 import fuzz_models
 from graphopt.distributed.launch import spawn
 
-PASSES = ("shard_attention", "overlap_matmul_collectives", "plan_rematerialization",
-          "offload_activations")
+PASSES = ("shard_attention", "specialize_attention_masks", "overlap_matmul_collectives",
+          "plan_rematerialization", "offload_activations")
+# the mask pass has work only where sequence parallelism leaves the attention (single-process
+# models: SDPA under a mask from positions, decomposed causal attention); every model runs it
+REWRITES_ONLY_IN_SINGLE = {"specialize_attention_masks"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +136,11 @@ def test_every_pass_ran_in_enough_examples(fuzzed):
             for key in ("ran", "rewrote"):
                 totals[name][key] += count[key]
     print(f"fuzz seed {SEED}, profile {PROFILE}: examples per pass {json.dumps(totals)}")
+    single = sum(fuzzed[rank]["single"]["examples"] for rank in range(2))
     for name, count in totals.items():
         assert count["ran"] >= PROFILE.passes, (name, totals)
-        assert count["rewrote"] >= 0.2 * count["ran"], (name, totals)  # not only refusals
+        share = single if name in REWRITES_ONLY_IN_SINGLE else count["ran"]
+        assert count["rewrote"] >= 0.2 * share, (name, totals)  # not only refusals
 
 
 @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda case: str(case["seed"]))
@@ -155,7 +160,9 @@ def test_regression_attention_scores_of_symbolic_length_are_offloaded():
     case = {"seed": 1, "batch": 1, "seq": 12, "dim": 16, "dtype": "float32", "world": 1,
             "blocks": [["attention", 2, True], ["residual", "gelu"]], "dynamic": True,
             "forwards": 1, "flags": {"codegen": "eager", "memory_budget": 0.5,
-                                     "offload_activations": True}}
+                                     "offload_activations": True,
+                                     # the decomposed attention stays (the mask pass makes it SDPA)
+                                     "specialize_attention_masks": False}}
     assert fuzz_models.run_case(case)["worst"] <= 1
     (entry,) = [e for s in compile_summaries() for e in s["passes"]
                 if e["pass"] == "offload_activations" and e["stage"] == "forward"]
