@@ -80,6 +80,16 @@ def trace_structured(name: str, payload: Callable[[], str], encoding: str = "str
     emit("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload)
 
 
+def structured_trace_enabled() -> bool:
+    """Whether ``trace_structured`` artifacts go anywhere (``TORCH_TRACE`` set): else their
+    payloads need not be made."""
+    try:
+        from torch._logging._internal import trace_log
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(trace_log.handlers)
+
+
 def fake_tensor_mode_of(gm: torch.fx.GraphModule):
     """The FakeTensorMode that produced ``node.meta['val']`` in ``gm``, or None."""
     from torch._guards import detect_fake_mode
@@ -146,6 +156,21 @@ def hint_int(value: Any, fallback: int = 8192) -> int:
         except Exception:
             return fallback
     return int(value)
+
+
+def statically_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for sizes that may be symbolic, decided without adding a guard to the shape
+    environment (False where the symbols alone do not decide it)."""
+    if not is_symbolic(a) and not is_symbolic(b):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
+    return bool(statically_known_true(sym_eq(a, b)))
+
+
+def sympy_floor_div():
+    """The sympy function symbolic sizes use for ``//`` (torch.utils._sympy.functions.FloorDiv)."""
+    from torch.utils._sympy.functions import FloorDiv
+    return FloorDiv
 
 
 def functional_collectives_ops():

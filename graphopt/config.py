@@ -88,6 +88,8 @@ class Flag:
     example: str                        # one setting that works
     choices: tuple[Any, ...] | None = None
     from_env: bool = True               # False for values that cannot be written as text
+    rank_local: bool = False            # may differ between ranks: changes nothing a rank computes
+                                        # or sends (the rank agreement leaves it out)
 
 
 # --- parsers: a Python value in, the typed value out -----------------------------------------------
@@ -300,9 +302,10 @@ _BOOL = dict(parse=_boolean, from_text=_boolean_text, accepts="True or False (en
 
 
 def _flag(group: str, name: str, default: Any, doc: str, *, parse, from_text, accepts: str,
-          example: str | None = None, choices=None, from_env: bool = True) -> None:
+          example: str | None = None, choices=None, from_env: bool = True,
+          rank_local: bool = False) -> None:
     _FLAGS[name] = Flag(name, default, parse, from_text, group, doc, accepts,
-                        example or f"{name}={default!r}", choices, from_env)
+                        example or f"{name}={default!r}", choices, from_env, rank_local)
 
 
 def _choice_flag(group: str, name: str, default: str, doc: str, choices: tuple[str, ...]) -> None:
@@ -319,10 +322,10 @@ _flag("general", "dump_dir", None,
       "Folder for the per-graph dump: code after every stage and pass, summary.json, index.html.",
       parse=_optional(_dump_dir), from_text=_optional_text(_text),
       accepts="None or a folder that exists or can be created, writable",
-      example="dump_dir='graphopt_dump'")
+      example="dump_dir='graphopt_dump'", rank_local=True)
 _flag("general", "debug", False,
       "Lint every graph between passes and fail at the pass that broke an invariant.", **_BOOL,
-      example="debug=True")
+      example="debug=True", rank_local=True)
 _flag("general", "disabled_passes", (),
       "Names of passes to switch off although their feature flag is on (comma-separated in the "
       "environment): " + ", ".join(PASS_NAMES) + " (overlap_matmul_allreduce: the old name of "
@@ -335,6 +338,20 @@ _flag("general", "device_profile", None,
       parse=_optional(_device_profile), from_text=_optional_text(_text),
       accepts="None or the path of a JSON profile written by `python -m graphopt calibrate --out PATH`",
       example="device_profile='profile.json'")
+
+# --- ranks agree or fail together (measure/agreement.py) ----------------------------------------
+_flag("ranks", "rank_agreement", True,
+      "In a run of several ranks, check through the default store, before a compiled graph's first "
+      "collective, that every rank of its process groups compiled the same graph with the same "
+      "flags and took the same decisions (rewritten sites, memory plan, offloads); a mismatch is an "
+      "error on every rank naming the flag or decision and the ranks.", **_BOOL,
+      example="rank_agreement=False")
+_flag("ranks", "rank_agreement_timeout_s", 300.0,
+      "Seconds a rank waits for the ranks it runs a graph with to compile that graph too (they "
+      "compile it at about the same time; a rank that fails meanwhile ends the wait at once) "
+      "before it fails, naming them.",
+      parse=_non_negative, from_text=_float_text, accepts="a finite number of seconds >= 0",
+      example="rank_agreement_timeout_s=600", rank_local=True)
 
 # --- sequence-parallel attention (passes/shard_attention.py) ------------------------------------
 _flag("sequence_parallel_attention", "sequence_parallel_attention", False,
@@ -363,7 +380,7 @@ _flag("sequence_parallel_attention", "sp_peer_timeout_s", 30.0,
       "Seconds a rank waits for its peers at a sequence-parallel attention (the call check every "
       "call makes, and P2P transfers on CPU) before raising; cover the compile-time skew of ranks.",
       parse=_non_negative, from_text=_float_text, accepts="a finite number of seconds >= 0",
-      example="sp_peer_timeout_s=120")
+      example="sp_peer_timeout_s=120", rank_local=True)
 
 # --- attention kernels and masks (passes/specialize_attention_masks.py, ops/attention.py) -------
 _choice_flag("attention", "attention_kernel", "auto",
@@ -407,7 +424,7 @@ _flag("planning", "op_timing_agreement_timeout_s", 300.0,
       "Seconds a rank waits for the measuring rank's op times (it measures them at compile time) "
       "before planning without them: the roofline under 'auto', its own measurement under 'measure'.",
       parse=_non_negative, from_text=_float_text, accepts="a finite number of seconds >= 0",
-      example="op_timing_agreement_timeout_s=600")
+      example="op_timing_agreement_timeout_s=600", rank_local=True)
 
 # --- rematerialization (passes/plan_rematerialization.py) ---------------------------------------
 _flag("rematerialization", "memory_budget", None,

@@ -15,7 +15,9 @@ import hashlib
 import itertools
 import logging
 import os
-from typing import Any, Sequence
+import sys
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,6 +26,8 @@ from graphopt import _compat, config
 from graphopt.config import ConfigSnapshot
 from graphopt.backends.planned_order import PlannedOrder
 from graphopt.debug.dump import GraphRecorder
+from graphopt.distributed import faults
+from graphopt.measure import agreement
 from graphopt.passes.manager import PassContext, run_stage
 from graphopt.passes.pipeline import PIPELINE
 from graphopt.passes.plans import CompilePlans, JointSignature
@@ -53,11 +57,23 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
     log.info("[%s] compiling %d nodes, codegen %s, passes on: %s", graph_id, len(gm.graph.nodes),
              cfg.codegen, ", ".join(p.name for stage in PIPELINE.values() for p in stage
                                     if p.enabled(cfg)) or "none")
-    gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
-    recorder.finish()
-    if cfg.codegen == "inductor":
-        return _compile_inductor(gm, example_inputs, state)
-    return _compile_eager(gm, example_inputs, state)
+    try:
+        gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
+        state.content_key = agreement.fingerprint([agreement.describe_graph(gm), cfg.digest()])
+        recorder.finish()
+        # before AOTAutograd: a rank that compiled another graph fails here, not after waiting
+        # out the measured op times of a graph its peers never compile
+        agreed = agreement.check_graph(gm, cfg, graph_id, _pre_grad_decisions(state))
+        if cfg.codegen == "inductor":
+            compiled = _compile_inductor(gm, example_inputs, state)
+        else:
+            compiled = _compile_eager(gm, example_inputs, state)
+        agreement.check_decisions(agreed, gm, _decisions(state), cfg.rank_agreement_timeout_s,
+                                  graph_id)
+    except Exception as error:
+        faults.report(error)  # the peers' graphopt waits end now, with this message
+        raise
+    return _tied_to_compiled_graph(compiled, state.content_key)
 
 
 class _CompileState:
@@ -67,12 +83,13 @@ class _CompileState:
         self.recorder = recorder
         self.example_inputs = example_inputs
         self.plans = CompilePlans()
+        self.content_key = ""
 
     def context(self, stage: str, example_inputs=None,
                 joint: JointSignature | None = None) -> PassContext:
         return PassContext(stage, self.config, self.graph_id,
                            list(example_inputs if example_inputs is not None else self.example_inputs),
-                           self.recorder, self.plans, joint)
+                           self.recorder, self.plans, joint, self.content_key)
 
     def run_graph_stage(self, stage: str, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         gm = run_stage(stage, PIPELINE[stage], gm, self.context(stage, example_inputs))
@@ -143,6 +160,45 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
     return _compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
 
+def _pre_grad_decisions(state: _CompileState) -> dict[str, Any]:
+    """What the pre_grad passes decided (attentions sharded, masks specialised and to what,
+    attention modules selected and their capacities), for the rank agreement: the graph's
+    fingerprint leaves scalar constants out, so the passes' own accounts of what they did are
+    compared besides it."""
+    decided: dict[str, Any] = {}
+    for entry in state.recorder.summary["passes"]:
+        if entry["stage"] == "pre_grad" and entry.get("ran"):
+            decided[f"{entry['pass']} at the pre_grad stage"] = [entry["matched"], entry["stats"]]
+    selection = state.recorder.summary.get("notes", {}).get("attention_selection")
+    if selection is not None:
+        decided["attention_selection capacities"] = [
+            [module.get("name"), module.get("capacity")] for module in selection["modules"]]
+    return decided
+
+
+def _decisions(state: _CompileState) -> dict[str, Any] | None:
+    """What the passes after pre_grad decided for this graph, for the rank agreement: the overlap
+    pass's runtime per site, the memory plan, the offload slots. None where those stages did not
+    run (Inductor served the graph from its cache)."""
+    if not any(stage["stage"] != "pre_grad" for stage in state.recorder.summary["stages"]):
+        return None
+    decided: dict[str, Any] = {}
+    for entry in state.recorder.summary["passes"]:
+        if entry.get("ran") and entry["pass"] == "overlap_matmul_collectives":
+            decided[f"overlap_matmul_collectives at the {entry['stage']} stage"] = [
+                [site.get(key) for key in ("pattern", "gemm", "mode", "chunks", "comm_sms", "taper",
+                                           "replay")] for site in entry["stats"].get("sites", [])]
+    plan = state.plans.partition
+    if plan is not None:
+        decided["plan_rematerialization"] = [sorted(plan.saved), sorted(plan.recomputed),
+                                             sorted((n, round(a, 4)) for n, a in plan.offloaded.items())]
+    if state.plans.offload is not None:
+        decided["offload_activations"] = sorted(
+            (name, slot.index, str(slot.offset), str(slot.kept_numel))
+            for name, slot in state.plans.offload.slots.items())
+    return decided
+
+
 def _planned_graph_patches(state: _CompileState, stage: str) -> dict[str, Any]:
     """Inductor settings for a forward / backward whose peak graphopt's partitioner planned.
 
@@ -197,6 +253,44 @@ def _compile_eager(gm: fx.GraphModule, example_inputs, state: _CompileState):
         keep_inference_input_mutations=True,
     )
     return compiler(gm, example_inputs)
+
+
+# Runtime caches of graphopt's ops that no compiled graph names (symmetric-memory workspaces and
+# their CUDA graphs, the tracked GEMM's plans and buffers): freed when no graph graphopt compiled
+# is alive any more (each module bounds them while graphs live; symm_mem.MAX_WORKSPACES).
+_RUNTIME_CACHES = ("graphopt.distributed.symm_mem", "graphopt.ops.tracked_collectives",
+                   "graphopt.distributed.tracked_gemm")
+_live_graphs = 0
+
+
+def _tied_to_compiled_graph(compiled: Callable, content_key: str) -> Callable:
+    """``compiled`` in a function that lives exactly as long as Dynamo keeps the compiled graph:
+    when it goes (``torch._dynamo.reset()``, the code cache dropped, garbage collection), the
+    graph's offload pools go with it (once no forward holds them), and with the last graph alive
+    the runtime caches of graphopt's ops. (Dynamo keeps the backend's callable; AOTAutograd's
+    own function is not kept by it, so a finalizer on that would run at once.)"""
+    global _live_graphs
+    from graphopt.ops import offload as offload_ops
+
+    def run(*args):
+        return compiled(*args)
+
+    if getattr(compiled, "_boxed_call", False):
+        run._boxed_call = True
+    _live_graphs += 1
+    weakref.finalize(run, _graph_gone, offload_ops.hold(offload_ops.pool_owner(content_key)))
+    return run
+
+
+def _graph_gone(release_pools: Callable[[], None]) -> None:
+    global _live_graphs
+    release_pools()
+    _live_graphs -= 1
+    if _live_graphs == 0:
+        for name in _RUNTIME_CACHES:
+            module = sys.modules.get(name)
+            if module is not None:
+                module.clear_cache()
 
 
 def _graph_id() -> str:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from graphopt.distributed import faults
+
 
 class WorkerFailed(RuntimeError):
     pass
@@ -41,7 +43,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
                                 timeout=timedelta(seconds=timeout_s))
         value = fn(rank, world_size, *args)
         torch.save({"ok": True, "value": value}, path)
-    except BaseException:
+    except BaseException as error:
+        faults.report(error)  # the peers' graphopt waits end with this rank's message
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
         raise
     finally:

@@ -13,6 +13,11 @@ Workspaces are cached by (group, shape, dtype, device) and reused across calls. 
 kernel's caller runs the symmetric-memory barrier, so no rank overwrites ``partial`` while a peer may
 still read the previous call's tiles. NVLink multicast is never used.
 
+Bounded: at most ``MAX_WORKSPACES`` workspaces are kept (dynamic shapes make one per row count);
+the least recently used goes first, after the device has finished its work, at the same call on
+every rank (ranks make the same calls in the same order, so they evict the same one). The backend
+drops them all when no graph graphopt compiled is alive (``clear_cache``).
+
 Availability is feature-detected (``available()``): CUDA, torch's ``_symmetric_memory`` with
 ``empty``/``rendezvous``, and triton. Where it is False the cost model never picks the tile runtime.
 
@@ -25,6 +30,7 @@ driver's entry points cannot be found, the handle's signal-pad barrier kernel.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -73,7 +79,25 @@ class TileWorkspace:
         return self.epoch
 
 
-_WORKSPACES: dict[tuple, object] = {}
+_WORKSPACES: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+# Workspaces kept (each a symmetric [M, N] buffer plus flags, and its CUDA graphs): the sites of a
+# model's layer in forward and backward fit many times over.
+MAX_WORKSPACES = 32
+
+
+def _cached(key: tuple, allocate) -> object:
+    """The workspace under ``key``, allocated (a collective) on a miss; the least recently used
+    beyond ``MAX_WORKSPACES`` is dropped once the device is idle."""
+    workspace = _WORKSPACES.get(key)
+    if workspace is not None:
+        _WORKSPACES.move_to_end(key)
+        return workspace
+    if len(_WORKSPACES) >= MAX_WORKSPACES:
+        torch.cuda.synchronize()  # no queued kernel or copy still reads the evicted buffers
+        evicted, _ = _WORKSPACES.popitem(last=False)
+        log.info("symmetric workspace %s evicted (%d kept at most)", evicted, MAX_WORKSPACES)
+    workspace = _WORKSPACES[key] = allocate()
+    return workspace
 
 
 def tile_workspace(group_name: str, m: int, n: int, dtype: torch.dtype, device: torch.device,
@@ -83,10 +107,7 @@ def tile_workspace(group_name: str, m: int, n: int, dtype: torch.dtype, device: 
         raise RuntimeError("symmetric memory is unavailable here (needs CUDA, torch "
                            "distributed._symmetric_memory and triton); use the chunked runtime")
     key = (group_name, m, n, dtype, device, num_tiles)
-    workspace = _WORKSPACES.get(key)
-    if workspace is None:
-        workspace = _WORKSPACES[key] = _allocate(group_name, m, n, dtype, device, num_tiles)
-    return workspace
+    return _cached(key, lambda: _allocate(group_name, m, n, dtype, device, num_tiles))
 
 
 def _allocate(group_name: str, m: int, n: int, dtype: torch.dtype, device: torch.device,
@@ -236,24 +257,26 @@ def copy_engine_workspace(group_name: str, m: int, n: int, dtype: torch.dtype,
     if not copy_engine_available():
         raise RuntimeError("mode='copy_engine' needs CUDA and torch.distributed._symmetric_memory "
                            "(empty, rendezvous); use mode='chunked' here")
-    key = ("copy_engine", group_name, m, n, dtype, device)
-    workspace = _WORKSPACES.get(key)
-    if workspace is None:
-        partial, handle, peers = _compat.symmetric_tensor((m, n), dtype, device, group_name)
-        stream = comm_stream(device)
-        flags = flag_ptrs = None
-        if cuda_driver.stream_memops_available():
-            flags, flag_handle, flag_peers = _compat.symmetric_tensor(
-                (MAX_SYNCS, handle.world_size), torch.int32, device, group_name)
-            flags.zero_()
-            flag_handle.barrier(channel=0)   # every rank's flags are zero before anyone signals
-            flag_ptrs = [t.data_ptr() for t in flag_peers]
-        log.info("copy-engine workspace for group %s: [%d, %d] %s, barriers: %s", group_name, m, n,
-                 dtype, "stream memory operations" if flag_ptrs else "signal-pad kernel")
-        workspace = _WORKSPACES[key] = CopyEngineWorkspace(
-            partial=partial, peers=peers, handle=handle, comm_stream=stream, rank=handle.rank,
-            world_size=handle.world_size, flag_ptrs=flag_ptrs, flags=flags)
-    return workspace
+    return _cached(("copy_engine", group_name, m, n, dtype, device),
+                   lambda: _allocate_copy_engine(group_name, m, n, dtype, device))
+
+
+def _allocate_copy_engine(group_name: str, m: int, n: int, dtype: torch.dtype,
+                          device: torch.device) -> CopyEngineWorkspace:
+    partial, handle, peers = _compat.symmetric_tensor((m, n), dtype, device, group_name)
+    stream = comm_stream(device)
+    flags = flag_ptrs = None
+    if cuda_driver.stream_memops_available():
+        flags, flag_handle, flag_peers = _compat.symmetric_tensor(
+            (MAX_SYNCS, handle.world_size), torch.int32, device, group_name)
+        flags.zero_()
+        flag_handle.barrier(channel=0)   # every rank's flags are zero before anyone signals
+        flag_ptrs = [t.data_ptr() for t in flag_peers]
+    log.info("copy-engine workspace for group %s: [%d, %d] %s, barriers: %s", group_name, m, n,
+             dtype, "stream memory operations" if flag_ptrs else "signal-pad kernel")
+    return CopyEngineWorkspace(
+        partial=partial, peers=peers, handle=handle, comm_stream=stream, rank=handle.rank,
+        world_size=handle.world_size, flag_ptrs=flag_ptrs, flags=flags)
 
 
 def replay_stats() -> dict[str, int]:
@@ -271,6 +294,8 @@ def replay_stats() -> dict[str, int]:
 
 
 def clear_cache() -> None:
-    """Drop every cached workspace, and with it the CUDA graphs of its calls (for tests and for
-    freeing memory between phases)."""
+    """Drop every cached workspace, and with it the CUDA graphs of its calls, once the device has
+    finished the work queued on them (the backend, when no compiled graph is alive; tests)."""
+    if _WORKSPACES and torch.cuda.is_available():
+        torch.cuda.synchronize()
     _WORKSPACES.clear()

@@ -98,6 +98,7 @@ from torch import Tensor
 
 from graphopt import _compat
 from graphopt.analysis.overlap_schedule import chunk_bounds, copy_engine_blocks
+from graphopt.distributed import faults
 
 log = logging.getLogger("graphopt.ops.matmul_collectives")
 
@@ -324,6 +325,17 @@ def _tile(a: Tensor, b: Tensor, group_name: str, comm_sms: int, scatter: bool) -
 
 # --- matmul + all-reduce ---------------------------------------------------------------------------
 
+def _finish(work) -> None:
+    """Wait for one chunk's collective; where it fails because a peer failed, say which and why."""
+    try:
+        work.wait()
+    except RuntimeError as error:
+        failed = faults.failure() if faults.several_ranks() else None
+        if failed:
+            raise RuntimeError(f"graphopt's chunked collective could not finish: {failed}") from error
+        raise
+
+
 def _matmul_all_reduce_chunked(a: Tensor, b: Tensor, bias: Optional[Tensor], group_name: str,
                                chunks: int) -> Tensor:
     group = _group(group_name)
@@ -346,7 +358,7 @@ def _matmul_all_reduce_chunked(a: Tensor, b: Tensor, bias: Optional[Tensor], gro
                 target = target + (bias if bias.dim() < 2 else bias.narrow(-2, start, end - start))
         works.append((dist.all_reduce(target, group=group, async_op=True), target, start, end))
     for work, target, start, end in works:
-        work.wait()
+        _finish(work)
         if a.dim() != 2:
             out.narrow(-2, start, end - start).copy_(target)
     return out
@@ -400,7 +412,7 @@ def _matmul_reduce_scatter_chunked(a: Tensor, b: Tensor, group_name: str, world_
                                                 async_op=True),
                       piece, start, end))
     for work, piece, start, end in works:
-        work.wait()
+        _finish(work)
         out_front.narrow(0, start, end - start).copy_(piece)
     return out_front.movedim(0, scatter_dim).contiguous()
 
@@ -459,7 +471,7 @@ def _all_gather_matmul_chunked(a_shard: Tensor, b: Tensor, group_name: str, worl
         work = _all_gather_single(received.flatten(0, 1), piece, group=group, async_op=True)
         pending.append((work, received, start, end))
     for work, received, start, end in pending:
-        work.wait()
+        _finish(work)
         product = torch.matmul(received, b)  # [P, piece..., N]
         gathered_ranks.narrow(gather_dim + 1, start, end - start).copy_(received.movedim(0, gather_dim))
         out_ranks.narrow(gather_dim + 1, start, end - start).copy_(product.movedim(0, gather_dim))

@@ -54,6 +54,10 @@ class PassContext:
     # (the partition's plan, the forward's offload slots) reaches a later one.
     plans: CompilePlans = dataclasses.field(default_factory=CompilePlans)
     joint: JointSignature | None = None  # partition stage: how the joint graph's outputs divide
+    # A digest of what the graph computes (Dynamo's graph after pre_grad, and the flags): the same
+    # in every process and on every rank, so runtime resources that compiled code names (offload
+    # pools) are found again by code from Inductor's cache; "" outside the backend.
+    content_key: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

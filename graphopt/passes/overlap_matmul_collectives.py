@@ -138,10 +138,13 @@ def _wait_of(collective: fx.Node) -> fx.Node | str:
     return users[0]
 
 
-def _reshape_chain_up(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk from ``node`` up through single-user reshapes; the producer and the chain (top first)."""
+def _reshape_chain_up(node: fx.Node, copies: list[fx.Node] = ()) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk from ``node`` up through single-user reshapes; the producer and the chain (top first).
+    ``node`` itself may also be read by ``copies`` (the in-place all-reduce's write-back, which
+    reads the reduced value, not the partial sums)."""
     chain: list[fx.Node] = []
-    while node.op == "call_function" and node.target in RESHAPES and _single_user(node):
+    while (node.op == "call_function" and node.target in RESHAPES
+           and len(set(node.users) - set(copies)) == 1):
         chain.append(node)
         node = node.args[0]
     return node, chain[::-1]
@@ -252,7 +255,7 @@ def _match_reduction(pattern: CollectivePattern, node: fx.Node) -> Match | str:
             source, dim = base, split_dim
             if not _single_user(source):
                 return f"{node.name}: {source.name} has other users"
-    gemm, reshapes = _reshape_chain_up(source) if source.target in RESHAPES else (source, [])
+    gemm, reshapes = _reshape_chain_up(source, copies) if source.target in RESHAPES else (source, [])
     if gemm.target not in pattern.gemms or (reshapes or layout) and not _single_user(gemm):
         return (f"{node.name}: its input is not produced by a single-user "
                 f"{'/'.join(str(g) for g in pattern.gemms)}")

@@ -56,7 +56,7 @@ recomputed: collectives (``_c10d_functional``) and every ``graphopt::`` op (they
 attention (aten SDPA / flash / efficient / cudnn, graphopt attention), random ops, ops with
 effects or mutation, and values tagged MUST_SAVE; values tagged MUST_RECOMPUTE are never saved.
 When no plan fits the budget, the lowest-peak plan is used and the refusal says by how much it
-misses, in one ``BudgetNotMetWarning`` naming the floor in bytes and what holds it; numerics are
+misses, in one ``plans.BudgetNotMetWarning`` naming the floor in bytes and what holds it; numerics are
 never changed.
 """
 
@@ -65,7 +65,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -78,13 +77,9 @@ from graphopt.analysis.remat_solver import JointGraph, Option, Plan
 from graphopt.debug import memory_plot
 from graphopt.measure import op_timing
 from graphopt.passes.manager import PassContext, PassResult
-from graphopt.passes.plans import JointSignature, PartitionPlan
+from graphopt.passes.plans import JointSignature, PartitionPlan, warn_budget_not_met
 
 log = logging.getLogger("graphopt.passes.plan_rematerialization")
-
-
-class BudgetNotMetWarning(UserWarning):
-    """``memory_budget`` asks for less than any plan reaches: the lowest-peak plan runs."""
 
 
 # offload_activations with no budget: the plan may be slower than the min-cut plan by this share of
@@ -151,7 +146,7 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
         offloaded=dict(plan.offloaded), planned_peak_bytes=plan.peak, report=summary,
         copy_points={name: tuple(_node_of(key) for key in pair) for name, pair in plan.copy_points.items()})
     for reason in warned:
-        warnings.warn(f"[{ctx.graph_id}] {reason}", BudgetNotMetWarning, stacklevel=2)
+        warn_budget_not_met(ctx.graph_id, reason)
     log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), modelled step %.3f -> %.3f ms, "
              "saved %d, recomputed %d, offloaded %d", ctx.graph_id, _fmt(base.peak), _fmt(plan.peak),
              _budget_text(config.memory_budget, budget), base.step_s * 1e3, plan.step_s * 1e3,

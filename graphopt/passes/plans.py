@@ -13,10 +13,26 @@ it; ``passes/README.md``, invariant 8)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import warnings
+from typing import Any, Mapping, Union
 
 import torch
 import torch.fx as fx
+
+from graphopt import _compat
+
+Size = Union[int, torch.SymInt]
+
+
+class BudgetNotMetWarning(UserWarning):
+    """The step will not fit ``memory_budget``: no plan reaches it (plan_rematerialization), or
+    offloads the plan counted on were refused (offload_activations) and the plan's peak rose above
+    it. The message names the bytes and what holds them."""
+
+
+def warn_budget_not_met(graph_id: str, reason: str) -> None:
+    """The one way a compiled graph says its memory plan misses the budget."""
+    warnings.warn(f"[{graph_id}] {reason}", BudgetNotMetWarning, stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,23 +69,27 @@ class PartitionPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where one offloaded activation lives: its pool bytes and how it is split."""
+    """Where one offloaded activation lives: its pool bytes and how it is split. Under dynamic
+    shapes the sizes are SymInts (expressions of the graph's symbols, evaluated at every step)."""
 
     name: str
-    offset: int            # byte offset in the pool
-    numel: int             # elements of the activation's dense memory
-    kept_numel: int        # leading elements (whole token rows) that stay on the device
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
+    index: int             # the slot's number in the plan (the ops' ``slot``)
+    offset: Size           # byte offset in the pool
+    numel: Size            # elements of the activation's dense memory
+    kept_numel: Size       # leading elements (whole token rows) that stay on the device
+    shape: tuple[Size, ...]
+    stride: tuple[Size, ...]
     dtype: torch.dtype
 
     @property
-    def host_bytes(self) -> int:
+    def host_bytes(self) -> Size:
         return (self.numel - self.kept_numel) * self.dtype.itemsize
 
     @property
     def alpha(self) -> float:
-        return (self.numel - self.kept_numel) / self.numel
+        """The fraction moved to the host (at the sizes' hints where symbolic)."""
+        numel = _compat.hint_int(self.numel)
+        return (numel - _compat.hint_int(self.kept_numel)) / numel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +97,9 @@ class OffloadRewrite:
     """What offload_activations' forward stage did, for its backward stage."""
 
     pool: str
-    pool_nbytes: int
+    pool_nbytes: Size
     saved_order: list[str]                 # names of the forward's saved outputs, in order
+    saved_tensors: list[str]               # those that are tensors (the others are SymInts)
     slots: dict[str, Slot]
     original_vals: dict[str, Any]          # name -> the activation's meta["val"] before the rewrite
     kept_vals: dict[str, Any]              # name -> the kept part's meta["val"]

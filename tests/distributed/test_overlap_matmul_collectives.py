@@ -75,6 +75,9 @@ def _op_cases(rank: int, groups) -> int:
     return len(checked)
 
 
+LAYOUTS = ("all_reduce", "gather_scatter", "in_place", "in_place_3d")
+
+
 class _Projections(nn.Module):
     """x -> relu(x @ w1) @ w2, with the collectives of a TP MLP written as functional collectives."""
 
@@ -84,6 +87,7 @@ class _Projections(nn.Module):
         self.w1 = nn.Parameter(torch.randn(6, 8, generator=gen, dtype=torch.float64))
         self.w2 = nn.Parameter(torch.randn(8, 5, generator=gen, dtype=torch.float64))
         self.bias = nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64))
+        self.bias_1 = nn.Parameter(torch.randn(8, generator=gen, dtype=torch.float64))
         from graphopt import _compat
         self.group, self.group_name, self.p, self.layout = group, _compat.group_name(group), p, layout
 
@@ -97,6 +101,10 @@ class _Projections(nn.Module):
             out = x.flatten(0, 1) @ self.w1
             dist.all_reduce(out, group=self.group)
             return torch.relu(out) @ self.w2
+        if self.layout == "in_place_3d":      # ... of a 3-D linear with a bias
+            out = nn.functional.linear(x, self.w1.t(), self.bias_1)
+            dist.all_reduce(out, group=self.group)
+            return torch.relu(out) @ self.w2
         gathered = funcol.wait_tensor(funcol.all_gather_tensor(x, 0, self.group_name))
         hidden = torch.relu(gathered.flatten(0, 1) @ self.w1)
         return funcol.wait_tensor(funcol.reduce_scatter_tensor(hidden @ self.w2, "sum", 0,
@@ -105,12 +113,14 @@ class _Projections(nn.Module):
 
 def _compiled_cases(rank: int, groups) -> list[str]:
     import graphopt
+    from graphopt.debug.dump import clear_compile_summaries, compile_summaries
     done = []
     for p, group in groups.items():
         if rank >= p:
             continue
-        for layout in ("all_reduce", "gather_scatter", "in_place"):
+        for layout in LAYOUTS:
             torch._dynamo.reset()
+            clear_compile_summaries()
             x = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
             results = []
             for overlap in (False, True):
@@ -121,7 +131,12 @@ def _compiled_cases(rank: int, groups) -> list[str]:
                 xi = x.clone().requires_grad_()
                 out = compiled(xi)
                 out.square().sum().backward()
-                results.append((out, xi.grad, model.w1.grad, model.w2.grad, model.bias.grad))
+                results.append((out, xi.grad, model.w1.grad, model.w2.grad, model.bias.grad,
+                                model.bias_1.grad))
+            fused_sites = [entry["matched"] for summary in compile_summaries()
+                           for entry in summary["passes"]
+                           if entry["pass"] == "overlap_matmul_collectives" and entry.get("modified")]
+            assert fused_sites, f"{layout}@{p}: the overlap pass fused nothing"
             for reference, fused in zip(*results):
                 if reference is None and fused is None:
                     continue
@@ -139,9 +154,8 @@ def test_ops_and_pass_match_unfused_on_gloo_p2_p3():
     results = spawn(_worker, WORLD)
     checked, compiled = zip(*results)
     assert checked[0] > 0 and checked[2] > 0  # both world sizes drew examples
-    assert compiled[0] == [f"{layout}@{p}" for p in (2, 3)
-                           for layout in ("all_reduce", "gather_scatter", "in_place")]
-    assert compiled[2] == ["all_reduce@3", "gather_scatter@3", "in_place@3"]
+    assert compiled[0] == [f"{layout}@{p}" for p in (2, 3) for layout in LAYOUTS]
+    assert compiled[2] == [f"{layout}@3" for layout in LAYOUTS]
 
 
 def _llama_tensor_parallel(rank: int, world: int) -> dict[str, float]:

@@ -17,15 +17,15 @@ def test_cuda_round_trip_is_stream_ordered():
     x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
     expected = x.clone()
     kept_numel = 1024 * 1024
-    ticket = OPS.offload(x, "gpu_roundtrip", 2**24, 0, kept_numel, list(x.stride()))
+    ticket = OPS.offload(x, "gpu_roundtrip", 2**24, 0, 0, kept_numel, list(x.stride()))
     kept = OPS.offload_wait(ticket, x, "gpu_roundtrip", 0, kept_numel, list(x.stride()))
     del x
     torch.cuda.empty_cache()
     garbage = torch.full((4096, 1024), 7.0, device="cuda", dtype=torch.bfloat16)  # reuses x's block
-    back = OPS.reload_wait(OPS.reload(kept, "gpu_roundtrip", 2**24, 0, 4096 * 1024),
+    back = OPS.reload_wait(OPS.reload(kept, "gpu_roundtrip", 0, 4096 * 1024),
                            "gpu_roundtrip", 0, [4096, 1024], [1024, 1])
     assert torch.equal(back, expected)
-    assert offload_ops._POOLS["gpu_roundtrip"].buffer.is_pinned()
+    assert offload_ops._POOLS["gpu_roundtrip"].generations[0].buffer.is_pinned()
     del garbage
     offload_ops.release_pool("gpu_roundtrip")
 
@@ -37,12 +37,12 @@ def test_cuda_round_trip_of_a_view_with_gaps_is_packed_and_stream_ordered():
     x = base[:, :512]
     expected = x.clone()
     packed = [512, 1]
-    ticket = OPS.offload(x, "gpu_view", 2**24, 0, 0, packed)
+    ticket = OPS.offload(x, "gpu_view", 2**24, 0, 0, 0, packed)
     kept = OPS.offload_wait(ticket, x, "gpu_view", 0, 0, packed)
     del x, base
     torch.cuda.empty_cache()
     garbage = torch.full((4096, 1024), 7.0, device="cuda", dtype=torch.bfloat16)
-    back = OPS.reload_wait(OPS.reload(kept, "gpu_view", 2**24, 0, 4096 * 512), "gpu_view", 0,
+    back = OPS.reload_wait(OPS.reload(kept, "gpu_view", 0, 4096 * 512), "gpu_view", 0,
                            [4096, 512], packed)
     assert back.stride() == (512, 1) and torch.equal(back, expected)
     del garbage

@@ -115,10 +115,10 @@ def test_ops_round_trip_through_the_pool(kept_rows, layout):
     x = torch.randn(8, 5, 6) if layout == "contiguous" else torch.randn(5, 8, 6).transpose(0, 1)
     row = max(x.stride())
     pool = f"roundtrip_{kept_rows}_{layout}"
-    ticket = OPS.offload(x, pool, 4096, 512, kept_rows * row, list(x.stride()))
-    kept = OPS.offload_wait(ticket, x, pool, 512, kept_rows * row, list(x.stride()))
+    ticket = OPS.offload(x, pool, 4096, 0, 512, kept_rows * row, list(x.stride()))
+    kept = OPS.offload_wait(ticket, x, pool, 0, kept_rows * row, list(x.stride()))
     assert kept.numel() == kept_rows * row
-    back = OPS.reload_wait(OPS.reload(kept, pool, 4096, 512, x.numel()), pool, 512,
+    back = OPS.reload_wait(OPS.reload(kept, pool, 0, x.numel()), pool, 0,
                            list(x.shape), list(x.stride()))
     assert back.stride() == x.stride() and torch.equal(back, x)
     offload_ops.release_pool(pool)
@@ -128,21 +128,71 @@ def test_ops_fake_impls_give_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         x = torch.empty(4, 6, dtype=torch.bfloat16)
-        ticket = OPS.offload(x, "fake", 1024, 0, 12, [6, 1])
+        ticket = OPS.offload(x, "fake", 1024, 0, 0, 12, [6, 1])
         kept = OPS.offload_wait(ticket, x, "fake", 0, 12, [6, 1])
-        back = OPS.reload_wait(OPS.reload(kept, "fake", 1024, 0, 24), "fake", 0, [4, 6], [6, 1])
+        back = OPS.reload_wait(OPS.reload(kept, "fake", 0, 24), "fake", 0, [4, 6], [6, 1])
     assert ticket.numel() == 0 and kept.shape == (12,) and back.shape == (4, 6)
     assert back.dtype == torch.bfloat16
 
 
-def test_second_forward_in_flight_is_refused_not_corrupted():
-    x = torch.randn(4, 4)
-    kept = OPS.offload_wait(OPS.offload(x, "inflight", 1024, 0, 0, [4, 1]), x, "inflight", 0, 0, [4, 1])
-    with pytest.raises(RuntimeError, match="backward has not run"):
-        OPS.offload(x, "inflight", 1024, 0, 0, [4, 1])
-    del kept  # the first forward's graph is gone: the slot is free again
-    OPS.offload(x, "inflight", 1024, 0, 0, [4, 1])
+def _offload(x, pool, slot=0, offset=0, pool_nbytes=1024):
+    ticket = OPS.offload(x, pool, pool_nbytes, slot, offset, 0, list(x.stride()))
+    return OPS.offload_wait(ticket, x, pool, slot, 0, list(x.stride()))
+
+
+def _reload(kept, x, pool, slot=0):
+    ticket = OPS.reload(kept, pool, slot, x.numel())
+    return OPS.reload_wait(ticket, pool, slot, list(x.shape), list(x.stride()))
+
+
+def test_forwards_in_flight_get_a_generation_each_and_reload_their_own():
+    xs = [torch.randn(4, 4) for _ in range(3)]
+    kept = [_offload(x, "inflight") for x in xs]   # three forwards before any backward
+    assert offload_ops.pool_stats()["generations"] == 3
+    for x, k in reversed(list(zip(xs, kept))):     # backwards in any order find their bytes
+        assert torch.equal(_reload(k, x, "inflight"), x)
+    del kept, k  # the forwards' graphs are gone: one generation serves the next forward
+    again = _offload(xs[0], "inflight")
+    assert offload_ops.pool_stats()["generations"] == 3 and offload_ops.pool_stats()["slots_held"] == 1
+    assert torch.equal(_reload(again, xs[0], "inflight"), xs[0])
     offload_ops.release_pool("inflight")
+
+
+def test_forwards_in_flight_are_bounded():
+    x = torch.randn(4, 4)
+    kept = [_offload(x, "bounded") for _ in range(offload_ops.MAX_FORWARDS_IN_FLIGHT)]
+    with pytest.raises(RuntimeError, match="before any of their backwards ran"):
+        _offload(x, "bounded")
+    del kept[0]
+    _offload(x, "bounded")
+    offload_ops.release_pool("bounded")
+
+
+def test_pool_grows_for_a_larger_step_only_while_no_forward_holds_it():
+    small, large = torch.randn(2, 256), torch.randn(4, 256)
+    kept = _offload(small, "grows", pool_nbytes=2048)
+    kept_large = _offload(large, "grows", pool_nbytes=4096)  # the first generation is held: another
+    assert offload_ops.pool_stats()["generations"] == 2
+    assert torch.equal(_reload(kept, small, "grows"), small)
+    del kept, kept_large
+    _offload(large, "grows", pool_nbytes=8192)
+    assert offload_ops.pool_stats()["generations"] == 2  # an idle one grew
+    offload_ops.release_pool("grows")
+
+
+def test_a_held_owners_pools_are_freed_with_the_last_holder_once_idle():
+    x = torch.randn(4, 4)
+    release_one, release_two = offload_ops.hold("graph_a"), offload_ops.hold("graph_a")
+    kept = _offload(x, "graph_a/layout")
+    _offload(x, "unheld/layout")
+    release_one()
+    assert offload_ops.pool_stats()["pools"] == 2
+    release_two()  # no compiled graph names it any more, but a forward's bytes are in it
+    assert offload_ops.pool_stats()["pools"] == 2
+    assert torch.equal(_reload(kept, x, "graph_a/layout"), x)
+    del kept  # the backward ran and freed the kept part: the pool goes
+    assert offload_ops.pool_stats()["pools"] == 1  # a pool nobody held stays until released
+    offload_ops.release_pools()
 
 
 # --- the pass: placement ---------------------------------------------------------------------------
@@ -174,7 +224,7 @@ def test_offload_right_after_producer_and_reload_right_before_first_use():
         assert bw_order[reload] < bw_order[wait]
     half = next(n for n in offloads if n.args[0].name == "add_6")
     total = half.args[0].meta["val"].numel()
-    assert half.args[4] == total // 2  # alpha 0.5 keeps the first half of the token rows
+    assert half.args[5] == total // 2  # alpha 0.5 keeps the first half of the token rows
 
 
 def _between(fw, first: str, last: str) -> list:
@@ -389,7 +439,7 @@ def test_gradients_equal_the_graph_without_offload(layers, seq, alpha, capacity)
     offloads = calls(compiled.graphs["forward"], OPS.offload)
     assert offloads
     if alpha < 1.0:
-        assert any(n.args[4] > 0 for n in offloads)  # token fractions stay on the device
+        assert any(n.args[5] > 0 for n in offloads)  # token fractions stay on the device
     if capacity is not None:
         assert offloads[0].args[2] <= capacity  # the pool's size
     for g_plain, g_off in zip(plain_grads, grads(offloaded)):
@@ -398,10 +448,15 @@ def test_gradients_equal_the_graph_without_offload(layers, seq, alpha, capacity)
 
 def test_backend_matches_eager():
     model = tiny(n_layers=2)
-    reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", offload_activations=True))
     tokens = torch.randint(0, 128, (1, 64))
-    for _ in range(2):
+    _steps_match_eager(model, compiled, [tokens, tokens])
+
+
+def _steps_match_eager(model, compiled, batches):
+    """A step of ``compiled`` (model's compiled form) per batch gives eager's gradients."""
+    reference = copy.deepcopy(model)
+    for tokens in batches:
         model.zero_grad()
         reference.zero_grad()
         compiled(tokens).float().pow(2).mean().backward()
@@ -526,8 +581,8 @@ def test_views_sharing_a_base_are_offloaded_together_and_packed():
     assert offloads[0].args[3] != offloads[1].args[3]  # own slots
     for offload in offloads:
         view = offload.args[0].meta["val"]
-        assert tuple(offload.args[5]) == (view.shape[1] * view.shape[2], view.shape[2], 1)  # packed
-        assert tuple(view.stride()) != tuple(offload.args[5])
+        assert tuple(offload.args[6]) == (view.shape[1] * view.shape[2], view.shape[2], 1)  # packed
+        assert tuple(view.stride()) != tuple(offload.args[6])
     plan = planned.plans.partition.report
     table = [row for row in plan["table"] if row["action"] == "offload"]
     assert sum(row["bytes"] for row in table) == base.numel() * base.element_size()  # counted once
@@ -604,6 +659,149 @@ def test_inductor_keeps_the_ops_and_the_numerics():
     assert offload_ops.pool_stats()["pool_allocations"] == before + 1  # the ops ran
     for g, r in zip(grads(model), grads(reference)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# --- dynamic shapes, forwards in flight, a warm cache in another process --------------------------------
+
+def _offload_summaries():
+    from graphopt.debug.dump import compile_summaries
+    found = []
+    for summary in compile_summaries():
+        entries = {e["stage"]: e for e in summary["passes"]
+                   if e["pass"] == "offload_activations" and e.get("ran")}
+        if "forward" in entries:
+            found.append((entries["forward"], summary.get("notes", {}).get("remat_plan")))
+    return found
+
+
+@pytest.mark.parametrize("dynamic", [True, None])  # None: the second shape recompiles dynamic
+def test_symbolic_sizes_are_offloaded_as_planned_and_match_eager(dynamic):
+    from graphopt.debug.dump import clear_compile_summaries
+    clear_compile_summaries()
+    generations = offload_ops.pool_stats()["generations"]
+    model = micro(n_layers=2)
+    compiled = torch.compile(model, backend=graphopt.backend(
+        codegen="eager", offload_activations=True, memory_budget=0.5), dynamic=dynamic)
+    _steps_match_eager(model, compiled, [
+        torch.randint(0, 64, (1, seq), generator=torch.Generator().manual_seed(seq))
+        for seq in (48, 32, 40)])
+    found = _offload_summaries()
+    symbolic = [(entry, plan) for entry, plan in found if entry["stats"].get("symbolic_sizes")]
+    assert symbolic, "a graph with symbolic sizes offloaded nothing"
+    for entry, plan in found:  # every offload the plan counted on is carried out
+        assert entry["matched"] == len(plan["offloaded"]) > 0
+        assert "offloads_refused" not in plan
+    # one buffer per graph, grown for a larger step rather than added
+    assert offload_ops.pool_stats()["generations"] == generations + len(found)
+
+
+def test_planned_offloads_the_pass_refuses_raise_the_plans_peak_over_the_budget(monkeypatch):
+    from graphopt.debug.dump import clear_compile_summaries
+    from graphopt.passes import offload_activations
+    from graphopt.passes.plans import BudgetNotMetWarning
+    clear_compile_summaries()
+    monkeypatch.setattr(offload_activations._SizeArgs, "why_not",
+                        lambda self, values: "a test refuses it")
+    model = micro(n_layers=1)
+    compiled = torch.compile(model, backend=graphopt.backend(
+        codegen="eager", offload_activations=True, memory_budget=0.4))
+    with pytest.warns(BudgetNotMetWarning) as caught:  # the planner's one warning path
+        compiled(torch.randint(0, 64, (1, 48))).float().pow(2).mean().backward()
+    ((entry, plan),) = _offload_summaries()
+    assert not entry["modified"] and plan["offloaded"] == {}
+    assert plan["feasible"] is False and plan["kept_saved_bytes"] > plan["saved_budget_bytes"]
+    assert set(plan["offloads_refused"]) and all("a test refuses it" in why
+                                                 for why in plan["offloads_refused"].values())
+    assert not any(row["action"] == "offload" for row in plan["table"])
+    (warning,) = [str(w.message) for w in caught if issubclass(w.category, BudgetNotMetWarning)]
+    assert "memory_budget=0.4 is missed by" in warning and "a test refuses it" in warning
+
+
+def test_two_forwards_before_one_backward_match_eager_with_a_generation_each():
+    model = micro(n_layers=1)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="eager", offload_activations=True))
+    first, second = (torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(s))
+                     for s in (1, 2))
+    before = offload_ops.pool_stats()
+    for _ in range(3):  # a siamese loss: both forwards' activations in flight at once
+        model.zero_grad()
+        reference.zero_grad()
+        (compiled(first) - compiled(second)).float().pow(2).mean().backward()
+        (reference(first) - reference(second)).float().pow(2).mean().backward()
+        for g, r in zip(grads(model), grads(reference)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    stats = offload_ops.pool_stats()
+    assert stats["generations"] == before["generations"] + 2 and stats["slots_held"] == 0
+    assert stats["pool_allocations"] == before["pool_allocations"] + 2  # each once, at step one
+
+
+_CACHE_SCRIPT = """
+import copy, sys, torch, graphopt
+from graphopt.models.llama import Llama, LlamaConfig
+from graphopt.ops import offload as offload_ops
+
+def model(dim):  # dim 32: compiled with dynamic shapes; the others static
+    torch.manual_seed(dim)
+    return Llama(LlamaConfig.tiny(n_layers=2, dim=dim, n_heads=2, n_kv_heads=1, ffn_dim=2 * dim,
+                                  vocab_size=64))
+
+pools = set()
+for dim in map(int, sys.argv[1:]):
+    eager = model(dim)
+    compiled = model(dim)
+    run = torch.compile(compiled, backend=graphopt.backend(offload_activations=True, memory_budget=0.5),
+                        dynamic=dim == 32)
+    for seq in ((48, 32) if dim == 32 else (32,)):
+        tokens = torch.randint(0, 64, (1, seq))
+        for m in (eager, compiled):
+            m.zero_grad()
+        run(tokens).float().pow(2).mean().backward()
+        eager(tokens).float().pow(2).mean().backward()
+        for a, b in zip(compiled.parameters(), eager.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    pools.update(offload_ops._POOLS)
+print("pools", sorted(pools))
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_inductor_cache_in_another_process_names_the_same_pools(tmp_path):
+    """Process one compiles a static and a dynamic model, process two the same in the other order
+    from the warm cache: the cached code names pools by content, never by compile order."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    pools = []
+    for order in (["32", "40"], ["40", "32"]):
+        done = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, *order], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        pools.append(done.stdout.strip().splitlines()[-1])
+    assert pools[0] == pools[1] and pools[0].count("offload-") == 2, pools
+
+
+def test_a_compiled_graphs_pools_go_with_it_and_recompiles_share_them():
+    from graphopt.backends import graphopt_backend
+    model = micro(n_layers=1)
+    tokens = torch.randint(0, 64, (1, 32))
+    allocations = offload_ops.pool_stats()["pool_allocations"]
+    before = set(offload_ops._POOLS)  # pools of earlier tests' graphs nobody holds stay
+    for _ in range(3):  # compiled afresh each time: one pool, named by the graph's content
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=graphopt.backend(codegen="eager",
+                                                                 offload_activations=True))
+        compiled(tokens).float().pow(2).mean().backward()
+        assert len(set(offload_ops._POOLS) - before) == 1
+    del compiled
+    torch._dynamo.reset()
+    import gc
+    gc.collect()
+    assert set(offload_ops._POOLS) == before
+    assert offload_ops.pool_stats()["pool_allocations"] == allocations + 3
+    assert graphopt_backend._live_graphs == 0
 
 
 # --- the plan's copy points and the planned peak -------------------------------------------------------

@@ -115,7 +115,7 @@ def _unsafe_ops(x, w):
     noise = torch.rand_like(a)                  # random: would advance the generator
     b = a + noise
     b.add_(1.0)                                  # mutates its input
-    _ = torch.ops.graphopt.offload(b, "test_op_timing", 1 << 16, 0, 0, [32, 1])  # graphopt op
+    _ = torch.ops.graphopt.offload(b, "test_op_timing", 1 << 16, 0, 0, 0, [32, 1])  # graphopt op
     return torch.tanh(b) @ w.t()
 
 

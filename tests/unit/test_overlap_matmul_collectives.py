@@ -119,19 +119,39 @@ def _group():
     return _compat.group_name(None)
 
 
-def test_in_place_dist_all_reduce_traced_by_dynamo_is_fused(tmp_path):
-    def in_place(x, w):
-        partial = x @ w
-        dist.all_reduce(partial)
-        return partial.relu()
+class InPlaceAllReduce(nn.Module):
+    """A row-parallel linear whose output a user reduces in place: ``dist.all_reduce(y)``.
 
-    _compile_and_run(_functional(in_place), tmp_path)
+    form: "2d" (the input flattened to rows first), "3d" ([B, S, D] straight into the linear:
+    the mm's output is viewed back to 3-D, and that view is read by the all-reduce and by the
+    copy Dynamo writes the result back with), "4d"; "+bias" adds the linear's bias (addmm)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.rank_of_input = {"2d": 2, "3d": 3, "4d": 4}[form.split("+")[0]]
+        self.linear = nn.Linear(16, 12, bias=form.endswith("+bias"))
+
+    def forward(self, x):
+        x = x.flatten(0, 1) if self.rank_of_input == 2 else x
+        x = x.unflatten(1, (2, 4)) if self.rank_of_input == 4 else x
+        y = self.linear(x)
+        dist.all_reduce(y)
+        return y.relu()
+
+
+IN_PLACE_FORMS = ("2d", "2d+bias", "3d", "3d+bias", "4d+bias")
+
+
+@pytest.mark.parametrize("form", IN_PLACE_FORMS)
+def test_in_place_dist_all_reduce_of_a_linear_of_any_rank_is_fused(tmp_path, form):
+    _compile_and_run(InPlaceAllReduce(form), tmp_path)
     joint = _stage_code(tmp_path, "joint.overlap_matmul_collectives")
-    assert joint.count("graphopt.matmul_all_reduce.default(") == 1
-    assert "aten.copy.default(mm" not in joint
+    assert joint.count("graphopt.matmul_all_reduce.default(") == 1, joint
+    assert "aten.copy.default" not in joint.split("def forward")[-1].split("threshold_backward")[0]
     # the backward all-reduce of relu's gradient has no GEMM producer and stays as it is
     entry = _last_pass_summary()
-    assert any("threshold_backward has other users" in refusal for refusal in entry["refusals"])
+    assert entry["matched"] == 1
+    assert any("has other users" in refusal for refusal in entry["refusals"]), entry["refusals"]
 
 
 def test_inference_graph_is_rewritten(tmp_path):
@@ -286,3 +306,28 @@ def test_fused_op_compiles_through_inductor_and_keeps_one_call_per_graph(tmp_pat
     forward, backward = _stage_code(tmp_path, "forward"), _stage_code(tmp_path, "backward")
     assert forward.count("graphopt.matmul_all_reduce.default(") == 1
     assert backward.count("graphopt.matmul_all_reduce.default(") == 1
+
+
+@pytest.mark.slow
+def test_in_place_dist_all_reduce_of_every_form_is_fused_under_inductor(tmp_path):
+    """One Inductor compile of every form of ``InPlaceAllReduce`` in a row."""
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.forms = nn.ModuleList(InPlaceAllReduce(form) for form in IN_PLACE_FORMS)
+            self.back = nn.ModuleList(nn.Linear(12, 16) for _ in IN_PLACE_FORMS)
+
+        def forward(self, x):
+            for form, back in zip(self.forms, self.back):
+                y = form(x)
+                x = back(y if form.rank_of_input != 2 else y.unflatten(0, x.shape[:2]))
+                x = x.flatten(2) if x.dim() == 4 else x
+            return x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(Chain(), backend=graphopt.backend(
+        codegen="inductor", overlap_matmul_collectives=True, overlap_mode="chunked",
+        dump_dir=str(tmp_path)))
+    compiled(torch.randn(2, 8, 16, requires_grad=True)).sum().backward()
+    forward = _stage_code(tmp_path, "forward")
+    assert forward.count("graphopt.matmul_all_reduce.default(") == len(IN_PLACE_FORMS), forward

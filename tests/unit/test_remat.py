@@ -147,7 +147,7 @@ def test_infeasible_budget_takes_the_lowest_peak_and_says_why():
     """A budget in bytes below every plan: the lowest-peak plan runs, and one warning names the
     floor in bytes and what holds it (the graph's inputs, the gradients, the loss, ...)."""
     captured = capture_joint(mlp(2, 16, 64), torch.randn(64, 16, requires_grad=True))
-    with pytest.warns(graphopt.passes.plan_rematerialization.BudgetNotMetWarning) as caught:
+    with pytest.warns(graphopt.passes.plans.BudgetNotMetWarning) as caught:
         summary = plan(captured, 1000)[2].plans.partition.report
     assert not summary["feasible"] and len(caught) == 1
     (reason,) = summary["refusals"]
