@@ -68,7 +68,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
             compiled = _compile_inductor(gm, example_inputs, state)
         else:
             compiled = _compile_eager(gm, example_inputs, state)
-        agreement.check_decisions(agreed, gm, _decisions(state), cfg.rank_agreement_timeout_s,
+        agreement.check_decisions(agreed, _decisions(state), cfg.rank_agreement_timeout_s,
                                   graph_id)
     except Exception as error:
         faults.report(error)  # the peers' graphopt waits end now, with this message

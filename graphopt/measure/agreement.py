@@ -116,7 +116,7 @@ def agree(topic: str, fingerprint: str, ranks: tuple[int, ...], decide: Callable
             why += f"; not published ({type(error).__name__}: {error})"
         return _keep(topic, fingerprint, Agreement(payload, leader, why))
     try:
-        arrived = _await(store, [f"{prefix}/{leader}"], timeout_s, f"rank {leader}'s {topic}")
+        arrived = _await(store, [f"{prefix}/{leader}"], timeout_s, f"rank {leader}'s {topic}", ranks)
         payload = store.get(f"{prefix}/{leader}").decode() if arrived else None
     except RankDisagreement:
         raise  # the leader failed: there is nothing to wait for
@@ -219,7 +219,8 @@ def fingerprint(parts: Iterable[object]) -> str:
 # it compiled the same graph with the same flags and took the same decisions, through the default
 # store (never a collective, which could pair with a user's):
 #
-#     ranks = graph_ranks(gm)   (its group-name arguments and the meshes of its DTensor values)
+#     ranks = each set of graph_rank_sets(gm) that holds this rank (a process group its ops
+#             name, a mesh of its DTensor values), in sorted order
 #     key   = graphopt/ranks/<ranks>/<n>/<stage>   n: this graph's number among the new graphs
 #                                                   these ranks compiled (the same on every rank)
 #     every rank:  store[key/record/<rank>] = its record (flags, graph, or decisions)
@@ -255,27 +256,30 @@ _flags_checked = False
 _epoch = 0
 
 
-def graph_ranks(gm: fx.GraphModule) -> tuple[int, ...]:
-    """Global ranks that must run ``gm`` together: those of the process groups its ops name (group
-    name arguments of collectives and graphopt ops) and of the device meshes of its DTensor
-    values; () outside a run of several real processes (a fake process group has no peers)."""
+def graph_rank_sets(gm: fx.GraphModule) -> tuple[tuple[int, ...], ...]:
+    """The sets of global ranks that must run ``gm`` together, one per process group its ops name
+    (group name arguments of collectives and graphopt ops) and one per device mesh of its DTensor
+    values, sorted; () outside a run of several real processes (a fake process group has no
+    peers). Every member of a set computes the same set, which the union over a rank's groups is
+    not: on a 2 x 2 mesh of process groups rank 0's groups span {0, 1, 2} and rank 3's {1, 2, 3}."""
     if not faults.several_ranks():
         return ()
-    ranks: set[int] = set()
+    sets: set[tuple[int, ...]] = set()
     for node in gm.graph.nodes:
         value = node.meta.get("example_value", node.meta.get("val"))
         mesh = getattr(value, "device_mesh", None)
         if mesh is not None:
-            ranks.update(int(r) for r in mesh.mesh.flatten().tolist())
+            sets.add(tuple(sorted(int(r) for r in mesh.mesh.flatten().tolist())))
         if not _communicates(node):
             continue
         for arg in (*node.args, *node.kwargs.values()):
             if isinstance(arg, str):
                 try:
-                    ranks.update(dist.get_process_group_ranks(_compat.resolve_process_group(arg)))
+                    sets.add(tuple(sorted(dist.get_process_group_ranks(
+                        _compat.resolve_process_group(arg)))))
                 except (ValueError, RuntimeError, KeyError):
                     continue  # a string argument that names no group ("sum", a pool name)
-    return tuple(sorted(ranks)) if len(ranks) > 1 else ()
+    return tuple(sorted(ranks for ranks in sets if len(ranks) > 1))
 
 
 def shared_flags(cfg) -> dict[str, str]:
@@ -316,43 +320,45 @@ def _communicates(node: fx.Node) -> bool:
 
 
 def check_graph(gm: fx.GraphModule, cfg, graph_id: str,
-                pre_grad: dict[str, Any] | None = None) -> str | None:
+                pre_grad: dict[str, Any] | None = None) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Every rank running ``gm`` compiled it with the same flags and the pre_grad passes decided
-    the same for it (``pre_grad``: pass -> what it decided; ``RankDisagreement`` where not);
-    returns the key under which its later decisions are checked (``check_decisions``), or None
-    where there is nothing to check."""
+    the same for it (``pre_grad``: pass -> what it decided; ``RankDisagreement`` where not). Each
+    set of ranks (``graph_rank_sets``) that holds this rank agrees on its own, in the sets' sorted
+    order, which is the same on every rank, so no two ranks wait on each other in opposite orders.
+    Returns the (key, ranks) under which its later decisions are checked (``check_decisions``)."""
     if not (cfg.rank_agreement and faults.several_ranks()):
-        return None
+        return ()
     faults.install_excepthook()
     record = {**graph_record(gm, cfg), "pre_grad": _decision_digests(pre_grad or {})}
-    ranks = graph_ranks(gm)
+    rank = dist.get_rank()
+    rank_sets = tuple(ranks for ranks in graph_rank_sets(gm) if rank in ranks)
+    digest = fingerprint([json.dumps(record, sort_keys=True)])
+    keys = []
     with _ending_the_epoch_on_disagreement():
-        _check_flags_once(record["flags"], alone=not ranks, timeout_s=cfg.rank_agreement_timeout_s)
-        if not ranks or dist.get_rank() not in ranks:
-            return None
-        digest = fingerprint([json.dumps(record, sort_keys=True)])
-        if (ranks, digest) in _agreed:
-            log.info("[%s] ranks %s agreed on this graph already", graph_id, _span(ranks))
-            return None
-        number = _sequence[ranks] = _sequence.get(ranks, -1) + 1
-        key = f"graphopt/ranks/{_epoch}/{_span(ranks)}/{number}"
-        _exchange(f"{key}/graph", record, ranks, cfg.rank_agreement_timeout_s, _graph_differences,
-                  f"graph {graph_id}")
-    _agreed.add((ranks, digest))
-    return key
+        _check_flags_once(record["flags"], alone=not rank_sets, timeout_s=cfg.rank_agreement_timeout_s)
+        for ranks in rank_sets:
+            if (ranks, digest) in _agreed:
+                log.info("[%s] ranks %s agreed on this graph already", graph_id, _span(ranks))
+                continue
+            number = _sequence[ranks] = _sequence.get(ranks, -1) + 1
+            key = f"graphopt/ranks/{_epoch}/{_span(ranks)}/{number}"
+            _exchange(f"{key}/graph", record, ranks, cfg.rank_agreement_timeout_s,
+                      _graph_differences, f"graph {graph_id}")
+            keys.append((key, ranks))
+    _agreed.update((ranks, digest) for _, ranks in keys)
+    return tuple(keys)
 
 
-def check_decisions(key: str | None, ranks_of: fx.GraphModule, decisions: dict[str, Any] | None,
+def check_decisions(agreed: tuple[tuple[str, tuple[int, ...]], ...], decisions: dict[str, Any] | None,
                     timeout_s: float, graph_id: str) -> None:
-    """Every rank took the same decisions for the graph agreed under ``key`` (``check_graph``):
-    ``decisions`` maps a pass to what it decided (None: this rank compiled nothing to decide, a
-    cache hit; it is compared with no one)."""
-    if key is None:
-        return
+    """Every rank took the same decisions for the graph agreed under each key of ``agreed``
+    (``check_graph``): ``decisions`` maps a pass to what it decided (None: this rank compiled
+    nothing to decide, a cache hit; it is compared with no one)."""
     record = {"decisions": _decision_digests(decisions or {}), "decided": decisions is not None}
     with _ending_the_epoch_on_disagreement():
-        _exchange(f"{key}/decisions", record, graph_ranks(ranks_of), timeout_s,
-                  _decision_differences, f"graph {graph_id}")
+        for key, ranks in agreed:
+            _exchange(f"{key}/decisions", record, ranks, timeout_s, _decision_differences,
+                      f"graph {graph_id}")
 
 
 @contextlib.contextmanager
@@ -380,7 +386,7 @@ def _check_flags_once(flags: dict[str, str], alone: bool, timeout_s: float) -> N
     if rank == 0:
         return
     key = "graphopt/ranks/flags/0"
-    if not _await(store, [key], min(FLAGS_GRACE_S, timeout_s), "rank 0's flags"):
+    if not _await(store, [key], min(FLAGS_GRACE_S, timeout_s), "rank 0's flags", (0,)):
         log.info("rank 0 compiled nothing within %g s; its flags are compared when it does",
                  FLAGS_GRACE_S)
         return
@@ -414,13 +420,14 @@ def _exchange(key: str, record: dict, ranks: tuple[int, ...], timeout_s: float,
         raise RankDisagreement(_message(final.splitlines()))
 
 
-def _await(store, keys: list[str], timeout_s: float, what: str) -> bool:
-    """Whether every key came within ``timeout_s``; a peer's failure report ends the wait at once
-    (``RankDisagreement`` with its message)."""
+def _await(store, keys: list[str], timeout_s: float, what: str,
+           ranks: Iterable[int] | None = None) -> bool:
+    """Whether every key came within ``timeout_s``; a failure report of one of ``ranks`` (default:
+    any rank) ends the wait at once (``RankDisagreement`` with its message)."""
     deadline = time.monotonic() + timeout_s
     pause = _POLL_FIRST_S
     while not store.check(keys):
-        failed = faults.failure()
+        failed = faults.failure(ranks)
         if failed:
             raise RankDisagreement(f"{failed} (this rank waited for {what})")
         if time.monotonic() >= deadline:
@@ -432,7 +439,7 @@ def _await(store, keys: list[str], timeout_s: float, what: str) -> bool:
 
 def _await_or_fail(store, keys: list[str], timeout_s: float, what: str,
                    ranks: tuple[int, ...]) -> None:
-    if not _await(store, keys, timeout_s, what):
+    if not _await(store, keys, timeout_s, what, ranks):
         raise RankDisagreement(
             f"graphopt: {what} did not come within {timeout_s:g} s (graphopt.config."
             f"rank_agreement_timeout_s): ranks {_span(ranks)} must compile the same graphs in the "

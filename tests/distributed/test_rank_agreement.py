@@ -69,12 +69,8 @@ def _attempt(rank: int, make, *inputs, reset: bool = True, **flags) -> dict:
     except Exception as raised:  # noqa: BLE001  the case decides which error it expects
         error = f"{type(raised).__name__}: {raised}"
     seconds = time.monotonic() - begin
-    dist.barrier()
-    from graphopt import _compat
     from graphopt.distributed import faults
-    if rank == 0:
-        _compat.default_store().delete_key(faults.FAILED_KEY)
-    dist.barrier()
+    faults.clear()
     return {"error": error, "seconds": seconds}
 
 
