@@ -72,6 +72,8 @@ TARGETS = {"efficiency_min_causal": 0.92, "efficiency_min_documents": 0.88,
 LONG_SEQ_LOCAL = 16384  # the efficiency targets hold from this S/P on
 # transformers' attention implementation for context_parallel's causal runs: sdpa with no mask.
 CAUSAL_SDPA = "sdpa_is_causal"
+SMOKE = dict(seq_local="16", layers=1, vocab=64, window=6, shortest_document=3, warmup=1, iters=1,
+             codegen="eager")
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
@@ -189,14 +191,17 @@ def _mark_dynamic(*tensors) -> None:
         torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
 
-def run_sequence_parallel(model, batch: dict, args, timer: Timer) -> dict:
+def compiled(model, args, **flags):
+    """The model compiled by graphopt (one compile serves every S/P unless --static)."""
+    return torch.compile(model, dynamic=False if args.static else None,
+                         backend=graphopt.backend(codegen=args.codegen, **flags))
+
+
+def run_sequence_parallel(model, runner, batch: dict, args, timer: Timer) -> dict:
     tokens, positions = shard_sequence(batch["tokens"], batch["positions"])
     targets, _ = shard_sequence(batch["targets"])
     if not args.static:
         _mark_dynamic(tokens, positions, targets)
-    runner = torch.compile(model, dynamic=False if args.static else None,
-                           backend=graphopt.backend(codegen=args.codegen,
-                                                    sequence_parallel_attention=True))
     return over_ranks(measure(train_step(model, runner, tokens, positions, targets,
                                          batch["tokens"].shape[1]), args, timer), "sum")
 
@@ -238,22 +243,22 @@ def attention_ms(case: str, seq: int, batch: dict, layer: dict, window: int, arg
         for x in (q, k, v):
             x.grad = None
         return 0.0
-    return _max_over_ranks(measure(step, args, timer, together=False)["step_ms"])
+    # one warm-up and fewer timed calls: at P = 8, S/P = 64K one call is seconds of pure compute
+    brief = argparse.Namespace(warmup=1, iters=max(1, args.iters // 2))
+    return _max_over_ranks(measure(step, brief, timer, together=False)["step_ms"])
 
 
-def one_gpu_limit(case: str, model, batch: dict, layer: dict, args, timer: Timer) -> dict:
+def one_gpu_limit(case: str, model, runner, batch: dict, layer: dict, args,
+                  timer: Timer) -> dict:
     """The whole sequence compiled by graphopt on one GPU; where it runs out of memory (on any
     rank), the estimate from S/P steps and attention alone."""
     world, seq = dist.get_world_size(), batch["tokens"].shape[1]
-    runner = torch.compile(model, dynamic=False if args.static else None,
-                           backend=graphopt.backend(codegen=args.codegen))
     try:
         row, fits = run_one_gpu(model, runner, batch, args, timer, seq), 1.0
     except torch.OutOfMemoryError as err:
         row, fits = {"out_of_memory": str(err).splitlines()[0]}, 0.0
     model.zero_grad(set_to_none=True)
-    if timer.cuda:
-        torch.cuda.empty_cache()
+    _free(timer)
     if _max_over_ranks(-fits) == -1.0:  # every rank fitted
         row["source"] = "measured: the whole sequence on one GPU"
         return over_ranks(row, "max")
@@ -369,40 +374,44 @@ def per_document_balancer() -> str:
 
 # --- one row: a case at one S/P -----------------------------------------------------------------
 
-def bench_row(case: str, seq_local: int, layer: dict, args, timer: Timer, mesh) -> dict:
+def bench_case(case: str, layer: dict, args, timer: Timer, mesh):
+    """The rows of one case, one per S/P (a generator: the caller writes each as it comes), on
+    one model whose two compiled runners serve every S/P."""
     world = dist.get_world_size()
-    seq = seq_local * world
-    batch = make_batch(case, seq, args.vocab, args.shortest_document)
+    torch._dynamo.reset()
     model = build_model(case, layer, args.vocab, args.layers, args.window, args.dtype)
-    row = {"case": case, "world_size": world, "seq_local": seq_local, "seq": seq,
-           "window": args.window if case == "window" else None,
-           "model": type(model).__name__}
-    if case == "documents":
-        lengths = sorted(batch["documents"])
-        row["documents"] = {"count": len(lengths), "shortest": lengths[0],
-                            "median": lengths[len(lengths) // 2], "longest": lengths[-1]}
-    modes = {}
-    torch._dynamo.reset()
-    modes["sequence_parallel"] = run_sequence_parallel(model, batch, args, timer)
-    _log(case, seq_local, "sequence_parallel", json.dumps(modes["sequence_parallel"]))
+    sequence_parallel = compiled(model, args, sequence_parallel_attention=True)
+    one_gpu = compiled(model, args)
+    for seq_local in (int(s) for s in args.seq_local.split(",")):
+        seq = seq_local * world
+        batch = make_batch(case, seq, args.vocab, args.shortest_document)
+        row = {"case": case, "world_size": world, "seq_local": seq_local, "seq": seq,
+               "window": args.window if case == "window" else None,
+               "model": type(model).__name__}
+        if case == "documents":
+            lengths = sorted(batch["documents"])
+            row["documents"] = {"count": len(lengths), "shortest": lengths[0],
+                                "median": lengths[len(lengths) // 2], "longest": lengths[-1]}
+        modes = row["modes"] = {}
+        modes["sequence_parallel"] = run_sequence_parallel(model, sequence_parallel, batch, args,
+                                                           timer)
+        _log(case, seq_local, "sequence_parallel", json.dumps(modes["sequence_parallel"]))
+        _free(timer)
+        modes["one_gpu"] = one_gpu_limit(case, model, one_gpu, batch, layer, args, timer)
+        _log(case, seq_local, "one_gpu", json.dumps(modes["one_gpu"]))
+        _free(timer)
+        if not args.skip_context_parallel:
+            modes["context_parallel"] = run_context_parallel(case, model, batch, layer, args,
+                                                             timer, mesh)
+            _log(case, seq_local, "context_parallel", json.dumps(modes["context_parallel"]))
+            _free(timer)
+        derive(row, args.dtype)
+        yield row
+
+
+def _free(timer: Timer) -> None:
     if timer.cuda:
         torch.cuda.empty_cache()
-    torch._dynamo.reset()
-    modes["one_gpu"] = one_gpu_limit(case, model, batch, layer, args, timer)
-    _log(case, seq_local, "one_gpu", json.dumps(modes["one_gpu"]))
-    torch._dynamo.reset()
-    if timer.cuda:
-        torch.cuda.empty_cache()
-    if not args.skip_context_parallel:
-        modes["context_parallel"] = run_context_parallel(case, model, batch, layer, args, timer,
-                                                         mesh)
-        _log(case, seq_local, "context_parallel", json.dumps(modes["context_parallel"]))
-    del model
-    if timer.cuda:
-        torch.cuda.empty_cache()
-    row["modes"] = modes
-    derive(row, args.dtype)
-    return row
 
 
 def derive(row: dict, dtype: torch.dtype) -> None:
@@ -546,10 +555,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-context-parallel", action="store_true")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="seconds after which no new row starts (0: none)")
+    if parser.parse_known_args(argv)[0].smoke:  # toy defaults; flags given still win
+        parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.seq_local, args.layers, args.vocab, args.window = "16", 1, 64, 6
-        args.shortest_document, args.warmup, args.iters, args.codegen = 3, 1, 1, "eager"
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = set(args.cases) - set(CASES)
     if unknown:
@@ -599,7 +607,12 @@ def main(argv=None) -> dict:
     timer = Timer(device)
     started = time.time()
     for case in args.cases:
-        for seq_local in (int(s) for s in args.seq_local.split(",")):
+        for row in bench_case(case, layer, args, timer, mesh):
+            rows.append(row)
+            result["summary"] = summarize(rows)
+            result["elapsed_s"] = time.time() - started
+            if dist.get_rank() == 0:
+                write(args.out, result)
             # rank 0's clock decides for all, so every rank starts the same rows
             over = torch.tensor([float(args.time_limit > 0 and
                                        time.time() - started > args.time_limit)], device=device)
@@ -607,11 +620,8 @@ def main(argv=None) -> dict:
             if over.item():
                 result["stopped_by_time_limit"] = True
                 break
-            rows.append(bench_row(case, seq_local, layer, args, timer, mesh))
-            result["summary"] = summarize(rows)
-            result["elapsed_s"] = time.time() - started
-            if dist.get_rank() == 0:
-                write(args.out, result)
+        if result["stopped_by_time_limit"]:
+            break
     result["summary"] = summarize(rows) if rows else {}
     result["elapsed_s"] = time.time() - started
     if dist.get_rank() == 0 and rows:
