@@ -188,6 +188,22 @@ def symmetric_memory():
     return symm_mem
 
 
+def set_context_parallel_rotate_method(method: str) -> None:
+    """How torch's context_parallel passes K/V shards between its ranks ("alltoall": a ring;
+    "allgather"); benchmarks set it to compare against that ring."""
+    from torch.distributed.tensor.experimental import _attention
+    _attention.set_rotate_method(method)
+
+
+def context_parallel_per_document_balancer():
+    """torch's per-document head-tail load balancer for context_parallel (torch >= 2.9), or None."""
+    try:
+        from torch.distributed.tensor.experimental import _context_parallel
+    except ImportError:
+        return None
+    return getattr(_context_parallel, "_PerDocumentHeadTailLoadBalancer", None)
+
+
 def resolve_process_group(group):
     """A ProcessGroup from None (WORLD), a group, or a group name as functional collectives carry."""
     import torch.distributed as dist
