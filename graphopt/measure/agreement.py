@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from typing import Any, Callable, Iterable
 
@@ -146,14 +147,16 @@ def describe_graph(gm: fx.GraphModule, constants: bool = True) -> list[str]:
     """One line per node of ``gm``: its op, target, arguments (nodes by position, process groups by
     their canonical name, devices by type; numbers as ``#`` without ``constants``) and value
     (dtype, shape with symbols, device type). The same for the same program in every process and
-    on every rank: no object addresses, device indices or group names of this rank."""
-    nodes = list(gm.graph.nodes)
+    on every rank: no object addresses, device indices or group names of this rank. Without
+    ``constants``, symbolic integer inputs are left out (a rank whose input is a slice at a
+    non-zero offset gets one more: its storage offset) and symbols are numbered by first use."""
+    nodes = _described_nodes(gm, constants)
     index = {node: i for i, node in enumerate(nodes)}
     groups = canonical_group_names(nodes)
 
     def show(value: Any) -> str:
         if isinstance(value, fx.Node):
-            return f"%{index[value]}"
+            return f"%{index[value]}" if value in index else "#"
         if isinstance(value, (list, tuple)):
             inner = ", ".join(show(v) for v in value)
             return f"[{inner}]" if isinstance(value, list) else f"({inner})"
@@ -173,10 +176,27 @@ def describe_graph(gm: fx.GraphModule, constants: bool = True) -> list[str]:
                                                  torch.SymInt, torch.layout, torch.memory_format)) \
             else type(value).__name__
 
-    return [f"{node.op} {_target(node.target) if node.op != 'placeholder' else ''}"
-            f"({show(node.args)[1:-1]}{', ' if node.args and node.kwargs else ''}"
-            f"{show(node.kwargs)[1:-1]}) -> {_value(node.meta.get('val', node.meta.get('example_value')))}"
-            for node in nodes]
+    lines = [f"{node.op} {_target(node.target) if node.op != 'placeholder' else ''}"
+             f"({show(node.args)[1:-1]}{', ' if node.args and node.kwargs else ''}"
+             f"{show(node.kwargs)[1:-1]}) -> {_value(node.meta.get('val', node.meta.get('example_value')))}"
+             for node in nodes]
+    if constants:
+        return lines
+    numbers: dict[str, str] = {}
+    return [_SYMBOL.sub(lambda m: numbers.setdefault(m.group(0), f"{m.group(0)[0]}{len(numbers)}"), line)
+            for line in lines]
+
+
+_SYMBOL = re.compile(r"\b[su]\d+\b")
+
+
+def _described_nodes(gm: fx.GraphModule, constants: bool) -> list[fx.Node]:
+    nodes = list(gm.graph.nodes)
+    if constants:
+        return nodes
+    return [node for node in nodes if not (
+        node.op == "placeholder" and isinstance(node.meta.get("example_value", node.meta.get("val")),
+                                                (torch.SymInt, int)))]
 
 
 def _target(target: Any) -> str:
@@ -284,7 +304,10 @@ def graph_rank_sets(gm: fx.GraphModule) -> tuple[tuple[int, ...], ...]:
 
 def shared_flags(cfg) -> dict[str, str]:
     """The flags every rank must share, as text: all but the rank-local ones (dump folder, debug,
-    timeouts); a process group as its ranks, a device profile as a digest of its content."""
+    timeouts); a process group as its size (on a 2 x 2 mesh rank 0's sequence group holds ranks
+    {0, 2} and rank 1's {1, 3}: the groups differ by design, their sizes may not; which ranks a
+    graph's collectives pair up with is checked by each group agreeing on its own), a device
+    profile as a digest of its content."""
     from graphopt import config
     flags = config.flags()
     shared = {}
@@ -295,7 +318,7 @@ def shared_flags(cfg) -> dict[str, str]:
             with open(value, "rb") as handle:
                 value = f"profile {hashlib.sha256(handle.read()).hexdigest()[:12]}"
         elif isinstance(value, dist.ProcessGroup) or (name == "sp_group" and value is not None):
-            value = f"ranks {dist.get_process_group_ranks(_compat.resolve_process_group(value))}"
+            value = f"a group of {len(dist.get_process_group_ranks(_compat.resolve_process_group(value)))} ranks"
         shared[name] = repr(value) if not isinstance(value, str) else value
     return shared
 
@@ -307,7 +330,7 @@ def graph_record(gm: fx.GraphModule, cfg) -> dict[str, Any]:
     lines = describe_graph(gm, constants=False)
     return {"flags": shared_flags(cfg), "graph": fingerprint(lines), "nodes": len(lines),
             "inputs": [line.split(" -> ")[-1] for line in lines if line.startswith("placeholder")][:16],
-            "collectives": [line for line, node in zip(lines, gm.graph.nodes)
+            "collectives": [line for line, node in zip(lines, _described_nodes(gm, False))
                             if _communicates(node)][:16]}
 
 
@@ -373,16 +396,16 @@ def _ending_the_epoch_on_disagreement():
 
 
 def _check_flags_once(flags: dict[str, str], alone: bool, timeout_s: float) -> None:
-    """Publish the flags of this rank's first compile; at its first graph without collectives
+    """Publish the flags of this rank's first compile; where that first graph has no collectives
     (``alone``), compare the flags that add collectives with rank 0's (waiting at most
     FLAGS_GRACE_S for them)."""
     global _flags_checked
     store, rank = _compat.default_store(), dist.get_rank()
     if not store.check([f"graphopt/ranks/flags/{rank}"]):
         store.set(f"graphopt/ranks/flags/{rank}", json.dumps(flags))
-    if _flags_checked or not alone:
-        return
-    _flags_checked = True
+    first, _flags_checked = not _flags_checked, True
+    if not (first and alone):  # later graphs without collectives may differ by design (a
+        return                 # baseline compiled beside the sequence-parallel model)
     if rank == 0:
         return
     key = "graphopt/ranks/flags/0"
