@@ -435,6 +435,14 @@ def aliased_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node that allocated ``node``'s memory (through views and the outputs of split-like ops;
+    a getitem of any other op picks a tensor it allocated)."""
+    while (base := aliased_input(node)) is not None:
+        node = base
+    return node
+
+
 def tuple_parent(node: fx.Node) -> fx.Node | None:
     """The multi-output node ``node`` takes an element of (``operator.getitem``), or None."""
     if node.target is not operator.getitem or not isinstance(node.args[1], int):

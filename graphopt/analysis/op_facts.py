@@ -125,6 +125,23 @@ def is_in_place(node: fx.Node) -> bool:
     return op is not None and op._schema.is_mutable
 
 
+def written_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs an in-place op writes into (its schema's mutable arguments): ``copy_``'s
+    destination, ``add_``'s self, an ``out=`` tensor."""
+    op = _overload(node)
+    if op is None or not op._schema.is_mutable:
+        return []
+    written = []
+    for index, argument in enumerate(op._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = (node.args[index] if index < len(node.args) and not argument.kwarg_only
+                 else node.kwargs.get(argument.name))
+        written.extend(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                       if isinstance(v, fx.Node))
+    return written
+
+
 def is_view(node: fx.Node) -> bool:
     """The output aliases an input (a view in the schema, or a known view-like op)."""
     if node.op != "call_function":

@@ -63,7 +63,8 @@ one base are offloaded together or not at all.
 
 Refused (left in device memory, with a reason): names the forward does not save; tensors whose
 memory stays alive anyway (views of graph inputs, memory a forward output holds, a base also
-saved through a tensor the plan keeps); symbolic sizes the forward or the backward cannot
+saved through a tensor the plan keeps); tensors whose memory an op writes in place (the copy
+could miss the write); symbolic sizes the forward or the backward cannot
 compute (``_SizeArgs.why_not``); fractions below one token row; tensors beyond the host
 capacity. Where the joint plan counted on an offload refused here, the plan's peak rises by the
 bytes it was to free: the dump's ``remat_plan`` lists it under ``offloads_refused`` and says
@@ -86,10 +87,10 @@ import torch
 import torch.fx as fx
 
 from graphopt import _compat
-from graphopt.analysis import kernel_time, liveness, offload_model
+from graphopt.analysis import kernel_time, liveness, offload_model, op_facts
 from graphopt.analysis.cost_model import tensor_nbytes
 from graphopt.analysis.device_profile import current_profile
-from graphopt.analysis.liveness import SavedTensor, aliased_input, tuple_parent
+from graphopt.analysis.liveness import SavedTensor, aliased_input, storage_root, tuple_parent
 from graphopt.analysis.op_facts import is_view
 from graphopt.measure import agreement, op_timing
 from graphopt.ops import offload as offload_ops
@@ -215,7 +216,7 @@ def _activation_bytes(outputs: list, saved_positions: list[int]) -> int:
     """Device bytes of the saved activations (each allocation once; graph inputs excluded)."""
     roots = {}
     for position in saved_positions:
-        root = _alias_root(outputs[position])
+        root = storage_root(outputs[position])
         val = root.meta.get("val")
         if root.op == "call_function" and isinstance(val, torch.Tensor):
             roots[root] = val.numel() * val.element_size()
@@ -252,8 +253,10 @@ def _offloadable(gm: fx.GraphModule, outputs: list, saved_positions: list[int],
     not at all (``_whole_groups``)."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     saved = set(saved_positions)
-    held = {_alias_root(value) for i, value in enumerate(outputs)
+    held = {storage_root(value) for i, value in enumerate(outputs)
             if isinstance(value, fx.Node) and i not in saved}
+    written = {storage_root(target): node for node in gm.graph.nodes
+               for target in op_facts.written_inputs(node)}
     candidates = {}
     inputs = []
     for position in saved_positions:
@@ -261,11 +264,11 @@ def _offloadable(gm: fx.GraphModule, outputs: list, saved_positions: list[int],
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue  # a saved SymInt
-        root = _alias_root(node)
+        root = storage_root(node)
         if root.op != "call_function":
             inputs.append(node.name)
             continue
-        reason = _why_not_offloadable(val, root, held)
+        reason = _why_not_offloadable(val, root, held, written.get(root))
         if reason:
             refusals.append(f"{node.name}: {reason}")
             held.add(root)  # what shares this memory with it cannot free it either
@@ -286,7 +289,11 @@ def _offloadable(gm: fx.GraphModule, outputs: list, saved_positions: list[int],
     return candidates
 
 
-def _why_not_offloadable(val: torch.Tensor, root: fx.Node, held: set[fx.Node]) -> str | None:
+def _why_not_offloadable(val: torch.Tensor, root: fx.Node, held: set[fx.Node],
+                         writer: fx.Node | None) -> str | None:
+    if writer is not None:
+        return (f"its memory ({root.name}) is written in place by {writer.name}; a copy taken "
+                "where it is produced could miss a write the backward reads")
     if root in held:
         return (f"its memory ({root.name}) is also a forward output the caller holds; offloading it "
                 "frees nothing")
@@ -314,14 +321,6 @@ def _whole_groups(plan: dict[str, float], candidates: dict[str, _Candidate],
                                 "which the plan keeps on the device; offloading it alone frees nothing")
                 del result[name]
     return result
-
-
-def _alias_root(node: fx.Node) -> fx.Node:
-    """The node that allocated ``node``'s memory (through views and the outputs of split-like ops;
-    a getitem of any other op picks a tensor it allocated)."""
-    while (base := aliased_input(node)) is not None:
-        node = base
-    return node
 
 
 def _alias_family(root: fx.Node) -> list[fx.Node]:
@@ -655,7 +654,7 @@ def _plan_kept(gm: fx.GraphModule, partition, slots: dict[str, Slot], refusals: 
     nodes = {node.name: node for node in gm.graph.nodes}
     freed = {}  # the allocation each refused offload was to free (views of one base count once)
     for name, alpha in refused.items():
-        root = _alias_root(nodes[name]) if name in nodes else None
+        root = storage_root(nodes[name]) if name in nodes else None
         nbytes = tensor_nbytes(root.meta.get("val")) if root is not None else 0
         freed[root or name] = max(freed.get(root or name, 0), int(min(alpha, 1.0) * nbytes))
     kept_bytes = sum(freed.values())

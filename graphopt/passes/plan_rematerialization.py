@@ -54,7 +54,10 @@ cannot hide all of the saved activations the refusals say how much it moved and 
 Safe because recomputation replays the same deterministic ops on the same inputs. Never
 recomputed: collectives (``_c10d_functional``) and every ``graphopt::`` op (they may communicate),
 attention (aten SDPA / flash / efficient / cudnn, graphopt attention), random ops, ops with
-effects or mutation, and values tagged MUST_SAVE; values tagged MUST_RECOMPUTE are never saved.
+effects or mutation, values tagged MUST_SAVE, and values read from memory the forward later
+writes in place (a buffer updated in place: Dynamo's ``copy_`` of its new value runs at the
+forward's end, so a replay in the backward would read the new contents; the refusals name them);
+values tagged MUST_RECOMPUTE are never saved.
 When no plan fits the budget, the lowest-peak plan is used and the refusal says by how much it
 misses, in one ``plans.BudgetNotMetWarning`` naming the floor in bytes and what holds it; numerics are
 never changed.
@@ -122,6 +125,7 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
     plan, scored, budget, warned = choose_plan(graph, base_saved, base, config.memory_budget, offload,
                                                inputs)
     refusals = _offload_shortfall(graph, saved_base, plan, windows) if saved_base else []
+    refusals += _overwrite_refusals(joint_gm, plan)
 
     fw_gm, bw_gm = _extract(joint_gm, graph, plan, signature)
     realized = liveness.partitioned_timeline(fw_gm, bw_gm, signature.num_fwd_outputs,
@@ -321,6 +325,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                 and op_facts.recomputable(node)
                 and all(i.op == "placeholder" or i in forward for i in node.all_input_nodes)):
             forward.add(node)
+    overwritten = reads_before_overwrite(nodes)
     policy = _compat.checkpoint_policy()
     role, inputs, nbytes, logical, view_of, times, recomputable = {}, {}, {}, {}, {}, {}, {}
     cheap, must_recompute, symbolic, tuples = set(), set(), set(), set()
@@ -361,7 +366,7 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
             times[name] = cost_model.node_time(node, profile)
         tag = node.meta.get("recompute")
         recomputable[name] = (node.op == "call_function" and op_facts.recomputable(node)
-                              and tag != policy.MUST_SAVE)
+                              and tag != policy.MUST_SAVE and node not in overwritten)
         if tag == policy.MUST_RECOMPUTE and recomputable[name]:
             must_recompute.add(name)
         if recomputable[name] and (op_facts.is_view(node) or _is_cheap(node)
@@ -381,6 +386,54 @@ def build_joint_graph(joint_gm: fx.GraphModule, num_fwd_outputs: int, profile,
                                        if fuse_pointwise and op_facts.inductor_writes_kernel(n)},
                       memory_bytes_per_s=memory_bytes_per_s or profile.hbm_gbps * 1e9,
                       launch_s=profile.kernel_launch_s, copy_profile=copy_profile)
+
+
+def reads_before_overwrite(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Nodes that read memory a later node writes in place, each with that last writer: a buffer
+    the forward updates (Dynamo writes its new value back with ``copy_`` at the forward's end), an
+    input mutated in place. Replayed in the backward, after the write, such a node would read the
+    new contents, so it is never recomputed; views only alias the memory and stay free to replay
+    (their readers are checked)."""
+    position = {node: i for i, node in enumerate(nodes)}
+    last_write: dict[fx.Node, fx.Node] = {}  # an allocation -> its last in-place writer
+    for node in nodes:
+        for written in op_facts.written_inputs(node):
+            last_write[liveness.storage_root(written)] = node
+    if not last_write:
+        return {}
+    result = {}
+    for node in nodes:
+        if node.op != "call_function" or liveness.aliased_input(node) is not None:
+            continue
+        writers = [last_write[root] for i in node.all_input_nodes
+                   if (root := liveness.storage_root(i)) in last_write]
+        later = [w for w in writers if position[w] > position[node]]
+        if later:
+            result[node] = max(later, key=position.__getitem__)
+    return result
+
+
+def _overwrite_refusals(joint_gm: fx.GraphModule, plan: Plan) -> list[str]:
+    """Why saved values were kept rather than recomputed from the graph's inputs: they are, or
+    read, a value that reads memory the forward overwrites later (``reads_before_overwrite``)."""
+    overwritten = reads_before_overwrite(list(joint_gm.graph.nodes))
+    if not overwritten:
+        return []
+    by_name = {node.name: node for node in joint_gm.graph.nodes}
+    kept = []
+    for name in plan.saved:
+        node = by_name[name]
+        reader = node if node in overwritten else next(
+            (i for i in node.all_input_nodes if i in overwritten), None)
+        if reader is not None:
+            writer = overwritten[reader]
+            memory = ", ".join(liveness.storage_root(w).name for w in op_facts.written_inputs(writer))
+            kept.append(f"{name} ({reader.name} reads {memory} before {writer.name} writes it)")
+    if not kept:
+        return []
+    return [f"{len(kept)} saved values are kept, not recomputed from the graph's inputs: the forward "
+            "writes memory they were computed from in place, and a replay in the backward would "
+            "read the new contents: " + "; ".join(kept[:4]) + ("; ..." if len(kept) > 4 else "")]
 
 
 def _is_backward_input(node: fx.Node) -> bool:

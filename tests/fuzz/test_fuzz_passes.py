@@ -60,6 +60,14 @@ REGRESSIONS: list[dict] = [
      "flags": {"codegen": "eager", "debug": True, "offload_activations": True,
                "overlap_matmul_collectives": True, "overlap_mode": "chunked",
                "sequence_parallel_attention": True}},
+    # a buffer updated in place (Dynamo's copy_ of its new value ends the forward) was read by a
+    # value plan_rematerialization recomputed in the backward, after the write: qkv.weight's
+    # gradient 4.6e3 x tolerance off; values read before an in-place write are now never recomputed
+    {"batch": 1, "blocks": [["buffer", "running"], ["masked_sdpa", 1, "causal"]], "dim": 8,
+     "dtype": "float32", "dynamic": False, "forwards": 1, "seed": 0, "seq": 3, "world": 1,
+     "flags": {"codegen": "eager", "debug": False, "memory_budget": None,
+               "offload_activations": True, "specialize_attention_masks": False,
+               "offload_host_capacity": None, "offload_link_slack": 0.0}},
 ]
 
 

@@ -243,11 +243,11 @@ def _computes(nodes) -> list:
 def _saved_view_after_compute(fw):
     """A saved view the forward takes after other compute has run since its base was written."""
     from graphopt.analysis.op_facts import is_view
-    from graphopt.passes.offload_activations import _alias_root
+    from graphopt.analysis.liveness import storage_root
     output = next(iter(fw.graph.find_nodes(op="output")))
     for node in output.args[0]:
         if isinstance(node, fx.Node) and node.op == "call_function" and is_view(node):
-            root = _alias_root(node)
+            root = storage_root(node)
             if root.op == "call_function" and _computes(_between(fw, root.name, node.name)):
                 return node.name, root.name
     return None
@@ -401,6 +401,19 @@ def test_host_capacity_is_a_constraint():
     assert any("offload_host_capacity" in r for r in result.refusals)
 
 
+def test_a_saved_tensor_written_in_place_later_is_refused():
+    """A copy taken where the tensor is produced would miss a later in-place write to its memory
+    (the backward reads the memory as written), so the pass leaves it on the device."""
+    fw, bw = _partitioned()
+    saved = next(n for n in fw.graph.nodes if n.name == "mm_3")
+    with fw.graph.inserting_after(saved):
+        fw.graph.call_function(torch.ops.aten.mul_.Tensor, (saved, 2.0))
+    result = _run_forward_pass(fw, bw, {"mm_3": 1.0, "add_6": 1.0})
+    assert any(r.startswith("mm_3: its memory (mm_3) is written in place by mul_")
+               for r in result.refusals), result.refusals
+    assert [c.args[0].name for c in calls(fw, OPS.offload)] == ["add_6"]
+
+
 def test_mismatched_backward_names_are_refused_before_any_change():
     fw, bw = _partitioned()
     code = fw.code
@@ -500,8 +513,8 @@ def test_hundred_steps_keep_pool_and_memory_flat():
 
 def _offloaded_roots(fw):
     """(offloaded node, the node that allocated its memory) for every offload in ``fw``."""
-    from graphopt.passes.offload_activations import _alias_root
-    return [(n.args[0], _alias_root(n.args[0])) for n in calls(fw, OPS.offload)]
+    from graphopt.analysis.liveness import storage_root
+    return [(n.args[0], storage_root(n.args[0])) for n in calls(fw, OPS.offload)]
 
 
 def test_joint_plan_offloads_rope_outputs_and_mlp_projections_saved_as_views():
