@@ -11,8 +11,9 @@ overlap_matmul_collectives, and the memory passes on top). Every pass runs in at
     CI (CI=true):           distributed 200, single-process 2 x 20, Inductor 1 per rank
     FUZZ_PROFILE=long:      distributed 1000, single-process 2 x 500, Inductor 4 per rank
 
-``FUZZ_SEED`` fixes the seed (else a new one every run, printed with any failure together with the
-line that reruns the failing case alone). A failure found becomes a regression case in
+``FUZZ_SEED`` fixes the seed. CI runs a fixed one (a commit's CI result does not hang on the draw;
+new seeds are explored locally and with ``FUZZ_PROFILE=long``), elsewhere each run draws a new one.
+The seed prints with any failure together with the line that reruns the failing case alone. A failure found becomes a regression case in
 ``REGRESSIONS`` below.
 """
 
@@ -49,7 +50,9 @@ PROFILES = {"default": Profile(24, 12, 1, 24), "ci": Profile(200, 20, 1, 200),
             "long": Profile(1000, 500, 4, 1000)}
 PROFILE = PROFILES[os.environ.get("FUZZ_PROFILE") or ("ci" if os.environ.get("CI") == "true"
                                                       else "default")]
-SEED = int(os.environ.get("FUZZ_SEED") or random.SystemRandom().randrange(2**31))
+CI_SEED = 1511046690  # the seed whose failure became the first regression case
+SEED = int(os.environ.get("FUZZ_SEED") or (CI_SEED if os.environ.get("CI") == "true"
+                                           else random.SystemRandom().randrange(2**31)))
 
 # Cases the fuzzer once failed on (each ran wrong or raised until the fix named with it).
 REGRESSIONS: list[dict] = [
