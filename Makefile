@@ -21,6 +21,11 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
+# pytest-xdist workers, a test module each at a time (its module-scoped gloo worker pools and
+# Triton-interpreter subprocess stay on one worker): 2 halves CI's wall time on its 2 cores;
+# TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
+XDIST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: demo test test-fast setup setup-test clean
 
@@ -62,10 +67,10 @@ demo: setup
 	$(PY) -m graphopt demo
 
 test: setup-test
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(XDIST_ARGS) $(PYTEST_ARGS)
 
 test-fast: setup-test
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(XDIST_ARGS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) graphopt_dump

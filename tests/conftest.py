@@ -1,11 +1,11 @@
 """Test set-up shared by every test: a fresh Dynamo per test, skip reasons a user understands, and
-the Triton-interpreter tests run in one subprocess with their results reported here.
+the Triton-interpreter tests run in one subprocess per module with their results reported here.
 
 Markers (pyproject.toml): ``gpu`` needs a CUDA GPU, ``multigpu`` two of them; ``slow`` compiles
 through Inductor on CPU; ``triton_interpreter`` runs a Triton kernel under ``TRITON_INTERPRET=1``.
 The interpreter must be switched on before triton is first imported, which other tests do, so
-without it set, the first such test starts one ``pytest`` subprocess with it set for all of them,
-and each test passes, fails or skips here as it did there (counted as run, not as skipped).
+without it set, the first such test of a module starts one ``pytest`` subprocess with it set for
+all of the module's, and each test passes, fails or skips here as it did there (counted as run, not as skipped).
 """
 
 import importlib.util
@@ -26,8 +26,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _REPORT_ENV = "GRAPHOPT_INTERPRETER_REPORT"
 _INTERPRETER_TIMEOUT_S = 900
 _INTERPRETED_IDS = pytest.StashKey[list]()
-_INTERPRETED_RESULTS = pytest.StashKey[dict]()
-_INTERPRETER_TAIL = pytest.StashKey[str]()
+_INTERPRETED_RESULTS = pytest.StashKey[dict]()  # module -> node id -> outcome
+_INTERPRETER_TAIL = pytest.StashKey[dict]()     # module -> the subprocess's last output
 
 
 @pytest.fixture(autouse=True)
@@ -66,18 +66,23 @@ def pytest_collection_modifyitems(config, items):
     config.stash[_INTERPRETED_IDS] = interpreted
 
 
-def _interpreter_results(config) -> dict:
-    """Run every collected ``triton_interpreter`` test once, in one subprocess; outcome by node id."""
-    if _INTERPRETED_RESULTS in config.stash:
-        return config.stash[_INTERPRETED_RESULTS]
+def _interpreter_results(config, nodeid: str) -> dict:
+    """Run the collected ``triton_interpreter`` tests of ``nodeid``'s module once, in one
+    subprocess; outcome by node id. Per module, so that pytest-xdist's workers (``--dist
+    loadfile``: a module's tests on one worker) each run only the tests they were given."""
+    module = nodeid.split("::")[0]
+    cache = config.stash.setdefault(_INTERPRETED_RESULTS, {})
+    if module in cache:
+        return cache[module]
+    ids = [i for i in config.stash[_INTERPRETED_IDS] if i.split("::")[0] == module]
     with tempfile.TemporaryDirectory(prefix="graphopt_interpreter_") as folder:
         report = os.path.join(folder, "report.jsonl")
         env = dict(os.environ, TRITON_INTERPRET="1", **{_REPORT_ENV: report})
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 *config.stash[_INTERPRETED_IDS]],
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                 *ids],
                 cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                 timeout=_INTERPRETER_TIMEOUT_S)
             tail = done.stdout[-4000:] + done.stderr[-2000:]
@@ -89,8 +94,8 @@ def _interpreter_results(config) -> dict:
                 for line in handle:
                     record = json.loads(line)
                     results[record["nodeid"]] = record
-    config.stash[_INTERPRETED_RESULTS] = results
-    config.stash[_INTERPRETER_TAIL] = tail
+    cache[module] = results
+    config.stash.setdefault(_INTERPRETER_TAIL, {})[module] = tail
     return results
 
 
@@ -100,10 +105,11 @@ def pytest_pyfunc_call(pyfuncitem):
     if INTERPRETED or "triton_interpreter" not in pyfuncitem.keywords:
         return None
     config = pyfuncitem.config
-    record = _interpreter_results(config).get(pyfuncitem.nodeid)
+    record = _interpreter_results(config, pyfuncitem.nodeid).get(pyfuncitem.nodeid)
     if record is None:
         pytest.fail("the Triton-interpreter subprocess reported no result for this test:\n"
-                    + config.stash[_INTERPRETER_TAIL], pytrace=False)
+                    + config.stash[_INTERPRETER_TAIL][pyfuncitem.nodeid.split("::")[0]],
+                    pytrace=False)
     if record["outcome"] == "skipped":
         pytest.skip(record["message"])
     if record["outcome"] == "failed":
