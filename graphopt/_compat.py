@@ -55,10 +55,6 @@ def inductor_config():
     return torch._inductor.config
 
 
-def functorch_config():
-    return torch._functorch.config
-
-
 def core_aten_decompositions() -> dict:
     from torch._decomp import core_aten_decompositions as table
     return table()
@@ -249,6 +245,14 @@ def readable_code(gm: torch.fx.GraphModule) -> str:
 @contextlib.contextmanager
 def inductor_config_patch(**changes):
     with torch._inductor.config.patch(**changes):
+        yield
+
+
+@contextlib.contextmanager
+def no_compile_caches():
+    """No Inductor FX-graph or AOTAutograd cache hits: a hit runs no backend pass."""
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
         yield
 
 

@@ -85,8 +85,7 @@ def test_inductor_step_peaks_where_the_simulation_says(fraction):
 
     torch._dynamo.reset()
     # a cache hit would skip the partitioner, and with it the plan this test reads
-    with _compat.inductor_config_patch(fx_graph_cache=False), \
-            _compat.functorch_config().patch(enable_autograd_cache=False):
+    with _compat.no_compile_caches():
         compiled = torch.compile(lambda m, x, y: m.loss(x, y, chunks=4),
                                  backend=graphopt.backend(codegen="inductor", memory_budget=fraction))
         step(compiled)

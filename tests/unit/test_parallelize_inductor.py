@@ -41,8 +41,7 @@ def test_parallelize_one_process_inductor_matches_eager():
     assert par.flags["codegen"] == "inductor" and par.flags["memory_budget"] == 0.5
     # no Inductor / AOTAutograd cache hits: a hit (another test, another xdist worker compiled the
     # same block) runs no pass, so no plan would be recorded
-    with _compat.inductor_config_patch(fx_graph_cache=False), \
-            _compat.functorch_config().patch(enable_autograd_cache=False):
+    with _compat.no_compile_caches():
         for mb in par.micro_batches(tokens, labels):
             (loss_fn(par.model, mb.tokens, mb.labels, mb.position_ids) / layout.grad_accum).backward()
     expected = dict(reference.named_parameters())

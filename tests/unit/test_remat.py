@@ -529,8 +529,7 @@ def test_inductor_codegen_matches_eager_and_records_the_plan():
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     # caches would skip the partitioner (and with it the plan this test reads)
-    with _compat.inductor_config_patch(fx_graph_cache=False), \
-            _compat.functorch_config().patch(enable_autograd_cache=False):
+    with _compat.no_compile_caches():
         compiled = torch.compile(model, backend=graphopt.backend(codegen="inductor", memory_budget=0.5))
         compiled(x).square().sum().backward()
     for got, ref in zip([p.grad for p in model.parameters()], want):
@@ -558,8 +557,7 @@ def test_inductor_runs_a_llama_backward_in_the_planned_order():
     model, reference = Llama(cfg), Llama(cfg)
     reference.load_state_dict(model.state_dict())
     tokens, targets = torch.randint(0, 512, (1, 128)), torch.randint(0, 512, (1, 128))
-    with _compat.inductor_config_patch(fx_graph_cache=False), \
-            _compat.functorch_config().patch(enable_autograd_cache=False):
+    with _compat.no_compile_caches():
         compiled = torch.compile(lambda x, y: model.loss(x, y, chunks=2),
                                  backend=graphopt.backend(codegen="inductor", memory_budget=0.5))
         loss = compiled(tokens, targets)
@@ -798,8 +796,7 @@ def test_graphs_the_planner_partitions_compile_without_reuse_and_in_planned_orde
     for budget, reuse, ordered in ((0.5, False, True), (None, True, False)):
         seen.clear()
         torch._dynamo.reset()
-        with _compat.inductor_config_patch(fx_graph_cache=False), \
-                _compat.functorch_config().patch(enable_autograd_cache=False):
+        with _compat.no_compile_caches():
             compiled = torch.compile(model, backend=graphopt.backend(codegen="inductor", memory_budget=budget))
             compiled(x).square().sum().backward()
         assert sorted(seen) == [("backward", reuse, ordered), ("forward", reuse, ordered)]
