@@ -266,6 +266,24 @@ def test_values_read_before_an_in_place_write_are_never_recomputed(flags):
     assert "mul reads primals_1 before copy_ writes it" in reason, reason
 
 
+@pytest.mark.slow
+def test_values_read_before_an_in_place_write_are_never_recomputed_under_inductor():
+    """The same model and plan through the default codegen."""
+    torch.manual_seed(0)
+    model, x = _RunningMean(16), torch.randn(2, 8, 16)
+    reference = copy.deepcopy(model)
+    eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    reference(eager_x).square().sum().backward()
+    with _compat.no_compile_caches():
+        compiled = torch.compile(model, backend=graphopt.backend(codegen="inductor", memory_budget=0.01))
+        compiled(compiled_x).square().sum().backward()
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+    torch.testing.assert_close(model.linear.weight.grad, reference.linear.weight.grad)
+    torch.testing.assert_close(model.state, reference.state)
+    plan = compile_summaries()[-1]["notes"]["remat_plan"]
+    assert any("kept, not recomputed" in r for r in plan["refusals"]), plan["refusals"]
+
+
 def _collective_fn(group_name, x, w):
     funcol = _compat.functional_collectives_ops()
     h = (x @ w).sin()
