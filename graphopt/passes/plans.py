@@ -13,6 +13,8 @@ it; ``passes/README.md``, invariant 8)::
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import warnings
 from typing import Any, Mapping, Union
 
@@ -31,8 +33,32 @@ class BudgetNotMetWarning(UserWarning):
 
 
 def warn_budget_not_met(graph_id: str, reason: str) -> None:
-    """The one way a compiled graph says its memory plan misses the budget."""
-    warnings.warn(f"[{graph_id}] {reason}", BudgetNotMetWarning, stacklevel=3)
+    """The one way a compiled graph says its memory plan misses the budget. The warning names the
+    user's line that ran the compile (the first frame outside torch, graphopt and the model
+    libraries), not a line of graphopt's."""
+    warnings.warn(f"[{graph_id}] {reason}", BudgetNotMetWarning, stacklevel=_user_stacklevel())
+
+
+def _library_roots() -> tuple[str, ...]:
+    import graphopt
+    roots = [os.path.dirname(torch.__file__), os.path.dirname(graphopt.__file__)]
+    for name in ("transformers", "peft", "accelerate", "triton", "functorch"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            roots.append(os.path.dirname(module.__file__))
+    return tuple(os.path.join(os.path.realpath(root), "") for root in roots)
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, from its caller, of the first frame outside the libraries."""
+    roots = _library_roots()
+    frame, level = sys._getframe(2), 2   # 1 is warn_budget_not_met itself
+    while frame is not None:
+        filename = os.path.realpath(frame.f_code.co_filename)
+        if not filename.startswith(roots) and not filename.startswith("<"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
 
 
 @dataclasses.dataclass(frozen=True)

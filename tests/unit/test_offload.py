@@ -727,8 +727,10 @@ def test_planned_offloads_the_pass_refuses_raise_the_plans_peak_over_the_budget(
     assert set(plan["offloads_refused"]) and all("a test refuses it" in why
                                                  for why in plan["offloads_refused"].values())
     assert not any(row["action"] == "offload" for row in plan["table"])
-    (warning,) = [str(w.message) for w in caught if issubclass(w.category, BudgetNotMetWarning)]
-    assert "memory_budget=0.4 is missed by" in warning and "a test refuses it" in warning
+    (warning,) = [w for w in caught if issubclass(w.category, BudgetNotMetWarning)]
+    assert "memory_budget=0.4 is missed by" in str(warning.message)
+    assert "a test refuses it" in str(warning.message)
+    assert warning.filename == __file__  # the user's line that ran the compile, not graphopt's
 
 
 def test_two_forwards_before_one_backward_match_eager_with_a_generation_each():
