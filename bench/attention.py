@@ -841,8 +841,8 @@ def main(argv=None):
         configure_smoke()
     elif not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU (or --smoke under TRITON_INTERPRET=1)")
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = 64  # one flex compile per (mask, S, Hkv)
+    import torch._dynamo as dynamo
+    dynamo.config.cache_size_limit = 64  # one flex compile per (mask, S, Hkv)
     started = time.time()
     masks = [m for m in args.masks.split(",") if m]
     seqlens = [int(s) for s in args.seqlens.split(",")] if args.seqlens else list(SEQLENS)

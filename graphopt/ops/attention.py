@@ -592,7 +592,10 @@ def _(q, k, v, out, lse, dout, delta, scale, causal, q_offset, k_offset):
 @torch.library.custom_op("graphopt::flash_attention", mutates_args=())
 def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
                         window: int = 0, positions: Optional[Tensor] = None,
-                        kernel: str = "auto") -> tuple[Tensor, Tensor]:
+                        kernel_choice: str = "auto") -> tuple[Tensor, Tensor]:
+    # Not "kernel": Inductor's fallback lowering takes the op's trailing default arguments as
+    # keywords, and FallbackKernel.create has a parameter of that name (a TypeError under Inductor).
+    kernel = kernel_choice
     row_start = _row_bounds(q, positions, kernel)[0]
     out, lse = attention_block_forward(q, k, v, scale=scale, causal=causal, kernel=kernel,
                                        window=window, row_start=row_start)
@@ -624,9 +627,9 @@ def _check_positions(q: Tensor, positions: Tensor) -> None:
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v, scale, causal, window=0, positions=None, kernel="auto"):
+def _(q, k, v, scale, causal, window=0, positions=None, kernel_choice="auto"):
     _check_shapes(q, k, v)
-    check_kernel(kernel)
+    check_kernel(kernel_choice)
     if positions is not None:
         _check_positions(q, positions)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -657,7 +660,8 @@ def _flash_attention_backward(ctx, dout, dlse):
 def _flash_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  dout: Tensor, delta: Optional[Tensor], scale: float,
                                  causal: bool, window: int, positions: Optional[Tensor],
-                                 kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+                                 kernel_choice: str) -> tuple[Tensor, Tensor, Tensor]:
+    kernel = kernel_choice  # the schema's name: see _flash_attention_op
     # A delta given to the op carries an LSE gradient (the forward's backward passes one only
     # then), so only a missing delta lets torch's cuDNN backward run.
     row_start, col_stop = _row_bounds(q, positions, kernel)
@@ -669,7 +673,7 @@ def _flash_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 
 @_flash_attention_backward_op.register_fake
-def _(q, k, v, out, lse, dout, delta, scale, causal, window, positions, kernel):
+def _(q, k, v, out, lse, dout, delta, scale, causal, window, positions, kernel_choice):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -653,19 +653,20 @@ def sp_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
 @torch.library.custom_op("graphopt::sp_attention", mutates_args=())
 def _sp_attention_op(q: Tensor, k: Tensor, v: Tensor, positions: Optional[Tensor], scale: float,
                      causal: bool, window: int, group_name: str, load_balance: bool,
-                     split_diagonal: bool, kernel: str,
+                     split_diagonal: bool, kernel_choice: str,
                      peer_timeout_s: float) -> tuple[Tensor, Tensor]:
+    # "kernel_choice", not "kernel": see graphopt.ops.attention._flash_attention_op.
     return sp_attention_forward(q, k, v, scale=scale, causal=causal, group=group_name,
                                 load_balance=load_balance, window=window, positions=positions,
-                                split_diagonal=split_diagonal, kernel=kernel,
+                                split_diagonal=split_diagonal, kernel=kernel_choice,
                                 peer_timeout_s=peer_timeout_s)
 
 
 @_sp_attention_op.register_fake
-def _(q, k, v, positions, scale, causal, window, group_name, load_balance, split_diagonal, kernel,
-      peer_timeout_s):
+def _(q, k, v, positions, scale, causal, window, group_name, load_balance, split_diagonal,
+      kernel_choice, peer_timeout_s):
     _check_inputs(q, k, v, positions)
-    SpOptions(scale, causal, window, load_balance, split_diagonal, kernel, peer_timeout_s)
+    SpOptions(scale, causal, window, load_balance, split_diagonal, kernel_choice, peer_timeout_s)
     # The real outputs are contiguous whatever the strides of q (q is often a transposed view).
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -674,18 +675,18 @@ def _(q, k, v, positions, scale, causal, window, group_name, load_balance, split
 def _sp_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                               dout: Tensor, dlse: Optional[Tensor], positions: Optional[Tensor],
                               scale: float, causal: bool, window: int, group_name: str,
-                              load_balance: bool, split_diagonal: bool, kernel: str,
+                              load_balance: bool, split_diagonal: bool, kernel_choice: str,
                               peer_timeout_s: float) -> tuple[Tensor, Tensor, Tensor]:
     return sp_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal,
                                  group=group_name, load_balance=load_balance, dlse=dlse,
                                  window=window, positions=positions,
-                                 split_diagonal=split_diagonal, kernel=kernel,
+                                 split_diagonal=split_diagonal, kernel=kernel_choice,
                                  peer_timeout_s=peer_timeout_s)
 
 
 @_sp_attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, dlse, positions, scale, causal, window, group_name, load_balance,
-      split_diagonal, kernel, peer_timeout_s):
+      split_diagonal, kernel_choice, peer_timeout_s):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
