@@ -146,7 +146,16 @@ def bench_modes(cases: dict, model, args, device: str, timer: Timer) -> tuple[li
         clear_compile_summaries()
         runner = make()
         for label, batch in cases.items():
-            row = run_mode(name, runner, model, batch, args, timer, reference.get(label))
+            try:
+                row = run_mode(name, runner, model, batch, args, timer, reference.get(label))
+            except Exception as err:  # noqa: BLE001 - recorded in the results; the run goes on
+                if args.smoke:
+                    raise
+                rows.append(dict(mode=name, case=label, seq=batch["input_ids"].shape[1],
+                                 error=f"{type(err).__name__}: {str(err).splitlines()[0]}"))
+                print(f"{label:>10} {name:>9}: FAILED {rows[-1]['error']}", flush=True)
+                model.zero_grad(set_to_none=True)
+                continue
             reference.setdefault(label, row["loss"])
             row.update(case=label, seq=batch["input_ids"].shape[1])
             rows.append(row)
@@ -175,7 +184,7 @@ def versions(device: str) -> dict:
 
 
 def summarize(rows: list) -> dict:
-    ms = {(r["case"], r["mode"]): r["step_ms"] for r in rows}
+    ms = {(r["case"], r["mode"]): r["step_ms"] for r in rows if "error" not in r}
     summary = {}
     if ("16k", "graphopt") in ms:
         summary["speedup_vs_inductor_16k"] = ms[("16k", "inductor")] / ms[("16k", "graphopt")]
@@ -204,6 +213,9 @@ def markdown(result: dict) -> str:
              "| case | mode | step ms | peak GiB | loss diff vs eager | first step s |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['case']} | {row['mode']} | failed: {row['error'][:120]} | | | |")
+            continue
         lines.append(f"| {row['case']} | {row['mode']} | {row['step_ms']:.1f} | "
                      f"{row['peak_gib']:.2f} | {row.get('loss_diff_vs_eager', 0):.2e} | "
                      f"{row['first_step_s']:.1f} |")
