@@ -40,8 +40,8 @@ def warn_budget_not_met(graph_id: str, reason: str) -> None:
 
 
 def _library_roots() -> tuple[str, ...]:
-    import graphopt
-    roots = [os.path.dirname(torch.__file__), os.path.dirname(graphopt.__file__)]
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # graphopt/
+    roots = [os.path.dirname(torch.__file__), package]
     for name in ("transformers", "peft", "accelerate", "triton", "functorch"):
         module = sys.modules.get(name)
         if module is not None and getattr(module, "__file__", None):
