@@ -35,7 +35,8 @@ Variants (FORWARD_VARIANTS; the same function):
                   group query blocks outer, heads inner: every head's longest (causal) tiles
                   start early, not only the first heads' (the tail of the last head's long
                   tiles costs up to ~10% at 8K)
-The default (DEFAULT_FORWARD_VARIANT) runs where TMA can address the tensors, else "pointer"; a
+The default (DEFAULT_FORWARD_VARIANT, "pointer": the fastest or within 1.3% of it on one H100)
+runs; a TMA default would run where TMA can address the tensors, else step down FORWARD_FALLBACKS. A
 default-chosen variant that this Triton cannot compile for a specialisation is logged once
 (VARIANT_FAILURES) and its fallback runs. ``launch_counts`` records which variant ran.
 """
@@ -395,15 +396,35 @@ _flash_fwd_tuned = tuned_by_dtype(
     small_head_configs=HALF_CONFIGS_SMALL_HEAD)
 
 
+# (autotuner, the launch's constexprs) -> the config an untuned launch runs: UNTUNED_CONFIG, or the
+# first after it that this device can compile.
+_UNTUNED_CHOICE: dict = {}
+
+
 def launch(tuned, grid, args, meta) -> None:
-    """Runs an autotuned kernel, or one fixed config of it when AUTOTUNE is off."""
+    """Runs an autotuned kernel, or one fixed config of it when AUTOTUNE is off: UNTUNED_CONFIG,
+    stepping to the next config where that one does not compile here (out of shared memory, say),
+    as the autotuner skips such configs. On one H100 the fused backward's first config needs
+    263 KB of shared memory with TMA reductions (232 KB there), which failed every untuned launch
+    of atomic_dq_tma."""
     if AUTOTUNE:
         tuned[grid](*args, **meta)
         return
     configs = tuned.early_config_prune(tuned.configs, {}, **meta)
-    config = configs[min(UNTUNED_CONFIG, len(configs) - 1)]
-    tuned.fn[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                  num_stages=config.num_stages)
+    key = (id(tuned), tuple(sorted(meta.items())))
+    first = _UNTUNED_CHOICE.get(key, min(UNTUNED_CONFIG, len(configs) - 1))
+    for index in range(first, len(configs)):
+        config = configs[index]
+        try:
+            tuned.fn[grid(config.kwargs)](*args, **meta, **config.kwargs,
+                                          num_warps=config.num_warps,
+                                          num_stages=config.num_stages)
+        except Exception as err:  # noqa: BLE001 - only compile failures go on to the next config
+            if index + 1 < len(configs) and compile_failure(err):
+                continue
+            raise
+        _UNTUNED_CHOICE[key] = index
+        return
 
 
 # --- kernel variants -------------------------------------------------------------------------------
@@ -424,7 +445,10 @@ FORWARD_VARIANTS = {
     "tma_ws": ForwardVariant(tma=True, warp_specialize=True),
     "tma_persistent": ForwardVariant(tma=True, persistent=True),
 }
-DEFAULT_FORWARD_VARIANT = "tma"
+# Measured on one H100 (bench/results/attention.md, S = 16K, Hkv 8, bf16, D = 128): pointer was
+# the fastest on windows (2.61 vs 2.79-2.85 ms) and documents (1.04 vs 1.14-1.20 ms) and within
+# 1.3% of the fastest (tma_persistent) on causal, so it is the default.
+DEFAULT_FORWARD_VARIANT = "pointer"
 # What a default-chosen variant falls back to where it cannot run or fails to compile.
 FORWARD_FALLBACKS = {"tma_ws": "tma", "tma_persistent": "tma", "tma": "pointer"}
 # A name here forces that variant for every launch (the benchmark times each); None: the default

@@ -18,9 +18,13 @@ pytestmark = pytest.mark.gpu
 COMPILES, STEPS = 6, 200
 
 
-def _pinned_bytes() -> int:
+def _pinned_bytes():
+    """Pinned bytes torch's host allocator holds; None where it publishes no statistics (torch
+    2.11 on the H100 image returned an empty dict even with a pinned tensor alive)."""
     stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
-    return int(stats.get("allocated_bytes.all.current", 0))
+    if "allocated_bytes.all.current" not in stats:
+        return None
+    return int(stats["allocated_bytes.all.current"])
 
 
 def test_six_compiles_and_200_steps_keep_device_and_pinned_memory_flat():
@@ -50,4 +54,5 @@ def test_six_compiles_and_200_steps_keep_device_and_pinned_memory_flat():
     torch._dynamo.reset()
     gc.collect()
     assert offload_ops.pool_stats()["host_bytes"] == 0
-    assert _pinned_bytes() <= first["pinned"] - first["host_bytes"]
+    if first["pinned"] is not None:   # else the pools' own count above is the pinned check
+        assert _pinned_bytes() <= first["pinned"] - first["host_bytes"]

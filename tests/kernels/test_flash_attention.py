@@ -377,14 +377,17 @@ def test_interpreted_kernel_variants_match_float64(forward, backward, monkeypatc
 
 
 @interpreted
-def test_interpreted_defaults_fall_back_where_tma_cannot_address_the_tensors():
-    """Head dims that are no power of two (96: padded tiles) and row strides that are no 16-byte
-    multiple (D = 20 in float16 = 40 bytes) run the pointer kernels by default; forcing a TMA
-    variant there is refused with the way out; a negative scale (no FMA softmax) still computes
-    the right function."""
-    from graphopt.kernels import launch_counts
+def test_interpreted_defaults_fall_back_where_tma_cannot_address_the_tensors(monkeypatch):
+    """With TMA variants as the defaults (the H100 run of bench/attention.py made the pointer /
+    two-pass kernels the defaults; a later measurement may switch back), head dims that are no
+    power of two (96: padded tiles) and row strides that are no 16-byte multiple (D = 20 in
+    float16 = 40 bytes) run the kernels without TMA; forcing a TMA variant there is refused with
+    the way out; a negative scale (no FMA softmax) still computes the right function."""
+    from graphopt.kernels import flash_attention_bwd, flash_attention_fwd, launch_counts
     from graphopt.kernels.flash_attention_bwd import flash_attention_backward
     from graphopt.kernels.flash_attention_fwd import flash_attention_forward
+    monkeypatch.setattr(flash_attention_fwd, "DEFAULT_FORWARD_VARIANT", "tma")
+    monkeypatch.setattr(flash_attention_bwd, "DEFAULT_BACKWARD_VARIANT", "atomic_dq_tma")
     for head_dim in (96, 20):
         q, k, v = make_qkv(1, 2, 1, 19, 23, head_dim, torch.float16, seed=8)
         before = dict(launch_counts)
@@ -429,3 +432,45 @@ def test_interpreted_grouped_tile_order(query_blocks, batch_heads, head_group):
         assert [m for m, _ in section] == sorted((m for m, _ in section), reverse=True)
         start = order.index(section[0])
         assert order[start:start + len(section)] == section  # a group's tiles run together
+
+
+def test_an_untuned_launch_steps_past_a_config_this_device_cannot_compile(monkeypatch):
+    """AUTOTUNE off runs UNTUNED_CONFIG; where that config runs out of shared memory (the fused
+    backward's first config with TMA reductions on H100: 263 KB of 232 KB), the next config runs,
+    as the autotuner would skip it, and later launches go straight to it. A config failing for
+    another reason, or the last config failing, raises."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+    from graphopt.kernels import flash_attention_fwd
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_M, **kwargs):
+                calls.append(BLOCK_M)
+                if BLOCK_M == 64:
+                    raise OutOfResources(263200, 232448, "shared memory")
+                if BLOCK_M == 16:
+                    raise ValueError("not a compile failure")
+            return run
+
+    class Tuned:
+        configs = [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=2) for m in (64, 32, 16)]
+        fn = Kernel()
+
+        def early_config_prune(self, configs, named_args, **meta):
+            return configs
+
+    monkeypatch.setattr(flash_attention_fwd, "AUTOTUNE", False)
+    tuned = Tuned()
+    flash_attention_fwd.launch(tuned, lambda meta: (1,), (), dict(CAUSAL=True))
+    flash_attention_fwd.launch(tuned, lambda meta: (1,), (), dict(CAUSAL=True))
+    assert calls == [64, 32, 32]
+    monkeypatch.setattr(flash_attention_fwd, "UNTUNED_CONFIG", 2)
+    with pytest.raises(ValueError, match="not a compile failure"):
+        flash_attention_fwd.launch(tuned, lambda meta: (1,), (), dict(CAUSAL=False))
+    Tuned.configs = Tuned.configs[:1]
+    monkeypatch.setattr(flash_attention_fwd, "UNTUNED_CONFIG", 0)
+    with pytest.raises(OutOfResources):
+        flash_attention_fwd.launch(Tuned(), lambda meta: (1,), (), dict(CAUSAL=True))
