@@ -184,22 +184,19 @@ def versions(device: str) -> dict:
 
 
 def summarize(rows: list) -> dict:
+    """The issue's ratios, each where both of its rows ran (a failed row leaves its keys out)."""
     ms = {(r["case"], r["mode"]): r["step_ms"] for r in rows if "error" not in r}
-    summary = {}
-    if ("16k", "graphopt") in ms:
-        summary["speedup_vs_inductor_16k"] = ms[("16k", "inductor")] / ms[("16k", "graphopt")]
-        summary["speedup_vs_eager_16k"] = ms[("16k", "eager")] / ms[("16k", "graphopt")]
-    if ("8k", "graphopt") in ms:
-        summary["speedup_vs_inductor_8k"] = ms[("8k", "inductor")] / ms[("8k", "graphopt")]
-        summary["speedup_vs_eager_8k"] = ms[("8k", "eager")] / ms[("8k", "graphopt")]
-    if ("16k packed", "graphopt") in ms:
-        summary["packed_over_causal_16k"] = ms[("16k packed", "graphopt")] / ms[("16k",
-                                                                                 "graphopt")]
-        summary["packed_speedup_vs_inductor_16k"] = (ms[("16k packed", "inductor")]
-                                                     / ms[("16k packed", "graphopt")])
-        summary["packed_speedup_vs_eager_16k"] = (ms[("16k packed", "eager")]
-                                                  / ms[("16k packed", "graphopt")])
-    return summary
+    ratios = {  # key: (numerator row, denominator row)
+        "speedup_vs_inductor_16k": (("16k", "inductor"), ("16k", "graphopt")),
+        "speedup_vs_eager_16k": (("16k", "eager"), ("16k", "graphopt")),
+        "speedup_vs_inductor_8k": (("8k", "inductor"), ("8k", "graphopt")),
+        "speedup_vs_eager_8k": (("8k", "eager"), ("8k", "graphopt")),
+        "packed_over_causal_16k": (("16k packed", "graphopt"), ("16k", "graphopt")),
+        "packed_speedup_vs_inductor_16k": (("16k packed", "inductor"), ("16k packed", "graphopt")),
+        "packed_speedup_vs_eager_16k": (("16k packed", "eager"), ("16k packed", "graphopt")),
+    }
+    return {key: ms[top] / ms[bottom] for key, (top, bottom) in ratios.items()
+            if top in ms and bottom in ms}
 
 
 def markdown(result: dict) -> str:
