@@ -595,9 +595,8 @@ def _flash_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: b
                         kernel_choice: str = "auto") -> tuple[Tensor, Tensor]:
     # Not "kernel": Inductor's fallback lowering takes the op's trailing default arguments as
     # keywords, and FallbackKernel.create has a parameter of that name (a TypeError under Inductor).
-    kernel = kernel_choice
-    row_start = _row_bounds(q, positions, kernel)[0]
-    out, lse = attention_block_forward(q, k, v, scale=scale, causal=causal, kernel=kernel,
+    row_start = _row_bounds(q, positions, kernel_choice)[0]
+    out, lse = attention_block_forward(q, k, v, scale=scale, causal=causal, kernel=kernel_choice,
                                        window=window, row_start=row_start)
     # Contiguous whatever q's strides (q is often a transposed view) and whichever kernel ran, as
     # the fake implementation says.
@@ -661,12 +660,11 @@ def _flash_attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                                  dout: Tensor, delta: Optional[Tensor], scale: float,
                                  causal: bool, window: int, positions: Optional[Tensor],
                                  kernel_choice: str) -> tuple[Tensor, Tensor, Tensor]:
-    kernel = kernel_choice  # the schema's name: see _flash_attention_op
     # A delta given to the op carries an LSE gradient (the forward's backward passes one only
     # then), so only a missing delta lets torch's cuDNN backward run.
-    row_start, col_stop = _row_bounds(q, positions, kernel)
+    row_start, col_stop = _row_bounds(q, positions, kernel_choice)
     grads = attention_block_backward(
-        q, k, v, out, lse, dout, scale=scale, causal=causal, delta=delta, kernel=kernel,
+        q, k, v, out, lse, dout, scale=scale, causal=causal, delta=delta, kernel=kernel_choice,
         lse_grad_in_delta=delta is not None, window=window, row_start=row_start,
         col_stop=col_stop)
     return tuple(grad.contiguous() for grad in grads)
