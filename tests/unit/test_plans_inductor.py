@@ -116,3 +116,22 @@ def test_inductor_peak_is_planned_with_offload_and_a_budget_on_hf_llama():
         modeling_llama.create_causal_mask = original
     assert plan["planned_peak_bytes"] * 0.95 <= measured <= plan["planned_peak_bytes"] * 1.01, (
         measured, plan["planned_peak_bytes"], plan["peak_at"])
+
+
+@pytest.mark.slow
+def test_a_budget_no_plan_reaches_warns_at_the_users_line_on_hf_llama_under_inductor():
+    """memory_budget of 1 KB on transformers' LlamaForCausalLM (use_cache=False), Inductor
+    codegen: one BudgetNotMetWarning, attributed to the user's line that ran the compile (the
+    first frame outside torch, graphopt and transformers), not to graphopt's own code."""
+    pytest.importorskip("transformers")
+    from attention_helpers import tiny_model
+    from graphopt.passes.plans import BudgetNotMetWarning
+    torch.manual_seed(0)
+    model = tiny_model("llama", "sdpa")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=graphopt.backend(codegen="inductor", memory_budget=1000))
+    with pytest.warns(BudgetNotMetWarning) as caught:
+        compiled(torch.randint(0, 64, (1, 16)), use_cache=False).logits.square().mean().backward()
+    (warning,) = [w for w in caught if issubclass(w.category, BudgetNotMetWarning)]
+    assert "memory_budget=1000 B" in str(warning.message)
+    assert warning.filename == __file__
