@@ -248,6 +248,12 @@ def inductor_config_patch(**changes):
         yield
 
 
+def inductor_cache_dir() -> str:
+    """The folder of Inductor's on-disk caches (``TORCHINDUCTOR_CACHE_DIR`` or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return cache_dir()
+
+
 @contextlib.contextmanager
 def no_compile_caches():
     """No Inductor FX-graph or AOTAutograd cache hits: a hit runs no backend pass."""

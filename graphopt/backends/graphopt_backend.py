@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from graphopt import _compat, config
 from graphopt.config import ConfigSnapshot
+from graphopt.backends import compile_notices
 from graphopt.backends.planned_order import PlannedOrder
 from graphopt.debug.dump import GraphRecorder
 from graphopt.distributed import faults
@@ -66,6 +67,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
         agreed = agreement.check_graph(gm, cfg, graph_id, _pre_grad_decisions(state))
         if cfg.codegen == "inductor":
             compiled = _compile_inductor(gm, example_inputs, state)
+            _keep_or_replay_budget_warnings(state)
         else:
             compiled = _compile_eager(gm, example_inputs, state)
         agreement.check_decisions(agreed, _decisions(state), cfg.rank_agreement_timeout_s,
@@ -160,6 +162,19 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs, state: _CompileState):
     return _compat.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
 
+def _stages_after_pre_grad_ran(state: _CompileState) -> bool:
+    """False where Inductor served the graph from its cache (no partitioner, no forward stage)."""
+    return any(stage["stage"] != "pre_grad" for stage in state.recorder.summary["stages"])
+
+
+def _keep_or_replay_budget_warnings(state: _CompileState) -> None:
+    key = compile_notices.notice_key(state.content_key, GraphoptPartitioner(state).uuid())
+    if _stages_after_pre_grad_ran(state):
+        compile_notices.record(key, state.plans.budget_warnings)
+    else:
+        compile_notices.replay(key, state.graph_id)
+
+
 def _pre_grad_decisions(state: _CompileState) -> dict[str, Any]:
     """What the pre_grad passes decided (attentions sharded, masks specialised and to what,
     attention modules selected and their capacities), for the rank agreement: the graph's
@@ -180,7 +195,7 @@ def _decisions(state: _CompileState) -> dict[str, Any] | None:
     """What the passes after pre_grad decided for this graph, for the rank agreement: the overlap
     pass's runtime per site, the memory plan, the offload slots. None where those stages did not
     run (Inductor served the graph from its cache)."""
-    if not any(stage["stage"] != "pre_grad" for stage in state.recorder.summary["stages"]):
+    if not _stages_after_pre_grad_ran(state):
         return None
     decided: dict[str, Any] = {}
     for entry in state.recorder.summary["passes"]:

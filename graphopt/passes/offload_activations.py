@@ -677,7 +677,7 @@ def _plan_kept(gm: fx.GraphModule, partition, slots: dict[str, Slot], refusals: 
                   f"{' and '.join(over)}. Mark the dimensions static, raise "
                   "offload_host_capacity where it refused, or raise memory_budget" if over else ""))
     if planned_feasible and over:
-        warn_budget_not_met(ctx.graph_id, message)
+        warn_budget_not_met(ctx.plans, ctx.graph_id, message)
     else:  # met anyway, or the planner already warned that no plan meets it
         log.info("[%s] %s", ctx.graph_id, message)
     note = ctx.recorder.summary.get("notes", {}).get("remat_plan") if ctx.recorder else None

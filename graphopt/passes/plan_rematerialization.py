@@ -150,7 +150,7 @@ def plan_rematerialization(joint_gm: fx.GraphModule, ctx: PassContext) -> PassRe
         offloaded=dict(plan.offloaded), planned_peak_bytes=plan.peak, report=summary,
         copy_points={name: tuple(_node_of(key) for key in pair) for name, pair in plan.copy_points.items()})
     for reason in warned:
-        warn_budget_not_met(ctx.graph_id, reason)
+        warn_budget_not_met(ctx.plans, ctx.graph_id, reason)
     log.info("[%s] plan_rematerialization: peak %s -> %s (budget %s), modelled step %.3f -> %.3f ms, "
              "saved %d, recomputed %d, offloaded %d", ctx.graph_id, _fmt(base.peak), _fmt(plan.peak),
              _budget_text(config.memory_budget, budget), base.step_s * 1e3, plan.step_s * 1e3,

@@ -32,10 +32,14 @@ class BudgetNotMetWarning(UserWarning):
     it. The message names the bytes and what holds them."""
 
 
-def warn_budget_not_met(graph_id: str, reason: str) -> None:
+def warn_budget_not_met(plans: "CompilePlans | None", graph_id: str, reason: str) -> None:
     """The one way a compiled graph says its memory plan misses the budget. The warning names the
     user's line that ran the compile (the first frame outside torch, graphopt and the model
-    libraries), not a line of graphopt's."""
+    libraries), not a line of graphopt's. ``plans`` keeps the reason, for the backend to give again
+    when a later compile of the same graph is served from Inductor's cache (no pass runs then);
+    that replay passes None."""
+    if plans is not None:
+        plans.budget_warnings.append(reason)
     warnings.warn(f"[{graph_id}] {reason}", BudgetNotMetWarning, stacklevel=_user_stacklevel())
 
 
@@ -141,3 +145,5 @@ class CompilePlans:
     # backward receives retypes its placeholders here.
     backward_graph: fx.GraphModule | None = None
     offload: OffloadRewrite | None = None
+    # The reasons of the BudgetNotMetWarnings this compile gave (warn_budget_not_met).
+    budget_warnings: list[str] = dataclasses.field(default_factory=list)
