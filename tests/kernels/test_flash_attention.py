@@ -474,3 +474,22 @@ def test_an_untuned_launch_steps_past_a_config_this_device_cannot_compile(monkey
     monkeypatch.setattr(flash_attention_fwd, "UNTUNED_CONFIG", 0)
     with pytest.raises(OutOfResources):
         flash_attention_fwd.launch(Tuned(), lambda meta: (1,), (), dict(CAUSAL=True))
+    # bench/attention.py's precompile asks for exactly one config: no stepping, the failure raised
+    Tuned.configs = [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=2) for m in (64, 32)]
+    monkeypatch.setattr(flash_attention_fwd, "UNTUNED_STEP", False)
+    with pytest.raises(OutOfResources):
+        flash_attention_fwd.launch(Tuned(), lambda meta: (1,), (), dict(CAUSAL=None))
+
+
+def test_forward_tiles_that_overflow_shared_memory_at_head_dim_128_are_tried_only_for_small_heads():
+    """128 x 128 (2 stages) and 128 x 64 (4 stages) need 294,912+ bytes of shared memory at D = 128
+    (measured on H100, every variant); no GPU gives a block more than 232,448. The autotuner tries
+    them for D <= 64 only; D = 128 keeps the two tiles that compiled there."""
+    from graphopt.kernels import flash_attention_fwd
+    tuned = flash_attention_fwd._flash_fwd_tuned["half"]
+
+    def tiles(head_dim):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)
+                for c in tuned.early_config_prune(tuned.configs, {}, HEAD_DIM_PAD=head_dim)]
+    assert tiles(128) == [(128, 64, 3), (64, 64, 3)]
+    assert set(tiles(64)) == {(128, 64, 3), (64, 64, 3), (128, 128, 3), (128, 128, 2), (128, 64, 4)}
