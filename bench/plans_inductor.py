@@ -28,7 +28,9 @@ the comparison is between the partitions. Rows (--rows, per model and sequence l
 Every row records the step, forward and backward times (CUDA events, median), the allocator's
 allocated and reserved peaks (torch.cuda.max_memory_allocated / max_memory_reserved over a step
 after the cache was emptied), and for graphopt rows what the plan said: planned peak, modelled
-forward / backward (as Inductor runs the kernels), offloaded bytes, refusals. The summary holds the
+forward / backward (as Inductor runs the kernels), offloaded bytes, refusals, and from one more step
+under the allocator's record what holds the measured peak (``graphopt.debug.peak_holders``: the
+live blocks by allocating line; a note where the peak misses the plan). The summary holds the
 issue's keys (see ``summarize``). Results are written after every row (JSON + Markdown under
 --out), so a run cut short keeps what it measured; --resume merges earlier JSON files and skips
 their rows.
@@ -65,6 +67,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import graphopt  # noqa: E402
 from graphopt import _compat  # noqa: E402
+from graphopt.debug import peak_holders  # noqa: E402
 from graphopt.debug.dump import clear_compile_summaries, compile_summaries  # noqa: E402
 from graphopt.models.llama import Llama, LlamaConfig, chunked_output_loss, rope_tables  # noqa: E402
 from graphopt.ops import offload as offload_ops  # noqa: E402
@@ -336,6 +339,10 @@ def _measure(row: str, model: Model, fn, context, inputs, clock: Clock, args) ->
               "forward_ms": statistics.median(forward), "backward_ms": statistics.median(backward),
               "step_ms_all": [round(f + b, 3) for f, b in times], "loss": float(loss.detach())}
     result.update(plan_facts(base))
+    if clock.cuda and result.get("planned_peak_bytes") and not args.no_peak_holders:
+        # one more step under the allocator's record: what holds the measured peak, for a plan
+        # that misses it (peak_over_planned)
+        result["peak_holders"] = peak_holders.record_step(step)
     return result
 
 
@@ -547,6 +554,14 @@ def notes_for(result: dict) -> list[str]:
     for r in result["rows"]:
         for reason in (r.get("plan_refusals") or [])[:2]:
             notes.append(f"{r['model']} S={r['seq']} {r['row']}: {reason}")
+        holders = r.get("peak_holders")
+        if holders and (r.get("peak_over_planned") or 0) > TARGETS["peak_over_planned_max"][1]:
+            notes.append(
+                f"{r['model']} S={r['seq']} {r['row']}: measured peak {_gib(r['peak_bytes'])} GiB over "
+                f"planned {_gib(r['planned_peak_bytes'])}; the step's peak (plan's at "
+                f"{r.get('plan_peak_at')}) is in the {holders['phase_at_peak']}, held by: " + "; ".join(
+                    f"{h['bytes'] / 2**20:.0f} MiB {h['phase']} `{h['where']}`"
+                    for h in holders["holders"][:6]))
     if result.get("not_run"):
         notes.append("not run (time limit; rerun with --resume): " + ", ".join(result["not_run"]))
     return notes
@@ -677,6 +692,8 @@ def main(argv=None) -> int:
                         help="seconds: no row starts that would likely end past it")
     parser.add_argument("--resume", nargs="*", default=[], help="earlier plans_inductor.json files to merge")
     parser.add_argument("--validate", action="store_true", help="modelled vs measured forward, one config")
+    parser.add_argument("--no-peak-holders", action="store_true",
+                        help="skip the extra step under the allocator's record on planned rows")
     parser.add_argument("--no-calibrate", action="store_true", help="plan with the default device profile")
     parser.add_argument("--smoke", action="store_true", help="tiny models on this machine's device")
     args = parser.parse_args(argv)

@@ -387,9 +387,11 @@ def cuda_allocator_settings(settings: str, restore: str):
         torch.cuda.memory._set_allocator_settings(restore)
 
 
-def record_cuda_memory_history(enabled: bool, max_entries: int = 200_000) -> None:
-    """Start (or stop) the CUDA caching allocator's record of allocations and frees."""
-    torch.cuda.memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
+def record_cuda_memory_history(enabled: bool, max_entries: int = 200_000, stacks: str = "all") -> None:
+    """Start (or stop) the CUDA caching allocator's record of allocations and frees; ``stacks``
+    "python" records Python frames only (cheaper than "all", which adds C++)."""
+    torch.cuda.memory._record_memory_history("all" if enabled else None, stacks=stacks,
+                                             max_entries=max_entries)
 
 
 def cuda_memory_trace() -> list[dict]:

@@ -11,6 +11,7 @@ Inductor (slow).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.ops.attention_selection import selector
+from graphopt.passes.plans import BudgetNotMetWarning
 
 transformers = pytest.importorskip("transformers")
 
@@ -342,12 +344,38 @@ def test_choose_rejects_a_selection_that_does_not_fill_the_capacity():
         selector().choose({"nope": [0, 1]})
 
 
+# --- with the memory planners ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [dict(memory_budget="1KiB"),
+                                   dict(memory_budget=0.3, offload_activations=True)],
+                         ids=["recompute_everything", "budget_and_offload"])
+def test_the_graphs_own_draw_survives_recomputation_and_offload(flags):
+    """Under a budget no plan meets (the planner recomputes all it can) and with offload, the
+    backward uses the samples the forward drew: the draw is a random op and the selection ops are
+    graphopt:: ops, never recomputed. Each step's recorded selection, run by hand, gives the same
+    output and gradients."""
+    model = _llama()
+    compiled = _compiled(model, attention_selection_kept_fraction=0.5, **flags)
+    x = torch.randn(B, S, HIDDEN)
+    draws = []
+    for _ in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BudgetNotMetWarning)
+            ours = _step(model, compiled, x)
+        chosen = [info["selected"] for info in selector().end_step()["modules"].values()]
+        draws.append(chosen)
+        _assert_same(ours, _reference(model, chosen, x), atol=1e-4)
+    assert all(len(module) == B // 2 for chosen in draws for module in chosen)
+
+
 # --- through Inductor -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_inductor_graph_matches_hand_skipped_modules():
+@pytest.mark.parametrize("flags", [{}, dict(memory_budget=0.3, offload_activations=True)],
+                         ids=["selection", "with_budget_and_offload"])
+def test_inductor_graph_matches_hand_skipped_modules(flags):
     model = _llama()
-    compiled = _compiled(model, codegen="inductor", attention_selection_kept_fraction=0.5)
+    compiled = _compiled(model, codegen="inductor", attention_selection_kept_fraction=0.5, **flags)
     torch._dynamo.utils.counters.clear()
     x = torch.randn(B, S, HIDDEN)
     _step(model, compiled, x)
