@@ -19,6 +19,15 @@ import pytest
 import torch
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# Inductor's on-disk caches start empty for every test process (and the processes it spawns), so
+# that what a test sees of graphopt's stages does not depend on what an earlier run left in /tmp:
+# a cache hit runs no partitioner and no forward / backward pass. Tests of the cache itself give
+# their own folder. TORCHINDUCTOR_CACHE_DIR set by the caller is kept.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="graphopt-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
