@@ -381,12 +381,13 @@ def _(noise, graph, row, offset, capacity):
 
 def _relative_norms(y: torch.Tensor, reference: torch.Tensor,
                     idx: Optional[torch.Tensor]) -> torch.Tensor:
-    dims = tuple(range(1, y.dim()))
-    ref = torch.linalg.vector_norm(reference, 2, tuple(range(1, reference.dim())),
-                                   dtype=torch.float32)
+    # norms in float32 at least: half-precision sums of squares overflow; vector_norm refuses a
+    # dtype narrower than its input's (a float64 model, found by the fuzzer)
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    ref = torch.linalg.vector_norm(reference, 2, tuple(range(1, reference.dim())), dtype=dtype)
     if idx is not None:
         ref = ref.index_select(0, idx)
-    return torch.linalg.vector_norm(y, 2, dims, dtype=torch.float32) / ref.clamp_min(1e-30)
+    return torch.linalg.vector_norm(y, 2, tuple(range(1, y.dim())), dtype=dtype) / ref.clamp_min(1e-30)
 
 
 @torch.library.custom_op("graphopt::add_selected", mutates_args=())

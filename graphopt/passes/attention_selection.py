@@ -332,9 +332,10 @@ def _module_input(site: _Site) -> fx.Node:
 
 
 def _add_back(gm: fx.GraphModule, site: _Site, emit: _Emitter, graph_name: str, offset: int,
-              idx: Optional[fx.Node]) -> None:
+              idx: Optional[fx.Node]) -> dict[fx.Node, fx.Node]:
     """The module output into the residual stream (into zeros where no residual add follows),
-    with its scores recorded: ``add_selected`` replaces ``h + y``."""
+    with its scores recorded: ``add_selected`` replaces ``h + y``. Returns {node: the node now
+    read in its place}."""
     graph, output = gm.graph, site.output
     add_selected = torch.ops.graphopt.add_selected.default
     if site.residual_add is not None:
@@ -343,7 +344,7 @@ def _add_back(gm: fx.GraphModule, site: _Site, emit: _Emitter, graph_name: str, 
                               offset)
         site.residual_add.replace_all_uses_with(added)
         graph.erase_node(site.residual_add)
-        return
+        return {site.residual_add: added}
     users = [u for u in output.users if u not in set(site.module.nodes)]
     value = _val(output)
     with graph.inserting_after(output):
@@ -353,10 +354,11 @@ def _add_back(gm: fx.GraphModule, site: _Site, emit: _Emitter, graph_name: str, 
         full = emit.call(add_selected, zeros, idx, output, _module_input(site), graph_name, offset)
     for user in users:
         user.replace_input_with(output, full)
+    return {output: full}
 
 
 def _rewrite_selected(gm: fx.GraphModule, site: _Site, emit: _Emitter, graph_name: str,
-                      row: int, offset: int) -> None:
+                      row: int, offset: int) -> dict[fx.Node, fx.Node]:
     """0 < C < B: the module runs on the C selected samples."""
     graph, module = gm.graph, site.module
     first_users = {x: _first_user(module.nodes, x) for x in site.batched_inputs}
@@ -375,24 +377,42 @@ def _rewrite_selected(gm: fx.GraphModule, site: _Site, emit: _Emitter, graph_nam
         for node in module.nodes:
             if x in node.all_input_nodes:
                 node.replace_input_with(x, small)
-    _add_back(gm, site, emit, graph_name, offset, idx)
+    return _add_back(gm, site, emit, graph_name, offset, idx)
 
 
-def _remove(gm: fx.GraphModule, site: _Site, emit: _Emitter) -> None:
-    """C == 0: the module contributes nothing; its nodes go."""
+def _remove(gm: fx.GraphModule, site: _Site, emit: _Emitter) -> dict[fx.Node, fx.Node]:
+    """C == 0: the module contributes nothing; its nodes go. Returns {node: the node now read in
+    its place}."""
     graph, output = gm.graph, site.output
     if site.residual_add is not None:
         site.residual_add.replace_all_uses_with(site.residual)
         graph.erase_node(site.residual_add)
+        replaced = {site.residual_add: site.residual}
     else:
         value = _val(output)
         with graph.inserting_after(output):
             zeros = emit.call(torch.zeros, tuple(value.shape), dtype=value.dtype, device=value.device)
         for user in [u for u in output.users if u is not zeros]:
             user.replace_input_with(output, zeros)
+        replaced = {output: zeros}
     for node in reversed(site.module.nodes):
         if not node.users and not node.is_impure():
             graph.erase_node(node)
+    return replaced
+
+
+def _follow(site: _Site, replaced: dict[fx.Node, fx.Node]) -> None:
+    """Point ``site`` at the nodes that took the place of those an earlier module's rewrite
+    replaced: a module whose input is the one before it's ``h + y`` (two attention blocks in a
+    row) reads ``add_selected`` now, and the erased add must not be read (found by the fuzzer)."""
+    def resolve(node):
+        while isinstance(node, fx.Node) and node in replaced:
+            node = replaced[node]
+        return node
+    site.batched_inputs = list(dict.fromkeys(resolve(x) for x in site.batched_inputs))
+    site.residual = resolve(site.residual)
+    site.resized = {node: (fx.node.map_arg(args, resolve), fx.node.map_arg(kwargs, resolve), value)
+                    for node, (args, kwargs, value) in site.resized.items()}
 
 
 def _runtime():
@@ -456,7 +476,9 @@ def select_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         scores = torch.full((recorded,), float("nan"), dtype=torch.float32, device=device)
     emit = _Emitter(gm.graph, fake_mode)
     described, row, offset = [], 0, 0
+    replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
+        _follow(site, replaced)
         flops = attention_work.module_flops(_gemms(site))
         seconds = flops / matmul_rate(profile, _val(site.output).dtype)
         entry = runtime.SelectedModule(
@@ -465,12 +487,12 @@ def select_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             offset if site.capacity > 0 else None, flops, seconds,
             "residual" if site.residual is not None else "input")
         if 0 < site.capacity < site.batch:
-            _rewrite_selected(gm, site, emit, ctx.graph_id, row, offset)
+            replaced.update(_rewrite_selected(gm, site, emit, ctx.graph_id, row, offset))
             row += 1
         elif site.capacity == site.batch:
-            _add_back(gm, site, emit, ctx.graph_id, offset, None)
+            replaced.update(_add_back(gm, site, emit, ctx.graph_id, offset, None))
         else:
-            _remove(gm, site, emit)
+            replaced.update(_remove(gm, site, emit))
         offset += site.capacity
         described.append(entry)
     gm.graph.lint()

@@ -900,10 +900,16 @@ def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int
             live[k] += nbytes
         moves.append((ticket, target))
         floor = target
+    # A reload goes before the node at its target, or where that node is a reload moved up
+    # itself, before the first node after it that stays: prepending before a moved reload would
+    # follow it up, above the sizes this one reads (the fuzzer's case under dynamic shapes).
+    moved = {ticket for ticket, target in moves if target < index[ticket]}
     leads = []
     for (ticket, target), (_, value, _) in zip(moves, reloads):
-        if target < index[ticket]:
-            nodes[target].prepend(ticket)
+        if ticket in moved:
+            anchor = next((node for node in nodes[target:] if node not in moved),
+                          next(iter(gm.graph.find_nodes(op="output"))))
+            anchor.prepend(ticket)
         leads.append(sum(times.get(n.name, 0.0) for n in nodes[target:index[value]]))
     return leads
 

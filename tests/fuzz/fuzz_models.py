@@ -2,7 +2,8 @@
 
 A *case* is a JSON-able dict drawn by ``cases()`` (hypothesis): a model (blocks over a hidden
 state ``h`` of shape [B, S, D]; attention as SDPA, decomposed, or SDPA under a mask built from
-positions), its dtype and inputs, and the graphopt flags it compiles with::
+positions, each a module from its q/k/v projection to its output projection), its dtype and
+inputs, and the graphopt flags it compiles with::
 
     {"seed": 3, "batch": 2, "seq": 8, "dim": 16, "dtype": "float32", "world": 1,
      "blocks": [["norm", "rms"], ["sdpa", 2, true], ["inplace", "slice_mul"], ...],
@@ -12,7 +13,8 @@ positions), its dtype and inputs, and the graphopt flags it compiles with::
 ``run_case(case)`` compiles the model with graphopt (codegen eager unless the flags say otherwise),
 runs one training step (two forwards before one backward where ``forwards`` is 2; a second step at
 another sequence length where ``dynamic``) and compares the output, the input's gradient, every
-parameter's gradient and every buffer with the same model run eagerly. With ``world`` 2 (inside a
+parameter's gradient and every buffer with the same model run eagerly (where attention_selection
+ran, eager runs each attention on the samples the compiled step selected). With ``world`` 2 (inside a
 gloo process pair) the compiled model runs sequence-parallel on rank r's half of the sequence,
 with tensor-parallel MLPs whose collectives the overlap pass fuses, and is compared with the
 whole model run eagerly on the whole sequence in one process.
@@ -40,6 +42,7 @@ TOLERANCE = {"float64": 1e-9, "float32": 2e-5, "bfloat16": 3e-2}
 # graphopt::sp_attention merges its blocks in float32 whatever the inputs' dtype (its docstring):
 # sequence-parallel cases are held to float32's tolerance at best (and others, ``tolerance``).
 SEQUENCE_PARALLEL_TOLERANCE = TOLERANCE["float32"]
+ATTENTION_BLOCKS = ("sdpa", "attention", "masked_sdpa")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
                "sigmoid": torch.sigmoid}
 
@@ -79,6 +82,9 @@ def cases(world: int = 1, codegen: str = "eager", offload: float = 0.8):
         "offload_link_slack": st.sampled_from([0.0, 0.02, 0.5]),
         "codegen": st.just(codegen), "debug": st.just(True),
     }
+    if world == 1:  # fine-tuning's attention selection (refused under sequence parallelism)
+        flags.update(attention_selection=st.floats(0, 1).map(lambda u: u < 0.4),
+                     attention_selection_kept_fraction=st.sampled_from([0.5, 1.0]))
     if world > 1:
         flags.update(sequence_parallel_attention=st.just(True), sp_load_balance=st.booleans(),
                      sp_split_diagonal=st.booleans(), overlap_matmul_collectives=st.just(True),
@@ -95,7 +101,7 @@ def cases(world: int = 1, codegen: str = "eager", offload: float = 0.8):
                                   st.lists(st.one_of(*blocks), max_size=2))
                    .map(lambda parts: parts[0] + [parts[1]] + parts[2]))
     return st.fixed_dictionaries({
-        "seed": st.integers(0, 2**16), "batch": st.integers(1, 2),
+        "seed": st.integers(0, 2**16), "batch": st.integers(1, 3) if world == 1 else st.integers(1, 2),
         "seq": st.sampled_from([4, 6, 8, 12]) if world > 1 else st.integers(3, 12),
         "dim": st.sampled_from([8, 16]), "world": st.just(world),
         "dtype": st.sampled_from(["float32", "float64"] if world > 1
@@ -104,10 +110,55 @@ def cases(world: int = 1, codegen: str = "eager", offload: float = 0.8):
         "flags": st.fixed_dictionaries(flags),
         "dynamic": st.just(False) if world > 1 or codegen != "eager" else st.sampled_from([False, False, True]),
         "forwards": st.just(1) if world > 1 else st.sampled_from([1, 1, 1, 2]),
-    })
+    }).map(_one_selection_per_step)
+
+
+def _one_selection_per_step(case: dict) -> dict:
+    """With attention selection, one forward per step (the compiled model records only its last
+    forward's selection, which is what the eager reference replays), two samples or more (the
+    pass leaves a batch of one whole) and an attention block (a causal SDPA after the others
+    where the draw has none)."""
+    if not case["flags"].get("attention_selection"):
+        return case
+    blocks = case["blocks"]
+    if not any(block[0] in ATTENTION_BLOCKS for block in blocks):
+        blocks = blocks + [["sdpa", 2, True]]
+    return {**case, "forwards": 1, "batch": max(case["batch"], 2), "blocks": blocks}
 
 
 # --- the model ------------------------------------------------------------------------------------------
+
+class AttentionLayer(nn.Module):
+    """An attention block as models write one: a module from the q/k/v projection to the output
+    projection (what attention_selection finds), its residual added by the caller. ``kind``:
+    SDPA (``option`` causal or not), decomposed ("attention"), or SDPA under a mask built from
+    positions ("masked_sdpa", ``option`` causal / window / full)."""
+
+    def __init__(self, dim: int, kind: str, heads: int, option):
+        super().__init__()
+        self.kind, self.heads, self.option = kind, heads, option
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, s, d = h.shape
+        q, k, v = [t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+                   for t in self.qkv(h).chunk(3, dim=-1)]
+        if self.kind == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.option)
+        elif self.kind == "masked_sdpa":
+            positions = torch.arange(s, device=h.device)
+            seen = positions[:, None] - positions[None, :]  # query - key
+            visible = {"causal": seen >= 0, "window": (seen >= 0) & (seen < 3),
+                       "full": seen == seen}[self.option]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if self.option:
+                scores = scores + torch.triu(torch.full((s, s), float("-inf"), dtype=scores.dtype,
+                                                        device=scores.device), 1)
+            out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        return self.out(out.transpose(1, 2).reshape(b, s, d))
+
 
 class FuzzModel(nn.Module):
     """The blocks of ``case`` over h [B, S, D]. ``rank`` None: the whole model, as eager runs it;
@@ -119,6 +170,7 @@ class FuzzModel(nn.Module):
         torch.manual_seed(case["seed"])
         self.blocks = [tuple(b) for b in case["blocks"]]
         self.rank, self.world = None, case["world"]
+        self.selection: dict[int, list[int]] = {}   # block index -> samples its attention ran on
         dim = case["dim"]
         self.layers = nn.ModuleList(self._make(block, dim) for block in self.blocks)
         dtype = DTYPES[case["dtype"]]
@@ -138,8 +190,8 @@ class FuzzModel(nn.Module):
             layer.linear = nn.Linear(dim, dim)
         elif kind == "view":
             layer.linear = nn.Linear(dim, 2 * dim if block[1] == "glu" else dim)
-        elif kind in ("sdpa", "attention", "masked_sdpa"):
-            layer.qkv, layer.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        elif kind in ATTENTION_BLOCKS:
+            layer = AttentionLayer(dim, *block)
         elif kind == "buffer":
             layer.register_buffer("state", 1 + 0.1 * torch.randn(dim) if block[1] == "scale"
                                   else torch.zeros(dim))
@@ -169,9 +221,22 @@ class FuzzModel(nn.Module):
         return part
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for block, layer in zip(self.blocks, self.layers):
-            h = getattr(self, f"_{block[0]}")(layer, h, *block[1:])
+        for index, (block, layer) in enumerate(zip(self.blocks, self.layers)):
+            if isinstance(layer, AttentionLayer):
+                h = h + self._attend(index, layer, h)
+            else:
+                h = getattr(self, f"_{block[0]}")(layer, h, *block[1:])
         return h
+
+    def _attend(self, index: int, layer: "AttentionLayer", h: torch.Tensor) -> torch.Tensor:
+        """The attention block's output; where ``selection`` names the samples it ran on in the
+        compiled model (attention_selection), only those, zero for the others."""
+        chosen = self.selection.get(index)
+        if chosen is None:
+            return layer(h)
+        idx = torch.tensor(chosen, dtype=torch.long, device=h.device)
+        out = torch.zeros_like(h)
+        return out.index_copy(0, idx, layer(h[idx])) if len(chosen) else out
 
     def _linear(self, layer, h, bias):
         return layer.linear(h)
@@ -214,36 +279,6 @@ class FuzzModel(nn.Module):
             return value * torch.sigmoid(gate)
         return layer.linear(h.transpose(1, 2).contiguous().transpose(1, 2))
 
-    def _heads(self, layer, h, heads):
-        b, s, d = h.shape
-        q, k, v = layer.qkv(h).chunk(3, dim=-1)
-        return [t.view(b, s, heads, d // heads).transpose(1, 2) for t in (q, k, v)]
-
-    def _merge(self, layer, h, out):
-        b, s, d = h.shape
-        return h + layer.out(out.transpose(1, 2).reshape(b, s, d))
-
-    def _sdpa(self, layer, h, heads, causal):
-        q, k, v = self._heads(layer, h, heads)
-        return self._merge(layer, h, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-
-    def _masked_sdpa(self, layer, h, heads, mask):
-        q, k, v = self._heads(layer, h, heads)
-        positions = torch.arange(h.shape[1], device=h.device)
-        seen = positions[:, None] - positions[None, :]  # query - key
-        visible = {"causal": seen >= 0, "window": (seen >= 0) & (seen < 3),
-                   "full": seen == seen}[mask]
-        return self._merge(layer, h, F.scaled_dot_product_attention(q, k, v, attn_mask=visible))
-
-    def _attention(self, layer, h, heads, causal):
-        q, k, v = self._heads(layer, h, heads)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if causal:
-            s = scores.shape[-1]
-            scores = scores + torch.triu(torch.full((s, s), float("-inf"), dtype=scores.dtype,
-                                                    device=scores.device), 1)
-        return self._merge(layer, h, torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v)
-
     def _buffer(self, layer, h, kind):
         if kind == "scale":
             return h * layer.state
@@ -285,9 +320,11 @@ def run_case(case: dict, inject=None) -> dict[str, Any]:
 
     import graphopt
     from graphopt.debug.dump import clear_compile_summaries, compile_summaries
+    from graphopt.ops.attention_selection import selector
 
     torch._dynamo.reset()
     clear_compile_summaries()
+    selector().reset()
     world = case["world"]
     rank = dist.get_rank() if world > 1 else None
     dtype = DTYPES[case["dtype"]]
@@ -304,9 +341,6 @@ def run_case(case: dict, inject=None) -> dict[str, Any]:
         probe = torch.randn(case["batch"], seq, case["dim"], generator=gen).to(dtype)
         for module in (reference, model):
             module.zero_grad(set_to_none=True)
-        eager_inputs = [x.clone().requires_grad_() for x in inputs]
-        eager_out = _loss_terms(reference, eager_inputs)
-        (eager_out * probe).sum().backward()
         rows = slice(None)
         if rank is not None:
             chunk = seq // world
@@ -315,6 +349,12 @@ def run_case(case: dict, inject=None) -> dict[str, Any]:
         with (inject() if inject is not None else contextlib.nullcontext()):
             out = _loss_terms(compiled, local_inputs)
             (out * probe[:, rows]).sum().backward()
+        # eager runs each attention on the samples the compiled step selected (all, without
+        # attention_selection)
+        reference.selection = recorded_selection()
+        eager_inputs = [x.clone().requires_grad_() for x in inputs]
+        eager_out = _loss_terms(reference, eager_inputs)
+        (eager_out * probe).sum().backward()
         _compare(errors, f"step{step}.output", out, eager_out[:, rows], case)
         for i, (mine, ref) in enumerate(zip(local_inputs, eager_inputs)):
             _compare(errors, f"step{step}.input{i}.grad", mine.grad, ref.grad[:, rows], case)
@@ -330,6 +370,17 @@ def run_case(case: dict, inject=None) -> dict[str, Any]:
                 seen["rewrote"] |= bool(entry.get("modified") or entry.get("matched"))
     return {"worst": max(errors.values(), default=0.0), "errors": errors, "passes": passes,
             "repro": repro(case)}
+
+
+def recorded_selection() -> dict[int, list[int]]:
+    """Block index -> the samples its attention ran on in the step just run, for every attention
+    module attention_selection rewrote (module names end in the block's index)."""
+    from graphopt.ops.attention_selection import selector
+    chosen = {}
+    for graph in selector().graphs:
+        for name, (samples, _) in graph.read().items():
+            chosen[int(name.rsplit(".", 1)[1])] = samples
+    return chosen
 
 
 def _loss_terms(module, inputs: list[torch.Tensor]) -> torch.Tensor:

@@ -149,6 +149,21 @@ def test_one_graph_serves_steps_with_different_selections_and_matches_hand_skipp
     assert len(selector().graphs) == 1
 
 
+def test_a_float64_model_is_selected_alike():
+    """Found by the fuzzer: the scores' norms were asked for in float32 of float64 activations,
+    which linalg.vector_norm refuses (a RuntimeError at the first step)."""
+    model = _llama().double()
+    compiled = _compiled(model, attention_selection_kept_fraction=0.5)
+    x = torch.randn(B, S, HIDDEN, dtype=torch.float64)
+    _step(model, compiled, x)
+    chosen = [[0, 3], [1, 2]]
+    ours = _run_with(compiled, model, x, chosen)
+    record = selector().end_step()
+    scores = [info["scores"] for info in record["modules"].values()]
+    assert len(scores) == 2 and all(len(row) == 2 and min(row) > 0 for row in scores), scores
+    _assert_same(ours, _reference(model, chosen, x), atol=1e-10)
+
+
 def test_written_out_attention_is_selected_alike():
     """attn_implementation='eager': matmul, mask add, softmax, matmul instead of SDPA."""
     model = _llama(attention="eager")
@@ -199,6 +214,57 @@ def test_a_module_at_capacity_zero_gives_its_parameters_no_gradient():
     for name, grad in ours[2].items():
         if "layers.0.self_attn" in name:
             assert grad is None or not grad.any(), name
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, h):
+        b, s, d = h.shape
+        q, k, v = [t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+                   for t in self.qkv(h).chunk(3, dim=-1)]
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d))
+
+
+class _AttentionInARow(nn.Module):
+    """Two attention modules with nothing between them: the second reads the first's h + y."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Attention(), _Attention()])
+        self.chosen: list = []
+
+    def forward(self, h):
+        for layer, chosen in zip(self.layers, self.chosen or [None] * len(self.layers)):
+            if chosen is None:
+                h = h + layer(h)
+            else:
+                idx = torch.tensor(chosen, dtype=torch.long)
+                y = torch.zeros_like(h)
+                h = h + (y.index_copy(0, idx, layer(h[idx])) if chosen else y)
+        return h
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.0, 0.5), (1.0, 0.5)])
+def test_attention_modules_in_a_row_are_each_selected(fractions):
+    """Found by the fuzzer: the second module's input is the first's residual add, which the
+    first's rewrite replaces (by add_selected, or by h where the capacity is 0): the pass read the
+    erased add (StopIteration at compile). Each module now runs on its own samples."""
+    torch.manual_seed(0)
+    model = _AttentionInARow()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, dynamic=False, backend=graphopt.backend(
+        codegen="eager", attention_selection=True, attention_selection_layer_fractions=fractions))
+    x = torch.randn(B, S, 8)
+    _step(model, compiled, x)
+    chosen = [list(range(B)) if f == 1.0 else [] if f == 0.0 else [1, 2] for f in fractions]
+    names = [m.name for m in selector().modules()]
+    selector().choose({n: c for n, c in zip(names, chosen) if 0 < len(c) < B})
+    ours = _step(model, compiled, x)
+    reference.chosen = chosen
+    _assert_same(ours, _step(reference, reference, x))
 
 
 def test_lora_adapters_and_frozen_weights_are_skipped_alike():
