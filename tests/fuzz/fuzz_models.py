@@ -138,12 +138,13 @@ class AttentionLayer(nn.Module):
         super().__init__()
         self.kind, self.heads, self.option = kind, heads, option
         self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.as_sdpa = False   # a decomposed attention run as SDPA (see run_case)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, s, d = h.shape
         q, k, v = [t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
                    for t in self.qkv(h).chunk(3, dim=-1)]
-        if self.kind == "sdpa":
+        if self.kind == "sdpa" or self.as_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.option)
         elif self.kind == "masked_sdpa":
             positions = torch.arange(s, device=h.device)
@@ -352,6 +353,14 @@ def run_case(case: dict, inject=None) -> dict[str, Any]:
         # eager runs each attention on the samples the compiled step selected (all, without
         # attention_selection)
         reference.selection = recorded_selection()
+        if dtype == torch.bfloat16 and _mask_pass_rewrote(compile_summaries()):
+            # where the mask pass made a decomposed attention SDPA, so does eager in bfloat16:
+            # torch's CPU SDPA backward in bfloat16 was 0.19 of scale off float64 where the
+            # float32-softmax decomposition was 0.01 (a fuzzed 4-block model; graphopt equal to
+            # eager SDPA), more than any bfloat16 tolerance that still catches errors
+            for layer in reference.layers:
+                if isinstance(layer, AttentionLayer) and layer.kind == "attention":
+                    layer.as_sdpa = True
         eager_inputs = [x.clone().requires_grad_() for x in inputs]
         eager_out = _loss_terms(reference, eager_inputs)
         (eager_out * probe).sum().backward()
@@ -370,6 +379,11 @@ def run_case(case: dict, inject=None) -> dict[str, Any]:
                 seen["rewrote"] |= bool(entry.get("modified") or entry.get("matched"))
     return {"worst": max(errors.values(), default=0.0), "errors": errors, "passes": passes,
             "repro": repro(case)}
+
+
+def _mask_pass_rewrote(summaries) -> bool:
+    return any(entry["pass"] == "specialize_attention_masks" and entry.get("matched")
+               for summary in summaries for entry in summary["passes"])
 
 
 def recorded_selection() -> dict[int, list[int]]:
