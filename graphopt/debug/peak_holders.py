@@ -49,20 +49,23 @@ def holders_at_peak(trace: Sequence[dict], top: int = 12) -> dict:
     ``size`` and ``frames``) replayed: the bytes the step had allocated at its highest point, and
     the blocks live then, grouped by (phase, allocating line), largest first. Blocks allocated
     before the record began are not in it: the bytes are over what was allocated then."""
-    live: dict[int, dict] = {}
-    current = peak = 0
-    at_peak: dict[int, dict] = {}
-    events = 0
-    for event in trace:
-        action = event.get("action")
-        if action == "alloc":
-            live[event["addr"]] = event
-            current += event.get("size", 0)
-            events += 1
-            if current > peak:
-                peak, at_peak = current, dict(live)
-        elif action == "free_completed" and event.get("addr") in live:
-            current -= live.pop(event["addr"]).get("size", 0)
+    def replay(events):
+        """(the blocks live after ``events``, the bytes most allocated and after which event)."""
+        live: dict[int, dict] = {}
+        current = peak = 0
+        peak_at = -1
+        for position, event in enumerate(events):
+            if event.get("action") == "alloc":
+                live[event["addr"]] = event
+                current += event.get("size", 0)
+                if current > peak:
+                    peak, peak_at = current, position
+            elif event.get("action") == "free_completed" and event.get("addr") in live:
+                current -= live.pop(event["addr"]).get("size", 0)
+        return live, peak, peak_at
+
+    peak, peak_at = replay(trace)[1:]
+    at_peak = replay(trace[:peak_at + 1])[0]   # the same replay, stopped at the peak
     groups: dict[tuple[str, str], list[int]] = {}
     for block in at_peak.values():
         key = (_phase(block.get("frames") or ()), _allocating_line(block.get("frames") or ()))
@@ -72,22 +75,17 @@ def holders_at_peak(trace: Sequence[dict], top: int = 12) -> dict:
     ranked = sorted(groups.items(), key=lambda item: -item[1][0])
     holders = [{"phase": phase, "where": where, "bytes": size, "blocks": count}
                for (phase, where), (size, count) in ranked[:top]]
-    return {"peak_over_start_bytes": peak, "allocations": events, "live_blocks_at_peak": len(at_peak),
-            "phase_at_peak": _phase_of_blocks(at_peak.values()), "holders": holders,
-            "other_bytes": sum(size for _, (size, _) in ranked[top:])}
+    return {"peak_over_start_bytes": peak,
+            "allocations": sum(event.get("action") == "alloc" for event in trace),
+            "live_blocks_at_peak": len(at_peak),
+            # the phase of the allocation that made the peak
+            "phase_at_peak": _phase(trace[peak_at].get("frames") or ()) if peak_at >= 0 else "-",
+            "holders": holders, "other_bytes": sum(size for _, (size, _) in ranked[top:])}
 
 
 def _phase(frames: Iterable[dict]) -> str:
     names = {frame.get("name") for frame in frames}
     return "backward" if "backward" in names else "forward"
-
-
-def _phase_of_blocks(blocks: Iterable[dict]) -> str:
-    """The phase of the block allocated last before the peak."""
-    last = None
-    for block in blocks:
-        last = block
-    return _phase(last.get("frames") or ()) if last is not None else "-"
 
 
 def _allocating_line(frames: Sequence[dict]) -> str:

@@ -907,9 +907,8 @@ def _hoist_reloads(gm: fx.GraphModule, reloads: list[tuple[fx.Node, fx.Node, int
     leads = []
     for (ticket, target), (_, value, _) in zip(moves, reloads):
         if ticket in moved:
-            anchor = next((node for node in nodes[target:] if node not in moved),
-                          next(iter(gm.graph.find_nodes(op="output"))))
-            anchor.prepend(ticket)
+            # its own first use (a reload_wait, never moved) comes later at the latest
+            next(node for node in nodes[target:] if node not in moved).prepend(ticket)
         leads.append(sum(times.get(n.name, 0.0) for n in nodes[target:index[value]]))
     return leads
 
