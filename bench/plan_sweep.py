@@ -475,14 +475,19 @@ def main(argv=None) -> int:
     previous = json.loads((out / "plan_sweep.json").read_text()) if resume and \
         (out / "plan_sweep.json").exists() else {"rows": []}
     for path in args.merge:
+        other = json.loads(pathlib.Path(path).read_text())
+        if previous["rows"] and other.get("device") != previous.get("device"):
+            raise SystemExit(f"--merge {path}: measured on {other.get('device')}, the rows in --out on "
+                             f"{previous.get('device')}; a sweep's rows come from one card")
+        previous.setdefault("device", other.get("device"))
         known = {(r["group"], r["layout_name"]) for r in previous["rows"]}
-        previous["rows"] += [r for r in json.loads(pathlib.Path(path).read_text())["rows"]
-                             if (r["group"], r["layout_name"]) not in known]
+        previous["rows"] += [r for r in other["rows"] if (r["group"], r["layout_name"]) not in known]
     if args.predict_only:
         result = previous
         profile_path = args.profile or str(out / "plan_sweep_device_profile.json")
         memory = result["device_memory_bytes"]
     else:
+        previous = same_machine_rows(previous, torch.cuda.get_device_name() if device == "cuda" else "cpu")
         profile_path = device_profile(args, out)
         memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 80 * 10**9
         result = header(args, device, profile_path, memory, previous)
@@ -529,6 +534,17 @@ def main(argv=None) -> int:
     print(markdown(result))
     print(f"wall {time.monotonic() - started:.0f} s")
     return 0
+
+
+def same_machine_rows(previous: dict, device_name: str) -> dict:
+    """``previous`` (rows kept by --resume or --merge) if it was measured on ``device_name``, else
+    without its rows and with a note: rows of another card would share this run's header."""
+    if not previous["rows"] or previous.get("device", device_name) == device_name:
+        return previous
+    note = (f"{len(previous['rows'])} earlier rows not kept: measured on {previous['device']}, "
+            f"this run is on {device_name}")
+    print(note, flush=True)
+    return {"rows": [], "notes": [note]}
 
 
 def header(args, device: str, profile_path: str, memory: int, previous: dict) -> dict:

@@ -564,6 +564,7 @@ def notes_for(result: dict) -> list[str]:
                     for h in holders["holders"][:6]))
     if result.get("not_run"):
         notes.append("not run (time limit; rerun with --resume): " + ", ".join(result["not_run"]))
+    notes += [f"--resume {skipped}" for skipped in result.get("resume_skipped", [])]
     return notes
 
 
@@ -628,6 +629,17 @@ def environment(device: str) -> dict:
         transformers_version = "-"
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "triton": triton_version, "transformers": transformers_version}
+
+
+def resumable_rows(earlier: dict, current: dict) -> tuple[list[dict], str | None]:
+    """The rows of an earlier run that join this one: those measured without error on the same
+    device, torch and codegen (rows of another card or version would sit in one table under this
+    run's header), and why none join where they don't."""
+    differs = [f"{key} {earlier.get(key)!r} (this run: {current.get(key)!r})"
+               for key in ("device", "torch", "codegen", "hf_mask") if earlier.get(key) != current.get(key)]
+    if differs:
+        return [], "not merged, measured with another " + ", ".join(differs)
+    return [row for row in earlier.get("rows", []) if "error" not in row], None
 
 
 def device_profile(device: str, out: str) -> str | None:
@@ -720,8 +732,11 @@ def main(argv=None) -> int:
               "rows": []}
     for path in args.resume:
         with open(path) as handle:
-            earlier = json.load(handle)
-        result["rows"] += [r for r in earlier["rows"] if "error" not in r]
+            rows, why_not = resumable_rows(json.load(handle), result)
+        result["rows"] += rows
+        if why_not:
+            print(f"--resume {path}: {why_not}", flush=True)
+            result.setdefault("resume_skipped", []).append(f"{pathlib.Path(path).name}: {why_not}")
     done = {(r["model"], r["seq"], r["row"]) for r in result["rows"]}
     todo = [item for item in plan_rows(args) if item not in done]
 

@@ -74,6 +74,21 @@ def test_the_priority_plan_asks_for_the_issues_rows_first():
 
 
 @pytest.mark.slow
+def test_resume_merges_only_rows_of_the_same_device_torch_and_codegen():
+    bench = _bench()
+    header = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "codegen": "inductor",
+              "hf_mask": "HF's own"}
+    earlier = {**header, "rows": [_row("hf", 16384, "offload", 8, 217.0),
+                                  {"model": "hf", "seq": 16384, "row": "torch:0.5", "error": "out of memory"}]}
+    rows, why_not = bench.resumable_rows(earlier, dict(header))
+    assert [r["row"] for r in rows] == ["offload"] and why_not is None
+    rows, why_not = bench.resumable_rows(earlier, {**header, "device": "NVIDIA H200"})
+    assert rows == [] and "device 'NVIDIA H100 80GB HBM3' (this run: 'NVIDIA H200')" in why_not
+    result = {**header, "device": "NVIDIA H200", "rows": [],
+              "resume_skipped": ["plans_inductor.json: " + why_not]}
+    assert any("NVIDIA H200" in note for note in bench.notes_for(result))
+
+
 def test_inductor_peak_is_planned_with_offload_and_a_budget_on_hf_llama():
     """transformers' LlamaForCausalLM (causal: the mask builder returns None, as the bench's
     stand-in), compiled by Inductor on CPU with offload and memory_budget=0.5: gradients equal
