@@ -99,6 +99,15 @@ REGRESSIONS: list[dict] = [
                "codegen": "eager", "debug": True, "memory_budget": None,
                "offload_activations": True, "offload_host_capacity": None,
                "offload_link_slack": 0.0}},
+    # bfloat16: eager SDPA under a window mask and graphopt's masked kernel (float32 inside) were
+    # each 0.32 of scale off float64 on a gradient, 3.6 x tolerance apart; a bfloat16 result now
+    # also passes where it is no farther from float64 than eager's (fuzz_models._float64_truth)
+    {"batch": 3, "blocks": [["masked_sdpa", 4, "window"], ["masked_sdpa", 4, "full"], ["norm", "rms"],
+                            ["buffer", "scale"], ["residual", "relu"]], "dim": 16, "dtype": "bfloat16",
+     "dynamic": True, "forwards": 1, "seed": 1365, "seq": 5, "world": 1,
+     "flags": {"attention_selection": False, "attention_selection_kept_fraction": 1.0, "codegen": "eager",
+               "debug": True, "memory_budget": 0.8, "offload_activations": True,
+               "offload_host_capacity": "3KiB", "offload_link_slack": 0.5}},
 ]
 
 
@@ -235,7 +244,9 @@ def test_inductor_examples_match_eager():
 
 
 class _ReloadError:
-    """Adds 1e-4 to every activation offload_activations reloads (a broken copy, say)."""
+    """Adds ``size`` to every activation offload_activations reloads (a broken copy, say)."""
+
+    size = 1e-4
 
     def __enter__(self):
         from graphopt.ops import offload as offload_ops
@@ -243,7 +254,7 @@ class _ReloadError:
 
         def finish(ticket, pool, slot):
             cell = self.original(ticket, pool, slot)
-            cell.reloaded.add_(1e-4)
+            cell.reloaded.add_(self.size)
             return cell
         offload_ops._finish_reload = finish
         return self
@@ -252,7 +263,9 @@ class _ReloadError:
         self.module._finish_reload = self.original
 
 
-def test_an_injected_error_of_1e4_in_reloaded_activations_is_caught():
+def _caught_in_offloading_examples(inject, dtype_of) -> list[bool]:
+    """For 30 single-process cases (seed 25) run with ``inject`` active, in ``dtype_of(dtype)``:
+    whether each case where offload_activations rewrote failed its comparison."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as fixed_seed
 
@@ -263,12 +276,29 @@ def test_an_injected_error_of_1e4_in_reloaded_activations_is_caught():
     @fixed_seed(25)
     @given(case=fuzz_models.cases(world=1, offload=1.0))
     def injected(case):
-        case = dict(case, dtype="float64" if case["dtype"] == "bfloat16" else case["dtype"])
-        result = fuzz_models.run_case(case, inject=_ReloadError)
+        result = fuzz_models.run_case(dict(case, dtype=dtype_of(case["dtype"])), inject=inject)
         if result["passes"].get("offload_activations", {}).get("rewrote"):
             outcomes.append(result["worst"] > 1)
 
     injected()
-    print(f"injected 1e-4 reload error caught in {sum(outcomes)} of {len(outcomes)} offloading examples")
+    print(f"injected {inject.size} reload error caught in {sum(outcomes)} of {len(outcomes)} "
+          "offloading examples")
     assert len(outcomes) >= 6, "too few examples offloaded anything"
+    return outcomes
+
+
+def test_an_injected_error_of_1e4_in_reloaded_activations_is_caught():
+    outcomes = _caught_in_offloading_examples(
+        _ReloadError, lambda dtype: "float64" if dtype == "bfloat16" else dtype)
+    assert sum(outcomes) >= 0.9 * len(outcomes), outcomes
+
+
+class _LargeReloadError(_ReloadError):
+    size = 0.5
+
+
+def test_an_injected_error_in_bfloat16_is_caught_although_eager_is_off_float64_too():
+    """bfloat16 results pass where they are no farther from float64 than eager's; a reload
+    error that is not rounding (0.5 added to each reloaded activation) still fails."""
+    outcomes = _caught_in_offloading_examples(_LargeReloadError, lambda dtype: "bfloat16")
     assert sum(outcomes) >= 0.9 * len(outcomes), outcomes
