@@ -2,9 +2,10 @@
 
 Four groups, each a model and a sequence length with a fixed global batch, on one GPU:
 
-  hf-8k    transformers' LlamaForCausalLM, Llama-3-8B layer dimensions, 8K tokens, 4 sequences per step
-  hf-32k   the same at 32K, 2 sequences per step (its eager loss holds fp32 logits of every token)
-  ref-8k   graphopt's reference Llama at the same dimensions, chunked output loss, 4 sequences
+  hf-8k    transformers' LlamaForCausalLM, Llama-2-7B dimensions, 4 layers, 8K tokens, 4 sequences per step
+  hf-32k   the same with 2 layers at 32K, 2 sequences per step (its eager loss holds fp32 logits of
+           every token)
+  ref-8k   graphopt's reference Llama at Llama-3-8B dimensions, 4 layers, chunked output loss, 4 sequences
   ref-32k  the same at 32K, 2 sequences
 
 Every group measures the product micro-batch x memory plan (graphopt's min-cut plan; remat budget
@@ -529,7 +530,9 @@ def main(argv=None) -> int:
         result["notes"].append(f"dry run: about {estimate:.0f} s of GPU time for these groups "
                                f"(compiles estimated at {COMPILE_ESTIMATE_S} s each)")
     if predicting:
-        result["predicted_with"] = {"torch": torch.__version__, "profile": profile_path}
+        # the profile's file name, or a named default: no path of the machine that planned
+        result["predicted_with"] = {"torch": torch.__version__,
+                                    "profile": pathlib.Path(str(profile_path)).name}
     write(out, result)
     print(markdown(result))
     print(f"wall {time.monotonic() - started:.0f} s")
