@@ -58,6 +58,7 @@ import signal
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 import torch.utils.checkpoint as checkpoint
@@ -155,6 +156,13 @@ class Model:
 
     def parameters(self):
         return self.module.parameters()
+
+    def release(self) -> None:
+        """Give the parameters' and buffers' device memory back now, whoever still holds the
+        module or its tensors."""
+        for tensor in [*self.module.parameters(), *self.module.buffers()]:
+            tensor.grad = None
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
     def hidden(self, tokens, positions):
         if self.kind == "ref":
@@ -265,6 +273,19 @@ def row_callable(row: str, model: Model, args, profile_path: str | None):
         raise ValueError(f"unknown row {row!r}; rows: inductor, torch:F, full_ac, save_on_cpu, graphopt, "
                          "graphopt:B, offload, offload:B")
     return torch.compile(model.loss, backend=graphopt.backend(**flags)), context
+
+
+def raised_at(error: BaseException) -> str:
+    """The innermost frame of an exception's traceback as 'file:line in function' (the file's
+    path from its package on), so an error with no message still says where it came from."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "-"
+    frame = frames[-1]
+    parts = pathlib.Path(frame.filename).parts
+    start = max((i for i, part in enumerate(parts) if part in ("torch", "graphopt", "transformers",
+                                                                 "bench")), default=len(parts) - 1)
+    return f"{'/'.join(parts[start:])}:{frame.lineno} in {frame.name}"
 
 
 def _save_on_cpu():
@@ -385,10 +406,42 @@ def plan_facts(base: int) -> dict:
     if activation:
         facts.update(offloaded_bytes=offloaded, activation_bytes=activation,
                      offloaded_fraction=offloaded / activation)
-    return facts
+    # plain JSON values: a row kept in the results must hold no object of the compiled graphs
+    # (through them the model's parameters and gradients stayed allocated after its rows, 5.54 GiB
+    # under every later row on one H100)
+    return json.loads(json.dumps(facts, default=str))
 
 
 # --- the summary ----------------------------------------------------------------------------------
+
+# Peaks this close count as equal (torch:0.5 and graphopt:1.0 on HF Llama at 16K: 133 KB apart at
+# 10.0 GiB), so a row at torch's lowest point is compared there, not listed as a bound
+EQUAL_PEAK = 0.005
+
+
+def own_bytes(rows: list[dict]) -> None:
+    """Each row's memory figures without what was allocated before its model was built and stayed
+    (``carried_bytes``: memory of earlier models that was not given back; it sits unchanged under
+    the step, so the row's own peak is the measured peak minus it, and its own reserved the same).
+    Rows measured before the run recorded it get it from their base: the base (memory allocated
+    before the step) minus the lowest base of the same model among the rows (the model and the
+    inputs alone; inputs differ by at most 1.5 MiB between S = 8K and 64K)."""
+    lowest: dict = {}
+    for r in rows:
+        base = r.get("base_bytes", 0)
+        lowest[r["model"]] = min(lowest.get(r["model"], base), base)
+    for r in rows:
+        if r.get("carried_bytes") is None:
+            r["carried_bytes"] = r.get("base_bytes", 0) - lowest[r["model"]]
+            r["carried_from_base"] = True
+        carried = r["carried_bytes"]
+        r["peak_own_bytes"] = r["peak_bytes"] - carried
+        r["reserved_own_bytes"] = r["reserved_bytes"] - carried
+        if r.get("planned_peak_bytes"):
+            r["planned_own_bytes"] = r["planned_peak_bytes"] - carried
+        r["reserved_over_allocated"] = (r["reserved_own_bytes"] / r["peak_own_bytes"]
+                                        if r["peak_own_bytes"] > 0 else None)
+
 
 def summarize(rows: list[dict]) -> dict:
     """The issue's keys over every measured row:
@@ -400,13 +453,16 @@ def summarize(rows: list[dict]) -> dict:
                               plan's simulated peak) over graphopt's rows whose plan fits
     step_vs_torch_budget_max_hf / _ref  our step / torch's at our measured peak, torch's step
                               interpolated over its frontier (inductor and torch:F rows of that S no
-                              other row beats on both); rows below torch's lowest peak are listed
-                              apart (a bound against its lowest-peak point)
+                              other row beats on both); above its highest peak, its fastest point
+                              (flat); rows below its lowest peak are listed apart (a bound
+                              against its lowest-peak point, where torch holds more memory)
+    Every memory figure is the row's own (``own_bytes``: without memory carried from earlier models).
     reserved_over_allocated_max  the largest reserved / allocated peak over every row with the
                               default allocator (and at 64K; with expandable segments apart)
     model_forward_vs_measured_max_error  |modelled forward / measured forward - 1| over graphopt rows
     """
     ok = [r for r in rows if "error" not in r]
+    own_bytes(ok)
     by_group: dict = {}
     for r in ok:
         by_group.setdefault((r["model"], r["seq"]), {})[r["row"]] = r
@@ -416,39 +472,46 @@ def summarize(rows: list[dict]) -> dict:
         for name, r in group.items():
             if base and name != "inductor":
                 r["step_vs_inductor"] = r["step_ms"] / base["step_ms"]
-                r["peak_vs_inductor"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+                r["peak_vs_inductor"] = r["peak_own_bytes"] / base["peak_own_bytes"] if base["peak_own_bytes"] else None
         offload = group.get("offload")
         if offload and base:
             overheads.append(offload["step_vs_inductor"] - 1)
             if seq == 65536:
                 overheads64.append(offload["step_vs_inductor"] - 1)
                 fractions64.append(offload.get("offloaded_fraction", 0.0))
-        torch_points = [(r["peak_bytes"], r["step_ms"]) for n, r in group.items()
+        torch_points = [(r["peak_own_bytes"], r["step_ms"]) for n, r in group.items()
                         if n == "inductor" or n.startswith("torch:")]
         curve = frontier(torch_points)
-        remat_points = frontier([(r["peak_bytes"], r["step_ms"]) for n, r in group.items()
+        remat_points = frontier([(r["peak_own_bytes"], r["step_ms"]) for n, r in group.items()
                                  if n.startswith("graphopt")])
         for name, r in group.items():
             if not (name.startswith("graphopt") or name.startswith("offload")):
                 continue
-            torch_ms = interpolate(curve, r["peak_bytes"]) if curve else None
+            torch_ms = interpolate(curve, r["peak_own_bytes"]) if curve else None
+            if (torch_ms is None and curve and curve[0][0] > 0
+                    and abs(r["peak_own_bytes"] / curve[0][0] - 1) <= EQUAL_PEAK):
+                torch_ms = curve[0][1]  # the same peak as torch's lowest point
             if torch_ms is not None:
                 r["step_vs_torch_budget"], r["torch_comparison"] = r["step_ms"] / torch_ms, "interpolated"
+            elif curve and r["peak_own_bytes"] > curve[-1][0]:
+                # above torch's highest frontier point: a user with our memory takes torch's fastest
+                # point under it, which is that one (the frontier's time falls as its peak rises)
+                r["step_vs_torch_budget"], r["torch_comparison"] = r["step_ms"] / curve[-1][1], "flat"
             else:
-                above = [(peak, ms) for peak, ms in curve if peak >= r["peak_bytes"]]
+                above = [(peak, ms) for peak, ms in curve if peak >= r["peak_own_bytes"]]
                 if above:  # against torch's lowest-peak point above ours
                     r["step_vs_torch_budget"], r["torch_comparison"] = r["step_ms"] / min(above)[1], "bound"
             if name.startswith("offload"):
-                remat_ms = interpolate(remat_points, r["peak_bytes"]) if remat_points else None
+                remat_ms = interpolate(remat_points, r["peak_own_bytes"]) if remat_points else None
                 if remat_ms is not None:
                     r["step_vs_remat_at_equal_peak"] = r["step_ms"] / remat_ms
             for other in ("save_on_cpu", "full_ac"):
                 if other in group:
                     r[f"step_vs_{other}"] = r["step_ms"] / group[other]["step_ms"]
-                    r[f"peak_vs_{other}"] = (r["peak_bytes"] / group[other]["peak_bytes"]
-                                             if group[other]["peak_bytes"] else None)
-            if r.get("planned_peak_bytes") and r["peak_bytes"]:
-                r["peak_over_planned"] = r["peak_bytes"] / r["planned_peak_bytes"]
+                    r[f"peak_vs_{other}"] = (r["peak_own_bytes"] / group[other]["peak_own_bytes"]
+                                             if group[other]["peak_own_bytes"] else None)
+            if r.get("planned_own_bytes") and r["peak_own_bytes"]:
+                r["peak_over_planned"] = r["peak_own_bytes"] / r["planned_own_bytes"]
             if r.get("model_forward_ms") and r["forward_ms"]:
                 r["model_forward_vs_measured"] = r["model_forward_ms"] / r["forward_ms"]
                 r["op_sum_forward_vs_measured"] = r["op_sum_forward_ms"] / r["forward_ms"]
@@ -460,8 +523,12 @@ def summarize(rows: list[dict]) -> dict:
     ours = [r for r in ok if r["row"].startswith(("graphopt", "offload"))]
     default_allocator = [r for r in ok if not r["row"].endswith(EXPANDABLE)]
     fitting = [r for r in ours if r.get("plan_feasible") is not False]
+    # torch's frontier at our peak (interpolated, or flat above its highest point); a bound compares
+    # with a torch point of more memory (where torch's budgets were not measured at that S, with
+    # its default only), so those are listed apart
     compared = {m: [r["step_vs_torch_budget"] for r in ours
-                    if r["model"] == m and r.get("torch_comparison") == "interpolated"] for m in ("hf", "ref")}
+                    if r["model"] == m and r.get("torch_comparison") in ("interpolated", "flat")]
+                for m in ("hf", "ref")}
     summary = {
         "offloaded_fraction_64k": min(fractions64) if fractions64 else None,
         "offload_overhead_64k": largest(overheads64),
@@ -472,6 +539,9 @@ def summarize(rows: list[dict]) -> dict:
         "step_vs_torch_budget_max_ref": largest(compared["ref"]),
         "below_torch_frontier": [[r["model"], r["seq"], r["row"], round(r["step_vs_torch_budget"], 3)]
                                  for r in ours if r.get("torch_comparison") == "bound"],
+        "above_torch_frontier": [[r["model"], r["seq"], r["row"], round(r["step_vs_torch_budget"], 3)]
+                                 for r in ours if r.get("torch_comparison") == "flat"],
+        "carried_bytes_max": largest(r.get("carried_bytes") for r in ok),
         "reserved_over_allocated_max": largest(r.get("reserved_over_allocated") for r in default_allocator),
         "reserved_over_allocated_max_64k": largest(r.get("reserved_over_allocated") for r in default_allocator
                                                    if r["seq"] == 65536),
@@ -507,33 +577,56 @@ def markdown(result: dict) -> str:
              f"{result['hf_mask']}", "", "## Summary", ""]
     for key in TARGETS:
         met = s["met"].get(key)
-        lines.append(f"- {key}: {_f(s.get(key))} (target {s['targets'][key]}: "
+        lines.append(f"- {key}: {_f(s.get(key), 4)} (target {s['targets'][key]}: "
                      f"{'met' if met else 'not met' if met is False else 'not measured'})")
     for key in ("peak_over_planned_max_all_plans", "reserved_over_allocated_max_64k",
                 "reserved_over_allocated_max_expandable",
-                "op_sum_forward_vs_measured", "below_torch_frontier"):
+                "op_sum_forward_vs_measured", "below_torch_frontier", "above_torch_frontier"):
         lines.append(f"- {key}: {s.get(key)}")
     lines += ["", "## Rows", "",
               "| model | S | row | step ms | fwd / bwd ms | peak GiB | reserved GiB | planned GiB | "
-              "peak / planned | model fwd / measured | offloaded | vs inductor (step, peak) | "
+              "carried GiB | peak / planned | model fwd / measured | offloaded | vs inductor (step, peak) | "
               "vs torch at equal peak | vs remat at equal peak |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['seq']} | {r['row']} | {r['error']} | | | | | | | | | | |")
+            detail = f" ({r['where']})" if r.get("where") else ""
+            lines.append(f"| {r['model']} | {r['seq']} | {r['row']} | {r['error']}{detail} "
+                         "| | | | | | | | | | | |")
             continue
         vs_torch = _f(r.get("step_vs_torch_budget"))
-        if r.get("torch_comparison") == "bound":
-            vs_torch += " (bound)"
+        if r.get("torch_comparison") in ("bound", "flat"):
+            vs_torch += f" ({r['torch_comparison']})"
+        carried = _gib(r.get("carried_bytes")) + (" (from base)" if r.get("carried_from_base") else "")
         lines.append(
             f"| {r['model']} | {r['seq']} | {r['row']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} / "
-            f"{r['backward_ms']:.1f} | {_gib(r['peak_bytes'])} | {_gib(r['reserved_bytes'])} | "
-            f"{_gib(r.get('planned_peak_bytes'))} | {_f(r.get('peak_over_planned'))} | "
+            f"{r['backward_ms']:.1f} | {_gib(r.get('peak_own_bytes', r['peak_bytes']))} | "
+            f"{_gib(r.get('reserved_own_bytes', r['reserved_bytes']))} | "
+            f"{_gib(r.get('planned_own_bytes', r.get('planned_peak_bytes')))} | {carried} | "
+            f"{_f(r.get('peak_over_planned'))} | "
             f"{_f(r.get('model_forward_vs_measured'))} | {_f(r.get('offloaded_fraction'), 2)} | "
             f"{_f(r.get('step_vs_inductor'))}, {_f(r.get('peak_vs_inductor'))} | {vs_torch} | "
             f"{_f(r.get('step_vs_remat_at_equal_peak'))} |")
     lines += ["", "## Notes", "", *[f"- {n}" for n in result.get("notes", [])]]
+    if result.get("commands"):
+        lines += ["", "Commands, in the order they ran (each run's rows joined the earlier ones with "
+                  "--resume):", "", *[f"- `{c}`" for c in result["commands"]]]
     return "\n".join(lines) + "\n"
+
+
+def command_line(argv: list[str]) -> str:
+    """This run's command as the results print it: --out as $OUT, files by their names (no path of
+    the machine that ran it)."""
+    words, after_out = ["python3", "bench/plans_inductor.py"], False
+    for word in argv:
+        if after_out:
+            words.append("$OUT")
+        elif os.sep in word:
+            words.append(pathlib.Path(word).name)
+        else:
+            words.append(word)
+        after_out = word == "--out"
+    return " ".join(words)
 
 
 def notes_for(result: dict) -> list[str]:
@@ -549,7 +642,14 @@ def notes_for(result: dict) -> list[str]:
         "(loss included: the chunked loss forms its gradient in forward).",
         "vs torch at equal peak: our step over torch's activation_memory_budget frontier "
         "interpolated at our measured peak; '(bound)': our peak is below every torch point, "
-        "compared with torch's lowest-peak point above ours.",
+        "compared with torch's lowest-peak point above ours (torch holds more memory there: an upper "
+        "bound of the ratio at equal peak); '(flat)': our peak is above every torch frontier point, "
+        "compared with torch's fastest point, which holds less. The summary's step_vs_torch_budget_max "
+        "keys take the interpolated and flat rows; bound rows are listed apart (below_torch_frontier).",
+        "peak, reserved and planned GiB are the row's own: without 'carried GiB', memory still "
+        "allocated from models measured earlier in the same process (it sits unchanged under the "
+        "step). '(from base)': a row measured before the bench recorded it, where it is the memory "
+        "allocated before the step minus the lowest such base of the same model among the rows.",
     ]
     for r in result["rows"]:
         for reason in (r.get("plan_refusals") or [])[:2]:
@@ -557,8 +657,8 @@ def notes_for(result: dict) -> list[str]:
         holders = r.get("peak_holders")
         if holders and (r.get("peak_over_planned") or 0) > TARGETS["peak_over_planned_max"][1]:
             notes.append(
-                f"{r['model']} S={r['seq']} {r['row']}: measured peak {_gib(r['peak_bytes'])} GiB over "
-                f"planned {_gib(r['planned_peak_bytes'])}; the step's peak (plan's at "
+                f"{r['model']} S={r['seq']} {r['row']}: measured peak {_gib(r.get('peak_own_bytes'))} GiB "
+                f"over planned {_gib(r.get('planned_own_bytes'))}; the step's peak (plan's at "
                 f"{r.get('plan_peak_at')}) is in the {holders['phase_at_peak']}, held by: " + "; ".join(
                     f"{h['bytes'] / 2**20:.0f} MiB {h['phase']} `{h['where']}`"
                     for h in holders["holders"][:6]))
@@ -586,7 +686,8 @@ def short_table(result: dict) -> str:
         if "error" in r:
             lines.append(f"{r['model']} {r['seq']} {r['row']}: {r['error']}")
             continue
-        lines.append(f"{r['model']} {r['seq']} {r['row']}: {r['step_ms']:.1f}, {_gib(r['peak_bytes'])}, "
+        lines.append(f"{r['model']} {r['seq']} {r['row']}: {r['step_ms']:.1f}, "
+                     f"{_gib(r.get('peak_own_bytes', r['peak_bytes']))}, "
                      f"{_f(r.get('reserved_over_allocated'))}, {_f(r.get('peak_over_planned'))}, "
                      f"{_f(r.get('model_forward_vs_measured'))}, {_f(r.get('step_vs_torch_budget'))}")
     s = result["summary"]
@@ -730,13 +831,18 @@ def main(argv=None) -> int:
               "timing": (f"step ms: median of {args.repeats}+ steps (CUDA events), more while under "
                          f"{args.min_time_s:g} s"),
               "rows": []}
+    commands = []
     for path in args.resume:
         with open(path) as handle:
-            rows, why_not = resumable_rows(json.load(handle), result)
+            earlier = json.load(handle)
+        rows, why_not = resumable_rows(earlier, result)
         result["rows"] += rows
+        if rows:
+            commands += [c for c in earlier.get("commands", []) if c not in commands]
         if why_not:
             print(f"--resume {path}: {why_not}", flush=True)
             result.setdefault("resume_skipped", []).append(f"{pathlib.Path(path).name}: {why_not}")
+    result["commands"] = [*commands, command_line(sys.argv[1:] if argv is None else list(argv))]
     done = {(r["model"], r["seq"], r["row"]) for r in result["rows"]}
     todo = [item for item in plan_rows(args) if item not in done]
 
@@ -748,6 +854,7 @@ def main(argv=None) -> int:
         signal.alarm(max(1, int(args.time_limit)))
     models: dict = {}
     last_s: dict = {}
+    carried = 0
     sizes = SIZES_TINY if args.smoke else SIZES_8B
     seq_max = max(s for _, s, _ in todo) if todo else 0
     try:
@@ -757,8 +864,15 @@ def main(argv=None) -> int:
             if elapsed + 1.2 * estimate > args.time_limit:
                 raise OutOfTime()
             if model_kind not in models:
+                for previous in models.values():
+                    previous.release()
                 models.clear()
-                gc.collect()
+                model = inputs = None
+                fresh_start(clock)
+                carried = clock.allocated()
+                if carried:
+                    print(f"{carried / 2**30:.2f} GiB still allocated before building the {model_kind} "
+                          "model: subtracted from every peak of its rows (carried_bytes)", flush=True)
                 models[model_kind] = Model(model_kind, args.layers, sizes, device, args.dtype, seq_max,
                                            args.hf_mask)
             model = models[model_kind]
@@ -771,9 +885,10 @@ def main(argv=None) -> int:
             except OutOfTime:
                 raise
             except Exception as error:  # a row that fails is recorded; the others still run
-                r = {"row": row, "error": f"{type(error).__name__}", "detail": str(error)[:500]}
+                r = {"row": row, "error": f"{type(error).__name__}", "detail": str(error)[:500],
+                     "where": raised_at(error)}
             last_s[(model_kind, seq)] = time.monotonic() - t0
-            r.update(model=model_kind, seq=seq, wall_s=last_s[(model_kind, seq)])
+            r.update(model=model_kind, seq=seq, wall_s=last_s[(model_kind, seq)], carried_bytes=carried)
             result["rows"].append(r)
             print({k: v for k, v in r.items() if k not in ("plan_refusals", "op_timing", "offload_windows",
                                                              "plan_counts", "planned_order", "step_ms_all")},

@@ -58,6 +58,56 @@ def test_the_summary_compares_at_equal_peak_and_names_each_key():
     assert all(key in text for key in bench.TARGETS)
 
 
+def test_memory_carried_from_an_earlier_model_is_taken_out_of_every_comparison():
+    """On one H100 a model's parameters and gradients stayed allocated under every later model's
+    rows (5.54 GiB per model switch): the summary compares the rows' own peaks."""
+    bench = _bench()
+    gib = 2**30
+    rows = [_row("hf", 16384, "inductor", 12 * gib, 258.0, base_bytes=3 * gib),
+            # measured after a leak, before the bench recorded it: carried = base - lowest base
+            _row("hf", 16384, "torch:0.5", 15 * gib, 260.0, base_bytes=8 * gib),
+            _row("hf", 16384, "graphopt:1.0", 15 * gib + 4096, 187.0, base_bytes=8 * gib,
+                 planned_peak_bytes=15 * gib, plan_feasible=True),
+            # recorded by the run itself
+            _row("hf", 16384, "graphopt:0.5", 19 * gib, 200.0, base_bytes=14 * gib,
+                 carried_bytes=11 * gib, planned_peak_bytes=18 * gib, plan_feasible=True),
+            _row("ref", 16384, "inductor", 10 * gib, 178.0, base_bytes=3 * gib),
+            _row("ref", 16384, "graphopt:1.0", 12 * gib, 182.0, base_bytes=3 * gib)]
+    s = bench.summarize(rows)
+    by_row = {(r["model"], r["row"]): r for r in rows}
+    assert by_row["hf", "torch:0.5"]["carried_bytes"] == 5 * gib
+    assert by_row["hf", "torch:0.5"]["carried_from_base"] is True
+    assert by_row["hf", "torch:0.5"]["peak_own_bytes"] == 10 * gib
+    # graphopt:1.0 is 4 KB over torch:0.5's own 10 GiB: the same peak, interpolated there
+    assert by_row["hf", "graphopt:1.0"]["torch_comparison"] == "interpolated"
+    assert s["step_vs_torch_budget_max_hf"] == pytest.approx(187 / 260)
+    assert by_row["hf", "graphopt:0.5"]["peak_own_bytes"] == 8 * gib
+    assert by_row["hf", "graphopt:0.5"]["peak_over_planned"] == pytest.approx(8 / 7)
+    assert by_row["hf", "graphopt:0.5"]["reserved_over_allocated"] == 1.0
+    # above torch's only frontier point (10 GiB, 178 ms): its fastest point, which holds less
+    assert by_row["ref", "graphopt:1.0"]["torch_comparison"] == "flat"
+    assert s["step_vs_torch_budget_max_ref"] == pytest.approx(182 / 178)
+    assert s["above_torch_frontier"] == [["ref", 16384, "graphopt:1.0", round(182 / 178, 3)]]
+    assert s["carried_bytes_max"] == 11 * gib
+
+
+def test_a_released_model_holds_no_memory_and_plan_facts_are_plain_data():
+    bench = _bench()
+    model = bench.Model("ref", 1, bench.SIZES_TINY, "cpu", torch.float32, 32, "model")
+    model.module(torch.zeros(1, 8, dtype=torch.long)).sum().backward()
+    held = list(model.parameters())  # whoever still holds the tensors
+    model.release()
+    assert all(p.numel() == 0 and p.grad is None for p in held)
+    assert bench.json.loads(bench.json.dumps(bench.plan_facts(0))) == bench.plan_facts(0)
+    try:
+        raise AssertionError()
+    except AssertionError as error:
+        assert bench.raised_at(error).endswith(
+            "in test_a_released_model_holds_no_memory_and_plan_facts_are_plain_data")
+    assert bench.command_line(["--out", "/some/where", "--resume", "/x/y/plans_inductor.json"]) == \
+        "python3 bench/plans_inductor.py --out $OUT --resume plans_inductor.json"
+
+
 def test_the_priority_plan_asks_for_the_issues_rows_first():
     bench = _bench()
 
