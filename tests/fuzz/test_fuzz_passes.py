@@ -8,7 +8,7 @@ together (shard_attention, overlap_matmul_collectives, and the memory passes on 
 ``PROFILE.passes`` examples. Profiles (examples per phase):
 
     default (local):        distributed 24, single-process 2 x 12, Inductor 1 per rank
-    CI (CI=true):           distributed 200, single-process 2 x 20, Inductor 1 per rank
+    CI (CI=true):           distributed 150, single-process 2 x 20, Inductor 1 per rank
     FUZZ_PROFILE=long:      distributed 1000, single-process 2 x 500, Inductor 4 per rank
 
 ``FUZZ_SEED`` fixes the seed. CI runs a fixed one (a commit's CI result does not hang on the draw;
@@ -50,7 +50,7 @@ class Profile:
     passes: int          # examples every pass must have run in
 
 
-PROFILES = {"default": Profile(24, 12, 1, 24), "ci": Profile(200, 20, 1, 200),
+PROFILES = {"default": Profile(24, 12, 1, 24), "ci": Profile(150, 20, 1, 150),
             "long": Profile(1000, 500, 4, 1000)}
 PROFILE = PROFILES[os.environ.get("FUZZ_PROFILE") or ("ci" if os.environ.get("CI") == "true"
                                                       else "default")]
