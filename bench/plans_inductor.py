@@ -406,9 +406,9 @@ def plan_facts(base: int) -> dict:
     if activation:
         facts.update(offloaded_bytes=offloaded, activation_bytes=activation,
                      offloaded_fraction=offloaded / activation)
-    # plain JSON values: a row kept in the results must hold no object of the compiled graphs
-    # (through them the model's parameters and gradients stayed allocated after its rows, 5.54 GiB
-    # under every later row on one H100)
+    # plain JSON values: a row kept in the results holds no object of the compiled graphs, which
+    # can reach a model's tensors (on one H100 a model's parameters and gradients, 5.54 GiB, stayed
+    # allocated under every later model's rows; ``Model.release`` frees them whoever holds them)
     return json.loads(json.dumps(facts, default=str))
 
 
@@ -472,7 +472,8 @@ def summarize(rows: list[dict]) -> dict:
         for name, r in group.items():
             if base and name != "inductor":
                 r["step_vs_inductor"] = r["step_ms"] / base["step_ms"]
-                r["peak_vs_inductor"] = r["peak_own_bytes"] / base["peak_own_bytes"] if base["peak_own_bytes"] else None
+                r["peak_vs_inductor"] = (r["peak_own_bytes"] / base["peak_own_bytes"]
+                                         if base["peak_own_bytes"] else None)
         offload = group.get("offload")
         if offload and base:
             overheads.append(offload["step_vs_inductor"] - 1)
