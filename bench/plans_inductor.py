@@ -658,8 +658,9 @@ def notes_for(result: dict) -> list[str]:
         holders = r.get("peak_holders")
         if holders and (r.get("peak_over_planned") or 0) > TARGETS["peak_over_planned_max"][1]:
             notes.append(
-                f"{r['model']} S={r['seq']} {r['row']}: measured peak {_gib(r.get('peak_own_bytes'))} GiB "
-                f"over planned {_gib(r.get('planned_own_bytes'))}; the step's peak (plan's at "
+                f"{r['model']} S={r['seq']} {r['row']}: measured peak "
+                f"{_gib(r.get('peak_own_bytes', r['peak_bytes']))} GiB over planned "
+                f"{_gib(r.get('planned_own_bytes', r['planned_peak_bytes']))}; the step's peak (plan's at "
                 f"{r.get('plan_peak_at')}) is in the {holders['phase_at_peak']}, held by: " + "; ".join(
                     f"{h['bytes'] / 2**20:.0f} MiB {h['phase']} `{h['where']}`"
                     for h in holders["holders"][:6]))

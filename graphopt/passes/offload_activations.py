@@ -728,18 +728,51 @@ def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Ca
     moved later holds the tensor's whole allocation longer; it moves only while the forward's
     simulated bytes (``liveness.graph_timeline``, inputs held) stay within the larger of the
     forward's own peak and the step's planned activation peak (``planned_peak``, from
-    plan_rematerialization) plus the inputs -- so it never lifts the planned peak. Returns how
-    much later (modelled seconds) each wait now runs."""
+    plan_rematerialization) plus the inputs -- so it never lifts the planned peak. Each wait's
+    place comes from an estimate (its tensor's bytes added over the range it moves past); the
+    moved graph is then simulated, and where the estimate missed bytes (a storage other saved
+    tensors share, a kept part allocated while the whole still lives) the waits are placed again,
+    each checked against the simulation. Returns how much later (modelled seconds) each wait now
+    runs."""
     if not waits:
         return {}
     nodes, timeline = liveness.graph_timeline(gm, hold_inputs=True, fuse_pointwise=fuse_pointwise)
-    index = {node: i for i, node in enumerate(nodes)}
-    live = list(timeline.live_bytes)
     inputs = sum(tensor_nbytes(p.meta.get("val")) for p in gm.graph.find_nodes(op="placeholder"))
-    bound = max(max(live, default=0), (planned_peak or 0) + inputs)
+    bound = max(timeline.peak, (planned_peak or 0) + inputs)
+    index = {node: i for i, node in enumerate(nodes)}
+    original_next = {wait: wait.next for wait, _, _ in waits}
+    sunk = _sink_waits(gm, nodes, list(timeline.live_bytes), bound, waits, times, fuse_pointwise,
+                       checked=False)
+    if liveness.graph_timeline(gm, hold_inputs=True, fuse_pointwise=fuse_pointwise)[1].peak <= bound:
+        return sunk
+    for wait, _, _ in sorted(waits, key=lambda w: index[w[0]], reverse=True):
+        original_next[wait].prepend(wait)  # back where it was: later waits first
+    return _sink_waits(gm, nodes, list(timeline.live_bytes), bound, waits, times, fuse_pointwise,
+                       checked=True)
+
+
+def _sink_waits(gm: fx.GraphModule, nodes: list[fx.Node], live: list[int], bound: int,
+                waits: list[tuple[fx.Node, Slot, _Candidate]], times: dict[str, float],
+                fuse_pointwise: bool, checked: bool) -> dict[str, float]:
+    """``_sink_forward_waits``' moves, latest wait first, over ``nodes`` (the graph's call_function
+    nodes before any move) and their simulated bytes ``live``; ``checked``: each move is
+    simulated, and a wait that would lift the peak over ``bound`` goes to the latest point
+    that does not (found by bisection)."""
+    index = {node: i for i, node in enumerate(nodes)}
     output = next(iter(gm.graph.find_nodes(op="output")))
     end = len(nodes)  # just before the output
-    sunk = {}
+    sunk, moved = {}, set()
+
+    def place(wait: fx.Node, target: int) -> None:
+        """Before nodes[target]; a wait moved already is no longer there: before the next node."""
+        while target < end and nodes[target] in moved:
+            target += 1
+        (nodes[target] if target < end else output).prepend(wait)
+
+    def simulated() -> dict[fx.Node, int]:
+        now, timeline = liveness.graph_timeline(gm, hold_inputs=True, fuse_pointwise=fuse_pointwise)
+        return dict(zip(now, timeline.live_bytes))
+
     for wait, slot, candidate in sorted(waits, key=lambda w: index[w[0]], reverse=True):
         at = index[wait]
         held = tensor_nbytes(candidate.root.meta.get("val")) - _hint(slot.kept_numel) * slot.dtype.itemsize
@@ -748,9 +781,34 @@ def _sink_forward_waits(gm: fx.GraphModule, waits: list[tuple[fx.Node, Slot, _Ca
             target += 1
         if target <= at + 1:
             continue
-        for k in range(at, target):
-            live[k] += held
-        (nodes[target] if target < end else output).prepend(wait)
+        place(wait, target)
+        if not checked:
+            for k in range(at, target):
+                live[k] += held
+        else:
+            after = simulated()
+            if max(after.values()) > bound:
+                fits, too_late = at + 1, target
+                while too_late - fits > 1:
+                    middle = (fits + too_late) // 2
+                    place(wait, middle)
+                    if max(simulated().values()) <= bound:
+                        fits = middle
+                    else:
+                        too_late = middle
+                target = fits
+                place(wait, target)
+                if target <= at + 1:
+                    continue
+                after = simulated()
+            # the waits before it plan with the bytes as now simulated; a moved wait's old place
+            # in ``nodes`` reads its predecessor's
+            moved.add(wait)
+            live[:] = [after[node] for node in nodes]
+            for i, node in enumerate(nodes):
+                if node in moved and i:
+                    live[i] = live[i - 1]
+        moved.add(wait)
         sunk[candidate.node.name] = sum(times.get(n.name, 0.0) for n in nodes[at + 1:target])
     return sunk
 
