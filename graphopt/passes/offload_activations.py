@@ -785,6 +785,7 @@ def _sink_waits(gm: fx.GraphModule, nodes: list[fx.Node], live: list[int], bound
         if not checked:
             for k in range(at, target):
                 live[k] += held
+            moved.add(wait)
         else:
             after = simulated()
             if max(after.values()) > bound:
@@ -802,13 +803,12 @@ def _sink_waits(gm: fx.GraphModule, nodes: list[fx.Node], live: list[int], bound
                     continue
                 after = simulated()
             # the waits before it plan with the bytes as now simulated; a moved wait's old place
-            # in ``nodes`` reads its predecessor's
+            # in ``nodes`` (this one's too) reads its predecessor's
             moved.add(wait)
             live[:] = [after[node] for node in nodes]
             for i, node in enumerate(nodes):
                 if node in moved and i:
                     live[i] = live[i - 1]
-        moved.add(wait)
         sunk[candidate.node.name] = sum(times.get(n.name, 0.0) for n in nodes[at + 1:target])
     return sunk
 
