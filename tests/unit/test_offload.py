@@ -313,19 +313,15 @@ def test_offload_waits_sink_as_late_as_memory_allows_without_raising_the_forward
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-def test_sunk_waits_keep_the_simulated_forward_within_the_planned_peak_on_a_chunked_loss(monkeypatch):
-    """The sinking estimate once held 0.94 MB more than the bound at the chunked loss of a 2-layer
-    reference Llama (eager codegen, 2,048 tokens): the MLP products whose waits moved there were
-    held with bytes the estimate did not count. On one H100 at 64K, four such products (1.79 GiB
-    each) held the measured peak 0.94 GiB above the plan. Each move is now checked against the
-    simulation itself."""
+def _record_sinking(monkeypatch) -> list[tuple[int, int, int]]:
+    """(bound, simulated forward peak after sinking, waits moved) of every forward the offload
+    pass sinks waits in from now on."""
     from graphopt.analysis import liveness
-    from graphopt.models.llama import chunked_output_loss
     from graphopt.passes import offload_activations as offload_pass
     seen = []
     sink = offload_pass._sink_forward_waits
 
-    def checked(gm, waits, times, planned_peak, fuse_pointwise=False):
+    def recorded(gm, waits, times, planned_peak, fuse_pointwise=False):
         inputs = sum(offload_pass.tensor_nbytes(p.meta.get("val"))
                      for p in gm.graph.find_nodes(op="placeholder"))
         before = liveness.graph_timeline(gm, hold_inputs=True, fuse_pointwise=fuse_pointwise)[1].peak
@@ -334,7 +330,18 @@ def test_sunk_waits_keep_the_simulated_forward_within_the_planned_peak_on_a_chun
         seen.append((max(before, (planned_peak or 0) + inputs), after, len(sunk)))
         return sunk
 
-    monkeypatch.setattr(offload_pass, "_sink_forward_waits", checked)
+    monkeypatch.setattr(offload_pass, "_sink_forward_waits", recorded)
+    return seen
+
+
+def test_sunk_waits_keep_the_simulated_forward_within_the_planned_peak_on_a_chunked_loss(monkeypatch):
+    """The sinking estimate once held 0.94 MB more than the bound at the chunked loss of a 2-layer
+    reference Llama (eager codegen, 2,048 tokens): the MLP products whose waits moved there were
+    held with bytes the estimate did not count. On one H100 at 64K, four such products (1.79 GiB
+    each) held the measured peak 0.94 GiB above the plan. Each move is now checked against the
+    simulation itself."""
+    from graphopt.models.llama import chunked_output_loss
+    seen = _record_sinking(monkeypatch)
     torch.manual_seed(0)
     model = Llama(LlamaConfig(n_layers=2, max_seq_len=2048, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128,
                               vocab_size=256))
@@ -348,6 +355,44 @@ def test_sunk_waits_keep_the_simulated_forward_within_the_planned_peak_on_a_chun
     compiled(tokens, tokens, positions).backward()
     (bound, peak, moved), = seen
     assert moved > 0 and peak <= bound, (bound, peak)
+
+
+@pytest.mark.slow
+def test_checked_sinking_on_transformers_llama_through_inductor(monkeypatch):
+    """The checked placement (every move simulated, bisected where it lifts the peak) on the model
+    and codegen users run: a tiny HF LlamaForCausalLM trained with use_cache=False under Inductor.
+    The waits move, the simulated forward stays within the bound, and the loss and gradients are
+    eager's."""
+    import transformers
+    from graphopt.passes import offload_activations as offload_pass
+    seen = _record_sinking(monkeypatch)
+    sink_waits = offload_pass._sink_waits
+    monkeypatch.setattr(offload_pass, "_sink_waits",
+                        lambda *args, **kwargs: sink_waits(*args, **{**kwargs, "checked": True}))
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=256, num_hidden_layers=2,
+                                      max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 256, (1, 512))
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(ids)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def train_loss(x):
+        return model(input_ids=x, labels=x, use_cache=False).loss
+
+    want = step(train_loss)
+    got = step(torch.compile(train_loss, backend=graphopt.backend(codegen="inductor",
+                                                                 offload_activations=True)))
+    (bound, peak, moved), = seen
+    assert moved > 0 and peak <= bound, (bound, peak)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(got[1], want[1]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_reload_is_issued_before_first_use_by_the_cost_model():
