@@ -40,6 +40,11 @@ architecture sharing a compiled graph) gets the next generation of the pool: eac
 to the first generation whose bytes at its range no live forward holds, and the reload finds it by
 its ``kept`` tensor. At most ``MAX_FORWARDS_IN_FLIGHT`` generations: one more raises, naming the fix.
 
+**A step that raises** between a copy and its wait (an out-of-memory error caught by a
+batch-size search) drops the copy's ticket with the graph's frames: the cell lets go of its claim
+and of the device memory the copy used, so the next step finds its slots free
+(``pool_stats()["abandoned_copies"]`` counts them).
+
 **Lifetime.** A pool is named ``<owner>/<layout>``: the owner is the compiled graph's content key
 (the same in every process, so code from Inductor's cache names the same pools) and the layout a
 digest of its slots. The backend ``hold``s an owner for as long as a compiled graph of it lives
@@ -80,7 +85,9 @@ class _Cell:
     end: int = 0
     pending: bool = False                 # offload issued, offload_wait not yet run
     owner: Optional[weakref.ref] = None   # the forward's kept tensor; the bytes are held while it lives
-    ticket: Optional[Tensor] = None       # the offload's or the reload's ticket, until its wait
+    # the offload's or the reload's ticket (weakly: a step that raises before the wait drops it,
+    # and with it the cell's claim), until its wait
+    ticket: Optional[weakref.ref] = None
     offload_event: object = None          # torch.cuda.Event of the last device -> host copy
     reload_event: object = None           # torch.cuda.Event of the last host -> device copy
     issue_event: object = None            # torch.cuda.Event a copy stream waits on before a copy
@@ -175,7 +182,7 @@ class HostPool:
     def by_ticket(self, slot: int, ticket: Tensor, what: str) -> _Cell:
         for generation in self.generations:
             cell = generation.cells.get(slot)
-            if cell is not None and cell.ticket is ticket:
+            if cell is not None and cell.ticket is not None and cell.ticket() is ticket:
                 return cell
         raise RuntimeError(f"graphopt::{what} for slot {slot} of pool {self.name} has no copy in "
                            "flight with its ticket; the graph's order of offload ops is broken")
@@ -200,7 +207,7 @@ class HostPool:
 _POOLS: dict[str, HostPool] = {}
 _HOLDERS: dict[str, int] = {}    # owner -> compiled graphs alive that name its pools
 _STREAMS: dict[torch.device, tuple] = {}
-_STATS = {"pool_allocations": 0}
+_STATS = {"pool_allocations": 0, "abandoned_copies": 0, "staged_copies": 0, "staged_bytes": 0}
 
 
 def pool_owner(content_key: str) -> str:
@@ -239,13 +246,18 @@ def release_pools() -> None:
 
 def pool_stats() -> dict[str, int]:
     """Pool buffers allocated so far, host bytes the pools hold now, pools, generations (forwards
-    in flight at most so far), slots, slots a live forward holds, reloads in flight."""
+    in flight at most so far), slots, slots a live forward holds, reloads in flight; and since the
+    process started: copies whose step raised before their wait (``abandoned_copies``), and
+    activations copied into the planned layout on the device first (``staged_copies``,
+    ``staged_bytes``: the compiled tensor's strides were not the plan's, a device copy each step)."""
     cells = [cell for pool in _POOLS.values() for g in pool.generations for cell in g.cells.values()]
     return {"pool_allocations": _STATS["pool_allocations"],
             "host_bytes": sum(pool.nbytes for pool in _POOLS.values()), "pools": len(_POOLS),
             "generations": sum(len(pool.generations) for pool in _POOLS.values()),
             "slots": len(cells), "slots_held": sum(cell.busy for cell in cells),
-            "reloads_in_flight": sum(cell.reloaded is not None for cell in cells)}
+            "reloads_in_flight": sum(cell.reloaded is not None for cell in cells),
+            "abandoned_copies": _STATS["abandoned_copies"], "staged_copies": _STATS["staged_copies"],
+            "staged_bytes": _STATS["staged_bytes"]}
 
 
 def _pool(name: str) -> HostPool:
@@ -253,6 +265,26 @@ def _pool(name: str) -> HostPool:
     if pool is None:
         pool = _POOLS[name] = HostPool(name)
     return pool
+
+
+def _ticket(cell: _Cell, like: Tensor) -> Tensor:
+    """A new ticket for the cell's copy in flight. Where the ticket dies before its wait ran (the
+    step raised in between and the graph's frames went), the cell lets go of the claim, the staged
+    layout and the reload's device memory, so a failed step holds no slot and no memory; a reload
+    still copying into that memory is waited for on the compute stream first, so the allocator
+    cannot hand its block to new work while the copy writes it."""
+    ticket = like.new_empty(0)
+
+    def dropped(ref, cell=cell) -> None:
+        if cell.ticket is not ref:
+            return  # its wait ran
+        _STATS["abandoned_copies"] += 1
+        if cell.reloaded is not None and cell.reload_event is not None and cell.reloaded.is_cuda:
+            torch.cuda.current_stream(cell.reloaded.device).wait_event(cell.reload_event)
+        cell.ticket, cell.pending, cell.staged, cell.reloaded = None, False, None, None
+
+    cell.ticket = weakref.ref(ticket, dropped)
+    return ticket
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -265,6 +297,8 @@ def _planned_layout(x: Tensor, stride: list[int]) -> Tensor:
     memory order that offload splits is the one reload restores."""
     if list(x.stride()) == list(stride):
         return x
+    _STATS["staged_copies"] += 1
+    _STATS["staged_bytes"] += x.numel() * x.dtype.itemsize
     return torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
 
 
@@ -345,8 +379,7 @@ def _begin_offload(x: Tensor, pool: str, pool_nbytes: int, slot: int, offset: in
     cell = host_pool.claim(slot, offset, offset + tail_numel * x.dtype.itemsize, pool_nbytes)
     staged = _planned_layout(x, stride)
     cell.staged = staged if staged is not x else None
-    cell.ticket = x.new_empty(0)
-    return cell, _flat(staged)[kept_numel:], host_pool.bytes_of(cell, x.dtype), cell.ticket
+    return cell, _flat(staged)[kept_numel:], host_pool.bytes_of(cell, x.dtype), _ticket(cell, x)
 
 
 @offload.register_kernel("cpu")
@@ -433,8 +466,7 @@ def _begin_reload(kept: Tensor, pool: str, slot: int, numel: int):
     flat = torch.empty(numel, dtype=kept.dtype, device=kept.device)
     flat[:kept.numel()].copy_(kept)
     cell.reloaded = flat
-    cell.ticket = kept.new_empty(0)
-    return cell, flat[kept.numel():], host_pool.bytes_of(cell, kept.dtype), cell.ticket
+    return cell, flat[kept.numel():], host_pool.bytes_of(cell, kept.dtype), _ticket(cell, kept)
 
 
 @reload.register_kernel("cpu")

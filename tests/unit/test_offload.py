@@ -181,6 +181,27 @@ def test_pool_grows_for_a_larger_step_only_while_no_forward_holds_it():
     offload_ops.release_pool("grows")
 
 
+def test_a_step_that_fails_between_a_copy_and_its_wait_leaves_no_slot_held():
+    """An exception between offload and offload_wait (an out-of-memory error mid-forward, caught by
+    a batch-size search) drops the ticket: the slot is free for the next step, which reuses the
+    first generation; before, every failed step left a generation held and the ninth raised."""
+    x = torch.randn(4, 4)
+    abandoned_before = offload_ops.pool_stats()["abandoned_copies"]
+    for _ in range(offload_ops.MAX_FORWARDS_IN_FLIGHT + 1):
+        ticket = OPS.offload(x, "abandoned", 1024, 0, 0, 0, list(x.stride()))
+        del ticket  # the forward raised before its wait
+    assert offload_ops.pool_stats()["generations"] == 1
+    assert offload_ops.pool_stats()["slots_held"] == 0
+    kept = _offload(x, "abandoned")
+    reload_ticket = OPS.reload(kept, "abandoned", 0, x.numel())
+    del reload_ticket  # the backward raised between reload and reload_wait
+    stats = offload_ops.pool_stats()
+    assert stats["reloads_in_flight"] == 0
+    assert stats["abandoned_copies"] - abandoned_before == offload_ops.MAX_FORWARDS_IN_FLIGHT + 2
+    assert torch.equal(_reload(kept, x, "abandoned"), x)  # the bytes are still the forward's
+    offload_ops.release_pool("abandoned")
+
+
 def test_a_held_owners_pools_are_freed_with_the_last_holder_once_idle():
     x = torch.randn(4, 4)
     release_one, release_two = offload_ops.hold("graph_a"), offload_ops.hold("graph_a")
@@ -568,6 +589,46 @@ def _live_tensors() -> int:
     with warnings.catch_warnings():  # isinstance on lazily deprecated module attributes warns
         warnings.simplefilter("ignore")
         return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+
+_FAIL = {"now": False}
+
+
+@torch.library.custom_op("graphopt_test::fail_if_asked", mutates_args=())
+def _fail_if_asked(x: torch.Tensor) -> torch.Tensor:
+    if _FAIL["now"]:
+        raise RuntimeError("asked to fail mid-forward")
+    return x.clone()
+
+
+_fail_if_asked.register_fake(lambda x: torch.empty_like(x))
+_fail_if_asked.register_autograd(lambda ctx, grad: grad)
+
+
+@pytest.mark.parametrize("codegen", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_forward_that_raises_after_its_offloads_leaves_the_next_step_whole(codegen):
+    """The second layer raises after the first layer's activations were offloaded (as an
+    out-of-memory error would, caught by a batch-size search): the next step reuses the pool's
+    generation and matches eager; before, each failed step kept a generation held."""
+    model = micro(n_layers=2)
+    model.layers[1].register_forward_pre_hook(lambda module, args: (_fail_if_asked(args[0]), *args[1:]))
+    compiled = torch.compile(model, backend=graphopt.backend(
+        codegen=codegen, offload_activations=True, memory_budget=0.5))
+    tokens = torch.randint(0, 64, (1, 32))
+    _steps_match_eager(model, compiled, [tokens])
+    generations, abandoned = (offload_ops.pool_stats()[k] for k in ("generations", "abandoned_copies"))
+    _FAIL["now"] = True
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="asked to fail"):
+                compiled(tokens)
+    finally:
+        _FAIL["now"] = False
+    gc.collect()  # the tracebacks held the failed forwards' frames
+    assert offload_ops.pool_stats()["abandoned_copies"] > abandoned
+    _steps_match_eager(model, compiled, [tokens])
+    stats = offload_ops.pool_stats()
+    assert stats["generations"] == generations and stats["slots_held"] == 0
 
 
 def test_hundred_steps_keep_pool_and_memory_flat():
