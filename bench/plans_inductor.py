@@ -27,7 +27,9 @@ the comparison is between the partitions. Rows (--rows, per model and sequence l
 
 Every row records the step, forward and backward times (CUDA events, median), the allocator's
 allocated and reserved peaks (torch.cuda.max_memory_allocated / max_memory_reserved over a step
-after the cache was emptied), and for graphopt rows what the plan said: planned peak, modelled
+after the cache was emptied), the least memory cap the step runs under (``fit_under_cap``), the
+device time of one more step's kernels by kind (``graphopt.debug.kernel_profile``; the notes put
+each offload row beside the same plan without offload), and for graphopt rows what the plan said: planned peak, modelled
 forward / backward (as Inductor runs the kernels), offloaded bytes, refusals, and from one more step
 under the allocator's record what holds the measured peak (``graphopt.debug.peak_holders``: the
 live blocks by allocating line; a note where the peak misses the plan). The summary holds the
@@ -39,6 +41,8 @@ their rows.
     python3 bench/plans_inductor.py --out $OUT
     # the rows the first call did not reach, merged with its results:
     python3 bench/plans_inductor.py --out $OUT --resume bench/results/plans_inductor.json
+    # rows measured before a change, measured again (any part may be '*'):
+    python3 bench/plans_inductor.py --out $OUT --resume bench/results/plans_inductor.json --redo 'hf/*/offload'
     # < 60 s: modelled vs measured compiled forward of one graph (the fused time model)
     python3 bench/plans_inductor.py --out $OUT --validate --models hf --seqs 8192 --layers 1
     # CPU: tiny models, every row kind, a few minutes
@@ -68,7 +72,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import graphopt  # noqa: E402
 from graphopt import _compat  # noqa: E402
-from graphopt.debug import peak_holders  # noqa: E402
+from graphopt.debug import kernel_profile, peak_holders  # noqa: E402
 from graphopt.debug.dump import clear_compile_summaries, compile_summaries  # noqa: E402
 from graphopt.models.llama import Llama, LlamaConfig, chunked_output_loss, rope_tables  # noqa: E402
 from graphopt.ops import offload as offload_ops  # noqa: E402
@@ -342,9 +346,12 @@ def _measure(row: str, model: Model, fn, context, inputs, clock: Clock, args) ->
         p.grad = None
     clock.reset()
     base = clock.allocated()
+    stats_before = offload_ops.pool_stats()
     loss, forward_end = step()
     clock.sync()
     peak, reserved = clock.peaks()
+    stats = offload_ops.pool_stats()
+    staged = {key: stats[key] - stats_before[key] for key in ("staged_copies", "staged_bytes")}
     times: list = []
     started = time.perf_counter()
     while len(times) < args.repeats or (time.perf_counter() - started < args.min_time_s
@@ -364,7 +371,70 @@ def _measure(row: str, model: Model, fn, context, inputs, clock: Clock, args) ->
         # one more step under the allocator's record: what holds the measured peak, for a plan
         # that misses it (peak_over_planned)
         result["peak_holders"] = peak_holders.record_step(step)
+    if clock.cuda and not args.no_kernel_profile:
+        result.update(profiled_step(model, fn, context, inputs))
+    if clock.cuda and args.fit_trials:
+        result.update(fit_under_cap(step, clock, peak, reserved, args.fit_trials,
+                                    lambda: [setattr(p, "grad", None) for p in model.parameters()]))
+    result.update(staged)  # activations copied into the planned layout on the device in one step
     return result
+
+
+def profiled_step(model: Model, fn, context, inputs) -> dict:
+    """One more step, its forward and its backward each under torch's profiler: device time by
+    kernel and kind (``graphopt.debug.kernel_profile``), so two rows' compiled steps compare kernel
+    by kernel (the notes put each offload row beside its plan without offload)."""
+    for p in model.parameters():
+        p.grad = None
+    losses = []
+
+    def forward():
+        with context():
+            losses.append(fn(*inputs))
+
+    forward_kernels = kernel_profile.profile_call(forward)
+    backward_kernels = kernel_profile.profile_call(lambda: losses[0].backward())
+    return {"forward_kernels": forward_kernels, "backward_kernels": backward_kernels}
+
+
+def fit_under_cap(step, clock: Clock, peak: int, reserved: int, trials: int, clear_grads) -> dict:
+    """The least memory the step runs in: steps under a cap on the caching allocator
+    (``torch.cuda.set_per_process_memory_fraction``), as a multiple of the allocated peak. Without
+    a cap the allocator keeps every segment it made (reserved / allocated reads what it cached, not
+    what the step needs); under one it frees its cached segments and retries before it fails, so the
+    least cap that runs is what fragmentation costs. The first trial is the target (1.05), each next
+    one halves the interval between the highest cap that failed (at first the allocated peak) and
+    the lowest that ran (at first the uncapped reserved peak)."""
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    ran, failed = max(reserved / peak, 1.0), 1.0
+    tried = []
+
+    def settle() -> None:
+        clear_grads()
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    for trial in range(trials):
+        factor = TARGETS["reserved_over_allocated_max"][1] if trial == 0 else (failed + ran) / 2
+        settle()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, factor * peak / total))
+        try:
+            step()
+            clock.sync()
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        tried.append([round(factor, 4), ok])
+        if ok:
+            ran = min(ran, factor)
+        else:
+            failed = max(failed, factor)
+    settle()
+    return {"fit_bytes": int(ran * peak), "fit_failed_bytes": int(failed * peak) if failed > 1.0 else None,
+            "fit_trials": tried}
 
 
 def plan_facts(base: int) -> dict:
@@ -441,6 +511,9 @@ def own_bytes(rows: list[dict]) -> None:
             r["planned_own_bytes"] = r["planned_peak_bytes"] - carried
         r["reserved_over_allocated"] = (r["reserved_own_bytes"] / r["peak_own_bytes"]
                                         if r["peak_own_bytes"] > 0 else None)
+        if r.get("fit_bytes"):
+            r["fit_own_bytes"] = r["fit_bytes"] - carried
+            r["fit_over_allocated"] = r["fit_own_bytes"] / r["peak_own_bytes"] if r["peak_own_bytes"] > 0 else None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -459,6 +532,9 @@ def summarize(rows: list[dict]) -> dict:
     Every memory figure is the row's own (``own_bytes``: without memory carried from earlier models).
     reserved_over_allocated_max  the largest reserved / allocated peak over every row with the
                               default allocator (and at 64K; with expandable segments apart)
+    fit_over_allocated_max    the same with the least memory cap the step ran under (``fit_under_cap``)
+                              in place of the uncapped reserved peak: what fragmentation costs a run
+                              whose memory is short
     model_forward_vs_measured_max_error  |modelled forward / measured forward - 1| over graphopt rows
     """
     ok = [r for r in rows if "error" not in r]
@@ -548,6 +624,9 @@ def summarize(rows: list[dict]) -> dict:
                                                    if r["seq"] == 65536),
         "reserved_over_allocated_max_expandable": largest(r.get("reserved_over_allocated") for r in ok
                                                           if r["row"].endswith(EXPANDABLE)),
+        "fit_over_allocated_max": largest(r.get("fit_over_allocated") for r in default_allocator),
+        "fit_over_allocated_max_expandable": largest(r.get("fit_over_allocated") for r in ok
+                                                     if r["row"].endswith(EXPANDABLE)),
         "model_forward_vs_measured_max_error": largest(
             abs(r["model_forward_vs_measured"] - 1) for r in ours if r.get("model_forward_vs_measured")),
         "op_sum_forward_vs_measured": sorted({round(r["op_sum_forward_vs_measured"], 3) for r in ours
@@ -581,19 +660,20 @@ def markdown(result: dict) -> str:
         lines.append(f"- {key}: {_f(s.get(key), 4)} (target {s['targets'][key]}: "
                      f"{'met' if met else 'not met' if met is False else 'not measured'})")
     for key in ("peak_over_planned_max_all_plans", "reserved_over_allocated_max_64k",
-                "reserved_over_allocated_max_expandable",
+                "reserved_over_allocated_max_expandable", "fit_over_allocated_max",
+                "fit_over_allocated_max_expandable",
                 "op_sum_forward_vs_measured", "below_torch_frontier", "above_torch_frontier"):
         lines.append(f"- {key}: {s.get(key)}")
     lines += ["", "## Rows", "",
-              "| model | S | row | step ms | fwd / bwd ms | peak GiB | reserved GiB | planned GiB | "
+              "| model | S | row | step ms | fwd / bwd ms | peak GiB | reserved GiB | fits in GiB | planned GiB | "
               "carried GiB | peak / planned | model fwd / measured | offloaded | vs inductor (step, peak) | "
               "vs torch at equal peak | vs remat at equal peak |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         if "error" in r:
             detail = f" ({r['where']})" if r.get("where") else ""
             lines.append(f"| {r['model']} | {r['seq']} | {r['row']} | {r['error']}{detail} "
-                         "| | | | | | | | | | | |")
+                         "| | | | | | | | | | | | |")
             continue
         vs_torch = _f(r.get("step_vs_torch_budget"))
         if r.get("torch_comparison") in ("bound", "flat"):
@@ -602,7 +682,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['seq']} | {r['row']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} / "
             f"{r['backward_ms']:.1f} | {_gib(r.get('peak_own_bytes', r['peak_bytes']))} | "
-            f"{_gib(r.get('reserved_own_bytes', r['reserved_bytes']))} | "
+            f"{_gib(r.get('reserved_own_bytes', r['reserved_bytes']))} | {_gib(r.get('fit_own_bytes'))} | "
             f"{_gib(r.get('planned_own_bytes', r.get('planned_peak_bytes')))} | {carried} | "
             f"{_f(r.get('peak_over_planned'))} | "
             f"{_f(r.get('model_forward_vs_measured'))} | {_f(r.get('offloaded_fraction'), 2)} | "
@@ -622,7 +702,7 @@ def command_line(argv: list[str]) -> str:
     for word in argv:
         if after_out:
             words.append("$OUT")
-        elif os.sep in word:
+        elif os.sep in word and (os.path.isabs(word) or os.path.exists(word)):  # a file, not a row
             words.append(pathlib.Path(word).name)
         else:
             words.append(word)
@@ -636,7 +716,11 @@ def notes_for(result: dict) -> list[str]:
         "peak of what the step allocates; the plan's own statement of what it counts: "
         + next((r["plan_counts"] for r in result["rows"] if r.get("plan_counts")), "-"),
         "reserved GiB: torch.cuda.max_memory_reserved over one step after torch.cuda.empty_cache(); "
-        "peak GiB: max_memory_allocated over the same step.",
+        "peak GiB: max_memory_allocated over the same step. Without a cap the caching allocator "
+        "keeps every segment it made, so reserved reads what it cached; 'fits in GiB' is the least "
+        "cap (torch.cuda.set_per_process_memory_fraction, a multiple of the allocated peak: 1.05 "
+        "first, then halving) under which one more step ran: there the allocator frees cached "
+        "segments before it fails, and what is left over the allocated peak is fragmentation.",
         "model fwd / measured: the planner's modelled forward (Inductor's kernels priced by "
         "analysis/kernel_time: measured GEMM / attention times, memory-bound kernels at the "
         "bandwidth measured on the graph's ops) over the CUDA-event time of the compiled forward "
@@ -664,9 +748,40 @@ def notes_for(result: dict) -> list[str]:
                 f"{r.get('plan_peak_at')}) is in the {holders['phase_at_peak']}, held by: " + "; ".join(
                     f"{h['bytes'] / 2**20:.0f} MiB {h['phase']} `{h['where']}`"
                     for h in holders["holders"][:6]))
+    notes += kernel_notes(result["rows"])
+    for r in result["rows"]:
+        if r.get("staged_copies"):
+            notes.append(f"{r['model']} S={r['seq']} {r['row']}: {r['staged_copies']} offloaded "
+                         f"activations ({_gib(r['staged_bytes'])} GiB) were copied on the device into "
+                         "the plan's layout each step (the compiled tensor's strides were not the "
+                         "plan's)")
     if result.get("not_run"):
         notes.append("not run (time limit; rerun with --resume): " + ", ".join(result["not_run"]))
     notes += [f"--resume {skipped}" for skipped in result.get("resume_skipped", [])]
+    return notes
+
+
+# the plan each offload row is put beside, first found in its group
+KERNEL_BASELINES = ("graphopt:1.0", "graphopt", "inductor")
+
+
+def kernel_notes(rows: list[dict]) -> list[str]:
+    """Per offload row with kernel profiles: its forward's and backward's device time by kind
+    against the same model and S without offload (graphopt:1.0, else graphopt, else inductor)."""
+    by_key = {(r["model"], r["seq"], r["row"]): r for r in rows if "error" not in r}
+    notes = []
+    for (model, seq, name), r in by_key.items():
+        if not name.startswith("offload") or not r.get("forward_kernels"):
+            continue
+        base_name = next((b for b in KERNEL_BASELINES
+                          if (by_key.get((model, seq, b)) or {}).get("forward_kernels")), None)
+        if base_name is None:
+            continue
+        base = by_key[(model, seq, base_name)]
+        for phase in ("forward", "backward"):
+            difference = kernel_profile.compare(r[f"{phase}_kernels"], base[f"{phase}_kernels"])
+            notes.append(f"{model} S={seq} {name} {phase} ({r[f'{phase}_ms']:.1f} ms) against {base_name} "
+                         f"({base[f'{phase}_ms']:.1f} ms): " + kernel_profile.format_comparison(difference))
     return notes
 
 
@@ -717,6 +832,17 @@ def plan_rows(args) -> list[tuple[str, int, str]]:
         if model in models and seq in seqs:
             ordered += [(model, seq, r) for r in rows.split(",") if (model, seq, r) not in ordered]
     return ordered
+
+
+def redo_matches(patterns: list[str], row: dict) -> bool:
+    """Whether --redo names this row: MODEL/S/ROW, each part a value or '*'."""
+    for pattern in patterns:
+        parts = pattern.split("/", 2)
+        if len(parts) != 3:
+            raise SystemExit(f"--redo {pattern!r}: expected MODEL/S/ROW, e.g. hf/16384/offload or hf/*/offload")
+        if all(want == "*" or want == str(have) for want, have in zip(parts, (row["model"], row["seq"], row["row"]))):
+            return True
+    return False
 
 
 def environment(device: str) -> dict:
@@ -809,6 +935,13 @@ def main(argv=None) -> int:
     parser.add_argument("--validate", action="store_true", help="modelled vs measured forward, one config")
     parser.add_argument("--no-peak-holders", action="store_true",
                         help="skip the extra step under the allocator's record on planned rows")
+    parser.add_argument("--no-kernel-profile", action="store_true",
+                        help="skip the profiled step (device time by kernel) of every row")
+    parser.add_argument("--fit-trials", type=int, default=4,
+                        help="steps under a memory cap to find the least the step runs in (0: none)")
+    parser.add_argument("--redo", nargs="*", default=[], metavar="MODEL/S/ROW",
+                        help="measure these rows again though --resume holds them ('*' matches any "
+                             "part: hf/*/offload)")
     parser.add_argument("--no-calibrate", action="store_true", help="plan with the default device profile")
     parser.add_argument("--smoke", action="store_true", help="tiny models on this machine's device")
     args = parser.parse_args(argv)
@@ -845,7 +978,9 @@ def main(argv=None) -> int:
             print(f"--resume {path}: {why_not}", flush=True)
             result.setdefault("resume_skipped", []).append(f"{pathlib.Path(path).name}: {why_not}")
     result["commands"] = [*commands, command_line(sys.argv[1:] if argv is None else list(argv))]
-    done = {(r["model"], r["seq"], r["row"]) for r in result["rows"]}
+    this_run = len(result["commands"])  # the command (1-based, in the results' list) that measures a row
+    # rows --redo names stay in the results until their new measurement replaces them
+    done = {(r["model"], r["seq"], r["row"]) for r in result["rows"] if not redo_matches(args.redo, r)}
     todo = [item for item in plan_rows(args) if item not in done]
 
     def alarm(_signum, _frame):
@@ -890,15 +1025,18 @@ def main(argv=None) -> int:
                 r = {"row": row, "error": f"{type(error).__name__}", "detail": str(error)[:500],
                      "where": raised_at(error)}
             last_s[(model_kind, seq)] = time.monotonic() - t0
-            r.update(model=model_kind, seq=seq, wall_s=last_s[(model_kind, seq)], carried_bytes=carried)
-            result["rows"].append(r)
+            r.update(model=model_kind, seq=seq, wall_s=last_s[(model_kind, seq)], carried_bytes=carried,
+                     run=this_run)
+            result["rows"] = [old for old in result["rows"]
+                              if (old["model"], old["seq"], old["row"]) != (model_kind, seq, row)] + [r]
             print({k: v for k, v in r.items() if k not in ("plan_refusals", "op_timing", "offload_windows",
                                                              "plan_counts", "planned_order", "step_ms_all")},
                   flush=True)
             write_result(args.out, result)
     except OutOfTime:
-        done = {(r["model"], r["seq"], r["row"]) for r in result["rows"]}
-        result["not_run"] = [f"{m} {s} {r}" for m, s, r in todo if (m, s, r) not in done]
+        measured = {(r["model"], r["seq"], r["row"]) for r in result["rows"]
+                    if not redo_matches(args.redo, r) or r.get("run") == this_run}
+        result["not_run"] = [f"{m} {s} {r}" for m, s, r in todo if (m, s, r) not in measured]
     finally:
         if hasattr(signal, "SIGALRM"):
             signal.alarm(0)

@@ -106,6 +106,7 @@ def test_a_released_model_holds_no_memory_and_plan_facts_are_plain_data():
             "in test_a_released_model_holds_no_memory_and_plan_facts_are_plain_data")
     assert bench.command_line(["--out", "/some/where", "--resume", "/x/y/plans_inductor.json"]) == \
         "python3 bench/plans_inductor.py --out $OUT --resume plans_inductor.json"
+    assert bench.command_line(["--redo", "hf/*/offload"]).endswith("--redo hf/*/offload")
 
 
 def test_the_priority_plan_asks_for_the_issues_rows_first():
@@ -121,6 +122,60 @@ def test_the_priority_plan_asks_for_the_issues_rows_first():
     for model in ("hf", "ref"):
         for seq in (8192, 16384, 65536):
             assert (model, seq, "inductor") in rows and (model, seq, "offload") in rows
+
+
+def test_the_least_cap_a_step_runs_under_is_found_by_halving(monkeypatch):
+    """A step needing 1.12x its allocated peak (fragmentation under pressure) is found between the
+    caps that failed and ran; the first trial is the target. Off a GPU the cap is a stand-in."""
+    bench = _bench()
+    total, peak, needs = 80 * 2**30, 10 * 2**30, 1.12
+    cap = {"fraction": 1.0}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": total}))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f: cap.update(fraction=f))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def step():
+        if cap["fraction"] * total < needs * peak:
+            raise torch.OutOfMemoryError("capped")
+
+    fit = bench.fit_under_cap(step, bench.Clock("cpu"), peak, int(1.3 * peak), 5, lambda: None)
+    assert fit["fit_trials"][0] == [1.05, False]
+    assert fit["fit_failed_bytes"] < needs * peak <= fit["fit_bytes"] <= 1.16 * peak
+    assert cap["fraction"] == 1.0  # the cap is lifted after the last trial
+    row = _row("hf", 65536, "offload", peak, 1000.0, reserved_bytes=int(1.3 * peak), carried_bytes=0,
+               fit_bytes=fit["fit_bytes"])
+    summary = bench.summarize([row])
+    assert summary["fit_over_allocated_max"] == pytest.approx(fit["fit_bytes"] / peak)
+    assert summary["reserved_over_allocated_max"] == pytest.approx(1.3)
+
+
+def test_offload_rows_read_beside_their_plan_without_offload_kernel_by_kind():
+    bench = _bench()
+    kernels = bench.kernel_profile.summarize_events
+    rows = [_row("hf", 16384, "inductor", 9, 250.0, forward_kernels=kernels([("nvjet", 90e3)]),
+                 backward_kernels=kernels([("nvjet", 150e3)])),
+            _row("hf", 16384, "graphopt:1.0", 9, 180.0, forward_kernels=kernels([("nvjet", 100e3)]),
+                 backward_kernels=kernels([("nvjet", 60e3)])),
+            _row("hf", 16384, "offload", 8, 210.0,
+                 forward_kernels=kernels([("nvjet", 100e3), ("direct_copy_kernel", 15e3)]),
+                 backward_kernels=kernels([("nvjet", 60e3)]), staged_copies=2, staged_bytes=2**30)]
+    notes = bench.kernel_notes(rows)
+    assert notes[0].startswith("hf S=16384 offload forward (70.0 ms) against graphopt:1.0 (60.0 ms): "
+                               "+15.00 ms of kernel time: copy_kernel +15.00 ms (+1 calls)")
+    assert "backward" in notes[1] and "no difference" in notes[1]
+    result = {"rows": rows}
+    assert any("2 offloaded activations (1.00 GiB) were copied" in n for n in bench.notes_for(result))
+
+
+def test_redo_names_rows_with_wildcards():
+    bench = _bench()
+    row = {"model": "hf", "seq": 16384, "row": "graphopt:1.0"}
+    assert bench.redo_matches(["hf/*/graphopt:1.0"], row) and bench.redo_matches(["*/16384/*"], row)
+    assert not bench.redo_matches(["ref/*/*", "hf/8192/*"], row) and not bench.redo_matches([], row)
+    with pytest.raises(SystemExit, match="expected MODEL/S/ROW"):
+        bench.redo_matches(["hf:offload"], row)
 
 
 @pytest.mark.slow
