@@ -780,8 +780,12 @@ def kernel_notes(rows: list[dict]) -> list[str]:
         base = by_key[(model, seq, base_name)]
         for phase in ("forward", "backward"):
             difference = kernel_profile.compare(r[f"{phase}_kernels"], base[f"{phase}_kernels"])
+            compute = (r[f"{phase}_kernels"].get("streams") or {}).get("compute") or {}
+            gaps = "; longest idle: " + ", ".join(
+                f"{g['ms']:.2f} ms before {g['before']}" for g in compute["gaps"][:2]) if compute.get("gaps") else ""
             notes.append(f"{model} S={seq} {name} {phase} ({r[f'{phase}_ms']:.1f} ms) against {base_name} "
-                         f"({base[f'{phase}_ms']:.1f} ms): " + kernel_profile.format_comparison(difference))
+                         f"({base[f'{phase}_ms']:.1f} ms): " + kernel_profile.format_comparison(difference)
+                         + gaps)
     return notes
 
 

@@ -4,7 +4,10 @@ Two compiled steps that should cost the same and do not (issue 23: transformers'
 ran its forward 15-18 ms slower than the same plan without offload, where graphopt's own Llama ran
 0-6 ms slower) differ in some kernels: a copy the plan did not expect, a fusion split by a new op, a
 kernel running at another shape. This runs the call once under torch's profiler and sums the device
-time of every kernel by name and by kind, so two calls read side by side (``compare``).
+time of every kernel by name and by kind, so two calls read side by side (``compare``). A step can
+also lose time with no kernel longer: the compute stream standing idle while it waits on a copy's
+event (an offload wait placed before its copy ends) or on the host; ``stream_timeline`` measures
+the busiest stream's idle time and its longest gaps, with the kernels on either side.
 
     from graphopt.debug import kernel_profile
     with_offload = kernel_profile.profile_call(lambda: compiled(*inputs))
@@ -27,7 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["KINDS", "kind_of", "profile_call", "summarize_events", "compare", "format_comparison"]
+__all__ = ["KINDS", "kind_of", "profile_call", "summarize_events", "stream_timeline", "compare",
+           "format_comparison"]
 
 KINDS: tuple[tuple[str, str], ...] = (
     ("copy_d2h", r"memcpy.*(dtoh|device ?-> ?host)"),
@@ -62,20 +66,14 @@ def profile_call(call: Callable[[], Any], top: int = 25) -> dict:
         call()
         if cuda:
             torch.cuda.synchronize()
-    return summarize_events(_events(prof, cuda), top)
-
-
-def _events(prof, cuda: bool) -> list[tuple[str, float]]:
-    """(name, device microseconds) per kernel launch on CUDA; (name, self CPU microseconds) of
-    every CPU op elsewhere."""
-    out = []
-    for event in prof.events():
-        if cuda:
-            if _is_device_event(event):
-                out.append((event.name, float(event.time_range.elapsed_us())))
-        elif event.device_type == torch.autograd.DeviceType.CPU:
-            out.append((event.name, float(event.self_cpu_time_total)))
-    return out
+    if not cuda:
+        return summarize_events([(e.name, float(e.self_cpu_time_total)) for e in prof.events()
+                                 if e.device_type == torch.autograd.DeviceType.CPU], top)
+    kernels = [(e.name, float(e.time_range.start), float(e.time_range.end), e.device_resource_id)
+               for e in prof.events() if _is_device_event(e)]
+    summary = summarize_events([(name, end - start) for name, start, end, _ in kernels], top)
+    summary["streams"] = stream_timeline(kernels)
+    return summary
 
 
 def _is_device_event(event) -> bool:
@@ -104,6 +102,41 @@ def summarize_events(events: list[tuple[str, float]], top: int = 25) -> dict:
             "kernels": kernels[:top]}
 
 
+def stream_timeline(kernels: list[tuple[str, float, float, Any]], gaps: int = 5) -> dict:
+    """Per stream, the time its kernels kept it busy; for the busiest (the compute stream) also
+    its span, the time it stood idle inside it (waiting on another stream's event, or on the host
+    launching its next kernel) and the ``gaps`` longest idle stretches, each with the kernels on
+    either side. ``kernels``: (name, start us, end us, stream)."""
+    by_stream: dict[Any, list[tuple[float, float, str]]] = {}
+    for name, start, end, stream in kernels:
+        by_stream.setdefault(stream, []).append((start, end, name))
+    busy = {}
+    for stream, spans in by_stream.items():
+        spans.sort()
+        total, reach = 0.0, float("-inf")
+        for start, end, _ in spans:
+            total += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        busy[stream] = total
+    if not busy:
+        return {"busy_ms": {}, "compute": None}
+    compute = max(busy, key=busy.get)
+    spans = by_stream[compute]
+    idle, reach, previous = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > reach:
+            idle.append((start - reach, previous, name))
+        if end >= reach:
+            reach, previous = end, name
+    span_us = reach - spans[0][0]
+    idle.sort(key=lambda gap: -gap[0])
+    return {"busy_ms": {str(stream): us / 1e3 for stream, us in busy.items()},
+            "compute": {"stream": str(compute), "span_ms": span_us / 1e3,
+                        "idle_ms": (span_us - busy[compute]) / 1e3,
+                        "gaps": [{"ms": us / 1e3, "after": before[:80], "before": after[:80]}
+                                 for us, before, after in idle[:gaps]]}}
+
+
 def compare(profile: dict, baseline: dict) -> dict:
     """Per kind, (ms, calls) of ``profile`` minus ``baseline``, largest time difference first, and
     the kernels of ``profile`` whose names the baseline's top list does not hold."""
@@ -114,7 +147,9 @@ def compare(profile: dict, baseline: dict) -> dict:
                     - baseline["by_kind"].get(kind, zero)["calls"]}
              for kind in kinds}
     known = {k["name"] for k in baseline["kernels"]}
+    idle = [(p.get("streams") or {}).get("compute") for p in (profile, baseline)]
     return {"total_ms": profile["total_ms"] - baseline["total_ms"],
+            "compute_idle_ms": idle[0]["idle_ms"] - idle[1]["idle_ms"] if all(idle) else None,
             "by_kind": dict(sorted(delta.items(), key=lambda item: -abs(item[1]["ms"]))),
             "new_kernels": [k for k in profile["kernels"] if k["name"] not in known]}
 
@@ -123,4 +158,6 @@ def format_comparison(difference: dict, limit: int = 6) -> str:
     """One line: the total difference, then each kind's, largest first."""
     parts = [f"{kind} {d['ms']:+.2f} ms ({d['calls']:+d} calls)"
              for kind, d in list(difference["by_kind"].items())[:limit] if d["ms"] or d["calls"]]
-    return f"{difference['total_ms']:+.2f} ms of kernel time: " + (", ".join(parts) or "no difference")
+    idle = difference.get("compute_idle_ms")
+    return (f"{difference['total_ms']:+.2f} ms of kernel time: " + (", ".join(parts) or "no difference")
+            + ("" if idle is None else f"; the compute stream idle {idle:+.2f} ms"))

@@ -46,3 +46,22 @@ def test_a_call_profiles_on_this_machine():
     profile = kernel_profile.profile_call(lambda: (a @ a).clone())
     assert profile["by_kind"]["gemm"]["calls"] >= 1 and profile["by_kind"]["copy_kernel"]["calls"] >= 1
     assert profile["total_ms"] > 0
+
+
+def test_the_compute_stream_idle_time_and_its_gaps_name_their_neighbours():
+    kernels = [("gemm_a", 0.0, 100.0, 7), ("triton_b", 100.0, 150.0, 7),
+               ("Memcpy DtoH (Device -> Pinned)", 90.0, 400.0, 13),   # the side stream's copy
+               ("triton_c", 410.0, 500.0, 7),                          # waited for the copy
+               ("triton_d", 505.0, 600.0, 7), ("triton_e", 550.0, 580.0, 7)]  # overlaps d
+    timeline = kernel_profile.stream_timeline(kernels, gaps=2)
+    assert timeline["busy_ms"] == {"7": 0.335, "13": 0.31}
+    compute = timeline["compute"]
+    assert compute["stream"] == "7" and compute["span_ms"] == 0.6
+    assert abs(compute["idle_ms"] - 0.265) < 1e-9
+    assert compute["gaps"][0] == {"ms": 0.26, "after": "triton_b", "before": "triton_c"}
+    assert compute["gaps"][1] == {"ms": 0.005, "after": "triton_c", "before": "triton_d"}
+    slow = {"total_ms": 1.0, "by_kind": {}, "kernels": [], "streams": timeline}
+    fast = {"total_ms": 1.0, "by_kind": {}, "kernels": [],
+            "streams": kernel_profile.stream_timeline([("gemm_a", 0.0, 100.0, 7)])}
+    assert "the compute stream idle +0.27 ms" in kernel_profile.format_comparison(
+        kernel_profile.compare(slow, fast))
