@@ -513,7 +513,8 @@ def own_bytes(rows: list[dict]) -> None:
                                         if r["peak_own_bytes"] > 0 else None)
         if r.get("fit_bytes"):
             r["fit_own_bytes"] = r["fit_bytes"] - carried
-            r["fit_over_allocated"] = r["fit_own_bytes"] / r["peak_own_bytes"] if r["peak_own_bytes"] > 0 else None
+            r["fit_over_allocated"] = (r["fit_own_bytes"] / r["peak_own_bytes"]
+                                       if r["peak_own_bytes"] > 0 else None)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -781,8 +782,9 @@ def kernel_notes(rows: list[dict]) -> list[str]:
         for phase in ("forward", "backward"):
             difference = kernel_profile.compare(r[f"{phase}_kernels"], base[f"{phase}_kernels"])
             compute = (r[f"{phase}_kernels"].get("streams") or {}).get("compute") or {}
-            gaps = "; longest idle: " + ", ".join(
-                f"{g['ms']:.2f} ms before {g['before']}" for g in compute["gaps"][:2]) if compute.get("gaps") else ""
+            gaps = ("; longest idle: " + ", ".join(f"{g['ms']:.2f} ms before {g['before']}"
+                                                   for g in compute["gaps"][:2])
+                    if compute.get("gaps") else "")
             notes.append(f"{model} S={seq} {name} {phase} ({r[f'{phase}_ms']:.1f} ms) against {base_name} "
                          f"({base[f'{phase}_ms']:.1f} ms): " + kernel_profile.format_comparison(difference)
                          + gaps)
@@ -843,8 +845,10 @@ def redo_matches(patterns: list[str], row: dict) -> bool:
     for pattern in patterns:
         parts = pattern.split("/", 2)
         if len(parts) != 3:
-            raise SystemExit(f"--redo {pattern!r}: expected MODEL/S/ROW, e.g. hf/16384/offload or hf/*/offload")
-        if all(want == "*" or want == str(have) for want, have in zip(parts, (row["model"], row["seq"], row["row"]))):
+            raise SystemExit(f"--redo {pattern!r}: expected MODEL/S/ROW, e.g. hf/16384/offload or "
+                             "hf/*/offload")
+        have = (row["model"], row["seq"], row["row"])
+        if all(want == "*" or want == str(value) for want, value in zip(parts, have)):
             return True
     return False
 

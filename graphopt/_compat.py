@@ -297,6 +297,11 @@ def fake_process_group(rank: int, world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
+def version_counter(tensor) -> int:
+    """How many times ``tensor``'s memory was written in place (autograd's version counter)."""
+    return tensor._version
+
+
 def mark_side_effectful(op) -> None:
     """Keep FX dead-code elimination from dropping ``op`` (an OpOverload) even if its output is unused."""
     from torch.fx import node as fx_node

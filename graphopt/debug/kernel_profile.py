@@ -142,9 +142,9 @@ def compare(profile: dict, baseline: dict) -> dict:
     the kernels of ``profile`` whose names the baseline's top list does not hold."""
     kinds = sorted(set(profile["by_kind"]) | set(baseline["by_kind"]))
     zero = {"ms": 0.0, "calls": 0}
-    delta = {kind: {"ms": profile["by_kind"].get(kind, zero)["ms"] - baseline["by_kind"].get(kind, zero)["ms"],
-                    "calls": profile["by_kind"].get(kind, zero)["calls"]
-                    - baseline["by_kind"].get(kind, zero)["calls"]}
+    ours, theirs = profile["by_kind"], baseline["by_kind"]
+    delta = {kind: {"ms": ours.get(kind, zero)["ms"] - theirs.get(kind, zero)["ms"],
+                    "calls": ours.get(kind, zero)["calls"] - theirs.get(kind, zero)["calls"]}
              for kind in kinds}
     known = {k["name"] for k in baseline["kernels"]}
     idle = [(p.get("streams") or {}).get("compute") for p in (profile, baseline)]

@@ -40,21 +40,30 @@ logged once and falls back to Triton.
 ``graphopt::flash_attention(q, k, v, scale, causal, window, positions, kernel) -> (out, lse)`` is
 the differentiable custom op (``positions``: position ids [1 or B, S] whose restarts delimit packed
 documents); its backward uses the saved out and lse and never re-runs the forward. On CUDA with
-``kernel="auto"``, positions that hold a single document per row (checked on every call: one
-device-to-host read) run torch's cuDNN kernels as plain causal attention.
+``kernel="auto"``, positions that hold a single document per row run torch's cuDNN kernels as plain
+causal attention. Which they hold is read on the host once per positions tensor (while it lives
+unwritten; ``has_documents``), and ahead of the attention where the graph passes the positions
+through ``graphopt::checked_positions`` first: that op (the mask pass puts it where the positions
+enter the graph) copies the answer to pinned memory at once, so the attention waits for that small
+copy only. A blocking read in the middle of the step would wait on the host for the compute stream
+and, behind it, for the device-to-host copies in flight (an offloaded activation is hundreds of
+MiB), and it ran twice per layer and step.
 ``graphopt::attention_block_forward`` / ``graphopt::attention_block_backward`` are the traceable
 (functional, offset-taking) forms of the two block functions, for graphs that schedule blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from graphopt import _compat
 from graphopt.kernels import launch_counts, unit_last_stride
 
 __all__ = [
@@ -67,6 +76,7 @@ __all__ = [
     "reference_attention",
     "cudnn_eligible",
     "document_bounds",
+    "has_documents",
     "uses_cudnn",
 ]
 
@@ -190,6 +200,82 @@ def document_bounds(positions: Tensor) -> tuple[Tensor, Tensor]:
     ends_after[:, :-1] = starts_here[:, 1:]
     col_stop = torch.where(ends_after, index + 1, length).flip(1).cummin(dim=1).values.flip(1)
     return row_start.to(torch.int32), col_stop.to(torch.int32)
+
+
+# --- whether positions hold packed documents, read once per tensor ---------------------------------
+
+@dataclasses.dataclass(eq=False)
+class _DocumentsCheck:
+    """What is known of one positions tensor while it lives and is not written: whether some row
+    holds more than one document, or, until that is read, the pinned flag a device copy is writing
+    and the event after the copy."""
+    tensor: weakref.ref
+    version: int
+    documents: Optional[bool] = None
+    flag: Optional[Tensor] = None
+    copied: object = None
+
+
+_DOCUMENT_CHECKS: dict[int, _DocumentsCheck] = {}  # id of the positions tensor -> its check
+
+
+def _packed(positions: Tensor) -> Tensor:
+    """[1] bool on positions' device: some row holds more than one document (a position that is not
+    the previous one plus one, ``document_bounds``' rule)."""
+    rows = positions.reshape(-1, positions.shape[-1])
+    return (rows[:, 1:] - rows[:, :-1] != 1).any().reshape(1)
+
+
+def _remember(positions: Tensor, **known) -> _DocumentsCheck:
+    key = id(positions)
+
+    def forget(ref, key=key) -> None:
+        entry = _DOCUMENT_CHECKS.get(key)
+        if entry is not None and entry.tensor is ref:
+            del _DOCUMENT_CHECKS[key]
+
+    entry = _DOCUMENT_CHECKS[key] = _DocumentsCheck(weakref.ref(positions, forget),
+                                                    _compat.version_counter(positions), **known)
+    return entry
+
+
+def has_documents(positions: Tensor) -> bool:
+    """Whether some row of ``positions`` holds more than one document. Read on the host once per
+    tensor (and again after it is written): from the pinned flag ``graphopt::checked_positions``
+    started copying (waiting for that copy only), else with one blocking read, remembered."""
+    entry = _DOCUMENT_CHECKS.get(id(positions))
+    if (entry is None or entry.tensor() is not positions
+            or entry.version != _compat.version_counter(positions)):
+        launch_counts["positions_read_blocking"] += 1
+        return _remember(positions, documents=bool(_packed(positions).item())).documents
+    if entry.documents is None:
+        entry.copied.synchronize()
+        entry.documents = bool(entry.flag.item())
+        entry.flag = entry.copied = None
+        launch_counts["positions_read_ahead"] += 1
+    return entry.documents
+
+
+@torch.library.custom_op("graphopt::checked_positions", mutates_args=())
+def _checked_positions_op(positions: Tensor) -> Tensor:
+    """A copy of ``positions`` whose documents check has started: on CUDA the answer is copied to
+    pinned host memory now, behind nothing but the work queued so far, and ``has_documents`` of the
+    copy waits for that copy only."""
+    checked = positions.clone()
+    if checked.is_cuda:
+        flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        flag.copy_(_packed(checked), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        _remember(checked, flag=flag, copied=copied)
+    else:
+        _remember(checked, documents=bool(_packed(checked).item()))
+    return checked
+
+
+@_checked_positions_op.register_fake
+def _(positions):
+    return torch.empty_like(positions)
 
 
 # --- torch's cuDNN attention kernels on one block ------------------------------------------------
@@ -611,10 +697,9 @@ def _row_bounds(q: Tensor, positions: Optional[Tensor],
     if positions is None:
         return None, None
     _check_positions(q, positions)
-    row_start, col_stop = document_bounds(positions)
-    if cudnn_eligible(q, q, kernel) and not bool((row_start != 0).any()):
+    if cudnn_eligible(q, q, kernel) and not has_documents(positions):
         return None, None
-    return row_start, col_stop
+    return document_bounds(positions)
 
 
 def _check_positions(q: Tensor, positions: Tensor) -> None:

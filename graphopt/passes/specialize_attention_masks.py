@@ -16,9 +16,18 @@ the causal kernel. Where ``graphopt.analysis.attention_masks`` proves what the m
 
 k0, v0: the key/value heads before a grouped-query repeat (graphopt's kernels read them in place).
 ``graphopt.flash_attention`` runs graphopt's Triton kernels on CUDA, which skip the key blocks the
-window or the documents hide, and a float32 reference on CPU; with documents it checks on every
-call whether each row holds a single document, and then runs torch's cuDNN kernels as plain causal
-attention.
+window or the documents hide, and a float32 reference on CPU; with documents, where each row holds
+a single document it runs torch's cuDNN kernels as plain causal attention. Which it is, the host
+learns once per step, ahead of the attention: with ``attention_kernel="auto"`` the positions pass
+through ``p1 = graphopt.checked_positions(p)``, inserted where ``p`` enters the graph (after the
+last placeholder, or after the node computing it), which starts the check and its copy to the host
+before any other copy is queued (offloaded activations are hundreds of MiB), so no attention waits
+on the host for the stream::
+
+    p = placeholder / op                           p = placeholder / op
+                                                   p1 = graphopt.checked_positions(p)
+    ...                                            ...
+    r = graphopt.flash_attention(..., p, ...)      r = graphopt.flash_attention(..., p1, ...)
 
 Safe because the replacement computes the same function (the mask's proof is exact; an additive
 mask's masked value v <= -65504 gives weight exp(v + s - max) = 0 in float32, see the analysis),
@@ -33,13 +42,14 @@ mask on CUDA the Triton kernels do not take (head dim > 128, a dtype other than 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt.analysis.attention_masks import MaskAnalysis, MaskStructure, Unproven
+from graphopt.analysis.attention_masks import Documents, MaskAnalysis, MaskStructure, Unproven
 from graphopt.analysis.attention_sites import SDPA, AttentionSite, find_attention
 from graphopt.analysis.torch_ir import fake_value
 from graphopt.passes.graph_edits import (erase_dead, fake_args, fake_mode_of, insert_call,
@@ -89,8 +99,26 @@ def _sdpa_for_decomposed(gm: fx.GraphModule, site: AttentionSite, causal: bool) 
         return output_of(gm.graph, call, fake_value(anchor), keys, anchor, index=None)
 
 
+def _checked(gm: fx.GraphModule, documents: Documents, checked: dict[fx.Node, fx.Node]) -> Documents:
+    """``documents`` with its positions passed through ``graphopt::checked_positions``, inserted
+    once per positions node, where the positions enter the graph."""
+    source = documents.positions
+    if source not in checked:
+        op = torch.ops.graphopt.checked_positions.default
+        after = source
+        if source.op == "placeholder":
+            after = list(gm.graph.find_nodes(op="placeholder"))[-1]
+
+        def fake():
+            with fake_mode_of(source):
+                return op(fake_value(source))
+        with gm.graph.inserting_after(after):
+            checked[source] = insert_call(gm.graph, op, (source,), None, fake, meta_keys(source), source)
+    return dataclasses.replace(documents, positions=checked[source])
+
+
 def _flash_attention(gm: fx.GraphModule, site: AttentionSite, structure: MaskStructure,
-                     kernel: str) -> fx.Node:
+                     kernel: str, checked: dict[fx.Node, fx.Node]) -> fx.Node:
     _no_dropout(site, "graphopt's masked kernels")
     if not isinstance(site.scale, float):
         raise _Leave(f"its scale {site.scale.name} is computed in the graph; graphopt's masked "
@@ -104,8 +132,11 @@ def _flash_attention(gm: fx.GraphModule, site: AttentionSite, structure: MaskStr
     anchor = site.anchor
     keys = meta_keys(anchor)
     op = torch.ops.graphopt.flash_attention.default
+    documents = structure.documents
+    if documents is not None and kernel == "auto":  # where cuDNN may run on a single document
+        documents = _checked(gm, documents, checked)
     with gm.graph.inserting_before(anchor):
-        positions = positions_arg(gm.graph, structure.documents, keys, anchor)
+        positions = positions_arg(gm.graph, documents, keys, anchor)
         args = (site.q, site.k_heads, site.v_heads, site.scale, True, structure.window or 0,
                 positions, kernel)
 
@@ -117,7 +148,7 @@ def _flash_attention(gm: fx.GraphModule, site: AttentionSite, structure: MaskStr
 
 
 def _specialize(gm: fx.GraphModule, site: AttentionSite, structure: MaskStructure,
-                kernel: str) -> str:
+                kernel: str, checked: dict[fx.Node, fx.Node]) -> str:
     """Rewrites ``site``; returns what it became."""
     anchor = site.anchor
     old_mask = site.mask.node if site.mask is not None else None
@@ -129,7 +160,7 @@ def _specialize(gm: fx.GraphModule, site: AttentionSite, structure: MaskStructur
         out = _sdpa_for_decomposed(gm, site, structure.causal)
         became = "sdpa is_causal" if structure.causal else "sdpa without mask"
     else:
-        out = _flash_attention(gm, site, structure, kernel)
+        out = _flash_attention(gm, site, structure, kernel, checked)
         became = f"graphopt.flash_attention ({structure.kind})"
     anchor.replace_all_uses_with(out)
     erase_dead([anchor] + list(reversed(topological(gm.graph, site.internal))))
@@ -145,6 +176,7 @@ def specialize_attention_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResu
         sites, unread = find_attention(module.graph)
         refusals += [f"{r.describe()}" for r in unread]
         analysis = MaskAnalysis(module.graph)
+        checked: dict[fx.Node, fx.Node] = {}  # positions -> graphopt.checked_positions of them
         changed = False
         for site in sites:
             if site.mask is None:
@@ -153,7 +185,7 @@ def specialize_attention_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResu
                 structure = site.mask_structure(analysis)
                 if site.probabilities_used_outside() is not None:
                     raise _Leave("its attention probabilities are used outside it")
-                kind = _specialize(module, site, structure, ctx.config.attention_kernel)
+                kind = _specialize(module, site, structure, ctx.config.attention_kernel, checked)
             except Unproven as unproven:
                 refusals.append(f"{site.describe()}: mask not proven: {unproven}")
                 continue

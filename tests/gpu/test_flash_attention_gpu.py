@@ -229,3 +229,23 @@ def test_kernel_variants_match_float64(forward, backward, dtype):
             q_offset=q_offset, k_offset=k_offset, variant=backward, dq_acc=dq_acc, **masks)
         assert dq is dq_acc
         torch.testing.assert_close(dq.double() - 1.0, grads_ref[0], **bwd_tol)
+
+
+def test_checked_positions_are_read_ahead_and_pick_the_kernel():
+    """graphopt::checked_positions copies its documents check to pinned memory at once: the
+    attention and its backward read that copy (no blocking read of the positions); one document
+    per row runs cuDNN's causal kernels, packed documents graphopt's Triton kernels."""
+    from graphopt.kernels import launch_counts
+    from graphopt.ops.attention import flash_attention
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 4, 2, 256, 256, 64, torch.bfloat16))
+    single = torch.arange(256, device="cuda")[None]
+    packed = torch.cat([torch.arange(100), torch.arange(156)])[None].cuda()
+    for positions, kernel in ((single, "cudnn_forward"), (packed, "triton_forward")):
+        checked = torch.ops.graphopt.checked_positions(positions)
+        before = dict(launch_counts)
+        out, _ = flash_attention(q, k, v, causal=True, positions=checked)
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()
+        counts = {key: launch_counts[key] - before.get(key, 0) for key in launch_counts}
+        assert counts.get("positions_read_blocking", 0) == 0 and counts["positions_read_ahead"] == 1
+        assert any(key.startswith(kernel) and n > 0 for key, n in counts.items()), counts

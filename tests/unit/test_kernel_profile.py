@@ -38,7 +38,8 @@ def test_events_sum_by_name_and_kind_and_two_calls_compare():
     assert difference["by_kind"]["copy_d2d"] == {"ms": 0.4, "calls": 1}
     assert difference["by_kind"]["triton"]["calls"] == 1
     assert [k["name"] for k in difference["new_kernels"]] == ["Memcpy DtoD (Device -> Device)"]
-    assert kernel_profile.format_comparison(difference).startswith("+0.40 ms of kernel time: copy_d2d +0.40 ms")
+    assert kernel_profile.format_comparison(difference).startswith(
+        "+0.40 ms of kernel time: copy_d2d +0.40 ms")
 
 
 def test_a_call_profiles_on_this_machine():

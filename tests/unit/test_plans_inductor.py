@@ -130,7 +130,8 @@ def test_the_least_cap_a_step_runs_under_is_found_by_halving(monkeypatch):
     bench = _bench()
     total, peak, needs = 80 * 2**30, 10 * 2**30, 1.12
     cap = {"fraction": 1.0}
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": total}))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Properties", (), {"total_memory": total}))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f: cap.update(fraction=f))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)

@@ -109,15 +109,23 @@ def test_the_pass_can_be_switched_off():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True])
-def test_transformers_llama_through_inductor(packed):
+def test_transformers_llama_through_inductor(packed, monkeypatch):
     """The specialised graph through the default codegen: same logits and gradients as eager.
     Packed documents go through graphopt::flash_attention, whose lowering is Inductor's fallback
-    kernel (an argument named ``kernel`` in the op's schema once broke it there)."""
+    kernel (an argument named ``kernel`` in the op's schema once broke it there); the positions'
+    documents check reaches every attention, forward and backward, as the same tensor, so none
+    reads them again (cuDNN made to look eligible on CPU, so the check is read)."""
+    from graphopt.kernels import launch_counts
+    from graphopt.ops import attention as attention_ops
+    monkeypatch.setattr(attention_ops, "cudnn_eligible",
+                        lambda q, k, kernel="auto", masked=False: kernel == "auto")
     model = tiny_model("llama", "sdpa")
     tokens = torch.randint(0, 64, (2, S))
     kwargs = dict(position_ids=PACKED.expand(2, -1)) if packed else {}
     expected = run(model, tokens, **kwargs)
+    blocking = launch_counts["positions_read_blocking"]
     logits, grads = run(torch.compile(model, backend="graphopt"), tokens, **kwargs)
+    assert launch_counts["positions_read_blocking"] == blocking
     torch.testing.assert_close(logits, expected[0], atol=1e-4, rtol=1e-4)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[1][name], atol=1e-4, rtol=1e-4)
@@ -126,3 +134,37 @@ def test_transformers_llama_through_inductor(packed):
     if packed and not ISOLATES_DOCUMENTS:
         became = "sdpa is_causal"
     assert entry["stats"]["became"] == {became: 2}
+
+
+def test_positions_are_read_on_the_host_once_per_tensor_ahead_of_the_attention(monkeypatch):
+    """Position ids passed in (one document per row, as a benchmark passes arange; or packed) go
+    through one graphopt.checked_positions where they enter the graph; every attention of the step,
+    forward and backward, reads that check (no blocking read), where cuDNN may run. On one H100
+    with offload, the blocking read twice per layer and step waited behind the offload copies
+    (transformers' Llama forwards 15-18 ms slower at 16K). cuDNN is made to look eligible on CPU, so
+    the check is read; the attention then runs the float32 reference either way. (Through
+    Inductor: test_transformers_llama_through_inductor.)"""
+    from graphopt.kernels import launch_counts
+    from graphopt.ops import attention as attention_ops
+    monkeypatch.setattr(attention_ops, "cudnn_eligible",
+                        lambda q, k, kernel="auto", masked=False: kernel == "auto")
+    if not ISOLATES_DOCUMENTS:
+        pytest.skip("transformers < 4.53 builds no document mask from position ids")
+    for positions in (torch.arange(S).unsqueeze(0), PACKED):
+        torch._dynamo.reset()
+        model = tiny_model("llama", "sdpa")
+        tokens = torch.randint(0, 64, (2, S))
+        kwargs = dict(position_ids=positions.expand(2, -1))
+        expected = run(model, tokens, **kwargs)
+        blocking = launch_counts["positions_read_blocking"]
+        compiled = torch.compile(model, backend=graphopt.backend(codegen="eager"))
+        for _ in range(2):
+            logits, grads = run(compiled, tokens, **kwargs)
+        assert launch_counts["positions_read_blocking"] == blocking
+        torch.testing.assert_close(logits, expected[0], atol=1e-4, rtol=1e-4)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[1][name], atol=1e-4, rtol=1e-4)
+        entry = pass_entries()[-1]
+        assert entry["stats"]["became"] == {"graphopt.flash_attention (causal + documents)": 2}
+        checks = [n for n in entry["added_nodes"] if n.startswith("checked_positions")]
+        assert checks == ["checked_positions_default"]
