@@ -266,7 +266,7 @@ def _checked_positions_op(positions: Tensor) -> Tensor:
         flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
         flag.copy_(_packed(checked), non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(checked.device))
         _remember(checked, flag=flag, copied=copied)
     else:
         _remember(checked, documents=bool(_packed(checked).item()))
