@@ -371,13 +371,25 @@ def _measure(row: str, model: Model, fn, context, inputs, clock: Clock, args) ->
         # one more step under the allocator's record: what holds the measured peak, for a plan
         # that misses it (peak_over_planned)
         result["peak_holders"] = peak_holders.record_step(step)
+    # diagnostics: one that fails is recorded in the row, which keeps its measurements
     if clock.cuda and not args.no_kernel_profile:
-        result.update(profiled_step(model, fn, context, inputs))
+        result.update(_diagnostic("kernel_profile", lambda: profiled_step(model, fn, context, inputs)))
     if clock.cuda and args.fit_trials:
-        result.update(fit_under_cap(step, clock, peak, reserved, args.fit_trials,
-                                    lambda: [setattr(p, "grad", None) for p in model.parameters()]))
+        result.update(_diagnostic("fit", lambda: fit_under_cap(
+            step, clock, peak, reserved, args.fit_trials,
+            lambda: [setattr(p, "grad", None) for p in model.parameters()])))
     result.update(staged)  # activations copied into the planned layout on the device in one step
     return result
+
+
+def _diagnostic(name: str, run) -> dict:
+    """``run()``'s fields, or ``{name + "_error": what was raised and where}``."""
+    try:
+        return run()
+    except OutOfTime:
+        raise
+    except Exception as error:  # noqa: BLE001 -- a diagnostic never costs the row
+        return {f"{name}_error": f"{type(error).__name__}: {str(error)[:200]} ({raised_at(error)})"}
 
 
 def profiled_step(model: Model, fn, context, inputs) -> dict:
@@ -751,6 +763,9 @@ def notes_for(result: dict) -> list[str]:
                     for h in holders["holders"][:6]))
     notes += kernel_notes(result["rows"])
     for r in result["rows"]:
+        for name in ("kernel_profile", "fit"):
+            if r.get(f"{name}_error"):
+                notes.append(f"{r['model']} S={r['seq']} {r['row']}: the {name} step failed: {r[f'{name}_error']}")
         if r.get("staged_copies"):
             notes.append(f"{r['model']} S={r['seq']} {r['row']}: {r['staged_copies']} offloaded "
                          f"activations ({_gib(r['staged_bytes'])} GiB) were copied on the device into "

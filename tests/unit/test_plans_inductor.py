@@ -172,6 +172,9 @@ def test_offload_rows_read_beside_their_plan_without_offload_kernel_by_kind():
 
 def test_redo_names_rows_with_wildcards():
     bench = _bench()
+    failed = bench._diagnostic("fit", lambda: 1 / 0)
+    assert failed["fit_error"].startswith("ZeroDivisionError: division by zero (")
+    assert bench._diagnostic("fit", lambda: {"fit_bytes": 1}) == {"fit_bytes": 1}
     row = {"model": "hf", "seq": 16384, "row": "graphopt:1.0"}
     assert bench.redo_matches(["hf/*/graphopt:1.0"], row) and bench.redo_matches(["*/16384/*"], row)
     assert not bench.redo_matches(["ref/*/*", "hf/8192/*"], row) and not bench.redo_matches([], row)
