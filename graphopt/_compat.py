@@ -297,9 +297,10 @@ def fake_process_group(rank: int, world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
-def version_counter(tensor) -> int:
-    """How many times ``tensor``'s memory was written in place (autograd's version counter)."""
-    return tensor._version
+def version_counter(tensor) -> int | None:
+    """How many times ``tensor``'s memory was written in place (autograd's version counter); None
+    for an inference tensor, which keeps none."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def mark_side_effectful(op) -> None:

@@ -242,12 +242,17 @@ def _remember(positions: Tensor, **known) -> _DocumentsCheck:
 def has_documents(positions: Tensor) -> bool:
     """Whether some row of ``positions`` holds more than one document. Read on the host once per
     tensor (and again after it is written): from the pinned flag ``graphopt::checked_positions``
-    started copying (waiting for that copy only), else with one blocking read, remembered."""
+    started copying (waiting for that copy only), else with one blocking read, remembered (not for
+    an inference tensor, whose writes are not counted). The copy the op returns is nobody else's,
+    so its check stands while it lives."""
     entry = _DOCUMENT_CHECKS.get(id(positions))
-    if (entry is None or entry.tensor() is not positions
-            or entry.version != _compat.version_counter(positions)):
+    version = _compat.version_counter(positions)
+    if entry is None or entry.tensor() is not positions or entry.version != version:
         launch_counts["positions_read_blocking"] += 1
-        return _remember(positions, documents=bool(_packed(positions).item())).documents
+        documents = bool(_packed(positions).item())
+        if version is not None:  # an inference tensor keeps no count of its writes: read it each time
+            _remember(positions, documents=documents)
+        return documents
     if entry.documents is None:
         entry.copied.synchronize()
         entry.documents = bool(entry.flag.item())

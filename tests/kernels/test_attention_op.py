@@ -222,3 +222,34 @@ def test_block_ops_pass_opcheck():
     for delta in (None, attention_delta(out, dout)):
         torch.library.opcheck(torch.ops.graphopt.attention_block_backward,
                               (q, k, v, out, lse, dout, delta, 0.5, True, 3, 0))
+
+
+def test_documents_are_read_once_per_positions_tensor_until_it_is_written():
+    """has_documents reads a positions tensor on the host once, again after an in-place write,
+    never for the copy graphopt::checked_positions made (its check started with the copy), and
+    each time for an inference tensor (no count of its writes to trust); a dead tensor's entry
+    goes with it."""
+    from graphopt.kernels import launch_counts
+    from graphopt.ops import attention as attention_ops
+
+    def reads(call):
+        before = launch_counts["positions_read_blocking"]
+        result = call()
+        return result, launch_counts["positions_read_blocking"] - before
+
+    single = torch.arange(16).unsqueeze(0)
+    assert reads(lambda: attention_ops.has_documents(single)) == (False, 1)
+    assert reads(lambda: attention_ops.has_documents(single)) == (False, 0)
+    single[0, 8:] -= 8  # now two documents
+    assert reads(lambda: attention_ops.has_documents(single)) == (True, 1)
+    checked = torch.ops.graphopt.checked_positions(single)
+    assert torch.equal(checked, single) and checked.data_ptr() != single.data_ptr()
+    assert reads(lambda: attention_ops.has_documents(checked)) == (True, 0)
+    with torch.inference_mode():
+        frozen = torch.arange(16).unsqueeze(0)
+        assert reads(lambda: attention_ops.has_documents(frozen)) == (False, 1)
+        assert reads(lambda: attention_ops.has_documents(frozen)) == (False, 1)
+    entries = len(attention_ops._DOCUMENT_CHECKS)
+    del single, checked
+    assert len(attention_ops._DOCUMENT_CHECKS) == entries - 2
+    torch.library.opcheck(torch.ops.graphopt.checked_positions.default, (torch.arange(8)[None],))
