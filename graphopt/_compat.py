@@ -297,6 +297,12 @@ def fake_process_group(rank: int, world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
+def graph_break_counts() -> dict[str, int]:
+    """Dynamo's graph breaks so far in this process: {reason: times} (``torch._dynamo.utils.counters``)."""
+    from torch._dynamo import utils as dynamo_utils
+    return dict(dynamo_utils.counters.get("graph_break", {}))
+
+
 def version_counter(tensor) -> int | None:
     """How many times ``tensor``'s memory was written in place (autograd's version counter); None
     for an inference tensor, which keeps none."""

@@ -1,5 +1,6 @@
-"""The memory-budget warnings of a compile, kept beside Inductor's caches, so that a compile served
-from those caches warns as the first one did.
+"""What a compile tells the user beyond its dump: the memory-budget warnings of a compile, kept
+beside Inductor's caches, so that a compile served from those caches warns as the first one did;
+and the graph breaks that leave part of a model outside a memory plan (``warn_graph_breaks``).
 
 On an AOTAutograd cache hit, Inductor hands back the compiled forward and backward without calling
 graphopt's partitioner or its forward and backward stages: the planner that found the budget out of
@@ -20,11 +21,12 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 
 import torch
 
 from graphopt import _compat
-from graphopt.passes.plans import warn_budget_not_met
+from graphopt.passes.plans import user_stacklevel, warn_budget_not_met
 
 log = logging.getLogger("graphopt.backend")
 
@@ -70,3 +72,48 @@ def replay(key: str, graph_id: str) -> int:
         warn_budget_not_met(None, graph_id, f"{reason} (planned when Inductor's cache entry for this "
                                             "graph was made; this compile was served from it)")
     return len(reasons)
+
+
+# --- graph breaks that leave code outside the memory plan ----------------------------------------------
+
+class GraphBreakWarning(UserWarning):
+    """memory_budget / offload_activations plan each compiled graph alone, and Dynamo split the model:
+    the code between its graphs runs eager, outside every graphopt pass, and its memory is neither
+    planned nor counted. The message names the break, and the fix where the reason names
+    ``torch.utils.checkpoint`` (transformers' gradient checkpointing under torch.compile breaks so:
+    "HOP: Unsafe side effect", and every decoder layer then runs eager)."""
+
+
+_BREAKS_SEEN: dict[str, int] = {}   # graph-break reason -> count when graphopt last looked
+_BREAKS_WARNED: set[str] = set()
+
+
+def warn_graph_breaks(memory_planned: bool, graph_id: str) -> list[str]:
+    """Warn once per process for each graph-break reason Dynamo recorded since graphopt's previous
+    compile, where this compile plans memory; returns the reasons warned. Dynamo compiles the
+    graph before a break when it reaches the break, so a model's breaks come with its compiles."""
+    counts = _compat.graph_break_counts()
+    new = [reason for reason, count in counts.items() if count != _BREAKS_SEEN.get(reason)]
+    _BREAKS_SEEN.clear()
+    _BREAKS_SEEN.update(counts)
+    warned = []
+    for reason in new:
+        if not memory_planned or reason in _BREAKS_WARNED:
+            continue
+        _BREAKS_WARNED.add(reason)
+        first = next((line.strip() for line in reason.splitlines() if line.strip()), reason)
+        message = (f"[{graph_id}] memory_budget / offload_activations plan each compiled graph "
+                   f"alone, and Dynamo split the code it compiles here ({first}): the code between "
+                   "the graphs runs eager, outside the plan, and its activations are neither planned "
+                   "nor counted. ")
+        if "torch.utils.checkpoint" in reason:
+            message += ("The reason names torch.utils.checkpoint: where a checkpointed region is what "
+                        "Dynamo could not trace, its layers run eager; switch the model's own "
+                        "checkpointing off (transformers: model.gradient_checkpointing_disable(); "
+                        "Trainer: gradient_checkpointing=False) and let memory_budget choose what "
+                        "to recompute.")
+        else:
+            message += "TORCH_LOGS=graph_breaks shows where it is; without it the plan covers the whole step."
+        warnings.warn(message, GraphBreakWarning, stacklevel=user_stacklevel())
+        warned.append(first)
+    return warned

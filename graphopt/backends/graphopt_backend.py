@@ -58,6 +58,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], **overrides
     log.info("[%s] compiling %d nodes, codegen %s, passes on: %s", graph_id, len(gm.graph.nodes),
              cfg.codegen, ", ".join(p.name for stage in PIPELINE.values() for p in stage
                                     if p.enabled(cfg)) or "none")
+    breaks = compile_notices.warn_graph_breaks(
+        cfg.memory_budget is not None or bool(cfg.offload_activations), graph_id)
+    if breaks:
+        recorder.note("graph_breaks", breaks)
     try:
         gm = run_stage("pre_grad", PIPELINE["pre_grad"], gm, state.context("pre_grad"))
         state.content_key = agreement.fingerprint([agreement.describe_graph(gm), cfg.digest()])

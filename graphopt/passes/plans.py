@@ -40,7 +40,7 @@ def warn_budget_not_met(plans: "CompilePlans | None", graph_id: str, reason: str
     that replay passes None."""
     if plans is not None:
         plans.budget_warnings.append(reason)
-    warnings.warn(f"[{graph_id}] {reason}", BudgetNotMetWarning, stacklevel=_user_stacklevel())
+    warnings.warn(f"[{graph_id}] {reason}", BudgetNotMetWarning, stacklevel=user_stacklevel())
 
 
 def _library_roots() -> tuple[str, ...]:
@@ -53,10 +53,10 @@ def _library_roots() -> tuple[str, ...]:
     return tuple(os.path.join(os.path.realpath(root), "") for root in roots)
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """warnings.warn's stacklevel, from its caller, of the first frame outside the libraries."""
     roots = _library_roots()
-    frame, level = sys._getframe(2), 2   # 1 is warn_budget_not_met itself
+    frame, level = sys._getframe(2), 2   # 1 is the function that warns
     while frame is not None:
         filename = os.path.realpath(frame.f_code.co_filename)
         if not filename.startswith(roots) and not filename.startswith("<"):

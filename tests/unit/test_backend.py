@@ -145,3 +145,45 @@ def test_torch_logs_shows_graphopt_and_structured_trace_has_the_graphs(tmp_path)
     assert "stage backward" in run.stderr
     trace = "".join(p.read_text() for p in tmp_path.iterdir())
     assert "graphopt_graph_000_0_0_forward" in trace
+
+
+def _checkpointed_with_a_side_effect():
+    """A function whose torch.utils.checkpoint region Dynamo cannot trace (it appends to a list
+    outside the region: "HOP: Unsafe side effect", as transformers' gradient checkpointing does under
+    torch.compile), so the region runs eager between two graphs."""
+    import torch.utils.checkpoint as checkpoint
+    calls = []
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 8)
+
+    def layer(x):
+        calls.append(1)
+        return linear(x).relu()
+
+    def step(x):
+        return (checkpoint.checkpoint(layer, x * 2, use_reentrant=False) * 3).sum()
+    return step
+
+
+@pytest.mark.parametrize("flags, warns", [(dict(memory_budget=0.5), True),
+                                          (dict(offload_activations=True), True), ({}, False)])
+def test_a_graph_break_that_leaves_layers_outside_the_memory_plan_warns_at_the_users_line(
+        monkeypatch, flags, warns):
+    import warnings as warnings_module
+    from graphopt.backends import compile_notices
+    monkeypatch.setattr(compile_notices, "_BREAKS_WARNED", set())
+    step = _checkpointed_with_a_side_effect()
+    compiled = torch.compile(step, backend=graphopt.backend(codegen="eager", **flags))
+    x = torch.randn(4, 8, requires_grad=True)
+    with warnings_module.catch_warnings(record=True) as caught:
+        warnings_module.simplefilter("always")
+        compiled(x).backward()
+    found = [w for w in caught if issubclass(w.category, compile_notices.GraphBreakWarning)]
+    if not warns:
+        assert found == []
+        return
+    (warning,) = found
+    assert warning.filename == __file__
+    assert "HOP: Unsafe side effect" in str(warning.message)
+    assert "model.gradient_checkpointing_disable()" in str(warning.message)
+    assert any(s["notes"].get("graph_breaks") for s in compile_summaries())
