@@ -113,7 +113,8 @@ def warn_graph_breaks(memory_planned: bool, graph_id: str) -> list[str]:
                         "Trainer: gradient_checkpointing=False) and let memory_budget choose what "
                         "to recompute.")
         else:
-            message += "TORCH_LOGS=graph_breaks shows where it is; without it the plan covers the whole step."
+            message += ("TORCH_LOGS=graph_breaks shows where the break is; without it the plan "
+                        "covers the whole step.")
         warnings.warn(message, GraphBreakWarning, stacklevel=user_stacklevel())
         warned.append(first)
     return warned
