@@ -56,7 +56,8 @@ def kind_of(name: str) -> str:
 
 def profile_call(call: Callable[[], Any], top: int = 25) -> dict:
     """Runs ``call`` once under torch's profiler; :func:`summarize_events` of what ran (device
-    kernels on CUDA, CPU ops elsewhere). The device is synchronised before and after."""
+    kernels on CUDA, CPU ops elsewhere), on CUDA with ``streams``: :func:`stream_timeline` of the
+    kernels. The device is synchronised before and after."""
     cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
