@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import offload as offload_bench  # noqa: E402  (bench/offload.py: model, steps, clocks, traces)
 
 import graphopt  # noqa: E402
+from graphopt.debug import kernel_profile  # noqa: E402
 from graphopt.models.llama import Llama, LlamaConfig  # noqa: E402
 
 COPY_KINDS = (("DtoH", "d2h"), ("HtoD", "h2d"), ("DtoD", "d2d"))
@@ -100,15 +101,10 @@ def step_profile(step, clock, gap_us: float) -> dict:
 
 
 def _gaps(spans: list[tuple], gap_us: float) -> list[dict]:
-    """Idle stretches longer than ``gap_us`` between consecutive ops of one stream."""
-    gaps, end, before = [], None, None
-    for start, stop, name, correlation in spans:
-        if end is not None and start - end > gap_us:
-            gaps.append({"us": start - end, "start": end, "end": start, "after": before, "before": name,
-                         "correlation": correlation})
-        if end is None or stop > end:
-            end, before = stop, name
-    return sorted(gaps, key=lambda g: -g["us"])
+    """Idle stretches longer than ``gap_us`` between consecutive ops of one stream
+    (``kernel_profile.idle_gaps``), each with the correlation id of the op after it."""
+    return [{**{key: value for key, value in gap.items() if key != "next"}, "correlation": gap["next"]}
+            for gap in kernel_profile.idle_gaps(spans, gap_us)]
 
 
 def _attribute_gaps(gaps: list[dict], events: list[dict], copies: dict[str, list]) -> None:

@@ -7,7 +7,8 @@ kernel running at another shape. This runs the call once under torch's profiler 
 time of every kernel by name and by kind, so two calls read side by side (``compare``). A step can
 also lose time with no kernel longer: the compute stream standing idle while it waits on a copy's
 event (an offload wait placed before its copy ends) or on the host; ``stream_timeline`` measures
-the busiest stream's idle time and its longest gaps, with the kernels on either side.
+the busiest stream's idle time and its longest gaps, with the kernels on either side
+(``idle_gaps``, which ``bench/profile_offload.py`` also uses, where it names each gap's cause).
 
     from graphopt.debug import kernel_profile
     with_offload = kernel_profile.profile_call(lambda: compiled(*inputs))
@@ -30,8 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["KINDS", "kind_of", "profile_call", "summarize_events", "stream_timeline", "compare",
-           "format_comparison"]
+__all__ = ["KINDS", "kind_of", "profile_call", "summarize_events", "stream_timeline", "idle_gaps",
+           "compare", "format_comparison"]
 
 KINDS: tuple[tuple[str, str], ...] = (
     ("copy_d2h", r"memcpy.*(dtoh|device ?-> ?host)"),
@@ -108,14 +109,14 @@ def stream_timeline(kernels: list[tuple[str, float, float, Any]], gaps: int = 5)
     its span, the time it stood idle inside it (waiting on another stream's event, or on the host
     launching its next kernel) and the ``gaps`` longest idle stretches, each with the kernels on
     either side. ``kernels``: (name, start us, end us, stream)."""
-    by_stream: dict[Any, list[tuple[float, float, str]]] = {}
+    by_stream: dict[Any, list[tuple[float, float, str, None]]] = {}
     for name, start, end, stream in kernels:
-        by_stream.setdefault(stream, []).append((start, end, name))
+        by_stream.setdefault(stream, []).append((start, end, name, None))
     busy = {}
     for stream, spans in by_stream.items():
         spans.sort()
         total, reach = 0.0, float("-inf")
-        for start, end, _ in spans:
+        for start, end, _, _ in spans:
             total += max(0.0, end - max(start, reach))
             reach = max(reach, end)
         busy[stream] = total
@@ -123,19 +124,27 @@ def stream_timeline(kernels: list[tuple[str, float, float, Any]], gaps: int = 5)
         return {"busy_ms": {}, "compute": None}
     compute = max(busy, key=busy.get)
     spans = by_stream[compute]
-    idle, reach, previous = [], spans[0][1], spans[0][2]
-    for start, end, name in spans[1:]:
-        if start > reach:
-            idle.append((start - reach, previous, name))
-        if end >= reach:
-            reach, previous = end, name
-    span_us = reach - spans[0][0]
-    idle.sort(key=lambda gap: -gap[0])
+    span_us = max(end for _, end, _, _ in spans) - spans[0][0]
     return {"busy_ms": {str(stream): us / 1e3 for stream, us in busy.items()},
             "compute": {"stream": str(compute), "span_ms": span_us / 1e3,
                         "idle_ms": (span_us - busy[compute]) / 1e3,
-                        "gaps": [{"ms": us / 1e3, "after": before[:80], "before": after[:80]}
-                                 for us, before, after in idle[:gaps]]}}
+                        "gaps": [{"ms": gap["us"] / 1e3, "after": gap["after"][:80],
+                                  "before": gap["before"][:80]} for gap in idle_gaps(spans)[:gaps]]}}
+
+
+def idle_gaps(spans: list[tuple[float, float, str, Any]], min_us: float = 0.0) -> list[dict]:
+    """The idle stretches of one stream longer than ``min_us``, longest first, each {"us", "start",
+    "end", "after", "before", "next"}: ``spans`` are (start us, end us, name, payload) of its ops,
+    sorted by start; "after" names the op that ended last before the gap, "before" the op after
+    it, and "next" is that op's payload (bench/profile_offload: the correlation id of its launch)."""
+    gaps, end, before = [], None, None
+    for start, stop, name, payload in spans:
+        if end is not None and start - end > min_us:
+            gaps.append({"us": start - end, "start": end, "end": start, "after": before,
+                         "before": name, "next": payload})
+        if end is None or stop > end:
+            end, before = stop, name
+    return sorted(gaps, key=lambda gap: -gap["us"])
 
 
 def compare(profile: dict, baseline: dict) -> dict:
