@@ -166,6 +166,7 @@ def _checkpointed_with_a_side_effect():
 
 
 @pytest.mark.parametrize("flags, warns", [(dict(memory_budget=0.5), True),
+                                          (dict(memory_budget=0.5, codegen="inductor"), True),
                                           (dict(offload_activations=True), True), ({}, False)])
 def test_a_graph_break_that_leaves_layers_outside_the_memory_plan_warns_at_the_users_line(
         monkeypatch, flags, warns):
@@ -173,7 +174,7 @@ def test_a_graph_break_that_leaves_layers_outside_the_memory_plan_warns_at_the_u
     from graphopt.backends import compile_notices
     monkeypatch.setattr(compile_notices, "_BREAKS_WARNED", set())
     step = _checkpointed_with_a_side_effect()
-    compiled = torch.compile(step, backend=graphopt.backend(codegen="eager", **flags))
+    compiled = torch.compile(step, backend=graphopt.backend(**{"codegen": "eager", **flags}))
     x = torch.randn(4, 8, requires_grad=True)
     with warnings_module.catch_warnings(record=True) as caught:
         warnings_module.simplefilter("always")

@@ -633,6 +633,51 @@ def test_a_forward_that_raises_after_its_offloads_leaves_the_next_step_whole():
     assert stats["generations"] == generations and stats["slots_held"] == 0
 
 
+@pytest.mark.slow
+def test_a_transformers_forward_that_raises_after_its_offloads_through_inductor():
+    """The same on the model and codegen users run: a tiny HF LlamaForCausalLM trained with
+    use_cache=False under Inductor, its second decoder layer raising after the first layer's
+    activations were offloaded. The compiled call's frame drops the tickets; the next step reuses
+    the pool's generation and matches eager."""
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=256, num_hidden_layers=2,
+                                      max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    reference = copy.deepcopy(model)
+
+    def fail_in_the_second_layer(module, args, kwargs):
+        if args:
+            return (_fail_if_asked(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _fail_if_asked(kwargs["hidden_states"])}
+    model.model.layers[1].register_forward_pre_hook(fail_in_the_second_layer, with_kwargs=True)
+    compiled = torch.compile(lambda x: model(input_ids=x, labels=x, use_cache=False).loss,
+                             backend=graphopt.backend(codegen="inductor", offload_activations=True))
+    ids = torch.randint(0, 256, (1, 256))
+    compiled(ids).backward()
+    generations, abandoned = (offload_ops.pool_stats()[k] for k in ("generations", "abandoned_copies"))
+    _FAIL["now"] = True
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="asked to fail"):
+                compiled(ids)
+    finally:
+        _FAIL["now"] = False
+    gc.collect()  # the tracebacks held the failed forwards' frames
+    assert offload_ops.pool_stats()["abandoned_copies"] > abandoned
+    model.zero_grad(set_to_none=True)
+    loss = compiled(ids)
+    loss.backward()
+    expected = reference(input_ids=ids, labels=ids, use_cache=False).loss
+    expected.backward()
+    stats = offload_ops.pool_stats()
+    assert stats["generations"] == generations and stats["slots_held"] == 0
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_hundred_steps_keep_pool_and_memory_flat():
     model = micro(n_layers=1)
     compiled = Compiled(model, plan=None)
